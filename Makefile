@@ -1,0 +1,38 @@
+# tandem: `make serve` and `make test` both set up first; every step is idempotent.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.stamp-setup
+PACKS   := $(shell sed -n '/^packs = \[/,/^\]/p' pyproject.toml | grep -o '"[^"]*=="*[^"]*"' | tr -d '"')
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup serve test test-fast bench proto lint clean
+
+# Set-up: a venv with the CPU build of torch (from this machine's disk; an unpinned torch would
+# pull a multi-GB CUDA build), tandem in editable mode, and the model packs. Re-runs only when
+# pyproject.toml changes.
+setup: $(STAMP)
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q --no-deps $(PACKS)
+	touch $(STAMP)
+
+serve: setup
+	$(BIN)/tandem serve
+
+test: setup
+	$(BIN)/python -m pytest -q -ra tests
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -ra -m "not slow" tests
+
+bench: setup
+	$(BIN)/tandem bench --prompts ../shared/eval/code_dev.jsonl --limit 3 --max-new-tokens 96 \
+		--json bench/results/code_dev.json
+
+clean:
+	rm -rf $(VENV) build *.egg-info
