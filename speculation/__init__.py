@@ -1,0 +1,39 @@
+"""tandem's pure-algorithm layer: sampling, lossless verification (standard, SpecTr K-SEQ),
+S2D exit policy and acceptance statistics. Imports only torch, numpy and the standard
+library, so it runs in unit tests without Ray, gRPC or transformers."""
+
+from speculation.sampling import (
+    SamplingParams,
+    SparseDist,
+    logits_to_probs,
+    make_generator,
+    sample,
+    truncate_to_sparse,
+)
+from speculation.sorted_policy import ExitPolicy, should_emit
+from speculation.spectr import KSeqResult, beta, kseq_residual, kseq_rho, kseq_select, verify_kseq, verify_kseq_greedy
+from speculation.stats import SpecStats
+from speculation.verify import VerifyResult, residual_distribution, verify_block, verify_greedy
+
+__all__ = [
+    "ExitPolicy",
+    "KSeqResult",
+    "SamplingParams",
+    "SparseDist",
+    "SpecStats",
+    "VerifyResult",
+    "beta",
+    "kseq_residual",
+    "kseq_rho",
+    "kseq_select",
+    "logits_to_probs",
+    "make_generator",
+    "residual_distribution",
+    "sample",
+    "should_emit",
+    "truncate_to_sparse",
+    "verify_block",
+    "verify_greedy",
+    "verify_kseq",
+    "verify_kseq_greedy",
+]

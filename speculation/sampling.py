@@ -1,0 +1,226 @@
+"""Sampling primitives shared by the draft and the target.
+
+Glossary
+--------
+draft
+    The small model that proposes tokens cheaply; its next-token distribution is ``q``.
+target
+    The large model whose output distribution ``p`` the service must reproduce exactly.
+round
+    One draft-then-verify cycle: the draft proposes ``gamma`` tokens, the target scores
+    them in one forward pass, and the verifier commits ``accepted_len + 1`` tokens.
+accepted
+    A draft token kept by the verifier (probability ``min(1, p(x) / q(x))``).
+recovered / residual
+    On the first rejection the verifier samples a replacement from the residual
+    ``norm(max(0, p - q))`` and the round ends.
+bonus token
+    When every draft token is accepted, the target's distribution at the next position is
+    already computed, so one extra token is sampled from it for free.
+
+Both ``p`` and ``q`` must come from :func:`logits_to_probs` with the *same*
+:class:`SamplingParams`; otherwise the verified output follows the wrong distribution.
+
+Papers: Leviathan et al. 2023, "Fast Inference from Transformers via Speculative
+Decoding", arXiv 2211.17192; Chen et al. 2023, "Accelerating Large Language Model Decoding
+with Speculative Sampling", arXiv 2302.01318.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+__all__ = [
+    "SamplingParams",
+    "SparseDist",
+    "logits_to_probs",
+    "make_generator",
+    "sample",
+    "truncate_to_sparse",
+]
+
+_SEED_LIMIT = 2**64  # torch.Generator.manual_seed accepts seeds in [0, 2**64)
+
+
+def _check_real(name: str, value: object) -> float:
+    """Return ``value`` as a finite float, or raise ValueError naming the field."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    as_float = float(value)
+    if not math.isfinite(as_float):
+        raise ValueError(f"{name} must be finite, got {as_float}")
+    return as_float
+
+
+def _check_int(name: str, value: object) -> int:
+    """Return ``value`` as an int, or raise ValueError naming the field."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How a request turns logits into a next-token distribution.
+
+    temperature: 0 means greedy (argmax); otherwise logits are divided by it.
+    top_k: keep the k largest logits (0 = off).
+    top_p: nucleus sampling mass in (0, 1] (1 = off).
+    seed: seed for the request's generator (None = nondeterministic).
+    """
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        temperature = _check_real("temperature", self.temperature)
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        top_k = _check_int("top_k", self.top_k)
+        if top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {top_k}")
+        top_p = _check_real("top_p", self.top_p)
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        seed = self.seed
+        if seed is not None:
+            seed = _check_int("seed", seed)
+            if not 0 <= seed < _SEED_LIMIT:
+                raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+        # Normalise numpy scalars and ints so equal params compare and hash equal.
+        object.__setattr__(self, "temperature", temperature)
+        object.__setattr__(self, "top_k", top_k)
+        object.__setattr__(self, "top_p", top_p)
+        object.__setattr__(self, "seed", seed)
+
+    @property
+    def greedy(self) -> bool:
+        """True when the request decodes by argmax (temperature == 0)."""
+        return self.temperature == 0.0
+
+
+def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """[..., vocab] logits (any float dtype) -> [..., vocab] float32 probabilities.
+
+    Applies temperature, then top-k, then top-p (the Hugging Face transformers order).
+    top-k keeps every token whose logit ties the k-th largest (as transformers does).
+    top-p keeps the smallest set of most likely tokens whose mass is >= top_p (ties in
+    logit are broken towards the lower token id) and always keeps the top token.
+    Greedy (temperature == 0): one-hot at the argmax; ties go to the lowest index, the
+    same as ``torch.argmax``.
+    """
+    scores = logits.to(torch.float32)  # [..., vocab]
+    vocab = scores.shape[-1]
+    if params.greedy:
+        # Greedy ignores top-k / top-p: the argmax always survives both filters.
+        return torch.nn.functional.one_hot(scores.argmax(dim=-1), vocab).to(torch.float32)
+
+    scores = scores / params.temperature  # [..., vocab]
+    if 0 < params.top_k < vocab:
+        kth_largest = torch.topk(scores, params.top_k, dim=-1).values[..., -1:]  # [..., 1]
+        # Below the k-th largest logit: outside the top-k set.
+        scores = scores.masked_fill(scores < kth_largest, -math.inf)
+    probs = torch.softmax(scores, dim=-1)  # [..., vocab]
+
+    if params.top_p < 1.0:
+        # Order by the tempered logits, not the probs: softmax can round distinct logits to
+        # equal probs, and the argmax must come first so it is always kept.
+        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices  # [..., vocab]
+        sorted_probs64 = probs.gather(-1, order).to(torch.float64)  # float64: fewer rounding flips
+        mass_before = torch.cumsum(sorted_probs64, dim=-1) - sorted_probs64  # [..., vocab]
+        # A token is needed only while the more likely tokens hold less than top_p; the
+        # first token has mass_before == 0 < top_p, so it is always kept.
+        drop_sorted = mass_before >= params.top_p  # [..., vocab]
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # [..., vocab]
+        probs = probs.masked_fill(drop, 0.0)
+        probs = probs / probs.sum(dim=-1, keepdim=True)  # renormalise the nucleus
+    return probs
+
+
+def make_generator(seed: int | None) -> torch.Generator:
+    """A CPU ``torch.Generator``: seeded when ``seed`` is given, else nondeterministic."""
+    generator = torch.Generator(device="cpu")
+    if seed is None:
+        generator.seed()  # draws a fresh nondeterministic seed
+    else:
+        generator.manual_seed(_check_int("seed", seed))
+    return generator
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """[..., vocab] probabilities -> [...] int64 token ids, one ``torch.multinomial`` draw per row."""
+    rows = probs.reshape(-1, probs.shape[-1])  # [rows, vocab]
+    drawn = torch.multinomial(rows, num_samples=1, generator=generator)  # [rows, 1]
+    return drawn.reshape(probs.shape[:-1])
+
+
+@dataclass(frozen=True, eq=False)
+class SparseDist:
+    """An exact sparse distribution: only ``ids`` have nonzero mass.
+
+    Used to ship a draft's q across the wire without 151,936 floats per token. It is the
+    draft's q *exactly* only when the draft sampled its token from this very distribution
+    (see :func:`truncate_to_sparse`). ``eq=False``: numpy fields have no scalar ``==``, so
+    instances compare by identity.
+    """
+
+    ids: np.ndarray  # [n] int64, distinct
+    probs: np.ndarray  # [n] float32, sums to 1 (within 1e-5)
+
+    def __post_init__(self) -> None:
+        ids = np.asarray(self.ids, dtype=np.int64)
+        probs = np.asarray(self.probs, dtype=np.float32)
+        if ids.ndim != 1 or probs.shape != ids.shape:
+            raise ValueError(f"ids and probs must be 1-D of equal length, got {ids.shape} and {probs.shape}")
+        if ids.size == 0:
+            raise ValueError("ids must be non-empty")
+        if ids.min() < 0:
+            raise ValueError(f"ids must be >= 0, got {int(ids.min())}")
+        if np.unique(ids).size != ids.size:
+            raise ValueError("ids must be distinct")
+        if not np.all(np.isfinite(probs)) or probs.min() < 0:
+            raise ValueError("probs must be finite and >= 0")
+        total = float(probs.sum(dtype=np.float64))
+        if abs(total - 1.0) > 1e-5:
+            raise ValueError(f"probs must sum to 1 (within 1e-5), got {total}")
+        object.__setattr__(self, "ids", ids)
+        object.__setattr__(self, "probs", probs)
+
+    def dense(self, vocab_size: int) -> torch.Tensor:
+        """The same distribution as a dense [vocab_size] float32 tensor."""
+        if int(self.ids.max()) >= vocab_size:
+            raise ValueError(f"vocab_size must exceed every id, got {vocab_size} <= {int(self.ids.max())}")
+        out = torch.zeros(vocab_size, dtype=torch.float32)  # [vocab]
+        out[torch.from_numpy(self.ids)] = torch.from_numpy(self.probs)
+        return out
+
+
+def truncate_to_sparse(probs: torch.Tensor, k: int) -> SparseDist:
+    """Keep the k most likely entries of a [vocab] distribution and renormalise.
+
+    Exactness contract: the result is the draft's q only if the draft then samples its
+    token from this truncated distribution (the caller does that, e.g. with
+    ``sample(dist.dense(vocab), generator)``). Sampling from the full distribution while
+    shipping the truncated one makes verification lossy. Zero-probability entries are
+    dropped, so fewer than k ids may come back.
+    """
+    if probs.ndim != 1:
+        raise ValueError(f"probs must be 1-D [vocab], got shape {tuple(probs.shape)}")
+    k = _check_int("k", k)
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    top = torch.topk(probs.to(torch.float64), min(k, probs.shape[0]))  # [k]
+    keep = top.values > 0  # zero-mass entries carry nothing
+    values = top.values[keep]  # [n]
+    ids = top.indices[keep]  # [n]
+    if values.numel() == 0:
+        raise ValueError("probs must have positive mass")
+    values = values / values.sum()  # renormalise in float64, then store float32
+    return SparseDist(ids=ids.numpy().astype(np.int64), probs=values.numpy().astype(np.float32))
