@@ -1,0 +1,88 @@
+"""Build model runners and tokenizers from user-facing model references (pack names, local
+folders, hub ids). The composition root: actors/ receives paths and options only."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Sequence
+
+from actors.runner import ModelRunner, load_causal_lm, load_tokenizer, parse_dtype
+from deploy.packs import DEFAULT_DRAFT, DEFAULT_TARGET, resolve_model_path
+
+DRAFT_QUANTIZE_DEFAULT = "int4"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to load for one model."""
+
+    ref: str  # pack name, local folder or hub id
+    dtype: str = "bfloat16"
+    quantize: str | None = None  # drafts: None | "int8" | "int4"
+    exits: tuple[int, ...] = ()
+    head_ids: tuple[int, ...] | None = None
+
+
+def build_runner(spec: ModelSpec, *, model=None) -> ModelRunner:
+    """Resolve and load one model into a ModelRunner."""
+    parse_dtype(spec.dtype)  # clear error before any loading
+    path = resolve_model_path(spec.ref)
+    return ModelRunner(
+        path,
+        dtype=spec.dtype,
+        quantize=spec.quantize,
+        exits=tuple(spec.exits),
+        head_ids=spec.head_ids,
+        model=model,
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def tokenizer_for(ref: str):
+    return load_tokenizer(resolve_model_path(ref))
+
+
+def stop_ids_for(tokenizer, model_path: str | None = None) -> list[int]:
+    """End-of-sequence ids: the tokenizer's eos plus the generation config's."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    if model_path is not None:
+        try:
+            from transformers import GenerationConfig
+
+            gen = GenerationConfig.from_pretrained(model_path)
+            eos = gen.eos_token_id
+            ids.update([eos] if isinstance(eos, int) else list(eos or []))
+        except (OSError, ValueError):
+            pass
+    return sorted(ids)
+
+
+def encode_prompt(tokenizer, *, prompt: str | None = None, messages: Sequence[dict] | None = None, chat: bool = True) -> list[int]:
+    """Token ids for a prompt. Chat messages (or a plain prompt, when the tokenizer has a chat
+    template and chat is True) go through the chat template with a generation prompt."""
+    if messages is None and prompt is None:
+        raise ValueError("prompt: give a prompt or chat messages")
+    if messages is not None:
+        msgs = list(messages)
+    elif chat and getattr(tokenizer, "chat_template", None):
+        msgs = [{"role": "user", "content": prompt}]
+    else:
+        return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    out = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)
+    return list(out["input_ids"])
+
+
+__all__ = [
+    "DEFAULT_DRAFT",
+    "DEFAULT_TARGET",
+    "DRAFT_QUANTIZE_DEFAULT",
+    "ModelSpec",
+    "build_runner",
+    "encode_prompt",
+    "load_causal_lm",
+    "stop_ids_for",
+    "tokenizer_for",
+]
