@@ -1,0 +1,203 @@
+"""Draft side: proposes blocks of draft tokens for many requests on one draft model.
+
+Glossary
+- block: the gamma draft tokens proposed in one call, with the draft's distribution q at
+  each position (sparse and exact, or None when the request is greedy) and the exit that
+  emitted each token.
+- sorted drafting (S2D, Kavehzadeh et al., arXiv 2407.01955): for each token run the draft's
+  exits in depth order and stop at the first whose max probability reaches that exit's
+  threshold; the deepest exit of the policy always emits. q is the distribution of the exit
+  that emitted.
+- branches (SpecTr, arXiv 2310.15141): k draft sequences continuing the same prefix. For a
+  sampled request they are independent samples; for a greedy one they start from the
+  draft's k most likely first tokens and continue greedily.
+
+A request's state here is its own KV cache and random generator. Each call says which token
+sequence to continue from (the committed tokens, possibly followed by an unverified block in
+PEARL's post-verify); the cache is rolled back to the longest prefix it already holds.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from actors.runner import ModelRunner, SequenceState
+from speculation.sampling import SamplingParams, SparseDist, logits_to_probs, make_generator, truncate_to_sparse
+from speculation.sorted_policy import ExitPolicy, should_emit
+
+SPARSE_Q_TOP = 64  # entries of q shipped per draft token (exact: the draft samples from them)
+
+
+@dataclass(frozen=True)
+class DraftBlock:
+    """gamma draft tokens continuing a given sequence."""
+
+    tokens: list[int]
+    q: list[SparseDist] | None  # None: greedy request (q is one-hot on `tokens`)
+    exits: list[int]  # exit depth that emitted each token
+    draft_s: float = 0.0  # wall time of the call
+
+
+@dataclass(frozen=True)
+class DraftBranches:
+    """k draft sequences of equal length continuing the same sequence (SpecTr)."""
+
+    branches: list[list[int]]
+    q: list[list[SparseDist]] | None  # per branch, per position (None: greedy)
+    draft_s: float = 0.0
+
+
+@dataclass
+class _DraftRequest:
+    seq: SequenceState
+    sampling: SamplingParams
+    generator: torch.Generator
+    last_used: float = field(default_factory=time.monotonic)
+
+
+class Drafter:
+    """Drafts for any number of requests (of any target) on one multi-exit draft runner."""
+
+    def __init__(self, runner: ModelRunner, *, sparse_top: int = SPARSE_Q_TOP):
+        self.runner = runner
+        self.sparse_top = sparse_top
+        self.requests: dict[str, _DraftRequest] = {}
+        head_ids = runner.head_ids
+        self._head_ids_np = head_ids.numpy() if head_ids is not None else None
+
+    # ------------------------------------------------------------------ lifecycle
+    def open(self, request_id: str, *, sampling: SamplingParams, capacity: int = 256) -> None:
+        seed = None if sampling.seed is None else sampling.seed + 7919  # independent of the target's stream
+        self.requests[request_id] = _DraftRequest(
+            seq=self.runner.new_sequence(capacity), sampling=sampling, generator=make_generator(seed)
+        )
+
+    def close(self, request_id: str) -> bool:
+        return self.requests.pop(request_id, None) is not None
+
+    def live_requests(self) -> list[str]:
+        return list(self.requests)
+
+    def _request(self, request_id: str) -> _DraftRequest:
+        try:
+            req = self.requests[request_id]
+        except KeyError:
+            raise KeyError(f"request_id {request_id!r} is not open on this drafter") from None
+        req.last_used = time.monotonic()
+        return req
+
+    def _catch_up(self, req: _DraftRequest, sequence: Sequence[int]) -> list[int]:
+        """Roll back to the common prefix; return the tokens still to feed (>= 1)."""
+        common = self.runner.truncate_to_common_prefix(req.seq, sequence)
+        if common == len(sequence):  # everything fed already: re-feed the last token
+            common -= 1
+            self.runner.rollback(req.seq, common)
+        return [int(t) for t in sequence[common:]]
+
+    # ------------------------------------------------------------------ one token
+    def _emit(self, req: _DraftRequest, logits: torch.Tensor) -> tuple[int, SparseDist | None]:
+        """logits [head] at the emitting exit -> (token id, exact sparse q or None)."""
+        if req.sampling.greedy:
+            col = int(torch.argmax(logits))
+            return self._to_token(col), None
+        probs = logits_to_probs(logits, req.sampling)  # [head]
+        sparse = truncate_to_sparse(probs, self.sparse_top)
+        # Sample from exactly the distribution we ship: q is then exact (lossless).
+        j = int(torch.multinomial(torch.from_numpy(sparse.probs), 1, generator=req.generator))
+        col = int(sparse.ids[j])
+        ids = sparse.ids if self._head_ids_np is None else self._head_ids_np[sparse.ids]
+        return self._to_token(col), SparseDist(ids=ids, probs=sparse.probs)
+
+    def _to_token(self, col: int) -> int:
+        return col if self._head_ids_np is None else int(self._head_ids_np[col])
+
+    def _step(self, req: _DraftRequest, feed: list[int], policy: ExitPolicy) -> tuple[int, SparseDist | None, int]:
+        """Feed tokens, run exits in depth order until one emits; return (token, q, exit)."""
+        runner = self.runner
+        hidden = runner.forward_to_depth([req.seq], [feed], depth=policy.exits[0])[0]  # [n, hidden]
+        depth = policy.exits[0]
+        for i, exit_depth in enumerate(policy.exits):
+            if i > 0:
+                hidden = runner.continue_to_depth(req.seq, hidden, from_depth=depth, depth=exit_depth)
+                depth = exit_depth
+            logits = runner.logits_at_exit(hidden[-1:], exit_depth)[0]  # [head]
+            last = i == len(policy.exits) - 1
+            if last or should_emit(policy, i, float(torch.softmax(logits, dim=-1).max())):
+                token, q = self._emit(req, logits)
+                return token, q, exit_depth
+        raise AssertionError("the last exit always emits")
+
+    # ------------------------------------------------------------------ public
+    def draft(
+        self, request_id: str, sequence: Sequence[int], *, gamma: int, policy: ExitPolicy | None = None
+    ) -> DraftBlock:
+        """Propose `gamma` tokens continuing `sequence` (committed tokens, possibly plus an
+        unverified block)."""
+        t0 = time.perf_counter()
+        req = self._request(request_id)
+        policy = policy or ExitPolicy.single(self.runner.num_layers)
+        self.check_policy(policy)
+        feed = self._catch_up(req, sequence)
+        tokens: list[int] = []
+        qs: list[SparseDist] = []
+        exits: list[int] = []
+        for _ in range(gamma):
+            token, q, exit_depth = self._step(req, feed, policy)
+            tokens.append(token)
+            exits.append(exit_depth)
+            if q is not None:
+                qs.append(q)
+            feed = [token]
+        return DraftBlock(
+            tokens=tokens, q=None if req.sampling.greedy else qs, exits=exits, draft_s=time.perf_counter() - t0
+        )
+
+    def draft_branches(self, request_id: str, sequence: Sequence[int], *, gamma: int, k: int) -> DraftBranches:
+        """k sequences of gamma tokens continuing `sequence`, drafted as one batch of k rows
+        (on a memory-bound CPU or GPU, k rows cost about one). The full draft depth is used."""
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        t0 = time.perf_counter()
+        req = self._request(request_id)
+        runner = self.runner
+        feed = self._catch_up(req, sequence)
+        depth = runner.num_layers
+        logits = runner.logits_at_exit(runner.forward_to_depth([req.seq], [feed], depth=depth)[0][-1:], depth)[0]
+        # Every branch starts from a copy of the shared prefix cache.
+        branch_seqs = [req.seq] + [runner.fork(req.seq) for _ in range(k - 1)]
+        branches: list[list[int]] = [[] for _ in range(k)]
+        qs: list[list[SparseDist]] = [[] for _ in range(k)]
+        if req.sampling.greedy:
+            cols = torch.topk(logits, min(k, logits.shape[-1])).indices.tolist()
+            cols += [cols[0]] * (k - len(cols))
+            firsts = [self._to_token(c) for c in cols]
+        else:
+            firsts = []
+            for b in range(k):
+                token, q = self._emit(req, logits)
+                firsts.append(token)
+                qs[b].append(q)
+        for b in range(k):
+            branches[b].append(firsts[b])
+        for _ in range(gamma - 1):
+            rows = runner.extend_batch(branch_seqs, [[br[-1]] for br in branches], all_logits=False)
+            for b in range(k):
+                token, q = self._emit(req, rows[b][-1])
+                branches[b].append(token)
+                if q is not None:
+                    qs[b].append(q)
+        for extra in branch_seqs[1:]:
+            del extra  # forks are dropped; the request keeps branch 0's cache
+        return DraftBranches(
+            branches=branches, q=None if req.sampling.greedy else qs, draft_s=time.perf_counter() - t0
+        )
+
+    def check_policy(self, policy: ExitPolicy) -> None:
+        for e in policy.exits:
+            if e not in self.runner.exits:
+                raise ValueError(f"exit {e} is not an exit of the draft (exits: {list(self.runner.exits)})")

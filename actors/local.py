@@ -1,0 +1,198 @@
+"""In-process speculative generation: one target and one draft runner in this process, each
+served by its own worker thread (torch releases the GIL inside kernels, so the two overlap).
+
+Thread split: sequential methods (ar, sd, sorted, spectr) give each side every thread, since
+only one side runs at a time. PEARL runs both at once, so the threads are split between
+them; `calibrate_split` measures each candidate split with both sides busy and keeps the
+one with the best predicted rate (on 2 cores that is 1 + 1).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from actors.drafter import Drafter
+from actors.runner import ModelRunner
+from actors.speculative import GenerationResult, LocalSide, SpecConfig, run_request
+from actors.verifier import Verifier
+from speculation.sampling import SamplingParams
+from speculation.sorted_policy import ExitPolicy
+
+DEFAULT_GAMMA = {"ar": 1, "sd": 6, "sorted": 6, "pearl": 8, "spectr": 4}
+
+
+@dataclass(frozen=True)
+class ThreadSplit:
+    target: int
+    draft: int
+    target_step_s: float = 0.0  # measured verify forward (gamma + 1 tokens) with both busy
+    draft_step_s: float = 0.0  # measured one-token draft step with both busy
+
+    @property
+    def window(self) -> int:
+        """PEARL window: draft tokens that fit in one verification."""
+        if self.draft_step_s <= 0:
+            return DEFAULT_GAMMA["pearl"]
+        return int(max(2, min(16, round(self.target_step_s / self.draft_step_s))))
+
+
+def available_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class LocalEngine:
+    """Generate with any method on a target and an optional draft, in this process."""
+
+    def __init__(
+        self,
+        target: ModelRunner,
+        draft: ModelRunner | None = None,
+        *,
+        threads: int | None = None,
+        split: ThreadSplit | None = None,
+    ):
+        self.target = target
+        self.draft = draft
+        self.threads = threads or available_threads()
+        self.verifier = Verifier(target)
+        self.drafter = Drafter(draft) if draft is not None else None
+        self._split = split
+        self._sides: dict[str, tuple[LocalSide, LocalSide | None]] = {}
+        self._ids = itertools.count()
+
+    # ------------------------------------------------------------------ threads
+    def _pair(self, kind: str) -> tuple[LocalSide, LocalSide | None]:
+        if kind not in self._sides:
+            if kind == "parallel":
+                split = self.split
+                t, d = split.target, split.draft
+            else:
+                t = d = self.threads
+            target = LocalSide(self.verifier, threads=t, name=f"target-{kind}")
+            draft = LocalSide(self.drafter, threads=d, name=f"draft-{kind}") if self.drafter else None
+            self._sides[kind] = (target, draft)
+        return self._sides[kind]
+
+    @property
+    def split(self) -> ThreadSplit:
+        if self._split is None:
+            self._split = calibrate_split(self.target, self.draft, threads=self.threads)
+        return self._split
+
+    def close(self) -> None:
+        for target, draft in self._sides.values():
+            target.shutdown()
+            if draft is not None:
+                draft.shutdown()
+        self._sides.clear()
+
+    def __enter__(self) -> "LocalEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ generation
+    def generate(
+        self,
+        prompt: Sequence[int],
+        *,
+        method: str = "sd",
+        sampling: SamplingParams | None = None,
+        max_new_tokens: int = 128,
+        gamma: int | None = None,
+        policy: ExitPolicy | None = None,
+        k: int = 2,
+        stop_ids: Sequence[int] = (),
+        on_tokens: Callable[[list[int]], None] | None = None,
+    ) -> GenerationResult:
+        """Generate up to max_new_tokens after `prompt` (token ids) with `method`."""
+        sampling = sampling or SamplingParams()
+        if method != "ar" and self.drafter is None:
+            raise ValueError(f"method {method!r} needs a draft model; only 'ar' runs without one")
+        if gamma is None:
+            gamma = self.split.window if method == "pearl" else DEFAULT_GAMMA.get(method, 4)
+        if method == "sorted" and policy is None:
+            raise ValueError("method 'sorted' needs an exit policy (exits and thresholds)")
+        spec = SpecConfig(method=method, gamma=gamma, policy=policy, k=k)
+        if policy is not None and self.drafter is not None:
+            self.drafter.check_policy(policy)
+        check_context(self.target, len(prompt), max_new_tokens, extra=gamma + 1)
+        target, draft = self._pair("parallel" if method == "pearl" else "sequential")
+        return run_request(
+            draft=draft,
+            target=target,
+            request_id=f"local-{next(self._ids)}",
+            prompt=prompt,
+            sampling=sampling,
+            max_new_tokens=max_new_tokens,
+            spec=spec,
+            stop_ids=stop_ids,
+            on_tokens=on_tokens,
+        )
+
+
+def check_context(runner: ModelRunner, prompt_len: int, max_new_tokens: int, *, extra: int = 0) -> None:
+    """Raise a ValueError naming the field when a request cannot fit the context."""
+    if prompt_len < 1:
+        raise ValueError("prompt must hold at least one token")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if prompt_len >= runner.max_context:
+        raise ValueError(f"prompt is {prompt_len} tokens, longer than the model's context of {runner.max_context}")
+    if prompt_len + max_new_tokens + extra > runner.max_context:
+        raise ValueError(
+            f"max_new_tokens: prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) exceed the "
+            f"model's context of {runner.max_context}"
+        )
+
+
+def calibrate_split(
+    target: ModelRunner, draft: ModelRunner | None, *, threads: int, probe_tokens: int = 9, reps: int = 3
+) -> ThreadSplit:
+    """Measure each split (t target threads, threads - t draft threads) with both sides busy
+    at once, as in PEARL, and keep the best predicted rate. The prediction uses a fixed
+    acceptance of 0.8 per token: rate = E[tokens](window) / max(target step, window * draft
+    step), E = (1 - a^(w+1)) / (1 - a)."""
+    if draft is None or threads < 2:
+        return ThreadSplit(target=max(threads, 1), draft=max(threads, 1))
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompt = list(range(10, 74))
+    best: ThreadSplit | None = None
+    best_rate = -1.0
+    for t_threads in range(threads - 1, 0, -1):
+        d_threads = threads - t_threads
+
+        def timed(runner: ModelRunner, n_threads: int, n_tokens: int) -> float:
+            torch.set_num_threads(n_threads)
+            seq = runner.new_sequence(len(prompt) + 32)
+            runner.extend(seq, prompt, all_logits=False)
+            times = []
+            for _ in range(reps + 1):
+                t0 = time.perf_counter()
+                runner.extend(seq, list(range(1, n_tokens + 1)), all_logits=True)
+                times.append(time.perf_counter() - t0)
+                runner.rollback(seq, len(prompt))
+            return sorted(times[1:])[len(times[1:]) // 2]
+
+        with ThreadPoolExecutor(2) as pool:
+            ft = pool.submit(timed, target, t_threads, probe_tokens)
+            fd = pool.submit(timed, draft, d_threads, 1)
+            v, d = ft.result(), fd.result()
+        split = ThreadSplit(target=t_threads, draft=d_threads, target_step_s=v, draft_step_s=d)
+        a, w = 0.8, split.window
+        rate = (1 - a ** (w + 1)) / (1 - a) / max(v, w * d)
+        if rate > best_rate:
+            best, best_rate = split, rate
+    assert best is not None
+    return best

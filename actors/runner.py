@@ -1,0 +1,559 @@
+"""Model runner: one causal LM with per-request KV caches, rollback, multi-exit forwards and
+batched verification. Plain classes; the Ray actors in this package wrap them.
+
+Glossary
+- sequence: one request's state on this model: the token ids fed so far and their KV cache.
+- fed / filled: a token is *fed* once it went through layer 0; layer l is *filled* up to the
+  number of positions whose key/value at layer l exist. Without early exits every layer is
+  filled to the same length.
+- exit: a depth k (number of decoder layers) after which the shared final norm and LM head
+  turn the hidden state into logits (S2D sorted drafting). A token that left at exit k has KV
+  only in layers < k; its hidden state at depth k is kept, and deeper layers are filled
+  *lazily* the next time a deeper exit runs for a later token.
+- rollback: cut a sequence back to a length (a rejected draft, a rejected verification).
+
+The forward is written out over the Hugging Face modules' weights (fused QKV and gate/up
+projections, a preallocated KV cache per sequence, GQA packed into the query dimension) for
+the Llama family of architectures (llama, qwen2, mistral: pre-norm RMSNorm, rotary, GQA,
+SwiGLU). Loading goes through transformers, so any local folder or hub id of those families
+works; other architectures are refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ContextLengthError(ValueError):
+    """The sequence would not fit the model's context window."""
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+# ----------------------------------------------------------------------------------------
+# Linear layers: bf16/fp32 dense, or int8 weight-only (per output channel) for drafts.
+# ----------------------------------------------------------------------------------------
+
+
+class DenseLinear:
+    """y = x W^T + b with W kept in the compute dtype."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        self.weight = weight.contiguous()  # [out, in]
+        self.bias = bias
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class QuantLinear:
+    """Weight-only quantized linear for drafts: int8 (per output channel) or int4 (groups of
+    32 along the input, scale and zero per group). Decoding on a CPU is memory bound, so
+    fewer weight bytes is less time: per matmul at one token, int8 ran 1.7-3x and int4 about
+    2.4x faster than bf16 here. The quantized kernels are slow for many tokens at once, so a
+    prefill (more than QUANT_MAX_ROWS rows) uses the dense weight. Only drafts use this: a
+    draft may compute any q, as long as q is what it sampled from."""
+
+    QUANT_MAX_ROWS = 8
+    INT4_GROUP = 32
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, kind: str, dtype: torch.dtype):
+        self.dense = DenseLinear(weight.to(dtype), bias)
+        self.bias = bias
+        self.kind = kind
+        w = weight.float()
+        out_f, in_f = w.shape
+        if kind == "int8":
+            scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0  # [out]
+            self.qweight = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+            self.scale = scale.to(dtype)
+        elif kind == "int4":
+            gs = self.INT4_GROUP
+            if in_f % gs:
+                raise ValueError(f"int4 needs input features divisible by {gs}, got {in_f}")
+            wg = w.view(out_f, in_f // gs, gs)  # [out, groups, gs]
+            lo, hi = wg.amin(-1), wg.amax(-1)  # [out, groups]
+            scale = ((hi - lo) / 15).clamp(min=1e-8)
+            q = torch.round((wg - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
+            zero = lo + 8 * scale  # the kernel computes (q - 8) * scale + zero
+            self.qweight = torch._convert_weight_to_int4pack_for_cpu(q.view(out_f, in_f), 1)
+            self.scales_zeros = torch.stack([scale.t(), zero.t()], dim=-1).to(dtype).contiguous()  # [groups, out, 2]
+        else:
+            raise ValueError(f"quantize must be 'int8' or 'int4', got {kind!r}")
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.dense.weight
+
+    @property
+    def out_features(self) -> int:
+        return self.dense.out_features
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if x2.shape[0] > self.QUANT_MAX_ROWS:
+            return self.dense(x)
+        if self.kind == "int8":
+            y = torch._weight_int8pack_mm(x2, self.qweight, self.scale)
+        else:
+            y = torch._weight_int4pack_mm_for_cpu(x2, self.qweight, self.INT4_GROUP, self.scales_zeros)
+        y = y.reshape(*shape[:-1], -1)
+        return y + self.bias if self.bias is not None else y
+
+
+def _make_linear(weight, bias, *, quantize: str | None, dtype: torch.dtype):
+    weight = weight.detach().to(dtype)
+    bias = bias.detach().to(dtype) if bias is not None else None
+    if quantize:
+        return QuantLinear(weight, bias, kind=quantize, dtype=dtype)
+    return DenseLinear(weight, bias)
+
+
+@dataclass
+class _Layer:
+    input_norm: torch.Tensor  # [hidden]
+    post_norm: torch.Tensor  # [hidden]
+    qkv: DenseLinear | QuantLinear  # hidden -> (heads + 2 kv_heads) * head_dim
+    o: DenseLinear | QuantLinear
+    gate_up: DenseLinear | QuantLinear  # hidden -> 2 * intermediate
+    down: DenseLinear | QuantLinear
+
+
+# ----------------------------------------------------------------------------------------
+# Per-request state
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class SequenceState:
+    """One request's KV cache on one model. Created by ModelRunner.new_sequence()."""
+
+    keys: list[torch.Tensor]  # per layer [kv_heads, capacity, head_dim]
+    values: list[torch.Tensor]
+    filled: list[int]  # per layer: positions whose KV exists; non-increasing in layer
+    tokens: list[int] = field(default_factory=list)  # fed token ids (len == filled[0])
+    hidden: torch.Tensor | None = None  # [capacity, hidden]: state at each lazy token's depth
+
+    @property
+    def length(self) -> int:
+        """Tokens fed (through layer 0 at least)."""
+        return self.filled[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[1]
+
+    def kv_bytes(self) -> int:
+        return sum(k.numel() * k.element_size() * 2 for k in self.keys)
+
+
+@dataclass
+class _Row:
+    """One sequence inside a batched forward over a span of layers."""
+
+    seq: SequenceState
+    start: int  # position of the first query token
+    hidden: torch.Tensor  # [n, hidden]
+    n_new: int  # the last n_new tokens are the ones the caller asked for; the rest are lazy
+
+
+@dataclass
+class RunnerTimings:
+    """Wall time spent inside model forwards (for overhead accounting)."""
+
+    forward_s: float = 0.0
+    forwards: int = 0
+
+    def add(self, dt: float) -> None:
+        self.forward_s += dt
+        self.forwards += 1
+
+
+class ModelRunner:
+    """A causal LM with KV caches per sequence.
+
+    Parameters (keyword-only beyond the path):
+    - dtype: compute dtype ("bfloat16", "float32").
+    - exits: draft exit depths (layer counts) for multi-exit forwards; the full depth is
+      always an exit.
+    - quantize: None, "int8" or "int4" (weight-only, for drafts).
+    - head_ids: restrict the LM head to these token ids (a draft over frequent tokens);
+      logits then have len(head_ids) columns, and `head_ids` maps column -> token id.
+    - exit_adapters: {depth: callable(hidden [n, H]) -> hidden} applied before the shared
+      norm at that exit (trained exits, SoFT-style).
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        dtype: str | torch.dtype = "bfloat16",
+        exits: Sequence[int] = (),
+        quantize: str | None = None,
+        head_ids: Sequence[int] | None = None,
+        exit_adapters: dict | None = None,
+        max_context: int | None = None,
+        model=None,
+    ):
+        self.dtype = parse_dtype(dtype)
+        if quantize not in (None, "int8", "int4"):
+            raise ValueError(f"quantize must be None, 'int8' or 'int4', got {quantize!r}")
+        if model is None:
+            model = load_causal_lm(model_path, self.dtype)
+        cfg = model.config
+        if cfg.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"model: architecture {cfg.model_type!r} is not supported by tandem's runner "
+                f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+            )
+        if getattr(cfg, "hidden_act", "silu") != "silu":
+            raise ValueError(f"model: activation {cfg.hidden_act!r} is not supported (silu only)")
+        self.model_path = model_path
+        self.config = cfg
+        self.num_layers = cfg.num_hidden_layers
+        self.hidden_size = cfg.hidden_size
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or self.hidden_size // self.num_heads
+        self.groups = self.num_heads // self.num_kv_heads
+        self.vocab_size = cfg.vocab_size
+        self.eps = cfg.rms_norm_eps
+        self.max_context = int(max_context or cfg.max_position_embeddings)
+        window = getattr(cfg, "sliding_window", None)
+        if cfg.model_type == "mistral" and window and window < self.max_context:
+            self.max_context = int(window)  # beyond the window we would attend differently
+        exits_sorted = sorted({int(e) for e in exits} | {self.num_layers})
+        for e in exits_sorted:
+            if not 1 <= e <= self.num_layers:
+                raise ValueError(f"exits must be within 1..{self.num_layers}, got {e}")
+        self.exits = tuple(exits_sorted)
+        self.quantize = quantize
+        self.exit_adapters = dict(exit_adapters or {})
+        self.timings = RunnerTimings()
+
+        inner = model.model
+        with torch.no_grad():
+            self.embed = inner.embed_tokens.weight.detach().to(self.dtype)  # [vocab, hidden]
+            self.final_norm = inner.norm.weight.detach().to(self.dtype)
+            self.layers = [self._convert_layer(layer, quantize=quantize) for layer in inner.layers]
+            head_w = model.get_output_embeddings().weight.detach()  # [vocab, hidden]
+            self.head_ids: torch.Tensor | None = None
+            if head_ids is not None:
+                ids = torch.as_tensor(sorted(set(int(i) for i in head_ids)), dtype=torch.long)
+                if ids.numel() == 0 or ids.min() < 0 or ids.max() >= self.vocab_size:
+                    raise ValueError("head_ids must be token ids within the vocabulary")
+                self.head_ids = ids
+                head_w = head_w[ids]
+            self.head = _make_linear(head_w, None, quantize=quantize, dtype=self.dtype)
+            # Rotary tables for every position, from the model's own rotary module (honours
+            # its rope scaling); indexed by position at run time.
+            pos = torch.arange(self.max_context + 1)[None, :]
+            dummy = torch.zeros(1, 1, dtype=torch.float32)
+            cos, sin = inner.rotary_emb(dummy, pos)
+            self.cos = cos[0].to(self.dtype)  # [positions, head_dim]
+            self.sin = sin[0].to(self.dtype)
+        self.attention_bias = self.layers[0].qkv.bias is not None
+        del model  # the runner keeps only the converted weights
+
+    # ------------------------------------------------------------------ conversion
+    def _convert_layer(self, layer, *, quantize: str | None) -> _Layer:
+        att, mlp = layer.self_attn, layer.mlp
+        for name in ("q_norm", "k_norm"):
+            if getattr(att, name, None) is not None:
+                raise ValueError("model: attention with q/k norms is not supported by tandem's runner")
+        qkv_w = torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight], dim=0)
+        qkv_b = None
+        if att.q_proj.bias is not None:
+            qkv_b = torch.cat([att.q_proj.bias, att.k_proj.bias, att.v_proj.bias], dim=0)
+        gate_up_w = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight], dim=0)
+        mk = lambda w, b: _make_linear(w, b, quantize=quantize, dtype=self.dtype)  # noqa: E731
+        return _Layer(
+            input_norm=layer.input_layernorm.weight.detach().to(self.dtype),
+            post_norm=layer.post_attention_layernorm.weight.detach().to(self.dtype),
+            qkv=mk(qkv_w, qkv_b),
+            o=mk(att.o_proj.weight, att.o_proj.bias),
+            gate_up=mk(gate_up_w, None),
+            down=mk(mlp.down_proj.weight, None),
+        )
+
+    # ------------------------------------------------------------------ sequences
+    @property
+    def head_size(self) -> int:
+        """Columns of the logits this runner returns."""
+        return self.head.out_features
+
+    def new_sequence(self, capacity: int = 256) -> SequenceState:
+        capacity = max(16, min(int(capacity), self.max_context))
+        shape = (self.num_kv_heads, capacity, self.head_dim)
+        keys = [torch.empty(shape, dtype=self.dtype) for _ in range(self.num_layers)]
+        values = [torch.empty(shape, dtype=self.dtype) for _ in range(self.num_layers)]
+        hidden = torch.empty(capacity, self.hidden_size, dtype=self.dtype) if len(self.exits) > 1 else None
+        return SequenceState(keys=keys, values=values, filled=[0] * self.num_layers, hidden=hidden)
+
+    def _ensure_capacity(self, seq: SequenceState, needed: int) -> None:
+        if needed > self.max_context:
+            raise ContextLengthError(
+                f"sequence of {needed} tokens exceeds the model's context of {self.max_context}"
+            )
+        if needed <= seq.capacity:
+            return
+        new_cap = min(max(needed, 2 * seq.capacity), self.max_context)
+        for lst in (seq.keys, seq.values):
+            for i, old in enumerate(lst):
+                grown = torch.empty(self.num_kv_heads, new_cap, self.head_dim, dtype=self.dtype)
+                grown[:, : old.shape[1]] = old
+                lst[i] = grown
+        if seq.hidden is not None:
+            grown = torch.empty(new_cap, self.hidden_size, dtype=self.dtype)
+            grown[: seq.hidden.shape[0]] = seq.hidden
+            seq.hidden = grown
+
+    def fork(self, seq: SequenceState) -> SequenceState:
+        """An independent copy of a sequence (SpecTr branches share the prefix this way)."""
+        n = seq.length
+        child = self.new_sequence(seq.capacity)
+        for dst, src in ((child.keys, seq.keys), (child.values, seq.values)):
+            for layer, t in enumerate(src):
+                dst[layer][:, :n] = t[:, :n]
+        child.filled = list(seq.filled)
+        child.tokens = list(seq.tokens)
+        if seq.hidden is not None and child.hidden is not None:
+            child.hidden[:n] = seq.hidden[:n]
+        return child
+
+    def rollback(self, seq: SequenceState, length: int) -> None:
+        """Cut the sequence back to `length` fed tokens (KV past it becomes garbage)."""
+        if length < 0:
+            raise ValueError(f"length must be >= 0, got {length}")
+        length = min(length, seq.length)
+        seq.filled = [min(f, length) for f in seq.filled]
+        del seq.tokens[length:]
+
+    def truncate_to_common_prefix(self, seq: SequenceState, tokens: Sequence[int]) -> int:
+        """Roll back to the longest prefix of `tokens` already fed; returns that length."""
+        n = 0
+        limit = min(len(tokens), seq.length)
+        fed = seq.tokens
+        while n < limit and fed[n] == tokens[n]:
+            n += 1
+        self.rollback(seq, n)
+        return n
+
+    # ------------------------------------------------------------------ public forwards
+    @torch.inference_mode()
+    def extend(self, seq: SequenceState, tokens: Sequence[int], *, all_logits: bool = True) -> torch.Tensor:
+        """Feed `tokens` through every layer; return logits [n, head] (or [1, head] for the
+        last token only). Lazy deeper KV of earlier early-exited tokens is filled first."""
+        return self.extend_batch([seq], [tokens], all_logits=all_logits)[0]
+
+    def prefill(self, seq: SequenceState, tokens: Sequence[int]) -> torch.Tensor:
+        """Feed a prompt; return the logits [head] of its last position."""
+        if len(tokens) == 0:
+            raise ValueError("prompt must hold at least one token")
+        return self.extend(seq, tokens, all_logits=False)[-1]
+
+    @torch.inference_mode()
+    def extend_batch(
+        self, seqs: Sequence[SequenceState], blocks: Sequence[Sequence[int]], *, all_logits: bool = True
+    ) -> list[torch.Tensor]:
+        """Batched verification: feed blocks[i] to seqs[i] in one forward through all layers.
+        Returns per sequence logits [n_i, head] (or [1, head] when all_logits is False)."""
+        hidden = self.forward_to_depth(seqs, blocks, depth=self.num_layers)
+        out = []
+        for h in hidden:
+            h = h if all_logits else h[-1:]
+            out.append(self.logits_at_exit(h, self.num_layers))
+        return out
+
+    @torch.inference_mode()
+    def forward_to_depth(
+        self, seqs: Sequence[SequenceState], blocks: Sequence[Sequence[int]], *, depth: int
+    ) -> list[torch.Tensor]:
+        """Feed new tokens and run them through layers [0, depth). Returns per sequence the
+        hidden state [n_i, hidden] of the new tokens at `depth` (before any norm). Tokens
+        reaching depth < num_layers are recorded as lazy for deeper layers."""
+        if depth not in self.exits:
+            raise ValueError(f"depth {depth} is not an exit of this runner {self.exits}")
+        rows = []
+        for seq, block in zip(seqs, blocks):
+            block = [int(t) for t in block]
+            if not block:
+                raise ValueError("each block must hold at least one token")
+            start = seq.length
+            self._ensure_capacity(seq, start + len(block))
+            ids = torch.tensor(block, dtype=torch.long)
+            rows.append(_Row(seq=seq, start=start, hidden=self.embed[ids], n_new=len(block)))
+            seq.tokens.extend(block)
+        return self._run_to(rows, lo=0, depth=depth)
+
+    @torch.inference_mode()
+    def continue_to_depth(self, seq: SequenceState, hidden: torch.Tensor, *, from_depth: int, depth: int) -> torch.Tensor:
+        """Take the last `hidden.shape[0]` tokens of seq, currently at from_depth, deeper to
+        `depth` (S2D: the token did not pass its exit's threshold). hidden: [n, hidden]."""
+        if from_depth not in self.exits or depth not in self.exits or depth <= from_depth:
+            raise ValueError(f"bad exit step {from_depth} -> {depth} for exits {self.exits}")
+        n = hidden.shape[0]
+        start = seq.length - n
+        if seq.filled[from_depth - 1] != seq.length or seq.filled[from_depth] > start:
+            raise RuntimeError("continue_to_depth: the tokens are not the newest at that depth")
+        row = _Row(seq=seq, start=start, hidden=hidden, n_new=n)
+        return self._run_to([row], lo=from_depth, depth=depth)[0]
+
+    def logits_at_exit(self, hidden: torch.Tensor, depth: int) -> torch.Tensor:
+        """[n, hidden] at exit `depth` -> [n, head] logits (float32)."""
+        if depth in self.exit_adapters:
+            hidden = self.exit_adapters[depth](hidden)
+        return self.head(self._rms(hidden, self.final_norm)).float()
+
+    # ------------------------------------------------------------------ internals
+    def _run_to(self, rows: list[_Row], *, lo: int, depth: int) -> list[torch.Tensor]:
+        t0 = time.perf_counter()
+        seg_lo = lo
+        for seg_hi in [e for e in self.exits if e > lo and e <= depth]:
+            for row in rows:
+                self._prepend_lazy(row, seg_lo)
+            self._run_layers(rows, seg_lo, seg_hi)
+            seg_lo = seg_hi
+        out = []
+        for row in rows:
+            seq = row.seq
+            if depth < self.num_layers and seq.hidden is not None:
+                # Keep the state at this depth for the lazy fill of deeper layers later.
+                seq.hidden[row.start : row.start + row.hidden.shape[0]] = row.hidden
+            out.append(row.hidden[row.hidden.shape[0] - row.n_new :])
+        self.timings.add(time.perf_counter() - t0)
+        return out
+
+    def _prepend_lazy(self, row: _Row, layer: int) -> None:
+        """Tokens that earlier stopped at depth `layer` join this forward from there."""
+        seq = row.seq
+        f = seq.filled[layer]
+        if f < row.start:
+            assert seq.hidden is not None
+            row.hidden = torch.cat([seq.hidden[f : row.start], row.hidden], dim=0)
+            row.start = f
+
+    def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        # float32 statistics, as the reference RMSNorm does; scale in the compute dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return weight * x32.to(x.dtype)
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # x: [B, heads, n, head_dim]; cos/sin: [B, 1, n, head_dim]
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+    def _run_layers(self, rows: list[_Row], lo: int, hi: int) -> None:
+        """Run layers [lo, hi) for every row (padded to one batch); updates rows in place."""
+        B = len(rows)
+        ns = [r.hidden.shape[0] for r in rows]
+        nmax = max(ns)
+        H, hd, kvh, g = self.num_heads, self.head_dim, self.num_kv_heads, self.groups
+        if B == 1:
+            x = rows[0].hidden[None]  # [1, n, hidden]
+        else:
+            x = torch.zeros(B, nmax, self.hidden_size, dtype=self.dtype)
+            for i, r in enumerate(rows):
+                x[i, : ns[i]] = r.hidden
+        starts = [r.start for r in rows]
+        # positions of the query tokens: [B, nmax] (padding continues the count; discarded)
+        pos = torch.tensor(starts)[:, None] + torch.arange(nmax)[None, :]
+        pos = pos.clamp(max=self.max_context)
+        cos = self.cos[pos][:, None]  # [B, 1, nmax, head_dim]
+        sin = self.sin[pos][:, None]
+        kv_len = min(max(s + nmax for s in starts), self.max_context)
+        for r in rows:
+            self._ensure_capacity(r.seq, kv_len)
+        # Boolean mask [B, 1, g * nmax, kv_len]: query j of row i sees keys <= start_i + j.
+        # Not needed for a single decode token (it sees every cached key).
+        mask = None
+        if not (B == 1 and nmax == 1):
+            key_pos = torch.arange(kv_len)[None, None, :]  # [1, 1, kv_len]
+            mask = key_pos <= pos[:, :, None]  # [B, nmax, kv_len]
+            mask = mask[:, None].repeat(1, 1, g, 1) if g > 1 else mask[:, None]
+        for li in range(lo, hi):
+            layer = self.layers[li]
+            h = self._rms(x, layer.input_norm)
+            qkv = layer.qkv(h)  # [B, n, (H + 2 kvh) * hd]
+            q = qkv[..., : H * hd].view(B, nmax, H, hd).transpose(1, 2)
+            k = qkv[..., H * hd : (H + kvh) * hd].view(B, nmax, kvh, hd).transpose(1, 2)
+            v = qkv[..., (H + kvh) * hd :].view(B, nmax, kvh, hd).transpose(1, 2)
+            q = self._rope(q, cos, sin)
+            k = self._rope(k, cos, sin)
+            if B == 1:
+                seq, s, n = rows[0].seq, starts[0], ns[0]
+                seq.keys[li][:, s : s + n] = k[0, :, :n]
+                seq.values[li][:, s : s + n] = v[0, :, :n]
+                keys = seq.keys[li][None, :, : s + n]  # [1, kvh, L, hd]
+                vals = seq.values[li][None, :, : s + n]
+                m = mask[..., : s + n] if mask is not None else None
+            else:
+                for i, r in enumerate(rows):
+                    s, n = starts[i], ns[i]
+                    r.seq.keys[li][:, s : s + n] = k[i, :, :n]
+                    r.seq.values[li][:, s : s + n] = v[i, :, :n]
+                keys = torch.stack([r.seq.keys[li][:, :kv_len] for r in rows])
+                vals = torch.stack([r.seq.values[li][:, :kv_len] for r in rows])
+                m = mask
+            # GQA packed into the query dimension: [B, kvh, g * n, hd] (no repeat of K/V)
+            qp = q.reshape(B, kvh, g * nmax, hd)
+            att = F.scaled_dot_product_attention(qp, keys, vals, attn_mask=m)
+            att = att.reshape(B, H, nmax, hd).transpose(1, 2).reshape(B, nmax, H * hd)
+            x = x + layer.o(att)
+            h = self._rms(x, layer.post_norm)
+            gu = layer.gate_up(h)
+            inter = gu.shape[-1] // 2
+            x = x + layer.down(F.silu(gu[..., :inter]) * gu[..., inter:])
+        for i, r in enumerate(rows):
+            r.hidden = x[i, : ns[i]]
+            r.seq.filled[lo:hi] = [r.start + ns[i]] * (hi - lo)
+
+
+def load_causal_lm(model_path: str, dtype: torch.dtype):
+    """Load a transformers causal LM (local folder or hub id) for conversion by ModelRunner."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"model: cannot load {model_path!r}: {exc}") from exc
+
+
+def load_tokenizer(model_path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_path)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"model: cannot load a tokenizer from {model_path!r}: {exc}") from exc
+
+
+__all__ = [
+    "ContextLengthError",
+    "ModelRunner",
+    "SequenceState",
+    "load_causal_lm",
+    "load_tokenizer",
+    "parse_dtype",
+]

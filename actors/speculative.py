@@ -1,0 +1,345 @@
+"""The per-request speculation loop: draft, verify, commit, roll back.
+
+Glossary
+- round: one verification (and, for PEARL, the drafting that overlaps it).
+- method:
+  - ``ar``: target only, one token per forward.
+  - ``sd``: standard speculative decoding: draft gamma tokens, then verify them (+ bonus).
+  - ``sorted``: sd with S2D sorted drafting (several exits of one draft, per-target
+    thresholds; arXiv 2407.01955).
+  - ``pearl``: PEARL (arXiv 2408.11850): while the target verifies block i, the draft
+    already drafts block i + 1 assuming block i is accepted (post-verify); after a rejection
+    the next block is a single token, so the target checks the first new draft token while
+    the draft drafts on (pre-verify). No bonus token is taken when a block is accepted in
+    full: the draft has continued from there.
+  - ``spectr``: SpecTr K-SEQ (arXiv 2310.15141): k draft branches verified in one batched
+    forward.
+
+The loop talks to the two sides through *handles* whose calls return futures, so the same
+code drives plain objects on threads (in-process) and Ray actors (actors/pools.py). Only
+token ids, sparse q and small dataclasses cross a handle.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, Sequence
+
+import torch
+
+from speculation.sampling import SamplingParams
+from speculation.sorted_policy import ExitPolicy
+from speculation.stats import SpecStats
+
+METHODS = ("ar", "sd", "sorted", "pearl", "spectr")
+
+
+class CallFuture(Protocol):
+    def result(self) -> Any: ...
+
+
+class SideHandle(Protocol):
+    """One side (draft or target) of a request. `call` runs a method of the side's object
+    (Drafter or Verifier) and returns a future; calls on one side run in order."""
+
+    def call(self, method: str, /, *args: Any, **kwargs: Any) -> CallFuture: ...
+
+
+class LocalSide:
+    """A plain object served by one worker thread with its own torch thread count.
+
+    PyTorch's intra-op thread count is per calling thread (OpenMP), so a draft thread and a
+    target thread can each run with the threads assigned to them, concurrently."""
+
+    def __init__(self, obj: Any, *, threads: int, name: str):
+        self.obj = obj
+        self.threads = threads
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name, initializer=torch.set_num_threads, initargs=(threads,))
+
+    def call(self, method: str, /, *args: Any, **kwargs: Any) -> Future:
+        return self._pool.submit(getattr(self.obj, method), *args, **kwargs)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+class DraftUnavailableError(RuntimeError):
+    """The draft side failed; the loop finishes the request target-only."""
+
+
+@dataclass(frozen=True)
+class SpecConfig:
+    """How one request speculates."""
+
+    method: str = "sd"
+    gamma: int = 4  # draft tokens per round (PEARL: the window)
+    policy: ExitPolicy | None = None  # exits and thresholds (None: the draft's full depth)
+    k: int = 2  # SpecTr branches
+    pre_verify: bool = True  # PEARL: a 1-token block after a rejection
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if isinstance(self.gamma, bool) or not isinstance(self.gamma, int) or not 1 <= self.gamma <= 64:
+            raise ValueError(f"gamma must be an integer in [1, 64], got {self.gamma!r}")
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"k must be an integer >= 1, got {self.k!r}")
+        if self.k > 16:
+            raise ValueError(f"k must be <= 16, got {self.k}")
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int]  # generated tokens (prompt excluded)
+    finish_reason: str  # length | eos | stop | cancelled | deadline | error
+    stats: SpecStats
+    prompt_tokens: int
+    prefill_s: float = 0.0  # time to the first token
+    total_s: float = 0.0
+    target_s: float = 0.0  # wall time inside target calls
+    draft_s: float = 0.0  # wall time inside draft calls (PEARL: overlapped)
+    draft_failed: bool = False
+    per_round_s: list[float] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return len(self.tokens) / self.total_s if self.total_s > 0 else 0.0
+
+
+@dataclass
+class _Progress:
+    """Committed output and stop handling shared by every method."""
+
+    prompt: list[int]
+    max_new_tokens: int
+    stop_ids: frozenset[int]
+    on_tokens: Callable[[list[int]], None] | None
+    out: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    @property
+    def committed(self) -> list[int]:
+        return self.prompt + self.out
+
+    @property
+    def remaining(self) -> int:
+        return self.max_new_tokens - len(self.out)
+
+    def commit(self, tokens: Sequence[int]) -> None:
+        new: list[int] = []
+        for t in tokens:
+            if len(self.out) + len(new) >= self.max_new_tokens:
+                self.finish_reason = "length"
+                break
+            new.append(int(t))
+            if t in self.stop_ids:
+                self.finish_reason = "eos"
+                break
+        if len(self.out) + len(new) >= self.max_new_tokens and self.finish_reason is None:
+            self.finish_reason = "length"
+        self.out.extend(new)
+        if new and self.on_tokens is not None:
+            self.on_tokens(new)
+
+
+def run_request(
+    *,
+    draft: SideHandle | None,
+    target: SideHandle,
+    request_id: str,
+    prompt: Sequence[int],
+    sampling: SamplingParams,
+    max_new_tokens: int,
+    spec: SpecConfig,
+    stop_ids: Sequence[int] = (),
+    on_tokens: Callable[[list[int]], None] | None = None,
+    should_stop: Callable[[], str | None] | None = None,
+) -> GenerationResult:
+    """Generate for one request. Opens and always closes the request on both sides.
+
+    should_stop: polled once per round; returns a finish reason ("cancelled", "deadline")
+    to stop, or None to go on.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    t_start = time.perf_counter()
+    progress = _Progress(
+        prompt=[int(t) for t in prompt],
+        max_new_tokens=max_new_tokens,
+        stop_ids=frozenset(int(s) for s in stop_ids),
+        on_tokens=on_tokens,
+    )
+    stats = SpecStats()
+    result = GenerationResult(tokens=progress.out, finish_reason="length", stats=stats, prompt_tokens=len(prompt))
+    use_draft = spec.method != "ar" and draft is not None
+    capacity = len(prompt) + max_new_tokens + 2 * spec.gamma + 8
+    draft_open = None
+    try:
+        if use_draft:
+            draft_open = draft.call("open", request_id, sampling=sampling, capacity=capacity)
+        prefill = target.call("open", request_id, progress.prompt, sampling=sampling)
+        prefill.result()
+        if draft_open is not None:
+            try:
+                draft_open.result()
+            except Exception:  # noqa: BLE001 - a broken draft never fails the request
+                use_draft = False
+                result.draft_failed = True
+        loop = {
+            "ar": _loop_sd,
+            "sd": _loop_sd,
+            "sorted": _loop_sd,
+            "pearl": _loop_pearl,
+            "spectr": _loop_spectr,
+        }[spec.method]
+        loop(
+            draft=draft if use_draft else None,
+            target=target,
+            request_id=request_id,
+            spec=spec,
+            progress=progress,
+            stats=stats,
+            result=result,
+            should_stop=should_stop,
+            t_start=t_start,
+        )
+    finally:
+        closes = [target.call("close", request_id)]
+        if draft_open is not None:
+            closes.append(draft.call("close", request_id))
+        for c in closes:
+            try:
+                c.result()
+            except Exception:  # noqa: BLE001 - closing a dead side is not an error
+                pass
+    result.finish_reason = progress.finish_reason or result.finish_reason
+    result.total_s = time.perf_counter() - t_start
+    return result
+
+
+def _first_token_time(result: GenerationResult, progress: _Progress, t_start: float) -> None:
+    if result.prefill_s == 0.0 and progress.out:
+        result.prefill_s = time.perf_counter() - t_start
+
+
+def _stop_requested(progress: _Progress, should_stop) -> bool:
+    if progress.finish_reason is not None:
+        return True
+    if should_stop is not None:
+        reason = should_stop()
+        if reason:
+            progress.finish_reason = reason
+            return True
+    return False
+
+
+def _draft_or_none(fut: CallFuture | None, result: GenerationResult):
+    """Resolve a draft future; a failed draft turns the request target-only."""
+    if fut is None:
+        return None
+    try:
+        return fut.result()
+    except Exception:  # noqa: BLE001 - any draft failure: finish without the draft
+        result.draft_failed = True
+        return None
+
+
+def _record(stats: SpecStats, result: GenerationResult, outcome, block, t_round: float) -> None:
+    stats.record_round(
+        drafted=outcome.drafted,
+        accepted=outcome.accepted_len,
+        emitted=len(outcome.tokens),
+        exits=getattr(block, "exits", None) or (),
+    )
+    result.target_s += outcome.target_s
+    result.per_round_s.append(time.perf_counter() - t_round)
+
+
+def _loop_sd(*, draft, target, request_id, spec, progress, stats, result, should_stop, t_start) -> None:
+    """ar / sd / sorted: draft a block, then verify it; strictly one after the other."""
+    while not _stop_requested(progress, should_stop):
+        t_round = time.perf_counter()
+        gamma = min(spec.gamma, max(progress.remaining - 1, 0))
+        block = None
+        if draft is not None and gamma > 0:
+            block = _draft_or_none(
+                draft.call("draft", request_id, progress.committed, gamma=gamma, policy=spec.policy), result
+            )
+            if block is None:
+                draft = None  # the draft died: target-only from here, nothing lost
+            else:
+                result.draft_s += block.draft_s
+        outcome = target.call("verify", request_id, block, bonus=True).result()
+        progress.commit(outcome.tokens)
+        _first_token_time(result, progress, t_start)
+        _record(stats, result, outcome, block, t_round)
+
+
+def _loop_spectr(*, draft, target, request_id, spec, progress, stats, result, should_stop, t_start) -> None:
+    """SpecTr: k branches drafted as one batch, verified as one batch."""
+    while not _stop_requested(progress, should_stop):
+        t_round = time.perf_counter()
+        gamma = min(spec.gamma, max(progress.remaining - 1, 0))
+        branches = None
+        if draft is not None and gamma > 0:
+            branches = _draft_or_none(
+                draft.call("draft_branches", request_id, progress.committed, gamma=gamma, k=spec.k), result
+            )
+            if branches is None:
+                draft = None
+            else:
+                result.draft_s += branches.draft_s
+        if branches is None:
+            outcome = target.call("verify", request_id, None, bonus=True).result()
+        else:
+            outcome = target.call("verify_branches", request_id, branches).result()
+        progress.commit(outcome.tokens)
+        _first_token_time(result, progress, t_start)
+        _record(stats, result, outcome, None, t_round)
+
+
+def _loop_pearl(*, draft, target, request_id, spec, progress, stats, result, should_stop, t_start) -> None:
+    """PEARL: verification of block i overlaps drafting of block i + 1 (post-verify); after
+    a rejection the next block is one token long (pre-verify)."""
+    block = None  # drafted, not yet verified; continues progress.committed
+    next_gamma = 1 if spec.pre_verify else spec.gamma
+    while not _stop_requested(progress, should_stop):
+        t_round = time.perf_counter()
+        if draft is None:
+            outcome = target.call("verify", request_id, None, bonus=True).result()
+            progress.commit(outcome.tokens)
+            _first_token_time(result, progress, t_start)
+            _record(stats, result, outcome, None, t_round)
+            continue
+        if block is None:  # nothing in flight: draft the first block of a run
+            gamma = max(1, min(next_gamma, progress.remaining))
+            block = _draft_or_none(draft.call("draft", request_id, progress.committed, gamma=gamma, policy=spec.policy), result)
+            if block is None:
+                draft = None
+                continue
+            result.draft_s += block.draft_s
+        # Verify block i (no bonus: the draft continues past it) while drafting block i + 1.
+        v_fut = target.call("verify", request_id, block, bonus=False)
+        ahead = progress.remaining - len(block.tokens)
+        d_fut = None
+        if ahead > 0:
+            assumed = progress.committed + block.tokens
+            d_fut = draft.call("draft", request_id, assumed, gamma=min(spec.gamma, ahead), policy=spec.policy)
+        outcome = v_fut.result()
+        nxt = _draft_or_none(d_fut, result)
+        if d_fut is not None and nxt is None:
+            draft = None
+        progress.commit(outcome.tokens)
+        _first_token_time(result, progress, t_start)
+        _record(stats, result, outcome, block, t_round)
+        if nxt is not None:
+            result.draft_s += nxt.draft_s
+        if outcome.accepted_len == len(block.tokens) and nxt is not None:
+            block = nxt  # post-verify paid off: the next block is already drafted
+        else:
+            # Rejected (the block drafted ahead is void), or nothing was drafted ahead; after
+            # a full accept the target keeps its pending row, so no token is lost either way.
+            block = None
+            next_gamma = 1 if spec.pre_verify and outcome.accepted_len < outcome.drafted else spec.gamma

@@ -1,0 +1,203 @@
+"""Target side: verifies draft blocks for many requests on one target model.
+
+Glossary
+- committed: tokens the request has output (prompt excluded) plus the prompt; only the target
+  side commits, so it is the source of truth for a request's sequence.
+- pending logits: the target's logits for the token after the last committed one, kept when
+  every committed token has been fed (after a prefill, or after a block was accepted in full
+  without a bonus token). The next verification needs no extra forward for that position.
+- bonus: when every draft token is accepted, standard speculative decoding samples one more
+  token from the last row. PEARL's post-verify skips it: the draft has already continued
+  past the block, and its next token is verified against that row instead.
+
+Verification runs here (not in the orchestrator) so that only token ids and sparse q cross
+the wire, never [gamma + 1, vocab] target probabilities.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from actors.drafter import DraftBlock, DraftBranches
+from actors.runner import ModelRunner, SequenceState
+from speculation.sampling import SamplingParams, logits_to_probs, make_generator, sample
+from speculation.spectr import verify_kseq, verify_kseq_greedy
+from speculation.verify import verify_block, verify_greedy
+
+
+@dataclass(frozen=True)
+class VerifyOutcome:
+    """What one verification committed."""
+
+    accepted_len: int  # draft tokens accepted
+    tokens: list[int]  # newly committed tokens (accepted, then recovered/bonus unless skipped)
+    drafted: int  # draft tokens that were checked
+    target_s: float = 0.0  # wall time of the call
+    branch: int | None = None  # SpecTr: the branch whose prefix was accepted
+
+
+@dataclass
+class _TargetRequest:
+    seq: SequenceState
+    sampling: SamplingParams
+    generator: torch.Generator
+    committed: list[int]
+    pending: torch.Tensor | None = None  # [vocab] logits after the last committed token
+    last_used: float = field(default_factory=time.monotonic)
+
+
+class Verifier:
+    """Verifies draft blocks (sd, sorted, pearl) and branches (spectr) for many requests."""
+
+    def __init__(self, runner: ModelRunner):
+        self.runner = runner
+        self.requests: dict[str, _TargetRequest] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+    def open(self, request_id: str, prompt: Sequence[int], *, sampling: SamplingParams) -> float:
+        """Prefill the prompt; returns the prefill wall time."""
+        t0 = time.perf_counter()
+        if len(prompt) == 0:
+            raise ValueError("prompt must hold at least one token")
+        seq = self.runner.new_sequence(len(prompt) + 128)
+        pending = self.runner.prefill(seq, prompt)
+        self.requests[request_id] = _TargetRequest(
+            seq=seq,
+            sampling=sampling,
+            generator=make_generator(sampling.seed),
+            committed=[int(t) for t in prompt],
+            pending=pending,
+        )
+        return time.perf_counter() - t0
+
+    def close(self, request_id: str) -> bool:
+        return self.requests.pop(request_id, None) is not None
+
+    def live_requests(self) -> list[str]:
+        return list(self.requests)
+
+    def committed(self, request_id: str) -> list[int]:
+        return list(self._request(request_id).committed)
+
+    def _request(self, request_id: str) -> _TargetRequest:
+        try:
+            req = self.requests[request_id]
+        except KeyError:
+            raise KeyError(f"request_id {request_id!r} is not open on this target") from None
+        req.last_used = time.monotonic()
+        return req
+
+    # ------------------------------------------------------------------ verification
+    def _rows_for(self, req: _TargetRequest, draft_tokens: list[int]) -> tuple[list[int], int]:
+        """Tokens to feed (unfed committed + draft) and how many leading output rows to drop."""
+        unfed = req.committed[req.seq.length :]
+        if req.pending is not None:
+            assert not unfed
+        return unfed + draft_tokens, max(len(unfed) - 1, 0)
+
+    def verify(self, request_id: str, block: DraftBlock | None, *, bonus: bool = True) -> VerifyOutcome:
+        """Verify a block (None or empty = plain autoregressive step) and commit the result."""
+        return self.verify_batch([request_id], [block], bonus=[bonus])[0]
+
+    def verify_batch(
+        self,
+        request_ids: Sequence[str],
+        blocks: Sequence[DraftBlock | None],
+        *,
+        bonus: Sequence[bool] | None = None,
+    ) -> list[VerifyOutcome]:
+        """Verify one block per request in a single batched target forward."""
+        t0 = time.perf_counter()
+        bonus = list(bonus) if bonus is not None else [True] * len(request_ids)
+        reqs = [self._request(r) for r in request_ids]
+        drafts = [list(b.tokens) if b is not None else [] for b in blocks]
+        feeds, drops, fed_idx = [], [], []
+        for i, (req, d) in enumerate(zip(reqs, drafts)):
+            feed, drop = self._rows_for(req, d)
+            feeds.append(feed)
+            drops.append(drop)
+            if feed:
+                fed_idx.append(i)
+        outs: list[torch.Tensor | None] = [None] * len(reqs)
+        if fed_idx:
+            logits = self.runner.extend_batch([reqs[i].seq for i in fed_idx], [feeds[i] for i in fed_idx])
+            for i, lg in zip(fed_idx, logits):
+                outs[i] = lg
+        results = []
+        for i, req in enumerate(reqs):
+            rows = outs[i][drops[i] :] if outs[i] is not None else None  # [gamma (+1), vocab]
+            if req.pending is not None:
+                rows = req.pending[None] if rows is None else torch.cat([req.pending[None], rows])
+            # rows: [gamma + 1, vocab]: the target's logits at each draft position + the next
+            results.append(self._commit(req, drafts[i], blocks[i], rows, bonus[i]))
+        dt = time.perf_counter() - t0
+        return [VerifyOutcome(**{**r.__dict__, "target_s": dt}) for r in results]
+
+    def _commit(
+        self, req: _TargetRequest, draft: list[int], block: DraftBlock | None, rows: torch.Tensor, bonus: bool
+    ) -> VerifyOutcome:
+        gamma = len(draft)
+        if req.sampling.greedy:
+            result = verify_greedy(draft, rows.argmax(dim=-1).tolist())
+        else:
+            p = logits_to_probs(rows, req.sampling)  # [gamma + 1, vocab]
+            if gamma == 0:
+                result = verify_greedy([], [int(sample(p[0], req.generator))])
+            else:
+                result = verify_block(draft_tokens=draft, q=block.q, p=p, generator=req.generator)
+        accepted = result.accepted_len
+        base = len(req.committed)
+        tokens = result.tokens
+        if accepted == gamma and gamma > 0 and not bonus:
+            tokens = tokens[:-1]  # post-verify: the draft continues from here
+            req.pending = rows[gamma]
+        else:
+            req.pending = None
+        req.committed.extend(tokens)
+        # KV: committed prefix + accepted draft tokens were fed and stay valid.
+        self.runner.rollback(req.seq, min(req.seq.length, base + accepted))
+        return VerifyOutcome(accepted_len=accepted, tokens=tokens, drafted=gamma)
+
+    def verify_branches(self, request_id: str, branches: DraftBranches) -> VerifyOutcome:
+        """SpecTr: verify k branches in one batched forward (k rows) and commit the winner."""
+        t0 = time.perf_counter()
+        req = self._request(request_id)
+        runner = self.runner
+        k = len(branches.branches)
+        gamma = len(branches.branches[0])
+        base = len(req.committed)
+        unfed = req.committed[req.seq.length :]
+        seqs = [req.seq] + [runner.fork(req.seq) for _ in range(k - 1)]
+        feeds = [unfed + br for br in branches.branches]
+        logits = runner.extend_batch(seqs, feeds)
+        drop = max(len(unfed) - 1, 0)
+        rows = []
+        for lg in logits:
+            r = lg[drop:]
+            if req.pending is not None:
+                r = torch.cat([req.pending[None], r])
+            rows.append(r)  # [gamma + 1, vocab] along each branch
+        if req.sampling.greedy:
+            res = verify_kseq_greedy(drafts=branches.branches, target_argmax=[r.argmax(-1).tolist() for r in rows])
+        else:
+            vocab = rows[0].shape[-1]
+            q = [torch.stack([d.dense(vocab) for d in qb]) for qb in branches.q]
+            p = [logits_to_probs(r, req.sampling) for r in rows]
+            res = verify_kseq(drafts=branches.branches, q=q, p=p, generator=req.generator)
+        winner = res.source_draft if res.source_draft is not None else 0
+        if winner != 0:
+            req.seq = seqs[winner]  # keep the winning branch's cache
+        req.pending = None
+        req.committed.extend(res.tokens)
+        runner.rollback(req.seq, min(req.seq.length, base + res.accepted_len))
+        return VerifyOutcome(
+            accepted_len=res.accepted_len,
+            tokens=list(res.tokens),
+            drafted=gamma,
+            target_s=time.perf_counter() - t0,
+            branch=res.source_draft,
+        )
