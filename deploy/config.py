@@ -1,0 +1,164 @@
+"""tandem's user configuration: one YAML file validated by pydantic (the only place pydantic
+is used; inside, frozen dataclasses). `tandem serve --config FILE`, `tandem batch --config
+FILE`; with no file, `TandemConfig()` is the embedded default: local Ray, the two Qwen2.5-Coder
+packs as targets, and the 0.5B pack as the shared draft.
+
+Example (every field is optional):
+
+    server:
+      port: 50051
+      auth_token_env: TANDEM_AUTH_TOKEN
+    ray:
+      address: null            # null: embedded local Ray; "auto" or "ray://host:10001": join
+    draft_pool:
+      model: qwen2.5-coder-0.5b-instruct
+      replicas: 1
+      quantize: int4
+    targets:
+      - name: qwen2.5-coder-1.5b-instruct
+      - name: qwen2.5-coder-0.5b-instruct
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from deploy.packs import DEFAULT_DRAFT, DEFAULT_TARGET
+
+Method = Literal["auto", "off", "sd", "sorted", "pearl", "spectr"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TLSConfig(_Strict):
+    cert_file: Path = Field(description="PEM certificate chain for the gRPC port")
+    key_file: Path = Field(description="PEM private key for the gRPC port")
+
+
+class ServerConfig(_Strict):
+    host: str = Field("127.0.0.1", description="Address the gRPC server binds; 0.0.0.0 in containers")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port (0: pick a free one)")
+    metrics_port: int | None = Field(9464, ge=0, le=65535, description="Prometheus /metrics port; null: off")
+    auth_token_env: str | None = Field(
+        None, description="Environment variable holding the bearer token; null: no auth"
+    )
+    tls: TLSConfig | None = Field(None, description="TLS for the gRPC port; null: plaintext")
+    max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest request or response message")
+    queue_size: int = Field(64, ge=1, description="Requests admitted beyond those running; more get RESOURCE_EXHAUSTED")
+    max_concurrent: int = Field(8, ge=1, description="Requests decoding at once across all targets")
+    max_new_tokens_limit: int = Field(4096, ge=1, description="Upper bound a request may ask for")
+    default_max_new_tokens: int = Field(256, ge=1, description="max_new_tokens when a request leaves it 0")
+    otlp_endpoint: str | None = Field(None, description="OTLP gRPC endpoint for traces and metrics; null: off")
+    trace_rounds_sample_rate: float = Field(
+        0.0, ge=0.0, le=1.0, description="Fraction of requests that get a span per speculation round"
+    )
+
+
+class RayConfig(_Strict):
+    address: str | None = Field(None, description='null: embedded local Ray; "auto" or "ray://host:10001": join')
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded local Ray (default: all)")
+    namespace: str = Field("tandem", description="Ray namespace for tandem's named actors")
+
+
+class PoolResources(_Strict):
+    """Where a pool's actors run: custom Ray resources on a CPU box, GPUs on a cluster."""
+
+    resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per actor")
+    num_gpus: float = Field(0.0, ge=0.0, description="GPUs per actor")
+    accelerator_type: str | None = Field(None, description='Ray accelerator type, e.g. "H100"')
+
+
+class DraftPoolConfig(_Strict):
+    model: str = Field(DEFAULT_DRAFT, description="Draft model: pack name, local folder or hub id")
+    replicas: int = Field(1, ge=1, le=64, description="Draft actors in the pool")
+    threads: int = Field(1, ge=1, description="torch threads per draft actor")
+    dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
+    quantize: Literal["none", "int8", "int4"] = Field("int4", description="Weight-only quantization of the draft")
+    exits: list[int] = Field(default_factory=list, description="Extra exit depths (the full depth is always one)")
+    exit_adapters: Path | None = Field(None, description="Folder from `tandem train-exits`")
+    placement: PoolResources = Field(default_factory=lambda: PoolResources(resources={"draft_pool": 1}))
+
+
+class TargetConfig(_Strict):
+    name: str = Field(description="Name clients ask for")
+    model: str | None = Field(None, description="Model reference; default: the name")
+    replicas: int = Field(1, ge=1, le=64)
+    shards: int = Field(1, ge=1, le=16, description="Pipeline stages (layer ranges) per replica")
+    threads: int = Field(1, ge=1, description="torch threads per target actor")
+    dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
+    method: Method = Field("auto", description="Default speculation method for this target")
+    max_draft_len: int = Field(8, ge=1, le=32, description="Upper bound of the draft length the router may pick")
+    placement: PoolResources = Field(default_factory=lambda: PoolResources(resources={"target_pool": 1}))
+
+    @property
+    def model_ref(self) -> str:
+        return self.model or self.name
+
+
+class BatchConfig(_Strict):
+    min_actors: int = Field(1, ge=1, description="Autoscaling actor pool: fewest actors")
+    max_actors: int = Field(2, ge=1, description="Autoscaling actor pool: most actors")
+    method: Method = "auto"
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "BatchConfig":
+        if self.max_actors < self.min_actors:
+            raise ValueError("max_actors must be >= min_actors")
+        return self
+
+
+class TandemConfig(_Strict):
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    draft_pool: DraftPoolConfig = Field(default_factory=DraftPoolConfig)
+    targets: list[TargetConfig] = Field(
+        default_factory=lambda: [TargetConfig(name=DEFAULT_TARGET), TargetConfig(name=DEFAULT_DRAFT)],
+        min_length=1,
+    )
+    batch: BatchConfig = Field(default_factory=BatchConfig)
+
+    @field_validator("targets")
+    @classmethod
+    def _unique_names(cls, targets: list[TargetConfig]) -> list[TargetConfig]:
+        names = [t.name for t in targets]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"target names must be unique, repeated: {', '.join(dupes)}")
+        return targets
+
+
+class ConfigError(ValueError):
+    """A config file that does not validate; the message lists each field and why."""
+
+
+def load_config(path: str | Path | None) -> TandemConfig:
+    """Read and validate a YAML config; None gives the embedded defaults."""
+    if path is None:
+        return TandemConfig()
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config: file {str(p)!r} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config: {p} is not valid YAML: {exc}") from None
+    return parse_config(raw, source=str(p))
+
+
+def parse_config(raw: object, *, source: str = "config") -> TandemConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping")
+    try:
+        return TandemConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            where = ".".join(str(x) for x in err["loc"]) or "(top level)"
+            lines.append(f"  {where}: {err['msg']}")
+        raise ConfigError(f"{source} is invalid:\n" + "\n".join(lines)) from None
