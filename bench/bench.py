@@ -1,0 +1,362 @@
+"""`tandem bench`: every method side by side on the same prompts, in one process, against
+the baselines a user would otherwise pick (transformers autoregressive `hf-ar` and
+transformers assisted generation `hf-assisted`), all in the same dtype and thread count.
+
+Speed is reported as ratios measured in the same run, never as absolute promises. Greedy
+fidelity is reported per method (prompts equal to hf-ar's output) together with the target's
+top-1 minus top-2 logit margin at the first differing token, computed on hf-ar's path: in
+bf16 a multi-token forward rounds differently from a one-token step, so outputs may part at
+a near-tie (a margin of one or two bf16 steps); a large margin would be a bug.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from speculation.sampling import SamplingParams
+from speculation.stats import SpecStats
+
+BASELINES = ("hf-ar", "hf-assisted")
+TANDEM_METHODS = ("ar", "sd", "sorted", "pearl", "spectr")
+DEFAULT_METHODS = "hf-ar,hf-assisted,ar,sd,sorted,pearl,spectr"
+
+
+@dataclass
+class MethodRun:
+    """One method over all prompts."""
+
+    method: str
+    outputs: list[list[int]] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    ttft: list[float] = field(default_factory=list)
+    stats: SpecStats | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(o) for o in self.outputs)
+
+    @property
+    def tokens_per_s(self) -> float:
+        total = sum(self.seconds)
+        return self.tokens / total if total > 0 else 0.0
+
+
+def load_prompts(path: str | Path, limit: int | None) -> list[dict]:
+    """Spec-Bench format (question_id, category, turns) or {"prompt": ...} / {"messages": ...}."""
+    records = []
+    with open(path) as f:
+        for line_no, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"prompts: {path}:{line_no} is not JSON: {exc}") from None
+            if "turns" in rec:
+                messages = [{"role": "user", "content": rec["turns"][0]}]
+            elif "messages" in rec:
+                messages = rec["messages"]
+            elif "prompt" in rec:
+                messages = [{"role": "user", "content": rec["prompt"]}]
+            else:
+                raise ValueError(f"prompts: {path}:{line_no} has none of turns, messages, prompt")
+            records.append({"id": rec.get("question_id", f"line-{line_no}"), "messages": messages})
+            if limit and len(records) >= limit:
+                break
+    if not records:
+        raise ValueError(f"prompts: {path} holds no prompts")
+    return records
+
+
+def machine_info(threads: int) -> dict:
+    cpu = platform.processor() or ""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    flags = ""
+    try:
+        flags = next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": threads,
+        "avx512_bf16": "avx512_bf16" in flags,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def divergence_margin(hf_model, prompt_ids: Sequence[int], ref: Sequence[int], other: Sequence[int]) -> dict | None:
+    """Top-1 minus top-2 target logit at the first position where `other` departs from
+    `ref`, on ref's (the autoregressive) path. None when other is a prefix-equal output."""
+    j = next((i for i, (a, b) in enumerate(zip(ref, other)) if a != b), None)
+    if j is None:
+        return None
+    ids = torch.tensor([list(prompt_ids) + list(ref[:j])])
+    with torch.inference_mode():
+        logits = hf_model(ids).logits[0, -1].float()
+    top = torch.topk(logits, 2).values
+    return {"position": j, "margin": round(float(top[0] - top[1]), 5)}
+
+
+def _hf_generate(model, prompt_ids, *, max_new_tokens, sampling: SamplingParams, eos_ids, assistant=None) -> list[int]:
+    kwargs: dict = {"max_new_tokens": max_new_tokens, "eos_token_id": list(eos_ids) or None, "pad_token_id": (list(eos_ids) or [0])[0]}
+    if sampling.greedy:
+        kwargs["do_sample"] = False
+    else:
+        kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or None)
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+    if assistant is not None:
+        kwargs["assistant_model"] = assistant
+    ids = torch.tensor([list(prompt_ids)])
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+    return out[0, ids.shape[1] :].tolist()
+
+
+def run_baseline(name, *, hf_target, hf_draft, prompts_ids, max_new_tokens, sampling, eos_ids, threads, progress) -> MethodRun:
+    torch.set_num_threads(threads)
+    assistant = hf_draft if name == "hf-assisted" else None
+    run = MethodRun(method=name)
+    _hf_generate(hf_target, prompts_ids[0], max_new_tokens=4, sampling=sampling, eos_ids=eos_ids, assistant=assistant)  # warm-up
+    for ids in prompts_ids:
+        t0 = time.perf_counter()
+        out = _hf_generate(hf_target, ids, max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids, assistant=assistant)
+        run.seconds.append(time.perf_counter() - t0)
+        run.outputs.append(out)
+        progress(name)
+    return run
+
+
+def run_tandem(name, *, generate: Callable, prompts_ids, max_new_tokens, sampling, progress) -> MethodRun:
+    """`generate(ids, method, max_new_tokens, sampling) -> GenerationResult`."""
+    run = MethodRun(method=name, stats=SpecStats())
+    generate(prompts_ids[0], name, 4, sampling)  # warm-up
+    for ids in prompts_ids:
+        res = generate(ids, name, max_new_tokens, sampling)
+        run.seconds.append(res.total_s)
+        run.ttft.append(res.prefill_s)
+        run.outputs.append(list(res.tokens))
+        run.stats.merge(res.stats)
+        progress(name)
+    return run
+
+
+def summarize(runs: list[MethodRun], *, hf_target, prompts_ids, sampling) -> list[dict]:
+    by_name = {r.method: r for r in runs}
+    ref = by_name.get("hf-ar")
+    base_tps = ref.tokens_per_s if ref else None
+    assisted_tps = by_name["hf-assisted"].tokens_per_s if "hf-assisted" in by_name else None
+    results = []
+    for r in runs:
+        row = {
+            "method": r.method,
+            "n_prompts": len(r.outputs),
+            "tokens": r.tokens,
+            "seconds": round(sum(r.seconds), 3),
+            "tokens_per_s": round(r.tokens_per_s, 3),
+            "speedup_vs_hf_ar": round(r.tokens_per_s / base_tps, 3) if base_tps else None,
+            "speedup_vs_hf_assisted": round(r.tokens_per_s / assisted_tps, 3) if assisted_tps else None,
+            "mean_accepted_len": round(r.stats.mean_accepted_len, 3) if r.stats and r.stats.rounds else None,
+            "acceptance_by_position": [round(a, 3) for a in r.stats.acceptance_by_position()] if r.stats else None,
+            "greedy_equal": None,
+            "divergence_margins": [],
+            **r.extra,
+        }
+        if r.ttft:
+            row["ttft_s_mean"] = round(sum(r.ttft) / len(r.ttft), 3)
+        if r.stats and r.stats.exits_used:
+            row["exits_used"] = {str(k): v for k, v in sorted(r.stats.exits_used.items())}
+        if ref is not None and sampling.greedy:
+            equal = 0
+            for i, (a, b) in enumerate(zip(ref.outputs, r.outputs)):
+                if a == b:
+                    equal += 1
+                    continue
+                m = divergence_margin(hf_target, prompts_ids[i], a, b)
+                if m is None:  # one output is a prefix of the other (a stop token differs)
+                    m = {"position": min(len(a), len(b)), "margin": None}
+                row["divergence_margins"].append({"prompt": i, **m})
+            row["greedy_equal"] = equal
+        results.append(row)
+    return results
+
+
+def format_table(results: list[dict]) -> str:
+    cols = ["method", "tokens_per_s", "speedup_vs_hf_ar", "speedup_vs_hf_assisted", "mean_accepted_len", "greedy_equal"]
+    head = ["method", "tok/s", "x hf-ar", "x hf-assisted", "mean acc. len", "greedy equal"]
+    rows = []
+    for r in results:
+        cells = []
+        for c in cols:
+            v = r.get(c)
+            if c == "greedy_equal":
+                v = f"{v}/{r['n_prompts']}" if v is not None else "-"
+                if r.get("divergence_margins"):
+                    margins = [d["margin"] for d in r["divergence_margins"]]
+                    v += f" (margins {', '.join(str(m) for m in margins)})"
+            elif isinstance(v, float):
+                v = f"{v:.2f}"
+            elif v is None:
+                v = "-"
+            cells.append(str(v))
+        rows.append(cells)
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines += ["| " + " | ".join(c) + " |" for c in rows]
+    return "\n".join(lines)
+
+
+def parse_methods(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    allowed = set(BASELINES) | set(TANDEM_METHODS)
+    bad = [m for m in methods if m not in allowed]
+    if bad:
+        raise ValueError(f"methods: unknown {', '.join(bad)}; choose from {', '.join(sorted(allowed))}")
+    if not methods:
+        raise ValueError("methods: give at least one")
+    return methods
+
+
+def write_json(path: str | Path, payload: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.replace(path)
+
+
+def eprint(*args) -> None:
+    print(*args, file=sys.stderr, flush=True)
+
+
+def main(args) -> int:
+    """Run the benchmark described by parsed CLI `args` (see deploy/cli.py)."""
+    from tqdm import tqdm
+
+    from actors.local import LocalEngine, available_threads
+    from deploy.models import ModelSpec, build_runner, encode_prompt, load_causal_lm, stop_ids_for, tokenizer_for
+    from deploy.packs import resolve_model_path
+    from speculation.sorted_policy import ExitPolicy
+
+    methods = parse_methods(args.methods)
+    threads = args.threads or available_threads()
+    torch.set_num_threads(threads)
+    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    prompts = load_prompts(args.prompts, args.limit)
+    tokenizer = tokenizer_for(args.target)
+    target_path = resolve_model_path(args.target)
+    eos_ids = stop_ids_for(tokenizer, target_path)
+    prompts_ids = [encode_prompt(tokenizer, messages=p["messages"]) for p in prompts]
+    dtype = args.dtype
+
+    eprint(f"[bench] loading {args.target} and {args.draft} ({dtype}, {threads} threads)")
+    from actors.runner import parse_dtype
+
+    hf_target = load_causal_lm(target_path, parse_dtype(dtype)).eval()
+    need_hf_draft = "hf-assisted" in methods
+    hf_draft = load_causal_lm(resolve_model_path(args.draft), parse_dtype(dtype)).eval() if need_hf_draft else None
+    target = build_runner(ModelSpec(ref=args.target, dtype=dtype), model=hf_target)
+    uses_draft = any(m in methods for m in ("sd", "sorted", "pearl", "spectr"))
+    exits = tuple(int(e) for e in args.exits.split(",")) if args.exits else ()
+    draft = None
+    if uses_draft:
+        quant = None if args.draft_quantize == "none" else args.draft_quantize
+        draft = build_runner(ModelSpec(ref=args.draft, dtype=dtype, quantize=quant, exits=exits))
+    policy = None
+    if "sorted" in methods:
+        if draft is None or len(draft.exits) < 2:
+            raise ValueError("exits: method 'sorted' needs --exits with at least one exit below the full depth")
+        thresholds = [float(t) for t in args.thresholds.split(",")] if args.thresholds else [0.8] * (len(draft.exits) - 1)
+        policy = ExitPolicy(exits=draft.exits, thresholds=tuple(thresholds))
+
+    engine = LocalEngine(target, draft, threads=threads)
+    gammas = {}
+    if args.gamma:
+        gammas = {m: args.gamma for m in TANDEM_METHODS}
+
+    def generate(ids, method, max_new, sp):
+        return engine.generate(
+            ids,
+            method=method,
+            sampling=sp,
+            max_new_tokens=max_new,
+            gamma=gammas.get(method),
+            policy=policy if method == "sorted" else None,
+            k=args.k,
+            stop_ids=eos_ids,
+        )
+
+    total = len(methods) * len(prompts_ids)
+    bar = tqdm(total=total, desc="bench", unit="prompt", file=sys.stderr, dynamic_ncols=True)
+
+    def progress(name):
+        bar.set_postfix_str(name)
+        bar.update(1)
+
+    runs: list[MethodRun] = []
+    for method in methods:
+        if method in BASELINES:
+            run = run_baseline(
+                method,
+                hf_target=hf_target,
+                hf_draft=hf_draft,
+                prompts_ids=prompts_ids,
+                max_new_tokens=args.max_new_tokens,
+                sampling=sampling,
+                eos_ids=eos_ids,
+                threads=threads,
+                progress=progress,
+            )
+        else:
+            run = run_tandem(
+                method, generate=generate, prompts_ids=prompts_ids, max_new_tokens=args.max_new_tokens,
+                sampling=sampling, progress=progress,
+            )
+            if method == "pearl":
+                split = engine.split
+                run.extra["thread_split"] = {"target": split.target, "draft": split.draft, "window": split.window}
+        runs.append(run)
+    bar.close()
+    engine.close()
+    torch.set_num_threads(threads)
+    results = summarize(runs, hf_target=hf_target, prompts_ids=prompts_ids, sampling=sampling)
+    payload = {
+        "results": results,
+        "machine": machine_info(threads),
+        "config": {
+            "prompts": str(args.prompts),
+            "limit": args.limit,
+            "max_new_tokens": args.max_new_tokens,
+            "target": args.target,
+            "draft": args.draft,
+            "draft_quantize": args.draft_quantize,
+            "dtype": dtype,
+            "temperature": args.temperature,
+            "via": "local",
+            "exits": list(draft.exits) if draft is not None else [],
+            "gamma": args.gamma,
+        },
+    }
+    print(format_table(results))
+    if args.json:
+        write_json(args.json, payload)
+        eprint(f"[bench] wrote {args.json}")
+    return 0
