@@ -157,6 +157,59 @@ class Drafter:
             tokens=tokens, q=None if req.sampling.greedy else qs, exits=exits, draft_s=time.perf_counter() - t0
         )
 
+    def draft_batch(self, calls: Sequence[dict]) -> list[DraftBlock | Exception]:
+        """Draft for several requests at once. Each call is the keyword arguments of `draft`
+        plus request_id and sequence. Single-exit calls of the same depth run in lockstep,
+        one batched forward per draft position; multi-exit (sorted) calls run one by one,
+        since their rows leave at different depths."""
+        results: list[DraftBlock | Exception | None] = [None] * len(calls)
+        groups: dict[int, list[int]] = {}
+        for i, c in enumerate(calls):
+            policy = c.get("policy") or ExitPolicy.single(self.runner.num_layers)
+            if len(policy.exits) == 1:
+                groups.setdefault(policy.exits[0], []).append(i)
+            else:
+                try:
+                    results[i] = self.draft(c["request_id"], c["sequence"], gamma=c["gamma"], policy=policy)
+                except Exception as exc:  # noqa: BLE001 - reported to that caller only
+                    results[i] = exc
+        for depth, idxs in groups.items():
+            try:
+                blocks = self._draft_lockstep([calls[i] for i in idxs], depth)
+            except Exception as exc:  # noqa: BLE001
+                blocks = [exc] * len(idxs)
+            for i, b in zip(idxs, blocks):
+                results[i] = b
+        return results  # type: ignore[return-value]
+
+    def _draft_lockstep(self, calls: Sequence[dict], depth: int) -> list[DraftBlock]:
+        t0 = time.perf_counter()
+        self.check_policy(ExitPolicy.single(depth))
+        reqs = [self._request(c["request_id"]) for c in calls]
+        feeds = [self._catch_up(req, c["sequence"]) for req, c in zip(reqs, calls)]
+        remaining = [int(c["gamma"]) for c in calls]
+        tokens: list[list[int]] = [[] for _ in calls]
+        qs: list[list[SparseDist]] = [[] for _ in calls]
+        while True:
+            active = [i for i, r in enumerate(remaining) if r > 0]
+            if not active:
+                break
+            hidden = self.runner.forward_to_depth([reqs[i].seq for i in active], [feeds[i] for i in active], depth=depth)
+            last = torch.cat([h[-1:] for h in hidden])  # [active, hidden]
+            logits = self.runner.logits_at_exit(last, depth)  # [active, head]: one head matmul
+            for row, i in enumerate(active):
+                token, q = self._emit(reqs[i], logits[row])
+                tokens[i].append(token)
+                if q is not None:
+                    qs[i].append(q)
+                feeds[i] = [token]
+                remaining[i] -= 1
+        dt = time.perf_counter() - t0
+        return [
+            DraftBlock(tokens=tokens[i], q=None if reqs[i].sampling.greedy else qs[i], exits=[depth] * len(tokens[i]), draft_s=dt)
+            for i in range(len(calls))
+        ]
+
     def draft_branches(self, request_id: str, sequence: Sequence[int], *, gamma: int, k: int) -> DraftBranches:
         """k sequences of gamma tokens continuing `sequence`, drafted as one batch of k rows
         (on a memory-bound CPU or GPU, k rows cost about one). The full draft depth is used."""

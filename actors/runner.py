@@ -200,6 +200,9 @@ class ModelRunner:
       logits then have len(head_ids) columns, and `head_ids` maps column -> token id.
     - exit_adapters: {depth: callable(hidden [n, H]) -> hidden} applied before the shared
       norm at that exit (trained exits, SoFT-style).
+    - layer_range: (lo, hi) keeps only decoder layers [lo, hi): a pipeline stage of a sharded
+      target (see `forward_stage`). The first stage embeds tokens, the last one applies the
+      final norm and LM head.
     """
 
     def __init__(
@@ -212,6 +215,7 @@ class ModelRunner:
         head_ids: Sequence[int] | None = None,
         exit_adapters: dict | None = None,
         max_context: int | None = None,
+        layer_range: tuple[int, int] | None = None,
         model=None,
     ):
         self.dtype = parse_dtype(dtype)
@@ -229,7 +233,15 @@ class ModelRunner:
             raise ValueError(f"model: activation {cfg.hidden_act!r} is not supported (silu only)")
         self.model_path = model_path
         self.config = cfg
-        self.num_layers = cfg.num_hidden_layers
+        self.total_layers = cfg.num_hidden_layers
+        lo, hi = layer_range if layer_range is not None else (0, self.total_layers)
+        if not 0 <= lo < hi <= self.total_layers:
+            raise ValueError(f"layer_range must satisfy 0 <= lo < hi <= {self.total_layers}, got {layer_range}")
+        if layer_range is not None and (exits or quantize or head_ids is not None):
+            raise ValueError("layer_range (a pipeline stage) takes no exits, quantization or head_ids")
+        self.layer_lo, self.layer_hi = lo, hi
+        self.is_first, self.is_last = lo == 0, hi == self.total_layers
+        self.num_layers = hi - lo  # layers held here
         self.hidden_size = cfg.hidden_size
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
@@ -252,10 +264,12 @@ class ModelRunner:
 
         inner = model.model
         with torch.no_grad():
-            self.embed = inner.embed_tokens.weight.detach().to(self.dtype)  # [vocab, hidden]
+            self.embed = inner.embed_tokens.weight.detach().to(self.dtype) if self.is_first else None  # [vocab, hidden]
             self.final_norm = inner.norm.weight.detach().to(self.dtype)
-            self.layers = [self._convert_layer(layer, quantize=quantize) for layer in inner.layers]
+            self.layers = [self._convert_layer(layer, quantize=quantize) for layer in inner.layers[lo:hi]]
             head_w = model.get_output_embeddings().weight.detach()  # [vocab, hidden]
+            if not self.is_last:
+                head_w = head_w[:1]  # a middle stage computes no logits
             self.head_ids: torch.Tensor | None = None
             if head_ids is not None:
                 ids = torch.as_tensor(sorted(set(int(i) for i in head_ids)), dtype=torch.long)
@@ -304,8 +318,8 @@ class ModelRunner:
     def new_sequence(self, capacity: int = 256) -> SequenceState:
         capacity = max(16, min(int(capacity), self.max_context))
         shape = (self.num_kv_heads, capacity, self.head_dim)
-        keys = [torch.empty(shape, dtype=self.dtype) for _ in range(self.num_layers)]
-        values = [torch.empty(shape, dtype=self.dtype) for _ in range(self.num_layers)]
+        keys = [torch.zeros(shape, dtype=self.dtype) for _ in range(self.num_layers)]
+        values = [torch.zeros(shape, dtype=self.dtype) for _ in range(self.num_layers)]
         hidden = torch.empty(capacity, self.hidden_size, dtype=self.dtype) if len(self.exits) > 1 else None
         return SequenceState(keys=keys, values=values, filled=[0] * self.num_layers, hidden=hidden)
 
@@ -319,7 +333,7 @@ class ModelRunner:
         new_cap = min(max(needed, 2 * seq.capacity), self.max_context)
         for lst in (seq.keys, seq.values):
             for i, old in enumerate(lst):
-                grown = torch.empty(self.num_kv_heads, new_cap, self.head_dim, dtype=self.dtype)
+                grown = torch.zeros(self.num_kv_heads, new_cap, self.head_dim, dtype=self.dtype)
                 grown[:, : old.shape[1]] = old
                 lst[i] = grown
         if seq.hidden is not None:
@@ -339,6 +353,9 @@ class ModelRunner:
         if seq.hidden is not None and child.hidden is not None:
             child.hidden[:n] = seq.hidden[:n]
         return child
+
+    def release(self, seq: SequenceState) -> None:
+        """Free a sequence's KV (local memory is freed with the last reference)."""
 
     def rollback(self, seq: SequenceState, length: int) -> None:
         """Cut the sequence back to `length` fed tokens (KV past it becomes garbage)."""
@@ -393,6 +410,8 @@ class ModelRunner:
         reaching depth < num_layers are recorded as lazy for deeper layers."""
         if depth not in self.exits:
             raise ValueError(f"depth {depth} is not an exit of this runner {self.exits}")
+        if not (self.is_first and self.is_last):
+            raise RuntimeError("a pipeline stage runs forward_stage, not forward_to_depth")
         rows = []
         for seq, block in zip(seqs, blocks):
             block = [int(t) for t in block]
@@ -423,6 +442,36 @@ class ModelRunner:
         if depth in self.exit_adapters:
             hidden = self.exit_adapters[depth](hidden)
         return self.head(self._rms(hidden, self.final_norm)).float()
+
+    @torch.inference_mode()
+    def forward_stage(
+        self, seqs: Sequence[SequenceState], starts: Sequence[int], inputs: Sequence
+    ) -> list[torch.Tensor]:
+        """One pipeline stage for a batch: each sequence is first cut back to `starts[i]`
+        (rejected positions from an earlier round are dropped lazily here, so a rollback
+        never needs its own call), then inputs[i] - token ids on the first stage, hidden
+        states [n, hidden] on later ones - go through this stage's layers. Returns hidden
+        states [n, hidden], or logits [n, vocab] (float32) on the last stage."""
+        rows = []
+        for seq, start, x in zip(seqs, starts, inputs):
+            if start > seq.length:
+                raise RuntimeError(f"stage got position {start} beyond its {seq.length} cached tokens")
+            self.rollback(seq, start)
+            if self.is_first:
+                block = [int(t) for t in x]
+                hidden = self.embed[torch.tensor(block, dtype=torch.long)]
+                seq.tokens.extend(block)
+            else:
+                hidden = torch.as_tensor(x).to(self.dtype)
+                seq.tokens.extend([-1] * hidden.shape[0])  # positions only; ids live on stage 0
+            self._ensure_capacity(seq, start + hidden.shape[0])
+            rows.append(_Row(seq=seq, start=start, hidden=hidden, n_new=hidden.shape[0]))
+        t0 = time.perf_counter()
+        self._run_layers(rows, 0, self.num_layers)
+        self.timings.add(time.perf_counter() - t0)
+        if self.is_last:
+            return [self.head(self._rms(r.hidden, self.final_norm)).float() for r in rows]
+        return [r.hidden for r in rows]
 
     # ------------------------------------------------------------------ internals
     def _run_to(self, rows: list[_Row], *, lo: int, depth: int) -> list[torch.Tensor]:

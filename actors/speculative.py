@@ -65,8 +65,15 @@ class LocalSide:
         self._pool.shutdown(wait=True)
 
 
-class DraftUnavailableError(RuntimeError):
-    """The draft side failed; the loop finishes the request target-only."""
+class SideUnavailableError(RuntimeError):
+    """An actor on one side of a request failed (died, unreachable). A draft failure never
+    fails a request (it finishes target-only); a target failure carries how many tokens the
+    request had emitted, so the caller knows whether a retry elsewhere is safe."""
+
+    def __init__(self, message: str, *, role: str, emitted: int = 0):
+        super().__init__(message)
+        self.role = role
+        self.emitted = emitted
 
 
 @dataclass(frozen=True)
@@ -205,6 +212,9 @@ def run_request(
             should_stop=should_stop,
             t_start=t_start,
         )
+    except SideUnavailableError as exc:
+        exc.emitted = len(progress.out)
+        raise
     finally:
         closes = [target.call("close", request_id)]
         if draft_open is not None:

@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 
 from actors.drafter import DraftBlock, DraftBranches
-from actors.runner import ModelRunner, SequenceState
+from actors.runner import ContextLengthError, ModelRunner, SequenceState
 from speculation.sampling import SamplingParams, logits_to_probs, make_generator, sample
 from speculation.spectr import verify_kseq, verify_kseq_greedy
 from speculation.verify import verify_block, verify_greedy
@@ -75,7 +75,10 @@ class Verifier:
         return time.perf_counter() - t0
 
     def close(self, request_id: str) -> bool:
-        return self.requests.pop(request_id, None) is not None
+        req = self.requests.pop(request_id, None)
+        if req is not None:
+            self.runner.release(req.seq)
+        return req is not None
 
     def live_requests(self) -> list[str]:
         return list(self.requests)
@@ -101,7 +104,10 @@ class Verifier:
 
     def verify(self, request_id: str, block: DraftBlock | None, *, bonus: bool = True) -> VerifyOutcome:
         """Verify a block (None or empty = plain autoregressive step) and commit the result."""
-        return self.verify_batch([request_id], [block], bonus=[bonus])[0]
+        out = self.verify_batch([request_id], [block], bonus=[bonus])[0]
+        if isinstance(out, Exception):
+            raise out
+        return out
 
     def verify_batch(
         self,
@@ -109,33 +115,51 @@ class Verifier:
         blocks: Sequence[DraftBlock | None],
         *,
         bonus: Sequence[bool] | None = None,
-    ) -> list[VerifyOutcome]:
-        """Verify one block per request in a single batched target forward."""
+    ) -> list[VerifyOutcome | Exception]:
+        """Verify one block per request in a single batched target forward. A request that
+        cannot be verified (unknown id, context full, malformed block) gets its exception in
+        its slot and is left untouched; the others go ahead."""
         t0 = time.perf_counter()
         bonus = list(bonus) if bonus is not None else [True] * len(request_ids)
-        reqs = [self._request(r) for r in request_ids]
+        n = len(request_ids)
+        results: list[VerifyOutcome | Exception | None] = [None] * n
+        reqs: list[_TargetRequest | None] = [None] * n
         drafts = [list(b.tokens) if b is not None else [] for b in blocks]
-        feeds, drops, fed_idx = [], [], []
-        for i, (req, d) in enumerate(zip(reqs, drafts)):
-            feed, drop = self._rows_for(req, d)
-            feeds.append(feed)
-            drops.append(drop)
-            if feed:
-                fed_idx.append(i)
-        outs: list[torch.Tensor | None] = [None] * len(reqs)
+        feeds: list[list[int]] = [[] for _ in range(n)]
+        drops = [0] * n
+        for i, rid in enumerate(request_ids):
+            try:
+                req = self._request(rid)
+                feed, drop = self._rows_for(req, drafts[i])
+                if req.seq.length + len(feed) > self.runner.max_context:
+                    raise ContextLengthError(
+                        f"request {rid!r} would exceed the target's context of {self.runner.max_context} tokens"
+                    )
+            except Exception as exc:  # noqa: BLE001 - this request only
+                results[i] = exc
+                continue
+            reqs[i], feeds[i], drops[i] = req, feed, drop
+        fed_idx = [i for i in range(n) if reqs[i] is not None and feeds[i]]
+        outs: list[torch.Tensor | None] = [None] * n
         if fed_idx:
             logits = self.runner.extend_batch([reqs[i].seq for i in fed_idx], [feeds[i] for i in fed_idx])
             for i, lg in zip(fed_idx, logits):
                 outs[i] = lg
-        results = []
+        dt = time.perf_counter() - t0
         for i, req in enumerate(reqs):
+            if req is None:
+                continue
             rows = outs[i][drops[i] :] if outs[i] is not None else None  # [gamma (+1), vocab]
             if req.pending is not None:
                 rows = req.pending[None] if rows is None else torch.cat([req.pending[None], rows])
             # rows: [gamma + 1, vocab]: the target's logits at each draft position + the next
-            results.append(self._commit(req, drafts[i], blocks[i], rows, bonus[i]))
-        dt = time.perf_counter() - t0
-        return [VerifyOutcome(**{**r.__dict__, "target_s": dt}) for r in results]
+            try:
+                out = self._commit(req, drafts[i], blocks[i], rows, bonus[i])
+                results[i] = VerifyOutcome(**{**out.__dict__, "target_s": dt})
+            except Exception as exc:  # noqa: BLE001 - e.g. a malformed q from a bad draft
+                self.runner.rollback(req.seq, min(req.seq.length, len(req.committed)))
+                results[i] = exc
+        return results  # type: ignore[return-value]
 
     def _commit(
         self, req: _TargetRequest, draft: list[int], block: DraftBlock | None, rows: torch.Tensor, bonus: bool
@@ -189,8 +213,10 @@ class Verifier:
             p = [logits_to_probs(r, req.sampling) for r in rows]
             res = verify_kseq(drafts=branches.branches, q=q, p=p, generator=req.generator)
         winner = res.source_draft if res.source_draft is not None else 0
-        if winner != 0:
-            req.seq = seqs[winner]  # keep the winning branch's cache
+        req.seq = seqs[winner]  # keep the winning branch's cache
+        for i, s in enumerate(seqs):
+            if i != winner:
+                runner.release(s)
         req.pending = None
         req.committed.extend(res.tokens)
         runner.rollback(req.seq, min(req.seq.length, base + res.accepted_len))

@@ -252,3 +252,21 @@ def tiny_paths(tmp_path_factory):
     target = make_tiny_model(root / "target", seed=1)
     draft = make_tiny_model(root / "draft", seed=2, layers=4)
     return target, draft
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray cluster for actor and service tests: 2 CPUs, and the custom pool
+    resources tandem places drafts and targets on (room for several pools at once)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=2,
+            resources={"draft_pool": 8, "target_pool": 16},
+            include_dashboard=False,
+            log_to_driver=False,
+            namespace="tandem-tests",
+        )
+    yield ray
+    ray.shutdown()

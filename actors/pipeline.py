@@ -1,0 +1,134 @@
+"""A target split by layer ranges over several actors (pipeline stages).
+
+`PipelineRunner` looks like a ModelRunner to the Verifier: sequences are keys into each
+stage's own KV caches, a forward hands hidden states from stage to stage as Ray object
+references (the front never fetches them), and only the last stage's logits come back.
+Rollback is lazy: each forward carries the start position, and a stage first cuts its cache
+back to it. Calls for different requests pipeline naturally: a stage actor serves one call
+at a time, so while stage 2 runs request A, stage 1 already runs request B.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from actors.runner import ModelRunner
+
+
+@dataclass
+class RemoteSequence:
+    """A request's KV spread over the stages: its key there and the committed length."""
+
+    key: str
+    length: int = 0
+    tokens: list[int] = field(default_factory=list)
+
+
+class TargetShard:
+    """One pipeline stage: layers [lo, hi) of a target and a KV cache per sequence key."""
+
+    def __init__(self, model_path: str, *, layer_range: tuple[int, int], dtype: str = "bfloat16", threads: int | None = None):
+        if threads:
+            torch.set_num_threads(threads)
+        self.threads = threads
+        self.runner = ModelRunner(model_path, dtype=dtype, layer_range=tuple(layer_range))
+        self.sequences: dict[str, Any] = {}
+
+    def forward(self, keys: Sequence[str], starts: Sequence[int], inputs: Sequence) -> list[torch.Tensor]:
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        seqs = []
+        for key, x in zip(keys, inputs):
+            seq = self.sequences.get(key)
+            if seq is None:
+                seq = self.sequences[key] = self.runner.new_sequence(len(x) + 128)
+            seqs.append(seq)
+        return self.runner.forward_stage(seqs, list(starts), list(inputs))
+
+    def fork(self, key: str, new_key: str, length: int) -> None:
+        seq = self.sequences[key]
+        self.runner.rollback(seq, length)
+        self.sequences[new_key] = self.runner.fork(seq)
+
+    def release(self, keys: Sequence[str]) -> int:
+        return sum(self.sequences.pop(k, None) is not None for k in keys)
+
+    def live_sequences(self) -> list[str]:
+        return list(self.sequences)
+
+    def info(self) -> dict:
+        r = self.runner
+        import os
+
+        from actors.workers import _assigned_resources
+
+        return {"pid": os.getpid(), "resources": _assigned_resources(), "layers": [r.layer_lo, r.layer_hi], "total_layers": r.total_layers, "vocab_size": r.vocab_size, "max_context": r.max_context}
+
+
+def split_layers(total: int, shards: int) -> list[tuple[int, int]]:
+    """Contiguous layer ranges of near-equal size."""
+    if not 1 <= shards <= total:
+        raise ValueError(f"shards must be in 1..{total}, got {shards}")
+    bounds = [round(i * total / shards) for i in range(shards + 1)]
+    return [(bounds[i], bounds[i + 1]) for i in range(shards)]
+
+
+class PipelineRunner:
+    """The runner interface the Verifier needs, over TargetShard actors."""
+
+    def __init__(self, stages: Sequence[Any], *, vocab_size: int, max_context: int, name: str = "pipe"):
+        import ray
+
+        self._ray = ray
+        self.stages = list(stages)
+        self.vocab_size = vocab_size
+        self.max_context = max_context
+        self._ids = itertools.count()
+        self._name = name
+
+    def new_sequence(self, capacity: int = 256) -> RemoteSequence:
+        return RemoteSequence(key=f"{self._name}-{next(self._ids)}")
+
+    def extend_batch(self, seqs: Sequence[RemoteSequence], blocks: Sequence[Sequence[int]], *, all_logits: bool = True) -> list[torch.Tensor]:
+        for s, b in zip(seqs, blocks):
+            if s.length + len(b) > self.max_context:
+                from actors.runner import ContextLengthError
+
+                raise ContextLengthError(f"sequence of {s.length + len(b)} tokens exceeds the model's context of {self.max_context}")
+        keys = [s.key for s in seqs]
+        starts = [s.length for s in seqs]
+        ref = self.stages[0].forward.remote(keys, starts, [list(b) for b in blocks])
+        for stage in self.stages[1:]:
+            ref = stage.forward.remote(keys, starts, ref)  # hidden states go stage to stage
+        logits = self._ray.get(ref)
+        for s, b in zip(seqs, blocks):
+            s.length += len(b)
+            s.tokens.extend(int(t) for t in b)
+        return logits if all_logits else [lg[-1:] for lg in logits]
+
+    def extend(self, seq: RemoteSequence, tokens: Sequence[int], *, all_logits: bool = True) -> torch.Tensor:
+        return self.extend_batch([seq], [tokens], all_logits=all_logits)[0]
+
+    def prefill(self, seq: RemoteSequence, tokens: Sequence[int]) -> torch.Tensor:
+        if len(tokens) == 0:
+            raise ValueError("prompt must hold at least one token")
+        return self.extend(seq, tokens, all_logits=False)[-1]
+
+    def rollback(self, seq: RemoteSequence, length: int) -> None:
+        if length < 0:
+            raise ValueError(f"length must be >= 0, got {length}")
+        seq.length = min(seq.length, length)  # the stages cut back on the next forward
+        del seq.tokens[seq.length :]
+
+    def fork(self, seq: RemoteSequence) -> RemoteSequence:
+        child = RemoteSequence(key=f"{self._name}-{next(self._ids)}", length=seq.length, tokens=list(seq.tokens))
+        self._ray.get([st.fork.remote(seq.key, child.key, seq.length) for st in self.stages])
+        return child
+
+    def release(self, seq: RemoteSequence) -> None:
+        for st in self.stages:
+            st.release.remote([seq.key])  # fire and forget: freeing never blocks a request

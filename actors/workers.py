@@ -1,0 +1,192 @@
+"""DraftWorker and TargetWorker: the plain classes Ray actors wrap (actors/pools.py makes
+them remote). Each serves many concurrent requests: calls that arrive while the model is
+busy are merged into one batched forward (actors/batching.py).
+
+Both run as threaded Ray actors (max_concurrency > 1), so a call waits in the batcher
+instead of blocking the actor; the model itself runs on the batcher's thread(s) with the
+configured torch thread count.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from actors.batching import MicroBatcher
+from actors.drafter import DraftBlock, DraftBranches, Drafter
+from actors.runner import ModelRunner
+from actors.verifier import Verifier, VerifyOutcome
+from speculation.sampling import SamplingParams
+from speculation.sorted_policy import ExitPolicy
+
+
+@dataclass(frozen=True)
+class ModelLoad:
+    """What a worker loads: a resolved local path (or hub id) and runtime options."""
+
+    path: str
+    dtype: str = "bfloat16"
+    quantize: str | None = None
+    exits: tuple[int, ...] = ()
+    head_ids: tuple[int, ...] | None = None
+    exit_adapters: str | None = None  # folder of trained exit adapters
+
+    def build(self) -> ModelRunner:
+        adapters = None
+        exits = tuple(self.exits)
+        head_ids = self.head_ids
+        if self.exit_adapters:
+            from actors.exit_adapters import load_exit_adapters
+
+            adapters, trained, trained_head = load_exit_adapters(self.exit_adapters, dtype=self.dtype)
+            exits = tuple(sorted(set(exits) | set(trained)))
+            head_ids = head_ids if head_ids is not None else trained_head
+        return ModelRunner(
+            self.path, dtype=self.dtype, quantize=self.quantize, exits=exits, head_ids=head_ids, exit_adapters=adapters
+        )
+
+
+def _assigned_resources() -> dict:
+    """Ray resources this actor holds (empty outside Ray)."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return dict(ray.get_runtime_context().get_assigned_resources())
+    except Exception:  # noqa: BLE001 - informational only
+        pass
+    return {}
+
+
+@dataclass
+class WorkerStats:
+    started: float = field(default_factory=time.time)
+    calls: int = 0
+
+
+class DraftWorker:
+    """Hosts one (multi-exit) draft and drafts for requests of any target at once."""
+
+    def __init__(self, load: ModelLoad, *, threads: int = 1, max_batch: int = 16):
+        torch.set_num_threads(threads)
+        self.load = load
+        self.threads = threads
+        self.drafter = Drafter(load.build())
+        self.batcher = MicroBatcher({"draft": self.drafter.draft_batch}, threads=threads, max_batch=max_batch, name="draft")
+        self.stats = WorkerStats()
+
+    def open(self, request_id: str, *, sampling: SamplingParams, capacity: int = 256) -> None:
+        self.drafter.open(request_id, sampling=sampling, capacity=capacity)
+
+    def draft(self, request_id: str, sequence: Sequence[int], *, gamma: int, policy: ExitPolicy | None = None) -> DraftBlock:
+        self.stats.calls += 1
+        call = {"request_id": request_id, "sequence": list(sequence), "gamma": gamma, "policy": policy}
+        return self.batcher.submit("draft", call).result()
+
+    def draft_branches(self, request_id: str, sequence: Sequence[int], *, gamma: int, k: int) -> DraftBranches:
+        self.stats.calls += 1
+        return self.batcher.call(lambda: self.drafter.draft_branches(request_id, sequence, gamma=gamma, k=k)).result()
+
+    def close(self, request_id: str) -> bool:
+        return self.drafter.close(request_id)
+
+    def live_requests(self) -> list[str]:
+        return self.drafter.live_requests()
+
+    def check_policy(self, policy: ExitPolicy) -> None:
+        self.drafter.check_policy(policy)
+
+    def info(self) -> dict[str, Any]:
+        r = self.drafter.runner
+        return {
+            "pid": os.getpid(),
+            "resources": _assigned_resources(),
+            "model": self.load.path,
+            "exits": list(r.exits),
+            "num_layers": r.num_layers,
+            "vocab_size": r.vocab_size,
+            "quantize": r.quantize,
+            "threads": self.threads,
+            "live_requests": len(self.drafter.requests),
+            "batches": self.batcher.batches,
+            "batched_items": self.batcher.batched_items,
+            "forward_s": r.timings.forward_s,
+        }
+
+
+class TargetWorker:
+    """Hosts one target (or fronts a pipeline of TargetShard actors) and verifies concurrent
+    requests in one batched forward."""
+
+    def __init__(
+        self,
+        load: ModelLoad | None = None,
+        *,
+        threads: int = 1,
+        stages: Sequence[Any] | None = None,
+        max_batch: int = 16,
+    ):
+        torch.set_num_threads(threads)
+        self.load = load
+        self.threads = threads
+        if stages:
+            import ray
+
+            from actors.pipeline import PipelineRunner
+
+            first = ray.get(stages[-1].info.remote())
+            runner = PipelineRunner(stages, vocab_size=first["vocab_size"], max_context=first["max_context"], name=f"t{os.getpid()}")
+            workers = len(stages)  # one batch in flight per stage: stages overlap
+        else:
+            if load is None:
+                raise ValueError("TargetWorker needs a model to load or pipeline stages")
+            runner = load.build()
+            workers = 1
+        self.runner = runner
+        self.verifier = Verifier(runner)
+        self.batcher = MicroBatcher(
+            {"verify": self._verify_batch}, threads=threads, workers=workers, max_batch=max_batch, name="verify"
+        )
+        self.stats = WorkerStats()
+
+    def _verify_batch(self, items: list[tuple[str, DraftBlock | None, bool]]) -> list[VerifyOutcome | Exception]:
+        # per-request failures come back in their slots; the batch itself never retries,
+        # since a forward has already advanced the other requests' caches
+        return self.verifier.verify_batch([i[0] for i in items], [i[1] for i in items], bonus=[i[2] for i in items])
+
+    def open(self, request_id: str, prompt: Sequence[int], *, sampling: SamplingParams) -> float:
+        return self.batcher.call(lambda: self.verifier.open(request_id, list(prompt), sampling=sampling)).result()
+
+    def verify(self, request_id: str, block: DraftBlock | None, *, bonus: bool = True) -> VerifyOutcome:
+        self.stats.calls += 1
+        return self.batcher.submit("verify", (request_id, block, bonus)).result()
+
+    def verify_branches(self, request_id: str, branches: DraftBranches) -> VerifyOutcome:
+        self.stats.calls += 1
+        return self.batcher.call(lambda: self.verifier.verify_branches(request_id, branches)).result()
+
+    def close(self, request_id: str) -> bool:
+        return self.verifier.close(request_id)
+
+    def live_requests(self) -> list[str]:
+        return self.verifier.live_requests()
+
+    def info(self) -> dict[str, Any]:
+        r = self.runner
+        timings = getattr(r, "timings", None)
+        return {
+            "pid": os.getpid(),
+            "resources": _assigned_resources(),
+            "model": self.load.path if self.load else "pipeline",
+            "vocab_size": r.vocab_size,
+            "max_context": r.max_context,
+            "threads": self.threads,
+            "live_requests": len(self.verifier.requests),
+            "batches": self.batcher.batches,
+            "batched_items": self.batcher.batched_items,
+            "forward_s": timings.forward_s if timings else None,
+        }

@@ -1,0 +1,149 @@
+"""Actor pools on a real local Ray cluster with tiny models: losslessness through actors
+(sampled and greedy, every method, sharded and unsharded targets), batching of concurrent
+requests, placement on the pool resources, and sharded logits against unsharded ones."""
+
+from __future__ import annotations
+
+import itertools
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+
+from actors.pipeline import PipelineRunner, TargetShard, split_layers
+from actors.pools import ActorEngine, DraftPool, DraftPoolSpec, Placement, TargetPool, TargetSpec
+from actors.runner import ModelRunner
+from actors.speculative import SpecConfig
+from actors.workers import ModelLoad
+from speculation.sampling import SamplingParams, logits_to_probs
+from speculation.sorted_policy import ExitPolicy
+
+PROMPT = [0, 1, 2]
+METHODS = ["sd", "sorted", "pearl", "spectr"]
+TARGETS = ["plain", "sharded"]
+N = 2500
+
+
+@pytest.fixture(scope="module")
+def engine(ray_local, tiny_paths):
+    target_path, draft_path = tiny_paths
+    draft = DraftPool(DraftPoolSpec(load=ModelLoad(path=draft_path, dtype="float32", exits=(2,)), replicas=1, threads=1))
+    targets = {
+        "plain": TargetPool(TargetSpec(name="plain", load=ModelLoad(path=target_path, dtype="float32"), threads=1)),
+        "sharded": TargetPool(TargetSpec(name="sharded", load=ModelLoad(path=target_path, dtype="float32"), shards=2, threads=1)),
+    }
+    eng = ActorEngine(draft, targets)
+    yield eng
+    eng.shutdown()
+
+
+def spec_for(method: str, gamma: int = 2) -> SpecConfig:
+    policy = ExitPolicy(exits=(2, 4), thresholds=(0.45,)) if method == "sorted" else None
+    return SpecConfig(method=method, gamma=gamma, k=2, policy=policy)
+
+
+def exact_pairs(runner: ModelRunner, params: SamplingParams) -> np.ndarray:
+    vocab = runner.vocab_size
+    probs = np.zeros(vocab * vocab)
+    for idx, (a, b) in enumerate(itertools.product(range(vocab), repeat=2)):
+        s = runner.new_sequence()
+        rows = logits_to_probs(runner.extend(s, PROMPT + [a])[len(PROMPT) - 1 :], params)
+        probs[idx] = rows[0, a].item() * rows[1, b].item()
+    return probs / probs.sum()
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("method", METHODS)
+def test_sampled_through_actors_follows_target(engine, tiny_paths, method, target, stat_tools):
+    """First two tokens (36 categories) over N seeded requests, 8 in flight at once so the
+    actors batch them; chi-square at alpha 1e-4 (tests/conftest.py)."""
+    params = SamplingParams(temperature=1.0)
+    exact = exact_pairs(ModelRunner(tiny_paths[0], dtype="float32"), params)
+    vocab = int(round(len(exact) ** 0.5))
+
+    def one(i):
+        out = engine.generate(target, PROMPT, spec=spec_for(method), sampling=SamplingParams(temperature=1.0, seed=i), max_new_tokens=2)
+        return out.tokens[0] * vocab + out.tokens[1]
+
+    with ThreadPoolExecutor(8) as pool:
+        idx = list(pool.map(one, range(N)))
+    counts = np.bincount(idx, minlength=len(exact))
+    fit = stat_tools.chi_square_test(counts, exact)
+    assert fit.passes, f"{method}/{target}: {fit}"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_greedy_through_actors_equals_target_only(engine, target):
+    for prompt in ([0, 1, 2], [5, 4, 3, 1]):
+        ref = engine.generate(target, prompt, spec=SpecConfig(method="ar"), max_new_tokens=40).tokens
+        for method in METHODS:
+            for gamma in (1, 4):
+                out = engine.generate(target, prompt, spec=spec_for(method, gamma), max_new_tokens=40)
+                assert out.tokens == ref, (method, gamma, prompt)
+
+
+def test_concurrent_requests_are_batched_and_correct(engine):
+    ref = engine.generate("plain", [3, 1], spec=SpecConfig(method="ar"), max_new_tokens=30).tokens
+    before = engine.targets["plain"].members[0].handle.info.remote()
+    import ray
+
+    b0 = ray.get(before)
+    with ThreadPoolExecutor(6) as pool:
+        outs = list(pool.map(lambda _: engine.generate("plain", [3, 1], spec=spec_for("pearl", 3), max_new_tokens=30).tokens, range(12)))
+    assert all(o == ref for o in outs)
+    b1 = ray.get(engine.targets["plain"].members[0].handle.info.remote())
+    batches = b1["batches"] - b0["batches"]
+    items = b1["batched_items"] - b0["batched_items"]
+    assert items > batches, "concurrent verifications should share forwards"
+    d = ray.get(engine.draft_pool.members[0].handle.info.remote())
+    assert d["batched_items"] > d["batches"]
+
+
+def test_every_actor_frees_its_requests(engine):
+    for target in TARGETS:
+        for method in ["ar"] + METHODS:
+            engine.generate(target, [1, 2], spec=spec_for(method), max_new_tokens=6)
+    live = engine.live_requests()
+    assert all(v == [] for v in live.values()), live
+
+
+def test_pools_sit_on_their_own_resources(engine):
+    import ray
+
+    d = ray.get(engine.draft_pool.members[0].handle.info.remote())
+    assert d["resources"].get("draft_pool") == 1 and "target_pool" not in d["resources"]
+    assert d["threads"] == 1
+    t = ray.get(engine.targets["plain"].members[0].handle.info.remote())
+    assert t["resources"].get("target_pool") == 1 and "draft_pool" not in t["resources"]
+    for shard in engine.targets["sharded"].members[0].shards:
+        info = ray.get(shard.info.remote())
+        assert info["resources"].get("target_pool") == 1
+    layers = [ray.get(s.info.remote())["layers"] for s in engine.targets["sharded"].members[0].shards]
+    assert layers == [[0, 1], [1, 2]]
+
+
+def test_unknown_target_is_a_clear_error(engine):
+    with pytest.raises(KeyError, match="not served"):
+        engine.generate("nope", [1], spec=SpecConfig(method="ar"), max_new_tokens=2)
+
+
+def test_sharded_logits_equal_unsharded(ray_local, tiny_paths):
+    import ray
+
+    path = tiny_paths[1]  # the 4-layer model: 2 stages of 2 layers, and 4 of 1
+    full = ModelRunner(path, dtype="float32")
+    tokens = [0, 3, 1, 4, 2, 5, 1, 1]
+    s = full.new_sequence()
+    ref = torch.cat([full.extend(s, tokens[:5]), full.extend(s, tokens[5:])])
+    for shards in (2, 4):
+        stages = [ray.remote(TargetShard).remote(path, layer_range=r, dtype="float32") for r in split_layers(4, shards)]
+        pipe = PipelineRunner(stages, vocab_size=full.vocab_size, max_context=full.max_context)
+        seq = pipe.new_sequence()
+        out = torch.cat([pipe.extend(seq, tokens[:5]), pipe.extend(seq, tokens[5:])])
+        assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
+        pipe.rollback(seq, 3)  # lazy rollback: the next forward cuts every stage back
+        again = pipe.extend(seq, tokens[3:])
+        assert torch.allclose(again, ref[3:], atol=1e-5)
+        for st in stages:
+            ray.kill(st)
