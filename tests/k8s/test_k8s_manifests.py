@@ -1,0 +1,579 @@
+"""k8s/: every manifest and every rendered kustomization is valid for the API server (KubeRay
+CRD schemas, offline), and consistent with tandem's config, its CLI and its image.
+
+Glossary: a *kustomization* is a folder of k8s/ with a kustomization.yaml (base, an overlay,
+batch); its *render* is the list of objects `kubectl kustomize` prints, produced here by
+kustomize_lite (and compared with kubectl where one is installed). A *cluster spec* is a
+RayClusterSpec: RayCluster.spec or RayJob.spec.rayClusterSpec. A *node type* is the
+resources the Ray autoscaler derives from a group spec (Ray's own code computes them here).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tomllib
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from ray.autoscaler._private.kuberay.autoscaling_config import (
+    _HEAD_GROUP_NAME,
+    _generate_available_node_types_from_ray_cr_spec,
+)
+
+import crd_schema
+import kustomize_lite
+from deploy.config import PoolResources, TandemConfig, parse_config
+
+REPO = Path(__file__).resolve().parents[2]
+K8S = REPO / "k8s"
+KUSTOMIZATIONS = sorted(p.parent.relative_to(K8S).as_posix() for p in K8S.rglob("kustomization.yaml"))
+# Applied by hand, as docs/deploy.md says; every other YAML file belongs to a kustomization.
+STANDALONE = {"base/secret.example.yaml", "batch/data-loader.yaml", "overlays/gpu/models-loader.yaml"}
+POOL_GROUPS = {"draft-pool": "draft_pool", "target-pool": "target_pool"}
+SERVE_ARGV = ["tandem", "serve", "--config", "/etc/tandem/config.yaml", "--address", "auto"]
+AUTH_SECRET = ("tandem-auth", "token")
+ACCELERATOR_PREFIX = "accelerator_type:"  # Ray's resource for @ray.remote(accelerator_type=...)
+
+Obj = dict[str, Any]
+
+
+# ---------------------------------------------------------------- loading
+
+
+def yaml_files() -> list[Path]:
+    return sorted(p for p in K8S.rglob("*") if p.suffix in (".yaml", ".yml"))
+
+
+def source_objects() -> list[tuple[str, Obj]]:
+    """Objects written in k8s/ files (resources and standalone files, not patches)."""
+    out = []
+    for path in yaml_files():
+        rel = path.relative_to(K8S).as_posix()
+        if path.name in kustomize_lite.KUSTOMIZATION_FILES or rel in patch_files():
+            continue
+        for i, doc in enumerate(kustomize_lite.load_yaml_objects(path)):
+            out.append((f"{rel}#{i}", doc))
+    return out
+
+
+@cache
+def kustomization(name: str) -> Obj:
+    return yaml.safe_load((K8S / name / "kustomization.yaml").read_text())
+
+
+@cache
+def patch_files() -> frozenset[str]:
+    return frozenset(
+        (Path(name) / entry["path"]).as_posix()
+        for name in KUSTOMIZATIONS
+        for entry in kustomization(name).get("patches", [])
+        if "path" in entry
+    )
+
+
+@cache
+def render(name: str) -> tuple[Obj, ...]:
+    return tuple(kustomize_lite.render(K8S / name))
+
+
+def find(objects, kind: str, name: str | None = None) -> list[Obj]:
+    return [o for o in objects if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)]
+
+
+def cluster_specs(objects) -> Iterator[tuple[Obj, Obj]]:
+    """(owner object, RayClusterSpec) for each RayCluster and RayJob."""
+    for obj in objects:
+        if obj["kind"] == "RayCluster":
+            yield obj, obj["spec"]
+        elif obj["kind"] == "RayJob":
+            yield obj, obj["spec"]["rayClusterSpec"]
+
+
+def group_templates(spec: Obj) -> Iterator[tuple[str, Obj]]:
+    yield _HEAD_GROUP_NAME, spec["headGroupSpec"]
+    for group in spec.get("workerGroupSpecs", []):
+        yield group["groupName"], group
+
+
+def ray_container(group: Obj) -> Obj:
+    return group["template"]["spec"]["containers"][0]  # KubeRay: the first container runs Ray
+
+
+def ray_version() -> str:
+    return importlib.metadata.version("ray")
+
+
+def dockerfile_arg(name: str) -> str:
+    match = re.search(rf"^ARG {name}=(\S+)$", (REPO / "deploy" / "Dockerfile").read_text(), re.M)
+    assert match, f"deploy/Dockerfile has no ARG {name}=..."
+    return match.group(1)
+
+
+def node_types(spec: Obj) -> dict[str, dict[str, float]]:
+    """Group name -> the resources the Ray autoscaler believes one pod of it has."""
+    return {name: t["resources"] for name, t in _generate_available_node_types_from_ray_cr_spec(spec).items()}
+
+
+def actor_demand(placement: PoolResources) -> dict[str, float]:
+    """What one actor placed with `placement` asks Ray for (CPU aside: that is the actor's)."""
+    demand = dict(placement.resources)
+    if placement.num_gpus:
+        demand["GPU"] = placement.num_gpus
+    if placement.accelerator_type:
+        demand[ACCELERATOR_PREFIX + placement.accelerator_type] = 0.001
+    return demand
+
+
+def fits(capacity: dict[str, float], demand: dict[str, float]) -> bool:
+    return all(capacity.get(k, 0) >= v for k, v in demand.items())
+
+
+def service_objects(objects) -> tuple[Obj, Obj, TandemConfig]:
+    """The RayCluster of the online service, its head container, and its parsed config."""
+    (cluster,) = find(objects, "RayCluster")
+    head = ray_container(cluster["spec"]["headGroupSpec"])
+    return cluster, head, mounted_config(objects, cluster["spec"]["headGroupSpec"], "/etc/tandem/config.yaml")
+
+
+def mounted_config(objects, group: Obj, path: str) -> TandemConfig:
+    """Parse the tandem config a pod of `group` sees at `path` (a ConfigMap volume)."""
+    directory, _, key = path.rpartition("/")
+    container = ray_container(group)
+    (mount,) = [m for m in container.get("volumeMounts", []) if m["mountPath"] == directory]
+    (volume,) = [v for v in group["template"]["spec"]["volumes"] if v["name"] == mount["name"]]
+    (config_map,) = find(objects, "ConfigMap", volume["configMap"]["name"])
+    return parse_config(yaml.safe_load(config_map["data"][key]), source=f"ConfigMap {config_map['metadata']['name']}")
+
+
+SERVICE_RENDERS = [n for n in KUSTOMIZATIONS if find(render(n), "RayCluster")]
+JOB_RENDERS = [n for n in KUSTOMIZATIONS if find(render(n), "RayJob")]
+
+
+# ---------------------------------------------------------------- files and renders
+
+
+def test_the_expected_kustomizations_exist():
+    assert {"base", "overlays/cpu-smoke", "overlays/gpu", "batch"} <= set(KUSTOMIZATIONS)
+
+
+def test_every_yaml_file_parses():
+    for path in yaml_files():
+        docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+        assert docs, path
+        for doc in docs:
+            is_object = isinstance(doc, dict) and {"apiVersion", "kind"} <= set(doc)
+            is_json6902 = isinstance(doc, list) and all({"op", "path"} <= set(op) for op in doc)
+            assert is_object or is_json6902, f"{path}: neither an object nor a JSON 6902 patch"
+
+
+def test_every_yaml_file_is_used():
+    used = set(patch_files()) | STANDALONE
+    for name in KUSTOMIZATIONS:
+        used.add(f"{name}/kustomization.yaml")
+        for ref in kustomization(name).get("resources", []):
+            path = (K8S / name / ref).resolve()
+            if path.is_file():
+                used.add(path.relative_to(K8S).as_posix())
+    assert {p.relative_to(K8S).as_posix() for p in yaml_files()} == used
+
+
+SOURCES = source_objects()
+
+
+@pytest.mark.parametrize("obj", [obj for _, obj in SOURCES], ids=[label for label, _ in SOURCES])
+def test_every_manifest_validates(obj):
+    assert crd_schema.validation_errors(obj) == []
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_every_rendered_object_validates(name):
+    objects = render(name)
+    assert objects
+    for obj in objects:
+        assert crd_schema.validation_errors(obj) == [], f"{name}: {obj['kind']}/{obj['metadata']['name']}"
+    assert any(crd_schema.is_custom_resource(o) for o in objects), "every kustomization holds a Ray custom resource"
+
+
+def test_crd_kinds_are_covered():
+    kinds = {o["kind"] for n in KUSTOMIZATIONS for o in render(n) if o["apiVersion"].startswith("ray.io/")}
+    assert kinds == {"RayCluster", "RayJob"}
+    assert all(o["apiVersion"] == "ray.io/v1" for n in KUSTOMIZATIONS for o in render(n) if o["kind"] in kinds)
+
+
+def _kubectl() -> str | None:
+    local = Path(sys.executable).parent / "kubectl"
+    return str(local) if local.exists() else shutil.which("kubectl")
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_pure_python_render_equals_kubectl_kustomize(name):
+    kubectl = _kubectl()
+    if kubectl is None:
+        pytest.skip("no kubectl binary; the pure-Python render was validated instead")
+    out = subprocess.run([kubectl, "kustomize", str(K8S / name)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    theirs = {kustomize_lite.object_key(o): o for o in yaml.safe_load_all(out.stdout) if o}
+    mine = {kustomize_lite.object_key(o): o for o in render(name)}
+    assert mine == theirs
+
+
+# ---------------------------------------------------------------- versions and images
+
+
+def test_ray_pins_agree():
+    """The installed ray is the one pyproject pins (when it pins one) and the Dockerfile's."""
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    pins = [m.group(1) for d in deps if (m := re.match(r"ray(?:\[[^\]]*\])?\s*==\s*([\w.]+)$", d.strip()))]
+    assert all(pin == ray_version() for pin in pins), (pins, ray_version())
+    assert dockerfile_arg("RAY_VERSION") == ray_version()
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_ray_version_and_image_tags_agree(name):
+    version, python_tag = ray_version(), dockerfile_arg("PYTHON_TAG")
+    cpu_tag, gpu_tag = f"{version}-{python_tag}", f"{version}-{python_tag}-gpu"
+    specs = list(cluster_specs(render(name)))
+    assert specs
+    for owner, spec in specs:
+        assert spec["rayVersion"] == version, owner["metadata"]["name"]
+        for group_name, group in group_templates(spec):
+            for container in group["template"]["spec"]["containers"]:
+                image, tag, _ = kustomize_lite.split_image(container["image"])
+                assert image.rsplit("/", 1)[-1] == "tandem", container["image"]
+                assert tag in (cpu_tag, gpu_tag), (group_name, container["image"])
+                if "nvidia.com/gpu" in container.get("resources", {}).get("limits", {}):
+                    assert tag == gpu_tag, (group_name, container["image"])
+        # one image per cluster: the head and the workers run the same Ray and tandem
+        assert len({ray_container(g)["image"] for _, g in group_templates(spec)}) == 1
+
+
+def test_standalone_pods_pin_their_images():
+    version, python_tag = ray_version(), dockerfile_arg("PYTHON_TAG")
+    pods = [obj for _, obj in source_objects() if obj["kind"] == "Pod"]
+    assert pods
+    for pod in pods:
+        for container in pod["spec"]["containers"]:
+            image, tag, _ = kustomize_lite.split_image(container["image"])
+            assert tag and tag != "latest", container["image"]
+            if image.rsplit("/", 1)[-1] == "tandem":
+                assert tag == f"{version}-{python_tag}", container["image"]
+
+
+def test_only_the_gpu_overlay_uses_gpus():
+    for name in KUSTOMIZATIONS:
+        for _, spec in cluster_specs(render(name)):
+            gpus = {g: "nvidia.com/gpu" in ray_container(t).get("resources", {}).get("limits", {}) for g, t in group_templates(spec)}
+            if name == "overlays/gpu":
+                assert gpus == {_HEAD_GROUP_NAME: False, "draft-pool": True, "target-pool": True}
+                assert ray_container(spec["headGroupSpec"])["image"].endswith("-gpu")
+            else:
+                assert not any(gpus.values()), name
+                assert not ray_container(spec["headGroupSpec"])["image"].endswith("-gpu"), name
+
+
+# ---------------------------------------------------------------- cluster shape and scaling
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_head_runs_no_model_work_and_groups_autoscale(name):
+    for owner, spec in cluster_specs(render(name)):
+        assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+        types = node_types(spec)
+        head = types[_HEAD_GROUP_NAME]
+        assert head["CPU"] == 0 and "GPU" not in head
+        assert not set(head) & set(POOL_GROUPS.values())
+        assert spec["enableInTreeAutoscaling"] is True
+        assert [g["groupName"] for g in spec["workerGroupSpecs"]] == list(POOL_GROUPS)
+        for group in spec["workerGroupSpecs"]:
+            assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"], group["groupName"]
+            assert group["maxReplicas"] >= 1
+            # each pool group advertises its own pool resource and not the other's
+            assert types[group["groupName"]].get(POOL_GROUPS[group["groupName"]], 0) >= 1
+            others = set(POOL_GROUPS.values()) - {POOL_GROUPS[group["groupName"]]}
+            assert not set(types[group["groupName"]]) & others
+
+
+@pytest.mark.parametrize("name", SERVICE_RENDERS)
+def test_head_service_stays_kuberay_default(name):
+    """KubeRay's default head service is headless and publishes not-ready addresses, so workers
+    join while the router (whose readiness gates the head pod) is still loading models."""
+    for _, spec in cluster_specs(render(name)):
+        assert "serviceType" not in spec["headGroupSpec"] and "headService" not in spec["headGroupSpec"]
+
+
+@pytest.mark.parametrize("name", SERVICE_RENDERS + JOB_RENDERS)
+def test_config_placement_fits_the_worker_groups(name):
+    """Every actor the config asks for fits exactly one pool group (never the head), the group's
+    maxReplicas pods hold them all, and GPU types agree with the groups' node selectors."""
+    objects = render(name)
+    for owner, spec in cluster_specs(objects):
+        config = mounted_config(objects, spec["headGroupSpec"], "/etc/tandem/config.yaml")
+        types = node_types(spec)
+        groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+        pools = [("draft-pool", config.draft_pool.placement, config.draft_pool.replicas, config.draft_pool.threads)]
+        pools += [("target-pool", t.placement, t.replicas * t.shards, t.threads) for t in config.targets]
+        pods_needed: dict[str, int] = {}
+        for expected_group, placement, actors, threads in pools:
+            demand = actor_demand(placement)
+            homes = [g for g, capacity in types.items() if fits(capacity, demand)]
+            assert homes == [expected_group], (owner["metadata"]["name"], demand, homes)
+            capacity = types[expected_group]
+            per_pod = min(math.floor(capacity[k] / v) for k, v in demand.items() if v > 0)
+            pods_needed[expected_group] = pods_needed.get(expected_group, 0) + math.ceil(actors / per_pod)
+            assert threads <= capacity["CPU"], "torch threads beyond the pod's CPUs"
+            if placement.accelerator_type:
+                selector = groups[expected_group]["template"]["spec"].get("nodeSelector", {})
+                gpu_labels = [v for k, v in selector.items() if "gpu.product" in k or "gke-accelerator" in k]
+                assert gpu_labels and all(placement.accelerator_type.lower() in v.lower().split("-") for v in gpu_labels)
+        if owner["kind"] == "RayCluster":  # the service places every actor up front
+            for group, pods in pods_needed.items():
+                assert pods <= groups[group]["maxReplicas"], (group, pods)
+
+
+# ---------------------------------------------------------------- the service: router, Service, Secret
+
+
+@pytest.mark.parametrize("name", SERVICE_RENDERS)
+def test_router_config_matches_service_probes_and_secret(name):
+    objects = render(name)
+    cluster, head, config = service_objects(objects)
+    assert config.server.host == "0.0.0.0"
+    assert config.ray.address == "auto"
+    ports = {p["name"]: p["containerPort"] for p in head["ports"]}
+    assert ports["grpc"] == config.server.port == 50051
+    assert ports["tandem-metrics"] == config.server.metrics_port
+    for probe in ("readinessProbe", "startupProbe"):
+        assert head[probe]["grpc"]["port"] == config.server.port, probe  # grpc.health.v1
+    assert head["livenessProbe"]["tcpSocket"]["port"] == config.server.port
+
+    (service,) = find(objects, "Service", "tandem")
+    assert service["spec"]["selector"] == {"ray.io/cluster": cluster["metadata"]["name"], "ray.io/node-type": "head"}
+    by_port = {p["port"]: p for p in service["spec"]["ports"]}
+    assert ports[by_port[50051]["targetPort"]] == 50051
+    assert ports[by_port[config.server.metrics_port]["targetPort"]] == config.server.metrics_port
+
+    assert config.server.auth_token_env == "TANDEM_AUTH_TOKEN"
+    env = {e["name"]: e for e in head["env"]}
+    ref = env[config.server.auth_token_env]["valueFrom"]["secretKeyRef"]
+    assert (ref["name"], ref["key"]) == AUTH_SECRET
+    assert not find(objects, "Secret"), "tokens stay out of the manifests"
+
+
+def test_secret_example_matches_the_reference():
+    (secret,) = kustomize_lite.load_yaml_objects(K8S / "base" / "secret.example.yaml")
+    assert (secret["kind"], secret["metadata"]["name"]) == ("Secret", AUTH_SECRET[0])
+    assert AUTH_SECRET[1] in secret["stringData"]
+
+
+def _fake_bin(tmp_path: Path, names: list[str]) -> tuple[dict[str, str], Path]:
+    """Executables that log their argv (one JSON list per line) and exit 0."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls.jsonl"
+    bin_dir.mkdir(exist_ok=True)
+    for name in names:
+        exe = bin_dir / name
+        exe.write_text(
+            f"#!{sys.executable} -S\nimport json, os, sys\n"
+            "with open(os.environ['FAKE_LOG'], 'a') as f:\n"
+            "    f.write(json.dumps([os.path.basename(sys.argv[0])] + sys.argv[1:]) + '\\n')\n"
+        )
+        exe.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_LOG": str(log), "HOME": str(tmp_path)}
+    return env, log
+
+
+def kuberay_start_command(params: dict[str, str], *, head: bool) -> str:
+    """The `ray start` line KubeRay generates (KUBERAY_GEN_RAY_START_CMD): ` --k=v ` per param,
+    ` --k ` for "true", values pasted as written (shell quoting included)."""
+    params = {**params, "block": "true"} | ({} if head else {"address": "tandem-head-svc.default.svc.cluster.local:6379"})
+    flags = "".join(f" --{k} " if v.lower() == "true" else f" --{k}={v} " for k, v in params.items())
+    return ("ray start --head " if head else "ray start ") + flags
+
+
+def run_ray_container(container: Obj, params: dict[str, str], *, head: bool, overwrite: bool, tmp_path: Path) -> list[list[str]]:
+    """Run a Ray container's command the way KubeRay would, with fake ray/tandem binaries."""
+    env, log = _fake_bin(tmp_path, ["ray", "tandem", "tandem-install-packs"])
+    env["KUBERAY_GEN_RAY_START_CMD"] = kuberay_start_command(params, head=head)
+    if overwrite:  # ray.io/overwrite-container-cmd: KubeRay runs command + args as written
+        assert container["command"] == ["/bin/bash", "-lc", "--"]
+        script = container["args"][0]
+    else:  # KubeRay: "<command> <args> && ulimit -n 65536; <ray start>"
+        script = " ".join(container.get("command", []) + container.get("args", [])) + " && ulimit -n 65536; " + env["KUBERAY_GEN_RAY_START_CMD"]
+    # bash -c, not -lc: a login shell on a Debian host resets PATH (the Ubuntu-based image does not).
+    out = subprocess.run(["bash", "-c", "--", script], env=env, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def _resources_flag(argv: list[str]) -> dict[str, float]:
+    values = [a.split("=", 1)[1] for a in argv if a.startswith("--resources=")]
+    return json.loads(values[0]) if values else {}
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_containers_start_ray_with_the_resources_the_autoscaler_sees(name, tmp_path):
+    """The shell in each Ray container hands `ray start` exactly the custom resources that the
+    autoscaler reads from rayStartParams (KubeRay's escaped JSON, parsed by the shell)."""
+    for owner, spec in cluster_specs(render(name)):
+        overwrite = owner["metadata"].get("annotations", {}).get("ray.io/overwrite-container-cmd") == "true"
+        assert overwrite == (owner["kind"] == "RayCluster")
+        types = node_types(spec)
+        for group_name, group in group_templates(spec):
+            head = group_name == _HEAD_GROUP_NAME
+            (tmp_path / group_name).mkdir()
+            calls = run_ray_container(
+                ray_container(group), group.get("rayStartParams", {}), head=head, overwrite=overwrite, tmp_path=tmp_path / group_name
+            )
+            assert calls[0] == ["tandem-install-packs"]
+            ray_start = calls[1]
+            assert ray_start[:2] == ["ray", "start"] and ("--head" in ray_start) == head
+            custom = {k: v for k, v in types[group_name].items() if k not in ("CPU", "GPU", "memory")}
+            assert _resources_flag(ray_start) == custom
+            if head and owner["kind"] == "RayCluster":
+                assert "--block" not in ray_start, "the head's ray start must return so the router can start"
+                assert calls[2:] == [SERVE_ARGV]
+            else:
+                assert "--block" in ray_start and len(calls) == 2
+
+
+# ---------------------------------------------------------------- batch
+
+
+@pytest.mark.parametrize("name", JOB_RENDERS)
+def test_rayjob_creates_autoscales_and_deletes_its_cluster(name):
+    objects = render(name)
+    (job,) = find(objects, "RayJob")
+    spec = job["spec"]
+    assert spec["shutdownAfterJobFinishes"] is True
+    assert isinstance(spec["ttlSecondsAfterFinished"], int) and spec["ttlSecondsAfterFinished"] >= 0
+    assert "clusterSelector" not in spec and "rayClusterSpec" in spec  # its own cluster
+    assert spec.get("submissionMode", "K8sJobMode") == "K8sJobMode"
+    cluster = spec["rayClusterSpec"]
+    assert cluster["enableInTreeAutoscaling"] is True
+
+    argv = shlex.split(spec["entrypoint"])
+    assert argv[:2] == ["tandem", "batch"]
+    opts = dict(zip(argv[2::2], argv[3::2]))
+    assert len(argv[2:]) == 2 * len(opts)
+    assert set(opts) == {"--config", "--address", "--input", "--output", "--min-actors", "--max-actors"}
+    assert opts["--address"] == "auto"
+    config = mounted_config(objects, cluster["headGroupSpec"], opts["--config"])
+    lo, hi = int(opts["--min-actors"]), int(opts["--max-actors"])
+    assert 1 <= lo <= hi and (lo, hi) == (config.batch.min_actors, config.batch.max_actors)
+    for group in cluster["workerGroupSpecs"]:
+        assert hi <= group["maxReplicas"], "each batch actor may need a pod of each pool"
+
+    # input and output sit on one volume that the driver (head) and every worker mount
+    data_dir = os.path.dirname(opts["--input"])
+    assert os.path.dirname(opts["--output"]) == data_dir
+    claims = set()
+    for _, group in group_templates(cluster):
+        (mount,) = [m for m in ray_container(group)["volumeMounts"] if m["mountPath"] == data_dir]
+        (volume,) = [v for v in group["template"]["spec"]["volumes"] if v["name"] == mount["name"]]
+        claims.add(volume["persistentVolumeClaim"]["claimName"])
+    (claim,) = claims
+    (pvc,) = find(objects, "PersistentVolumeClaim", claim)
+    assert "ReadWriteMany" in pvc["spec"]["accessModes"]
+
+
+# ---------------------------------------------------------------- the validator bites
+
+
+def _base_cluster() -> Obj:
+    (cluster,) = kustomize_lite.load_yaml_objects(K8S / "base" / "raycluster.yaml")
+    return cluster
+
+
+def _base_job() -> Obj:
+    (job,) = kustomize_lite.load_yaml_objects(K8S / "batch" / "rayjob.yaml")
+    return job
+
+
+def _head(obj: Obj) -> Obj:
+    return obj["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+
+
+# breakage -> (mutation, where the validator must report it)
+BROKEN = {
+    "minReplicas as a string": (lambda c: c["spec"]["workerGroupSpecs"][0].update(minReplicas="1"), "/spec/workerGroupSpecs/0/minReplicas"),
+    "unknown field (typo)": (lambda c: c["spec"]["workerGroupSpecs"][0].update(minReplica=1), "'minReplica' was unexpected"),
+    "unknown spec field": (lambda c: c["spec"].update(enableAutoscaling=True), "'enableAutoscaling' was unexpected"),
+    "rayStartParams value not a string": (
+        lambda c: c["spec"]["headGroupSpec"]["rayStartParams"].update({"num-cpus": 0}),
+        "/spec/headGroupSpec/rayStartParams/num-cpus",
+    ),
+    "grpc probe port as a string": (
+        lambda c: _head(c)["readinessProbe"]["grpc"].update(port="50051"),
+        "/readinessProbe/grpc/port",
+    ),
+    "grpc probe without port": (lambda c: _head(c)["readinessProbe"]["grpc"].pop("port"), "'port' is a required property"),
+    "worker group without groupName": (
+        lambda c: c["spec"]["workerGroupSpecs"][1].pop("groupName"),
+        "'groupName' is a required property",
+    ),
+    "maxReplicas beyond int32": (lambda c: c["spec"]["workerGroupSpecs"][1].update(maxReplicas=2**31), "does not fit int32"),
+    "duplicate container port": (
+        lambda c: _head(c)["ports"].append({"name": "again", "containerPort": 50051}),
+        "duplicate entries for list-map key",
+    ),
+    "bad upscalingMode": (lambda c: c["spec"]["autoscalerOptions"].update(upscalingMode="Fast"), "/spec/autoscalerOptions/upscalingMode"),
+    "CEL-guarded field set": (lambda c: c["spec"].update(managedBy="someone-else"), "/spec/managedBy: this field carries CEL rules"),
+    "bad memory quantity": (lambda c: _head(c)["resources"]["limits"].update(memory="4 GB"), "/resources/limits/memory"),
+}
+
+BROKEN_JOB = {
+    "bool as a string": (lambda j: j["spec"].update(shutdownAfterJobFinishes="yes"), "/spec/shutdownAfterJobFinishes"),
+    "int as a string": (lambda j: j["spec"].update(ttlSecondsAfterFinished="300"), "/spec/ttlSecondsAfterFinished"),
+    "null maxReplicas": (
+        lambda j: j["spec"]["rayClusterSpec"]["workerGroupSpecs"][0].update(maxReplicas=None),
+        "/spec/rayClusterSpec/workerGroupSpecs/0/maxReplicas",
+    ),
+    "CEL-guarded deletionStrategy": (
+        lambda j: j["spec"].update(deletionStrategy={"onSuccess": {"policy": "DeleteCluster"}}),
+        "/spec/deletionStrategy: this field carries CEL rules",
+    ),
+}
+
+
+def test_unbroken_copies_validate():
+    assert crd_schema.validation_errors(_base_cluster()) == []
+    assert crd_schema.validation_errors(_base_job()) == []
+
+
+@pytest.mark.parametrize("breakage", sorted(BROKEN))
+def test_broken_raycluster_fails_validation(breakage):
+    mutate, expected = BROKEN[breakage]
+    cluster = copy.deepcopy(_base_cluster())
+    mutate(cluster)
+    errors = crd_schema.validation_errors(cluster)
+    assert any(expected in e for e in errors), errors
+
+
+@pytest.mark.parametrize("breakage", sorted(BROKEN_JOB))
+def test_broken_rayjob_fails_validation(breakage):
+    mutate, expected = BROKEN_JOB[breakage]
+    job = copy.deepcopy(_base_job())
+    mutate(job)
+    errors = crd_schema.validation_errors(job)
+    assert any(expected in e for e in errors), errors
+
+
+def test_renderer_refuses_what_it_cannot_render(tmp_path):
+    (tmp_path / "kustomization.yaml").write_text("resources: [a.yaml]\nnamePrefix: x-\n")
+    with pytest.raises(kustomize_lite.UnsupportedKustomization):
+        kustomize_lite.render(tmp_path)
+    cluster = _base_cluster()
+    with pytest.raises(kustomize_lite.PatchError):
+        kustomize_lite.apply_json6902(cluster, [{"op": "test", "path": "/spec/workerGroupSpecs/0/groupName", "value": "target-pool"}])
