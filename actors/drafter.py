@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from actors.runner import ModelRunner, SequenceState
+from actors.speculative import RequestStateLostError
 from speculation.sampling import SamplingParams, SparseDist, logits_to_probs, make_generator, truncate_to_sparse
 from speculation.sorted_policy import ExitPolicy, should_emit
 
@@ -87,7 +88,7 @@ class Drafter:
         try:
             req = self.requests[request_id]
         except KeyError:
-            raise KeyError(f"request_id {request_id!r} is not open on this drafter") from None
+            raise RequestStateLostError(f"request_id {request_id!r} is not open on this drafter") from None
         req.last_used = time.monotonic()
         return req
 

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from actors.speculative import GenerationResult, SideUnavailableError, SpecConfig, run_request
+from actors.speculative import GenerationResult, RequestStateLostError, SideUnavailableError, SpecConfig, run_request
 from actors.workers import DraftWorker, ModelLoad, TargetWorker
 from speculation.sampling import SamplingParams
 
@@ -113,7 +113,7 @@ def ensure_ray(*, address: str | None, num_cpus: int | None = None, resources: d
 
 
 class _RayFuture:
-    def __init__(self, ref, role: str, on_failure: Callable[[], None] | None):
+    def __init__(self, ref, role: str, on_failure: Callable[[], None]):
         self.ref = ref
         self.role = role
         self.on_failure = on_failure
@@ -123,9 +123,9 @@ class _RayFuture:
 
         try:
             return ray.get(self.ref)
-        except _actor_errors() as exc:
-            if self.on_failure is not None:
-                self.on_failure()
+        except _actor_errors() + (RequestStateLostError,) as exc:
+            # a dead actor, or a restarted one that lost the request: the side is gone
+            self.on_failure()
             raise SideUnavailableError(f"{self.role} actor failed: {type(exc).__name__}", role=self.role) from exc
 
 
@@ -135,10 +135,17 @@ class RaySide:
     def __init__(self, handle, *, role: str, on_failure: Callable[[], None] | None = None):
         self.handle = handle
         self.role = role
-        self.on_failure = on_failure
+        self._on_failure = on_failure
+        self.failed = False
+
+    def _failed_once(self) -> None:
+        if not self.failed:  # one failure per request, however many calls notice it
+            self.failed = True
+            if self._on_failure is not None:
+                self._on_failure()
 
     def call(self, method: str, /, *args, **kwargs) -> _RayFuture:
-        return _RayFuture(getattr(self.handle, method).remote(*args, **kwargs), self.role, self.on_failure)
+        return _RayFuture(getattr(self.handle, method).remote(*args, **kwargs), self.role, self._failed_once)
 
 
 def _remote(cls, *, placement: Placement, pg, index: int, name: str | None = None, restarts: int = -1):
@@ -180,13 +187,20 @@ def _placement_group(placement: Placement, count: int, *, timeout_s: float, what
 # ---------------------------------------------------------------------------------------
 
 
+FAILED_COOLDOWN_S = 30.0  # a failed replica is skipped this long (Ray may restart it meanwhile)
+
+
 @dataclass
 class _Member:
     handle: Any
     inflight: int = 0
     failures: int = 0
-    healthy: bool = True
+    failed_at: float = 0.0
     shards: list = field(default_factory=list)
+
+    @property
+    def healthy(self) -> bool:
+        return time.monotonic() - self.failed_at > FAILED_COOLDOWN_S if self.failures else True
 
 
 class _LeastLoaded:
@@ -300,6 +314,7 @@ class TargetPool:
 
     def mark_failed(self, i: int) -> None:
         self.members[i].failures += 1
+        self.members[i].failed_at = time.monotonic()
 
     def handles(self) -> list:
         return [m.handle for m in self.members]

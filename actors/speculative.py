@@ -65,6 +65,13 @@ class LocalSide:
         self._pool.shutdown(wait=True)
 
 
+class RequestStateLostError(KeyError):
+    """A side does not hold the request (never opened, or its actor restarted and lost it)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else "request state lost"
+
+
 class SideUnavailableError(RuntimeError):
     """An actor on one side of a request failed (died, unreachable). A draft failure never
     fails a request (it finishes target-only); a target failure carries how many tokens the

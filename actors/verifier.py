@@ -24,6 +24,7 @@ import torch
 
 from actors.drafter import DraftBlock, DraftBranches
 from actors.runner import ContextLengthError, ModelRunner, SequenceState
+from actors.speculative import RequestStateLostError
 from speculation.sampling import SamplingParams, logits_to_probs, make_generator, sample
 from speculation.spectr import verify_kseq, verify_kseq_greedy
 from speculation.verify import verify_block, verify_greedy
@@ -90,7 +91,7 @@ class Verifier:
         try:
             req = self.requests[request_id]
         except KeyError:
-            raise KeyError(f"request_id {request_id!r} is not open on this target") from None
+            raise RequestStateLostError(f"request_id {request_id!r} is not open on this target") from None
         req.last_used = time.monotonic()
         return req
 

@@ -1,0 +1,139 @@
+"""Faults on a real local Ray cluster: actors are killed with SIGKILL (a real crash) while
+requests run.
+
+- draft actor dies mid-request: the request finishes target-only with exactly the
+  target-only greedy output (no token lost or repeated), and Ray restarts the actor so the
+  pool heals and later requests speculate again;
+- target actor dies before the request emitted anything: retried on a healthy replica;
+- target actor dies after tokens were emitted: the request ends with a clear error.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import ray
+
+from actors.pools import ActorEngine, DraftPool, DraftPoolSpec, TargetPool, TargetSpec
+from actors.speculative import SideUnavailableError, SpecConfig
+from actors.workers import ModelLoad
+
+PROMPT = [0, 1, 2]
+
+
+def _pid(handle) -> int:
+    return ray.get(handle.info.remote())["pid"]
+
+
+def _wait_new_pid(handle, old: int, timeout: float = 60.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            pid = ray.get(handle.info.remote(), timeout=5)
+            if pid != old:
+                return pid
+        except Exception:  # noqa: BLE001 - restarting
+            pass
+        time.sleep(0.2)
+    raise AssertionError("the actor was not restarted")
+
+
+def _wait_dead(handle, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            ray.get(handle.info.remote(), timeout=2)
+        except Exception:  # noqa: BLE001 - dead as expected
+            return
+        time.sleep(0.1)
+    raise AssertionError("the actor did not die")
+
+
+@pytest.fixture()
+def pools(ray_local, tiny_paths):
+    target_path, draft_path = tiny_paths
+    made = []
+
+    def make(*, target_replicas: int = 1, target_restarts: int = -1):
+        draft = DraftPool(DraftPoolSpec(load=ModelLoad(path=draft_path, dtype="float32", exits=(2,))))
+        target = TargetPool(
+            TargetSpec(
+                name="t",
+                load=ModelLoad(path=target_path, dtype="float32"),
+                replicas=target_replicas,
+                max_restarts=target_restarts,
+            )
+        )
+        eng = ActorEngine(draft, {"t": target})
+        made.append(eng)
+        return eng
+
+    yield make
+    for eng in made:
+        eng.shutdown()
+
+
+@pytest.mark.parametrize("method", ["sd", "pearl"])
+def test_draft_death_finishes_target_only_and_pool_heals(pools, method):
+    eng = pools()
+    ref = eng.generate("t", PROMPT, spec=SpecConfig(method="ar"), max_new_tokens=120).tokens
+    draft = eng.draft_pool.members[0].handle
+    old_pid = _pid(draft)
+    streamed: list[int] = []
+
+    def kill_on_first_tokens(tokens):
+        if not streamed:
+            os.kill(old_pid, signal.SIGKILL)
+        streamed.extend(tokens)
+
+    out = eng.generate("t", PROMPT, spec=SpecConfig(method=method, gamma=3), max_new_tokens=120, on_tokens=kill_on_first_tokens)
+    assert out.draft_failed
+    assert out.tokens == ref  # nothing lost, nothing repeated
+    assert streamed == ref  # and the stream said exactly the same
+    assert out.finish_reason == "length"
+
+    new_pid = _wait_new_pid(draft, old_pid)
+    assert new_pid != old_pid
+    again = eng.generate("t", PROMPT, spec=SpecConfig(method=method, gamma=3), max_new_tokens=40)
+    assert not again.draft_failed and again.stats.drafted > 0
+    assert again.tokens == ref[:40]
+
+
+def test_target_death_before_output_is_retried_on_a_healthy_replica(pools):
+    eng = pools(target_replicas=2, target_restarts=0)
+    ref = eng.generate("t", PROMPT, spec=SpecConfig(method="ar"), max_new_tokens=30).tokens
+    pool = eng.targets["t"]
+    victim = pool.members[0].handle
+    os.kill(_pid(victim), signal.SIGKILL)
+    _wait_dead(victim)
+    # both replicas idle: least-loaded picks replica 0 first, which is dead
+    out = eng.generate("t", PROMPT, spec=SpecConfig(method="sd", gamma=3), max_new_tokens=30)
+    assert out.tokens == ref
+    assert pool.members[0].failures == 1
+    assert not pool.members[0].healthy  # skipped for a while
+    assert eng.generate("t", PROMPT, spec=SpecConfig(method="sd"), max_new_tokens=30).tokens == ref
+
+
+def test_target_death_after_output_ends_with_a_clear_error(pools):
+    eng = pools(target_replicas=1)
+    target = eng.targets["t"].members[0].handle
+    pid = _pid(target)
+    seen: list[int] = []
+
+    def kill_after_first(tokens):
+        if not seen:
+            os.kill(pid, signal.SIGKILL)
+        seen.extend(tokens)
+
+    with pytest.raises(SideUnavailableError) as info:
+        eng.generate("t", PROMPT, spec=SpecConfig(method="sd", gamma=2), max_new_tokens=200, on_tokens=kill_after_first)
+    err = info.value
+    assert err.role == "target" and err.emitted == len(seen) > 0
+    assert "failed after" in str(err) and "'t'" in str(err)
+    # Ray restarts the replica; the pool serves again
+    _wait_new_pid(target, pid)
+    eng.targets["t"].members[0].failed_at = 0.0  # do not wait out the cooldown in a test
+    assert len(eng.generate("t", PROMPT, spec=SpecConfig(method="sd"), max_new_tokens=10).tokens) == 10
