@@ -31,11 +31,30 @@ class RemoteSequence:
 class TargetShard:
     """One pipeline stage: layers [lo, hi) of a target and a KV cache per sequence key."""
 
-    def __init__(self, model_path: str, *, layer_range: tuple[int, int], dtype: str = "bfloat16", threads: int | None = None):
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        layer_range: tuple[int, int] | None = None,
+        stage: tuple[int, int] | None = None,
+        dtype: str = "bfloat16",
+        threads: int | None = None,
+        resolve=None,
+    ):
+        """Give either layer_range=(lo, hi) or stage=(index, count): stage `index` of `count`
+        near-equal contiguous ranges (worked out here, where the model files are)."""
         if threads:
             torch.set_num_threads(threads)
         self.threads = threads
-        self.runner = ModelRunner(model_path, dtype=dtype, layer_range=tuple(layer_range))
+        self.model_path = resolve(model_path) if resolve is not None else model_path
+        if layer_range is None:
+            if stage is None:
+                raise ValueError("TargetShard needs layer_range or stage")
+            from transformers import AutoConfig
+
+            total = int(AutoConfig.from_pretrained(self.model_path).num_hidden_layers)
+            layer_range = split_layers(total, stage[1])[stage[0]]
+        self.runner = ModelRunner(self.model_path, dtype=dtype, layer_range=tuple(layer_range))
         self.sequences: dict[str, Any] = {}
 
     def forward(self, keys: Sequence[str], starts: Sequence[int], inputs: Sequence) -> list[torch.Tensor]:
@@ -59,6 +78,16 @@ class TargetShard:
 
     def live_sequences(self) -> list[str]:
         return list(self.sequences)
+
+    def tokenizer(self):
+        from actors.runner import load_tokenizer
+
+        return load_tokenizer(self.model_path)
+
+    def eos_ids(self) -> list[int]:
+        from actors.runner import generation_eos_ids
+
+        return generation_eos_ids(self.model_path)
 
     def info(self) -> dict:
         r = self.runner

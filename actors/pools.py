@@ -281,7 +281,7 @@ class TargetPool:
     def __init__(self, spec: TargetSpec, *, timeout_s: float = 300.0):
         import ray
 
-        from actors.pipeline import TargetShard, split_layers
+        from actors.pipeline import TargetShard
 
         self.spec = spec
         n_actors = spec.replicas * spec.shards
@@ -293,11 +293,18 @@ class TargetPool:
                 cls = _remote(TargetWorker, placement=spec.placement, pg=self.pg, index=next(bundle), restarts=spec.max_restarts)
                 members.append(_Member(handle=cls.remote(spec.load, threads=spec.threads)))
                 continue
-            total = _num_layers(spec.load.path)
             stages = []
-            for lo, hi in split_layers(total, spec.shards):
+            for index in range(spec.shards):
                 cls = _remote(TargetShard, placement=spec.placement, pg=self.pg, index=next(bundle), restarts=spec.max_restarts)
-                stages.append(cls.remote(spec.load.path, layer_range=(lo, hi), dtype=spec.load.dtype, threads=spec.threads))
+                stages.append(
+                    cls.remote(
+                        spec.load.path,
+                        stage=(index, spec.shards),
+                        dtype=spec.load.dtype,
+                        threads=spec.threads,
+                        resolve=spec.load.resolve,
+                    )
+                )
             # the front holds no model: request state and verification only
             front = ray.remote(TargetWorker).options(num_cpus=0, max_restarts=0, max_concurrency=64)
             members.append(_Member(handle=front.remote(None, threads=1, stages=stages), shards=stages))
@@ -321,12 +328,6 @@ class TargetPool:
 
     def shutdown(self) -> None:
         _shutdown(self.members, self.pg)
-
-
-def _num_layers(path: str) -> int:
-    from transformers import AutoConfig
-
-    return int(AutoConfig.from_pretrained(path).num_hidden_layers)
 
 
 # ---------------------------------------------------------------------------------------
@@ -354,6 +355,7 @@ class ActorEngine:
         stop_ids: Sequence[int] = (),
         on_tokens: Callable[[list[int]], None] | None = None,
         should_stop: Callable[[], str | None] | None = None,
+        on_round: Callable[[dict], None] | None = None,
         request_id: str | None = None,
     ) -> GenerationResult:
         if target not in self.targets:
@@ -385,6 +387,7 @@ class ActorEngine:
                     stop_ids=stop_ids,
                     on_tokens=on_tokens,
                     should_stop=should_stop,
+                    on_round=on_round,
                 )
             except SideUnavailableError as exc:
                 if exc.role != "target":

@@ -589,6 +589,25 @@ def load_causal_lm(model_path: str, dtype: torch.dtype):
         raise ValueError(f"model: cannot load {model_path!r}: {exc}") from exc
 
 
+def generation_eos_ids(model_path: str) -> list[int]:
+    """End-of-sequence ids from a model's generation config and tokenizer config."""
+    ids: set[int] = set()
+    try:
+        from transformers import GenerationConfig
+
+        eos = GenerationConfig.from_pretrained(model_path).eos_token_id
+        ids.update([eos] if isinstance(eos, int) else list(eos or []))
+    except (OSError, ValueError):
+        pass
+    try:
+        tok = load_tokenizer(model_path)
+        if tok.eos_token_id is not None:
+            ids.add(int(tok.eos_token_id))
+    except ValueError:
+        pass
+    return sorted(ids)
+
+
 def load_tokenizer(model_path: str):
     from transformers import AutoTokenizer
 

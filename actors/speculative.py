@@ -116,6 +116,13 @@ class GenerationResult:
     draft_s: float = 0.0  # wall time inside draft calls (PEARL: overlapped)
     draft_failed: bool = False
     per_round_s: list[float] = field(default_factory=list)
+    critical_s: float = 0.0  # time inside draft/target calls on the round's critical path
+
+    @property
+    def overhead_frac(self) -> float:
+        """Share of round time spent outside the sides' calls (transport, orchestration)."""
+        rounds = sum(self.per_round_s)
+        return max(0.0, 1.0 - self.critical_s / rounds) if rounds > 0 else 0.0
 
     @property
     def tokens_per_s(self) -> float:
@@ -130,6 +137,7 @@ class _Progress:
     max_new_tokens: int
     stop_ids: frozenset[int]
     on_tokens: Callable[[list[int]], None] | None
+    on_round: Callable[[dict], None] | None = None
     out: list[int] = field(default_factory=list)
     finish_reason: str | None = None
 
@@ -170,11 +178,15 @@ def run_request(
     stop_ids: Sequence[int] = (),
     on_tokens: Callable[[list[int]], None] | None = None,
     should_stop: Callable[[], str | None] | None = None,
+    on_round: Callable[[dict], None] | None = None,
 ) -> GenerationResult:
     """Generate for one request. Opens and always closes the request on both sides.
 
-    should_stop: polled once per round; returns a finish reason ("cancelled", "deadline")
-    to stop, or None to go on.
+    on_tokens: called with each commit's tokens (streaming).
+    should_stop: polled once per round; returns a finish reason ("cancelled", "deadline",
+    "stop") to stop, or None to go on.
+    on_round: called after each round with {index, start_ns, end_ns, drafted, accepted,
+    emitted, exits, draft_s, verify_s} (telemetry, the router's policy).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -184,6 +196,7 @@ def run_request(
         max_new_tokens=max_new_tokens,
         stop_ids=frozenset(int(s) for s in stop_ids),
         on_tokens=on_tokens,
+        on_round=on_round,
     )
     stats = SpecStats()
     result = GenerationResult(tokens=progress.out, finish_reason="length", stats=stats, prompt_tokens=len(prompt))
@@ -195,6 +208,10 @@ def run_request(
             draft_open = draft.call("open", request_id, sampling=sampling, capacity=capacity)
         prefill = target.call("open", request_id, progress.prompt, sampling=sampling)
         prefill.result()
+        # The prefill's logits give the first token for free: stream it before any drafting.
+        first = target.call("verify", request_id, None, bonus=True).result()
+        progress.commit(first.tokens)
+        _first_token_time(result, progress, t_start)
         if draft_open is not None:
             try:
                 draft_open.result()
@@ -263,15 +280,33 @@ def _draft_or_none(fut: CallFuture | None, result: GenerationResult):
         return None
 
 
-def _record(stats: SpecStats, result: GenerationResult, outcome, block, t_round: float) -> None:
-    stats.record_round(
-        drafted=outcome.drafted,
-        accepted=outcome.accepted_len,
-        emitted=len(outcome.tokens),
-        exits=getattr(block, "exits", None) or (),
-    )
+def _record(
+    stats: SpecStats, result: GenerationResult, outcome, block, t_round: float, *, critical_s: float, progress: _Progress, draft_s: float = 0.0
+) -> None:
+    result.critical_s += critical_s
+    exits = list(getattr(block, "exits", None) or ())
+    stats.record_round(drafted=outcome.drafted, accepted=outcome.accepted_len, emitted=len(outcome.tokens), exits=exits)
     result.target_s += outcome.target_s
-    result.per_round_s.append(time.perf_counter() - t_round)
+    elapsed = time.perf_counter() - t_round
+    result.per_round_s.append(elapsed)
+    if progress.on_round is not None:
+        end_ns = time.time_ns()
+        used: dict[int, int] = {}
+        for e in exits:
+            used[e] = used.get(e, 0) + 1
+        progress.on_round(
+            {
+                "index": stats.rounds - 1,
+                "start_ns": end_ns - int(elapsed * 1e9),
+                "end_ns": end_ns,
+                "drafted": outcome.drafted,
+                "accepted": outcome.accepted_len,
+                "emitted": len(outcome.tokens),
+                "exits": used,
+                "draft_s": draft_s,
+                "verify_s": outcome.target_s,
+            }
+        )
 
 
 def _loop_sd(*, draft, target, request_id, spec, progress, stats, result, should_stop, t_start) -> None:
@@ -291,7 +326,8 @@ def _loop_sd(*, draft, target, request_id, spec, progress, stats, result, should
         outcome = target.call("verify", request_id, block, bonus=True).result()
         progress.commit(outcome.tokens)
         _first_token_time(result, progress, t_start)
-        _record(stats, result, outcome, block, t_round)
+        draft_s = block.draft_s if block else 0.0
+        _record(stats, result, outcome, block, t_round, critical_s=outcome.target_s + draft_s, progress=progress, draft_s=draft_s)
 
 
 def _loop_spectr(*, draft, target, request_id, spec, progress, stats, result, should_stop, t_start) -> None:
@@ -314,7 +350,8 @@ def _loop_spectr(*, draft, target, request_id, spec, progress, stats, result, sh
             outcome = target.call("verify_branches", request_id, branches).result()
         progress.commit(outcome.tokens)
         _first_token_time(result, progress, t_start)
-        _record(stats, result, outcome, None, t_round)
+        draft_s = branches.draft_s if branches else 0.0
+        _record(stats, result, outcome, None, t_round, critical_s=outcome.target_s + draft_s, progress=progress, draft_s=draft_s)
 
 
 def _loop_pearl(*, draft, target, request_id, spec, progress, stats, result, should_stop, t_start) -> None:
@@ -328,8 +365,9 @@ def _loop_pearl(*, draft, target, request_id, spec, progress, stats, result, sho
             outcome = target.call("verify", request_id, None, bonus=True).result()
             progress.commit(outcome.tokens)
             _first_token_time(result, progress, t_start)
-            _record(stats, result, outcome, None, t_round)
+            _record(stats, result, outcome, None, t_round, critical_s=outcome.target_s, progress=progress)
             continue
+        sequential_draft_s = 0.0
         if block is None:  # nothing in flight: draft the first block of a run
             gamma = max(1, min(next_gamma, progress.remaining))
             block = _draft_or_none(draft.call("draft", request_id, progress.committed, gamma=gamma, policy=spec.policy), result)
@@ -337,6 +375,7 @@ def _loop_pearl(*, draft, target, request_id, spec, progress, stats, result, sho
                 draft = None
                 continue
             result.draft_s += block.draft_s
+            sequential_draft_s = block.draft_s
         # Verify block i (no bonus: the draft continues past it) while drafting block i + 1.
         v_fut = target.call("verify", request_id, block, bonus=False)
         ahead = progress.remaining - len(block.tokens)
@@ -350,7 +389,10 @@ def _loop_pearl(*, draft, target, request_id, spec, progress, stats, result, sho
             draft = None
         progress.commit(outcome.tokens)
         _first_token_time(result, progress, t_start)
-        _record(stats, result, outcome, block, t_round)
+        overlapped = max(outcome.target_s, nxt.draft_s if nxt is not None else 0.0)
+        _record(
+            stats, result, outcome, block, t_round, critical_s=sequential_draft_s + overlapped, progress=progress, draft_s=block.draft_s
+        )
         if nxt is not None:
             result.draft_s += nxt.draft_s
         if outcome.accepted_len == len(block.tokens) and nxt is not None:

@@ -34,6 +34,12 @@ class ModelLoad:
     exits: tuple[int, ...] = ()
     head_ids: tuple[int, ...] | None = None
     exit_adapters: str | None = None  # folder of trained exit adapters
+    # Injected by the composition root (deploy/): turns `path` (e.g. a pack name) into a
+    # local folder on the node where the actor runs. None: `path` is used as is.
+    resolve: Any = None
+
+    def local_path(self) -> str:
+        return self.resolve(self.path) if self.resolve is not None else self.path
 
     def build(self) -> ModelRunner:
         adapters = None
@@ -46,7 +52,7 @@ class ModelLoad:
             exits = tuple(sorted(set(exits) | set(trained)))
             head_ids = head_ids if head_ids is not None else trained_head
         return ModelRunner(
-            self.path, dtype=self.dtype, quantize=self.quantize, exits=exits, head_ids=head_ids, exit_adapters=adapters
+            self.local_path(), dtype=self.dtype, quantize=self.quantize, exits=exits, head_ids=head_ids, exit_adapters=adapters
         )
 
 
@@ -174,6 +180,26 @@ class TargetWorker:
 
     def live_requests(self) -> list[str]:
         return self.verifier.live_requests()
+
+    def tokenizer(self):
+        """The target's tokenizer (with its chat template), for the router."""
+        if self.load is None:
+            import ray
+
+            return ray.get(self.runner.stages[0].tokenizer.remote())
+        from actors.runner import load_tokenizer
+
+        return load_tokenizer(self.load.local_path())
+
+    def eos_ids(self) -> list[int]:
+        """End-of-sequence ids from the model's generation config."""
+        from actors.runner import generation_eos_ids
+
+        if self.load is None:
+            import ray
+
+            return ray.get(self.runner.stages[0].eos_ids.remote())
+        return generation_eos_ids(self.load.local_path())
 
     def info(self) -> dict[str, Any]:
         r = self.runner

@@ -56,10 +56,25 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", default=None, help="write results here")
     bench.add_argument("--gamma", type=int, default=None)
     bench.add_argument("--k", type=int, default=2)
+    bench.add_argument("--via", default="local", choices=["local", "actors"], help="run tandem's methods in-process or on Ray actors")
+    bench.add_argument("--concurrency", type=int, default=1, help="also measure aggregate tokens/s with C requests in flight")
+    bench.add_argument("--draft-threads", type=int, default=1, help="--via actors: torch threads of the draft actor")
+    bench.add_argument("--target-threads", type=int, default=1, help="--via actors: torch threads of each target actor")
+    bench.add_argument("--shards", type=int, default=1, help="--via actors: pipeline stages of the target")
+    bench.add_argument("--address", default=None, help="--via actors: join this Ray cluster instead of an embedded one")
     _add_models(bench)
     _add_sampling(bench)
 
-    sub.add_parser("models", help="list model packs and whether they are installed")
+    models = sub.add_parser("models", help="list a server's targets (--server) or the local model packs")
+    models.add_argument("--server", default=None, help="host:port of a running tandem server")
+    models.add_argument("--token", default=None, help="bearer token (default: $TANDEM_AUTH_TOKEN)")
+
+    serve = sub.add_parser("serve", help="serve the gRPC API (embedded local Ray and the default packs by default)")
+    serve.add_argument("--config", default=None, help="YAML config (see deploy/config.py); default: embedded defaults")
+    serve.add_argument("--address", default=None, help='join a Ray cluster ("auto", "ray://host:10001") instead of starting one')
+    serve.add_argument("--host", default=None, help="bind address (overrides server.host)")
+    serve.add_argument("--port", type=int, default=None, help="gRPC port (overrides server.port)")
+    serve.add_argument("--log-level", default="INFO")
     return parser
 
 
@@ -176,6 +191,26 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import asyncio
+    import logging
+
+    from deploy.config import load_config
+    from deploy.serve import serve_forever
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = load_config(args.config)
+    overrides: dict = {}
+    if args.address is not None:
+        overrides["ray"] = cfg.ray.model_copy(update={"address": args.address})
+    server_upd = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    if server_upd:
+        overrides["server"] = cfg.server.model_copy(update=server_upd)
+    if overrides:
+        cfg = cfg.model_copy(update=overrides)
+    return asyncio.run(serve_forever(cfg))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
@@ -189,6 +224,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return bench_main(args)
         if args.command == "models":
             return cmd_models(args)
+        if args.command == "serve":
+            return cmd_serve(args)
     except (ValueError, KeyError) as exc:
         from deploy.packs import PackNotInstalledError
 

@@ -83,6 +83,7 @@ class DraftPoolConfig(_Strict):
     exits: list[int] = Field(default_factory=list, description="Extra exit depths (the full depth is always one)")
     exit_adapters: Path | None = Field(None, description="Folder from `tandem train-exits`")
     placement: PoolResources = Field(default_factory=lambda: PoolResources(resources={"draft_pool": 1}))
+    load_timeout_s: float = Field(600.0, gt=0, description="Wait this long for room and model loading")
 
 
 class TargetConfig(_Strict):
@@ -94,11 +95,23 @@ class TargetConfig(_Strict):
     dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
     method: Method = Field("auto", description="Default speculation method for this target")
     max_draft_len: int = Field(8, ge=1, le=32, description="Upper bound of the draft length the router may pick")
+    sorted_thresholds: list[float] = Field(
+        default_factory=list,
+        description="S2D confidence threshold per draft exit below the deepest (default 0.8 each)",
+    )
     placement: PoolResources = Field(default_factory=lambda: PoolResources(resources={"target_pool": 1}))
 
     @property
     def model_ref(self) -> str:
         return self.model or self.name
+
+    @field_validator("sorted_thresholds")
+    @classmethod
+    def _thresholds(cls, v: list[float]) -> list[float]:
+        for i, t in enumerate(v):
+            if not 0.0 <= t <= 1.0:
+                raise ValueError(f"sorted_thresholds[{i}] must be in [0, 1], got {t}")
+        return v
 
 
 class BatchConfig(_Strict):

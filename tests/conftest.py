@@ -270,3 +270,46 @@ def ray_local():
         )
     yield ray
     ray.shutdown()
+
+
+TINY_WORDS = 64  # the service tests' vocabulary: a word-level tokenizer with a chat template
+
+
+def make_tiny_tokenizer(folder, vocab: int = TINY_WORDS):
+    """A word-level tokenizer over `vocab` tokens (specials, role markers, short words) with
+    a chat template, saved next to a tiny model so pack-free service tests have real text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<eos>", "<system>", "<user>", "<assistant>"]
+    words = [w for w in "the a an of to and in is it for on with as by at from this that def return if else print x y n".split()]
+    extra = [f"w{i}" for i in range(vocab)]
+    tokens = (specials + words + extra)[:vocab]
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    from tokenizers import decoders
+
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+    fast.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
+        "{% if add_generation_prompt %}<assistant> {% endif %}"
+    )
+    fast.save_pretrained(str(folder))
+    return fast
+
+
+@pytest.fixture(scope="session")
+def tiny_service_models(tmp_path_factory):
+    """{"small": path, "other": path, "draft": path}: vocab-64 models with a tokenizer; the
+    draft has 4 layers (exit at 2) and drafts for both targets."""
+    root = tmp_path_factory.mktemp("svc")
+    out = {}
+    for name, seed, layers in (("small", 11, 2), ("other", 12, 3), ("draft", 13, 4)):
+        path = make_tiny_model(root / name, seed=seed, vocab=TINY_WORDS, layers=layers, hidden=32, std=0.3)
+        make_tiny_tokenizer(root / name)
+        from transformers import GenerationConfig
+
+        GenerationConfig(eos_token_id=1).save_pretrained(str(root / name))
+        out[name] = path
+    return out

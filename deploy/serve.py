@@ -1,0 +1,217 @@
+"""`tandem serve`: config -> Ray (embedded or joined) -> draft and target pools -> router
+-> gRPC server, until SIGINT/SIGTERM. `build_app` is also what the service tests start."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from actors.pools import ActorEngine, DraftPool, DraftPoolSpec, Placement, TargetPool, TargetSpec, ensure_ray, pool_resources
+from actors.workers import ModelLoad
+from deploy.config import PoolResources, TandemConfig
+from deploy.packs import resolve_model_path
+from services.router import Router, TargetRoute
+from services.server import RunningServer, start_server
+from speculation.goodput import GoodputPolicy
+from speculation.sorted_policy import ExitPolicy
+
+log = logging.getLogger("tandem.serve")
+
+
+def say(msg: str) -> None:
+    print(f"[tandem] {msg}", file=sys.stderr, flush=True)
+
+
+def _placement(p: PoolResources) -> Placement:
+    return Placement(resources=dict(p.resources), num_gpus=p.num_gpus, accelerator_type=p.accelerator_type)
+
+
+def pool_specs(cfg: TandemConfig, *, resolve=resolve_model_path) -> tuple[DraftPoolSpec, list[TargetSpec]]:
+    d = cfg.draft_pool
+    draft = DraftPoolSpec(
+        load=ModelLoad(
+            path=d.model,
+            dtype=d.dtype,
+            quantize=None if d.quantize == "none" else d.quantize,
+            exits=tuple(d.exits),
+            exit_adapters=str(d.exit_adapters) if d.exit_adapters else None,
+            resolve=resolve,
+        ),
+        replicas=d.replicas,
+        threads=d.threads,
+        placement=_placement(d.placement),
+    )
+    targets = [
+        TargetSpec(
+            name=t.name,
+            load=ModelLoad(path=t.model_ref, dtype=t.dtype, resolve=resolve),
+            replicas=t.replicas,
+            shards=t.shards,
+            threads=t.threads,
+            placement=_placement(t.placement),
+        )
+        for t in cfg.targets
+    ]
+    return draft, targets
+
+
+@dataclass
+class ServeApp:
+    config: TandemConfig
+    engine: ActorEngine
+    router: Router
+    server: RunningServer
+    telemetry: object | None
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    async def stop(self, grace: float = 5.0) -> None:
+        await self.server.stop(grace)
+        self.router.shutdown()
+        if self.telemetry is not None:
+            self.telemetry.shutdown()
+
+
+def build_engine(cfg: TandemConfig, *, resolve=resolve_model_path) -> ActorEngine:
+    draft_spec, target_specs = pool_specs(cfg, resolve=resolve)
+    if cfg.ray.address:
+        say(f"joining Ray at {cfg.ray.address}")
+    else:
+        say("starting an embedded local Ray")
+    ensure_ray(
+        address=cfg.ray.address,
+        num_cpus=cfg.ray.num_cpus or os.cpu_count(),
+        resources=pool_resources(draft_spec, target_specs),
+        namespace=cfg.ray.namespace,
+    )
+    timeout = cfg.draft_pool.load_timeout_s
+    t0 = time.time()
+    say(f"loading the draft pool: {cfg.draft_pool.model} x{cfg.draft_pool.replicas} ({cfg.draft_pool.quantize})")
+    draft = DraftPool(draft_spec, timeout_s=timeout)
+    say(f"draft pool ready in {time.time() - t0:.0f}s, exits {draft.info['exits']}")
+    pools = {}
+    for spec in target_specs:
+        t1 = time.time()
+        say(f"loading target {spec.name!r}: {spec.load.path} x{spec.replicas}" + (f", {spec.shards} shards" if spec.shards > 1 else ""))
+        pools[spec.name] = TargetPool(spec, timeout_s=timeout)
+        say(f"target {spec.name!r} ready in {time.time() - t1:.0f}s")
+    return ActorEngine(draft, pools)
+
+
+def build_routes(cfg: TandemConfig, engine: ActorEngine) -> dict[str, TargetRoute]:
+    import ray
+
+    draft_exits = tuple(engine.draft_pool.info["exits"]) if engine.draft_pool else ()
+    routes = {}
+    for t in cfg.targets:
+        pool = engine.targets[t.name]
+        handle = pool.members[0].handle
+        tokenizer, eos_ids = ray.get([handle.tokenizer.remote(), handle.eos_ids.remote()])
+        sorted_policy = None
+        if len(draft_exits) >= 2:
+            thresholds = tuple(t.sorted_thresholds) or (0.8,) * (len(draft_exits) - 1)
+            if len(thresholds) != len(draft_exits) - 1:
+                raise ValueError(
+                    f"targets[{t.name}].sorted_thresholds: need {len(draft_exits) - 1} values for draft exits {list(draft_exits)}"
+                )
+            sorted_policy = ExitPolicy(exits=draft_exits, thresholds=thresholds)
+        routes[t.name] = TargetRoute(
+            name=t.name,
+            model=t.model_ref,
+            tokenizer=tokenizer,
+            eos_ids=tuple(eos_ids),
+            max_context=int(pool.info["max_context"]),
+            vocab_size=int(pool.info["vocab_size"]),
+            default_method=t.method,
+            max_draft_len=t.max_draft_len,
+            policy=GoodputPolicy(exits=draft_exits, max_draft_len=t.max_draft_len, overlapped=True) if draft_exits else None,
+            sorted_policy=sorted_policy,
+            replicas=t.replicas,
+            shards=t.shards,
+            dtype=t.dtype,
+        )
+    return routes
+
+
+def _auth_token(cfg: TandemConfig) -> str | None:
+    env = cfg.server.auth_token_env
+    if not env:
+        return None
+    token = os.environ.get(env)
+    if not token:
+        raise ValueError(f"server.auth_token_env: environment variable {env} is not set (or empty)")
+    return token
+
+
+async def build_app(cfg: TandemConfig, *, resolve=resolve_model_path, engine: ActorEngine | None = None) -> ServeApp:
+    token = _auth_token(cfg)  # fail before loading anything
+    tls_cert = tls_key = None
+    if cfg.server.tls is not None:
+        try:
+            tls_cert = Path(cfg.server.tls.cert_file).read_bytes()
+            tls_key = Path(cfg.server.tls.key_file).read_bytes()
+        except OSError as exc:
+            raise ValueError(f"server.tls: cannot read {exc.filename}: {exc.strerror}") from None
+    if engine is None:
+        engine = await asyncio.get_running_loop().run_in_executor(None, lambda: build_engine(cfg, resolve=resolve))
+    routes = build_routes(cfg, engine)
+    telemetry = None
+    if cfg.server.metrics_port is not None or cfg.server.otlp_endpoint:
+        from services.telemetry import Telemetry
+
+        telemetry = Telemetry(
+            metrics_port=cfg.server.metrics_port,
+            metrics_host=cfg.server.host,
+            otlp_endpoint=cfg.server.otlp_endpoint,
+            trace_rounds_sample_rate=cfg.server.trace_rounds_sample_rate,
+        )
+    router = Router(
+        engine,
+        routes,
+        max_concurrent=cfg.server.max_concurrent,
+        queue_size=cfg.server.queue_size,
+        telemetry=telemetry,
+        draft_exits=engine.draft_pool.info["exits"] if engine.draft_pool else (),
+    )
+    d = cfg.draft_pool
+    server = await start_server(
+        router,
+        host=cfg.server.host,
+        port=cfg.server.port,
+        auth_token=token,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        max_message_bytes=cfg.server.max_message_bytes,
+        max_new_tokens_limit=cfg.server.max_new_tokens_limit,
+        default_max_new_tokens=cfg.server.default_max_new_tokens,
+        draft_info={"model": d.model, "replicas": d.replicas, "dtype": d.dtype, "exits": engine.draft_pool.info["exits"] if engine.draft_pool else []},
+    )
+    return ServeApp(config=cfg, engine=engine, router=router, server=server, telemetry=telemetry)
+
+
+async def serve_forever(cfg: TandemConfig) -> int:
+    app = await build_app(cfg)
+    where = f"{cfg.server.host}:{app.port}"
+    extras = []
+    if app.telemetry is not None and getattr(app.telemetry, "metrics_port", None):
+        extras.append(f"metrics on :{app.telemetry.metrics_port}/metrics")
+    if cfg.server.auth_token_env:
+        extras.append(f"bearer auth from ${cfg.server.auth_token_env}")
+    say(f"serving tandem.v1.Tandem on {where} (targets: {', '.join(app.router.routes)})" + (f"; {'; '.join(extras)}" if extras else ""))
+    say(f"try: tandem generate --server {where} --target {next(iter(app.router.routes))} --prompt 'Write a haiku about Ray'")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    say("shutting down: finishing streams in flight (5 s grace)")
+    await app.stop(grace=5.0)
+    return 0

@@ -1,0 +1,370 @@
+"""The router: several targets behind one endpoint, one shared draft pool for all of them.
+
+Per request it validates limits, admits the request through a bounded queue, picks the
+method, draft exit and draft length for the request's target (goodput policy per target,
+speculation/goodput.py), runs the speculation loop across the actor pools on a worker
+thread, and streams deltas back to the asyncio side. Deadlines, client cancellation and
+stop strings end the loop at the next round; the loop then frees the request's KV on every
+actor it touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, Sequence
+
+from actors.speculative import GenerationResult, SideUnavailableError, SpecConfig
+from speculation.goodput import Choice, GoodputPolicy
+from speculation.sampling import SamplingParams
+from speculation.sorted_policy import ExitPolicy
+
+log = logging.getLogger("tandem.router")
+
+METHODS = ("auto", "off", "sd", "sorted", "pearl", "spectr")
+
+
+class QueueFullError(RuntimeError):
+    """More requests waiting than the queue admits."""
+
+
+class UnknownTargetError(KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown target"
+
+
+@dataclass(frozen=True)
+class RouteRequest:
+    """A validated, tokenized request (built by the servicer)."""
+
+    request_id: str
+    target: str
+    prompt_ids: tuple[int, ...]
+    sampling: SamplingParams
+    max_new_tokens: int
+    stop: tuple[str, ...] = ()
+    stop_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    method: str = "auto"
+    max_draft_len: int | None = None
+    deadline: float | None = None  # time.monotonic() value
+
+
+@dataclass
+class Delta:
+    """One streamed message: tokens committed in one round (text with stop strings cut)."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None = None
+    usage: dict | None = None
+    stats: dict | None = None
+    error: str | None = None
+
+
+@dataclass
+class TargetRoute:
+    """Everything the router knows about one target."""
+
+    name: str
+    model: str
+    tokenizer: Any
+    eos_ids: tuple[int, ...]
+    max_context: int
+    vocab_size: int
+    default_method: str
+    max_draft_len: int
+    policy: GoodputPolicy | None
+    sorted_policy: ExitPolicy | None = None
+    replicas: int = 1
+    shards: int = 1
+    dtype: str = "bfloat16"
+    running: int = 0
+    waiting: int = 0
+
+
+class StopWatcher:
+    """Incremental detokenization with stop strings. Text that might be the start of a stop
+    string is held back until it is resolved, so nothing after a stop string is ever sent."""
+
+    def __init__(self, tokenizer, stop: Sequence[str]):
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.tokens: list[int] = []
+        self.sent = 0  # characters of text already sent
+        self.stopped = False
+
+    def push(self, tokens: Sequence[int], *, final: bool = False) -> tuple[list[int], str]:
+        """Add tokens; return (tokens to send, text to send)."""
+        if self.stopped:
+            return [], ""
+        send_ids: list[int] = []
+        for t in tokens:
+            self.tokens.append(int(t))
+            send_ids.append(int(t))
+            if self.stop and self._stop_at() is not None:
+                self.stopped = True
+                break  # tokens after the one completing a stop string are dropped
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        cut = self._stop_at(text)
+        if cut is not None:
+            return send_ids, self._emit(text[:cut])
+        if not final:
+            if text.endswith("\ufffd"):
+                return send_ids, ""  # an incomplete character: wait for the next token
+            hold = self._partial_stop_len(text)
+            return send_ids, self._emit(text[: len(text) - hold])
+        return send_ids, self._emit(text)
+
+    def _emit(self, upto: str) -> str:
+        out = upto[self.sent :]
+        self.sent = max(self.sent, len(upto))
+        return out
+
+    def _stop_at(self, text: str | None = None) -> int | None:
+        if not self.stop:
+            return None
+        if text is None:
+            text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        hits = [text.find(s, max(0, self.sent - len(s))) for s in self.stop]
+        hits = [h for h in hits if h >= 0]
+        return min(hits) if hits else None
+
+    def _partial_stop_len(self, text: str) -> int:
+        best = 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:k]):
+                    best = max(best, k)
+                    break
+        return best
+
+
+class Router:
+    """Routes requests to targets over an ActorEngine (actors/pools.py)."""
+
+    def __init__(
+        self,
+        engine,
+        routes: dict[str, TargetRoute],
+        *,
+        max_concurrent: int = 8,
+        queue_size: int = 64,
+        telemetry=None,
+        draft_exits: Sequence[int] = (),
+    ):
+        self.engine = engine
+        self.routes = routes
+        self.max_concurrent = max_concurrent
+        self.queue_size = queue_size
+        self.telemetry = telemetry
+        self.draft_exits = tuple(draft_exits)
+        self._pool = ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="request")
+        self._slots = asyncio.Semaphore(max_concurrent)
+        self._waiting = 0
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        if telemetry is not None:
+            telemetry.observe_queue_depth(self.queue_depths)
+
+    # ------------------------------------------------------------------ info
+    def queue_depths(self) -> dict[str, int]:
+        return {name: r.running + r.waiting for name, r in self.routes.items()}
+
+    def route(self, target: str) -> TargetRoute:
+        if target not in self.routes:
+            raise UnknownTargetError(f"target {target!r} is not served; targets: {', '.join(sorted(self.routes))}")
+        return self.routes[target]
+
+    def new_request_id(self) -> str:
+        return f"req-{next(self._ids)}-{time.time_ns() % 10**9}"
+
+    # ------------------------------------------------------------------ policy
+    def plan(self, route: TargetRoute, req: RouteRequest) -> tuple[SpecConfig, Choice | None]:
+        """Method, exit and draft length for one request."""
+        method = req.method if req.method != "auto" else route.default_method
+        cap = req.max_draft_len or route.max_draft_len  # the request may override the target's bound
+        if method == "off":
+            return SpecConfig(method="ar", gamma=1), None
+        if method == "sorted":
+            if route.sorted_policy is None:
+                raise ValueError("speculation.method: sorted needs a draft with several exits")
+            return SpecConfig(method="sorted", gamma=min(cap, 6), policy=route.sorted_policy), None
+        if method == "spectr":
+            return SpecConfig(method="spectr", gamma=min(cap, 4), k=2), None
+        if method in ("sd", "pearl") and req.method != "auto":
+            return SpecConfig(method=method, gamma=min(cap, 8 if method == "pearl" else 6)), None
+        # auto (or the target's default sd/pearl): the goodput policy picks exit and length
+        base = "pearl" if method in ("auto", "pearl") else "sd"
+        choice = route.policy.choose() if route.policy is not None else None
+        if choice is None:
+            return SpecConfig(method=base, gamma=min(cap, 6)), None
+        if choice.exit is None:
+            return SpecConfig(method="ar", gamma=1), choice
+        return SpecConfig(method=base, gamma=max(1, min(cap, choice.gamma)), policy=ExitPolicy.single(choice.exit)), choice
+
+    # ------------------------------------------------------------------ generation
+    async def generate(self, req: RouteRequest, *, cancelled: Callable[[], bool] = lambda: False) -> AsyncIterator[Delta]:
+        """Admit, run and stream one request. Raises UnknownTargetError, QueueFullError,
+        ValueError (bad field) before the first delta; SideUnavailableError on actor failure."""
+        route = self.route(req.target)
+        if self._slots.locked() and self._waiting >= self.queue_size:
+            raise QueueFullError(f"queue full: {self._waiting} requests waiting (queue_size {self.queue_size})")
+        spec, choice = self.plan(route, req)
+        self._waiting += 1
+        route.waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self._waiting -= 1
+            route.waiting -= 1
+        route.running += 1
+        try:
+            async for delta in self._run(route, req, spec, choice, cancelled):
+                yield delta
+        finally:
+            route.running -= 1
+            self._slots.release()
+
+    async def _run(self, route: TargetRoute, req: RouteRequest, spec: SpecConfig, choice: Choice | None, cancelled) -> AsyncIterator[Delta]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        watcher = StopWatcher(route.tokenizer, req.stop)
+        stop_flag = threading.Event()
+        cancel_flag = threading.Event()
+        stop_ids = set(req.stop_ids) | (set() if req.ignore_eos else set(route.eos_ids))
+        method_name = spec.method if spec.method != "ar" else "off"
+        trace = None
+        if self.telemetry is not None:
+            trace = self.telemetry.request(
+                request_id=req.request_id, target=route.name, method=method_name, prompt_tokens=len(req.prompt_ids)
+            )
+            trace.__enter__()
+        exit_depth = spec.policy.exits[-1] if spec.policy is not None and len(spec.policy.exits) == 1 else None
+
+        def on_tokens(tokens: list[int]) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, ("tokens", list(tokens)))
+
+        def on_round(info: dict) -> None:
+            if trace is not None:
+                trace.round(
+                    index=info["index"],
+                    start_ns=info["start_ns"],
+                    end_ns=info["end_ns"],
+                    drafted=info["drafted"],
+                    accepted=info["accepted"],
+                    emitted=info["emitted"],
+                    exits=info["exits"],
+                )
+            if route.policy is not None and spec.method in ("sd", "pearl", "ar"):
+                route.policy.observe_round(
+                    exit=exit_depth if spec.method != "ar" else None,
+                    drafted=info["drafted"],
+                    accepted=info["accepted"],
+                    draft_s=info["draft_s"],
+                    verify_s=info["verify_s"],
+                )
+
+        def should_stop() -> str | None:
+            if cancel_flag.is_set():
+                return "cancelled"
+            if stop_flag.is_set():
+                return "stop"
+            if req.deadline is not None and time.monotonic() > req.deadline:
+                return "deadline"
+            return None
+
+        def work() -> GenerationResult:
+            return self.engine.generate(
+                route.name,
+                list(req.prompt_ids),
+                spec=spec,
+                sampling=req.sampling,
+                max_new_tokens=req.max_new_tokens,
+                stop_ids=sorted(stop_ids),
+                on_tokens=on_tokens,
+                should_stop=should_stop,
+                on_round=on_round,
+                request_id=req.request_id,
+            )
+
+        fut = loop.run_in_executor(self._pool, work)
+        fut.add_done_callback(lambda f: queue.put_nowait(("done", None)))
+        sent_tokens = 0
+        first_sent = False
+        finished = False
+        try:
+            while True:
+                kind, payload = await queue.get()
+                if cancelled():
+                    cancel_flag.set()
+                if kind == "tokens":
+                    ids, text = watcher.push(payload)
+                    if watcher.stopped:
+                        stop_flag.set()
+                    if ids or text:
+                        sent_tokens += len(ids)
+                        if not first_sent and trace is not None:
+                            trace.first_token()
+                        first_sent = True
+                        yield Delta(token_ids=ids, text=text)
+                    continue
+                # done
+                finished = True
+                try:
+                    result = fut.result()
+                except SideUnavailableError as exc:
+                    if trace is not None:
+                        trace.finish(finish_reason="error", completion_tokens=sent_tokens, method=method_name, draft_len=spec.gamma, error=str(exc))
+                        trace = None
+                    if sent_tokens:
+                        yield Delta(
+                            token_ids=[], text="", finish_reason="error", usage=self._usage(req, sent_tokens), error=str(exc)
+                        )
+                    raise
+                _, tail = watcher.push([], final=True)
+                reason = "stop" if watcher.stopped else result.finish_reason
+                if reason == "eos" and result.tokens and result.tokens[-1] in set(req.stop_ids) - set(route.eos_ids):
+                    reason = "stop"  # a stop token id the client asked for
+                stats = self._stats(result, method_name, spec.gamma)
+                if trace is not None:
+                    trace.finish(finish_reason=reason, completion_tokens=sent_tokens, method=method_name, draft_len=spec.gamma)
+                    trace = None
+                yield Delta(token_ids=[], text=tail, finish_reason=reason, usage=self._usage(req, sent_tokens), stats=stats)
+                return
+        finally:
+            if not finished:
+                # the client went away (cancel, deadline) while we streamed: stop the loop;
+                # it closes the request on every actor at its next round
+                cancel_flag.set()
+                if trace is not None:
+                    trace.finish(finish_reason="cancelled", completion_tokens=sent_tokens, method=method_name, draft_len=spec.gamma)
+                    trace = None
+            if trace is not None:
+                trace.__exit__(None, None, None)
+
+    @staticmethod
+    def _usage(req: RouteRequest, completion: int) -> dict:
+        return {"prompt_tokens": len(req.prompt_ids), "completion_tokens": completion}
+
+    @staticmethod
+    def _stats(result: GenerationResult, method: str, draft_len: int) -> dict:
+        s = result.stats
+        return {
+            "method": method,
+            "draft_len": draft_len if method != "off" else 0,
+            "rounds": s.rounds,
+            "drafted": s.drafted,
+            "accepted": s.accepted,
+            "mean_accepted_len": s.mean_accepted_len,
+            "acceptance_by_position": s.acceptance_by_position(),
+            "exits_used": dict(s.exits_used),
+        }
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

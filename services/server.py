@@ -1,0 +1,123 @@
+"""Server bootstrap: the Tandem service, grpc.health.v1, reflection, bearer-token auth,
+TLS, and message size limits, on a grpc.aio server."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.protos.tandem.v1 import tandem_pb2 as pb
+from services.protos.tandem.v1 import tandem_pb2_grpc as pb_grpc
+from services.router import Router
+from services.servicer import TandemServicer
+
+log = logging.getLogger("tandem.server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Tandem"].full_name  # "tandem.v1.Tandem"
+# Health checks carry no credentials (Kubernetes probes); everything else needs the token.
+UNAUTHENTICATED_PREFIXES = ("/grpc.health.v1.Health/",)
+
+
+class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
+    """Requires `authorization: Bearer <token>` metadata on every call but health checks."""
+
+    def __init__(self, token: str):
+        if not token:
+            raise ValueError("auth token must not be empty")
+        self._expected = f"Bearer {token}".encode()
+
+    def _authorized(self, details: grpc.HandlerCallDetails) -> bool:
+        for key, value in details.invocation_metadata or ():
+            if key == "authorization":
+                got = value.encode() if isinstance(value, str) else value
+                return hmac.compare_digest(got, self._expected)
+        return False
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        if details.method.startswith(UNAUTHENTICATED_PREFIXES) or self._authorized(details):
+            return await continuation(details)
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        message = "missing or wrong bearer token (metadata 'authorization: Bearer <token>')"
+
+        async def deny(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+        async def deny_stream(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+            yield  # pragma: no cover - makes this an async generator
+
+        kw = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
+        if handler.request_streaming and handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(deny_stream, **kw)
+        if handler.request_streaming:
+            return grpc.stream_unary_rpc_method_handler(deny, **kw)
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(deny_stream, **kw)
+        return grpc.unary_unary_rpc_method_handler(deny, **kw)
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+
+    async def stop(self, grace: float = 5.0) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+
+async def start_server(
+    router: Router,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    auth_token: str | None = None,
+    tls_cert: bytes | None = None,
+    tls_key: bytes | None = None,
+    max_message_bytes: int = 4 * 1024 * 1024,
+    max_new_tokens_limit: int = 4096,
+    default_max_new_tokens: int = 256,
+    draft_info: dict | None = None,
+) -> RunningServer:
+    """Start serving; returns the bound port (port 0 picks a free one)."""
+    interceptors = [BearerAuthInterceptor(auth_token)] if auth_token else []
+    server = grpc.aio.server(
+        interceptors=interceptors,
+        options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ],
+    )
+    servicer = TandemServicer(
+        router,
+        max_new_tokens_limit=max_new_tokens_limit,
+        default_max_new_tokens=default_max_new_tokens,
+        draft_info=draft_info,
+    )
+    pb_grpc.add_TandemServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    address = f"{host}:{port}"
+    if tls_cert is not None:
+        creds = grpc.ssl_server_credentials([(tls_key, tls_cert)])
+        bound = server.add_secure_port(address, creds)
+    else:
+        bound = server.add_insecure_port(address)
+    if bound == 0:
+        raise RuntimeError(f"server: cannot bind {address}")
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("tandem serving on %s:%d", host, bound)
+    return RunningServer(server=server, port=bound, health=health_servicer)

@@ -1,0 +1,184 @@
+"""Goodput policy: per target, pick the draft exit and the draft length (0 = speculation
+off) that maximise expected committed tokens per second, from live acceptance and step
+times (SmartSpec, Liu et al., arXiv 2406.14066).
+
+Glossary
+- arm: one draft exit (a depth of the shared sorted draft) for one target.
+- acceptance by position: a_i = P(draft position i accepted | positions < i accepted), an
+  exponential moving average per arm over observed rounds.
+- expected tokens per round with gamma drafts: E(gamma) = 1 + sum_{i<=gamma} prod_{j<=i} a_j
+  (accepted drafts plus the one token the target always commits).
+- round time: sequential (sd) gamma * d + V; overlapped (pearl) max(gamma * d, V), with d the
+  draft step time of the arm and V the target's verification time.
+- rate = E(gamma) / round time; speculation off has rate 1 / V_ar (one token per step).
+
+Exploration: each arm is tried `min_samples` times before it is trusted, and every
+`explore_every`-th choice tries the arm with the fewest samples, so a change in traffic or
+load (which moves d and V) is noticed. Under heavy load measured step times grow (batched
+verification, a busy draft pool), so the chosen draft length shrinks and speculation turns
+itself off once it no longer pays.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Sequence
+
+
+@dataclass
+class _Ema:
+    alpha: float
+    value: float | None = None
+    count: int = 0
+
+    def add(self, x: float) -> None:
+        self.value = x if self.value is None else (1 - self.alpha) * self.value + self.alpha * x
+        self.count += 1
+
+
+@dataclass
+class ArmStats:
+    """Live statistics of one exit for one target."""
+
+    alpha: float
+    accept: list[_Ema] = field(default_factory=list)  # per draft position
+    draft_step_s: _Ema | None = None
+    rounds: int = 0
+
+    def __post_init__(self) -> None:
+        if self.draft_step_s is None:
+            self.draft_step_s = _Ema(self.alpha)
+
+    def observe(self, *, drafted: int, accepted: int, draft_s: float) -> None:
+        self.rounds += 1
+        while len(self.accept) < drafted:
+            self.accept.append(_Ema(self.alpha))
+        for i in range(min(accepted + 1, drafted)):
+            self.accept[i].add(1.0 if i < accepted else 0.0)  # position i reached; accepted?
+        if drafted > 0:
+            self.draft_step_s.add(draft_s / drafted)
+
+    def acceptance(self, gamma: int, prior: float) -> list[float]:
+        """a_1..a_gamma; unseen positions repeat the last seen one (or the prior)."""
+        seen = [e.value for e in self.accept if e.value is not None]
+        last = seen[-1] if seen else prior
+        return [(seen[i] if i < len(seen) else last) for i in range(gamma)]
+
+
+def expected_tokens(acceptance: Sequence[float]) -> float:
+    """E = 1 + sum_i prod_{j<=i} a_j: tokens committed per round."""
+    total, reach = 1.0, 1.0
+    for a in acceptance:
+        reach *= a
+        total += reach
+    return total
+
+
+@dataclass(frozen=True)
+class Choice:
+    exit: int | None  # None: speculation off
+    gamma: int  # 0 when off
+    rate: float  # predicted tokens per second
+    exploring: bool = False
+
+
+class GoodputPolicy:
+    """Thread-safe; one instance per target."""
+
+    def __init__(
+        self,
+        *,
+        exits: Sequence[int],
+        max_draft_len: int,
+        overlapped: bool = True,
+        alpha: float = 0.2,
+        prior_acceptance: float = 0.7,
+        min_samples: int = 3,
+        explore_every: int = 8,
+    ):
+        if not exits:
+            raise ValueError("exits must name at least one draft exit")
+        if max_draft_len < 1:
+            raise ValueError(f"max_draft_len must be >= 1, got {max_draft_len}")
+        self.exits = tuple(sorted(int(e) for e in exits))
+        self.max_draft_len = int(max_draft_len)
+        self.overlapped = overlapped
+        self.prior = prior_acceptance
+        self.min_samples = min_samples
+        self.explore_every = explore_every
+        self.arms = {e: ArmStats(alpha=alpha) for e in self.exits}
+        self.verify_s = _Ema(alpha)  # one verification of a draft block
+        self.ar_step_s = _Ema(alpha)  # one target-only step
+        self._choices = 0
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ observations
+    def observe_round(self, *, exit: int | None, drafted: int, accepted: int, draft_s: float, verify_s: float) -> None:
+        with self._lock:
+            if exit is None or drafted == 0:
+                self.ar_step_s.add(verify_s)
+                return
+            self.verify_s.add(verify_s)
+            if exit in self.arms:
+                self.arms[exit].observe(drafted=drafted, accepted=accepted, draft_s=draft_s)
+
+    # ------------------------------------------------------------------ prediction
+    def rate(self, exit: int, gamma: int) -> float:
+        """Predicted tokens/s of an arm with gamma drafts (0.0 when nothing is known)."""
+        arm = self.arms[exit]
+        d = arm.draft_step_s.value
+        v = self.verify_s.value if self.verify_s.value is not None else self.ar_step_s.value
+        if d is None or v is None:
+            return 0.0
+        e = expected_tokens(arm.acceptance(gamma, self.prior))
+        t = max(gamma * d, v) if self.overlapped else gamma * d + v
+        return e / t if t > 0 else 0.0
+
+    def best_gamma(self, exit: int) -> tuple[int, float]:
+        best = max(range(1, self.max_draft_len + 1), key=lambda g: self.rate(exit, g))
+        return best, self.rate(exit, best)
+
+    def off_rate(self) -> float:
+        v = self.ar_step_s.value
+        return 1.0 / v if v else 0.0
+
+    # ------------------------------------------------------------------ decision
+    def choose(self) -> Choice:
+        with self._lock:
+            self._choices += 1
+            # 1. every arm gets min_samples rounds before it is trusted
+            for e in reversed(self.exits):  # deepest first: most likely useful
+                if self.arms[e].rounds < self.min_samples:
+                    return Choice(exit=e, gamma=min(4, self.max_draft_len), rate=0.0, exploring=True)
+            if self.ar_step_s.count < 1:
+                return Choice(exit=None, gamma=0, rate=0.0, exploring=True)  # measure the off rate once
+            # 2. exploitation, with periodic exploration
+            scored = [(self.best_gamma(e), e) for e in self.exits]
+            (gamma, rate), exit = max(scored, key=lambda item: item[0][1])
+            if self.explore_every and self._choices % self.explore_every == 0:
+                # the least observed option, speculation off included
+                options = [(self.arms[e].rounds, e) for e in self.exits] + [(self.ar_step_s.count, -1)]
+                _, least = min(options)
+                if least == -1:
+                    return Choice(exit=None, gamma=0, rate=self.off_rate(), exploring=True)
+                g, r = self.best_gamma(least)
+                return Choice(exit=least, gamma=g, rate=r, exploring=True)
+            if rate <= self.off_rate():
+                return Choice(exit=None, gamma=0, rate=self.off_rate())
+            return Choice(exit=exit, gamma=gamma, rate=rate)
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {
+                "verify_s": self.verify_s.value,
+                "ar_step_s": self.ar_step_s.value,
+                "arms": {
+                    e: {
+                        "rounds": a.rounds,
+                        "draft_step_s": a.draft_step_s.value,
+                        "acceptance": [round(x.value, 3) for x in a.accept if x.value is not None],
+                    }
+                    for e, a in self.arms.items()
+                },
+            }
