@@ -30,6 +30,9 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -ra -m "not slow" tests
 
+proto: setup
+	$(BIN)/python -m services.protos.generate
+
 bench: setup
 	$(BIN)/tandem bench --prompts ../shared/eval/code_dev.jsonl --limit 3 --max-new-tokens 96 \
 		--json bench/results/code_dev.json

@@ -609,19 +609,21 @@ def generation_eos_ids(model_path: str) -> list[int]:
 
 
 def load_tokenizer(model_path: str):
-    from transformers import AutoTokenizer
+    """The model's tokenizer. A folder whose tokenizer_config.json names the generic fast
+    class gets exactly that (AutoTokenizer would otherwise pick the class of the model
+    family from config.json and replace the saved decoder)."""
+    import json
+    from pathlib import Path
+
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     try:
+        declared = None
+        cfg_file = Path(model_path) / "tokenizer_config.json"
+        if cfg_file.is_file():
+            declared = json.loads(cfg_file.read_text()).get("tokenizer_class")
+        if declared in ("PreTrainedTokenizerFast", "TokenizersBackend"):
+            return PreTrainedTokenizerFast.from_pretrained(model_path)
         return AutoTokenizer.from_pretrained(model_path)
     except (OSError, ValueError) as exc:
         raise ValueError(f"model: cannot load a tokenizer from {model_path!r}: {exc}") from exc
-
-
-__all__ = [
-    "ContextLengthError",
-    "ModelRunner",
-    "SequenceState",
-    "load_causal_lm",
-    "load_tokenizer",
-    "parse_dtype",
-]

@@ -220,7 +220,9 @@ def stat_tools() -> type[StatTools]:
 TINY_VOCAB = 6
 
 
-def make_tiny_model(folder, *, seed: int, vocab: int = TINY_VOCAB, layers: int = 2, hidden: int = 32, std: float = 0.35):
+def make_tiny_model(
+    folder, *, seed: int, vocab: int = TINY_VOCAB, layers: int = 2, hidden: int = 32, std: float = 0.35, context: int = 512
+):
     """A random Qwen2 causal LM saved under `folder`; larger init std makes its next-token
     distributions peaked enough for drafts to be accepted sometimes and rejected sometimes."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -233,7 +235,7 @@ def make_tiny_model(folder, *, seed: int, vocab: int = TINY_VOCAB, layers: int =
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=512,
+        max_position_embeddings=context,
         tie_word_embeddings=True,
         initializer_range=std,
         bos_token_id=0,
@@ -296,6 +298,15 @@ def make_tiny_tokenizer(folder, vocab: int = TINY_WORDS):
         "{% if add_generation_prompt %}<assistant> {% endif %}"
     )
     fast.save_pretrained(str(folder))
+    # Next to a Qwen2 config.json, AutoTokenizer would pick Qwen2Tokenizer (byte-level
+    # decoding); name the generic class so the word-level decoder is kept.
+    import json
+    from pathlib import Path
+
+    cfg_path = Path(folder) / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["tokenizer_class"] = "TokenizersBackend"
+    cfg_path.write_text(json.dumps(cfg, indent=2))
     return fast
 
 
@@ -306,7 +317,7 @@ def tiny_service_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("svc")
     out = {}
     for name, seed, layers in (("small", 11, 2), ("other", 12, 3), ("draft", 13, 4)):
-        path = make_tiny_model(root / name, seed=seed, vocab=TINY_WORDS, layers=layers, hidden=32, std=0.3)
+        path = make_tiny_model(root / name, seed=seed, vocab=TINY_WORDS, layers=layers, hidden=32, std=0.3, context=8192)
         make_tiny_tokenizer(root / name)
         from transformers import GenerationConfig
 
