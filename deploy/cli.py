@@ -36,11 +36,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tandem", description="Lossless multi-target speculative decoding")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="generate text (in-process with --local)")
+    gen = sub.add_parser("generate", help="generate text from a server (--server) or in-process (--local)")
     gen.add_argument("--local", action="store_true", help="run the models in this process")
+    gen.add_argument("--server", default="127.0.0.1:50051", help="host:port of a running tandem server")
+    gen.add_argument("--token", default=None, help="bearer token (default: $TANDEM_AUTH_TOKEN)")
+    gen.add_argument("--tls", action="store_true", help="connect with TLS (system roots or --ca)")
+    gen.add_argument("--ca", default=None, help="PEM root certificates for --tls")
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--prompt", help="user message (the chat template is applied)")
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
-    gen.add_argument("--method", default="sd", choices=METHOD_CHOICES)
+    gen.add_argument(
+        "--method", default=None, choices=METHOD_CHOICES + ["auto", "off"], help="default: auto on a server, sd with --local"
+    )
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--gamma", type=int, default=None, help="draft tokens per round (default per method)")
     gen.add_argument("--k", type=int, default=2, help="SpecTr branches")
@@ -56,7 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", default=None, help="write results here")
     bench.add_argument("--gamma", type=int, default=None)
     bench.add_argument("--k", type=int, default=2)
-    bench.add_argument("--via", default="local", choices=["local", "actors"], help="run tandem's methods in-process or on Ray actors")
+    bench.add_argument(
+        "--via", default="local", choices=["local", "actors", "grpc"],
+        help="run tandem's methods in-process, on Ray actors, or through a running server (--server)",
+    )
+    bench.add_argument("--server", default="127.0.0.1:50051", help="--via grpc: host:port of the server")
+    bench.add_argument("--token", default=None, help="--via grpc: bearer token (default: $TANDEM_AUTH_TOKEN)")
+    bench.add_argument("--targets", default="", help="--via grpc: comma-separated targets (default: all)")
+    bench.add_argument("--method", default="auto", help="--via grpc: speculation method to compare with off")
+    bench.add_argument("--warmup", type=int, default=6, help="--via grpc: warm-up requests per target")
     bench.add_argument("--concurrency", type=int, default=1, help="also measure aggregate tokens/s with C requests in flight")
     bench.add_argument("--draft-threads", type=int, default=1, help="--via actors: torch threads of the draft actor")
     bench.add_argument("--target-threads", type=int, default=1, help="--via actors: torch threads of each target actor")
@@ -68,6 +84,18 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list a server's targets (--server) or the local model packs")
     models.add_argument("--server", default=None, help="host:port of a running tandem server")
     models.add_argument("--token", default=None, help="bearer token (default: $TANDEM_AUTH_TOKEN)")
+
+    batch = sub.add_parser("batch", help="offline generation over a JSONL file with Ray Data (resumable)")
+    batch.add_argument("--input", required=True, help="JSONL: prompt | messages | Spec-Bench turns, optional target, sampling")
+    batch.add_argument("--output", required=True, help="JSONL, one record per input record; re-runs skip what is there")
+    batch.add_argument("--config", default=None, help="YAML config (targets, draft, batch.min_actors/max_actors)")
+    batch.add_argument("--address", default=None, help="join a Ray cluster instead of starting an embedded one")
+    batch.add_argument("--min-actors", type=int, default=None)
+    batch.add_argument("--max-actors", type=int, default=None)
+    batch.add_argument("--threads-per-actor", type=int, default=None, help="torch threads per actor (default: CPUs / max actors)")
+    batch.add_argument("--max-new-tokens", type=int, default=256, help="default for records without sampling.max_new_tokens")
+    batch.add_argument("--method", default=None, help="default speculation method for records without one")
+    batch.add_argument("--limit", type=int, default=None, help="generate at most this many pending records")
 
     serve = sub.add_parser("serve", help="serve the gRPC API (embedded local Ray and the default packs by default)")
     serve.add_argument("--config", default=None, help="YAML config (see deploy/config.py); default: embedded defaults")
@@ -91,10 +119,13 @@ def _policy_from_args(args, draft_runner):
 
 
 def cmd_generate(args) -> int:
-    if not args.local:
-        raise ValueError("generate: give --local (the gRPC client path needs a running server)")
     if not args.prompt:
         raise ValueError("prompt: give --prompt TEXT")
+    if not args.local:
+        return cmd_generate_remote(args)
+    args.method = args.method or "sd"
+    if args.method in ("auto", "off"):
+        args.method = "ar" if args.method == "off" else "sd"
     from actors.local import LocalEngine
     from deploy.models import ModelSpec, build_runner, encode_prompt, stop_ids_for, tokenizer_for
     from deploy.packs import resolve_model_path
@@ -155,6 +186,72 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _client(args):
+    from services.client import TandemClient
+
+    token = args.token or os.environ.get("TANDEM_AUTH_TOKEN")
+    ca = open(args.ca, "rb").read() if getattr(args, "ca", None) else None
+    return TandemClient(args.server, token=token, tls=getattr(args, "tls", False) or ca is not None, root_certificates=ca)
+
+
+def cmd_generate_remote(args) -> int:
+    from services.client import TandemError
+
+    kwargs = dict(
+        target=args.target,
+        prompt=args.prompt,
+        raw_prompt=args.raw,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k or None,
+        seed=args.seed,
+        stop=args.stop,
+        ignore_eos=args.ignore_eos,
+        method=args.method or "auto",
+        max_draft_len=args.gamma,
+    )
+    try:
+        with _client(args) as client:
+            if args.json:
+                r = client.generate(**kwargs)
+                print(json.dumps({"text": r.text, "finish_reason": r.finish_reason, "usage": r.usage, "stats": r.stats, "request_id": r.request_id}))
+                return 0
+            last = None
+            import time as _time
+
+            t0 = _time.perf_counter()
+            first = None
+            for chunk in client.generate_stream(**kwargs):
+                if first is None and chunk.token_ids:
+                    first = _time.perf_counter() - t0
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+                last = chunk
+            elapsed = _time.perf_counter() - t0
+    except TandemError as exc:
+        print(f"\ntandem generate: {exc}", file=sys.stderr)
+        return 1
+    print()
+    if last is not None and last.usage:
+        n = last.usage["completion_tokens"]
+        s = last.stats or {}
+        print(
+            f"--- {args.target}: {n} tokens in {elapsed:.2f}s ({n / elapsed if elapsed else 0:.2f} tok/s, "
+            f"first token {first or 0:.2f}s), finish: {last.finish_reason}",
+            file=sys.stderr,
+        )
+        if s:
+            accs = ", ".join(f"{a:.2f}" for a in s.get("acceptance_by_position", []))
+            print(
+                f"    method {s.get('method')}, draft length {s.get('draft_len')}, rounds {s.get('rounds')}, "
+                f"drafted {s.get('drafted')}, accepted {s.get('accepted')}, mean accepted length "
+                f"{s.get('mean_accepted_len', 0):.2f}, acceptance by position [{accs}], exits {s.get('exits_used')}",
+                file=sys.stderr,
+            )
+    return 0
+
+
 class TextStreamer:
     """Prints generated text as tokens arrive, decoding the whole output each time so that
     multi-byte characters split across tokens print whole."""
@@ -184,6 +281,21 @@ class TextStreamer:
 
 
 def cmd_models(args) -> int:
+    if args.server:
+        from services.client import TandemError
+
+        try:
+            with _client(args) as client:
+                info = client.list_models()
+        except TandemError as exc:
+            print(f"tandem models: {exc}", file=sys.stderr)
+            return 1
+        for t in info["targets"]:
+            print(f"target {t['name']:32s} {t['model']} x{t['replicas']} {t['dtype']} context {t['max_context']}")
+        if info.get("draft"):
+            d = info["draft"]
+            print(f"draft  {d['model']} x{d['replicas']} {d['dtype']} exits {d['exits']}")
+        return 0
     from deploy.packs import pack_status
 
     for name, status in pack_status().items():
@@ -211,6 +323,34 @@ def cmd_serve(args) -> int:
     return asyncio.run(serve_forever(cfg))
 
 
+def cmd_batch(args) -> int:
+    from deploy.batch import run_batch
+    from deploy.config import load_config
+    from deploy.packs import resolve_model_path
+
+    cfg = load_config(args.config)
+    upd: dict = {}
+    if args.address is not None:
+        upd["ray"] = cfg.ray.model_copy(update={"address": args.address})
+    if args.method is not None:
+        upd["batch"] = cfg.batch.model_copy(update={"method": args.method})
+    if upd:
+        cfg = cfg.model_copy(update=upd)
+    summary = run_batch(
+        cfg,
+        input_path=args.input,
+        output_path=args.output,
+        min_actors=args.min_actors or cfg.batch.min_actors,
+        max_actors=args.max_actors or cfg.batch.max_actors,
+        threads_per_actor=args.threads_per_actor,
+        default_max_new_tokens=args.max_new_tokens,
+        resolve=resolve_model_path,
+        limit=args.limit,
+    )
+    print(json.dumps(summary))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
@@ -219,6 +359,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "generate":
             return cmd_generate(args)
         if args.command == "bench":
+            if args.via == "grpc":
+                from bench.grpc_bench import main as grpc_bench_main
+
+                return grpc_bench_main(args)
             from bench.bench import main as bench_main
 
             return bench_main(args)
@@ -226,6 +370,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_models(args)
         if args.command == "serve":
             return cmd_serve(args)
+        if args.command == "batch":
+            return cmd_batch(args)
     except (ValueError, KeyError) as exc:
         from deploy.packs import PackNotInstalledError
 

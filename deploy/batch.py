@@ -1,0 +1,357 @@
+"""`tandem batch --input IN.jsonl --output OUT.jsonl`: offline generation with Ray Data on
+an autoscaling actor pool, one output record per input record, resumable.
+
+Input records (one JSON object per line), any of:
+- {"prompt": "...", ...} or {"messages": [{"role": ..., "content": ...}], ...}
+- Spec-Bench questions: {"question_id": ..., "category": ..., "turns": ["...", "..."]} (the
+  turns are answered one after the other, each answer becoming part of the next turn's chat)
+with optional "id", "target" (default: the first target of the config), "sampling"
+({temperature, top_p, top_k, seed, max_new_tokens, stop, ignore_eos}) and "method".
+
+Output records: {"key", "line", "id", "target", "text" (or "turns"), "finish_reason",
+"usage", "stats"} or, for a record that failed, {"key", "line", "id", "error"}.
+
+Exactly once: every record has a key (its "id"/"question_id" when given and unique, else its
+line number). A re-run reads the output, drops a torn last line, and skips every key already
+written, so a crash or Ctrl-C loses nothing and repeats nothing.
+
+Each pool actor hosts an in-process engine (target runner, int4 draft runner, threads split
+between them), so the pool's size is the number of model replicas; Ray Data grows it from
+--min-actors to --max-actors while records are waiting.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from deploy.config import TandemConfig
+
+SAMPLING_KEYS = {"temperature", "top_p", "top_k", "seed", "max_new_tokens", "stop", "ignore_eos"}
+METHODS = {"auto", "off", "ar", "sd", "sorted", "pearl", "spectr"}
+
+
+@dataclass(frozen=True)
+class PendingRecord:
+    key: str
+    line: int
+    payload: str  # the normalized record as JSON
+
+
+def _normalize(raw: Any, *, line: int, targets: list[str]) -> dict:
+    """Validate one input record; raises ValueError naming the field."""
+    if not isinstance(raw, dict):
+        raise ValueError("record must be a JSON object")
+    rec: dict = {"line": line}
+    rid = raw.get("id", raw.get("question_id"))
+    if rid is not None:
+        rec["id"] = str(rid)
+    if "turns" in raw:
+        turns = raw["turns"]
+        if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
+            raise ValueError("turns must be a non-empty list of non-empty strings")
+        rec["turns"] = turns
+    elif "messages" in raw:
+        msgs = raw["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise ValueError("messages must be a non-empty list")
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
+                raise ValueError(f"messages[{i}] must be {{role: system|user|assistant, content: str}}")
+        rec["messages"] = msgs
+    elif "prompt" in raw:
+        if not isinstance(raw["prompt"], str) or not raw["prompt"].strip():
+            raise ValueError("prompt must be a non-empty string")
+        rec["prompt"] = raw["prompt"]
+    else:
+        raise ValueError("record needs prompt, messages or turns")
+    target = raw.get("target", targets[0])
+    if target not in targets:
+        raise ValueError(f"target {target!r} is not configured; targets: {', '.join(targets)}")
+    rec["target"] = target
+    sampling = raw.get("sampling", {})
+    if not isinstance(sampling, dict):
+        raise ValueError("sampling must be an object")
+    unknown = set(sampling) - SAMPLING_KEYS
+    if unknown:
+        raise ValueError(f"sampling: unknown field(s) {', '.join(sorted(unknown))}")
+    from speculation.sampling import SamplingParams
+
+    try:
+        SamplingParams(
+            temperature=sampling.get("temperature", 0.0),
+            top_p=sampling.get("top_p", 1.0),
+            top_k=sampling.get("top_k", 0),
+            seed=sampling.get("seed"),
+        )
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"sampling.{exc}") from None
+    mnt = sampling.get("max_new_tokens")
+    if mnt is not None and (isinstance(mnt, bool) or not isinstance(mnt, int) or mnt < 1):
+        raise ValueError(f"sampling.max_new_tokens must be a positive integer, got {mnt!r}")
+    stop = sampling.get("stop", [])
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise ValueError("sampling.stop must be a list of non-empty strings")
+    rec["sampling"] = sampling
+    method = raw.get("method", "auto")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(sorted(METHODS))}, got {method!r}")
+    rec["method"] = method
+    return rec
+
+
+def read_done_keys(output: Path) -> set[str]:
+    """Keys already written; a torn last line (a crash mid-write) is cut off first."""
+    if not output.exists():
+        return set()
+    data = output.read_bytes()
+    good = data.rfind(b"\n") + 1
+    if good < len(data):
+        with open(output, "r+b") as f:
+            f.truncate(good)
+    keys = set()
+    for line in data[:good].splitlines():
+        if line.strip():
+            keys.add(json.loads(line)["key"])
+    return keys
+
+
+def scan_input(path: Path, *, targets: list[str], done: set[str]) -> tuple[list[PendingRecord], list[dict], int]:
+    """(records to generate, error records to write, records already done)."""
+    pending, errors, skipped = [], [], 0
+    raws: list[tuple[int, Any, str | None]] = []
+    with open(path) as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                raws.append((line_no, json.loads(line), None))
+            except json.JSONDecodeError as exc:
+                raws.append((line_no, None, f"not valid JSON: {exc.msg} at column {exc.colno}"))
+    ids = [str(r.get("id", r.get("question_id"))) for _, r, e in raws if e is None and isinstance(r, dict) and r.get("id", r.get("question_id")) is not None]
+    duplicated = {i for i in ids if ids.count(i) > 1}
+    for line_no, raw, err in raws:
+        rid = raw.get("id", raw.get("question_id")) if isinstance(raw, dict) else None
+        key = f"id:{rid}" if rid is not None and str(rid) not in duplicated else f"line:{line_no}"
+        if key in done:
+            skipped += 1
+            continue
+        if err is None:
+            try:
+                rec = _normalize(raw, line=line_no, targets=targets)
+                pending.append(PendingRecord(key=key, line=line_no, payload=json.dumps(rec)))
+                continue
+            except ValueError as exc:
+                err = str(exc)
+        out = {"key": key, "line": line_no, "error": err}
+        if rid is not None:
+            out["id"] = str(rid)
+        errors.append(out)
+    return pending, errors, skipped
+
+
+class GenerateRecords:
+    """The Ray Data UDF: one per pool actor, hosting an engine per target it has seen."""
+
+    def __init__(self, config: dict, threads: int, default_max_new_tokens: int, resolve=None):
+        import torch
+
+        from deploy.config import parse_config
+
+        torch.set_num_threads(threads)
+        self.cfg = parse_config(config)
+        self.threads = threads
+        self.default_max_new = default_max_new_tokens
+        self.resolve = resolve
+        self.engines: dict[str, Any] = {}
+        self._draft = None
+
+    def _engine(self, target: str):
+        if target in self.engines:
+            return self.engines[target]
+        from actors.local import LocalEngine
+        from actors.runner import ModelRunner, generation_eos_ids, load_tokenizer
+        from actors.workers import ModelLoad
+
+        t = next(t for t in self.cfg.targets if t.name == target)
+        path = self.resolve(t.model_ref) if self.resolve else t.model_ref
+        runner = ModelRunner(path, dtype=t.dtype)
+        if self._draft is None:
+            d = self.cfg.draft_pool
+            self._draft = ModelLoad(
+                path=d.model,
+                dtype=d.dtype,
+                quantize=None if d.quantize == "none" else d.quantize,
+                exits=tuple(d.exits),
+                exit_adapters=str(d.exit_adapters) if d.exit_adapters else None,
+                resolve=self.resolve,
+            ).build()
+        engine = LocalEngine(runner, self._draft, threads=self.threads)
+        self.engines[target] = (engine, load_tokenizer(path), generation_eos_ids(path))
+        return self.engines[target]
+
+    def _generate(self, rec: dict) -> dict:
+        from deploy.models import encode_prompt
+        from speculation.sampling import SamplingParams
+
+        engine, tok, eos = self._engine(rec["target"])
+        s = rec["sampling"]
+        sampling = SamplingParams(
+            temperature=s.get("temperature", 0.0), top_p=s.get("top_p", 1.0), top_k=s.get("top_k", 0), seed=s.get("seed")
+        )
+        method = rec["method"]
+        if method == "auto":
+            method = self.cfg.batch.method if self.cfg.batch.method != "auto" else ("pearl" if self.threads >= 2 else "sd")
+        method = {"off": "ar"}.get(method, method)
+        stop_ids = [] if s.get("ignore_eos") else eos
+        max_new = int(s.get("max_new_tokens") or self.default_max_new)
+        turns = rec.get("turns")
+        messages = list(rec.get("messages", [])) if "messages" in rec else None
+        answers, usage, stats_all = [], {"prompt_tokens": 0, "completion_tokens": 0}, []
+        chat: list[dict] = []
+        finish = None
+        for turn in turns or [None]:
+            if turn is not None:
+                chat.append({"role": "user", "content": turn})
+                ids = encode_prompt(tok, messages=chat)
+            elif messages is not None:
+                ids = encode_prompt(tok, messages=messages)
+            else:
+                ids = encode_prompt(tok, prompt=rec["prompt"])
+            res = engine.generate(ids, method=method, sampling=sampling, max_new_tokens=max_new, stop_ids=stop_ids)
+            text = tok.decode(res.tokens, skip_special_tokens=True)
+            for stop in s.get("stop", []):
+                if stop in text:
+                    text = text[: text.index(stop)]
+                    finish = "stop"
+            answers.append(text)
+            chat.append({"role": "assistant", "content": text})
+            usage["prompt_tokens"] += len(ids)
+            usage["completion_tokens"] += len(res.tokens)
+            stats_all.append(res.stats.to_dict())
+            finish = finish if finish == "stop" else res.finish_reason
+        out = {"target": rec["target"], "finish_reason": finish, "usage": usage, "method": method}
+        if turns is not None:
+            out["turns"] = answers
+            out["stats"] = stats_all
+        else:
+            out["text"] = answers[0]
+            out["stats"] = stats_all[0]
+        return out
+
+    def __call__(self, batch: dict) -> dict:
+        outputs = []
+        for key, line, payload in zip(batch["key"], batch["line"], batch["payload"]):
+            rec = json.loads(payload)
+            base = {"key": str(key), "line": int(line)}
+            if "id" in rec:
+                base["id"] = rec["id"]
+            try:
+                outputs.append(json.dumps({**base, **self._generate(rec)}))
+            except Exception as exc:  # noqa: BLE001 - the record fails, the job goes on
+                outputs.append(json.dumps({**base, "error": f"{type(exc).__name__}: {exc}"}))
+        return {"output": outputs}
+
+
+class OutputWriter:
+    """Appends records and makes each durable before counting it done."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = open(path, "a", encoding="utf-8")
+        self.written = 0
+
+    def write(self, record_json: str) -> None:
+        self.f.write(record_json.rstrip("\n") + "\n")
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.written += 1
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def run_batch(
+    cfg: TandemConfig,
+    *,
+    input_path: str,
+    output_path: str,
+    min_actors: int,
+    max_actors: int,
+    threads_per_actor: int | None = None,
+    default_max_new_tokens: int = 256,
+    resolve=None,
+    progress: bool = True,
+    limit: int | None = None,
+) -> dict:
+    import ray
+    from tqdm import tqdm
+
+    from actors.pools import ensure_ray
+
+    inp, out = Path(input_path), Path(output_path)
+    if not inp.is_file():
+        raise ValueError(f"input: {inp} does not exist")
+    if max_actors < min_actors:
+        raise ValueError(f"max_actors ({max_actors}) must be >= min_actors ({min_actors})")
+    targets = [t.name for t in cfg.targets]
+    done = read_done_keys(out)
+    pending, errors, skipped = scan_input(inp, targets=targets, done=done)
+    if limit is not None:
+        pending = pending[:limit]
+    writer = OutputWriter(out)
+    for e in errors:
+        writer.write(json.dumps(e))
+    summary = {"skipped_done": skipped, "errors_in_input": len(errors), "generated": 0, "failed": 0, "tokens": 0}
+    if not pending:
+        writer.close()
+        return summary
+    ensure_ray(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus or os.cpu_count(), namespace=cfg.ray.namespace)
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    threads = threads_per_actor or max(1, cpus // max_actors)
+    ds = ray.data.from_items([{"key": p.key, "line": p.line, "payload": p.payload} for p in pending])
+    ds = ds.map_batches(
+        GenerateRecords,
+        fn_constructor_kwargs={
+            "config": json.loads(cfg.model_dump_json()),
+            "threads": threads,
+            "default_max_new_tokens": default_max_new_tokens,
+            "resolve": resolve,
+        },
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
+        num_cpus=threads,
+    )
+    bar = tqdm(total=len(pending), desc="batch", unit="rec", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    t0 = time.time()
+    try:
+        for row in ds.iter_rows():
+            rec = json.loads(row["output"])
+            writer.write(row["output"])
+            if "error" in rec:
+                summary["failed"] += 1
+            else:
+                summary["generated"] += 1
+                summary["tokens"] += rec["usage"]["completion_tokens"]
+            el = max(time.time() - t0, 1e-9)
+            bar.set_postfix_str(f"{(summary['generated'] + summary['failed']) / el:.2f} rec/s, {summary['tokens'] / el:.1f} tok/s")
+            bar.update(1)
+    finally:
+        bar.close()
+        writer.close()
+    summary["seconds"] = round(time.time() - t0, 2)
+    summary["records_per_s"] = round((summary["generated"] + summary["failed"]) / max(summary["seconds"], 1e-9), 3)
+    summary["tokens_per_s"] = round(summary["tokens"] / max(summary["seconds"], 1e-9), 2)
+    return summary
+
+
+def iter_output(path: str | Path) -> Iterator[dict]:
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)

@@ -1,0 +1,135 @@
+"""`tandem batch` on a local Ray cluster with tiny models: one output record per input
+record (malformed ones become error records), and a real process kill midway followed by a
+re-run leaves every record in the output exactly once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+from deploy.batch import iter_output, run_batch
+from deploy.config import parse_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write_config(path: Path, models: dict) -> dict:
+    cfg = {
+        "draft_pool": {"model": models["draft"], "dtype": "float32", "quantize": "none", "exits": [2]},
+        "targets": [
+            {"name": "small", "model": models["small"], "dtype": "float32"},
+            {"name": "other", "model": models["other"], "dtype": "float32"},
+        ],
+        "batch": {"min_actors": 1, "max_actors": 2, "method": "sd"},
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return cfg
+
+
+def write_input(path: Path, n_good: int, *, max_new: int = 24) -> tuple[list[str], list[int]]:
+    """Good records of every format plus malformed lines; returns (expected keys, bad lines)."""
+    lines, keys, bad = [], [], []
+    for i in range(n_good):
+        kind = i % 4
+        if kind == 0:
+            rec = {"prompt": f"def x return w{i % 50}", "sampling": {"max_new_tokens": max_new, "ignore_eos": True}}
+        elif kind == 1:
+            rec = {"id": f"chat-{i}", "messages": [{"role": "user", "content": "print x"}], "target": "other",
+                   "sampling": {"max_new_tokens": max_new, "temperature": 1.0, "seed": i}}
+        elif kind == 2:
+            rec = {"question_id": f"q{i}", "category": "coding", "turns": ["def x", "return y"],
+                   "sampling": {"max_new_tokens": max_new // 2}}
+        else:
+            rec = {"prompt": "the a of", "method": "pearl", "sampling": {"max_new_tokens": max_new, "ignore_eos": True}}
+        lines.append(json.dumps(rec))
+    for bad_line in [
+        "{not json",
+        json.dumps({"prompt": ""}),
+        json.dumps({"prompt": "x", "target": "gpt-17"}),
+        json.dumps({"prompt": "x", "sampling": {"temperature": -1}}),
+        json.dumps({"messages": [{"role": "robot", "content": "x"}]}),
+        json.dumps([1, 2, 3]),
+        json.dumps({"text": "no prompt field"}),
+    ]:
+        lines.insert(len(lines) // 2, bad_line)
+    path.write_text("\n".join(lines) + "\n\n")
+    for line_no, line in enumerate(lines, 1):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            rec = None
+        rid = rec.get("id", rec.get("question_id")) if isinstance(rec, dict) else None
+        keys.append(f"id:{rid}" if rid is not None else f"line:{line_no}")
+        if line.startswith("{not") or not isinstance(rec, dict) or rec in (
+            {"prompt": ""}, {"prompt": "x", "target": "gpt-17"}, {"prompt": "x", "sampling": {"temperature": -1}},
+            {"messages": [{"role": "robot", "content": "x"}]}, {"text": "no prompt field"},
+        ):
+            bad.append(line_no)
+    return keys, bad
+
+
+def test_every_input_gets_exactly_one_output(ray_local, tiny_service_models, tmp_path):
+    cfg_dict = write_config(tmp_path / "cfg.yaml", tiny_service_models)
+    keys, bad = write_input(tmp_path / "in.jsonl", 16)
+    out = tmp_path / "out.jsonl"
+    summary = run_batch(parse_config(cfg_dict), input_path=str(tmp_path / "in.jsonl"), output_path=str(out),
+                        min_actors=1, max_actors=2, progress=False)
+    records = list(iter_output(out))
+    assert Counter(r["key"] for r in records) == Counter(keys)
+    errors = {r["line"]: r["error"] for r in records if "error" in r}
+    assert sorted(errors) == bad
+    assert "JSON" in errors[bad[0]] or any("JSON" in e for e in errors.values())
+    assert any("target" in e for e in errors.values()) and any("temperature" in e for e in errors.values())
+    good = [r for r in records if "error" not in r]
+    assert len(good) == 16 and summary["generated"] == 16 and summary["errors_in_input"] == len(bad)
+    for r in good:
+        assert r["usage"]["completion_tokens"] >= 1 and "stats" in r and r["finish_reason"] in ("length", "eos", "stop")
+        assert ("turns" in r and len(r["turns"]) == 2) or isinstance(r["text"], str)
+    # a second run finds everything done and writes nothing
+    again = run_batch(parse_config(cfg_dict), input_path=str(tmp_path / "in.jsonl"), output_path=str(out),
+                      min_actors=1, max_actors=1, progress=False)
+    assert again["skipped_done"] == len(keys) and again["generated"] == 0
+    assert len(list(iter_output(out))) == len(keys)
+
+
+def test_killed_job_resumes_without_loss_or_repeats(tiny_service_models, tmp_path):
+    write_config(tmp_path / "cfg.yaml", tiny_service_models)
+    keys, bad = write_input(tmp_path / "in.jsonl", 40, max_new=160)
+    out = tmp_path / "out.jsonl"
+    cmd = [sys.executable, "-m", "deploy.cli", "batch", "--config", str(tmp_path / "cfg.yaml"),
+           "--input", str(tmp_path / "in.jsonl"), "--output", str(out), "--min-actors", "1", "--max-actors", "1"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_DEDUP_LOGS": "0"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            n = sum(1 for _ in open(out)) if out.exists() else 0
+            if n >= len(bad) + 5:
+                break
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            time.sleep(0.2)
+        else:
+            pytest.fail("the batch job wrote nothing in time")
+        os.killpg(proc.pid, signal.SIGKILL)  # a real kill: the driver and its Ray processes
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    partial = [json.loads(l) for l in open(out) if l.strip()]
+    assert 0 < len(partial) < len(keys), "the kill should land midway"
+    # re-run to completion
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["skipped_done"] >= len(partial) - 1
+    records = list(iter_output(out))
+    assert Counter(r["key"] for r in records) == Counter(keys)  # every record exactly once
