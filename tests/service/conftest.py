@@ -15,7 +15,7 @@ from deploy.config import parse_config
 class ServerThread:
     """Runs deploy.serve.build_app in a background event loop."""
 
-    def __init__(self, config_dict: dict, engine=None):
+    def __init__(self, config_dict: dict, engine=None, resolve=None):
         self.cfg = parse_config(config_dict)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -23,7 +23,7 @@ class ServerThread:
         from deploy.serve import build_app
 
         try:
-            self.app = self.run(build_app(self.cfg, resolve=None, engine=engine))
+            self.app = self.run(build_app(self.cfg, resolve=resolve, engine=engine))
         except BaseException:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(timeout=10)

@@ -1,0 +1,164 @@
+"""The model runner against the transformers reference, on tiny random models in float32:
+extend, rollback then extend (== a fresh prefill), batched verification with different
+lengths, multi-exit forwards with lazy deeper KV, pipeline stages, quantized drafts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from actors.runner import ContextLengthError, ModelRunner
+
+TOL = 1e-5
+TOL_BATCH = 1e-4  # padded batches block the matmuls differently: ~2e-5 apart in float32
+
+
+@pytest.fixture(scope="module")
+def ref(tiny_paths):
+    path = tiny_paths[1]  # 4 layers
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tokens = torch.tensor([[0, 3, 1, 4, 2, 5, 1, 1, 2, 3, 0, 4, 5, 5, 2, 1]])
+    with torch.no_grad():
+        out = model(tokens, output_hidden_states=True)
+    return path, model, tokens[0].tolist(), out.logits[0], out.hidden_states
+
+
+def test_extend_in_pieces_matches_one_forward(ref):
+    path, _, tokens, logits, _ = ref
+    r = ModelRunner(path, dtype="float32")
+    s = r.new_sequence(capacity=4)  # forces the cache to grow
+    got = torch.cat([r.extend(s, tokens[:5]), r.extend(s, tokens[5:6]), r.extend(s, tokens[6:])])
+    assert torch.allclose(got, logits, atol=TOL)
+    assert s.length == len(tokens)
+
+
+def test_rollback_then_extend_equals_fresh_prefill(ref):
+    path, _, tokens, logits, _ = ref
+    r = ModelRunner(path, dtype="float32")
+    s = r.new_sequence()
+    r.extend(s, tokens)
+    for cut in (12, 7, 1):
+        r.rollback(s, cut)
+        assert s.length == cut and s.tokens == tokens[:cut]
+        again = r.extend(s, tokens[cut:])
+        assert torch.allclose(again, logits[cut:], atol=TOL), cut
+    # a wrong continuation after a rollback leaves no trace
+    r.rollback(s, 6)
+    r.extend(s, [5, 5, 5])
+    r.rollback(s, 6)
+    assert torch.allclose(r.extend(s, tokens[6:]), logits[6:], atol=TOL)
+
+
+def test_common_prefix_rollback(ref):
+    path, _, tokens, logits, _ = ref
+    r = ModelRunner(path, dtype="float32")
+    s = r.new_sequence()
+    r.extend(s, tokens[:10])
+    assert r.truncate_to_common_prefix(s, tokens[:4] + [5, 5]) == 4
+    assert s.length == 4
+
+
+def test_batched_verification_with_different_lengths(ref):
+    path, _, tokens, logits, _ = ref
+    r = ModelRunner(path, dtype="float32")
+    seqs = [r.new_sequence() for _ in range(3)]
+    prefixes = [3, 9, 6]
+    for s, p in zip(seqs, prefixes):
+        r.extend(s, tokens[:p])
+    blocks = [tokens[3:8], tokens[9:10], tokens[6:16]]
+    outs = r.extend_batch(seqs, blocks)
+    for out, p, b in zip(outs, prefixes, blocks):
+        assert torch.allclose(out, logits[p : p + len(b)], atol=TOL_BATCH)
+
+
+def test_exit_logits_and_lazy_deeper_kv(ref):
+    path, model, tokens, logits, hidden = ref
+    r = ModelRunner(path, dtype="float32", exits=(2,))
+    s = r.new_sequence()
+    r.extend(s, tokens[:4])
+    # three tokens leave at exit 2: their layer-2..3 KV is missing
+    for i in range(4, 7):
+        h = r.forward_to_depth([s], [[tokens[i]]], depth=2)[0]
+        with torch.no_grad():
+            want = model.lm_head(model.model.norm(hidden[2][0, i : i + 1]))
+        assert torch.allclose(r.logits_at_exit(h, 2), want, atol=TOL)
+    assert s.filled == [7, 7, 4, 4]
+    # one token continues to the full depth at once (S2D: its exit was not confident)
+    h = r.forward_to_depth([s], [[tokens[7]]], depth=2)[0]
+    h = r.continue_to_depth(s, h, from_depth=2, depth=4)
+    assert torch.allclose(r.logits_at_exit(h, 4), logits[7:8], atol=TOL)
+    assert s.filled == [8, 8, 8, 8]  # the lazy tokens were filled on the way
+    assert torch.allclose(r.extend(s, tokens[8:]), logits[8:], atol=TOL)
+
+
+def test_pipeline_stages_chain_to_the_full_model(ref):
+    path, _, tokens, logits, _ = ref
+    stages = [ModelRunner(path, dtype="float32", layer_range=rng) for rng in ((0, 1), (1, 3), (3, 4))]
+    seqs = [st.new_sequence() for st in stages]
+    x = [tokens[:9]]
+    for st, s in zip(stages, seqs):
+        x = st.forward_stage([s], [0], x)
+    assert torch.allclose(x[0], logits[:9], atol=TOL)
+    x = [tokens[5:]]  # re-start at 5: every stage cuts its cache back first
+    for st, s in zip(stages, seqs):
+        x = st.forward_stage([s], [5], x)
+    assert torch.allclose(x[0], logits[5:], atol=TOL)
+
+
+def _dequantized(weight: torch.Tensor, kind: str) -> torch.Tensor:
+    """The weights the quantized kernels should be computing with (the formulas of
+    actors.runner.QuantLinear, written out independently)."""
+    w = weight.float()
+    if kind == "int8":
+        scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+        return torch.round(w / scale[:, None]).clamp(-127, 127) * scale[:, None]
+    out_f, in_f = w.shape
+    wg = w.view(out_f, in_f // 32, 32)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-8)
+    q = torch.round((wg - lo[..., None]) / scale[..., None]).clamp(0, 15)
+    return ((q - 8) * scale[..., None] + (lo + 8 * scale)[..., None]).view(out_f, in_f)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_quantized_kernels_compute_the_quantized_weights(tiny_service_models, kind, rows):
+    """Every projection of a quantized draft against a dense matmul with its dequantized
+    weights (so packing, scales and zero points are right); a prefill (many rows) takes
+    the dense weights."""
+    r = ModelRunner(tiny_service_models["draft"], dtype="float32", quantize=kind)
+    torch.manual_seed(0)
+    for layer in r.layers:
+        for lin in (layer.qkv, layer.o, layer.gate_up, layer.down):
+            x = torch.randn(rows, lin.weight.shape[1])
+            want = x @ _dequantized(lin.weight, kind).t()
+            if lin.bias is not None:
+                want = want + lin.bias
+            assert torch.allclose(lin(x), want, atol=1e-4, rtol=1e-4)
+            many = torch.randn(lin.QUANT_MAX_ROWS + 1, lin.weight.shape[1])
+            assert torch.allclose(lin(many), many @ lin.weight.t() + (lin.bias if lin.bias is not None else 0), atol=1e-4)
+
+
+def test_restricted_head_maps_columns_to_token_ids(tiny_paths):
+    path = tiny_paths[1]
+    full = ModelRunner(path, dtype="float32")
+    part = ModelRunner(path, dtype="float32", head_ids=[0, 2, 5])
+    a = full.extend(full.new_sequence(), [1, 2, 3])
+    b = part.extend(part.new_sequence(), [1, 2, 3])
+    assert b.shape[-1] == 3 and torch.allclose(b, a[:, [0, 2, 5]], atol=TOL)
+
+
+def test_context_and_argument_errors(tiny_paths):
+    r = ModelRunner(tiny_paths[0], dtype="float32", max_context=16)
+    s = r.new_sequence()
+    with pytest.raises(ContextLengthError, match="context"):
+        r.extend(s, [1] * 17)
+    with pytest.raises(ValueError, match="exits"):
+        ModelRunner(tiny_paths[0], dtype="float32", exits=(7,))
+    with pytest.raises(ValueError, match="quantize"):
+        ModelRunner(tiny_paths[0], dtype="float32", quantize="int3")
+    with pytest.raises(ValueError, match="layer_range"):
+        ModelRunner(tiny_paths[0], dtype="float32", layer_range=(1, 9))
+    with pytest.raises(ValueError, match="prompt"):
+        r.prefill(r.new_sequence(), [])

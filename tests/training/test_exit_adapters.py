@@ -1,0 +1,127 @@
+"""Exit adapters: identity at initialisation, save/load round trip, draft identity checks,
+and that the training forward computes exactly what the runner computes at an exit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from actors.exit_adapters import (
+    ExitAdapter,
+    check_runner_matches,
+    identity_of_hf_model,
+    load_exit_adapters,
+    read_manifest,
+    save_exit_adapters,
+)
+from actors.runner import ModelRunner, load_causal_lm
+from tests.conftest import make_tiny_model
+
+EXITS = (1, 2, 3)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = make_tiny_model(tmp_path_factory.mktemp("exitdraft") / "m", seed=5, vocab=40, layers=4, hidden=32)
+    return path, load_causal_lm(path, torch.float32)
+
+
+def _random_adapters(hidden: int, rank: int = 8, seed: int = 0) -> dict[int, ExitAdapter]:
+    torch.manual_seed(seed)
+    ads = {}
+    for e in EXITS:
+        ad = ExitAdapter(hidden, rank)
+        with torch.no_grad():
+            ad.up.normal_(0, 0.3)  # non-identity so the tests see the adapter act
+            ad.scale.uniform_(0.5, 1.5)
+        ads[e] = ad
+    return ads
+
+
+def test_fresh_adapter_is_identity():
+    ad = ExitAdapter(16, 4)
+    h = torch.randn(5, 16)
+    assert torch.equal(ad(h), h)
+    assert ad(h.bfloat16()).dtype == torch.bfloat16
+
+
+def test_save_load_round_trip_and_manifest(tiny, tmp_path):
+    path, model = tiny
+    ident = identity_of_hf_model(model, path)
+    ads = _random_adapters(32)
+    head_ids = [0, 3, 5, 7, 11, 39]
+    save_exit_adapters(tmp_path, ads, draft=ident, head_ids=head_ids, extra={"training": {"steps": 3}})
+    manifest = read_manifest(tmp_path)
+    assert manifest["exits"] == list(EXITS) and manifest["rank"] == 8 and manifest["head_ids_file"]
+    assert manifest["draft"]["fingerprint"] == ident.fingerprint and manifest["training"]["steps"] == 3
+    loaded, exits, ids = load_exit_adapters(tmp_path, torch.float32)
+    assert exits == EXITS and ids.tolist() == head_ids
+    h = torch.randn(7, 32)
+    for e in EXITS:
+        assert torch.allclose(loaded[e](h), ads[e](h), atol=1e-6)
+        assert not any(p.requires_grad for p in loaded[e].parameters())
+    # Saved files are small: adapters, not the model.
+    assert sum(f.stat().st_size for f in tmp_path.iterdir()) < 200_000
+
+
+def test_runner_logits_match_training_forward(tiny, tmp_path):
+    """The training path (HF hidden states -> adapter -> shared norm -> head on S) and the
+    runner's exit (forward_to_depth -> logits_at_exit) agree: what is trained is what drafts."""
+    from deploy.train_exits import Teacher
+
+    path, model = tiny
+    ads = _random_adapters(32, seed=1)
+    head_ids = torch.tensor([0, 2, 4, 8, 16, 31, 33, 39])
+    save_exit_adapters(tmp_path, ads, draft=identity_of_hf_model(model, path), head_ids=head_ids)
+    loaded, exits, ids = load_exit_adapters(tmp_path, torch.float32)
+    runner = ModelRunner(path, dtype="float32", exits=exits, head_ids=ids, exit_adapters=loaded)
+    check_runner_matches(tmp_path, runner)
+    tokens = [1, 5, 9, 2, 7, 3, 3, 8]
+    teacher = Teacher(model, exits=EXITS, head_ids=ids, compile_body=False)
+    hs, t_logits = teacher.forward(torch.tensor([tokens]))
+    for e in EXITS:
+        seq = runner.new_sequence()
+        h = runner.forward_to_depth([seq], [tokens], depth=e)[0]
+        got = runner.logits_at_exit(h, e)  # [n, S]
+        want = teacher.exit_logits(loaded[e], hs[e])
+        assert torch.allclose(got, want, atol=1e-4), (e, (got - want).abs().max())
+    seq = runner.new_sequence()
+    assert torch.allclose(runner.extend(seq, tokens), t_logits, atol=1e-4)
+
+
+def test_mismatched_draft_is_refused(tiny, tmp_path, tmp_path_factory):
+    path, model = tiny
+    save_exit_adapters(tmp_path, _random_adapters(32), draft=identity_of_hf_model(model, path))
+    other = make_tiny_model(tmp_path_factory.mktemp("other") / "m", seed=6, vocab=40, layers=4, hidden=32)
+    runner = ModelRunner(other, dtype="float32", exits=EXITS)
+    with pytest.raises(ValueError, match="fingerprint"):
+        check_runner_matches(tmp_path, runner)
+
+
+def test_quantized_runner_keeps_fingerprint(tiny, tmp_path):
+    """Weight-quantized drafts match adapters trained on the unquantized weights."""
+    path, model = tiny
+    save_exit_adapters(tmp_path, _random_adapters(32), draft=identity_of_hf_model(model, path))
+    check_runner_matches(tmp_path, ModelRunner(path, dtype="bfloat16", exits=EXITS, quantize="int8"))
+
+
+def test_trained_exits_keep_greedy_output_lossless(tiny, tmp_path, tmp_path_factory):
+    """A draft with (non-identity) exit adapters and a restricted head, drafting with `sd`
+    from a shallow exit and with `sorted`, reproduces target-only greedy output (float32)."""
+    from actors.local import LocalEngine, ThreadSplit
+    from speculation.sorted_policy import ExitPolicy
+
+    path, model = tiny
+    save_exit_adapters(tmp_path, _random_adapters(32, seed=2), draft=identity_of_hf_model(model, path),
+                       head_ids=list(range(0, 40, 2)) + [1, 3])
+    loaded, exits, ids = load_exit_adapters(tmp_path, torch.float32)
+    draft = ModelRunner(path, dtype="float32", exits=exits, head_ids=ids, exit_adapters=loaded)
+    target_path = make_tiny_model(tmp_path_factory.mktemp("tgt") / "m", seed=7, vocab=40, layers=2, hidden=32)
+    target = ModelRunner(target_path, dtype="float32")
+    with LocalEngine(target, draft, threads=1, split=ThreadSplit(target=1, draft=1)) as eng:
+        for prompt in ([0, 1, 2], [5, 9, 3, 3, 7]):
+            ar = eng.generate(prompt, method="ar", max_new_tokens=24).tokens
+            one = eng.generate(prompt, method="sd", gamma=3, policy=ExitPolicy.single(2), max_new_tokens=24)
+            s2d = eng.generate(prompt, method="sorted", gamma=3, policy=ExitPolicy(exits=(1, 3, 4), thresholds=(0.3, 0.2)), max_new_tokens=24)
+            assert one.tokens == ar and s2d.tokens == ar
+            assert set(s2d.stats.exits_used) <= {1, 3, 4}
