@@ -68,8 +68,7 @@ class Drafter:
         self.runner = runner
         self.sparse_top = sparse_top
         self.requests: dict[str, _DraftRequest] = {}
-        head_ids = runner.head_ids
-        self._head_ids_np = head_ids.numpy() if head_ids is not None else None
+        self._columns = {e: (c.numpy() if (c := runner.head_columns(e)) is not None else None) for e in runner.exits}
 
     # ------------------------------------------------------------------ lifecycle
     def open(self, request_id: str, *, sampling: SamplingParams, capacity: int = 256) -> None:
@@ -101,21 +100,19 @@ class Drafter:
         return [int(t) for t in sequence[common:]]
 
     # ------------------------------------------------------------------ one token
-    def _emit(self, req: _DraftRequest, logits: torch.Tensor) -> tuple[int, SparseDist | None]:
-        """logits [head] at the emitting exit -> (token id, exact sparse q or None)."""
+    def _emit(self, req: _DraftRequest, logits: torch.Tensor, depth: int) -> tuple[int, SparseDist | None]:
+        """logits [columns] at the emitting exit -> (token id, exact sparse q or None). A
+        restricted head's q lives on its columns' token ids (zero elsewhere: still exact)."""
+        cols = self._columns[depth]
         if req.sampling.greedy:
             col = int(torch.argmax(logits))
-            return self._to_token(col), None
-        probs = logits_to_probs(logits, req.sampling)  # [head]
+            return (col if cols is None else int(cols[col])), None
+        probs = logits_to_probs(logits, req.sampling)  # [columns]
         sparse = truncate_to_sparse(probs, self.sparse_top)
         # Sample from exactly the distribution we ship: q is then exact (lossless).
         j = int(torch.multinomial(torch.from_numpy(sparse.probs), 1, generator=req.generator))
-        col = int(sparse.ids[j])
-        ids = sparse.ids if self._head_ids_np is None else self._head_ids_np[sparse.ids]
-        return self._to_token(col), SparseDist(ids=ids, probs=sparse.probs)
-
-    def _to_token(self, col: int) -> int:
-        return col if self._head_ids_np is None else int(self._head_ids_np[col])
+        ids = sparse.ids if cols is None else cols[sparse.ids]
+        return int(ids[j]), SparseDist(ids=ids, probs=sparse.probs)
 
     def _step(self, req: _DraftRequest, feed: list[int], policy: ExitPolicy) -> tuple[int, SparseDist | None, int]:
         """Feed tokens, run exits in depth order until one emits; return (token, q, exit)."""
@@ -129,7 +126,7 @@ class Drafter:
             logits = runner.logits_at_exit(hidden[-1:], exit_depth)[0]  # [head]
             last = i == len(policy.exits) - 1
             if last or should_emit(policy, i, float(torch.softmax(logits, dim=-1).max())):
-                token, q = self._emit(req, logits)
+                token, q = self._emit(req, logits, exit_depth)
                 return token, q, exit_depth
         raise AssertionError("the last exit always emits")
 
@@ -199,7 +196,7 @@ class Drafter:
             last = torch.cat([h[-1:] for h in hidden])  # [active, hidden]
             logits = self.runner.logits_at_exit(last, depth)  # [active, head]: one head matmul
             for row, i in enumerate(active):
-                token, q = self._emit(reqs[i], logits[row])
+                token, q = self._emit(reqs[i], logits[row], depth)
                 tokens[i].append(token)
                 if q is not None:
                     qs[i].append(q)
@@ -227,13 +224,14 @@ class Drafter:
         branches: list[list[int]] = [[] for _ in range(k)]
         qs: list[list[SparseDist]] = [[] for _ in range(k)]
         if req.sampling.greedy:
-            cols = torch.topk(logits, min(k, logits.shape[-1])).indices.tolist()
-            cols += [cols[0]] * (k - len(cols))
-            firsts = [self._to_token(c) for c in cols]
+            top = torch.topk(logits, min(k, logits.shape[-1])).indices.tolist()
+            top += [top[0]] * (k - len(top))
+            cols = self._columns[depth]
+            firsts = [c if cols is None else int(cols[c]) for c in top]
         else:
             firsts = []
             for b in range(k):
-                token, q = self._emit(req, logits)
+                token, q = self._emit(req, logits, depth)
                 firsts.append(token)
                 qs[b].append(q)
         for b in range(k):
@@ -241,7 +239,7 @@ class Drafter:
         for _ in range(gamma - 1):
             rows = runner.extend_batch(branch_seqs, [[br[-1]] for br in branches], all_logits=False)
             for b in range(k):
-                token, q = self._emit(req, rows[b][-1])
+                token, q = self._emit(req, rows[b][-1], depth)
                 branches[b].append(token)
                 if q is not None:
                     qs[b].append(q)

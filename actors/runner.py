@@ -198,6 +198,8 @@ class ModelRunner:
     - quantize: None, "int8" or "int4" (weight-only, for drafts).
     - head_ids: restrict the LM head to these token ids (a draft over frequent tokens);
       logits then have len(head_ids) columns, and `head_ids` maps column -> token id.
+      With restricted_head="early" the restriction applies to exits below the full depth
+      only (the deepest exit keeps the whole vocabulary); "all" restricts every exit.
     - exit_adapters: {depth: callable(hidden [n, H]) -> hidden} applied before the shared
       norm at that exit (trained exits, SoFT-style).
     - layer_range: (lo, hi) keeps only decoder layers [lo, hi): a pipeline stage of a sharded
@@ -213,6 +215,7 @@ class ModelRunner:
         exits: Sequence[int] = (),
         quantize: str | None = None,
         head_ids: Sequence[int] | None = None,
+        restricted_head: str = "all",
         exit_adapters: dict | None = None,
         max_context: int | None = None,
         layer_range: tuple[int, int] | None = None,
@@ -270,12 +273,17 @@ class ModelRunner:
             head_w = model.get_output_embeddings().weight.detach()  # [vocab, hidden]
             if not self.is_last:
                 head_w = head_w[:1]  # a middle stage computes no logits
+            if restricted_head not in ("all", "early"):
+                raise ValueError(f"restricted_head must be 'all' or 'early', got {restricted_head!r}")
             self.head_ids: torch.Tensor | None = None
+            self.full_head = None  # the whole-vocabulary head of the deepest exit ("early")
             if head_ids is not None:
                 ids = torch.as_tensor(sorted(set(int(i) for i in head_ids)), dtype=torch.long)
                 if ids.numel() == 0 or ids.min() < 0 or ids.max() >= self.vocab_size:
                     raise ValueError("head_ids must be token ids within the vocabulary")
                 self.head_ids = ids
+                if restricted_head == "early":
+                    self.full_head = _make_linear(head_w, None, quantize=quantize, dtype=self.dtype)
                 head_w = head_w[ids]
             self.head = _make_linear(head_w, None, quantize=quantize, dtype=self.dtype)
             # Rotary tables for every position, from the model's own rotary module (honours
@@ -437,11 +445,18 @@ class ModelRunner:
         row = _Row(seq=seq, start=start, hidden=hidden, n_new=n)
         return self._run_to([row], lo=from_depth, depth=depth)[0]
 
+    def head_columns(self, depth: int) -> torch.Tensor | None:
+        """Token id of each logit column at exit `depth` (None: column == token id)."""
+        if self.full_head is not None and depth == self.num_layers:
+            return None
+        return self.head_ids
+
     def logits_at_exit(self, hidden: torch.Tensor, depth: int) -> torch.Tensor:
-        """[n, hidden] at exit `depth` -> [n, head] logits (float32)."""
+        """[n, hidden] at exit `depth` -> [n, columns] logits (float32); see head_columns."""
         if depth in self.exit_adapters:
             hidden = self.exit_adapters[depth](hidden)
-        return self.head(self._rms(hidden, self.final_norm)).float()
+        head = self.full_head if (self.full_head is not None and depth == self.num_layers) else self.head
+        return head(self._rms(hidden, self.final_norm)).float()
 
     @torch.inference_mode()
     def forward_stage(

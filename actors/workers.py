@@ -41,19 +41,35 @@ class ModelLoad:
     def local_path(self) -> str:
         return self.resolve(self.path) if self.resolve is not None else self.path
 
-    def build(self) -> ModelRunner:
+    def build(self, *, model=None) -> ModelRunner:
         adapters = None
         exits = tuple(self.exits)
         head_ids = self.head_ids
+        restricted = "all"
         if self.exit_adapters:
             from actors.exit_adapters import load_exit_adapters
 
             adapters, trained, trained_head = load_exit_adapters(self.exit_adapters, dtype=self.dtype)
             exits = tuple(sorted(set(exits) | set(trained)))
-            head_ids = head_ids if head_ids is not None else trained_head
-        return ModelRunner(
-            self.local_path(), dtype=self.dtype, quantize=self.quantize, exits=exits, head_ids=head_ids, exit_adapters=adapters
+            if head_ids is None and trained_head is not None:
+                # the adapters were trained through this frequent-token head; the deepest
+                # exit keeps the whole vocabulary
+                head_ids, restricted = tuple(trained_head.tolist()), "early"
+        runner = ModelRunner(
+            self.local_path(),
+            dtype=self.dtype,
+            quantize=self.quantize,
+            exits=exits,
+            head_ids=head_ids,
+            restricted_head=restricted,
+            exit_adapters=adapters,
+            model=model,
         )
+        if self.exit_adapters:
+            from actors.exit_adapters import check_runner_matches
+
+            check_runner_matches(self.exit_adapters, runner)
+        return runner
 
 
 def _assigned_resources() -> dict:
