@@ -29,6 +29,10 @@ def _add_models(p: argparse.ArgumentParser) -> None:
     g.add_argument("--draft-quantize", default="int4", choices=["none", "int8", "int4"], help="weight-only draft quantization")
     g.add_argument("--exits", default="", help="draft exit depths for 'sorted', e.g. 12,24")
     g.add_argument("--thresholds", default="", help="confidence thresholds per exit below the last, e.g. 0.8")
+    g.add_argument(
+        "--exit-adapters", default="auto",
+        help='trained exits: a `tandem train-exits` folder, "auto" (its default folder when present) or "none"',
+    )
     g.add_argument("--threads", type=int, default=0, help="torch threads in all (default: every core)")
 
 
@@ -97,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--method", default=None, help="default speculation method for records without one")
     batch.add_argument("--limit", type=int, default=None, help="generate at most this many pending records")
 
+    sub.add_parser("train-exits", help="train the draft's early exits (run `tandem train-exits --help`)", add_help=False)
+    sub.add_parser("exit-report", help="acceptance and draft cost per exit and target (run `tandem exit-report --help`)", add_help=False)
+
     serve = sub.add_parser("serve", help="serve the gRPC API (embedded local Ray and the default packs by default)")
     serve.add_argument("--config", default=None, help="YAML config (see deploy/config.py); default: embedded defaults")
     serve.add_argument("--address", default=None, help='join a Ray cluster ("auto", "ray://host:10001") instead of starting one')
@@ -113,9 +120,10 @@ def _policy_from_args(args, draft_runner):
         return None
     exits = draft_runner.exits
     if len(exits) < 2:
-        raise ValueError("exits: method 'sorted' needs --exits with at least one exit below the full depth")
-    thresholds = [float(t) for t in args.thresholds.split(",")] if args.thresholds else [0.8] * (len(exits) - 1)
-    return ExitPolicy(exits=exits, thresholds=tuple(thresholds))
+        raise ValueError("exits: method 'sorted' needs --exits (or trained exits) below the full depth")
+    from bench.bench import sorted_thresholds
+
+    return ExitPolicy(exits=exits, thresholds=sorted_thresholds(args, exits))
 
 
 def cmd_generate(args) -> int:
@@ -139,7 +147,9 @@ def cmd_generate(args) -> int:
     if args.method != "ar":
         exits = tuple(int(e) for e in args.exits.split(",")) if args.exits else ()
         quant = None if args.draft_quantize == "none" else args.draft_quantize
-        draft = build_runner(ModelSpec(ref=args.draft, dtype=args.dtype, quantize=quant, exits=exits))
+        draft = build_runner(
+            ModelSpec(ref=args.draft, dtype=args.dtype, quantize=quant, exits=exits, exit_adapters=args.exit_adapters)
+        )
     policy = _policy_from_args(args, draft) if draft is not None else None
     stop_ids = stop_ids_for(tokenizer, resolve_model_path(args.target))
     streamer = TextStreamer(tokenizer, enabled=not args.json)
@@ -353,6 +363,14 @@ def cmd_batch(args) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("train-exits", "exit-report"):
+        # these own their flags (deploy/train_exits.py, deploy/exit_report.py)
+        if argv[0] == "train-exits":
+            from deploy.train_exits import main as sub_main
+        else:
+            from deploy.exit_report import main as sub_main
+        return sub_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -81,7 +81,10 @@ class DraftPoolConfig(_Strict):
     dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
     quantize: Literal["none", "int8", "int4"] = Field("int4", description="Weight-only quantization of the draft")
     exits: list[int] = Field(default_factory=list, description="Extra exit depths (the full depth is always one)")
-    exit_adapters: Path | None = Field(None, description="Folder from `tandem train-exits`")
+    exit_adapters: str | None = Field(
+        "auto",
+        description='Folder from `tandem train-exits`; "auto": its default folder when present; null or "none": no trained exits',
+    )
     placement: PoolResources = Field(default_factory=lambda: PoolResources(resources={"draft_pool": 1}))
     load_timeout_s: float = Field(600.0, gt=0, description="Wait this long for room and model loading")
 

@@ -22,20 +22,36 @@ class ModelSpec:
     quantize: str | None = None  # drafts: None | "int8" | "int4"
     exits: tuple[int, ...] = ()
     head_ids: tuple[int, ...] | None = None
+    exit_adapters: str | None = None  # folder from `tandem train-exits`, or "auto"
+
+
+def trained_exits_for(ref: str, setting: str | None) -> str | None:
+    """The exit-adapter folder to use: "auto" finds `tandem train-exits` output in the
+    default place ($TANDEM_CACHE/exits/<draft>), "none"/None uses none, else a path."""
+    if setting in (None, "", "none"):
+        return None
+    if setting == "auto":
+        from deploy.train_exits import find_trained_exits
+
+        found = find_trained_exits(ref)
+        return str(found) if found else None
+    return str(setting)
 
 
 def build_runner(spec: ModelSpec, *, model=None) -> ModelRunner:
-    """Resolve and load one model into a ModelRunner."""
+    """Resolve and load one model into a ModelRunner (trained exits included)."""
+    from actors.workers import ModelLoad
+
     parse_dtype(spec.dtype)  # clear error before any loading
-    path = resolve_model_path(spec.ref)
-    return ModelRunner(
-        path,
+    load = ModelLoad(
+        path=resolve_model_path(spec.ref),
         dtype=spec.dtype,
         quantize=spec.quantize,
         exits=tuple(spec.exits),
         head_ids=spec.head_ids,
-        model=model,
+        exit_adapters=trained_exits_for(spec.ref, spec.exit_adapters),
     )
+    return load.build(model=model)
 
 
 @functools.lru_cache(maxsize=8)

@@ -15,6 +15,7 @@ from pathlib import Path
 from actors.pools import ActorEngine, DraftPool, DraftPoolSpec, Placement, TargetPool, TargetSpec, ensure_ray, pool_resources
 from actors.workers import ModelLoad
 from deploy.config import PoolResources, TandemConfig
+from deploy.models import trained_exits_for
 from deploy.packs import resolve_model_path
 from services.router import Router, TargetRoute
 from services.server import RunningServer, start_server
@@ -40,7 +41,7 @@ def pool_specs(cfg: TandemConfig, *, resolve=resolve_model_path) -> tuple[DraftP
             dtype=d.dtype,
             quantize=None if d.quantize == "none" else d.quantize,
             exits=tuple(d.exits),
-            exit_adapters=str(d.exit_adapters) if d.exit_adapters else None,
+            exit_adapters=trained_exits_for(d.model, d.exit_adapters),
             resolve=resolve,
         ),
         replicas=d.replicas,
