@@ -16,8 +16,10 @@ line number). A re-run reads the output, drops a torn last line, and skips every
 written, so a crash or Ctrl-C loses nothing and repeats nothing.
 
 Each pool actor hosts an in-process engine (target runner, int4 draft runner, threads split
-between them), so the pool's size is the number of model replicas; Ray Data grows it from
---min-actors to --max-actors while records are waiting.
+between them) and asks Ray for the first target's placement (its pool resource, GPUs and
+accelerator type), so on a cluster the actors land on target-pool nodes; the pool's size is
+the number of model replicas, and Ray Data grows it from --min-actors to --max-actors while
+records are waiting.
 """
 
 from __future__ import annotations
@@ -177,6 +179,7 @@ class GenerateRecords:
         from actors.local import LocalEngine
         from actors.runner import ModelRunner, generation_eos_ids, load_tokenizer
         from actors.workers import ModelLoad
+        from deploy.models import trained_exits_for
 
         t = next(t for t in self.cfg.targets if t.name == target)
         path = self.resolve(t.model_ref) if self.resolve else t.model_ref
@@ -188,7 +191,7 @@ class GenerateRecords:
                 dtype=d.dtype,
                 quantize=None if d.quantize == "none" else d.quantize,
                 exits=tuple(d.exits),
-                exit_adapters=str(d.exit_adapters) if d.exit_adapters else None,
+                exit_adapters=trained_exits_for(d.model, d.exit_adapters),
                 resolve=self.resolve,
             ).build()
         engine = LocalEngine(runner, self._draft, threads=self.threads)
@@ -311,9 +314,21 @@ def run_batch(
     if not pending:
         writer.close()
         return summary
-    ensure_ray(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus or os.cpu_count(), namespace=cfg.ray.namespace)
+    placement = cfg.targets[0].placement
+    pool_res = {k: float(v) for k, v in placement.resources.items() if v}
+    ensure_ray(
+        address=cfg.ray.address,
+        num_cpus=cfg.ray.num_cpus or os.cpu_count(),
+        resources={k: v * max_actors for k, v in pool_res.items()},
+        namespace=cfg.ray.namespace,
+    )
     cpus = int(ray.cluster_resources().get("CPU", 1))
     threads = threads_per_actor or max(1, cpus // max_actors)
+    remote_args: dict = {"resources": pool_res} if pool_res else {}
+    if placement.num_gpus:
+        remote_args["num_gpus"] = placement.num_gpus
+    if placement.accelerator_type:
+        remote_args["accelerator_type"] = placement.accelerator_type
     ds = ray.data.from_items([{"key": p.key, "line": p.line, "payload": p.payload} for p in pending])
     ds = ds.map_batches(
         GenerateRecords,
@@ -326,6 +341,7 @@ def run_batch(
         batch_size=1,
         compute=ray.data.ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
         num_cpus=threads,
+        **remote_args,
     )
     bar = tqdm(total=len(pending), desc="batch", unit="rec", file=sys.stderr, disable=not progress, dynamic_ncols=True)
     t0 = time.time()
