@@ -136,7 +136,7 @@ def run_baseline(name, *, hf_target, hf_draft, prompts_ids, max_new_tokens, samp
     torch.set_num_threads(threads)
     assistant = hf_draft if name == "hf-assisted" else None
     run = MethodRun(method=name)
-    _hf_generate(hf_target, prompts_ids[0], max_new_tokens=4, sampling=sampling, eos_ids=eos_ids, assistant=assistant)  # warm-up
+    _hf_generate(hf_target, prompts_ids[0], max_new_tokens=16, sampling=sampling, eos_ids=eos_ids, assistant=assistant)  # warm-up
     for ids in prompts_ids:
         t0 = time.perf_counter()
         out = _hf_generate(hf_target, ids, max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=eos_ids, assistant=assistant)
@@ -149,14 +149,21 @@ def run_baseline(name, *, hf_target, hf_draft, prompts_ids, max_new_tokens, samp
 def run_tandem(name, *, generate: Callable, prompts_ids, max_new_tokens, sampling, progress) -> MethodRun:
     """`generate(ids, method, max_new_tokens, sampling) -> GenerationResult`."""
     run = MethodRun(method=name, stats=SpecStats())
-    generate(prompts_ids[0], name, 4, sampling)  # warm-up
+    generate(prompts_ids[0], name, 16, sampling)  # warm-up
+    rounds_s = critical_s = 0.0
     for ids in prompts_ids:
         res = generate(ids, name, max_new_tokens, sampling)
         run.seconds.append(res.total_s)
         run.ttft.append(res.prefill_s)
         run.outputs.append(list(res.tokens))
         run.stats.merge(res.stats)
+        rounds_s += sum(res.per_round_s)
+        critical_s += res.critical_s
         progress(name)
+    if rounds_s > 0:
+        # time per round outside the draft/target calls on its critical path
+        run.extra["overhead_frac"] = round(max(0.0, 1 - critical_s / rounds_s), 4)
+        run.extra["mean_round_ms"] = round(1000 * rounds_s / max(run.stats.rounds, 1), 1)
     return run
 
 
@@ -247,16 +254,132 @@ def eprint(*args) -> None:
     print(*args, file=sys.stderr, flush=True)
 
 
+class LocalBackend:
+    """Methods run in this process (actors/local.py)."""
+
+    via = "local"
+
+    def __init__(self, *, args, hf_target, dtype: str, threads: int, exits: tuple[int, ...]):
+        from actors.local import LocalEngine
+        from deploy.models import ModelSpec, build_runner
+
+        target = build_runner(ModelSpec(ref=args.target, dtype=dtype), model=hf_target)
+        draft = build_runner(
+            ModelSpec(ref=args.draft, dtype=dtype, quantize=_quant(args), exits=exits, exit_adapters=args.exit_adapters)
+        )
+        self.draft_exits = draft.exits
+        self.engine = LocalEngine(target, draft, threads=threads)
+
+    def generate(self, ids, method, max_new, sp, *, gamma, policy, k, stop_ids):
+        return self.engine.generate(
+            ids, method=method, sampling=sp, max_new_tokens=max_new, gamma=gamma, policy=policy, k=k, stop_ids=stop_ids
+        )
+
+    def describe(self, method: str) -> dict:
+        if method != "pearl":
+            return {"threads": self.engine.threads}
+        split = self.engine.split
+        return {"thread_split": {"target": split.target, "draft": split.draft, "window": split.window}}
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+class ActorBackend:
+    """Methods run across Ray actor pools (actors/pools.py) on an embedded local Ray: one
+    draft actor and one target replica (optionally sharded), each with its own threads."""
+
+    via = "actors"
+
+    def __init__(self, *, args, dtype: str, exits: tuple[int, ...]):
+        from actors.pools import ActorEngine, DraftPool, DraftPoolSpec, TargetPool, TargetSpec, ensure_ray, pool_resources
+        from actors.workers import ModelLoad
+        from deploy.models import trained_exits_for
+        from deploy.packs import resolve_model_path
+
+        self.draft_threads = args.draft_threads
+        self.target_threads = args.target_threads
+        dspec = DraftPoolSpec(
+            load=ModelLoad(
+                path=resolve_model_path(args.draft),
+                dtype=dtype,
+                quantize=_quant(args),
+                exits=exits,
+                exit_adapters=trained_exits_for(args.draft, args.exit_adapters),
+            ),
+            threads=args.draft_threads,
+        )
+        tspec = TargetSpec(
+            name="target",
+            load=ModelLoad(path=resolve_model_path(args.target), dtype=dtype),
+            shards=args.shards,
+            threads=args.target_threads,
+        )
+        ensure_ray(address=args.address, num_cpus=args.threads or None, resources=pool_resources(dspec, [tspec]))
+        self.engine = ActorEngine(DraftPool(dspec), {"target": TargetPool(tspec)})
+        self.draft_exits = tuple(self.engine.draft_pool.info["exits"])
+
+    def generate(self, ids, method, max_new, sp, *, gamma, policy, k, stop_ids):
+        from actors.local import DEFAULT_GAMMA
+        from actors.speculative import SpecConfig
+
+        spec = SpecConfig(method=method, gamma=gamma or DEFAULT_GAMMA[method], policy=policy, k=k)
+        return self.engine.generate("target", ids, spec=spec, sampling=sp, max_new_tokens=max_new, stop_ids=stop_ids)
+
+    def describe(self, method: str) -> dict:
+        return {"thread_split": {"target": self.target_threads, "draft": self.draft_threads}}
+
+    def close(self) -> None:
+        self.engine.shutdown()
+
+
+def _quant(args) -> str | None:
+    return None if args.draft_quantize == "none" else args.draft_quantize
+
+
+def sorted_thresholds(args, exits: tuple[int, ...]) -> tuple[float, ...]:
+    """--thresholds, else the trained exits' calibration (emit early only where the exit
+    agrees with the full draft at least 90% of the time), else 0.8 each."""
+    if args.thresholds:
+        return tuple(float(t) for t in args.thresholds.split(","))
+    from deploy.models import trained_exits_for
+
+    folder = trained_exits_for(args.draft, args.exit_adapters)
+    if folder:
+        from actors.exit_adapters import read_manifest, suggest_thresholds
+
+        calib = read_manifest(folder).get("training", {}).get("calibration")
+        if calib:
+            return suggest_thresholds(calib, exits, min_agree=0.9)
+    return (0.8,) * (len(exits) - 1)
+
+
+def run_concurrent(name, *, backend, prompts_ids, concurrency: int, max_new_tokens, sampling, call_kwargs) -> dict:
+    """C requests in flight (prompts cycled to at least 2C requests): aggregate tokens/s."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    n = max(len(prompts_ids), 2 * concurrency)
+    work = [prompts_ids[i % len(prompts_ids)] for i in range(n)]
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(lambda ids: backend.generate(ids, name, max_new_tokens, sampling, **call_kwargs), work))
+    wall = time.perf_counter() - t0
+    tokens = sum(len(r.tokens) for r in results)
+    return {"concurrency": concurrency, "requests": n, "aggregate_tokens_per_s": round(tokens / wall, 3)}
+
+
 def main(args) -> int:
     """Run the benchmark described by parsed CLI `args` (see deploy/cli.py)."""
     from tqdm import tqdm
 
-    from actors.local import LocalEngine, available_threads
-    from deploy.models import ModelSpec, build_runner, encode_prompt, load_causal_lm, stop_ids_for, tokenizer_for
+    from actors.local import available_threads
+    from actors.runner import parse_dtype
+    from deploy.models import encode_prompt, load_causal_lm, stop_ids_for, tokenizer_for
     from deploy.packs import resolve_model_path
     from speculation.sorted_policy import ExitPolicy
 
     methods = parse_methods(args.methods)
+    via = getattr(args, "via", "local")
     threads = args.threads or available_threads()
     torch.set_num_threads(threads)
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
@@ -266,43 +389,26 @@ def main(args) -> int:
     eos_ids = stop_ids_for(tokenizer, target_path)
     prompts_ids = [encode_prompt(tokenizer, messages=p["messages"]) for p in prompts]
     dtype = args.dtype
-
-    eprint(f"[bench] loading {args.target} and {args.draft} ({dtype}, {threads} threads)")
-    from actors.runner import parse_dtype
-
-    hf_target = load_causal_lm(target_path, parse_dtype(dtype)).eval()
-    need_hf_draft = "hf-assisted" in methods
-    hf_draft = load_causal_lm(resolve_model_path(args.draft), parse_dtype(dtype)).eval() if need_hf_draft else None
-    target = build_runner(ModelSpec(ref=args.target, dtype=dtype), model=hf_target)
-    uses_draft = any(m in methods for m in ("sd", "sorted", "pearl", "spectr"))
     exits = tuple(int(e) for e in args.exits.split(",")) if args.exits else ()
-    draft = None
-    if uses_draft:
-        quant = None if args.draft_quantize == "none" else args.draft_quantize
-        draft = build_runner(ModelSpec(ref=args.draft, dtype=dtype, quantize=quant, exits=exits))
+
+    eprint(f"[bench] loading {args.target} and {args.draft} ({dtype}, {threads} threads, via {via})")
+    hf_target = load_causal_lm(target_path, parse_dtype(dtype)).eval()
+    hf_draft = load_causal_lm(resolve_model_path(args.draft), parse_dtype(dtype)).eval() if "hf-assisted" in methods else None
+    backend = None
+    if any(m in TANDEM_METHODS for m in methods):
+        if via == "actors":
+            backend = ActorBackend(args=args, dtype=dtype, exits=exits)
+        else:
+            backend = LocalBackend(args=args, hf_target=hf_target, dtype=dtype, threads=threads, exits=exits)
     policy = None
     if "sorted" in methods:
-        if draft is None or len(draft.exits) < 2:
+        draft_exits = backend.draft_exits
+        if len(draft_exits) < 2:
             raise ValueError("exits: method 'sorted' needs --exits with at least one exit below the full depth")
-        thresholds = [float(t) for t in args.thresholds.split(",")] if args.thresholds else [0.8] * (len(draft.exits) - 1)
-        policy = ExitPolicy(exits=draft.exits, thresholds=tuple(thresholds))
+        policy = ExitPolicy(exits=tuple(draft_exits), thresholds=sorted_thresholds(args, tuple(draft_exits)))
 
-    engine = LocalEngine(target, draft, threads=threads)
-    gammas = {}
-    if args.gamma:
-        gammas = {m: args.gamma for m in TANDEM_METHODS}
-
-    def generate(ids, method, max_new, sp):
-        return engine.generate(
-            ids,
-            method=method,
-            sampling=sp,
-            max_new_tokens=max_new,
-            gamma=gammas.get(method),
-            policy=policy if method == "sorted" else None,
-            k=args.k,
-            stop_ids=eos_ids,
-        )
+    def call_kwargs(method):
+        return {"gamma": args.gamma, "policy": policy if method == "sorted" else None, "k": args.k, "stop_ids": eos_ids}
 
     total = len(methods) * len(prompts_ids)
     bar = tqdm(total=total, desc="bench", unit="prompt", file=sys.stderr, dynamic_ncols=True)
@@ -312,30 +418,43 @@ def main(args) -> int:
         bar.update(1)
 
     runs: list[MethodRun] = []
-    for method in methods:
-        if method in BASELINES:
-            run = run_baseline(
-                method,
-                hf_target=hf_target,
-                hf_draft=hf_draft,
-                prompts_ids=prompts_ids,
-                max_new_tokens=args.max_new_tokens,
-                sampling=sampling,
-                eos_ids=eos_ids,
-                threads=threads,
-                progress=progress,
-            )
-        else:
-            run = run_tandem(
-                method, generate=generate, prompts_ids=prompts_ids, max_new_tokens=args.max_new_tokens,
-                sampling=sampling, progress=progress,
-            )
-            if method == "pearl":
-                split = engine.split
-                run.extra["thread_split"] = {"target": split.target, "draft": split.draft, "window": split.window}
-        runs.append(run)
-    bar.close()
-    engine.close()
+    try:
+        for method in methods:
+            if method in BASELINES:
+                run = run_baseline(
+                    method,
+                    hf_target=hf_target,
+                    hf_draft=hf_draft,
+                    prompts_ids=prompts_ids,
+                    max_new_tokens=args.max_new_tokens,
+                    sampling=sampling,
+                    eos_ids=eos_ids,
+                    threads=threads,
+                    progress=progress,
+                )
+            else:
+                kw = call_kwargs(method)
+                run = run_tandem(
+                    method,
+                    generate=lambda ids, m, n, sp, kw=kw: backend.generate(ids, m, n, sp, **kw),
+                    prompts_ids=prompts_ids,
+                    max_new_tokens=args.max_new_tokens,
+                    sampling=sampling,
+                    progress=progress,
+                )
+                run.extra.update(backend.describe(method))
+                if args.concurrency > 1:
+                    conc = run_concurrent(
+                        method, backend=backend, prompts_ids=prompts_ids, concurrency=args.concurrency,
+                        max_new_tokens=args.max_new_tokens, sampling=sampling, call_kwargs=kw,
+                    )
+                    conc["gain_vs_one_at_a_time"] = round(conc["aggregate_tokens_per_s"] / max(run.tokens_per_s, 1e-9), 3)
+                    run.extra["concurrent"] = conc
+            runs.append(run)
+    finally:
+        bar.close()
+        if backend is not None:
+            backend.close()
     torch.set_num_threads(threads)
     results = summarize(runs, hf_target=hf_target, prompts_ids=prompts_ids, sampling=sampling)
     payload = {
@@ -350,8 +469,11 @@ def main(args) -> int:
             "draft_quantize": args.draft_quantize,
             "dtype": dtype,
             "temperature": args.temperature,
-            "via": "local",
-            "exits": list(draft.exits) if draft is not None else [],
+            "via": via,
+            "concurrency": args.concurrency,
+            "shards": getattr(args, "shards", 1),
+            "exits": list(backend.draft_exits) if backend is not None else [],
+            "thresholds": list(policy.thresholds) if policy else [],
             "gamma": args.gamma,
         },
     }
