@@ -307,13 +307,18 @@ class FakeTandem(tandem_pb2_grpc.TandemServicer):
                 stats=final_stats(),
             )
         elif request.target == "slow":
+            # A cancel shows up as CancelledError at the sleep, or, when it lands while grpc is
+            # writing a message, as GeneratorExit once grpc drops this generator: either way
+            # the generator ends before its last chunk.
+            finished = False
             try:
                 for i in range(500):
                     yield tandem_pb2.GenerateResponse(request_id=rid, token_ids=[i], text=".")
                     await asyncio.sleep(0.02)
-            except asyncio.CancelledError:
-                self.cancelled[rid].set()
-                raise
+                finished = True
+            finally:
+                if not finished:
+                    self.cancelled[rid].set()
         elif request.target == "fail_midway":
             yield tandem_pb2.GenerateResponse(request_id=rid, token_ids=[9], text="par")
             yield tandem_pb2.GenerateResponse(

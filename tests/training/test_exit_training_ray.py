@@ -12,17 +12,13 @@ from tests.training.tiny_exit_model import make_tiny_draft
 
 
 @pytest.mark.slow
-def test_ray_train_backend_writes_adapters(tmp_path, monkeypatch):
-    ray = pytest.importorskip("ray")
+def test_ray_train_backend_writes_adapters(tmp_path, monkeypatch, ray_local):
+    """On the suite's local Ray cluster (2 CPUs; run_ray uses the running cluster)."""
     from deploy.train_exits import main
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     draft = make_tiny_draft(tmp_path / "draft")
     out = tmp_path / "out"
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        assert main(_argv(draft, out, **{"--steps": 6, "--checkpoint-every": 3}) + ["--backend", "ray"]) == 0
-    finally:
-        ray.shutdown()
+    assert main(_argv(draft, out, **{"--steps": 6, "--checkpoint-every": 3}) + ["--backend", "ray"]) == 0
     manifest = json.loads((out / "exit_adapters.json").read_text())
     assert manifest["exits"] == [1, 2] and manifest["training"]["steps"] == 6
