@@ -56,6 +56,8 @@ class Series:
             "tpot_p95_s": round(_pct(tpot, 95), 4) if tpot else None,
             "mean_accepted_len": round(statistics.mean(mal), 3) if mal else None,
             "exits_used": exits,
+            # the exit that drafted most of this series' tokens: what the router settled on
+            "settled_exit": int(max(exits, key=lambda k: exits[k])) if exits else None,
             "methods_used": sorted({t.stats.get("method") for t in self.timings if t.stats}),
         }
 

@@ -71,6 +71,32 @@ def grpc_table(d: dict) -> str:
     )
 
 
+def router_exit_check(grpc: dict, report: dict) -> str:
+    """Per target: the exit the router settled on over gRPC against the best fixed exit
+    measured offline by `tandem exit-report` (code_dev: replayed acceptance of each exit of
+    the trained draft, priced with that machine's measured draft and verify costs)."""
+    lines = [
+        "| target | router settled on | offline best fixed exit | predicted tok/s, settled / best | within 10% |",
+        "|---|---|---|---|---|",
+    ]
+    for row in grpc["results"]:
+        if row["method"] == "off" or row.get("settled_exit") is None:
+            continue
+        t_rep = report["targets"].get(row["target"])
+        if not t_rep or "code_dev" not in t_rep["datasets"]:
+            continue
+        per_exit = t_rep["datasets"]["code_dev"]["per_exit"]
+        rates = {int(k.split("_")[0]): v["predicted_tok_s"] for k, v in per_exit.items() if k.endswith("_after")}
+        best = max(rates, key=rates.get)
+        settled = int(row["settled_exit"])
+        ratio = rates.get(settled, 0.0) / rates[best] if rates[best] else 0.0
+        lines.append(
+            f"| {row['target']} | {settled} | {best} | {rates.get(settled, 0.0):.2f} / {rates[best]:.2f} = {ratio:.2f} | "
+            f"{'yes' if ratio >= 0.9 else 'no'} |"
+        )
+    return "\n".join(lines)
+
+
 def batch_table(results: Path) -> str:
     rows = []
     for m in ("off", "auto"):
@@ -99,6 +125,9 @@ def main(argv: list[str]) -> int:
         f = results / name
         if f.exists():
             print(f"<!-- {name} -->\n" + fn(json.loads(f.read_text())) + "\n")
+    g, r = results / "code_dev_grpc.json", results / "exit_report" / "report.json"
+    if g.exists() and r.exists():
+        print("<!-- router exit -->\n" + router_exit_check(json.loads(g.read_text()), json.loads(r.read_text())) + "\n")
     bt = batch_table(results)
     if bt:
         print("<!-- batch -->\n" + bt + "\n")
