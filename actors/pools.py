@@ -58,6 +58,17 @@ class Placement:
             b[f"accelerator_type:{self.accelerator_type}"] = 0.001
         return b or {"CPU": 0.001}  # a bundle cannot be empty
 
+    def ray_options(self) -> dict[str, Any]:
+        """The resource options of `ray.remote(...).options()` for one actor of the pool."""
+        opts: dict[str, Any] = {
+            "num_cpus": self.num_cpus,
+            "num_gpus": self.num_gpus,
+            "resources": {k: float(v) for k, v in self.resources.items() if v},
+        }
+        if self.accelerator_type:
+            opts["accelerator_type"] = self.accelerator_type
+        return opts
+
 
 @dataclass(frozen=True)
 class DraftPoolSpec:
@@ -153,16 +164,12 @@ def _remote(cls, *, placement: Placement, pg, index: int, name: str | None = Non
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     opts: dict[str, Any] = {
-        "num_cpus": placement.num_cpus,
-        "num_gpus": placement.num_gpus,
-        "resources": {k: float(v) for k, v in placement.resources.items() if v},
+        **placement.ray_options(),
         "max_restarts": restarts,
         "max_task_retries": 0,
         "max_concurrency": 64,
         "scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=index),
     }
-    if placement.accelerator_type:
-        opts["accelerator_type"] = placement.accelerator_type
     if name:
         opts["name"] = name
     return ray.remote(cls).options(**opts)

@@ -447,15 +447,16 @@ class ModelRunner:
 
     def head_columns(self, depth: int) -> torch.Tensor | None:
         """Token id of each logit column at exit `depth` (None: column == token id)."""
-        if self.full_head is not None and depth == self.num_layers:
-            return None
-        return self.head_ids
+        return None if self._full_vocab_at(depth) else self.head_ids
+
+    def _full_vocab_at(self, depth: int) -> bool:
+        return self.full_head is not None and depth == self.num_layers
 
     def logits_at_exit(self, hidden: torch.Tensor, depth: int) -> torch.Tensor:
         """[n, hidden] at exit `depth` -> [n, columns] logits (float32); see head_columns."""
         if depth in self.exit_adapters:
             hidden = self.exit_adapters[depth](hidden)
-        head = self.full_head if (self.full_head is not None and depth == self.num_layers) else self.head
+        head = self.full_head if self._full_vocab_at(depth) else self.head
         return head(self._rms(hidden, self.final_norm)).float()
 
     @torch.inference_mode()

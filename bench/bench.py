@@ -337,23 +337,6 @@ def _quant(args) -> str | None:
     return None if args.draft_quantize == "none" else args.draft_quantize
 
 
-def sorted_thresholds(args, exits: tuple[int, ...]) -> tuple[float, ...]:
-    """--thresholds, else the trained exits' calibration (emit early only where the exit
-    agrees with the full draft at least 90% of the time), else 0.8 each."""
-    if args.thresholds:
-        return tuple(float(t) for t in args.thresholds.split(","))
-    from deploy.models import trained_exits_for
-
-    folder = trained_exits_for(args.draft, args.exit_adapters)
-    if folder:
-        from actors.exit_adapters import read_manifest, suggest_thresholds
-
-        calib = read_manifest(folder).get("training", {}).get("calibration")
-        if calib:
-            return suggest_thresholds(calib, exits, min_agree=0.9)
-    return (0.8,) * (len(exits) - 1)
-
-
 def run_concurrent(name, *, backend, prompts_ids, concurrency: int, max_new_tokens, sampling, call_kwargs) -> dict:
     """C requests in flight (prompts cycled to at least 2C requests): aggregate tokens/s."""
     from concurrent.futures import ThreadPoolExecutor
@@ -374,7 +357,7 @@ def main(args) -> int:
 
     from actors.local import available_threads
     from actors.runner import parse_dtype
-    from deploy.models import encode_prompt, load_causal_lm, stop_ids_for, tokenizer_for
+    from deploy.models import encode_prompt, load_causal_lm, sorted_thresholds, stop_ids_for, tokenizer_for
     from deploy.packs import resolve_model_path
     from speculation.sorted_policy import ExitPolicy
 

@@ -314,8 +314,9 @@ def run_batch(
     if not pending:
         writer.close()
         return summary
-    placement = cfg.targets[0].placement
-    pool_res = {k: float(v) for k, v in placement.resources.items() if v}
+    # each actor asks for the first target's placement; its own CPUs are its torch threads
+    remote_args = {k: v for k, v in cfg.targets[0].placement.to_placement().ray_options().items() if v and k != "num_cpus"}
+    pool_res = remote_args.get("resources", {})
     ensure_ray(
         address=cfg.ray.address,
         num_cpus=cfg.ray.num_cpus or os.cpu_count(),
@@ -324,11 +325,6 @@ def run_batch(
     )
     cpus = int(ray.cluster_resources().get("CPU", 1))
     threads = threads_per_actor or max(1, cpus // max_actors)
-    remote_args: dict = {"resources": pool_res} if pool_res else {}
-    if placement.num_gpus:
-        remote_args["num_gpus"] = placement.num_gpus
-    if placement.accelerator_type:
-        remote_args["accelerator_type"] = placement.accelerator_type
     ds = ray.data.from_items([{"key": p.key, "line": p.line, "payload": p.payload} for p in pending])
     ds = ds.map_batches(
         GenerateRecords,

@@ -121,7 +121,7 @@ def _policy_from_args(args, draft_runner):
     exits = draft_runner.exits
     if len(exits) < 2:
         raise ValueError("exits: method 'sorted' needs --exits (or trained exits) below the full depth")
-    from bench.bench import sorted_thresholds
+    from deploy.models import sorted_thresholds
 
     return ExitPolicy(exits=exits, thresholds=sorted_thresholds(args, exits))
 

@@ -73,6 +73,12 @@ class PoolResources(_Strict):
     num_gpus: float = Field(0.0, ge=0.0, description="GPUs per actor")
     accelerator_type: str | None = Field(None, description='Ray accelerator type, e.g. "H100"')
 
+    def to_placement(self):
+        """The actors-layer Placement (actors.pools) of this pool."""
+        from actors.pools import Placement
+
+        return Placement(resources=dict(self.resources), num_gpus=self.num_gpus, accelerator_type=self.accelerator_type)
+
 
 class DraftPoolConfig(_Strict):
     model: str = Field(DEFAULT_DRAFT, description="Draft model: pack name, local folder or hub id")

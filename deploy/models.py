@@ -38,6 +38,21 @@ def trained_exits_for(ref: str, setting: str | None) -> str | None:
     return str(setting)
 
 
+def sorted_thresholds(args, exits: tuple[int, ...]) -> tuple[float, ...]:
+    """--thresholds, else the trained exits' calibration (emit early only where the exit
+    agrees with the full draft at least 90% of the time), else 0.8 each."""
+    if args.thresholds:
+        return tuple(float(t) for t in args.thresholds.split(","))
+    folder = trained_exits_for(args.draft, args.exit_adapters)
+    if folder:
+        from actors.exit_adapters import read_manifest, suggest_thresholds
+
+        calib = read_manifest(folder).get("training", {}).get("calibration")
+        if calib:
+            return suggest_thresholds(calib, exits, min_agree=0.9)
+    return (0.8,) * (len(exits) - 1)
+
+
 def build_runner(spec: ModelSpec, *, model=None) -> ModelRunner:
     """Resolve and load one model into a ModelRunner (trained exits included)."""
     from actors.workers import ModelLoad

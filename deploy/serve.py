@@ -12,9 +12,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from actors.pools import ActorEngine, DraftPool, DraftPoolSpec, Placement, TargetPool, TargetSpec, ensure_ray, pool_resources
+from actors.pools import ActorEngine, DraftPool, DraftPoolSpec, TargetPool, TargetSpec, ensure_ray, pool_resources
 from actors.workers import ModelLoad
-from deploy.config import PoolResources, TandemConfig
+from deploy.config import TandemConfig
 from deploy.models import trained_exits_for
 from deploy.packs import resolve_model_path
 from services.router import Router, TargetRoute
@@ -27,10 +27,6 @@ log = logging.getLogger("tandem.serve")
 
 def say(msg: str) -> None:
     print(f"[tandem] {msg}", file=sys.stderr, flush=True)
-
-
-def _placement(p: PoolResources) -> Placement:
-    return Placement(resources=dict(p.resources), num_gpus=p.num_gpus, accelerator_type=p.accelerator_type)
 
 
 def pool_specs(cfg: TandemConfig, *, resolve=resolve_model_path) -> tuple[DraftPoolSpec, list[TargetSpec]]:
@@ -46,7 +42,7 @@ def pool_specs(cfg: TandemConfig, *, resolve=resolve_model_path) -> tuple[DraftP
         ),
         replicas=d.replicas,
         threads=d.threads,
-        placement=_placement(d.placement),
+        placement=d.placement.to_placement(),
     )
     targets = [
         TargetSpec(
@@ -55,7 +51,7 @@ def pool_specs(cfg: TandemConfig, *, resolve=resolve_model_path) -> tuple[DraftP
             replicas=t.replicas,
             shards=t.shards,
             threads=t.threads,
-            placement=_placement(t.placement),
+            placement=t.placement.to_placement(),
         )
         for t in cfg.targets
     ]
