@@ -22,11 +22,21 @@ The adapter, per exit (h: [n, hidden] raw hidden state at the exit):
                                               U: [hidden, rank] (init 0), w: [hidden] (init 1)
 
 so a fresh adapter is exactly the identity (an untrained exit). activation "none" gives a
-plain low-rank residual. Files in an adapter folder:
+plain low-rank residual. With linear=True (the default of `tandem train-exits`) the
+elementwise scale becomes a full-rank linear map of the unit-RMS hidden state:
+
+    h' = M unit(h) + b + U silu(D (w * unit(h)))      M: [hidden, hidden] (init I), b: [hidden]
+
+(the shared final norm is scale-invariant, so this is still the identity when fresh). The
+trainer starts M, b at the least-squares map from unit(h_k) to the full model's unit(h_L)
+("linear shortcut", Din et al., arXiv 2303.09435), which alone recovers most of what
+gradient training of the residual reaches, then trains everything on the KL. Files in an
+adapter folder:
 
     exit_adapters.json           manifest: format, draft identity, exits, rank, activation,
                                  head ids file (if any), training summary
-    exit_adapters.safetensors    exit{k}.scale, exit{k}.norm, exit{k}.down, exit{k}.up
+    exit_adapters.safetensors    exit{k}.scale (or exit{k}.mix, exit{k}.bias when linear),
+                                 exit{k}.norm, exit{k}.down, exit{k}.up
     head_ids.safetensors         optional: "head_ids" int64 [S], sorted token ids
 """
 
@@ -44,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 FORMAT = "tandem-exit-adapters"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: optional full-rank linear part (manifest "linear"); 1 reads as linear=False
 MANIFEST = "exit_adapters.json"
 WEIGHTS = "exit_adapters.safetensors"
 HEAD_IDS = "head_ids.safetensors"
@@ -52,12 +62,13 @@ ACTIVATIONS = ("silu", "none")
 
 
 class ExitAdapter(nn.Module):
-    """h -> s * h + U act(D rmsnorm_w(h)); the identity at initialisation (U = 0, s = 1).
+    """h -> s * h + U act(D rmsnorm_w(h)), or with linear=True h -> M unit(h) + b + U act(D
+    rmsnorm_w(h)); the identity at initialisation (U = 0; s = 1 or M = I, b = 0).
 
     Computes its norm statistics in float32 and everything else in the parameters' dtype;
     the output has the input's dtype, so it drops into a bf16 runner unchanged."""
 
-    def __init__(self, hidden_size: int, rank: int, *, activation: str = "silu", eps: float = 1e-6):
+    def __init__(self, hidden_size: int, rank: int, *, activation: str = "silu", eps: float = 1e-6, linear: bool = False):
         super().__init__()
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
@@ -67,7 +78,12 @@ class ExitAdapter(nn.Module):
         self.rank = rank
         self.activation = activation
         self.eps = eps
-        self.scale = nn.Parameter(torch.ones(hidden_size))  # [hidden]
+        self.linear = bool(linear)
+        if self.linear:
+            self.mix = nn.Parameter(torch.eye(hidden_size))  # [hidden, hidden]: output x input
+            self.bias = nn.Parameter(torch.zeros(hidden_size))  # [hidden]
+        else:
+            self.scale = nn.Parameter(torch.ones(hidden_size))  # [hidden]
         self.norm = nn.Parameter(torch.ones(hidden_size))  # [hidden]
         self.down = nn.Parameter(torch.randn(rank, hidden_size) / hidden_size**0.5)  # [rank, hidden]
         self.up = nn.Parameter(torch.zeros(hidden_size, rank))  # [hidden, rank]: zero = identity
@@ -75,13 +91,15 @@ class ExitAdapter(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         # h: [..., hidden]
         x32 = h.float()
-        z = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)  # RMS statistics in fp32
-        z = z.to(self.down.dtype) * self.norm
-        a = F.linear(z, self.down)  # [..., rank]
+        unit = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(self.down.dtype)  # fp32 statistics
+        a = F.linear(unit * self.norm, self.down)  # [..., rank]
         if self.activation == "silu":
             a = F.silu(a)
-        out = h.to(self.down.dtype) * self.scale + F.linear(a, self.up)  # residual: exit keeps h's content
-        return out.to(h.dtype)
+        if self.linear:
+            base = F.linear(unit, self.mix, self.bias)  # [..., hidden]
+        else:
+            base = h.to(self.down.dtype) * self.scale  # residual: exit keeps h's content
+        return (base + F.linear(a, self.up)).to(h.dtype)
 
     def state_for_save(self, depth: int) -> dict[str, torch.Tensor]:
         return {f"exit{depth}.{name}": p.detach().float().contiguous() for name, p in self.named_parameters()}
@@ -174,8 +192,8 @@ def save_exit_adapters(
         ad = adapters[depth]
         if not 1 <= depth < draft.num_layers:
             raise ValueError(f"exit {depth} must be within 1..{draft.num_layers - 1}")
-        if ad.rank != first.rank or ad.activation != first.activation or ad.hidden_size != draft.hidden_size:
-            raise ValueError("every exit adapter must share rank, activation and the draft's hidden size")
+        if (ad.rank, ad.activation, ad.linear) != (first.rank, first.activation, first.linear) or ad.hidden_size != draft.hidden_size:
+            raise ValueError("every exit adapter must share rank, activation, linear and the draft's hidden size")
         tensors.update(ad.state_for_save(depth))
     _atomic_write_bytes(folder / WEIGHTS, st_save(tensors))
     head_file = None
@@ -194,6 +212,7 @@ def save_exit_adapters(
         "exits": exits,
         "rank": first.rank,
         "activation": first.activation,
+        "linear": first.linear,
         "eps": first.eps,
         "weights": WEIGHTS,
         "head_ids_file": head_file,
@@ -237,7 +256,8 @@ def load_exit_adapters(
     adapters: dict[int, ExitAdapter] = {}
     for depth in manifest["exits"]:
         depth = int(depth)
-        ad = ExitAdapter(hidden, int(manifest["rank"]), activation=manifest["activation"], eps=float(manifest["eps"]))
+        ad = ExitAdapter(hidden, int(manifest["rank"]), activation=manifest["activation"], eps=float(manifest["eps"]),
+                         linear=bool(manifest.get("linear", False)))
         state = {name: tensors[f"exit{depth}.{name}"] for name, _ in ad.named_parameters()}
         ad.load_state_dict(state)
         ad.to(dtype).eval().requires_grad_(False)

@@ -26,16 +26,24 @@ def tiny(tmp_path_factory):
     return path, load_causal_lm(path, torch.float32)
 
 
-def _random_adapters(hidden: int, rank: int = 8, seed: int = 0) -> dict[int, ExitAdapter]:
+def _random_adapters(hidden: int, rank: int = 8, seed: int = 0, linear: bool = False) -> dict[int, ExitAdapter]:
     torch.manual_seed(seed)
     ads = {}
     for e in EXITS:
-        ad = ExitAdapter(hidden, rank)
+        ad = ExitAdapter(hidden, rank, linear=linear)
         with torch.no_grad():
             ad.up.normal_(0, 0.3)  # non-identity so the tests see the adapter act
-            ad.scale.uniform_(0.5, 1.5)
+            if linear:
+                ad.mix.add_(torch.randn(hidden, hidden) * 0.3)
+                ad.bias.normal_(0, 0.2)
+            else:
+                ad.scale.uniform_(0.5, 1.5)
         ads[e] = ad
     return ads
+
+
+def _rms(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
 
 
 def test_fresh_adapter_is_identity():
@@ -43,16 +51,23 @@ def test_fresh_adapter_is_identity():
     h = torch.randn(5, 16)
     assert torch.equal(ad(h), h)
     assert ad(h.bfloat16()).dtype == torch.bfloat16
+    # The linear form is the identity up to scale, which the shared final norm removes.
+    lin = ExitAdapter(16, 4, linear=True)
+    h = torch.randn(5, 16) * 7.0
+    assert torch.allclose(_rms(lin(h)), _rms(h), atol=1e-5)
+    assert lin(h.bfloat16()).dtype == torch.bfloat16
 
 
-def test_save_load_round_trip_and_manifest(tiny, tmp_path):
+@pytest.mark.parametrize("linear", [False, True])
+def test_save_load_round_trip_and_manifest(tiny, tmp_path, linear):
     path, model = tiny
     ident = identity_of_hf_model(model, path)
-    ads = _random_adapters(32)
+    ads = _random_adapters(32, linear=linear)
     head_ids = [0, 3, 5, 7, 11, 39]
     save_exit_adapters(tmp_path, ads, draft=ident, head_ids=head_ids, extra={"training": {"steps": 3}})
     manifest = read_manifest(tmp_path)
     assert manifest["exits"] == list(EXITS) and manifest["rank"] == 8 and manifest["head_ids_file"]
+    assert manifest["linear"] is linear
     assert manifest["draft"]["fingerprint"] == ident.fingerprint and manifest["training"]["steps"] == 3
     loaded, exits, ids = load_exit_adapters(tmp_path, torch.float32)
     assert exits == EXITS and ids.tolist() == head_ids
@@ -64,13 +79,30 @@ def test_save_load_round_trip_and_manifest(tiny, tmp_path):
     assert sum(f.stat().st_size for f in tmp_path.iterdir()) < 200_000
 
 
-def test_runner_logits_match_training_forward(tiny, tmp_path):
+def test_version_1_folder_still_loads(tiny, tmp_path):
+    """A folder written before the linear part existed (manifest version 1, no "linear")."""
+    import json
+
+    path, model = tiny
+    ads = _random_adapters(32)
+    save_exit_adapters(tmp_path, ads, draft=identity_of_hf_model(model, path))
+    manifest = json.loads((tmp_path / "exit_adapters.json").read_text())
+    del manifest["linear"]
+    manifest["version"] = 1
+    (tmp_path / "exit_adapters.json").write_text(json.dumps(manifest))
+    loaded, _, _ = load_exit_adapters(tmp_path, torch.float32)
+    h = torch.randn(3, 32)
+    assert all(not loaded[e].linear and torch.allclose(loaded[e](h), ads[e](h), atol=1e-6) for e in EXITS)
+
+
+@pytest.mark.parametrize("linear", [False, True])
+def test_runner_logits_match_training_forward(tiny, tmp_path, linear):
     """The training path (HF hidden states -> adapter -> shared norm -> head on S) and the
     runner's exit (forward_to_depth -> logits_at_exit) agree: what is trained is what drafts."""
     from deploy.train_exits import Teacher
 
     path, model = tiny
-    ads = _random_adapters(32, seed=1)
+    ads = _random_adapters(32, seed=1, linear=linear)
     head_ids = torch.tensor([0, 2, 4, 8, 16, 31, 33, 39])
     save_exit_adapters(tmp_path, ads, draft=identity_of_hf_model(model, path), head_ids=head_ids)
     loaded, exits, ids = load_exit_adapters(tmp_path, torch.float32)
@@ -105,14 +137,15 @@ def test_quantized_runner_keeps_fingerprint(tiny, tmp_path):
     check_runner_matches(tmp_path, ModelRunner(path, dtype="bfloat16", exits=EXITS, quantize="int8"))
 
 
-def test_trained_exits_keep_greedy_output_lossless(tiny, tmp_path, tmp_path_factory):
+@pytest.mark.parametrize("linear", [False, True])
+def test_trained_exits_keep_greedy_output_lossless(tiny, tmp_path, tmp_path_factory, linear):
     """A draft with (non-identity) exit adapters and a restricted head, drafting with `sd`
     from a shallow exit and with `sorted`, reproduces target-only greedy output (float32)."""
     from actors.local import LocalEngine, ThreadSplit
     from speculation.sorted_policy import ExitPolicy
 
     path, model = tiny
-    save_exit_adapters(tmp_path, _random_adapters(32, seed=2), draft=identity_of_hf_model(model, path),
+    save_exit_adapters(tmp_path, _random_adapters(32, seed=2, linear=linear), draft=identity_of_hf_model(model, path),
                        head_ids=list(range(0, 40, 2)) + [1, 3])
     loaded, exits, ids = load_exit_adapters(tmp_path, torch.float32)
     draft = ModelRunner(path, dtype="float32", exits=exits, head_ids=ids, exit_adapters=loaded)

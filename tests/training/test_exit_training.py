@@ -14,7 +14,13 @@ packed sequence are correlated, so the noise is estimated from per-sequence mean
 
 and a relative drop of at least 2% (so a vanishing SE cannot pass a negligible change).
 The negative control (learning rate 0: the same steps, the same data, no update) has d = 0
-at every position and must fail the same criterion. Measured here (60 steps): exit 1 drops
+at every position and must fail the same criterion. These two runs start from the identity
+(`--ridge-tokens 0`) so that only gradient steps can move the KL; the least-squares init of
+the adapters' linear part (the default) is tested separately by the same criterion: alone
+(lr 0) it must lower the KL, and the same 60 steps must end lower from it than from the
+identity. Measured here: the init alone lowers exit 1 by 0.229 nats = 17 SE (18%), exit 2
+by 0.149 = 23 SE (20%); trained from it, exit 1 ends 0.059 = 16 SE and exit 2 0.040 = 16 SE
+below the identity-started run. Measured here (60 steps): exit 1 drops
 by 0.196 nats = 11.6 SE (15%), exit 2 by 0.062 = 8.7 SE (8%). (An exit one layer below the
 top, KL 0.34 untrained, only reached ~4 SE: too close to the bar for a stable test.)
 """
@@ -50,6 +56,7 @@ def _argv(draft: str, out: Path, **overrides) -> list[str]:
         "--exits": "1,2", "--steps": "60", "--seq-len": "64", "--batch": "4", "--reuse": "2",
         "--rank": "16", "--lr": "1e-2", "--warmup": "5", "--head-vocab": "256", "--count-chars": "200000",
         "--val-tokens": "2048", "--checkpoint-every": "10", "--threads": "1", "--compile": "off",
+        "--ridge-tokens": "2048",
     }
     opts.update({k: str(v) for k, v in overrides.items()})
     argv = ["--draft", draft, "--out", str(out), "--no-progress", "--backend", "local"]
@@ -72,6 +79,22 @@ def _per_sequence_drop(draft: str, out: Path, argv: list[str]) -> dict[int, tupl
     return res
 
 
+def _drop_between(draft: str, argv: list[str], before: Path, after: Path) -> dict[int, tuple[float, float, float]]:
+    """Per exit: (mean per-sequence KL drop from adapters `before` to adapters `after`, its SE,
+    the mean KL with `before`), on the validation split of argv's config."""
+    from actors.exit_adapters import load_exit_adapters
+    from deploy.train_exits import build_parser, config_from_args, validation_kl
+
+    cfg = config_from_args(build_parser().parse_args(argv), draft)
+    _, ev_a, n_seq = validation_kl(cfg, load_exit_adapters(before, torch.float32)[0])
+    _, ev_b, _ = validation_kl(cfg, load_exit_adapters(after, torch.float32)[0])
+    res = {}
+    for e in cfg.exits:
+        d = (ev_a[e]["kl"] - ev_b[e]["kl"]).view(n_seq, -1).mean(1)
+        res[e] = (float(d.mean()), float(d.std() / math.sqrt(n_seq)), float(ev_a[e]["kl"].mean()))
+    return res
+
+
 def _passes(drop: float, se: float, base: float) -> bool:
     return drop > Z * se and drop > MIN_REL_DROP * base
 
@@ -80,7 +103,7 @@ def test_training_lowers_validation_kl_and_control_does_not(tiny_draft, tmp_path
     from deploy.train_exits import main
 
     trained = tmp_path / "trained"
-    argv = _argv(tiny_draft, trained)
+    argv = _argv(tiny_draft, trained, **{"--ridge-tokens": "0"})
     assert main(argv) == 0
     manifest = json.loads((trained / "exit_adapters.json").read_text())
     assert manifest["exits"] == [1, 2] and manifest["head_size"] == 256
@@ -88,10 +111,52 @@ def test_training_lowers_validation_kl_and_control_does_not(tiny_draft, tmp_path
         assert _passes(drop, se, base), f"exit {e}: KL drop {drop:.4f} vs {Z} SE = {Z * se:.4f}, base {base:.4f}"
 
     control = tmp_path / "control"
-    argv_c = _argv(tiny_draft, control, **{"--lr": "0"})
+    argv_c = _argv(tiny_draft, control, **{"--lr": "0", "--ridge-tokens": "0"})
     assert main(argv_c) == 0
     for e, (drop, se, base) in _per_sequence_drop(tiny_draft, control, argv_c).items():
         assert not _passes(drop, se, base), f"exit {e}: the lr=0 control lowered KL by {drop}"
+
+
+def test_linear_init_lowers_kl_and_training_from_it_ends_lower(tiny_draft, tmp_path):
+    """The least-squares init alone (lr 0) lowers the KL; and the same training steps end
+    lower from it than from the identity (what the init is for)."""
+    from deploy.train_exits import main
+
+    init_only = tmp_path / "init"
+    argv_i = _argv(tiny_draft, init_only, **{"--lr": "0"})
+    assert main(argv_i) == 0
+    assert json.loads((init_only / "exit_adapters.json").read_text())["linear"] is True
+    for e, (drop, se, base) in _per_sequence_drop(tiny_draft, init_only, argv_i).items():
+        assert _passes(drop, se, base), f"exit {e}: the least-squares init lowered KL by {drop:.4f} (SE {se:.4f}, base {base:.4f})"
+    from_init, from_identity = tmp_path / "from_init", tmp_path / "from_identity"
+    argv_t = _argv(tiny_draft, from_init)
+    assert main(argv_t) == 0
+    assert main(_argv(tiny_draft, from_identity, **{"--ridge-tokens": "0"})) == 0
+    for e, (drop, se, base) in _drop_between(tiny_draft, argv_t, from_identity, from_init).items():
+        assert _passes(drop, se, base), f"exit {e}: training from the init ended {drop:.4f} lower than from the identity (SE {se:.4f})"
+
+
+def test_ridge_init_recovers_an_exact_linear_map():
+    """With unit(h_L) an exact affine function of unit(h_k), the least-squares init is it."""
+    from deploy.train_exits import _unit, ridge_init
+
+    H, N = 12, 64
+    gen = torch.Generator().manual_seed(3)
+    A, b = torch.randn(H, H, generator=gen), torch.randn(H, generator=gen)
+
+    class Teacher:
+        exits, eps = (2,), 1e-6
+
+        def hidden_and_target(self, ids):
+            x = torch.randn(ids.numel(), H, generator=gen) * 3.0  # raw hidden at the exit
+            return {2: x}, _unit(x, self.eps) @ A.T + b
+
+    class Stream:
+        def next_batch(self, batch):
+            return torch.zeros(batch, N + 1, dtype=torch.long)
+
+    mix, bias = ridge_init(Teacher(), Stream(), tokens=4 * N * 3, batch=4, lam=1e-10, device="cpu")[2]
+    assert torch.allclose(mix, A, atol=1e-4) and torch.allclose(bias, b, atol=1e-4)
 
 
 def _log_records(out: Path) -> list[dict]:
@@ -196,6 +261,22 @@ def test_replay_simulation_counts_rounds_exactly():
     assert s2d["draft_ms_per_token"] == round((7 * 1.0 + 1 * 2.5) / 8, 2)
 
 
+def test_ceiling_prices_the_full_drafts_acceptance_at_each_exits_cost():
+    """Full draft (exit 2) matches all 10 target tokens: gamma 4 gives rounds at 0 and 5
+    (4 accepted + bonus each): 2 rounds, 8 drafted. Time = 2 x 10 ms + 8 x cost per token:
+    36 ms at the full draft's 2 ms, 28 ms at exit 1's 1 ms, 20 ms at no cost."""
+    from deploy.exit_report import Replay, ceiling
+
+    target = torch.arange(10)
+    rp = Replay(target=target, tokens={1: target + 100, 2: target.clone()},
+                max_prob={1: torch.full((10,), 0.2), 2: torch.full((10,), 0.99)})
+    costs = {"token": {1: 1.0, 2: 2.0}, "head": {1: 0.5, 2: 0.5}, "layers": {1: 0.5, 2: 1.5}}
+    c = ceiling([rp], full=2, trained=(1,), costs=costs, gamma=4, verify_ms=10.0)
+    assert c["sd_full_predicted_tok_s"] == round(1000 * 10 / 36, 2)
+    assert c["1"]["predicted_tok_s"] == round(1000 * 10 / 28, 2) and c["1"]["x_sd_full"] == round((10 / 28) / (10 / 36), 3)
+    assert c["free"]["predicted_tok_s"] == round(1000 * 10 / 20, 2)
+
+
 def test_report_markdown_and_plot(tmp_path):
     from deploy.exit_report import plot, render_markdown
 
@@ -208,9 +289,12 @@ def test_report_markdown_and_plot(tmp_path):
         "training": {"val_before": {"1": {"kl": 3.0, "top1_agree": 0.1}}, "val_after": {"1": {"kl": 1.0, "top1_agree": 0.5}}},
         "targets": {"t": {"policy": {"policy": "1,4:0.5", "gamma": 6, "source": "tuned"}, "datasets": {"code_dev": {
             "speed": {"ar": speed, "sd_full_before": speed, "sorted_after": {**speed, "tok_s": 6.0}},
-            "per_exit": {"1_before": sim, "1_after": {**sim, "mean_accepted_len": 3.0}, "4_before": sim, "4_after": sim}}}}},
+            "per_exit": {"1_before": sim, "1_after": {**sim, "mean_accepted_len": 3.0}, "4_before": sim, "4_after": sim},
+            "ceiling": {"gamma": 6, "sd_full_predicted_tok_s": 5.0, "1": {"predicted_tok_s": 5.5, "x_sd_full": 1.1},
+                        "free": {"predicted_tok_s": 7.0, "x_sd_full": 1.4}}}}}},
     }
     md = render_markdown(report)
     assert "| 1 | 2.0 | 1.5 | 2.00 | 3.00 |" in md and "| 1.20 | 1.20 |" in md
+    assert "exit 1 1.10x" in md and "cost nothing: 1.40x" in md
     plot(report, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
