@@ -170,6 +170,24 @@ def simulate(replays: Sequence[Replay], *, exits: Sequence[int], thresholds: Seq
     }
 
 
+def ceiling(replays: Sequence[Replay], *, full: int, trained: Sequence[int], costs: dict[str, dict[int, float]],
+            gamma: int, verify_ms: float) -> dict[str, Any]:
+    """What perfect exit training could buy at most: the full draft's own drafts (its
+    acceptance, from the replay) charged at exit k's cost per token, and at no cost at all,
+    against the full draft at its own cost; predicted tokens/s and the ratio. A bar above
+    the ratio at every trained exit cannot be met by training those exits."""
+    def run(token_ms: float) -> float:
+        return simulate(replays, exits=(full,), thresholds=(), gamma=gamma, token_ms={full: token_ms}, head_ms=costs["head"],
+                        layers_ms=costs["layers"], verify_ms=verify_ms)["predicted_tok_s"]
+
+    base = run(costs["token"][full]) or 1e-9
+    out: dict[str, Any] = {"gamma": gamma, "sd_full_predicted_tok_s": base}
+    for name, ms in [(str(e), costs["token"][e]) for e in trained] + [("free", 0.0)]:
+        tok_s = run(ms)
+        out[name] = {"predicted_tok_s": tok_s, "x_sd_full": round(tok_s / base, 3)}
+    return out
+
+
 def tune_policy(replays: Sequence[Replay], *, trained: Sequence[int], full: int, costs: dict[str, dict[int, float]],
                 verify_ms: dict[int, float], single_only: bool = False) -> tuple[str, int, dict[str, float]]:
     """The (policy, gamma) with the best predicted tokens/s on tuning replays. Candidates:
@@ -414,7 +432,9 @@ def main(argv: list[str] | None = None) -> int:
                 check = simulate(replays["before"], exits=(full,), thresholds=(), gamma=args.sd_gamma, token_ms=costs["before"]["token"],
                                  head_ms=costs["before"]["head"], layers_ms=costs["before"]["layers"], verify_ms=verify_ms[args.sd_gamma])
                 rows["replay_check_sd_full_before"] = {"replayed": check["mean_accepted_len"], "real": rows["sd_full_before"]["mean_accepted_len"]}
-                t_rep["datasets"][ds_name] = {"speed": rows, "per_exit": per_exit}
+                t_rep["datasets"][ds_name] = {"speed": rows, "per_exit": per_exit,
+                                              "ceiling": ceiling(replays["after"], full=full, trained=trained, costs=costs["after"],
+                                                                 gamma=args.sd_gamma, verify_ms=verify_ms[args.sd_gamma])}
         finally:
             for eng in engines.values():
                 eng.close()
@@ -508,6 +528,12 @@ def render_markdown(report: dict[str, Any]) -> str:
                     r = sp[key]
                     lines.append(f"| {label} | {r['tok_s']:.2f} | {r['tok_s'] / ar:.2f} | {r['tok_s'] / full:.2f} | "
                                  f"{r['mean_accepted_len']:.2f} | {r.get('exits_used') or '-'} | {r.get('greedy_equal', '-')}/{r.get('prompts', '-')} |")
+            ceil = d.get("ceiling")
+            if ceil:
+                parts = [f"exit {k} {v['x_sd_full']:.2f}x" for k, v in ceil.items() if isinstance(v, dict) and k != "free"]
+                lines += ["", f"Ceiling of exit training (replay: the full draft's own drafts at a trained exit's cost per token, "
+                              f"gamma {ceil['gamma']}; perfect training could not do better): {', '.join(parts)} "
+                              f"the full draft's predicted speed; a draft that cost nothing: {ceil['free']['x_sd_full']:.2f}x."]
             chk = sp.get("replay_check_sd_full_before")
             if chk:
                 lines += ["", f"Replay check (sd, full draft): replayed acc len {chk['replayed']:.2f}, real run {chk['real']:.2f}."]
