@@ -93,7 +93,10 @@ def build_engine(cfg: TandemConfig, *, resolve=resolve_model_path) -> ActorEngin
     t0 = time.time()
     say(f"loading the draft pool: {cfg.draft_pool.model} x{cfg.draft_pool.replicas} ({cfg.draft_pool.quantize})")
     draft = DraftPool(draft_spec, timeout_s=timeout)
-    say(f"draft pool ready in {time.time() - t0:.0f}s, exits {draft.info['exits']}")
+    adapters = draft_spec.load.exit_adapters
+    say(f"draft pool ready in {time.time() - t0:.0f}s, exits {draft.info['exits']}; "
+        + (f"trained exits from {adapters}" if adapters else
+           f"no trained exits (exit_adapters: {cfg.draft_pool.exit_adapters}; see `tandem train-exits`)"))
     pools = {}
     for spec in target_specs:
         t1 = time.time()
