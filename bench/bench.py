@@ -373,6 +373,11 @@ def main(args) -> int:
     prompts_ids = [encode_prompt(tokenizer, messages=p["messages"]) for p in prompts]
     dtype = args.dtype
     exits = tuple(int(e) for e in args.exits.split(",")) if args.exits else ()
+    sd_exit = getattr(args, "sd_exit", None)
+    if sd_exit is not None:
+        if sd_exit < 1:
+            raise ValueError(f"sd-exit: must be a draft depth >= 1, got {sd_exit}")
+        exits = tuple(sorted(set(exits) | {sd_exit}))
 
     eprint(f"[bench] loading {args.target} and {args.draft} ({dtype}, {threads} threads, via {via})")
     hf_target = load_causal_lm(target_path, parse_dtype(dtype)).eval()
@@ -390,8 +395,15 @@ def main(args) -> int:
             raise ValueError("exits: method 'sorted' needs --exits with at least one exit below the full depth")
         policy = ExitPolicy(exits=tuple(draft_exits), thresholds=sorted_thresholds(args, tuple(draft_exits)))
 
+    sd_policy = None
+    if sd_exit is not None:
+        if backend is None or sd_exit not in backend.draft_exits:
+            raise ValueError(f"sd-exit: {sd_exit} is not a depth of the draft (exits {list(backend.draft_exits) if backend else []})")
+        sd_policy = ExitPolicy.single(sd_exit)
+
     def call_kwargs(method):
-        return {"gamma": args.gamma, "policy": policy if method == "sorted" else None, "k": args.k, "stop_ids": eos_ids}
+        pol = policy if method == "sorted" else sd_policy if method in ("sd", "pearl") else None
+        return {"gamma": args.gamma, "policy": pol, "k": args.k, "stop_ids": eos_ids}
 
     total = len(methods) * len(prompts_ids)
     bar = tqdm(total=total, desc="bench", unit="prompt", file=sys.stderr, dynamic_ncols=True)
@@ -458,6 +470,7 @@ def main(args) -> int:
             "exits": list(backend.draft_exits) if backend is not None else [],
             "thresholds": list(policy.thresholds) if policy else [],
             "gamma": args.gamma,
+            "sd_exit": sd_exit,
         },
     }
     print(format_table(results))

@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", default=None, help="write results here")
     bench.add_argument("--gamma", type=int, default=None)
     bench.add_argument("--k", type=int, default=2)
+    bench.add_argument("--sd-exit", type=int, default=None,
+                       help="draft depth for 'sd' (and pearl): a trained exit such as 16 (default: the full draft)")
     bench.add_argument(
         "--via", default="local", choices=["local", "actors", "grpc"],
         help="run tandem's methods in-process, on Ray actors, or through a running server (--server)",
