@@ -50,7 +50,7 @@ DEFAULT_DATASETS = (
     str(REPO_ROOT.parent / "shared" / "eval" / "spec_bench_dev.jsonl"),
 )
 THRESHOLD_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
-GAMMA_GRID = (4, 6, 8)
+GAMMA_GRID = (1, 2, 3, 4, 6, 8)  # as the router: short drafts pay when a cheap exit accepts little
 REPLAY_BLOCK = 8  # <= QuantLinear.QUANT_MAX_ROWS: the same kernels as one-token drafting
 
 

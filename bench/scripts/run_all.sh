@@ -14,7 +14,7 @@ cd "$(dirname "$0")/../.."
 T=.venv/bin/tandem
 EVAL=${EVAL:-../shared/eval}
 STEPS=${STEPS:-train report local actors grpc batch}
-TRAIN_MINUTES=${TRAIN_MINUTES:-25}
+TRAIN_MINUTES=${TRAIN_MINUTES:-28}
 DRAFT=qwen2.5-coder-0.5b-instruct
 mkdir -p bench/results
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
