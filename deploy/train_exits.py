@@ -528,28 +528,28 @@ class Teacher:
         self.body = torch.compile(inner, dynamic=False) if compile_body else inner
 
     @torch.no_grad()
-    def forward(self, ids: torch.Tensor) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-        """ids [B, L] -> ({exit: hidden [B*L, H]}, teacher logits on S [B*L, S] float32)."""
+    def _body(self, ids: torch.Tensor) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """ids [B, L] -> ({exit: hidden [B*L, H]}, final normed hidden [B*L, H])."""
         out = self.body(input_ids=ids, output_hidden_states=True, use_cache=False)
         hs = {e: out.hidden_states[e].reshape(-1, out.hidden_states[e].shape[-1]).detach() for e in self.exits}
-        final = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])  # [B*L, H], normed
+        return hs, out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])
+
+    def forward(self, ids: torch.Tensor) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """ids [B, L] -> ({exit: hidden [B*L, H]}, teacher logits on S [B*L, S] float32)."""
+        hs, final = self._body(ids)
         return hs, F.linear(final, self.head_w).float()
 
-    @torch.no_grad()
     def hidden_and_target(self, ids: torch.Tensor) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
         """ids [B, L] -> ({exit: hidden [B*L, H]}, unit(h_L) [B*L, H] float32): the direction
         the final norm's input has (the output of the final norm divided by its weight)."""
-        out = self.body(input_ids=ids, output_hidden_states=True, use_cache=False)
-        hs = {e: out.hidden_states[e].reshape(-1, out.hidden_states[e].shape[-1]).detach() for e in self.exits}
-        final = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1]).float() / self.final_norm.float()
-        return hs, _unit(final, self.eps)
+        hs, final = self._body(ids)
+        return hs, _unit(final.float() / self.final_norm.float(), self.eps)
 
     def exit_logits(self, adapter: ExitAdapter | None, h: torch.Tensor) -> torch.Tensor:
         """What the runner computes at an exit: head(rmsnorm(adapter(h)) * w), on S.
         h: [N, H] in the model dtype -> [N, S] float32."""
         z = adapter(h) if adapter is not None else h  # [N, H], model dtype
-        z32 = z.float()
-        z32 = z32 * torch.rsqrt(z32.pow(2).mean(-1, keepdim=True) + self.eps)  # fp32 statistics, as the runner
+        z32 = _unit(z, self.eps)  # fp32 statistics, as the runner
         return F.linear(self.final_norm * z32.to(h.dtype), self.head_w).float()
 
 
@@ -818,11 +818,10 @@ def train(cfg: TrainConfig, *, device: str | torch.device = "cpu", report=None) 
     adapters = {e: ExitAdapter(hidden, cfg.rank, activation=cfg.activation, eps=teacher.eps, linear=cfg.linear).to(device)
                 for e in cfg.exits}
     params = [p for e in cfg.exits for p in adapters[e].parameters()]
-    linear_params = [p for e in cfg.exits for n, p in adapters[e].named_parameters() if n in ("mix", "bias")]
-    other_params = [p for e in cfg.exits for n, p in adapters[e].named_parameters() if n not in ("mix", "bias")]
-    groups = [{"params": other_params, "lr_scale": 1.0}]
-    if linear_params:
-        groups.append({"params": linear_params, "lr_scale": LINEAR_LR_SCALE})
+    named = [(n, p) for e in cfg.exits for n, p in adapters[e].named_parameters()]
+    groups = [{"params": [p for n, p in named if n not in ("mix", "bias")], "lr_scale": 1.0}]
+    if cfg.linear:
+        groups.append({"params": [p for n, p in named if n in ("mix", "bias")], "lr_scale": LINEAR_LR_SCALE})
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
 
     stream_state = StreamState()
