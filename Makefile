@@ -34,7 +34,7 @@ proto: setup
 	$(BIN)/python -m services.protos.generate
 
 bench: setup
-	$(BIN)/tandem bench --prompts ../shared/eval/code_dev.jsonl --limit 3 --max-new-tokens 96 \
+	$(BIN)/tandem bench --prompts bench/eval/code_dev.jsonl --limit 3 --max-new-tokens 96 \
 		--json bench/results/code_dev.json
 
 clean:

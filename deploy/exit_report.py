@@ -42,13 +42,11 @@ from typing import Any, Sequence
 
 import torch
 
-from deploy.train_exits import REPO_ROOT, default_exits_dir
+from deploy.paths import EVAL_DIR
+from deploy.train_exits import default_exits_dir
 
 DEFAULT_TARGETS = "qwen2.5-coder-1.5b-instruct,qwen2.5-coder-0.5b-instruct"
-DEFAULT_DATASETS = (
-    str(REPO_ROOT.parent / "shared" / "eval" / "code_dev.jsonl"),
-    str(REPO_ROOT.parent / "shared" / "eval" / "spec_bench_dev.jsonl"),
-)
+DEFAULT_DATASETS = (str(EVAL_DIR / "code_dev.jsonl"), str(EVAL_DIR / "spec_bench_dev.jsonl"))
 THRESHOLD_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 GAMMA_GRID = (1, 2, 3, 4, 6, 8)  # as the router: short drafts pay when a cheap exit accepts little
 REPLAY_BLOCK = 8  # <= QuantLinear.QUANT_MAX_ROWS: the same kernels as one-token drafting

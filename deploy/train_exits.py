@@ -30,9 +30,9 @@ distribution restricted to S is renormalised on S: that is the best q on S can d
 
 Training text (exists on every machine): the Python standard library's source on disk (raw
 files, plus chat-formatted "write this function" samples built from functions with
-docstrings, plus pydoc topics as prose), and the prompts in ../shared/eval/*_dev.jsonl as
-user turns. A stable hash of each document's key puts `--val-fraction` of them in the
-validation split.
+docstrings, plus pydoc topics as prose), and the repository's evaluation prompts,
+bench/eval/*_dev.jsonl (deploy.paths.EVAL_DIR), as user turns. A stable hash of each
+document's key puts `--val-fraction` of them in the validation split.
 
 Checkpoints (every `--checkpoint-every` steps, atomic: temp file + rename) hold the
 adapters, the optimizer, the step, the data position, the RNG state and the elapsed time;
@@ -63,9 +63,9 @@ import torch
 import torch.nn.functional as F
 
 from actors.exit_adapters import ExitAdapter, identity_of_hf_model, save_exit_adapters
+from deploy.paths import EVAL_DIR
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_PROMPTS = str(REPO_ROOT.parent / "shared" / "eval" / "*_dev.jsonl")
+DEFAULT_PROMPTS = str(EVAL_DIR / "*_dev.jsonl")
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_FILE = "train_state.pt"
 LOG_FILE = "train_log.jsonl"

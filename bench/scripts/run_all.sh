@@ -12,7 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 T=.venv/bin/tandem
-EVAL=${EVAL:-../shared/eval}
+EVAL=${EVAL:-bench/eval}
 STEPS=${STEPS:-train report local actors grpc batch}
 TRAIN_MINUTES=${TRAIN_MINUTES:-28}
 DRAFT=qwen2.5-coder-0.5b-instruct

@@ -4,25 +4,18 @@ tandem cache. Marked slow; `make test` runs them."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
-EVAL = Path(__file__).resolve().parents[3] / "shared" / "eval"
+from deploy.paths import EVAL_DIR
+
 TARGET = "qwen2.5-coder-1.5b-instruct"
 DRAFT = "qwen2.5-coder-0.5b-instruct"
 
 
 def code_prompts(n: int) -> list[list[dict]]:
-    path = EVAL / "code_dev.jsonl"
-    if not path.exists():  # a checkout without ../shared: the prompts' shape, inline
-        texts = [
-            "Write a Python function that returns the n-th Fibonacci number iteratively, with a docstring.",
-            "Implement binary search over a sorted list in Python and explain its time complexity.",
-            "Write a Python class Stack with push, pop, peek and is_empty methods, and raise IndexError on empty pop.",
-        ]
-    else:
-        texts = [json.loads(line)["turns"][0] for line in path.read_text().splitlines() if line.strip()]
+    lines = (EVAL_DIR / "code_dev.jsonl").read_text().splitlines()
+    texts = [json.loads(line)["turns"][0] for line in lines if line.strip()]
     return [[{"role": "user", "content": t}] for t in texts[:n]]
 
 

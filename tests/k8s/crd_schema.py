@@ -1,5 +1,6 @@
 """Offline validation of Kubernetes objects against the KubeRay CRD schemas in
-shared/kuberay-crds (or $TANDEM_KUBERAY_CRDS).
+tests/k8s/kuberay-crds (KubeRay v1.7.0, Apache-2.0; see the README.md there), or in
+$TANDEM_KUBERAY_CRDS when set.
 
 What the API server checks when a custom resource is created, and how this module mirrors it:
 
@@ -30,8 +31,7 @@ from typing import Any
 import yaml
 from jsonschema import Draft7Validator, ValidationError, validators
 
-REPO = Path(__file__).resolve().parents[2]
-CRD_DIR = Path(os.environ.get("TANDEM_KUBERAY_CRDS", REPO.parent / "shared" / "kuberay-crds"))
+CRD_DIR = Path(os.environ.get("TANDEM_KUBERAY_CRDS", Path(__file__).resolve().parent / "kuberay-crds"))
 
 _DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
