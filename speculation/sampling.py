@@ -64,11 +64,17 @@ def _check_int(name: str, value: object) -> int:
     return int(value)
 
 
+GREEDY_BELOW = 1e-5  # temperatures below this decode greedily (SamplingParams)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How a request turns logits into a next-token distribution.
 
-    temperature: 0 means greedy (argmax); otherwise logits are divided by it.
+    temperature: 0 means greedy (argmax); otherwise logits are divided by it. Temperatures
+      below GREEDY_BELOW are taken as 0: dividing float32 logits by them overflows to inf
+      (NaN probabilities), and their distribution is the argmax's to within float32 anyway
+      (vLLM draws the same line at 1e-5).
     top_k: keep the k largest logits (0 = off).
     top_p: nucleus sampling mass in (0, 1] (1 = off).
     seed: seed for the request's generator (None = nondeterministic).
@@ -83,6 +89,8 @@ class SamplingParams:
         temperature = _check_real("temperature", self.temperature)
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if temperature < GREEDY_BELOW:
+            temperature = 0.0  # see the docstring: greedy, never inf/NaN
         top_k = _check_int("top_k", self.top_k)
         if top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {top_k}")
