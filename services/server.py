@@ -3,18 +3,20 @@ TLS, and message size limits, on a grpc.aio server."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import logging
 from dataclasses import dataclass
+from typing import Callable, Mapping
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.protos.tandem.v1 import tandem_pb2 as pb
-from services.protos.tandem.v1 import tandem_pb2_grpc as pb_grpc
 from services.router import Router
-from services.servicer import TandemServicer
+from services.servicer import TandemServicer, add_tandem_servicer
 
 log = logging.getLogger("tandem.server")
 
@@ -42,9 +44,14 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
         if details.method.startswith(UNAUTHENTICATED_PREFIXES) or self._authorized(details):
             return await continuation(details)
         handler = await continuation(details)
-        if handler is None:
-            return None
         message = "missing or wrong bearer token (metadata 'authorization: Bearer <token>')"
+        if handler is None:
+            # an unknown method: without a token a caller learns nothing, not even that it
+            # does not exist (UNAUTHENTICATED, not UNIMPLEMENTED)
+            async def deny_unknown(request, context):
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+            return grpc.unary_unary_rpc_method_handler(deny_unknown)
 
         async def deny(request, context):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
@@ -68,10 +75,40 @@ class RunningServer:
     server: grpc.aio.Server
     port: int
     health: health.aio.HealthServicer
+    servicer: TandemServicer
+    health_task: asyncio.Task | None = None
 
     async def stop(self, grace: float = 5.0) -> None:
+        if self.health_task is not None:
+            self.health_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.health_task
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        self.servicer.shutdown()
+
+
+HEALTH_INTERVAL_S = 1.0
+
+
+async def watch_target_health(servicer: health.aio.HealthServicer, source: Callable[[], Mapping[str, bool]]) -> None:
+    """Per-target health: the service name is the target's name; NOT_SERVING while none of
+    its replicas can take a request (all hung, dead or restarting), SERVING otherwise."""
+    last: dict[str, bool] = {}
+    while True:
+        try:
+            states = dict(source())
+        except Exception:  # noqa: BLE001 - health reporting never takes the server down
+            log.exception("reading target health failed")
+            states = {}
+        for name, ok in states.items():
+            if last.get(name) != ok:
+                status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+                await servicer.set(name, status)
+                if name in last:
+                    log.warning("target %r is %s", name, "serving again" if ok else "NOT serving (no healthy replica)")
+                last[name] = ok
+        await asyncio.sleep(HEALTH_INTERVAL_S)
 
 
 async def start_server(
@@ -86,6 +123,7 @@ async def start_server(
     max_new_tokens_limit: int = 4096,
     default_max_new_tokens: int = 256,
     draft_info: dict | None = None,
+    target_health: Callable[[], Mapping[str, bool]] | None = None,
 ) -> RunningServer:
     """Start serving; returns the bound port (port 0 picks a free one)."""
     interceptors = [BearerAuthInterceptor(auth_token)] if auth_token else []
@@ -102,7 +140,7 @@ async def start_server(
         default_max_new_tokens=default_max_new_tokens,
         draft_info=draft_info,
     )
-    pb_grpc.add_TandemServicer_to_server(servicer, server)
+    add_tandem_servicer(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -117,7 +155,8 @@ async def start_server(
     if bound == 0:
         raise RuntimeError(f"server: cannot bind {address}")
     await server.start()
-    for name in ("", SERVICE_NAME):
+    for name in ("", SERVICE_NAME, *router.routes):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    task = asyncio.create_task(watch_target_health(health_servicer, target_health)) if target_health is not None else None
     log.info("tandem serving on %s:%d", host, bound)
-    return RunningServer(server=server, port=bound, health=health_servicer)
+    return RunningServer(server=server, port=bound, health=health_servicer, servicer=servicer, health_task=task)

@@ -7,9 +7,12 @@ and answered INTERNAL without a stack trace).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import grpc
 
@@ -43,10 +46,63 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_LEN = 256
 MAX_REQUEST_ID = 128
 MAX_MESSAGES = 256
+# A token of these tokenizers spans far fewer characters than this, so text longer than
+# max_context * MAX_CHARS_PER_TOKEN cannot fit the context: it is refused before the
+# tokenizer spends seconds on it.
+MAX_CHARS_PER_TOKEN = 32
 
 
 class FieldError(ValueError):
     """A request field that fails validation; the message starts with the field path."""
+
+
+@dataclass(frozen=True)
+class UndecodableRequest:
+    """Stands in for a request message whose bytes do not parse (invalid UTF-8, truncated
+    fields). The handler answers it INVALID_ARGUMENT, after the auth interceptor ran: a
+    failing deserializer would answer UNKNOWN before any handler or interceptor."""
+
+    message: str
+    error: str
+
+
+def tolerant_deserializer(message_cls):
+    """`message_cls.FromString`, returning UndecodableRequest instead of raising."""
+
+    def deserialize(data: bytes):
+        try:
+            return message_cls.FromString(data)
+        except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends
+            return UndecodableRequest(message=message_cls.DESCRIPTOR.full_name, error=str(exc) or type(exc).__name__)
+
+    return deserialize
+
+
+def add_tandem_servicer(servicer: "TandemServicer", server) -> None:
+    """Register the Tandem service like the generated add_TandemServicer_to_server, with
+    request deserializers that never raise (see UndecodableRequest)."""
+    handlers = {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            servicer.Generate,
+            request_deserializer=tolerant_deserializer(pb.GenerateRequest),
+            response_serializer=pb.GenerateResponse.SerializeToString,
+        ),
+        "ListModels": grpc.unary_unary_rpc_method_handler(
+            servicer.ListModels,
+            request_deserializer=tolerant_deserializer(pb.ListModelsRequest),
+            response_serializer=pb.ListModelsResponse.SerializeToString,
+        ),
+    }
+    name = pb.DESCRIPTOR.services_by_name["Tandem"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    server.add_registered_method_handlers(name, handlers)
+
+
+async def abort_if_undecodable(request, context) -> None:
+    if isinstance(request, UndecodableRequest):
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid {request.message} message ({request.error})"
+        )
 
 
 def _finite(name: str, value: float) -> float:
@@ -67,9 +123,8 @@ def parse_sampling(msg: pb.GenerateRequest, *, limit: int, default_max_new: int)
     if top_k < 0:
         raise FieldError(f"sampling.top_k must be >= 0, got {top_k}")
     seed = s.seed if s.HasField("seed") else None
-    max_new = s.max_new_tokens if s.HasField("max_new_tokens") else default_max_new
-    if max_new < 1:
-        raise FieldError(f"sampling.max_new_tokens must be >= 1, got {max_new}")
+    # unset or 0: the server's default (proto3 clients often send 0 for "not set")
+    max_new = s.max_new_tokens if s.HasField("max_new_tokens") and s.max_new_tokens > 0 else default_max_new
     if max_new > limit:
         raise FieldError(f"sampling.max_new_tokens must be <= {limit}, got {max_new}")
     try:
@@ -95,11 +150,29 @@ def parse_stops(msg: pb.GenerateRequest, vocab_size: int) -> tuple[tuple[str, ..
     return stop, ids
 
 
-def encode_input(msg: pb.GenerateRequest, route: TargetRoute) -> list[int]:
-    tok = route.tokenizer
+def input_field(msg: pb.GenerateRequest) -> str:
+    """The field holding the request's input ("prompt" or "messages")."""
     which = msg.WhichOneof("input")
     if which is None:
         raise FieldError("prompt: give either prompt or messages")
+    return which
+
+
+def check_input_size(msg: pb.GenerateRequest, route: TargetRoute) -> None:
+    """Refuse input that cannot fit the target's context, before tokenizing it."""
+    which = input_field(msg)
+    chars = len(msg.prompt) if which == "prompt" else sum(len(m.content) for m in msg.messages.messages)
+    limit = route.max_context * MAX_CHARS_PER_TOKEN
+    if chars > limit:
+        raise FieldError(
+            f"{which}: {chars} characters cannot fit the context of {route.name!r} "
+            f"({route.max_context} tokens; at most {limit} characters)"
+        )
+
+
+def encode_input(msg: pb.GenerateRequest, route: TargetRoute) -> list[int]:
+    tok = route.tokenizer
+    which = input_field(msg)
     if which == "prompt":
         if not msg.prompt.strip():
             raise FieldError("prompt must not be empty")
@@ -162,6 +235,12 @@ class TandemServicer(pb_grpc.TandemServicer):
         self.limit = max_new_tokens_limit
         self.default_max_new = min(default_max_new_tokens, max_new_tokens_limit)
         self.draft_info = draft_info or {}
+        # Tokenizing and chat templates run here, off the event loop: a large prompt must
+        # not stall health checks and live streams (the tokenizer lets other threads run).
+        self._parse_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="parse")
+
+    def shutdown(self) -> None:
+        self._parse_pool.shutdown(wait=False, cancel_futures=True)
 
     def parse(self, msg: pb.GenerateRequest, remaining_s: float | None) -> RouteRequest:
         """Validate and tokenize; raises FieldError or UnknownTargetError."""
@@ -180,9 +259,12 @@ class TandemServicer(pb_grpc.TandemServicer):
             max_draft = msg.speculation.max_draft_len
             if not 1 <= max_draft <= 64:
                 raise FieldError(f"speculation.max_draft_len must be in [1, 64], got {max_draft}")
+        check_input_size(msg, route)
         prompt_ids = encode_input(msg, route)
         if len(prompt_ids) >= route.max_context:
-            raise FieldError(f"prompt is {len(prompt_ids)} tokens; the context of {route.name!r} is {route.max_context}")
+            raise FieldError(
+                f"{input_field(msg)}: encodes to {len(prompt_ids)} tokens; the context of {route.name!r} is {route.max_context}"
+            )
         if len(prompt_ids) + max_new + 65 > route.max_context:
             raise FieldError(
                 f"sampling.max_new_tokens: prompt ({len(prompt_ids)}) + max_new_tokens ({max_new}) exceed the "
@@ -203,8 +285,10 @@ class TandemServicer(pb_grpc.TandemServicer):
         )
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        await abort_if_undecodable(request, context)
         try:
-            req = self.parse(request, context.time_remaining())
+            loop = asyncio.get_running_loop()
+            req = await loop.run_in_executor(self._parse_pool, self.parse, request, context.time_remaining())
         except UnknownTargetError as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
         except (FieldError, ValueError) as exc:
@@ -226,6 +310,7 @@ class TandemServicer(pb_grpc.TandemServicer):
             await context.abort(code, details)
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+        await abort_if_undecodable(request, context)
         out = pb.ListModelsResponse()
         for r in self.router.routes.values():
             out.targets.append(
