@@ -6,17 +6,52 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
 
+from actors.speculative import RequestCancelledError
+
+
+class Cancellations:
+    """Request keys whose work an actor drops: queued calls fail with RequestCancelledError
+    before they run, and a long prefill stops between chunks. Thread-safe. A key stays
+    until the request is closed here, or for `ttl_s` (a cancel may arrive before the open
+    it cancels, or for a request that never reaches this actor)."""
+
+    def __init__(self, ttl_s: float = 600.0):
+        self.ttl_s = ttl_s
+        self._keys: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def cancel(self, key: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._keys[key] = now
+            for k in [k for k, t in self._keys.items() if now - t > self.ttl_s]:
+                del self._keys[k]
+
+    def discard(self, key: str) -> None:
+        with self._lock:
+            self._keys.pop(key, None)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+    def check(self, key: str) -> None:
+        """Raise RequestCancelledError if `key` was cancelled."""
+        if key in self._keys:
+            raise RequestCancelledError(f"request {key!r} was cancelled")
+
 
 @dataclass
 class _Job:
     kind: str  # a batchable kind, or "call" for a one-off callable
     payload: Any
+    request_id: str | None = None  # whose work this is (dropped once that request is cancelled)
     future: Future = field(default_factory=Future)
 
 
@@ -36,8 +71,10 @@ class MicroBatcher:
         workers: int = 1,
         max_batch: int = 16,
         name: str = "batcher",
+        cancelled: Cancellations | None = None,
     ):
         self.batch_fns = batch_fns
+        self.cancelled = cancelled if cancelled is not None else Cancellations()
         self.max_batch = max_batch
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._lock = threading.Lock()
@@ -49,15 +86,15 @@ class MicroBatcher:
         for t in self._threads:
             t.start()
 
-    def submit(self, kind: str, payload: Any) -> Future:
+    def submit(self, kind: str, payload: Any, *, request_id: str | None = None) -> Future:
         if kind not in self.batch_fns:
             raise ValueError(f"unknown batch kind {kind!r}")
-        job = _Job(kind=kind, payload=payload)
+        job = _Job(kind=kind, payload=payload, request_id=request_id)
         self._queue.put(job)
         return job.future
 
-    def call(self, fn: Callable[[], Any]) -> Future:
-        job = _Job(kind="call", payload=fn)
+    def call(self, fn: Callable[[], Any], *, request_id: str | None = None) -> Future:
+        job = _Job(kind="call", payload=fn, request_id=request_id)
         self._queue.put(job)
         return job.future
 
@@ -87,14 +124,23 @@ class MicroBatcher:
             job = self._queue.get()
             if job is None:
                 return
+            if self._drop_if_cancelled(job):
+                continue
             if job.kind == "call":
                 self._finish([job], lambda payloads: [payloads[0]()])
                 continue
-            jobs = self._take_more(job)
+            jobs = [j for j in self._take_more(job) if not self._drop_if_cancelled(j)]
             with self._lock:
                 self.batches += 1
                 self.batched_items += len(jobs)
             self._finish(jobs, self.batch_fns[job.kind])
+
+    def _drop_if_cancelled(self, job: _Job) -> bool:
+        """Fail a queued job of a cancelled request instead of running it."""
+        if job.request_id is None or job.request_id not in self.cancelled:
+            return False
+        job.future.set_exception(RequestCancelledError(f"request {job.request_id!r} was cancelled"))
+        return True
 
     @staticmethod
     def _finish(jobs: list[_Job], fn) -> None:

@@ -26,11 +26,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from actors.batching import Cancellations
 from actors.runner import ModelRunner, SequenceState
-from actors.speculative import RequestStateLostError
+from actors.speculative import RequestAlreadyOpenError, RequestCancelledError, RequestStateLostError
 from speculation.sampling import SamplingParams, SparseDist, logits_to_probs, make_generator, truncate_to_sparse
 from speculation.sorted_policy import ExitPolicy, should_emit
 
+PREFILL_CHUNK = 512  # backlog tokens per forward when a draft catches up (see _catch_up)
 SPARSE_Q_TOP = 64  # entries of q shipped per draft token (exact: the draft samples from them)
 
 
@@ -64,20 +66,25 @@ class _DraftRequest:
 class Drafter:
     """Drafts for any number of requests (of any target) on one multi-exit draft runner."""
 
-    def __init__(self, runner: ModelRunner, *, sparse_top: int = SPARSE_Q_TOP):
+    def __init__(self, runner: ModelRunner, *, sparse_top: int = SPARSE_Q_TOP, cancelled: Cancellations | None = None, prefill_chunk: int = PREFILL_CHUNK):
         self.runner = runner
+        self.cancelled = cancelled if cancelled is not None else Cancellations()
+        self.prefill_chunk = prefill_chunk
         self.sparse_top = sparse_top
         self.requests: dict[str, _DraftRequest] = {}
         self._columns = {e: (c.numpy() if (c := runner.head_columns(e)) is not None else None) for e in runner.exits}
 
     # ------------------------------------------------------------------ lifecycle
     def open(self, request_id: str, *, sampling: SamplingParams, capacity: int = 256) -> None:
+        if request_id in self.requests:
+            raise RequestAlreadyOpenError(f"request_id {request_id!r} is already open on this drafter")
         seed = None if sampling.seed is None else sampling.seed + 7919  # independent of the target's stream
         self.requests[request_id] = _DraftRequest(
             seq=self.runner.new_sequence(capacity), sampling=sampling, generator=make_generator(seed)
         )
 
     def close(self, request_id: str) -> bool:
+        self.cancelled.discard(request_id)
         return self.requests.pop(request_id, None) is not None
 
     def live_requests(self) -> list[str]:
@@ -91,13 +98,20 @@ class Drafter:
         req.last_used = time.monotonic()
         return req
 
-    def _catch_up(self, req: _DraftRequest, sequence: Sequence[int]) -> list[int]:
-        """Roll back to the common prefix; return the tokens still to feed (>= 1)."""
+    def _catch_up(self, req: _DraftRequest, sequence: Sequence[int], request_id: str) -> list[int]:
+        """Roll back to the common prefix; return the tokens still to feed (>= 1). A long
+        backlog (the prompt, at a request's first draft) goes through every layer in chunks
+        first, and stops between chunks once the request is cancelled."""
         common = self.runner.truncate_to_common_prefix(req.seq, sequence)
         if common == len(sequence):  # everything fed already: re-feed the last token
             common -= 1
             self.runner.rollback(req.seq, common)
-        return [int(t) for t in sequence[common:]]
+        feed = [int(t) for t in sequence[common:]]
+        while len(feed) > self.prefill_chunk:
+            self.cancelled.check(request_id)
+            self.runner.extend(req.seq, feed[: self.prefill_chunk], all_logits=False)
+            feed = feed[self.prefill_chunk :]
+        return feed
 
     # ------------------------------------------------------------------ one token
     def _emit(self, req: _DraftRequest, logits: torch.Tensor, depth: int) -> tuple[int, SparseDist | None]:
@@ -140,7 +154,7 @@ class Drafter:
         req = self._request(request_id)
         policy = policy or ExitPolicy.single(self.runner.num_layers)
         self.check_policy(policy)
-        feed = self._catch_up(req, sequence)
+        feed = self._catch_up(req, sequence, request_id)
         tokens: list[int] = []
         qs: list[SparseDist] = []
         exits: list[int] = []
@@ -180,12 +194,19 @@ class Drafter:
                 results[i] = b
         return results  # type: ignore[return-value]
 
-    def _draft_lockstep(self, calls: Sequence[dict], depth: int) -> list[DraftBlock]:
+    def _draft_lockstep(self, calls: Sequence[dict], depth: int) -> list[DraftBlock | Exception]:
         t0 = time.perf_counter()
         self.check_policy(ExitPolicy.single(depth))
         reqs = [self._request(c["request_id"]) for c in calls]
-        feeds = [self._catch_up(req, c["sequence"]) for req, c in zip(reqs, calls)]
         remaining = [int(c["gamma"]) for c in calls]
+        feeds: list[list[int]] = []
+        failed: dict[int, Exception] = {}
+        for i, (req, c) in enumerate(zip(reqs, calls)):
+            try:
+                feeds.append(self._catch_up(req, c["sequence"], c["request_id"]))
+            except RequestCancelledError as exc:  # that request only; the others go on
+                failed[i], remaining[i] = exc, 0
+                feeds.append([])
         tokens: list[list[int]] = [[] for _ in calls]
         qs: list[list[SparseDist]] = [[] for _ in calls]
         while True:
@@ -204,6 +225,7 @@ class Drafter:
                 remaining[i] -= 1
         dt = time.perf_counter() - t0
         return [
+            failed[i] if i in failed else
             DraftBlock(tokens=tokens[i], q=None if reqs[i].sampling.greedy else qs[i], exits=[depth] * len(tokens[i]), draft_s=dt)
             for i in range(len(calls))
         ]
@@ -216,7 +238,7 @@ class Drafter:
         t0 = time.perf_counter()
         req = self._request(request_id)
         runner = self.runner
-        feed = self._catch_up(req, sequence)
+        feed = self._catch_up(req, sequence, request_id)
         depth = runner.num_layers
         logits = runner.logits_at_exit(runner.forward_to_depth([req.seq], [feed], depth=depth)[0][-1:], depth)[0]
         # Every branch starts from a copy of the shared prefix cache.

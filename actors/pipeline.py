@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import torch
 
 from actors.runner import ModelRunner
+from actors.speculative import RequestStateLostError
 
 
 @dataclass
@@ -61,9 +62,13 @@ class TargetShard:
         if self.threads:
             torch.set_num_threads(self.threads)
         seqs = []
-        for key, x in zip(keys, inputs):
+        for key, start, x in zip(keys, starts, inputs):
             seq = self.sequences.get(key)
             if seq is None:
+                if start > 0:
+                    # this stage lost the sequence (it restarted): the request must be
+                    # re-prefilled elsewhere, like a restarted target
+                    raise RequestStateLostError(f"sequence {key!r} is not held by this stage (restarted?)")
                 seq = self.sequences[key] = self.runner.new_sequence(len(x) + 128)
             seqs.append(seq)
         return self.runner.forward_stage(seqs, list(starts), list(inputs))
@@ -75,6 +80,12 @@ class TargetShard:
 
     def release(self, keys: Sequence[str]) -> int:
         return sum(self.sequences.pop(k, None) is not None for k in keys)
+
+    def ping(self) -> int:
+        """Heartbeat (see DraftWorker.ping)."""
+        import os
+
+        return os.getpid()
 
     def live_sequences(self) -> list[str]:
         return list(self.sequences)

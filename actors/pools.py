@@ -8,35 +8,35 @@ advertises; on a cluster they ask for GPUs and an accelerator type, and the Ray 
 TargetShard actors (each in its own bundle) behind a light TargetWorker front.
 
 Faults:
-- draft actor dies: the request finishes target-only (the loop absorbs draft failures, no
-  token lost or repeated) and Ray restarts the actor (max_restarts), so the pool heals.
-- target actor dies: a request that emitted nothing is retried on a healthy replica; one
-  that emitted tokens ends with SideUnavailableError naming the target and the count.
+- draft actor dies or hangs: the request finishes target-only (the loop absorbs draft
+  failures, no token lost or repeated); the replica is skipped until it answers the
+  heartbeat again (actors/health.py), and Ray restarts it (max_restarts).
+- target replica (or one of its shards) dies, hangs or loses a request's state: the request
+  waits for a healthy replica within its deadline and resumes there from the tokens it
+  already emitted (ActorEngine.generate).
+
+Past ~400 lines on purpose: the engine's failover reads and marks the same replica records
+(_Member) that the pools keep; the Ray call plumbing (actors/remote.py) and the heartbeat
+(actors/health.py) live apart.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
-from actors.speculative import GenerationResult, RequestStateLostError, SideUnavailableError, SpecConfig, run_request
+from actors.health import HealthMonitor
+from actors.remote import POLL_S, CallWatch, RaySide
+from actors.speculative import GenerationResult, SideUnavailableError, SpecConfig, run_request
 from actors.workers import DraftWorker, ModelLoad, TargetWorker
 from speculation.sampling import SamplingParams
+from speculation.stats import SpecStats
 
-ACTOR_ERRORS: tuple[type[BaseException], ...] = ()
-
-
-def _actor_errors() -> tuple[type[BaseException], ...]:
-    global ACTOR_ERRORS
-    if not ACTOR_ERRORS:
-        from ray import exceptions as rex
-
-        names = ("RayActorError", "ActorDiedError", "ActorUnavailableError", "ActorUnschedulableError", "WorkerCrashedError")
-        ACTOR_ERRORS = tuple(getattr(rex, n) for n in names if hasattr(rex, n))
-    return ACTOR_ERRORS
+log = logging.getLogger("tandem.pools")
 
 
 @dataclass(frozen=True)
@@ -105,60 +105,6 @@ def pool_resources(draft: DraftPoolSpec | None, targets: Sequence[TargetSpec]) -
     return need
 
 
-def ensure_ray(*, address: str | None, num_cpus: int | None = None, resources: dict | None = None, namespace: str = "tandem") -> None:
-    """Start an embedded local Ray (address None) or join a cluster."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if address:
-        ray.init(address=address, namespace=namespace, log_to_driver=False)
-    else:
-        ray.init(
-            num_cpus=num_cpus,
-            resources=resources or {},
-            namespace=namespace,
-            include_dashboard=False,
-            log_to_driver=False,
-        )
-
-
-class _RayFuture:
-    def __init__(self, ref, role: str, on_failure: Callable[[], None]):
-        self.ref = ref
-        self.role = role
-        self.on_failure = on_failure
-
-    def result(self):
-        import ray
-
-        try:
-            return ray.get(self.ref)
-        except _actor_errors() + (RequestStateLostError,) as exc:
-            # a dead actor, or a restarted one that lost the request: the side is gone
-            self.on_failure()
-            raise SideUnavailableError(f"{self.role} actor failed: {type(exc).__name__}", role=self.role) from exc
-
-
-class RaySide:
-    """A SideHandle over a Ray actor (see actors/speculative.py)."""
-
-    def __init__(self, handle, *, role: str, on_failure: Callable[[], None] | None = None):
-        self.handle = handle
-        self.role = role
-        self._on_failure = on_failure
-        self.failed = False
-
-    def _failed_once(self) -> None:
-        if not self.failed:  # one failure per request, however many calls notice it
-            self.failed = True
-            if self._on_failure is not None:
-                self._on_failure()
-
-    def call(self, method: str, /, *args, **kwargs) -> _RayFuture:
-        return _RayFuture(getattr(self.handle, method).remote(*args, **kwargs), self.role, self._failed_once)
-
-
 def _remote(cls, *, placement: Placement, pg, index: int, name: str | None = None, restarts: int = -1):
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -204,10 +150,23 @@ class _Member:
     failures: int = 0
     failed_at: float = 0.0
     shards: list = field(default_factory=list)
+    hung: bool = False  # missed its last heartbeat (HealthMonitor)
+    replaced_at: float = 0.0  # when the monitor last killed it for Ray to restart
 
     @property
     def healthy(self) -> bool:
+        if self.hung:
+            return False
         return time.monotonic() - self.failed_at > FAILED_COOLDOWN_S if self.failures else True
+
+    def mark_failed(self) -> None:
+        self.failures += 1
+        self.failed_at = time.monotonic()
+
+    def restore(self) -> None:
+        """It answered a heartbeat after a failure: back in the rotation before the cooldown."""
+        self.hung = False
+        self.failures = 0
 
 
 class _LeastLoaded:
@@ -217,10 +176,10 @@ class _LeastLoaded:
         self.members = members
         self._lock = threading.Lock()
 
-    def acquire(self, exclude: set[int] = frozenset()) -> tuple[int, _Member] | None:
+    def acquire(self, exclude: set[int] = frozenset(), *, healthy_only: bool = False) -> tuple[int, _Member] | None:
         with self._lock:
             choices = [(m.inflight, i) for i, m in enumerate(self.members) if m.healthy and i not in exclude]
-            if not choices:
+            if not choices and not healthy_only:
                 choices = [(m.inflight, i) for i, m in enumerate(self.members) if i not in exclude]
             if not choices:
                 return None
@@ -258,6 +217,9 @@ class DraftPool:
 
     def release(self, i: int) -> None:
         self.chooser.release(i)
+
+    def mark_failed(self, i: int) -> None:
+        self.members[i].mark_failed()
 
     def handles(self) -> list:
         return [m.handle for m in self.members]
@@ -320,15 +282,19 @@ class TargetPool:
         infos = ray.get([m.handle.info.remote() for m in members], timeout=timeout_s)
         self.info = infos[0]
 
-    def acquire(self, exclude: set[int] = frozenset()):
-        return self.chooser.acquire(exclude)
+    def acquire(self, exclude: set[int] = frozenset(), *, healthy_only: bool = False):
+        return self.chooser.acquire(exclude, healthy_only=healthy_only)
 
     def release(self, i: int) -> None:
         self.chooser.release(i)
 
     def mark_failed(self, i: int) -> None:
-        self.members[i].failures += 1
-        self.members[i].failed_at = time.monotonic()
+        self.members[i].mark_failed()
+
+    @property
+    def healthy(self) -> bool:
+        """Some replica can take a request now."""
+        return any(m.healthy for m in self.members)
 
     def handles(self) -> list:
         return [m.handle for m in self.members]
@@ -342,14 +308,46 @@ class TargetPool:
 # ---------------------------------------------------------------------------------------
 
 
+MAX_TARGET_ATTEMPTS = 4  # replicas a request may try (nothing lost: it resumes where it was)
+REPLICA_WAIT_S = 120.0  # without a deadline, how long a request waits for a healthy replica
+
+
 class ActorEngine:
     """Runs requests across a draft pool and target pools; handles faults as documented
-    above. The router (services/) adds policy (method, exit, draft length) on top."""
+    above. The router (services/) adds policy (method, exit, draft length) on top.
 
-    def __init__(self, draft_pool: DraftPool | None, target_pools: dict[str, TargetPool]):
+    Faults, per request: a target replica that fails (dies, hangs, loses the request's
+    state) is marked and the request goes on on another healthy replica, or waits for one
+    (a restart) while it may (its deadline, or REPLICA_WAIT_S): it re-prefills its prompt
+    plus the tokens it already emitted, so a stream continues where it was (greedy output
+    unchanged). A draft replica that fails is marked and skipped until it answers again."""
+
+    def __init__(self, draft_pool: DraftPool | None, target_pools: dict[str, TargetPool], *, heartbeat_s: float | None = 2.0, heartbeat_timeout_s: float = 10.0, restart_grace_s: float = 300.0):
         self.draft_pool = draft_pool
         self.targets = target_pools
         self._ids = itertools.count()
+        self.monitor = None
+        if heartbeat_s:
+            pools = [*([draft_pool] if draft_pool else []), *target_pools.values()]
+            self.monitor = HealthMonitor(pools, interval_s=heartbeat_s, timeout_s=heartbeat_timeout_s, restart_grace_s=restart_grace_s)
+
+    def target_health(self) -> dict[str, bool]:
+        """Per target: whether some replica can take a request now."""
+        return {name: pool.healthy for name, pool in self.targets.items()}
+
+    def _wait_for_replica(self, pool: TargetPool, should_stop, *, name: str):
+        """A healthy replica, waiting (a restart) while the request may; None when the
+        request stopped (deadline, cancel) meanwhile."""
+        waited_from = time.monotonic()
+        while True:
+            picked = pool.acquire(healthy_only=True)
+            if picked is not None:
+                return picked
+            if should_stop is not None and should_stop():
+                return None
+            if time.monotonic() - waited_from > REPLICA_WAIT_S:
+                raise SideUnavailableError(f"target {name!r}: no healthy replica within {REPLICA_WAIT_S:.0f}s", role="target")
+            time.sleep(POLL_S)
 
     def generate(
         self,
@@ -369,51 +367,78 @@ class ActorEngine:
             raise KeyError(f"target {target!r} is not served; targets: {', '.join(sorted(self.targets))}")
         pool = self.targets[target]
         sampling = sampling or SamplingParams()
-        rid = request_id or f"r{next(self._ids)}-{time.monotonic_ns()}"
-        tried: set[int] = set()
-        while True:
-            picked = pool.acquire(exclude=tried)
+        key = request_id or f"r{next(self._ids)}-{time.monotonic_ns()}"
+        prompt = [int(t) for t in prompt]
+        emitted: list[int] = []  # tokens already handed to on_tokens, over every attempt
+
+        def track(tokens: list[int]) -> None:
+            emitted.extend(tokens)
+            if on_tokens is not None:
+                on_tokens(tokens)
+
+        t0 = time.perf_counter()
+        parts: list[GenerationResult] = []
+        reason = None  # set by the attempt that finishes
+        for attempt in range(1, MAX_TARGET_ATTEMPTS + 1):
+            picked = self._wait_for_replica(pool, should_stop, name=target)
             if picked is None:
-                raise SideUnavailableError(f"target {target!r}: no healthy replica left", role="target")
+                break  # stopped while waiting: finish with what was emitted
             ti, member = picked
-            tried.add(ti)
             draft_pick = self.draft_pool.acquire() if (self.draft_pool and spec.method != "ar") else None
+            attempt_key = f"{key}-{attempt}"
+            watch = CallWatch(key=attempt_key, should_stop=should_stop)
             try:
                 draft_side = None
                 if draft_pick is not None:
-                    draft_side = RaySide(draft_pick[1].handle, role="draft")
-                target_side = RaySide(member.handle, role="target", on_failure=lambda i=ti: pool.mark_failed(i))
-                return run_request(
-                    draft=draft_side,
-                    target=target_side,
-                    request_id=f"{rid}-{len(tried)}",
-                    prompt=prompt,
-                    sampling=sampling,
-                    max_new_tokens=max_new_tokens,
-                    spec=spec,
-                    stop_ids=stop_ids,
-                    on_tokens=on_tokens,
-                    should_stop=should_stop,
-                    on_round=on_round,
+                    di = draft_pick[0]
+                    draft_side = RaySide(draft_pick[1].handle, role="draft", watch=watch, member=draft_pick[1], on_failure=lambda i=di: self.draft_pool.mark_failed(i))
+                target_side = RaySide(member.handle, role="target", watch=watch, member=member, on_failure=lambda i=ti: pool.mark_failed(i))
+                parts.append(
+                    run_request(
+                        draft=draft_side,
+                        target=target_side,
+                        request_id=attempt_key,
+                        prompt=prompt + emitted,  # a resumed attempt re-prefills what was sent
+                        sampling=_resumed(sampling, attempt),
+                        max_new_tokens=max_new_tokens - len(emitted),
+                        spec=spec,
+                        stop_ids=stop_ids,
+                        on_tokens=track,
+                        should_stop=should_stop,
+                        on_round=on_round,
+                    )
                 )
+                reason = parts[-1].finish_reason
+                break
             except SideUnavailableError as exc:
                 if exc.role != "target":
                     raise
-                if exc.emitted > 0:
+                if exc.partial is not None:
+                    parts.append(exc.partial)
+                if attempt == MAX_TARGET_ATTEMPTS:
                     raise SideUnavailableError(
-                        f"target {target!r} failed after {exc.emitted} tokens were sent; the request cannot resume",
+                        f"target {target!r} failed {attempt} times ({exc}); {len(emitted)} tokens were sent",
                         role="target",
-                        emitted=exc.emitted,
+                        emitted=len(emitted),
                     ) from exc
-                if len(tried) >= len(pool.members):
-                    raise SideUnavailableError(f"target {target!r}: every replica failed", role="target") from exc
-                # nothing emitted yet: retry on another replica
+                log.warning("target %r replica %d failed (%s); request resumes after %d tokens", target, ti, exc, len(emitted))
+                if len(emitted) >= max_new_tokens:
+                    reason = "length"  # it had finished when the replica failed
+                elif emitted and emitted[-1] in set(stop_ids):
+                    reason = "eos"
+                if reason is not None:
+                    break
             finally:
                 pool.release(ti)
                 if draft_pick is not None:
                     self.draft_pool.release(draft_pick[0])
+        if reason is None:  # stopped while waiting for a replica
+            reason = (should_stop() if should_stop is not None else None) or "cancelled"
+        return _merge(parts, emitted, reason=reason, prompt_tokens=len(prompt), total_s=time.perf_counter() - t0)
 
     def shutdown(self) -> None:
+        if self.monitor is not None:
+            self.monitor.stop()
         if self.draft_pool:
             self.draft_pool.shutdown()
         for pool in self.targets.values():
@@ -433,3 +458,30 @@ class ActorEngine:
                 for j, s in enumerate(m.shards):
                     out[f"{name}/{i}/shard{j}"] = ray.get(s.live_sequences.remote())
         return out
+
+
+def _resumed(sampling: SamplingParams, attempt: int) -> SamplingParams:
+    """A resumed attempt draws fresh randomness (a seeded request stays reproducible)."""
+    if attempt == 1 or sampling.seed is None:
+        return sampling
+    return replace(sampling, seed=(sampling.seed + 1_000_003 * (attempt - 1)) % 2**64)
+
+
+def _merge(parts: list[GenerationResult], emitted: list[int], *, reason: str, prompt_tokens: int, total_s: float) -> GenerationResult:
+    """One result over a request's attempts (each resumed where the last one failed)."""
+    stats = SpecStats()
+    for part in parts:
+        stats.merge(part.stats)
+    return GenerationResult(
+        tokens=list(emitted),
+        finish_reason=reason,
+        stats=stats,
+        prompt_tokens=prompt_tokens,
+        prefill_s=parts[0].prefill_s if parts else 0.0,
+        total_s=total_s,
+        target_s=sum(p.target_s for p in parts),
+        draft_s=sum(p.draft_s for p in parts),
+        draft_failed=any(p.draft_failed for p in parts),
+        per_round_s=[r for p in parts for r in p.per_round_s],
+        critical_s=sum(p.critical_s for p in parts),
+    )

@@ -72,6 +72,16 @@ class RequestStateLostError(KeyError):
         return str(self.args[0]) if self.args else "request state lost"
 
 
+class RequestCancelledError(RuntimeError):
+    """A side dropped a request's work because the request was cancelled (its client left or
+    its deadline passed): queued calls are refused and a long prefill stops between chunks."""
+
+
+class RequestAlreadyOpenError(ValueError):
+    """A side already holds state under this request id. Opening it again would hand one
+    request's cache and committed tokens to another, so it is refused, never overwritten."""
+
+
 class SideUnavailableError(RuntimeError):
     """An actor on one side of a request failed (died, unreachable). A draft failure never
     fails a request (it finishes target-only); a target failure carries how many tokens the
@@ -81,6 +91,7 @@ class SideUnavailableError(RuntimeError):
         super().__init__(message)
         self.role = role
         self.emitted = emitted
+        self.partial: GenerationResult | None = None  # what the request did before the failure
 
 
 @dataclass(frozen=True)
@@ -236,8 +247,13 @@ def run_request(
             should_stop=should_stop,
             t_start=t_start,
         )
+    except RequestCancelledError:
+        # the caller asked a side to drop this request's work (cancel or deadline)
+        progress.finish_reason = progress.finish_reason or (should_stop() if should_stop else None) or "cancelled"
     except SideUnavailableError as exc:
         exc.emitted = len(progress.out)
+        result.total_s = time.perf_counter() - t_start
+        exc.partial = result
         raise
     finally:
         closes = [target.call("close", request_id)]

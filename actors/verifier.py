@@ -22,9 +22,10 @@ from typing import Sequence
 
 import torch
 
+from actors.batching import Cancellations
 from actors.drafter import DraftBlock, DraftBranches
 from actors.runner import ContextLengthError, ModelRunner, SequenceState
-from actors.speculative import RequestStateLostError
+from actors.speculative import RequestAlreadyOpenError, RequestStateLostError
 from speculation.sampling import SamplingParams, logits_to_probs, make_generator, sample
 from speculation.spectr import verify_kseq, verify_kseq_greedy
 from speculation.verify import verify_block, verify_greedy
@@ -51,12 +52,17 @@ class _TargetRequest:
     last_used: float = field(default_factory=time.monotonic)
 
 
+PREFILL_CHUNK = 512  # prompt tokens per prefill forward; a cancelled request stops between chunks
+
+
 class Verifier:
     """Verifies draft blocks (sd, sorted, pearl) and branches (spectr) for many requests."""
 
-    def __init__(self, runner: ModelRunner):
+    def __init__(self, runner: ModelRunner, *, cancelled: Cancellations | None = None, prefill_chunk: int = PREFILL_CHUNK):
         self.runner = runner
         self.requests: dict[str, _TargetRequest] = {}
+        self.cancelled = cancelled if cancelled is not None else Cancellations()
+        self.prefill_chunk = prefill_chunk
 
     # ------------------------------------------------------------------ lifecycle
     def open(self, request_id: str, prompt: Sequence[int], *, sampling: SamplingParams) -> float:
@@ -64,8 +70,18 @@ class Verifier:
         t0 = time.perf_counter()
         if len(prompt) == 0:
             raise ValueError("prompt must hold at least one token")
+        if request_id in self.requests:
+            raise RequestAlreadyOpenError(f"request_id {request_id!r} is already open on this target")
         seq = self.runner.new_sequence(len(prompt) + 128)
-        pending = self.runner.prefill(seq, prompt)
+        pending = None
+        try:
+            # in chunks: work for a request cancelled meanwhile stops at the next chunk
+            for start in range(0, len(prompt), self.prefill_chunk):
+                self.cancelled.check(request_id)
+                pending = self.runner.prefill(seq, prompt[start : start + self.prefill_chunk])
+        except BaseException:
+            self.runner.release(seq)
+            raise
         self.requests[request_id] = _TargetRequest(
             seq=seq,
             sampling=sampling,
@@ -76,6 +92,7 @@ class Verifier:
         return time.perf_counter() - t0
 
     def close(self, request_id: str) -> bool:
+        self.cancelled.discard(request_id)
         req = self.requests.pop(request_id, None)
         if req is not None:
             self.runner.release(req.seq)

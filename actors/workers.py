@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
-from actors.batching import MicroBatcher
+from actors.batching import Cancellations, MicroBatcher
 from actors.drafter import DraftBlock, DraftBranches, Drafter
 from actors.runner import ModelRunner
 from actors.verifier import Verifier, VerifyOutcome
@@ -97,8 +97,11 @@ class DraftWorker:
         torch.set_num_threads(threads)
         self.load = load
         self.threads = threads
-        self.drafter = Drafter(load.build())
-        self.batcher = MicroBatcher({"draft": self.drafter.draft_batch}, threads=threads, max_batch=max_batch, name="draft")
+        self.cancelled = Cancellations()
+        self.drafter = Drafter(load.build(), cancelled=self.cancelled)
+        self.batcher = MicroBatcher(
+            {"draft": self.drafter.draft_batch}, threads=threads, max_batch=max_batch, name="draft", cancelled=self.cancelled
+        )
         self.stats = WorkerStats()
 
     def open(self, request_id: str, *, sampling: SamplingParams, capacity: int = 256) -> None:
@@ -107,14 +110,24 @@ class DraftWorker:
     def draft(self, request_id: str, sequence: Sequence[int], *, gamma: int, policy: ExitPolicy | None = None) -> DraftBlock:
         self.stats.calls += 1
         call = {"request_id": request_id, "sequence": list(sequence), "gamma": gamma, "policy": policy}
-        return self.batcher.submit("draft", call).result()
+        return self.batcher.submit("draft", call, request_id=request_id).result()
 
     def draft_branches(self, request_id: str, sequence: Sequence[int], *, gamma: int, k: int) -> DraftBranches:
         self.stats.calls += 1
-        return self.batcher.call(lambda: self.drafter.draft_branches(request_id, sequence, gamma=gamma, k=k)).result()
+        work = lambda: self.drafter.draft_branches(request_id, sequence, gamma=gamma, k=k)  # noqa: E731
+        return self.batcher.call(work, request_id=request_id).result()
 
     def close(self, request_id: str) -> bool:
         return self.drafter.close(request_id)
+
+    def cancel(self, request_id: str) -> None:
+        """Drop the request's queued and running work (see Cancellations); close still frees it."""
+        self.cancelled.cancel(request_id)
+
+    def ping(self) -> int:
+        """Heartbeat: answered on the actor's call threads even while a forward runs, so a
+        ping that times out means a stopped or hung process, not a busy one."""
+        return os.getpid()
 
     def live_requests(self) -> list[str]:
         return self.drafter.live_requests()
@@ -169,9 +182,15 @@ class TargetWorker:
             runner = load.build()
             workers = 1
         self.runner = runner
-        self.verifier = Verifier(runner)
+        self.cancelled = Cancellations()
+        self.verifier = Verifier(runner, cancelled=self.cancelled)
         self.batcher = MicroBatcher(
-            {"verify": self._verify_batch}, threads=threads, workers=workers, max_batch=max_batch, name="verify"
+            {"verify": self._verify_batch},
+            threads=threads,
+            workers=workers,
+            max_batch=max_batch,
+            name="verify",
+            cancelled=self.cancelled,
         )
         self.stats = WorkerStats()
 
@@ -181,18 +200,29 @@ class TargetWorker:
         return self.verifier.verify_batch([i[0] for i in items], [i[1] for i in items], bonus=[i[2] for i in items])
 
     def open(self, request_id: str, prompt: Sequence[int], *, sampling: SamplingParams) -> float:
-        return self.batcher.call(lambda: self.verifier.open(request_id, list(prompt), sampling=sampling)).result()
+        work = lambda: self.verifier.open(request_id, list(prompt), sampling=sampling)  # noqa: E731
+        return self.batcher.call(work, request_id=request_id).result()
 
     def verify(self, request_id: str, block: DraftBlock | None, *, bonus: bool = True) -> VerifyOutcome:
         self.stats.calls += 1
-        return self.batcher.submit("verify", (request_id, block, bonus)).result()
+        return self.batcher.submit("verify", (request_id, block, bonus), request_id=request_id).result()
 
     def verify_branches(self, request_id: str, branches: DraftBranches) -> VerifyOutcome:
         self.stats.calls += 1
-        return self.batcher.call(lambda: self.verifier.verify_branches(request_id, branches)).result()
+        work = lambda: self.verifier.verify_branches(request_id, branches)  # noqa: E731
+        return self.batcher.call(work, request_id=request_id).result()
 
     def close(self, request_id: str) -> bool:
         return self.verifier.close(request_id)
+
+    def cancel(self, request_id: str) -> None:
+        """Drop the request's queued and running work (see Cancellations); close still frees it."""
+        self.cancelled.cancel(request_id)
+
+    def ping(self) -> int:
+        """Heartbeat (see DraftWorker.ping). A pipeline front answers for itself only; each
+        TargetShard answers its own ping."""
+        return os.getpid()
 
     def live_requests(self) -> list[str]:
         return self.verifier.live_requests()

@@ -295,7 +295,7 @@ def run_batch(
     import ray
     from tqdm import tqdm
 
-    from actors.pools import ensure_ray
+    from actors.remote import ensure_ray
 
     inp, out = Path(input_path), Path(output_path)
     if not inp.is_file():

@@ -45,15 +45,29 @@ class ServerConfig(_Strict):
     host: str = Field("127.0.0.1", description="Address the gRPC server binds; 0.0.0.0 in containers")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port (0: pick a free one)")
     metrics_port: int | None = Field(9464, ge=0, le=65535, description="Prometheus /metrics port; null: off")
+    metrics_host: str | None = Field(None, description="Address /metrics binds; null: the gRPC host")
+    metrics_auth_token_env: str | None = Field(
+        None, description="Environment variable holding a bearer token that /metrics scrapes must send; null: open"
+    )
     auth_token_env: str | None = Field(
         None, description="Environment variable holding the bearer token; null: no auth"
     )
     tls: TLSConfig | None = Field(None, description="TLS for the gRPC port; null: plaintext")
     max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest request or response message")
-    queue_size: int = Field(64, ge=1, description="Requests admitted beyond those running; more get RESOURCE_EXHAUSTED")
-    max_concurrent: int = Field(8, ge=1, description="Requests decoding at once across all targets")
+    queue_size: int = Field(
+        64, ge=1, description="Requests per target admitted beyond those running; more get RESOURCE_EXHAUSTED"
+    )
+    max_concurrent: int = Field(
+        8, ge=1, description="Requests per target running at once (until their work on the actors has ended)"
+    )
+    heartbeat_s: float | None = Field(
+        2.0, gt=0, description="Ping every actor this often; null: off (hung actors then go unnoticed)"
+    )
+    heartbeat_timeout_s: float = Field(
+        10.0, gt=0, description="An actor that does not answer a ping this long is hung: out of rotation, restarted"
+    )
     max_new_tokens_limit: int = Field(4096, ge=1, description="Upper bound a request may ask for")
-    default_max_new_tokens: int = Field(256, ge=1, description="max_new_tokens when a request leaves it 0")
+    default_max_new_tokens: int = Field(256, ge=1, description="max_new_tokens when a request leaves it unset or 0")
     otlp_endpoint: str | None = Field(None, description="OTLP gRPC endpoint for traces and metrics; null: off")
     trace_rounds_sample_rate: float = Field(
         0.0, ge=0.0, le=1.0, description="Fraction of requests that get a span per speculation round"

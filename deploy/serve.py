@@ -12,7 +12,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from actors.pools import ActorEngine, DraftPool, DraftPoolSpec, TargetPool, TargetSpec, ensure_ray, pool_resources
+from actors.pools import ActorEngine, DraftPool, DraftPoolSpec, TargetPool, TargetSpec, pool_resources
+from actors.remote import ensure_ray, stop_ray
 from actors.workers import ModelLoad
 from deploy.config import TandemConfig
 from deploy.models import trained_exits_for
@@ -103,7 +104,13 @@ def build_engine(cfg: TandemConfig, *, resolve=resolve_model_path) -> ActorEngin
         say(f"loading target {spec.name!r}: {spec.load.path} x{spec.replicas}" + (f", {spec.shards} shards" if spec.shards > 1 else ""))
         pools[spec.name] = TargetPool(spec, timeout_s=timeout)
         say(f"target {spec.name!r} ready in {time.time() - t1:.0f}s")
-    return ActorEngine(draft, pools)
+    return ActorEngine(
+        draft,
+        pools,
+        heartbeat_s=cfg.server.heartbeat_s,
+        heartbeat_timeout_s=cfg.server.heartbeat_timeout_s,
+        restart_grace_s=cfg.draft_pool.load_timeout_s,
+    )
 
 
 def build_routes(cfg: TandemConfig, engine: ActorEngine) -> dict[str, TargetRoute]:
@@ -141,18 +148,22 @@ def build_routes(cfg: TandemConfig, engine: ActorEngine) -> dict[str, TargetRout
     return routes
 
 
-def _auth_token(cfg: TandemConfig) -> str | None:
-    env = cfg.server.auth_token_env
+def _env_token(env: str | None, field: str) -> str | None:
     if not env:
         return None
     token = os.environ.get(env)
     if not token:
-        raise ValueError(f"server.auth_token_env: environment variable {env} is not set (or empty)")
+        raise ValueError(f"{field}: environment variable {env} is not set (or empty)")
     return token
+
+
+def _auth_token(cfg: TandemConfig) -> str | None:
+    return _env_token(cfg.server.auth_token_env, "server.auth_token_env")
 
 
 async def build_app(cfg: TandemConfig, *, resolve=resolve_model_path, engine: ActorEngine | None = None) -> ServeApp:
     token = _auth_token(cfg)  # fail before loading anything
+    metrics_token = _env_token(cfg.server.metrics_auth_token_env, "server.metrics_auth_token_env")
     tls_cert = tls_key = None
     if cfg.server.tls is not None:
         try:
@@ -169,7 +180,8 @@ async def build_app(cfg: TandemConfig, *, resolve=resolve_model_path, engine: Ac
 
         telemetry = Telemetry(
             metrics_port=cfg.server.metrics_port,
-            metrics_host=cfg.server.host,
+            metrics_host=cfg.server.metrics_host or cfg.server.host,
+            metrics_token=metrics_token,
             otlp_endpoint=cfg.server.otlp_endpoint,
             trace_rounds_sample_rate=cfg.server.trace_rounds_sample_rate,
         )
@@ -192,9 +204,48 @@ async def build_app(cfg: TandemConfig, *, resolve=resolve_model_path, engine: Ac
         max_message_bytes=cfg.server.max_message_bytes,
         max_new_tokens_limit=cfg.server.max_new_tokens_limit,
         default_max_new_tokens=cfg.server.default_max_new_tokens,
+        target_health=getattr(engine, "target_health", None),
         draft_info={"model": d.model, "replicas": d.replicas, "dtype": d.dtype, "exits": engine.draft_pool.info["exits"] if engine.draft_pool else []},
     )
     return ServeApp(config=cfg, engine=engine, router=router, server=server, telemetry=telemetry)
+
+
+class BackgroundServer:
+    """`build_app` on an event loop of its own, in a background thread: tandem served from a
+    program that does other work meanwhile (the service tests, `make soak`)."""
+
+    def __init__(self, cfg: TandemConfig, *, engine: ActorEngine | None = None, resolve=resolve_model_path):
+        import threading
+
+        self.cfg = cfg
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="tandem-server", daemon=True)
+        self.thread.start()
+        try:
+            self.app = self.run(build_app(cfg, resolve=resolve, engine=engine))
+        except BaseException:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout=10)
+            raise
+
+    def run(self, coro, timeout: float = 600):
+        """Run a coroutine on the server's loop; wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    @property
+    def address(self) -> str:
+        return f"{self.cfg.server.host}:{self.app.port}"
+
+    @property
+    def engine(self) -> ActorEngine:
+        return self.app.engine
+
+    def stop(self, *, keep_engine: bool = False) -> None:
+        self.run(self.app.stop(grace=1.0))
+        if not keep_engine:
+            self.app.engine.shutdown()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
 
 
 async def serve_forever(cfg: TandemConfig) -> int:
@@ -214,4 +265,7 @@ async def serve_forever(cfg: TandemConfig) -> int:
     await stop.wait()
     say("shutting down: finishing streams in flight (5 s grace)")
     await app.stop(grace=5.0)
+    app.engine.shutdown()
+    forced = stop_ray(embedded=not cfg.ray.address)
+    say("stopped" + (f" ({forced} Ray processes ended by force)" if forced else ""))
     return 0

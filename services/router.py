@@ -1,11 +1,13 @@
 """The router: several targets behind one endpoint, one shared draft pool for all of them.
 
-Per request it validates limits, admits the request through a bounded queue, picks the
-method, draft exit and draft length for the request's target (goodput policy per target,
-speculation/goodput.py), runs the speculation loop across the actor pools on a worker
-thread, and streams deltas back to the asyncio side. Deadlines, client cancellation and
-stop strings end the loop at the next round; the loop then frees the request's KV on every
-actor it touched.
+Per request it validates limits, admits the request through its target's bounded queue
+(each target has its own slots and threads, so one target's hung actors cannot hold up
+another's requests), picks the method, draft exit and draft length for the request's target
+(goodput policy per target, speculation/goodput.py), runs the speculation loop across the
+actor pools on a worker thread, and streams deltas back to the asyncio side. Deadlines,
+client cancellation and stop strings end the loop at the next round, and reach the actors
+too (their queued and running work for the request is dropped); the loop then frees the
+request's KV on every actor it touched, and only then its admission slot.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import itertools
 import logging
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Sequence
 
 from actors.speculative import GenerationResult, SideUnavailableError, SpecConfig
@@ -40,7 +43,9 @@ class UnknownTargetError(KeyError):
 
 @dataclass(frozen=True)
 class RouteRequest:
-    """A validated, tokenized request (built by the servicer)."""
+    """A validated, tokenized request (built by the servicer). `request_id` is the client's
+    (or a server-made) label, echoed and logged only; actor state is keyed by a fresh
+    server-owned key per request (Router.new_state_key)."""
 
     request_id: str
     target: str
@@ -145,6 +150,24 @@ class StopWatcher:
         return best
 
 
+class _Slot:
+    """One running request's place in its target's admission. Freed once, either when the
+    request ends before any work started, or when its work on the actors has ended."""
+
+    def __init__(self, route: TargetRoute, slots: asyncio.Semaphore):
+        self.route = route
+        self.slots = slots
+        self.handed_over = False
+        self._held = True
+        route.running += 1
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self.route.running -= 1
+            self.slots.release()
+
+
 class Router:
     """Routes requests to targets over an ActorEngine (actors/pools.py)."""
 
@@ -164,9 +187,14 @@ class Router:
         self.queue_size = queue_size
         self.telemetry = telemetry
         self.draft_exits = tuple(draft_exits)
-        self._pool = ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="request")
-        self._slots = asyncio.Semaphore(max_concurrent)
-        self._waiting = 0
+        # Per target: its own slots and worker threads, so a target whose actors hang can
+        # fill only its own (isolation). A slot is held until the request's work on the
+        # actors has ended, not merely until its client left, so abandoned work counts
+        # against admission.
+        self._pools = {
+            name: ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix=f"request-{name}") for name in routes
+        }
+        self._slots = {name: asyncio.Semaphore(max_concurrent) for name in routes}
         self._ids = itertools.count()
         self._lock = threading.Lock()
         if telemetry is not None:
@@ -182,7 +210,14 @@ class Router:
         return self.routes[target]
 
     def new_request_id(self) -> str:
+        """An id for a request whose client sent none (echoed back, used in logs)."""
         return f"req-{next(self._ids)}-{time.time_ns() % 10**9}"
+
+    @staticmethod
+    def new_state_key() -> str:
+        """The server-owned key of a request's state on the actors. Never derived from
+        anything a client sends: two clients may pick the same request_id."""
+        return f"s-{uuid.uuid4().hex}"
 
     # ------------------------------------------------------------------ policy
     def plan(self, route: TargetRoute, req: RouteRequest) -> tuple[SpecConfig, Choice | None]:
@@ -213,25 +248,28 @@ class Router:
         """Admit, run and stream one request. Raises UnknownTargetError, QueueFullError,
         ValueError (bad field) before the first delta; SideUnavailableError on actor failure."""
         route = self.route(req.target)
-        if self._slots.locked() and self._waiting >= self.queue_size:
-            raise QueueFullError(f"queue full: {self._waiting} requests waiting (queue_size {self.queue_size})")
+        slots = self._slots[route.name]
+        if slots.locked() and route.waiting >= self.queue_size:
+            raise QueueFullError(
+                f"queue full: {route.waiting} requests waiting for target {route.name!r} (queue_size {self.queue_size})"
+            )
         spec, choice = self.plan(route, req)
-        self._waiting += 1
         route.waiting += 1
         try:
-            await self._slots.acquire()
+            await slots.acquire()
         finally:
-            self._waiting -= 1
             route.waiting -= 1
-        route.running += 1
+        slot = _Slot(route, slots)
         try:
-            async for delta in self._run(route, req, spec, choice, cancelled):
+            async for delta in self._run(route, req, spec, choice, cancelled, slot):
                 yield delta
         finally:
-            route.running -= 1
-            self._slots.release()
+            if not slot.handed_over:  # no work was started: free the slot now
+                slot.release()
 
-    async def _run(self, route: TargetRoute, req: RouteRequest, spec: SpecConfig, choice: Choice | None, cancelled) -> AsyncIterator[Delta]:
+    async def _run(
+        self, route: TargetRoute, req: RouteRequest, spec: SpecConfig, choice: Choice | None, cancelled, slot: _Slot
+    ) -> AsyncIterator[Delta]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         watcher = StopWatcher(route.tokenizer, req.stop)
@@ -245,6 +283,7 @@ class Router:
                 request_id=req.request_id, target=route.name, method=method_name, prompt_tokens=len(req.prompt_ids)
             )
             trace.__enter__()
+        state_key = self.new_state_key()
         exit_depth = spec.policy.exits[-1] if spec.policy is not None and len(spec.policy.exits) == 1 else None
 
         def on_tokens(tokens: list[int]) -> None:
@@ -290,11 +329,12 @@ class Router:
                 on_tokens=on_tokens,
                 should_stop=should_stop,
                 on_round=on_round,
-                request_id=req.request_id,
+                request_id=state_key,
             )
 
-        fut = loop.run_in_executor(self._pool, work)
-        fut.add_done_callback(lambda f: queue.put_nowait(("done", None)))
+        fut = loop.run_in_executor(self._pools[route.name], work)
+        slot.handed_over = True  # from here the slot frees when the work ends, not when the client leaves
+        fut.add_done_callback(lambda f: (queue.put_nowait(("done", None)), slot.release()))
         sent_tokens = 0
         first_sent = False
         finished = False
@@ -367,4 +407,5 @@ class Router:
         }
 
     def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        for pool in self._pools.values():
+            pool.shutdown(wait=False, cancel_futures=True)

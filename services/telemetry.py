@@ -42,6 +42,7 @@ explicitly through RequestTrace.context.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import random
 import threading
@@ -90,7 +91,8 @@ class Telemetry:
     - span_exporter / metric_reader: injected (tests pass InMemorySpanExporter /
       InMemoryMetricReader); the span exporter runs synchronously (SimpleSpanProcessor).
     - metrics_port: Prometheus text at http://metrics_host:port/metrics from a private
-      CollectorRegistry; 0 picks a free port, readable as `self.metrics_port`.
+      CollectorRegistry; 0 picks a free port, readable as `self.metrics_port`. With
+      metrics_token, scrapes must send `Authorization: Bearer <token>` (else 401).
     - otlp_endpoint ("host:port"): OTLP/gRPC span (batched) and metric (every
       otlp_export_interval_s) exporters, plaintext.
 
@@ -104,6 +106,7 @@ class Telemetry:
         service_name: str = "tandem",
         metrics_port: int | None = None,
         metrics_host: str = "127.0.0.1",
+        metrics_token: str | None = None,
         otlp_endpoint: str | None = None,
         trace_rounds_sample_rate: float = 0.0,
         span_exporter: SpanExporter | None = None,
@@ -140,7 +143,7 @@ class Telemetry:
                 )
             )
         if metrics_port is not None:
-            readers.append(self._start_prometheus(metrics_host, metrics_port))
+            readers.append(self._start_prometheus(metrics_host, metrics_port, metrics_token))
 
         self.meter_provider = MeterProvider(metric_readers=readers, resource=resource, shutdown_on_exit=False)
         self.tracer = self.tracer_provider.get_tracer(INSTRUMENTATION_SCOPE)
@@ -176,13 +179,26 @@ class Telemetry:
             description="Requests queued or running, per target.",
         )
 
-    def _start_prometheus(self, host: str, port: int) -> MetricReader:
+    def _start_prometheus(self, host: str, port: int, token: str | None) -> MetricReader:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
-        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client import CollectorRegistry, make_wsgi_app
+        from prometheus_client.exposition import ThreadingWSGIServer
+        from wsgiref.simple_server import WSGIRequestHandler, make_server
 
         registry = CollectorRegistry()  # private: several Telemetry objects never clash
         reader = PrometheusMetricReader(registry=registry, scope_info_enabled=False)
-        self._http_server, self._http_thread = start_http_server(port, addr=host, registry=registry)
+        app = make_wsgi_app(registry)
+        if token:
+            app = _bearer_protected(app, token)
+
+        class Quiet(WSGIRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base's name
+                pass
+
+        # prometheus_client's start_http_server, plus the optional bearer check in front
+        self._http_server = make_server(host, port, app, ThreadingWSGIServer, handler_class=Quiet)
+        self._http_thread = threading.Thread(target=self._http_server.serve_forever, name="metrics-http", daemon=True)
+        self._http_thread.start()
         self.metrics_port = self._http_server.server_port
         return reader
 
@@ -392,6 +408,20 @@ class RequestTrace:
             self.span.set_attribute("tandem.error", error or "")
             self.span.set_status(Status(StatusCode.ERROR, error or "generation failed"))
         self.span.end()
+
+
+def _bearer_protected(app: Callable, token: str) -> Callable:
+    """A WSGI app that answers 401 unless the request carries `Authorization: Bearer token`."""
+    expected = f"Bearer {token}".encode()
+
+    def protected(environ: dict, start_response: Callable) -> Iterable[bytes]:
+        got = environ.get("HTTP_AUTHORIZATION", "").encode()
+        if hmac.compare_digest(got, expected):
+            return app(environ, start_response)
+        start_response("401 Unauthorized", [("Content-Type", "text/plain"), ("WWW-Authenticate", "Bearer")])
+        return [b"missing or wrong bearer token\n"]
+
+    return protected
 
 
 def _per_exit(by_exit: Mapping[int, int], total: int) -> list[tuple[str, int]]:

@@ -1,0 +1,163 @@
+"""Ray plumbing for one request's calls: starting and stopping Ray, and the SideHandle over
+an actor (actors/speculative.py) whose waits are bounded.
+
+A call waiting on an actor keeps checking its request (client gone, deadline passed: the
+actor is told to drop the request's work) and its actor's health (a replica the heartbeat
+found hung fails the call at once), so no call waits without a bound.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from actors.speculative import RequestStateLostError, SideUnavailableError
+
+ACTOR_ERRORS: tuple[type[BaseException], ...] = ()
+
+
+def _actor_errors() -> tuple[type[BaseException], ...]:
+    global ACTOR_ERRORS
+    if not ACTOR_ERRORS:
+        from ray import exceptions as rex
+
+        names = ("RayActorError", "ActorDiedError", "ActorUnavailableError", "ActorUnschedulableError", "WorkerCrashedError")
+        ACTOR_ERRORS = tuple(getattr(rex, n) for n in names if hasattr(rex, n))
+    return ACTOR_ERRORS
+
+
+def ensure_ray(*, address: str | None, num_cpus: int | None = None, resources: dict | None = None, namespace: str = "tandem") -> bool:
+    """Start an embedded local Ray (address None) or join a cluster. True when this call
+    started Ray in this process (then `stop_ray` ends it)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, namespace=namespace, log_to_driver=False)
+    else:
+        ray.init(
+            num_cpus=num_cpus,
+            resources=resources or {},
+            namespace=namespace,
+            include_dashboard=False,
+            log_to_driver=False,
+        )
+    return True
+
+
+def stop_ray(*, embedded: bool, grace_s: float = 5.0) -> int:
+    """Disconnect from Ray. For a Ray this process started, also end every process it
+    spawned (raylet, GCS, workers, and the dashboard and runtime-env agents, which otherwise
+    outlive ray.shutdown() by 30-60 s): they are given `grace_s`, then terminated, then
+    killed. Returns how many had to be ended by force."""
+    import psutil
+    import ray
+
+    spawned = psutil.Process().children(recursive=True) if embedded else []
+    ray.shutdown()
+    _, alive = psutil.wait_procs(spawned, timeout=grace_s)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, still = psutil.wait_procs(alive, timeout=3.0)
+    for proc in still:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(still, timeout=3.0)
+    return len(alive)
+
+
+POLL_S = 0.1  # how often a waiting call checks its request's stop reason and its actor's health
+CANCEL_GRACE_S = 30.0  # after a cancel, how long an actor may take to drop the work
+MAX_CALL_S = 600.0  # the longest one actor call may run for a request without a deadline
+
+
+@dataclass
+class CallWatch:
+    """What a call waiting on an actor keeps checking: its request's stop reason (client
+    gone, deadline, stop string: then the actor is told to drop the request's work) and its
+    actor's health (a hung actor fails the call at once). Every call thus ends within the
+    request's deadline plus CANCEL_GRACE_S, or MAX_CALL_S without a deadline."""
+
+    key: str  # the request's state key on the actors
+    should_stop: Callable[[], str | None] | None = None
+    max_call_s: float = MAX_CALL_S
+
+
+class _RayFuture:
+    def __init__(self, ref, side: "RaySide"):
+        self.ref = ref
+        self.side = side
+
+    def result(self):
+        import ray
+        from ray.exceptions import GetTimeoutError
+
+        side, watch = self.side, self.side.watch
+        started = time.monotonic()
+        cancelled_at = None
+        while True:
+            try:
+                return ray.get(self.ref, timeout=POLL_S)  # one round trip when the answer is quick
+            except GetTimeoutError:
+                pass
+            except _actor_errors() + (RequestStateLostError,) as exc:
+                # a dead actor, or a restarted one that lost the request: the side is gone
+                self._fail(type(exc).__name__, cause=exc)
+            now = time.monotonic()
+            if side.member is not None and side.member.hung:
+                self._fail("stopped answering its heartbeat")
+            if cancelled_at is None and watch.should_stop is not None and watch.should_stop():
+                cancelled_at = now
+                side.handle.cancel.remote(watch.key)  # fire and forget: the actor drops the work
+            if cancelled_at is not None and now - cancelled_at > CANCEL_GRACE_S:
+                self._fail(f"did not drop a cancelled request within {CANCEL_GRACE_S:.0f}s")
+            if now - started > watch.max_call_s:
+                self._fail(f"gave no answer within {watch.max_call_s:.0f}s")
+
+    def _fail(self, why: str, cause: BaseException | None = None):
+        self.side.failed_once()
+        raise SideUnavailableError(f"{self.side.role} actor failed: {why}", role=self.side.role) from cause
+
+
+class RaySide:
+    """A SideHandle over a Ray actor (see actors/speculative.py)."""
+
+    def __init__(self, handle, *, role: str, on_failure: Callable[[], None] | None = None, watch: CallWatch | None = None, member: Any = None):
+        self.handle = handle
+        self.role = role
+        self._on_failure = on_failure
+        self.watch = watch or CallWatch(key="")
+        self.member = member  # the replica (its `hung` flag is read while waiting)
+        self.failed = False
+
+    def failed_once(self) -> None:
+        if not self.failed:  # one failure per request, however many calls notice it
+            self.failed = True
+            if self._on_failure is not None:
+                self._on_failure()
+
+    def call(self, method: str, /, *args, **kwargs):
+        ref = getattr(self.handle, method).remote(*args, **kwargs)
+        return _CloseFuture(ref) if method == "close" else _RayFuture(ref, self)
+
+
+CLOSE_WAIT_S = 5.0
+
+
+class _CloseFuture:
+    """Freeing a request never blocks for long, nor marks an actor failed: a dead or
+    restarting actor holds nothing of the request anyway."""
+
+    def __init__(self, ref):
+        self.ref = ref
+
+    def result(self):
+        import ray
+
+        return ray.get(self.ref, timeout=CLOSE_WAIT_S)
+
+
