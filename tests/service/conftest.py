@@ -4,48 +4,17 @@ word-level tokenizer."""
 
 from __future__ import annotations
 
-import asyncio
-import threading
-
 import pytest
 
 from deploy.config import parse_config
+from deploy.serve import BackgroundServer
 
 
-class ServerThread:
-    """Runs deploy.serve.build_app in a background event loop."""
+class ServerThread(BackgroundServer):
+    """deploy.serve.BackgroundServer from a config dict; model paths are used as they are."""
 
     def __init__(self, config_dict: dict, engine=None, resolve=None):
-        self.cfg = parse_config(config_dict)
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        from deploy.serve import build_app
-
-        try:
-            self.app = self.run(build_app(self.cfg, resolve=resolve, engine=engine))
-        except BaseException:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(timeout=10)
-            raise
-
-    def run(self, coro, timeout: float = 600):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.app.port}"
-
-    @property
-    def engine(self):
-        return self.app.engine
-
-    def stop(self, *, keep_engine: bool = False) -> None:
-        self.run(self.app.stop(grace=1.0))
-        if not keep_engine:
-            self.app.engine.shutdown()
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
+        super().__init__(parse_config(config_dict), engine=engine, resolve=resolve)
 
 
 def service_config(models: dict, **server) -> dict:
@@ -61,6 +30,10 @@ def service_config(models: dict, **server) -> dict:
 
 @pytest.fixture(scope="module")
 def server(ray_local, tiny_service_models):
-    srv = ServerThread(service_config(tiny_service_models, max_concurrent=4, queue_size=4, metrics_port=0, trace_rounds_sample_rate=1.0))
+    srv = ServerThread(
+        service_config(
+            tiny_service_models, max_concurrent=4, queue_size=4, metrics_port=0, trace_rounds_sample_rate=1.0, default_max_new_tokens=8
+        )
+    )
     yield srv
     srv.stop()

@@ -301,3 +301,26 @@ def test_otlp_export_reaches_a_collector():
         assert {"tandem_requests_total", "tandem_ttft_seconds", "tandem_drafted_tokens_total"} <= collector.metric_names
     finally:
         server.stop(None)
+
+
+def test_metrics_endpoint_can_require_a_bearer_token():
+    import urllib.error
+
+    tel = Telemetry(metrics_port=0, metrics_host="127.0.0.1", metrics_token="scrape-me")
+    open_tel = Telemetry(metrics_port=0)
+    try:
+        url = f"http://127.0.0.1:{tel.metrics_port}/metrics"
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(url, timeout=5)
+        assert info.value.code == 401
+        bad = urllib.request.Request(url, headers={"Authorization": "Bearer wrong"})
+        with pytest.raises(urllib.error.HTTPError):
+            urllib.request.urlopen(bad, timeout=5)
+        good = urllib.request.Request(url, headers={"Authorization": "Bearer scrape-me"})
+        with urllib.request.urlopen(good, timeout=5) as response:
+            assert response.status == 200
+        # negative control: without a token configured the same plain scrape is answered
+        scrape(open_tel.metrics_port)  # raises HTTPError on a 401
+    finally:
+        tel.shutdown()
+        open_tel.shutdown()
