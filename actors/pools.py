@@ -274,8 +274,9 @@ class TargetPool:
                         resolve=spec.load.resolve,
                     )
                 )
-            # the front holds no model: request state and verification only
-            front = ray.remote(TargetWorker).options(num_cpus=0, max_restarts=0, max_concurrency=64)
+            # the front holds no model: request state and verification only; restartable like
+            # the stages (it is rebuilt over the same stage handles)
+            front = ray.remote(TargetWorker).options(num_cpus=0, max_restarts=spec.max_restarts, max_concurrency=64)
             members.append(_Member(handle=front.remote(None, threads=1, stages=stages), shards=stages))
         self.members = members
         self.chooser = _LeastLoaded(members)

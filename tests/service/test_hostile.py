@@ -160,6 +160,32 @@ def test_an_expired_long_prefill_stops_and_leaves_the_next_request_fast(hostile_
     assert time.perf_counter() - t0 > 1.0
 
 
+def test_a_burst_of_expiring_requests_leaves_no_work_behind(hostile_server):
+    # the probe's second case: many ~300-token prompts with 0.25 s deadlines at once
+    addr = hostile_server.address
+    idle = min(_latency(addr) for _ in range(3))
+    prompt = " ".join(["the a of to"] * 75)
+
+    def expiring(_):
+        with TandemClient(addr) as c:
+            try:
+                c.generate(target="other", prompt=prompt, raw_prompt=True, max_new_tokens=64, ignore_eos=True, timeout=0.25)
+                return "OK"
+            except TandemError as exc:
+                return exc.code.name
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(16) as pool:
+        codes = list(pool.map(expiring, range(48)))
+    assert set(codes) <= {"OK", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"}, codes
+    # admission counted the work still running on the actors: the burst was partly refused
+    assert "RESOURCE_EXHAUSTED" in codes, codes
+    time.sleep(0.5)
+    after = _latency(addr)
+    assert after <= 3 * idle + 0.5, f"next request took {after:.2f}s, idle {idle:.2f}s"
+
+
 # ------------------------------------------------------------------ a hung actor of one target
 
 
