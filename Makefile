@@ -7,7 +7,7 @@ PACKS   := $(shell sed -n '/^packs = \[/,/^\]/p' pyproject.toml | grep -o '"[^"]
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup serve test test-fast bench proto lint clean
+.PHONY: setup serve test test-fast bench soak proto lint clean
 
 # Set-up: a venv with the CPU build of torch (from this machine's disk; an unpinned torch would
 # pull a multi-GB CUDA build), tandem in editable mode, and the model packs. Re-runs only when
@@ -36,6 +36,12 @@ proto: setup
 bench: setup
 	$(BIN)/tandem bench --prompts bench/eval/code_dev.jsonl --limit 3 --max-new-tokens 96 \
 		--json bench/results/code_dev.json
+
+# 30 minutes of mixed hostile traffic with actors killed and paused at random (loopback only,
+# bounded); not part of `make test`. Summary: bench/results/soak.json.
+SOAK_MINUTES ?= 30
+soak: setup
+	$(BIN)/python -m bench.soak --minutes $(SOAK_MINUTES) --out bench/results/soak.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -49,31 +49,28 @@ class HealthMonitor:
             for m in pool.members:
                 for h in [m.handle, *m.shards]:
                     pings.append((m, h, h.ping.remote()))
-        ready, _ = ray.wait([r for _, _, r in pings], num_returns=len(pings), timeout=self.timeout_s)
-        ready = set(ready)
-        answered: dict[int, bool] = {}
-        silent: dict[int, list] = {}
+        ready = set(ray.wait([r for _, _, r in pings], num_returns=len(pings), timeout=self.timeout_s)[0])
+        silent: dict[int, list] = {}  # member -> its actors that gave no answer
+        failed: set[int] = set()  # members with an actor that answered with an error
         for m, h, ref in pings:
-            ok = ref in ready
-            if ok:
-                try:
-                    ray.get(ref)
-                except Exception:  # noqa: BLE001 - dead or restarting: not hung, not healthy
-                    ok = False
-                    m.mark_failed() if not m.failures else None
-                    answered[id(m)] = False
-                    continue
-            else:
+            if ref not in ready:
                 silent.setdefault(id(m), []).append(h)
-            answered[id(m)] = answered.get(id(m), True) and ok
+                continue
+            try:
+                ray.get(ref)
+            except Exception:  # noqa: BLE001 - dead or restarting: not hung, not healthy either
+                failed.add(id(m))
         for pool in self.pools:
             for m in pool.members:
-                if answered.get(id(m)):
+                if id(m) in silent:
+                    self._hung(m, silent[id(m)])
+                elif id(m) in failed:
+                    if not m.failures:
+                        m.mark_failed()
+                else:
                     if m.hung or m.failures:
                         log.warning("actor replica answers again: back in rotation")
                     m.restore()
-                elif id(m) in silent:
-                    self._hung(m, silent[id(m)])
 
     def _hung(self, m: Any, handles: list) -> None:
         import ray

@@ -114,6 +114,10 @@ def _remote(cls, *, placement: Placement, pg, index: int, name: str | None = Non
         "max_restarts": restarts,
         "max_task_retries": 0,
         "max_concurrency": 64,
+        # Ray records every actor call as a task event in the GCS: tens of thousands of
+        # draft/verify calls a minute filled it by 320 MB in a 30-minute soak. tandem's own
+        # telemetry covers these calls, so they are not reported.
+        "enable_task_events": False,
         "scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=index),
     }
     if name:
@@ -276,7 +280,9 @@ class TargetPool:
                 )
             # the front holds no model: request state and verification only; restartable like
             # the stages (it is rebuilt over the same stage handles)
-            front = ray.remote(TargetWorker).options(num_cpus=0, max_restarts=spec.max_restarts, max_concurrency=64)
+            front = ray.remote(TargetWorker).options(
+                num_cpus=0, max_restarts=spec.max_restarts, max_concurrency=64, enable_task_events=False
+            )
             members.append(_Member(handle=front.remote(None, threads=1, stages=stages), shards=stages))
         self.members = members
         self.chooser = _LeastLoaded(members)

@@ -53,6 +53,17 @@ def _wait_dead(handle, timeout: float = 30.0) -> None:
     raise AssertionError("the actor did not die")
 
 
+def _kill_at_first_tokens(pid: int, streamed: list[int]):
+    """An on_tokens callback: SIGKILL `pid` when the first tokens arrive; records the stream."""
+
+    def on_tokens(tokens):
+        if not streamed:
+            os.kill(pid, signal.SIGKILL)
+        streamed.extend(tokens)
+
+    return on_tokens
+
+
 @pytest.fixture()
 def pools(ray_local, tiny_paths):
     target_path, draft_path = tiny_paths
@@ -85,13 +96,7 @@ def test_draft_death_finishes_target_only_and_pool_heals(pools, method):
     draft = eng.draft_pool.members[0].handle
     old_pid = _pid(draft)
     streamed: list[int] = []
-
-    def kill_on_first_tokens(tokens):
-        if not streamed:
-            os.kill(old_pid, signal.SIGKILL)
-        streamed.extend(tokens)
-
-    out = eng.generate("t", PROMPT, spec=SpecConfig(method=method, gamma=3), max_new_tokens=120, on_tokens=kill_on_first_tokens)
+    out = eng.generate("t", PROMPT, spec=SpecConfig(method=method, gamma=3), max_new_tokens=120, on_tokens=_kill_at_first_tokens(old_pid, streamed))
     assert out.draft_failed
     assert out.tokens == ref  # nothing lost, nothing repeated
     assert streamed == ref  # and the stream said exactly the same
@@ -127,14 +132,9 @@ def test_target_death_mid_stream_resumes_with_the_same_output(pools, method):
     pid = _pid(target)
     seen: list[int] = []
 
-    def kill_after_first(tokens):
-        if not seen:
-            os.kill(pid, signal.SIGKILL)
-        seen.extend(tokens)
-
     # the only replica dies after tokens were streamed: the request waits for Ray's
     # restart, re-prefills prompt + what it sent, and goes on where it was
-    out = eng.generate("t", PROMPT, spec=SpecConfig(method=method, gamma=2), max_new_tokens=120, on_tokens=kill_after_first)
+    out = eng.generate("t", PROMPT, spec=SpecConfig(method=method, gamma=2), max_new_tokens=120, on_tokens=_kill_at_first_tokens(pid, seen))
     assert 0 < len(seen)
     assert out.tokens == ref and seen == ref  # nothing lost, nothing repeated
     assert out.finish_reason == "length"
@@ -169,12 +169,7 @@ def test_a_killed_pipeline_shard_is_handled_like_a_dead_target(pools):
     pid = _pid(shard)
     seen: list[int] = []
 
-    def kill_after_first(tokens):
-        if not seen:
-            os.kill(pid, signal.SIGKILL)
-        seen.extend(tokens)
-
     # the restarted shard holds no KV: the request re-prefills there and goes on
-    out = eng.generate("t", PROMPT, spec=SpecConfig(method="sd", gamma=2), max_new_tokens=80, on_tokens=kill_after_first)
+    out = eng.generate("t", PROMPT, spec=SpecConfig(method="sd", gamma=2), max_new_tokens=80, on_tokens=_kill_at_first_tokens(pid, seen))
     assert out.tokens == ref and seen == ref
     assert _pid(shard) != pid
