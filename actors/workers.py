@@ -90,7 +90,23 @@ class WorkerStats:
     calls: int = 0
 
 
-class DraftWorker:
+class _Worker:
+    """What both workers answer besides their model work: cancels and heartbeats."""
+
+    cancelled: Cancellations
+
+    def cancel(self, request_id: str) -> None:
+        """Drop the request's queued and running work (see Cancellations); close still frees it."""
+        self.cancelled.cancel(request_id)
+
+    def ping(self) -> int:
+        """Heartbeat: answered on the actor's call threads even while a forward runs, so a
+        ping that times out means a stopped or hung process, not a busy one. A pipeline
+        front answers for itself only; each TargetShard answers its own ping."""
+        return os.getpid()
+
+
+class DraftWorker(_Worker):
     """Hosts one (multi-exit) draft and drafts for requests of any target at once."""
 
     def __init__(self, load: ModelLoad, *, threads: int = 1, max_batch: int = 16):
@@ -120,14 +136,6 @@ class DraftWorker:
     def close(self, request_id: str) -> bool:
         return self.drafter.close(request_id)
 
-    def cancel(self, request_id: str) -> None:
-        """Drop the request's queued and running work (see Cancellations); close still frees it."""
-        self.cancelled.cancel(request_id)
-
-    def ping(self) -> int:
-        """Heartbeat: answered on the actor's call threads even while a forward runs, so a
-        ping that times out means a stopped or hung process, not a busy one."""
-        return os.getpid()
 
     def live_requests(self) -> list[str]:
         return self.drafter.live_requests()
@@ -153,7 +161,7 @@ class DraftWorker:
         }
 
 
-class TargetWorker:
+class TargetWorker(_Worker):
     """Hosts one target (or fronts a pipeline of TargetShard actors) and verifies concurrent
     requests in one batched forward."""
 
@@ -215,14 +223,6 @@ class TargetWorker:
     def close(self, request_id: str) -> bool:
         return self.verifier.close(request_id)
 
-    def cancel(self, request_id: str) -> None:
-        """Drop the request's queued and running work (see Cancellations); close still frees it."""
-        self.cancelled.cancel(request_id)
-
-    def ping(self) -> int:
-        """Heartbeat (see DraftWorker.ping). A pipeline front answers for itself only; each
-        TargetShard answers its own ping."""
-        return os.getpid()
 
     def live_requests(self) -> list[str]:
         return self.verifier.live_requests()

@@ -157,12 +157,8 @@ def _env_token(env: str | None, field: str) -> str | None:
     return token
 
 
-def _auth_token(cfg: TandemConfig) -> str | None:
-    return _env_token(cfg.server.auth_token_env, "server.auth_token_env")
-
-
 async def build_app(cfg: TandemConfig, *, resolve=resolve_model_path, engine: ActorEngine | None = None) -> ServeApp:
-    token = _auth_token(cfg)  # fail before loading anything
+    token = _env_token(cfg.server.auth_token_env, "server.auth_token_env")  # fail before loading anything
     metrics_token = _env_token(cfg.server.metrics_auth_token_env, "server.metrics_auth_token_env")
     tls_cert = tls_key = None
     if cfg.server.tls is not None:
