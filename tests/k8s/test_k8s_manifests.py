@@ -36,6 +36,7 @@ from ray.autoscaler._private.kuberay.autoscaling_config import (
 
 import crd_schema
 from deploy.config import PoolResources, TandemConfig, parse_config
+from deploy.packs import PACKS
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
@@ -263,19 +264,54 @@ def test_ray_pins_agree():
 def test_ray_version_and_image_tags_agree(name):
     version, python_tag = ray_version(), dockerfile_arg("PYTHON_TAG")
     cpu_tag, gpu_tag = f"{version}-{python_tag}", f"{version}-{python_tag}-gpu"
+    packs_tag = f"{cpu_tag}-packs"  # deploy/Dockerfile with INSTALL_PACKS=1
     specs = list(cluster_specs(render(name)))
     assert specs
     for owner, spec in specs:
+        config = mounted_config(render(name), spec["headGroupSpec"], "/etc/tandem/config.yaml")
+        assert image_errors(spec, config, (cpu_tag, gpu_tag, packs_tag)) == [], owner["metadata"]["name"]
         assert spec["rayVersion"] == version, owner["metadata"]["name"]
-        for group_name, group in group_templates(spec):
-            for container in group["template"]["spec"]["containers"]:
-                image, tag, _ = split_image(container["image"])
-                assert image.rsplit("/", 1)[-1] == "tandem", container["image"]
-                assert tag in (cpu_tag, gpu_tag), (group_name, container["image"])
-                if "nvidia.com/gpu" in container.get("resources", {}).get("limits", {}):
-                    assert tag == gpu_tag, (group_name, container["image"])
-        # one image per cluster: the head and the workers run the same Ray and tandem
-        assert len({ray_container(g)["image"] for _, g in group_templates(spec)}) == 1
+
+
+def config_packs(config: TandemConfig) -> set[str]:
+    """The model packs a config names (each needs the -packs image)."""
+    refs = [config.draft_pool.model] + [t.model_ref for t in config.targets]
+    return {ref for ref in refs if ref in PACKS}
+
+
+def image_errors(spec: Obj, config: TandemConfig, tags: tuple[str, str, str]) -> list[str]:
+    """Every container runs one tandem image of the pinned Ray: the -gpu tag where it has GPUs,
+    the -packs tag where the config names packs (no pod installs them), and one image per cluster."""
+    cpu_tag, gpu_tag, packs_tag = tags
+    errors = []
+    for group_name, group in group_templates(spec):
+        for container in group["template"]["spec"]["containers"]:
+            image, tag, _ = split_image(container["image"])
+            if image.rsplit("/", 1)[-1] != "tandem" or tag not in tags:
+                errors.append(f"{group_name}: {container['image']} is not a tandem image of this Ray")
+            if "nvidia.com/gpu" in container.get("resources", {}).get("limits", {}) and tag != gpu_tag:
+                errors.append(f"{group_name}: GPUs need the {gpu_tag} image, not {tag}")
+            if config_packs(config) and tag != packs_tag:
+                errors.append(f"{group_name}: the config names packs {sorted(config_packs(config))}; {tag} has none")
+    images = {c["image"] for _, g in group_templates(spec) for c in g["template"]["spec"]["containers"]}
+    if len(images) != 1:  # head and workers run the same Ray and tandem
+        errors.append(f"more than one image: {sorted(images)}")
+    return errors
+
+
+def test_image_check_fires():
+    """Negative controls: the plain image for a config that names packs; two images in one cluster."""
+    version, python_tag = ray_version(), dockerfile_arg("PYTHON_TAG")
+    tags = (f"{version}-{python_tag}", f"{version}-{python_tag}-gpu", f"{version}-{python_tag}-packs")
+    objects = render("base")
+    spec = copy.deepcopy(find(objects, "RayCluster")[0]["spec"])
+    config = mounted_config(objects, spec["headGroupSpec"], "/etc/tandem/config.yaml")
+    assert config_packs(config) and image_errors(spec, config, tags) == []
+    for _, group in group_templates(spec):
+        ray_container(group)["image"] = f"tandem:{tags[0]}"
+    assert any("has none" in e for e in image_errors(spec, config, tags))
+    ray_container(spec["headGroupSpec"])["image"] = f"tandem:{tags[2]}"
+    assert any("more than one image" in e for e in image_errors(spec, config, tags))
 
 
 def test_standalone_pods_pin_their_images():
@@ -300,6 +336,70 @@ def test_only_the_gpu_overlay_uses_gpus():
             else:
                 assert not any(gpus.values()), name
                 assert not ray_container(spec["headGroupSpec"])["image"].endswith("-gpu"), name
+
+
+# ---------------------------------------------------------------- nothing installed at start
+
+START_INSTALL = re.compile(r"\bpip3?\b|\buv\b|tandem-install-packs|TANDEM_INSTALL_PACKS")
+
+
+def install_at_start(objects) -> list[str]:
+    """Where a container would install packages when it starts: every command, args, exec
+    hook or probe, RayJob entrypoint, env var and ConfigMap key, at any depth."""
+    found: list[str] = []
+
+    def walk(node: Any, where: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                here = f"{where}/{key}"
+                if key in ("command", "args") and isinstance(value, list):
+                    if START_INSTALL.search(" ".join(map(str, value))):
+                        found.append(f"{here}: {value}")
+                elif key == "entrypoint" and isinstance(value, str) and START_INSTALL.search(value):
+                    found.append(f"{here}: {value}")
+                elif key == "env" and isinstance(value, list):
+                    found.extend(f"{here}: {e['name']}" for e in value if START_INSTALL.search(e.get("name", "")))
+                walk(value, here)
+        elif isinstance(node, list):
+            for i, item in enumerate(node):
+                walk(item, f"{where}/{i}")
+
+    for obj in objects:
+        label = f"{obj['kind']}/{obj['metadata']['name']}"
+        walk(obj, label)
+        if obj["kind"] == "ConfigMap":
+            found += [f"{label}/data/{k}" for k in obj.get("data", {}) if START_INSTALL.search(k)]
+    return found
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_no_container_installs_packages_at_start(name):
+    """Weights come baked into the image (deploy/packs.lock); no pod runs pip."""
+    assert install_at_start(render(name)) == []
+
+
+def test_standalone_pods_install_nothing_at_start():
+    assert install_at_start([obj for _, obj in source_objects()]) == []
+
+
+def test_install_check_fires():
+    """Negative controls: pip in the head's command, the old installer as a worker command, the
+    old switch in a ConfigMap, pip in a RayJob entrypoint."""
+    base, batch = render("base"), render("batch")
+    mutations = {
+        "pip in the head": lambda objs: find(objs, "RayCluster")[0]["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0].update(
+            command=["/bin/bash", "-c", "--"], args=["python -m pip install --no-deps foo==1 && ray start --head --block"]
+        ),
+        "installer on a worker": lambda objs: ray_container(find(objs, "RayCluster")[0]["spec"]["workerGroupSpecs"][1]).update(command=["tandem-install-packs"]),
+        "switch in a ConfigMap": lambda objs: find(objs, "ConfigMap")[-1].setdefault("data", {}).update(TANDEM_INSTALL_PACKS="1"),
+    }
+    for what, mutate in mutations.items():
+        objects = copy.deepcopy(list(base))
+        mutate(objects)
+        assert install_at_start(objects), what
+    job = copy.deepcopy(list(batch))
+    find(job, "RayJob")[0]["spec"]["entrypoint"] = "pip install tandem && tandem batch"
+    assert install_at_start(job)
 
 
 # ---------------------------------------------------------------- cluster shape and scaling
@@ -422,13 +522,14 @@ def kuberay_start_command(params: dict[str, str], *, head: bool) -> str:
 
 def run_ray_container(container: Obj, params: dict[str, str], *, head: bool, overwrite: bool, tmp_path: Path) -> list[list[str]]:
     """Run a Ray container's command the way KubeRay would, with fake ray/tandem binaries."""
-    env, log = _fake_bin(tmp_path, ["ray", "tandem", "tandem-install-packs"])
+    env, log = _fake_bin(tmp_path, ["ray", "tandem"])
     env["KUBERAY_GEN_RAY_START_CMD"] = kuberay_start_command(params, head=head)
     if overwrite:  # ray.io/overwrite-container-cmd: KubeRay runs command + args as written
         assert container["command"] == ["/bin/bash", "-lc", "--"]
         script = container["args"][0]
-    else:  # KubeRay: "<command> <args> && ulimit -n 65536; <ray start>"
-        script = " ".join(container.get("command", []) + container.get("args", [])) + " && ulimit -n 65536; " + env["KUBERAY_GEN_RAY_START_CMD"]
+    else:  # KubeRay: "[<command> <args> && ]ulimit -n 65536; <ray start>"
+        own = " ".join(container.get("command", []) + container.get("args", []))
+        script = (own + " && " if own else "") + "ulimit -n 65536; " + env["KUBERAY_GEN_RAY_START_CMD"]
     # bash -c, not -lc: a login shell on a Debian host resets PATH (the Ubuntu-based image does not).
     out = subprocess.run(["bash", "-c", "--", script], env=env, capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
@@ -454,16 +555,15 @@ def test_containers_start_ray_with_the_resources_the_autoscaler_sees(name, tmp_p
             calls = run_ray_container(
                 ray_container(group), group.get("rayStartParams", {}), head=head, overwrite=overwrite, tmp_path=tmp_path / group_name
             )
-            assert calls[0] == ["tandem-install-packs"]
-            ray_start = calls[1]
+            ray_start = calls[0]
             assert ray_start[:2] == ["ray", "start"] and ("--head" in ray_start) == head
             custom = {k: v for k, v in types[group_name].items() if k not in ("CPU", "GPU", "memory")}
             assert _resources_flag(ray_start) == custom
             if head and owner["kind"] == "RayCluster":
                 assert "--block" not in ray_start, "the head's ray start must return so the router can start"
-                assert calls[2:] == [SERVE_ARGV]
+                assert calls[1:] == [SERVE_ARGV]
             else:
-                assert "--block" in ray_start and len(calls) == 2
+                assert "--block" in ray_start and len(calls) == 1
 
 
 # ---------------------------------------------------------------- batch
