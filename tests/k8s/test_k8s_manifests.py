@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import importlib.metadata
-import json
 import math
 import os
 import re
@@ -33,6 +32,7 @@ from ray.autoscaler._private.kuberay.autoscaling_config import (
     _HEAD_GROUP_NAME,
     _generate_available_node_types_from_ray_cr_spec,
 )
+from ray.autoscaler._private.kuberay.utils import parse_quantity
 
 import crd_schema
 from deploy.config import PoolResources, TandemConfig, parse_config
@@ -45,6 +45,9 @@ KUSTOMIZATIONS = sorted(p.parent.relative_to(K8S).as_posix() for p in K8S.rglob(
 STANDALONE = {"base/secret.example.yaml", "batch/data-loader.yaml", "overlays/gpu/models-loader.yaml"}
 POOL_GROUPS = {"draft-pool": "draft_pool", "target-pool": "target_pool"}
 SERVE_ARGV = ["tandem", "serve", "--config", "/etc/tandem/config.yaml", "--address", "auto"]
+ROUTER = "router"  # the head pod's second container: `tandem serve`
+RAY_SESSION = ("ray-logs", "/tmp/ray")  # KubeRay's own volume name and path for the Ray session dir
+OVERWRITE_CMD = "ray.io/overwrite-container-cmd"
 AUTH_SECRET = ("tandem-auth", "token")
 ACCELERATOR_PREFIX = "accelerator_type:"  # Ray's resource for @ray.remote(accelerator_type=...)
 
@@ -176,18 +179,23 @@ def fits(capacity: dict[str, float], demand: dict[str, float]) -> bool:
     return all(capacity.get(k, 0) >= v for k, v in demand.items())
 
 
+def router_container(spec: Obj) -> Obj:
+    (router,) = [c for c in spec["headGroupSpec"]["template"]["spec"]["containers"] if c["name"] == ROUTER]
+    return router
+
+
 def service_objects(objects) -> tuple[Obj, Obj, TandemConfig]:
-    """The RayCluster of the online service, its head container, and its parsed config."""
+    """The RayCluster of the online service, its router container, and its parsed config."""
     (cluster,) = find(objects, "RayCluster")
-    head = ray_container(cluster["spec"]["headGroupSpec"])
-    return cluster, head, mounted_config(objects, cluster["spec"]["headGroupSpec"], "/etc/tandem/config.yaml")
+    return cluster, router_container(cluster["spec"]), mounted_config(objects, cluster["spec"]["headGroupSpec"], "/etc/tandem/config.yaml")
 
 
 def mounted_config(objects, group: Obj, path: str) -> TandemConfig:
-    """Parse the tandem config a pod of `group` sees at `path` (a ConfigMap volume)."""
+    """Parse the tandem config a pod of `group` sees at `path` (a ConfigMap volume mounted in
+    one of its containers: the router of the service, the Ray container of a RayJob's head)."""
     directory, _, key = path.rpartition("/")
-    container = ray_container(group)
-    (mount,) = [m for m in container.get("volumeMounts", []) if m["mountPath"] == directory]
+    containers = group["template"]["spec"]["containers"]
+    (mount,) = {m["name"]: m for c in containers for m in c.get("volumeMounts", []) if m["mountPath"] == directory}.values()
     (volume,) = [v for v in group["template"]["spec"]["volumes"] if v["name"] == mount["name"]]
     (config_map,) = find(objects, "ConfigMap", volume["configMap"]["name"])
     return parse_config(yaml.safe_load(config_map["data"][key]), source=f"ConfigMap {config_map['metadata']['name']}")
@@ -432,33 +440,102 @@ def test_head_service_stays_kuberay_default(name):
         assert "serviceType" not in spec["headGroupSpec"] and "headService" not in spec["headGroupSpec"]
 
 
+def placement_errors(objects, owner: Obj, spec: Obj) -> list[str]:
+    """Every actor the config asks for fits exactly one pool group (never the head), in the
+    autoscaler's view of the groups (Ray's own code reads the groups' `resources`); the group's
+    maxReplicas pods hold them all; GPU types agree with the groups' node selectors."""
+    errors = []
+    config = mounted_config(objects, spec["headGroupSpec"], "/etc/tandem/config.yaml")
+    types = node_types(spec)
+    groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+    pools = [("draft-pool", config.draft_pool.placement, config.draft_pool.replicas, config.draft_pool.threads)]
+    pools += [("target-pool", t.placement, t.replicas * t.shards, t.threads) for t in config.targets]
+    pods_needed: dict[str, int] = {}
+    for expected_group, placement, actors, threads in pools:
+        demand = actor_demand(placement)
+        homes = [g for g, capacity in types.items() if fits(capacity, demand)]
+        if homes != [expected_group]:
+            errors.append(f"{demand} fits {homes}, not [{expected_group!r}]")
+            continue
+        capacity = types[expected_group]
+        per_pod = min(math.floor(capacity[k] / v) for k, v in demand.items() if v > 0)
+        pods_needed[expected_group] = pods_needed.get(expected_group, 0) + math.ceil(actors / per_pod)
+        if threads > capacity["CPU"]:
+            errors.append(f"{expected_group}: {threads} torch threads beyond the pod's {capacity['CPU']} CPUs")
+        if placement.accelerator_type:
+            selector = groups[expected_group]["template"]["spec"].get("nodeSelector", {})
+            gpu_labels = [v for k, v in selector.items() if "gpu.product" in k or "gke-accelerator" in k]
+            if not gpu_labels or not all(placement.accelerator_type.lower() in v.lower().split("-") for v in gpu_labels):
+                errors.append(f"{expected_group}: accelerator_type {placement.accelerator_type} vs nodeSelector {selector}")
+    if owner["kind"] == "RayCluster":  # the service places every actor up front
+        errors += [f"{g}: {n} pods needed > maxReplicas" for g, n in pods_needed.items() if n > groups[g]["maxReplicas"]]
+    return errors
+
+
 @pytest.mark.parametrize("name", SERVICE_RENDERS + JOB_RENDERS)
 def test_config_placement_fits_the_worker_groups(name):
-    """Every actor the config asks for fits exactly one pool group (never the head), the group's
-    maxReplicas pods hold them all, and GPU types agree with the groups' node selectors."""
     objects = render(name)
     for owner, spec in cluster_specs(objects):
-        config = mounted_config(objects, spec["headGroupSpec"], "/etc/tandem/config.yaml")
-        types = node_types(spec)
-        groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
-        pools = [("draft-pool", config.draft_pool.placement, config.draft_pool.replicas, config.draft_pool.threads)]
-        pools += [("target-pool", t.placement, t.replicas * t.shards, t.threads) for t in config.targets]
-        pods_needed: dict[str, int] = {}
-        for expected_group, placement, actors, threads in pools:
-            demand = actor_demand(placement)
-            homes = [g for g, capacity in types.items() if fits(capacity, demand)]
-            assert homes == [expected_group], (owner["metadata"]["name"], demand, homes)
-            capacity = types[expected_group]
-            per_pod = min(math.floor(capacity[k] / v) for k, v in demand.items() if v > 0)
-            pods_needed[expected_group] = pods_needed.get(expected_group, 0) + math.ceil(actors / per_pod)
-            assert threads <= capacity["CPU"], "torch threads beyond the pod's CPUs"
-            if placement.accelerator_type:
-                selector = groups[expected_group]["template"]["spec"].get("nodeSelector", {})
-                gpu_labels = [v for k, v in selector.items() if "gpu.product" in k or "gke-accelerator" in k]
-                assert gpu_labels and all(placement.accelerator_type.lower() in v.lower().split("-") for v in gpu_labels)
-        if owner["kind"] == "RayCluster":  # the service places every actor up front
-            for group, pods in pods_needed.items():
-                assert pods <= groups[group]["maxReplicas"], (group, pods)
+        assert placement_errors(objects, owner, spec) == [], owner["metadata"]["name"]
+
+
+@pytest.mark.parametrize("name", ["overlays/gpu", "batch"])
+def test_placement_check_fires_without_the_group_resource(name):
+    """Negative control: each pool resource (and on GPUs each accelerator type) removed from the
+    group that advertises it, one at a time, leaves an actor with no group that fits it."""
+    objects = render(name)
+    ((owner, spec),) = list(cluster_specs(objects))
+    removed = 0
+    for i, group in enumerate(spec["workerGroupSpecs"]):
+        for key in group["resources"]:
+            broken = copy.deepcopy(spec)
+            del broken["workerGroupSpecs"][i]["resources"][key]
+            assert key in node_types(spec)[group["groupName"]] and key not in node_types(broken)[group["groupName"]]
+            errors = placement_errors(objects, owner, broken)
+            assert any(f"not [{group['groupName']!r}]" in e for e in errors), (key, errors)
+            removed += 1
+    assert removed >= 2
+
+
+def group_resource_errors(spec: Obj) -> list[str]:
+    """Ray resources are the groups' structured `resources` field: no escaped JSON in
+    rayStartParams, never both (KubeRay refuses that group), and whole positive quantities (the
+    autoscaler rounds a quantity up; `ray start` would get the exact value)."""
+    errors = []
+    for group_name, group in group_templates(spec):
+        params, resources = group.get("rayStartParams", {}), group.get("resources", {})
+        if "resources" in params:
+            errors.append(f"{group_name}: rayStartParams.resources (escaped JSON); use the group's resources field")
+        both = [k for k in ("num-cpus", "num-gpus", "memory", "resources") if params.get(k)]
+        if resources and both:
+            errors.append(f"{group_name}: resources and rayStartParams {both} both set; KubeRay refuses the group")
+        for key, value in resources.items():
+            quantity = parse_quantity(str(value))
+            if quantity <= 0 or quantity != quantity.to_integral_value():
+                errors.append(f"{group_name}: resources.{key} = {value!r} is not a whole positive quantity")
+    return errors
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_groups_declare_structured_ray_resources(name):
+    for owner, spec in cluster_specs(render(name)):
+        assert group_resource_errors(spec) == [], owner["metadata"]["name"]
+        for group in spec["workerGroupSpecs"]:
+            assert set(group["resources"]) & set(POOL_GROUPS.values()), group["groupName"]
+
+
+def test_group_resource_check_fires():
+    """Negative controls: the old escaped-JSON form, both forms at once, a fractional value."""
+    spec = render("base")[[o["kind"] for o in render("base")].index("RayCluster")]["spec"]
+    mutations = {
+        "escaped JSON": lambda g: (g.pop("resources"), g["rayStartParams"].update(resources='"{\\"draft_pool\\": 1}"')),
+        "both": lambda g: g["rayStartParams"].update({"num-cpus": "2"}),
+        "fraction": lambda g: g["resources"].update(draft_pool="0.5"),
+    }
+    for what, mutate in mutations.items():
+        broken = copy.deepcopy(spec)
+        mutate(broken["workerGroupSpecs"][0])
+        assert group_resource_errors(broken), what
 
 
 # ---------------------------------------------------------------- the service: router, Service, Secret
@@ -467,24 +544,25 @@ def test_config_placement_fits_the_worker_groups(name):
 @pytest.mark.parametrize("name", SERVICE_RENDERS)
 def test_router_config_matches_service_probes_and_secret(name):
     objects = render(name)
-    cluster, head, config = service_objects(objects)
+    cluster, router, config = service_objects(objects)
     assert config.server.host == "0.0.0.0"
     assert config.ray.address == "auto"
-    ports = {p["name"]: p["containerPort"] for p in head["ports"]}
-    assert ports["grpc"] == config.server.port == 50051
-    assert ports["tandem-metrics"] == config.server.metrics_port
+    pod_ports = {p["name"]: p["containerPort"] for c in cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"] for p in c.get("ports", [])}
+    ports = {p["name"]: p["containerPort"] for p in router["ports"]}
+    assert ports == {"grpc": config.server.port, "tandem-metrics": config.server.metrics_port}
+    assert config.server.port == 50051
     for probe in ("readinessProbe", "startupProbe"):
-        assert head[probe]["grpc"]["port"] == config.server.port, probe  # grpc.health.v1
-    assert head["livenessProbe"]["tcpSocket"]["port"] == config.server.port
+        assert router[probe]["grpc"]["port"] == config.server.port, probe  # grpc.health.v1
+    assert router["livenessProbe"]["tcpSocket"]["port"] == config.server.port
 
     (service,) = find(objects, "Service", "tandem")
     assert service["spec"]["selector"] == {"ray.io/cluster": cluster["metadata"]["name"], "ray.io/node-type": "head"}
     by_port = {p["port"]: p for p in service["spec"]["ports"]}
-    assert ports[by_port[50051]["targetPort"]] == 50051
-    assert ports[by_port[config.server.metrics_port]["targetPort"]] == config.server.metrics_port
+    assert pod_ports[by_port[50051]["targetPort"]] == 50051
+    assert pod_ports[by_port[config.server.metrics_port]["targetPort"]] == config.server.metrics_port
 
     assert config.server.auth_token_env == "TANDEM_AUTH_TOKEN"
-    env = {e["name"]: e for e in head["env"]}
+    env = {e["name"]: e for e in router["env"]}
     ref = env[config.server.auth_token_env]["valueFrom"]["secretKeyRef"]
     assert (ref["name"], ref["key"]) == AUTH_SECRET
     assert not find(objects, "Secret"), "tokens stay out of the manifests"
@@ -496,74 +574,107 @@ def test_secret_example_matches_the_reference():
     assert AUTH_SECRET[1] in secret["stringData"]
 
 
-def _fake_bin(tmp_path: Path, names: list[str]) -> tuple[dict[str, str], Path]:
-    """Executables that log their argv (one JSON list per line) and exit 0."""
-    bin_dir, log = tmp_path / "bin", tmp_path / "calls.jsonl"
-    bin_dir.mkdir(exist_ok=True)
-    for name in names:
-        exe = bin_dir / name
-        exe.write_text(
-            f"#!{sys.executable} -S\nimport json, os, sys\n"
-            "with open(os.environ['FAKE_LOG'], 'a') as f:\n"
-            "    f.write(json.dumps([os.path.basename(sys.argv[0])] + sys.argv[1:]) + '\\n')\n"
-        )
-        exe.chmod(0o755)
-    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_LOG": str(log), "HOME": str(tmp_path)}
-    return env, log
+# ---------------------------------------------------------------- KubeRay's command and probes kept
 
 
-def kuberay_start_command(params: dict[str, str], *, head: bool) -> str:
-    """The `ray start` line KubeRay generates (KUBERAY_GEN_RAY_START_CMD): ` --k=v ` per param,
-    ` --k ` for "true", values pasted as written (shell quoting included)."""
-    params = {**params, "block": "true"} | ({} if head else {"address": "tandem-head-svc.default.svc.cluster.local:6379"})
-    flags = "".join(f" --{k} " if v.lower() == "true" else f" --{k}={v} " for k, v in params.items())
-    return ("ray start --head " if head else "ray start ") + flags
-
-
-def run_ray_container(container: Obj, params: dict[str, str], *, head: bool, overwrite: bool, tmp_path: Path) -> list[list[str]]:
-    """Run a Ray container's command the way KubeRay would, with fake ray/tandem binaries."""
-    env, log = _fake_bin(tmp_path, ["ray", "tandem"])
-    env["KUBERAY_GEN_RAY_START_CMD"] = kuberay_start_command(params, head=head)
-    if overwrite:  # ray.io/overwrite-container-cmd: KubeRay runs command + args as written
-        assert container["command"] == ["/bin/bash", "-lc", "--"]
-        script = container["args"][0]
-    else:  # KubeRay: "[<command> <args> && ]ulimit -n 65536; <ray start>"
-        own = " ".join(container.get("command", []) + container.get("args", []))
-        script = (own + " && " if own else "") + "ulimit -n 65536; " + env["KUBERAY_GEN_RAY_START_CMD"]
-    # bash -c, not -lc: a login shell on a Debian host resets PATH (the Ubuntu-based image does not).
-    out = subprocess.run(["bash", "-c", "--", script], env=env, capture_output=True, text=True, timeout=30)
-    assert out.returncode == 0, out.stderr
-    return [json.loads(line) for line in log.read_text().splitlines()]
-
-
-def _resources_flag(argv: list[str]) -> dict[str, float]:
-    values = [a.split("=", 1)[1] for a in argv if a.startswith("--resources=")]
-    return json.loads(values[0]) if values else {}
+def kuberay_managed_errors(owner: Obj, spec: Obj) -> list[str]:
+    """The Ray container (the first of each pod) is left to KubeRay: no overwrite annotation,
+    no command or args (KubeRay generates `ulimit ...; ray start ... --block`), no probes
+    (KubeRay injects its liveness and readiness probes only where none are set)."""
+    errors = []
+    if OVERWRITE_CMD in owner["metadata"].get("annotations", {}):
+        errors.append(f"{owner['kind']} sets {OVERWRITE_CMD}")
+    for group_name, group in group_templates(spec):
+        if OVERWRITE_CMD in group["template"].get("metadata", {}).get("annotations", {}):
+            errors.append(f"{group_name}: the pod template sets {OVERWRITE_CMD}")
+        ray = ray_container(group)
+        errors += [f"{group_name}: the Ray container sets {k}" for k in ("command", "args") if k in ray]
+        errors += [f"{group_name}: the Ray container sets {k}" for k in ("livenessProbe", "readinessProbe", "startupProbe") if k in ray]
+    return errors
 
 
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)
-def test_containers_start_ray_with_the_resources_the_autoscaler_sees(name, tmp_path):
-    """The shell in each Ray container hands `ray start` exactly the custom resources that the
-    autoscaler reads from rayStartParams (KubeRay's escaped JSON, parsed by the shell)."""
+def test_ray_containers_keep_kuberays_command_and_probes(name):
     for owner, spec in cluster_specs(render(name)):
-        overwrite = owner["metadata"].get("annotations", {}).get("ray.io/overwrite-container-cmd") == "true"
-        assert overwrite == (owner["kind"] == "RayCluster")
-        types = node_types(spec)
-        for group_name, group in group_templates(spec):
-            head = group_name == _HEAD_GROUP_NAME
-            (tmp_path / group_name).mkdir()
-            calls = run_ray_container(
-                ray_container(group), group.get("rayStartParams", {}), head=head, overwrite=overwrite, tmp_path=tmp_path / group_name
-            )
-            ray_start = calls[0]
-            assert ray_start[:2] == ["ray", "start"] and ("--head" in ray_start) == head
-            custom = {k: v for k, v in types[group_name].items() if k not in ("CPU", "GPU", "memory")}
-            assert _resources_flag(ray_start) == custom
-            if head and owner["kind"] == "RayCluster":
-                assert "--block" not in ray_start, "the head's ray start must return so the router can start"
-                assert calls[1:] == [SERVE_ARGV]
-            else:
-                assert "--block" in ray_start and len(calls) == 1
+        assert kuberay_managed_errors(owner, spec) == [], owner["metadata"]["name"]
+
+
+def test_kuberay_managed_check_fires():
+    """Negative controls: the overwrite annotation; a command or a probe on a Ray container."""
+    cluster = find(render("base"), "RayCluster")[0]
+    mutations = {
+        "annotation": lambda c: c["metadata"].setdefault("annotations", {}).update({OVERWRITE_CMD: "true"}),
+        "head command": lambda c: ray_container(c["spec"]["headGroupSpec"]).update(command=["/bin/bash", "-c", "--"], args=["ray start --head"]),
+        "head probe": lambda c: ray_container(c["spec"]["headGroupSpec"]).update(readinessProbe={"grpc": {"port": 50051}}),
+        "worker command": lambda c: ray_container(c["spec"]["workerGroupSpecs"][0]).update(command=["sleep"]),
+    }
+    for what, mutate in mutations.items():
+        broken = copy.deepcopy(cluster)
+        mutate(broken)
+        assert kuberay_managed_errors(broken, broken["spec"]), what
+
+
+@pytest.mark.parametrize("name", SERVICE_RENDERS)
+def test_router_is_a_second_container_sharing_the_ray_session(name):
+    """KubeRay treats the first container as Ray's, so the router comes after it; both mount
+    the Ray session directory from one emptyDir, named as KubeRay names it (so the autoscaler
+    sidecar KubeRay adds mounts the same one), and run the same image."""
+    (cluster,) = find(render(name), "RayCluster")
+    pod = cluster["spec"]["headGroupSpec"]["template"]["spec"]
+    names = [c["name"] for c in pod["containers"]]
+    assert names == ["ray-head", ROUTER]
+    volume_name, path = RAY_SESSION
+    for container in pod["containers"]:
+        (mount,) = [m for m in container.get("volumeMounts", []) if m["mountPath"] == path]
+        assert mount["name"] == volume_name and not mount.get("readOnly"), container["name"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == volume_name]
+    assert set(volume) == {"name", "emptyDir"}
+    assert {c["image"] for c in pod["containers"]} == {ray_container(cluster["spec"]["headGroupSpec"])["image"]}
+    assert not any(c.get("envFrom") != pod["containers"][0].get("envFrom") for c in pod["containers"])
+
+
+def run_router(router: Obj, tmp_path: Path, *, head_answers_at: int | None) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
+    """Run the router container's command with fake `ray`, `tandem` and `sleep` that log their
+    argv; `ray health-check` fails until its `head_answers_at`-th call (never, for None)."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
+    bin_dir.mkdir()
+    logger = '#!/bin/sh\nprintf \'%s\\n\' "$(basename "$0") $*" >> "$FAKE_LOG"\n'
+    (bin_dir / "tandem").write_text(logger)
+    (bin_dir / "sleep").write_text(logger)
+    (bin_dir / "ray").write_text(
+        logger + 'n=$(grep -c "^ray health-check" "$FAKE_LOG")\n[ "$n" -ge "${FAKE_RAY_OK_AT:-999999}" ]\n'
+    )
+    for exe in bin_dir.iterdir():
+        exe.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_LOG": str(log), "HOME": str(tmp_path)}
+    if head_answers_at is not None:
+        env["FAKE_RAY_OK_AT"] = str(head_answers_at)
+    out = subprocess.run(router["command"] + router["args"], env=env, capture_output=True, text=True, timeout=60)
+    calls = [line.split() for line in log.read_text().splitlines()] if log.exists() else []
+    return out, calls
+
+
+@pytest.mark.parametrize("name", SERVICE_RENDERS)
+def test_router_waits_for_the_ray_head_then_serves(name, tmp_path):
+    router = router_container(find(render(name), "RayCluster")[0]["spec"])
+    out, calls = run_router(router, tmp_path, head_answers_at=3)
+    assert out.returncode == 0, out.stderr
+    checks = [c for c in calls if c[:2] == ["ray", "health-check"]]
+    assert len(checks) == 3 and calls[-1] == SERVE_ARGV
+    assert [c for c in calls if c[0] == "tandem"] == [SERVE_ARGV]
+
+
+@pytest.mark.parametrize("name", SERVICE_RENDERS)
+def test_router_gives_up_when_no_ray_head_answers(name, tmp_path):
+    """Negative control of the wait: with no head it never starts `tandem serve`, and it fails
+    within a bound (so the container restarts, and the startup probe's 20 minutes cover it)."""
+    router = router_container(find(render(name), "RayCluster")[0]["spec"])
+    out, calls = run_router(router, tmp_path, head_answers_at=None)
+    assert out.returncode != 0 and "no Ray head" in out.stderr
+    assert not [c for c in calls if c[0] == "tandem"]
+    waited = sum(float(c[1]) for c in calls if c[0] == "sleep")
+    assert 60 <= waited <= 600, waited
+    assert router["startupProbe"]["periodSeconds"] * router["startupProbe"]["failureThreshold"] > waited
 
 
 # ---------------------------------------------------------------- batch
@@ -623,6 +734,10 @@ def _head(obj: Obj) -> Obj:
     return obj["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
 
 
+def _router(obj: Obj) -> Obj:
+    return router_container(obj["spec"])
+
+
 # breakage -> (mutation, where the validator must report it)
 BROKEN = {
     "minReplicas as a string": (lambda c: c["spec"]["workerGroupSpecs"][0].update(minReplicas="1"), "/spec/workerGroupSpecs/0/minReplicas"),
@@ -633,17 +748,17 @@ BROKEN = {
         "/spec/headGroupSpec/rayStartParams/num-cpus",
     ),
     "grpc probe port as a string": (
-        lambda c: _head(c)["readinessProbe"]["grpc"].update(port="50051"),
+        lambda c: _router(c)["readinessProbe"]["grpc"].update(port="50051"),
         "/readinessProbe/grpc/port",
     ),
-    "grpc probe without port": (lambda c: _head(c)["readinessProbe"]["grpc"].pop("port"), "'port' is a required property"),
+    "grpc probe without port": (lambda c: _router(c)["readinessProbe"]["grpc"].pop("port"), "'port' is a required property"),
     "worker group without groupName": (
         lambda c: c["spec"]["workerGroupSpecs"][1].pop("groupName"),
         "'groupName' is a required property",
     ),
     "maxReplicas beyond int32": (lambda c: c["spec"]["workerGroupSpecs"][1].update(maxReplicas=2**31), "does not fit int32"),
     "duplicate container port": (
-        lambda c: _head(c)["ports"].append({"name": "again", "containerPort": 50051}),
+        lambda c: _router(c)["ports"].append({"name": "again", "containerPort": 50051}),
         "duplicate entries for list-map key",
     ),
     "bad upscalingMode": (lambda c: c["spec"]["autoscalerOptions"].update(upscalingMode="Fast"), "/spec/autoscalerOptions/upscalingMode"),
