@@ -557,6 +557,7 @@ def test_router_config_matches_service_probes_and_secret(name):
 
     (service,) = find(objects, "Service", "tandem")
     assert service["spec"]["selector"] == {"ray.io/cluster": cluster["metadata"]["name"], "ray.io/node-type": "head"}
+    assert [g for _, g, labels in pod_templates(objects) if selects({"matchLabels": service["spec"]["selector"]}, labels)] == [_HEAD_GROUP_NAME]
     by_port = {p["port"]: p for p in service["spec"]["ports"]}
     assert pod_ports[by_port[50051]["targetPort"]] == 50051
     assert pod_ports[by_port[config.server.metrics_port]["targetPort"]] == config.server.metrics_port
@@ -572,6 +573,132 @@ def test_secret_example_matches_the_reference():
     (secret,) = load_yaml_objects(K8S / "base" / "secret.example.yaml")
     assert (secret["kind"], secret["metadata"]["name"]) == ("Secret", AUTH_SECRET[0])
     assert AUTH_SECRET[1] in secret["stringData"]
+
+
+# ---------------------------------------------------------------- pod labels and disruption budgets
+
+
+def kuberay_pod_labels(cluster_name: str, group_name: str, group: Obj) -> dict[str, str]:
+    """The labels KubeRay (1.7, labelPod in ray-operator/controllers/ray/common/pod.go) puts on a
+    pod of `group`: its own, then the pod template's and the group's `labels`, which may
+    override any of them except ray.io/cluster, ray.io/node-type and ray.io/group."""
+    node_type = "head" if group_name == _HEAD_GROUP_NAME else "worker"
+    labels = {
+        "ray.io/is-ray-node": "yes",
+        "ray.io/cluster": cluster_name,
+        "ray.io/node-type": node_type,
+        "ray.io/group": group_name,  # the head's is "headgroup", which is Ray's _HEAD_GROUP_NAME too
+        "ray.io/identifier": f"{cluster_name}-{node_type}"[-63:],
+        "app.kubernetes.io/name": "kuberay",
+        "app.kubernetes.io/created-by": "kuberay-operator",
+    }
+    fixed = {"ray.io/cluster", "ray.io/node-type", "ray.io/group"}
+    own = {**group["template"].get("metadata", {}).get("labels", {}), **group.get("labels", {})}
+    labels.update({k: v for k, v in own.items() if k not in fixed})
+    return labels
+
+
+def pod_templates(objects) -> list[tuple[str, str, dict[str, str]]]:
+    """(cluster, group, pod labels) for every group of every RayCluster in `objects`. A RayJob's
+    cluster gets a generated name, so no selector of a render can name it."""
+    return [
+        (c["metadata"]["name"], group_name, kuberay_pod_labels(c["metadata"]["name"], group_name, group))
+        for c in find(objects, "RayCluster")
+        for group_name, group in group_templates(c["spec"])
+    ]
+
+
+def selects(selector: Obj | None, labels: dict[str, str]) -> bool:
+    """Kubernetes label-selector semantics (matchLabels and matchExpressions; null selects none)."""
+    if selector is None:
+        return False
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expr in selector.get("matchExpressions", []):
+        key, op, values = expr["key"], expr["operator"], expr.get("values", [])
+        ok = {
+            "In": key in labels and labels[key] in values,
+            "NotIn": key not in labels or labels[key] not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[op]
+        if not ok:
+            return False
+    return True
+
+
+PDB_FIELDS = {"minAvailable", "maxUnavailable", "selector", "unhealthyPodEvictionPolicy"}
+
+
+def pdb_errors(objects) -> list[str]:
+    """Each PodDisruptionBudget selects the pods of exactly one group of a RayCluster, with an
+    integer minAvailable no larger than the group's smallest size (RayCluster has no scale
+    subresource, so Kubernetes takes neither maxUnavailable nor a percentage for its pods);
+    every group of every RayCluster has exactly one."""
+    errors = []
+    templates = pod_templates(objects)
+    covered: dict[tuple[str, str], int] = {(c, g): 0 for c, g, _ in templates}
+    clusters = {c["metadata"]["name"]: c for c in find(objects, "RayCluster")}
+    for pdb in find(objects, "PodDisruptionBudget"):
+        name, spec = pdb["metadata"]["name"], pdb.get("spec", {})
+        if pdb["apiVersion"] != "policy/v1":
+            errors.append(f"{name}: apiVersion {pdb['apiVersion']}")
+        if set(spec) - PDB_FIELDS:
+            errors.append(f"{name}: unknown fields {sorted(set(spec) - PDB_FIELDS)}")
+        if spec.get("unhealthyPodEvictionPolicy", "IfHealthyBudget") not in ("IfHealthyBudget", "AlwaysAllow"):
+            errors.append(f"{name}: unhealthyPodEvictionPolicy {spec['unhealthyPodEvictionPolicy']}")
+        if "maxUnavailable" in spec or not isinstance(spec.get("minAvailable"), int) or isinstance(spec.get("minAvailable"), bool):
+            errors.append(f"{name}: needs an integer minAvailable and no maxUnavailable (RayCluster has no scale subresource)")
+        chosen = [(c, g) for c, g, labels in templates if selects(spec.get("selector"), labels)]
+        if not chosen:
+            errors.append(f"{name}: selects no pod of the render")
+        elif len(chosen) > 1:
+            errors.append(f"{name}: selects several groups {chosen}")
+        else:
+            ((cluster, group),) = chosen
+            covered[(cluster, group)] += 1
+            spec_of = clusters[cluster]["spec"]
+            floor = 1 if group == _HEAD_GROUP_NAME else next(g["minReplicas"] for g in spec_of["workerGroupSpecs"] if g["groupName"] == group)
+            if isinstance(spec.get("minAvailable"), int) and spec["minAvailable"] > floor:
+                errors.append(f"{name}: minAvailable {spec['minAvailable']} > {group}'s {floor} pods")
+    errors += [f"{c}/{g}: {n} PodDisruptionBudgets, expected 1" for (c, g), n in covered.items() if n != 1]
+    return errors
+
+
+@pytest.mark.parametrize("name", SERVICE_RENDERS)
+def test_every_group_has_one_disruption_budget(name):
+    objects = render(name)
+    assert len(find(objects, "PodDisruptionBudget")) == 3
+    assert pdb_errors(objects) == []
+
+
+def test_disruption_budget_check_fires():
+    """Negative controls: a selector naming no group, one spanning groups, one on a label that
+    KubeRay overrides, maxUnavailable, a percentage, a group left without a budget."""
+    objects = list(render("base"))
+
+    def with_pdb(index: int, mutate) -> list[Obj]:
+        copies = copy.deepcopy(objects)
+        mutate([o for o in copies if o["kind"] == "PodDisruptionBudget"][index], copies)
+        return copies
+
+    def head_label_override(pdb, objs):  # the template asks for node-type router; KubeRay keeps head
+        find(objs, "RayCluster")[0]["spec"]["headGroupSpec"]["template"]["metadata"]["labels"]["ray.io/node-type"] = "router"
+        pdb["spec"]["selector"]["matchLabels"]["ray.io/node-type"] = "router"
+
+    broken = {
+        "typo in the group": (1, lambda p, _: p["spec"]["selector"]["matchLabels"].update({"ray.io/group": "draftpool"}), "selects no pod"),
+        "spans groups": (2, lambda p, _: p["spec"]["selector"]["matchLabels"].pop("ray.io/group"), "selects several groups"),
+        "overridden label": (0, head_label_override, "selects no pod"),
+        "maxUnavailable": (1, lambda p, _: (p["spec"].pop("minAvailable"), p["spec"].update(maxUnavailable=1)), "integer minAvailable"),
+        "percentage": (2, lambda p, _: p["spec"].update(minAvailable="50%"), "integer minAvailable"),
+        "above the floor": (1, lambda p, _: p["spec"].update(minAvailable=2), "minAvailable 2 >"),
+    }
+    for what, (index, mutate, expected) in broken.items():
+        errors = pdb_errors(with_pdb(index, mutate))
+        assert any(expected in e for e in errors), (what, errors)
+    without = [o for o in objects if not (o["kind"] == "PodDisruptionBudget" and o["metadata"]["name"] == "tandem-target-pool")]
+    assert any("target-pool: 0 PodDisruptionBudgets" in e for e in pdb_errors(without))
 
 
 # ---------------------------------------------------------------- KubeRay's command and probes kept
