@@ -9,6 +9,7 @@ found hung fails the call at once), so no call waits without a bound.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -28,23 +29,31 @@ def _actor_errors() -> tuple[type[BaseException], ...]:
     return ACTOR_ERRORS
 
 
+def join_address(address: str | None) -> str | None:
+    """The cluster to join: `address`, else RAY_ADDRESS (what `ray job submit` sets for a
+    job's driver), else None (start an embedded local Ray)."""
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
 def ensure_ray(*, address: str | None, num_cpus: int | None = None, resources: dict | None = None, namespace: str = "tandem") -> bool:
-    """Start an embedded local Ray (address None) or join a cluster. True when this call
-    started Ray in this process (then `stop_ray` ends it)."""
+    """Join the cluster `join_address(address)` names, or start an embedded local Ray shaped
+    by num_cpus and resources (Ray refuses those when connecting). True when this call started
+    an embedded Ray (then `stop_ray(embedded=True)` ends its processes)."""
     import ray
 
     if ray.is_initialized():
         return False
+    address = join_address(address)
     if address:
         ray.init(address=address, namespace=namespace, log_to_driver=False)
-    else:
-        ray.init(
-            num_cpus=num_cpus,
-            resources=resources or {},
-            namespace=namespace,
-            include_dashboard=False,
-            log_to_driver=False,
-        )
+        return False
+    ray.init(
+        num_cpus=num_cpus,
+        resources=resources or {},
+        namespace=namespace,
+        include_dashboard=False,
+        log_to_driver=False,
+    )
     return True
 
 

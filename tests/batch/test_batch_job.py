@@ -133,3 +133,72 @@ def test_killed_job_resumes_without_loss_or_repeats(tiny_service_models, tmp_pat
     assert summary["skipped_done"] >= len(partial) - 1
     records = list(iter_output(out))
     assert Counter(r["key"] for r in records) == Counter(keys)  # every record exactly once
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _submit(dashboard: str, entrypoint: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """`ray job submit` (waits for the job and prints its logs), as an operator would run it;
+    retried while the head's job agent is still starting."""
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    deadline = time.monotonic() + 120
+    while True:
+        done = subprocess.run([ray_cli, "job", "submit", "--address", dashboard, "--", *entrypoint],
+                              env=env, capture_output=True, text=True, timeout=timeout)
+        if "No available agent" not in done.stderr or time.monotonic() > deadline:
+            return done
+        time.sleep(2.0)
+
+
+def test_ray_job_submit_runs_a_batch_job_with_ray_address(tiny_service_models, tmp_path):
+    """A batch job submitted to a running Ray cluster: its driver gets RAY_ADDRESS and joins
+    that cluster (Ray refuses num_cpus/resources from a driver that connects). Control: a
+    driver that passes num_cpus on the same cluster fails, so the job would have failed before."""
+    write_config(tmp_path / "cfg.yaml", tiny_service_models)
+    keys, _ = write_input(tmp_path / "in.jsonl", 4, max_new=8)
+    out = tmp_path / "out.jsonl"
+    gcs, dash, *agent = (_free_port() for _ in range(6))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # Ray >= 2.5x turns token auth on for clusters it starts; the CLI sends the token
+    # (~/.ray/auth_token, made if missing) only when told to
+    env.update(HF_HUB_OFFLINE="1", RAY_DEDUP_LOGS="0", PYTHONPATH=str(ROOT), RAY_AUTH_MODE="token")
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    head = subprocess.Popen(
+        [ray_cli, "start", "--head", "--block", f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         "--num-cpus=2", '--resources={"target_pool": 1, "draft_pool": 1}', "--include-dashboard=true",
+         "--disable-usage-stats",
+         # free ports, not Ray's fixed defaults: another Ray on this machine may hold those
+         *(f"--{flag}={port}" for flag, port in zip(
+             ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port"),
+             agent))],
+        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    dashboard = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.monotonic() + 120
+        while subprocess.run([ray_cli, "job", "list", "--address", dashboard], env=env, capture_output=True).returncode:
+            assert head.poll() is None, "ray start --head exited"
+            assert time.monotonic() < deadline, "the Ray head's job server did not come up"
+            time.sleep(1.0)
+        control = _submit(dashboard, [sys.executable, "-c", "import ray; ray.init(num_cpus=2)"], env, 120)
+        assert control.returncode != 0 and "num_cpus" in control.stdout + control.stderr
+        job = _submit(dashboard, [sys.executable, "-m", "deploy.cli", "batch", "--config", str(tmp_path / "cfg.yaml"),
+                                  "--input", str(tmp_path / "in.jsonl"), "--output", str(out),
+                                  "--min-actors", "1", "--max-actors", "1"], env, 300)
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-2000:]
+        assert "succeeded" in job.stdout.lower()
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=10)
+    records = list(iter_output(out))
+    assert Counter(r["key"] for r in records) == Counter(keys)
