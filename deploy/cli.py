@@ -36,8 +36,23 @@ def _add_models(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, default=0, help="torch threads in all (default: every core)")
 
 
+def version_string() -> str:
+    """`tandem --version`: tandem's version and the versions it runs with (read from package
+    metadata, so nothing heavy is imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def v(dist: str) -> str:
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"tandem {v('tandem')} (ray {v('ray')}, torch {v('torch')}, grpcio {v('grpcio')}, Python {sys.version.split()[0]})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tandem", description="Lossless multi-target speculative decoding")
+    parser.add_argument("--version", action="version", version=version_string())
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate text from a server (--server) or in-process (--local)")
@@ -65,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--limit", type=int, default=3)
     bench.add_argument("--max-new-tokens", type=int, default=96)
     bench.add_argument("--methods", default="hf-ar,hf-assisted,ar,sd,sorted,pearl,spectr")
-    bench.add_argument("--json", default=None, help="write results here")
+    bench.add_argument("--output", default=None, help="write the results here (JSON)")
     bench.add_argument("--gamma", type=int, default=None)
     bench.add_argument("--k", type=int, default=2)
     bench.add_argument("--sd-exit", type=int, default=None,
@@ -122,7 +137,10 @@ def _policy_from_args(args, draft_runner):
         return None
     exits = draft_runner.exits
     if len(exits) < 2:
-        raise ValueError("exits: method 'sorted' needs --exits (or trained exits) below the full depth")
+        print("tandem generate: method 'sorted': the draft has no exit below its full depth (no trained exits: "
+              "see `tandem train-exits`, or pass --exits); running sd instead", file=sys.stderr)
+        args.method = "sd"
+        return None
     from deploy.models import sorted_thresholds
 
     return ExitPolicy(exits=exits, thresholds=sorted_thresholds(args, exits))
@@ -315,6 +333,12 @@ def cmd_models(args) -> int:
     return 0
 
 
+def _flag_overrides(**sections: dict) -> dict:
+    """The flags a user gave, as a nested mapping over the config (unset flags are None)."""
+    out = {name: {k: v for k, v in fields.items() if v is not None} for name, fields in sections.items()}
+    return {name: fields for name, fields in out.items() if fields}
+
+
 def cmd_serve(args) -> int:
     import asyncio
     import logging
@@ -323,15 +347,8 @@ def cmd_serve(args) -> int:
     from deploy.serve import serve_forever
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = load_config(args.config)
-    overrides: dict = {}
-    if args.address is not None:
-        overrides["ray"] = cfg.ray.model_copy(update={"address": args.address})
-    server_upd = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-    if server_upd:
-        overrides["server"] = cfg.server.model_copy(update=server_upd)
-    if overrides:
-        cfg = cfg.model_copy(update=overrides)
+    cfg = load_config(args.config, overrides=_flag_overrides(
+        ray={"address": args.address}, server={"host": args.host, "port": args.port}))
     return asyncio.run(serve_forever(cfg))
 
 
@@ -340,20 +357,15 @@ def cmd_batch(args) -> int:
     from deploy.config import load_config
     from deploy.packs import resolve_model_path
 
-    cfg = load_config(args.config)
-    upd: dict = {}
-    if args.address is not None:
-        upd["ray"] = cfg.ray.model_copy(update={"address": args.address})
-    if args.method is not None:
-        upd["batch"] = cfg.batch.model_copy(update={"method": args.method})
-    if upd:
-        cfg = cfg.model_copy(update=upd)
+    cfg = load_config(args.config, overrides=_flag_overrides(
+        ray={"address": args.address},
+        batch={"method": args.method, "min_actors": args.min_actors, "max_actors": args.max_actors}))
     summary = run_batch(
         cfg,
         input_path=args.input,
         output_path=args.output,
-        min_actors=args.min_actors or cfg.batch.min_actors,
-        max_actors=args.max_actors or cfg.batch.max_actors,
+        min_actors=cfg.batch.min_actors,
+        max_actors=cfg.batch.max_actors,
         threads_per_actor=args.threads_per_actor,
         default_max_new_tokens=args.max_new_tokens,
         resolve=resolve_model_path,
@@ -393,7 +405,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "batch":
             return cmd_batch(args)
     except (ValueError, KeyError) as exc:
-        from deploy.packs import PackNotInstalledError
 
         print(f"tandem {args.command}: error: {exc}", file=sys.stderr)
         return 2

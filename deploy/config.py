@@ -1,5 +1,6 @@
-"""tandem's user configuration: one YAML file validated by pydantic (the only place pydantic
-is used; inside, frozen dataclasses). `tandem serve --config FILE`, `tandem batch --config
+"""tandem's user configuration: one YAML file and TANDEM_* environment variables, validated by
+pydantic and merged by pydantic-settings (the only place pydantic is used; inside, frozen
+dataclasses). `tandem serve --config FILE`, `tandem batch --config
 FILE`; with no file, `TandemConfig()` is the embedded default: local Ray, the two Qwen2.5-Coder
 packs as targets, and the 0.5B pack as the shared draft.
 
@@ -17,6 +18,11 @@ Example (every field is optional):
     targets:
       - name: qwen2.5-coder-1.5b-instruct
       - name: qwen2.5-coder-0.5b-instruct
+
+Precedence (pydantic-settings): command-line flags > environment > the YAML file > defaults.
+Environment variables are `TANDEM_` + the field path joined by `__`, e.g.
+`TANDEM_SERVER__PORT=50052`, `TANDEM_RAY__ADDRESS=auto`, `TANDEM_DRAFT_POOL__REPLICAS=2`;
+a list or a mapping is given as JSON (`TANDEM_TARGETS='[{"name": "qwen2.5-coder-1.5b-instruct"}]'`).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 from deploy.packs import DEFAULT_DRAFT, DEFAULT_TARGET
 
@@ -120,7 +127,7 @@ class TargetConfig(_Strict):
     max_draft_len: int = Field(8, ge=1, le=32, description="Upper bound of the draft length the router may pick")
     sorted_thresholds: list[float] = Field(
         default_factory=list,
-        description="S2D confidence threshold per draft exit below the deepest (default 0.8 each)",
+        description="S2D confidence threshold per draft exit below the deepest (default: the trained exits' calibration, else 0.8 each)",
     )
     placement: PoolResources = Field(default_factory=lambda: PoolResources(resources={"target_pool": 1}))
 
@@ -149,7 +156,19 @@ class BatchConfig(_Strict):
         return self
 
 
-class TandemConfig(_Strict):
+ENV_PREFIX = "TANDEM_"
+ENV_NESTED = "__"
+
+
+class TandemConfig(BaseSettings):
+    """The whole configuration. `TandemConfig()` reads TANDEM_* environment overrides over the
+    defaults; `load_config` adds a YAML file beneath them; `parse_config` validates a mapping
+    alone (what a batch actor receives from its driver, already merged)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter=ENV_NESTED, extra="forbid", frozen=True, yaml_file=None
+    )
+
     server: ServerConfig = Field(default_factory=ServerConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     draft_pool: DraftPoolConfig = Field(default_factory=DraftPoolConfig)
@@ -158,6 +177,18 @@ class TandemConfig(_Strict):
         min_length=1,
     )
     batch: BatchConfig = Field(default_factory=BatchConfig)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # flags (init kwargs) > environment > YAML file (model_config["yaml_file"]) > defaults
+        return init_settings, env_settings, YamlConfigSettingsSource(settings_cls)
 
     @field_validator("targets")
     @classmethod
@@ -170,31 +201,59 @@ class TandemConfig(_Strict):
 
 
 class ConfigError(ValueError):
-    """A config file that does not validate; the message lists each field and why."""
+    """A config that does not validate; the message lists each field and why."""
 
 
-def load_config(path: str | Path | None) -> TandemConfig:
-    """Read and validate a YAML config; None gives the embedded defaults."""
-    if path is None:
-        return TandemConfig()
-    p = Path(path)
+def _env_overrides() -> list[str]:
+    import os
+
+    return sorted(k for k in os.environ if k.startswith(ENV_PREFIX) and ENV_NESTED in k[len(ENV_PREFIX):]
+                  or k in {ENV_PREFIX + f.upper() for f in TandemConfig.model_fields})
+
+
+def load_config(path: str | Path | None, *, overrides: dict | None = None) -> TandemConfig:
+    """The configuration `tandem serve` and `tandem batch` run with: `overrides` (their
+    flags, as a nested mapping) over TANDEM_* environment variables over the YAML file at
+    `path` (None: no file) over the defaults."""
+    source = "config"
+    cls = TandemConfig
+    if path is not None:
+        p = Path(path)
+        try:
+            raw = yaml.safe_load(p.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config: file {str(p)!r} does not exist") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config: {p} is not valid YAML: {exc}") from None
+        if raw is not None and not isinstance(raw, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping")
+        source = str(p)
+        cls = type("TandemConfigFromFile", (TandemConfig,), {"model_config": {**TandemConfig.model_config, "yaml_file": p}})
+    env = _env_overrides()
+    if env:
+        source += f" with environment {', '.join(env)}"
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"config: file {str(p)!r} does not exist") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config: {p} is not valid YAML: {exc}") from None
-    return parse_config(raw, source=str(p))
+        cfg = cls(**(overrides or {}))
+    except ValidationError as exc:
+        raise _config_error(exc, source) from None
+    except ValueError as exc:  # an environment value that is not valid JSON for a list or mapping
+        raise ConfigError(f"{source} is invalid: {exc}") from None
+    return TandemConfig.model_validate(cfg.model_dump()) if cls is not TandemConfig else cfg
 
 
 def parse_config(raw: object, *, source: str = "config") -> TandemConfig:
+    """Validate a mapping as it stands (no environment, no file)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping")
     try:
         return TandemConfig.model_validate(raw)
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            where = ".".join(str(x) for x in err["loc"]) or "(top level)"
-            lines.append(f"  {where}: {err['msg']}")
-        raise ConfigError(f"{source} is invalid:\n" + "\n".join(lines)) from None
+        raise _config_error(exc, source) from None
+
+
+def _config_error(exc: ValidationError, source: str) -> ConfigError:
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        lines.append(f"  {where}: {err['msg']}")
+    return ConfigError(f"{source} is invalid:\n" + "\n".join(lines))

@@ -1,0 +1,111 @@
+"""deploy/config.py: flags > TANDEM_* environment > YAML file > defaults (pydantic-settings),
+errors that name the field and where it came from, and `tandem --version` / flag names."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from deploy.cli import build_parser, version_string
+from deploy.config import ConfigError, TandemConfig, load_config, parse_config
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    import os
+
+    for k in list(os.environ):
+        if k.startswith("TANDEM_"):
+            monkeypatch.delenv(k)
+    return monkeypatch
+
+
+def write(tmp_path, text: str):
+    p = tmp_path / "cfg.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_precedence_flags_over_env_over_file_over_defaults(clean_env, tmp_path):
+    p = write(tmp_path, "server:\n  port: 6000\n  host: 0.0.0.0\nray:\n  num_cpus: 3\n")
+    assert load_config(None).server.port == TandemConfig.model_fields["server"].default_factory().port == 50051
+    cfg = load_config(p)
+    assert (cfg.server.port, cfg.server.host, cfg.ray.num_cpus) == (6000, "0.0.0.0", 3)
+    clean_env.setenv("TANDEM_SERVER__PORT", "7000")
+    clean_env.setenv("TANDEM_DRAFT_POOL__REPLICAS", "2")
+    cfg = load_config(p)
+    assert (cfg.server.port, cfg.server.host, cfg.draft_pool.replicas, cfg.ray.num_cpus) == (7000, "0.0.0.0", 2, 3)
+    cfg = load_config(p, overrides={"server": {"port": 8000}})
+    assert (cfg.server.port, cfg.server.host) == (8000, "0.0.0.0")  # a flag replaces one field, not its section
+    assert type(cfg) is TandemConfig
+
+
+def test_environment_takes_json_for_lists_and_ignores_unrelated_tandem_variables(clean_env):
+    clean_env.setenv("TANDEM_TARGETS", '[{"name": "a", "model": "/m/a"}, {"name": "b"}]')
+    clean_env.setenv("TANDEM_AUTH_TOKEN", "secret")  # the token itself, not a config field
+    clean_env.setenv("TANDEM_INSTALL_PACKS", "1")
+    cfg = load_config(None)
+    assert [t.name for t in cfg.targets] == ["a", "b"] and cfg.targets[0].model_ref == "/m/a"
+
+
+def test_errors_name_the_field_and_the_environment(clean_env, tmp_path):
+    clean_env.setenv("TANDEM_SERVER__PORT", "not-a-port")
+    with pytest.raises(ConfigError, match=r"(?s)TANDEM_SERVER__PORT.*server\.port"):
+        load_config(None)
+    clean_env.setenv("TANDEM_SERVER__PORT", "99999")
+    with pytest.raises(ConfigError, match=r"server\.port: Input should be less than or equal to 65535"):
+        load_config(None)
+    clean_env.delenv("TANDEM_SERVER__PORT")
+    clean_env.setenv("TANDEM_SERVER__PROT", "1")
+    with pytest.raises(ConfigError, match=r"server\.prot: Extra inputs are not permitted"):
+        load_config(None)
+    clean_env.delenv("TANDEM_SERVER__PROT")
+    with pytest.raises(ConfigError, match=r"batch: max_actors must be >= min_actors|max_actors must be >= min_actors"):
+        load_config(None, overrides={"batch": {"min_actors": 3, "max_actors": 2}})
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(write(tmp_path, "- 1\n- 2\n"))
+    with pytest.raises(ConfigError, match=r"targets\.0\.replicas"):
+        load_config(write(tmp_path, "targets:\n  - name: a\n    replicas: 0\n"))
+
+
+def test_parse_config_reads_no_environment(clean_env):
+    """A batch actor validates what its driver already merged; its own environment must not
+    change it (negative control: the same variable does change load_config)."""
+    clean_env.setenv("TANDEM_SERVER__PORT", "7000")
+    assert parse_config({"server": {"port": 6000}}).server.port == 6000
+    assert load_config(None).server.port == 7000
+
+
+def test_version_and_one_flag_name_per_concept(capsys):
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["--version"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("tandem 0.") and "ray 2." in out and out.strip() == version_string()
+    from deploy.exit_report import build_parser as report_parser
+    from deploy.train_exits import build_parser as train_parser
+
+    parser = build_parser()
+    subs = dict(next(a for a in parser._actions if a.dest == "command").choices)
+    subs["train-exits"], subs["exit-report"] = train_parser(), report_parser()
+    flags: dict[str, set] = {}
+    for name, sub in subs.items():
+        for action in sub._actions:
+            for opt in action.option_strings:
+                flags.setdefault(opt, set()).add((action.dest, type(action).__name__))
+    # --json is a switch (print JSON) wherever it exists; where results go is --output everywhere
+    assert flags["--json"] == {("json", "_StoreTrueAction")}
+    assert {d for d, _ in flags["--output"]} == {"output"}
+    assert {d for d, _ in flags["--address"]} == {"address"}
+    assert {d for d, _ in flags["--exit-adapters"]} == {"exit_adapters"}
+    assert {d for d, _ in flags["--prompts"]} == {"prompts"}
+    assert not {"--out", "--ray-address", "--adapters", "--datasets", "--ray"} & flags.keys()
+
+
+def test_version_runs_from_the_console_script():
+    done = subprocess.run([sys.executable, "-m", "deploy.cli", "--version"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.startswith("tandem ")
