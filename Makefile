@@ -35,13 +35,13 @@ proto: setup
 
 bench: setup
 	$(BIN)/tandem bench --prompts bench/eval/code_dev.jsonl --limit 3 --max-new-tokens 96 \
-		--json bench/results/code_dev.json
+		--output bench/results/code_dev.json
 
 # 30 minutes of mixed hostile traffic with actors killed and paused at random (loopback only,
 # bounded); not part of `make test`. Summary: bench/results/soak.json.
 SOAK_MINUTES ?= 30
 soak: setup
-	$(BIN)/python -m bench.soak --minutes $(SOAK_MINUTES) --out bench/results/soak.json
+	$(BIN)/python -m bench.soak --minutes $(SOAK_MINUTES) --output bench/results/soak.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

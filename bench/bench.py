@@ -391,8 +391,12 @@ def main(args) -> int:
     if "sorted" in methods:
         draft_exits = backend.draft_exits
         if len(draft_exits) < 2:
-            raise ValueError("exits: method 'sorted' needs --exits with at least one exit below the full depth")
-        policy = ExitPolicy(exits=tuple(draft_exits), thresholds=sorted_thresholds(args, tuple(draft_exits)))
+            # no trained or configured exit below the full depth: sorted drafting over one exit is sd
+            eprint("[bench] sorted: the draft has no exit below its full depth (no trained exits: see "
+                   "`tandem train-exits`, or pass --exits); it runs as sd with the full draft")
+            policy = ExitPolicy.single(draft_exits[-1])
+        else:
+            policy = ExitPolicy(exits=tuple(draft_exits), thresholds=sorted_thresholds(args, tuple(draft_exits)))
 
     sd_policy = ExitPolicy.single(sd_exit) if sd_exit is not None else None
 
@@ -433,6 +437,8 @@ def main(args) -> int:
                     progress=progress,
                 )
                 run.extra.update(backend.describe(method))
+                if method == "sorted" and len(policy.exits) < 2:
+                    run.extra["fallback"] = "sd: no exit below the draft's full depth"
                 if args.concurrency > 1:
                     conc = run_concurrent(
                         method, backend=backend, prompts_ids=prompts_ids, concurrency=args.concurrency,
@@ -469,7 +475,7 @@ def main(args) -> int:
         },
     }
     print(format_table(results))
-    if args.json:
-        write_json(args.json, payload)
-        eprint(f"[bench] wrote {args.json}")
+    if args.output:
+        write_json(args.output, payload)
+        eprint(f"[bench] wrote {args.output}")
     return 0

@@ -150,9 +150,9 @@ def main(args) -> int:
             rows += [off, on]
     table = format_table(rows)
     print(table)
-    if args.json:
+    if args.output:
         write_json(
-            args.json,
+            args.output,
             {
                 "results": rows,
                 "config": {
@@ -167,6 +167,6 @@ def main(args) -> int:
                 "server": info,
             },
         )
-        eprint(f"[bench] wrote {args.json}")
+        eprint(f"[bench] wrote {args.output}")
     return 0
 

@@ -357,7 +357,7 @@ def main(argv=None) -> int:
     ap.add_argument("--models", choices=["tiny", "packs"], default="tiny")
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="bench/results/soak.json", help="summary JSON (default bench/results/soak.json)")
+    ap.add_argument("--output", default="bench/results/soak.json", help="summary JSON (default bench/results/soak.json)")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from actors.remote import stop_ray
@@ -378,8 +378,8 @@ def main(argv=None) -> int:
             stop_ray(embedded=True)
     summary["models"] = args.models
     summary["machine"] = f"{os.cpu_count()} cores"
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(summary, indent=2) + "\n")
     keys = ("requests", "crashes", "hangs_past_deadline", "cross_request_leaks", "greedy_mismatches", "unknown_or_internal",
             "unexpected_outcomes", "memory_growth", "passed")
     print(json.dumps({k: summary[k] for k in keys}))

@@ -283,9 +283,9 @@ def verify_cost_ms(runner, n_tokens: int, *, context: int = 128, reps: int = 10)
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tandem exit-report", description="Acceptance and draft cost per exit, before and after exit training.")
     p.add_argument("--draft", default="qwen2.5-coder-0.5b-instruct", help="draft model (pack name, folder, hub id)")
-    p.add_argument("--adapters", default=None, help="trained exit folder (default: $TANDEM_CACHE/exits/<draft>)")
+    p.add_argument("--exit-adapters", default=None, help="trained exit folder (default: $TANDEM_CACHE/exits/<draft>)")
     p.add_argument("--targets", default=DEFAULT_TARGETS, help="comma-separated target models")
-    p.add_argument("--datasets", nargs="+", default=list(DEFAULT_DATASETS), help="JSONL prompt files (turns)")
+    p.add_argument("--prompts", nargs="+", default=list(DEFAULT_DATASETS), help="JSONL prompt files (turns)")
     p.add_argument("--limit", type=int, default=3, help="reported prompts per prompt set (the first N)")
     p.add_argument("--tune-limit", type=int, default=2, help="tuning prompts per prompt set (the N after the reported ones); 0: no tuning")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft-quantize", choices=("none", "int8", "int4"), default="int4")
     p.add_argument("--target-dtype", choices=("bfloat16", "float32"), default="bfloat16")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", required=True, help="output folder for report.json, report.md, exit_report.png")
+    p.add_argument("--output", required=True, help="output folder for report.json, report.md, exit_report.png")
     return p
 
 
@@ -313,15 +313,15 @@ def main(argv: list[str] | None = None) -> int:
     from speculation.sampling import SamplingParams
     from speculation.sorted_policy import ExitPolicy
 
-    out = Path(args.out)
+    out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     threads = args.threads or available_threads()
     torch.set_num_threads(threads)
-    adapters_dir = Path(args.adapters) if args.adapters else default_exits_dir(args.draft)
+    adapters_dir = Path(args.exit_adapters) if args.exit_adapters else default_exits_dir(args.draft)
     try:
         manifest = read_manifest(adapters_dir)
     except (FileNotFoundError, ValueError) as exc:
-        print(f"exit-report: {exc} (train them with `tandem train-exits --draft {args.draft} --exits 8,12,16 --out {adapters_dir}`)", file=sys.stderr)
+        print(f"exit-report: {exc} (train them with `tandem train-exits --draft {args.draft} --exits 8,12,16 --output {adapters_dir}`)", file=sys.stderr)
         return 2
     given: dict[str, tuple[str, int]] = {}
     for item in args.policy:
@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         "draft_costs_ms": {v: {k: {str(e): x for e, x in d.items()} for k, d in c.items()} for v, c in costs.items()},
         "training": manifest.get("training", {}), "targets": {},
     }
-    sets = {Path(d).stem: d for d in args.datasets}
+    sets = {Path(d).stem: d for d in args.prompts}
     for target_ref in [t for t in args.targets.split(",") if t]:
         target_path = resolve_model_path(target_ref)
         _log(f"loading target {target_ref} ({args.target_dtype})")

@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--draft", required=True, help="draft model: pack name, local folder or hub id")
     p.add_argument("--exits", required=True, help="exit depths to train, e.g. 8,12,16 (each < the draft's layers)")
-    p.add_argument("--out", required=True, help="output folder (adapters, manifest, checkpoints, log)")
+    p.add_argument("--output", required=True, help="output folder (adapters, manifest, checkpoints, log)")
     p.add_argument("--steps", type=int, default=1000, help="teacher batches to train on (default 1000)")
     p.add_argument("--minutes", type=float, default=None, help="stop after this much training time and write the output")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per packed sequence (default 256)")
@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", default=DEFAULT_PROMPTS, help="glob of JSONL prompt files (turns)")
     p.add_argument("--count-chars", type=int, default=16_000_000, help="characters of training text tokenized to rank tokens by frequency")
     p.add_argument("--backend", choices=("auto", "local", "ray"), default="auto", help="ray: a Ray Train job (GPU when the cluster has one); auto: ray only if a cluster with GPUs is reachable")
-    p.add_argument("--ray-address", default=None, help="Ray cluster address (default: $RAY_ADDRESS)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=True, help="no progress bar")
     p.add_argument("--calibrate-only", action="store_true", help="only (re)compute validation KL and the S2D threshold calibration of the adapters in --out")
     return p
@@ -203,7 +203,7 @@ def config_from_args(args: argparse.Namespace, draft_path: str) -> TrainConfig:
         draft=args.draft,
         draft_path=draft_path,
         exits=exits,
-        out=str(Path(args.out).expanduser()),
+        out=str(Path(args.output).expanduser()),
         steps=args.steps,
         minutes=args.minutes,
         seq_len=args.seq_len,
@@ -1098,7 +1098,7 @@ def recalibrate(out: str | Path, *, device: str = "cpu") -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.calibrate_only:
-        summary = recalibrate(Path(args.out).expanduser())
+        summary = recalibrate(Path(args.output).expanduser())
         print(json.dumps({k: summary[k] for k in ("val_before", "val_after", "calibration")}))
         return 0
     try:
@@ -1109,12 +1109,12 @@ def main(argv: list[str] | None = None) -> int:
     backend = args.backend
     gpus = 0
     if backend in ("auto", "ray"):
-        gpus = ray_gpus(args.ray_address)
+        gpus = ray_gpus(args.address)
         if backend == "auto":
             backend = "ray" if gpus > 0 else "local"
     try:
         if backend == "ray":
-            run_ray(cfg, use_gpu=gpus > 0, address=args.ray_address)
+            run_ray(cfg, use_gpu=gpus > 0, address=args.address)
             summary = json.loads((Path(cfg.out) / "exit_adapters.json").read_text()).get("training", {})
             print(json.dumps({"out": cfg.out, "backend": "ray", "gpus": gpus, "steps": summary.get("steps"),
                               "val_before": summary.get("val_before"), "val_after": summary.get("val_after")}))

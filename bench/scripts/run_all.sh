@@ -23,26 +23,26 @@ EXITS_DIR=$(.venv/bin/python -c "from deploy.train_exits import default_exits_di
 
 if has train; then
   echo "== train: exits 8,12,16 of $DRAFT, $TRAIN_MINUTES minutes -> $EXITS_DIR"
-  $T train-exits --draft $DRAFT --exits 8,12,16 --out "$EXITS_DIR" --minutes "$TRAIN_MINUTES" \
+  $T train-exits --draft $DRAFT --exits 8,12,16 --output "$EXITS_DIR" --minutes "$TRAIN_MINUTES" \
     | tee bench/results/train_exits.json
   cp "$EXITS_DIR/exit_adapters.json" bench/results/exit_adapters.json
 fi
 
 if has report; then
   echo "== report: acceptance and draft cost per exit and target, before and after training"
-  $T exit-report --draft $DRAFT --out bench/results/exit_report > /dev/null
+  $T exit-report --draft $DRAFT --output bench/results/exit_report > /dev/null
 fi
 
 if has local; then
   echo "== local: in-process, code_dev"
   $T bench --prompts $EVAL/code_dev.jsonl --limit 5 --max-new-tokens 96 \
-    --methods hf-ar,hf-assisted,ar,sd,sorted,pearl,spectr --json bench/results/code_dev_local.json
+    --methods hf-ar,hf-assisted,ar,sd,sorted,pearl,spectr --output bench/results/code_dev_local.json
 fi
 
 if has actors; then
   echo "== actors: through Ray actors (1 + 1 threads), with 4 requests in flight"
   $T bench --via actors --prompts $EVAL/code_dev.jsonl --limit 5 --max-new-tokens 96 \
-    --methods hf-ar,hf-assisted,sd,pearl --concurrency 4 --json bench/results/code_dev_actors.json
+    --methods hf-ar,hf-assisted,sd,pearl --concurrency 4 --output bench/results/code_dev_actors.json
 fi
 
 if has grpc; then
@@ -63,7 +63,7 @@ except Exception:
     sleep 2
   done
   $T bench --via grpc --server 127.0.0.1:$PORT --prompts $EVAL/code_dev.jsonl --limit 5 --max-new-tokens 96 \
-    --warmup 10 --json bench/results/code_dev_grpc.json
+    --warmup 10 --output bench/results/code_dev_grpc.json
   kill $SERVER; wait $SERVER || true
   trap - EXIT
 fi

@@ -27,7 +27,7 @@ def tiny(tmp_path_factory):
 def _argv(draft, prompts, out, *extra):
     return ["bench", "--target", draft, "--draft", draft, "--prompts", str(prompts), "--limit", "2",
             "--max-new-tokens", "12", "--methods", "hf-ar,ar,sd", "--gamma", "2", "--dtype", "float32",
-            "--draft-quantize", "none", "--exit-adapters", "none", "--threads", "1", "--json", str(out), *extra]
+            "--draft-quantize", "none", "--exit-adapters", "none", "--threads", "1", "--output", str(out), *extra]
 
 
 def test_sd_exit_drafts_from_that_exit_only_and_stays_lossless(tiny, tmp_path):

@@ -59,7 +59,7 @@ def _argv(draft: str, out: Path, **overrides) -> list[str]:
         "--ridge-tokens": "2048",
     }
     opts.update({k: str(v) for k, v in overrides.items()})
-    argv = ["--draft", draft, "--out", str(out), "--no-progress", "--backend", "local"]
+    argv = ["--draft", draft, "--output", str(out), "--no-progress", "--backend", "local"]
     for k, v in opts.items():
         argv += [k, v]
     return argv
