@@ -23,7 +23,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from actors.batching import Cancellations

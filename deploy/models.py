@@ -43,11 +43,17 @@ def sorted_thresholds(args, exits: tuple[int, ...]) -> tuple[float, ...]:
     agrees with the full draft at least 90% of the time), else 0.8 each."""
     if args.thresholds:
         return tuple(float(t) for t in args.thresholds.split(","))
-    folder = trained_exits_for(args.draft, args.exit_adapters)
-    if folder:
+    return default_thresholds(trained_exits_for(args.draft, args.exit_adapters), exits)
+
+
+def default_thresholds(adapters: str | None, exits: tuple[int, ...]) -> tuple[float, ...]:
+    """The S2D thresholds every entry point uses unless told otherwise: the trained exits'
+    calibration (emit early only where the exit agrees with the full draft at least 90% of
+    the time) when the adapters folder has one, else 0.8 per exit below the deepest."""
+    if adapters:
         from actors.exit_adapters import read_manifest, suggest_thresholds
 
-        calib = read_manifest(folder).get("training", {}).get("calibration")
+        calib = read_manifest(adapters).get("training", {}).get("calibration")
         if calib:
             return suggest_thresholds(calib, exits, min_agree=0.9)
     return (0.8,) * (len(exits) - 1)

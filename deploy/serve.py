@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from actors.pools import ActorEngine, DraftPool, DraftPoolSpec, TargetPool, TargetSpec, pool_resources
-from actors.remote import ensure_ray, stop_ray
+from actors.remote import ensure_ray, join_address, stop_ray
 from actors.workers import ModelLoad
 from deploy.config import TandemConfig
-from deploy.models import trained_exits_for
+from deploy.models import default_thresholds, trained_exits_for
 from deploy.packs import resolve_model_path
 from services.router import Router, TargetRoute
 from services.server import RunningServer, start_server
@@ -80,8 +80,8 @@ class ServeApp:
 
 def build_engine(cfg: TandemConfig, *, resolve=resolve_model_path) -> ActorEngine:
     draft_spec, target_specs = pool_specs(cfg, resolve=resolve)
-    if cfg.ray.address:
-        say(f"joining Ray at {cfg.ray.address}")
+    if join_address(cfg.ray.address):
+        say(f"joining Ray at {join_address(cfg.ray.address)}")
     else:
         say("starting an embedded local Ray")
     ensure_ray(
@@ -124,7 +124,7 @@ def build_routes(cfg: TandemConfig, engine: ActorEngine) -> dict[str, TargetRout
         tokenizer, eos_ids = ray.get([handle.tokenizer.remote(), handle.eos_ids.remote()])
         sorted_policy = None
         if len(draft_exits) >= 2:
-            thresholds = tuple(t.sorted_thresholds) or (0.8,) * (len(draft_exits) - 1)
+            thresholds = tuple(t.sorted_thresholds) or default_thresholds(engine.draft_pool.spec.load.exit_adapters, draft_exits)
             if len(thresholds) != len(draft_exits) - 1:
                 raise ValueError(
                     f"targets[{t.name}].sorted_thresholds: need {len(draft_exits) - 1} values for draft exits {list(draft_exits)}"
@@ -262,6 +262,6 @@ async def serve_forever(cfg: TandemConfig) -> int:
     say("shutting down: finishing streams in flight (5 s grace)")
     await app.stop(grace=5.0)
     app.engine.shutdown()
-    forced = stop_ray(embedded=not cfg.ray.address)
+    forced = stop_ray(embedded=not join_address(cfg.ray.address))
     say("stopped" + (f" ({forced} Ray processes ended by force)" if forced else ""))
     return 0

@@ -196,6 +196,7 @@ class Router:
         }
         self._slots = {name: asyncio.Semaphore(max_concurrent) for name in routes}
         self._ids = itertools.count()
+        self._sorted_fallback_logged: set[str] = set()
         self._lock = threading.Lock()
         if telemetry is not None:
             telemetry.observe_queue_depth(self.queue_depths)
@@ -228,7 +229,13 @@ class Router:
             return SpecConfig(method="ar", gamma=1), None
         if method == "sorted":
             if route.sorted_policy is None:
-                raise ValueError("speculation.method: sorted needs a draft with several exits")
+                # no exit below the full depth (no trained or configured exits): the full draft
+                # alone is plain sd, which the response reports as the method that ran
+                if route.name not in self._sorted_fallback_logged:
+                    self._sorted_fallback_logged.add(route.name)
+                    log.warning("target %s: method sorted asked, but the draft has no exit below its full depth "
+                                "(no trained exits: see `tandem train-exits`); running sd instead", route.name)
+                return SpecConfig(method="sd", gamma=min(cap, 6)), None
             return SpecConfig(method="sorted", gamma=min(cap, 6), policy=route.sorted_policy), None
         if method == "spectr":
             return SpecConfig(method="spectr", gamma=min(cap, 4), k=2), None
