@@ -1,6 +1,7 @@
 """Offline validation of Kubernetes objects against the KubeRay CRD schemas in
 tests/k8s/kuberay-crds (KubeRay v1.7.0, Apache-2.0; see the README.md there), or in
-$TANDEM_KUBERAY_CRDS when set.
+$TANDEM_KUBERAY_CRDS when set, and the Prometheus Operator's PodMonitor CRD in
+tests/k8s/prometheus-operator-crds (v0.93.0, Apache-2.0).
 
 What the API server checks when a custom resource is created, and how this module mirrors it:
 
@@ -32,6 +33,7 @@ import yaml
 from jsonschema import Draft7Validator, ValidationError, validators
 
 CRD_DIR = Path(os.environ.get("TANDEM_KUBERAY_CRDS", Path(__file__).resolve().parent / "kuberay-crds"))
+MONITORING_CRD_DIR = Path(__file__).resolve().parent / "prometheus-operator-crds"
 
 _DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
@@ -100,8 +102,10 @@ def crd_schemas() -> dict[tuple[str, str], dict[str, Any]]:
     """(apiVersion, kind) -> strict openAPIV3Schema, for every served version of every CRD."""
     if not CRD_DIR.is_dir():
         raise FileNotFoundError(f"KubeRay CRDs not found at {CRD_DIR} (set TANDEM_KUBERAY_CRDS)")
+    if not MONITORING_CRD_DIR.is_dir():
+        raise FileNotFoundError(f"PodMonitor CRD not found at {MONITORING_CRD_DIR}")
     out: dict[tuple[str, str], dict[str, Any]] = {}
-    for path in sorted(CRD_DIR.glob("*.yaml")):
+    for path in sorted(CRD_DIR.glob("*.yaml")) + sorted(MONITORING_CRD_DIR.glob("*.yaml")):
         for doc in yaml.load_all(path.read_text(), Loader=_Loader):
             if not doc or doc.get("kind") != "CustomResourceDefinition":
                 continue
@@ -142,13 +146,17 @@ def _metadata_errors(obj: dict[str, Any]) -> list[str]:
 
 
 def is_custom_resource(obj: dict[str, Any]) -> bool:
-    return (obj.get("apiVersion"), obj.get("kind")) in crd_schemas() or str(obj.get("apiVersion", "")).startswith("ray.io/")
+    return (obj.get("apiVersion"), obj.get("kind")) in crd_schemas() or _custom_group(obj)
+
+
+def _custom_group(obj: dict[str, Any]) -> bool:
+    return str(obj.get("apiVersion", "")).startswith(("ray.io/", "monitoring.coreos.com/"))
 
 
 def validation_errors(obj: dict[str, Any]) -> list[str]:
     """Every reason the API server would reject `obj` that can be checked offline; [] = valid.
 
-    Custom resources (ray.io) against their CRD; Pods against the PodSpec schema the CRDs
+    Custom resources (ray.io, monitoring.coreos.com) against their CRD; Pods against the PodSpec schema the CRDs
     embed. Other built-in kinds get the metadata check only.
     """
     errors = _metadata_errors(obj)
@@ -156,7 +164,7 @@ def validation_errors(obj: dict[str, Any]) -> list[str]:
     if key in crd_schemas():
         found = _validator(*key).iter_errors(obj)
         errors += [f"{_where(e)}: {e.message}" for e in sorted(found, key=_where)]
-    elif str(key[0]).startswith("ray.io/"):
+    elif _custom_group(obj):
         errors.append(f"no served CRD version for apiVersion {key[0]} kind {key[1]}")
     elif key == ("v1", "Pod"):
         found = _pod_spec_validator().iter_errors(obj.get("spec"))

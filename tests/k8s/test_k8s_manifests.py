@@ -209,7 +209,7 @@ JOB_RENDERS = [n for n in KUSTOMIZATIONS if find(render(n), "RayJob")]
 
 
 def test_the_expected_kustomizations_exist():
-    assert {"base", "overlays/cpu-smoke", "overlays/gpu", "batch"} <= set(KUSTOMIZATIONS)
+    assert {"base", "overlays/cpu-smoke", "overlays/gpu", "overlays/monitoring", "batch"} <= set(KUSTOMIZATIONS)
 
 
 def test_every_yaml_file_parses():
@@ -699,6 +699,68 @@ def test_disruption_budget_check_fires():
         assert any(expected in e for e in errors), (what, errors)
     without = [o for o in objects if not (o["kind"] == "PodDisruptionBudget" and o["metadata"]["name"] == "tandem-target-pool")]
     assert any("target-pool: 0 PodDisruptionBudgets" in e for e in pdb_errors(without))
+
+
+# ---------------------------------------------------------------- metrics scraped
+
+
+def container_ports(group: Obj) -> dict[str, tuple[str, int]]:
+    """Port name -> (container, port) over every container of a group's pods."""
+    return {p["name"]: (c["name"], p["containerPort"]) for c in group["template"]["spec"]["containers"] for p in c.get("ports", [])}
+
+
+def podmonitor_errors(objects) -> list[str]:
+    """Each PodMonitor selects the head pod of the render's RayCluster (derived labels, as
+    KubeRay sets them), and every endpoint's port name exists on a pod it selects."""
+    errors = []
+    templates = pod_templates(objects)
+    groups = {(c["metadata"]["name"], g): group for c in find(objects, "RayCluster") for g, group in group_templates(c["spec"])}
+    for monitor in find(objects, "PodMonitor"):
+        name, spec = monitor["metadata"]["name"], monitor["spec"]
+        chosen = [(c, g) for c, g, labels in templates if selects(spec.get("selector"), labels)]
+        if not any(g == _HEAD_GROUP_NAME for _, g in chosen):
+            errors.append(f"{name}: does not select the head pod (selects {chosen})")
+        for endpoint in spec.get("podMetricsEndpoints", []):
+            if not any(endpoint.get("port") in container_ports(groups[key]) for key in chosen):
+                errors.append(f"{name}: no pod it selects has a port named {endpoint.get('port')!r}")
+    return errors
+
+
+def test_monitoring_overlay_scrapes_the_router_and_ray():
+    objects = render("overlays/monitoring")
+    (monitor,) = find(objects, "PodMonitor")
+    assert crd_schema.validation_errors(monitor) == []
+    assert podmonitor_errors(objects) == []
+    cluster, router, config = service_objects(objects)
+    assert {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]} == {"tandem-metrics", "metrics"}
+    head_ports = container_ports(cluster["spec"]["headGroupSpec"])
+    assert head_ports["tandem-metrics"] == (ROUTER, config.server.metrics_port)
+    # Ray's metrics export port (KubeRay's default, 8080) on the Ray container of every pod
+    for group_name, group in group_templates(cluster["spec"]):
+        assert container_ports(group)["metrics"] == (ray_container(group)["name"], 8080), group_name
+        assert "metrics-export-port" not in group.get("rayStartParams", {})
+    # only this overlay needs the Prometheus Operator's CRD
+    assert [n for n in KUSTOMIZATIONS if find(render(n), "PodMonitor")] == ["overlays/monitoring"]
+
+
+def test_podmonitor_checks_fire():
+    """Negative controls: a port name no selected pod has, a selector for another cluster, an
+    endpoint field the CRD does not know, an interval the CRD's pattern refuses."""
+    objects = list(render("overlays/monitoring"))
+
+    def broken(mutate) -> list[Obj]:
+        copies = copy.deepcopy(objects)
+        mutate(find(copies, "PodMonitor")[0])
+        return copies
+
+    typo = broken(lambda m: m["spec"]["podMetricsEndpoints"][0].update(port="tandem-metric"))
+    assert any("'tandem-metric'" in e for e in podmonitor_errors(typo))
+    other = broken(lambda m: m["spec"]["selector"]["matchLabels"].update({"ray.io/cluster": "tandem-batch"}))
+    assert any("does not select the head pod" in e for e in podmonitor_errors(other))
+    unknown = find(broken(lambda m: m["spec"]["podMetricsEndpoints"][0].update(containerPort=9464)), "PodMonitor")[0]
+    assert any("'containerPort' was unexpected" in e for e in crd_schema.validation_errors(unknown))
+    interval = find(broken(lambda m: m["spec"]["podMetricsEndpoints"][1].update(interval="30 seconds")), "PodMonitor")[0]
+    assert any("/spec/podMetricsEndpoints/1/interval" in e for e in crd_schema.validation_errors(interval))
 
 
 # ---------------------------------------------------------------- KubeRay's command and probes kept
