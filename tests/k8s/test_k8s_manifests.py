@@ -893,17 +893,51 @@ def test_rayjob_creates_autoscales_and_deletes_its_cluster(name):
     for group in cluster["workerGroupSpecs"]:
         assert hi <= group["maxReplicas"], "each batch actor may need a pod of each pool"
 
-    # input and output sit on one volume that the driver (head) and every worker mount
+    assert batch_volume_errors(objects) == []
+
+
+def batch_volume_errors(objects) -> list[str]:
+    """`tandem batch` reads the input and writes the output in the driver only (deploy/batch.py:
+    scan_input and OutputWriter run there; Ray Data's actors get records), and the driver runs
+    on the head: so the head mounts one ReadWriteOnce claim at the folder of --input and
+    --output, and no worker group mounts it."""
+    errors = []
+    (job,) = find(objects, "RayJob")
+    argv = shlex.split(job["spec"]["entrypoint"])
+    opts = dict(zip(argv[2::2], argv[3::2]))
     data_dir = os.path.dirname(opts["--input"])
-    assert os.path.dirname(opts["--output"]) == data_dir
-    claims = set()
-    for _, group in group_templates(cluster):
-        (mount,) = [m for m in ray_container(group)["volumeMounts"] if m["mountPath"] == data_dir]
-        (volume,) = [v for v in group["template"]["spec"]["volumes"] if v["name"] == mount["name"]]
-        claims.add(volume["persistentVolumeClaim"]["claimName"])
+    if os.path.dirname(opts["--output"]) != data_dir:
+        errors.append("input and output in different folders")
+    cluster = job["spec"]["rayClusterSpec"]
+    head = cluster["headGroupSpec"]
+    mounts = [m for m in ray_container(head).get("volumeMounts", []) if m["mountPath"] == data_dir]
+    volumes = {v["name"]: v for v in head["template"]["spec"].get("volumes", [])}
+    claims = [volumes[m["name"]]["persistentVolumeClaim"]["claimName"] for m in mounts if "persistentVolumeClaim" in volumes.get(m["name"], {})]
+    if len(claims) != 1:
+        return errors + [f"the head mounts {data_dir} from {len(claims)} claims, expected 1"]
     (claim,) = claims
+    for group in cluster["workerGroupSpecs"]:
+        pod = group["template"]["spec"]
+        names = {v["name"] for v in pod.get("volumes", []) if v.get("persistentVolumeClaim", {}).get("claimName") == claim}
+        if names or any(m["mountPath"] == data_dir for c in pod["containers"] for m in c.get("volumeMounts", [])):
+            errors.append(f"{group['groupName']}: mounts the data volume; only the driver (head) does file I/O")
     (pvc,) = find(objects, "PersistentVolumeClaim", claim)
-    assert "ReadWriteMany" in pvc["spec"]["accessModes"]
+    if pvc["spec"]["accessModes"] != ["ReadWriteOnce"]:
+        errors.append(f"{claim}: accessModes {pvc['spec']['accessModes']}, expected [ReadWriteOnce]")
+    return errors
+
+
+def test_batch_volume_check_fires():
+    """Negative controls: a worker group mounting the claim again; the claim ReadWriteMany."""
+    objects = list(render("batch"))
+    worker = copy.deepcopy(objects)
+    group = find(worker, "RayJob")[0]["spec"]["rayClusterSpec"]["workerGroupSpecs"][1]
+    group["template"]["spec"]["volumes"] = [{"name": "data", "persistentVolumeClaim": {"claimName": "tandem-batch-data"}}]
+    ray_container(group)["volumeMounts"] = [{"name": "data", "mountPath": "/data"}]
+    assert any("target-pool: mounts the data volume" in e for e in batch_volume_errors(worker))
+    rwx = copy.deepcopy(objects)
+    find(rwx, "PersistentVolumeClaim", "tandem-batch-data")[0]["spec"]["accessModes"] = ["ReadWriteMany"]
+    assert any("expected [ReadWriteOnce]" in e for e in batch_volume_errors(rwx))
 
 
 # ---------------------------------------------------------------- the validator bites
