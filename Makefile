@@ -7,7 +7,7 @@ PACKS   := $(shell sed -n '/^packs = \[/,/^\]/p' pyproject.toml | grep -o '"[^"]
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup serve test test-fast bench soak proto lint clean
+.PHONY: setup serve test test-fast bench soak scale-check proto lint clean
 
 # Set-up: a venv with the CPU build of torch (from this machine's disk; an unpinned torch would
 # pull a multi-GB CUDA build), tandem in editable mode, and the model packs. Re-runs only when
@@ -42,6 +42,12 @@ bench: setup
 SOAK_MINUTES ?= 30
 soak: setup
 	$(BIN)/python -m bench.soak --minutes $(SOAK_MINUTES) --output bench/results/soak.json
+
+# A target pool following traffic through gRPC: base load 30 s, doubled for a minute, base
+# again for a minute (loopback, tiny models, bounded); not part of `make test` (its short
+# version is tests/service/test_scaling.py). Summary: bench/results/scale_check.json.
+scale-check: setup
+	$(BIN)/python -m bench.scale_check --output bench/results/scale_check.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -46,7 +46,9 @@ class HealthMonitor:
 
         pings = []  # (member, actor handle, ref)
         for pool in self.pools:
-            for m in pool.members:
+            for m in list(pool.members):
+                if m.retired:  # scaled down: its actors are gone on purpose
+                    continue
                 for h in [m.handle, *m.shards]:
                     pings.append((m, h, h.ping.remote()))
         ready = set(ray.wait([r for _, _, r in pings], num_returns=len(pings), timeout=self.timeout_s)[0])
@@ -61,7 +63,9 @@ class HealthMonitor:
             except Exception:  # noqa: BLE001 - dead or restarting: not hung, not healthy either
                 failed.add(id(m))
         for pool in self.pools:
-            for m in pool.members:
+            for m in list(pool.members):
+                if m.retired:
+                    continue
                 if id(m) in silent:
                     self._hung(m, silent[id(m)])
                 elif id(m) in failed:

@@ -1,42 +1,31 @@
 """Ray pools: a shared draft pool and one target pool per target, placed on distinct Ray
-resources through placement groups, and the per-request loop run across them.
+resources through placement groups; their replicas can be added and drained while requests
+run. The engine that runs requests across them is actors/engine.py.
 
-Placement: every pool reserves one bundle per actor in a placement group. On a CPU box the
-bundles ask for custom resources (`draft_pool`, `target_pool`) that the embedded Ray
-advertises; on a cluster they ask for GPUs and an accelerator type, and the Ray autoscaler
-(KubeRay) adds nodes of the matching worker group. A sharded target replica is a pipeline of
-TargetShard actors (each in its own bundle) behind a light TargetWorker front.
+Placement: every replica reserves a placement group, one bundle per actor (so a pool can
+grow and shrink a replica at a time: actors/autoscale.py). On a CPU box the bundles ask for
+custom resources (`draft_pool`, `target_pool`) that the embedded Ray advertises; on a
+cluster they ask for GPUs and an accelerator type, and the Ray autoscaler (KubeRay) adds
+nodes of the matching worker group. A sharded target replica is a pipeline of TargetShard
+actors (each in its own bundle) behind a light TargetWorker front.
 
-Faults:
-- draft actor dies or hangs: the request finishes target-only (the loop absorbs draft
-  failures, no token lost or repeated); the replica is skipped until it answers the
-  heartbeat again (actors/health.py), and Ray restarts it (max_restarts).
-- target replica (or one of its shards) dies, hangs or loses a request's state: the request
-  waits for a healthy replica within its deadline and resumes there from the tokens it
-  already emitted (ActorEngine.generate).
-
-Past ~400 lines on purpose: the engine's failover reads and marks the same replica records
-(_Member) that the pools keep; the Ray call plumbing (actors/remote.py) and the heartbeat
-(actors/health.py) live apart.
+A replica record (_Member) carries what the engine's failover, the heartbeat
+(actors/health.py) and scaling read and mark: requests in flight, failures, hung, draining,
+retired.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 import time
-from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Sequence
 
-from actors.health import HealthMonitor
-from actors.remote import POLL_S, CallWatch, RaySide
-from actors.speculative import GenerationResult, SideUnavailableError, SpecConfig, run_request
 from actors.workers import DraftWorker, ModelLoad, TargetWorker
-from speculation.sampling import SamplingParams
-from speculation.stats import SpecStats
 
 log = logging.getLogger("tandem.pools")
+DRAFT_POOL = "draft"  # the draft pool's name in scaling policies and events
 
 
 @dataclass(frozen=True)
@@ -156,6 +145,14 @@ class _Member:
     shards: list = field(default_factory=list)
     hung: bool = False  # missed its last heartbeat (HealthMonitor)
     replaced_at: float = 0.0  # when the monitor last killed it for Ray to restart
+    pg: Any = None  # its placement group (one bundle per actor)
+    draining: bool = False  # scale-down: takes no new request, retires when idle
+    retired: bool = False  # scaled down: actors ended, slot reusable
+
+    @property
+    def serving(self) -> bool:
+        """May take a new request (the pool's choice also prefers healthy ones)."""
+        return not (self.draining or self.retired)
 
     @property
     def healthy(self) -> bool:
@@ -182,9 +179,10 @@ class _LeastLoaded:
 
     def acquire(self, exclude: set[int] = frozenset(), *, healthy_only: bool = False) -> tuple[int, _Member] | None:
         with self._lock:
-            choices = [(m.inflight, i) for i, m in enumerate(self.members) if m.healthy and i not in exclude]
+            serving = [(i, m) for i, m in enumerate(self.members) if m.serving and i not in exclude]
+            choices = [(m.inflight, i) for i, m in serving if m.healthy]
             if not choices and not healthy_only:
-                choices = [(m.inflight, i) for i, m in enumerate(self.members) if i not in exclude]
+                choices = [(m.inflight, i) for i, m in serving]
             if not choices:
                 return None
             _, i = min(choices)
@@ -198,96 +196,80 @@ class _LeastLoaded:
     def load(self) -> int:
         return sum(m.inflight for m in self.members)
 
+    def start_draining(self) -> _Member | None:
+        """Scale-down: the serving replica with the fewest requests in flight (the newest on
+        a tie) stops taking new ones; None when only one serves."""
+        with self._lock:
+            serving = [(m.inflight, -i, m) for i, m in enumerate(self.members) if m.serving]
+            if len(serving) < 2:
+                return None
+            member = min(serving, key=lambda x: x[:2])[2]
+            member.draining = True
+            return member
 
-class DraftPool:
-    """The shared draft pool: replicas of one (multi-exit) draft, each drafting for any target."""
+    def place(self, member: _Member) -> int:
+        """Put a new replica in a retired slot (nobody holds a retired slot's index) or at the end."""
+        with self._lock:
+            for i, m in enumerate(self.members):
+                if m.retired:
+                    self.members[i] = member
+                    return i
+            self.members.append(member)
+            return len(self.members) - 1
 
-    def __init__(self, spec: DraftPoolSpec, *, timeout_s: float = 300.0):
+
+class _Pool:
+    """Replicas of one model behind a least-loaded choice; they can be added and drained
+    while requests run (actors/autoscale.py decides when)."""
+
+    what = "pool"
+    members: list[_Member]
+    chooser: _LeastLoaded
+
+    def _launch(self, *, timeout_s: float) -> _Member:
+        """Reserve room for one replica and start its actors (not waiting for them to load)."""
+        raise NotImplementedError
+
+    def _launch_all(self, count: int, *, timeout_s: float) -> list[_Member]:
+        members: list[_Member] = []
+        try:
+            for _ in range(count):
+                members.append(self._launch(timeout_s=timeout_s))
+        except BaseException:
+            _shutdown(members)
+            raise
+        return members
+
+    @property
+    def size(self) -> int:
+        """Replicas taking requests (draining and retired ones aside)."""
+        return sum(1 for m in self.members if m.serving)
+
+    def load(self) -> int:
+        """Requests in flight on the pool's replicas."""
+        return self.chooser.load()
+
+    def add_replica(self, *, timeout_s: float) -> int:
+        """Start one more replica and put it in rotation once loaded; its index. Raises
+        RuntimeError when the cluster has no room for it within timeout_s (the Ray
+        autoscaler adds nodes for the pending placement group meanwhile)."""
         import ray
 
-        self.spec = spec
-        self.pg = _placement_group(spec.placement, spec.replicas, timeout_s=timeout_s, what="draft pool")
-        handles = []
-        for i in range(spec.replicas):
-            cls = _remote(DraftWorker, placement=spec.placement, pg=self.pg, index=i)
-            handles.append(cls.remote(spec.load, threads=spec.threads))
-        self.members = [_Member(handle=h) for h in handles]
-        self.chooser = _LeastLoaded(self.members)
-        self.info = ray.get(handles[0].info.remote(), timeout=timeout_s)
-        ray.get([h.info.remote() for h in handles[1:]], timeout=timeout_s)
+        member = self._launch(timeout_s=timeout_s)
+        try:
+            ray.get(member.handle.info.remote(), timeout=timeout_s)
+        except BaseException:
+            _shutdown([member])
+            raise
+        return self.chooser.place(member)
 
-    def acquire(self):
-        return self.chooser.acquire()
+    def start_draining(self) -> _Member | None:
+        return self.chooser.start_draining()
 
-    def release(self, i: int) -> None:
-        self.chooser.release(i)
-
-    def mark_failed(self, i: int) -> None:
-        self.members[i].mark_failed()
-
-    def handles(self) -> list:
-        return [m.handle for m in self.members]
-
-    def shutdown(self) -> None:
-        _shutdown(self.members, self.pg)
-
-
-def _shutdown(members: list[_Member], pg) -> None:
-    import ray
-
-    for m in members:
-        for h in [m.handle, *m.shards]:
-            try:
-                ray.kill(h, no_restart=True)
-            except Exception:  # noqa: BLE001 - already gone
-                pass
-    try:
-        ray.util.remove_placement_group(pg)
-    except Exception:  # noqa: BLE001
-        pass
-
-
-class TargetPool:
-    """Replicas of one target; each replica is one TargetWorker, or a TargetWorker front
-    over `shards` TargetShard pipeline stages."""
-
-    def __init__(self, spec: TargetSpec, *, timeout_s: float = 300.0):
-        import ray
-
-        from actors.pipeline import TargetShard
-
-        self.spec = spec
-        n_actors = spec.replicas * spec.shards
-        self.pg = _placement_group(spec.placement, n_actors, timeout_s=timeout_s, what=f"target {spec.name!r}")
-        members = []
-        bundle = itertools.count()
-        for _ in range(spec.replicas):
-            if spec.shards == 1:
-                cls = _remote(TargetWorker, placement=spec.placement, pg=self.pg, index=next(bundle), restarts=spec.max_restarts)
-                members.append(_Member(handle=cls.remote(spec.load, threads=spec.threads)))
-                continue
-            stages = []
-            for index in range(spec.shards):
-                cls = _remote(TargetShard, placement=spec.placement, pg=self.pg, index=next(bundle), restarts=spec.max_restarts)
-                stages.append(
-                    cls.remote(
-                        spec.load.path,
-                        stage=(index, spec.shards),
-                        dtype=spec.load.dtype,
-                        threads=spec.threads,
-                        resolve=spec.load.resolve,
-                    )
-                )
-            # the front holds no model: request state and verification only; restartable like
-            # the stages (it is rebuilt over the same stage handles)
-            front = ray.remote(TargetWorker).options(
-                num_cpus=0, max_restarts=spec.max_restarts, max_concurrency=64, enable_task_events=False
-            )
-            members.append(_Member(handle=front.remote(None, threads=1, stages=stages), shards=stages))
-        self.members = members
-        self.chooser = _LeastLoaded(members)
-        infos = ray.get([m.handle.info.remote() for m in members], timeout=timeout_s)
-        self.info = infos[0]
+    def retire(self, member: _Member) -> None:
+        """End a drained replica's actors and free its room."""
+        _shutdown([member])
+        member.retired = True
 
     def acquire(self, exclude: set[int] = frozenset(), *, healthy_only: bool = False):
         return self.chooser.acquire(exclude, healthy_only=healthy_only)
@@ -301,194 +283,99 @@ class TargetPool:
     @property
     def healthy(self) -> bool:
         """Some replica can take a request now."""
-        return any(m.healthy for m in self.members)
+        return any(m.healthy and m.serving for m in self.members)
 
     def handles(self) -> list:
-        return [m.handle for m in self.members]
+        return [m.handle for m in self.members if not m.retired]
 
     def shutdown(self) -> None:
-        _shutdown(self.members, self.pg)
+        _shutdown([m for m in self.members if not m.retired])
 
 
-# ---------------------------------------------------------------------------------------
-# Generation across the pools
-# ---------------------------------------------------------------------------------------
+class DraftPool(_Pool):
+    """The shared draft pool: replicas of one (multi-exit) draft, each drafting for any target."""
 
+    what = "draft pool"
 
-MAX_TARGET_ATTEMPTS = 4  # replicas a request may try (nothing lost: it resumes where it was)
-REPLICA_WAIT_S = 120.0  # without a deadline, how long a request waits for a healthy replica
-
-
-class ActorEngine:
-    """Runs requests across a draft pool and target pools; handles faults as documented
-    above. The router (services/) adds policy (method, exit, draft length) on top.
-
-    Faults, per request: a target replica that fails (dies, hangs, loses the request's
-    state) is marked and the request goes on on another healthy replica, or waits for one
-    (a restart) while it may (its deadline, or REPLICA_WAIT_S): it re-prefills its prompt
-    plus the tokens it already emitted, so a stream continues where it was (greedy output
-    unchanged). A draft replica that fails is marked and skipped until it answers again."""
-
-    def __init__(self, draft_pool: DraftPool | None, target_pools: dict[str, TargetPool], *, heartbeat_s: float | None = 2.0, heartbeat_timeout_s: float = 10.0, restart_grace_s: float = 300.0):
-        self.draft_pool = draft_pool
-        self.targets = target_pools
-        self._ids = itertools.count()
-        self.monitor = None
-        if heartbeat_s:
-            pools = [*([draft_pool] if draft_pool else []), *target_pools.values()]
-            self.monitor = HealthMonitor(pools, interval_s=heartbeat_s, timeout_s=heartbeat_timeout_s, restart_grace_s=restart_grace_s)
-
-    def target_health(self) -> dict[str, bool]:
-        """Per target: whether some replica can take a request now."""
-        return {name: pool.healthy for name, pool in self.targets.items()}
-
-    def _wait_for_replica(self, pool: TargetPool, should_stop, *, name: str):
-        """A healthy replica, waiting (a restart) while the request may; None when the
-        request stopped (deadline, cancel) meanwhile."""
-        waited_from = time.monotonic()
-        while True:
-            picked = pool.acquire(healthy_only=True)
-            if picked is not None:
-                return picked
-            if should_stop is not None and should_stop():
-                return None
-            if time.monotonic() - waited_from > REPLICA_WAIT_S:
-                raise SideUnavailableError(f"target {name!r}: no healthy replica within {REPLICA_WAIT_S:.0f}s", role="target")
-            time.sleep(POLL_S)
-
-    def generate(
-        self,
-        target: str,
-        prompt: Sequence[int],
-        *,
-        spec: SpecConfig,
-        sampling: SamplingParams | None = None,
-        max_new_tokens: int = 128,
-        stop_ids: Sequence[int] = (),
-        on_tokens: Callable[[list[int]], None] | None = None,
-        should_stop: Callable[[], str | None] | None = None,
-        on_round: Callable[[dict], None] | None = None,
-        request_id: str | None = None,
-    ) -> GenerationResult:
-        if target not in self.targets:
-            raise KeyError(f"target {target!r} is not served; targets: {', '.join(sorted(self.targets))}")
-        pool = self.targets[target]
-        sampling = sampling or SamplingParams()
-        key = request_id or f"r{next(self._ids)}-{time.monotonic_ns()}"
-        prompt = [int(t) for t in prompt]
-        emitted: list[int] = []  # tokens already handed to on_tokens, over every attempt
-
-        def track(tokens: list[int]) -> None:
-            emitted.extend(tokens)
-            if on_tokens is not None:
-                on_tokens(tokens)
-
-        t0 = time.perf_counter()
-        parts: list[GenerationResult] = []
-        reason = None  # set by the attempt that finishes
-        for attempt in range(1, MAX_TARGET_ATTEMPTS + 1):
-            picked = self._wait_for_replica(pool, should_stop, name=target)
-            if picked is None:
-                break  # stopped while waiting: finish with what was emitted
-            ti, member = picked
-            draft_pick = self.draft_pool.acquire() if (self.draft_pool and spec.method != "ar") else None
-            attempt_key = f"{key}-{attempt}"
-            watch = CallWatch(key=attempt_key, should_stop=should_stop)
-            try:
-                draft_side = None
-                if draft_pick is not None:
-                    di = draft_pick[0]
-                    draft_side = RaySide(draft_pick[1].handle, role="draft", watch=watch, member=draft_pick[1], on_failure=lambda i=di: self.draft_pool.mark_failed(i))
-                target_side = RaySide(member.handle, role="target", watch=watch, member=member, on_failure=lambda i=ti: pool.mark_failed(i))
-                parts.append(
-                    run_request(
-                        draft=draft_side,
-                        target=target_side,
-                        request_id=attempt_key,
-                        prompt=prompt + emitted,  # a resumed attempt re-prefills what was sent
-                        sampling=_resumed(sampling, attempt),
-                        max_new_tokens=max_new_tokens - len(emitted),
-                        spec=spec,
-                        stop_ids=stop_ids,
-                        on_tokens=track,
-                        should_stop=should_stop,
-                        on_round=on_round,
-                    )
-                )
-                reason = parts[-1].finish_reason
-                break
-            except SideUnavailableError as exc:
-                if exc.role != "target":
-                    raise
-                if exc.partial is not None:
-                    parts.append(exc.partial)
-                if attempt == MAX_TARGET_ATTEMPTS:
-                    raise SideUnavailableError(
-                        f"target {target!r} failed {attempt} times ({exc}); {len(emitted)} tokens were sent",
-                        role="target",
-                        emitted=len(emitted),
-                    ) from exc
-                log.warning("target %r replica %d failed (%s); request resumes after %d tokens", target, ti, exc, len(emitted))
-                if len(emitted) >= max_new_tokens:
-                    reason = "length"  # it had finished when the replica failed
-                elif emitted and emitted[-1] in set(stop_ids):
-                    reason = "eos"
-                if reason is not None:
-                    break
-            finally:
-                pool.release(ti)
-                if draft_pick is not None:
-                    self.draft_pool.release(draft_pick[0])
-        if reason is None:  # stopped while waiting for a replica
-            reason = (should_stop() if should_stop is not None else None) or "cancelled"
-        return _merge(parts, emitted, reason=reason, prompt_tokens=len(prompt), total_s=time.perf_counter() - t0)
-
-    def shutdown(self) -> None:
-        if self.monitor is not None:
-            self.monitor.stop()
-        if self.draft_pool:
-            self.draft_pool.shutdown()
-        for pool in self.targets.values():
-            pool.shutdown()
-
-    def live_requests(self) -> dict[str, list]:
-        """Requests each actor still holds (every one should be empty when idle)."""
+    def __init__(self, spec: DraftPoolSpec, *, timeout_s: float = 300.0):
         import ray
 
-        out: dict[str, list] = {}
-        if self.draft_pool:
-            for i, h in enumerate(self.draft_pool.handles()):
-                out[f"draft/{i}"] = ray.get(h.live_requests.remote())
-        for name, pool in self.targets.items():
-            for i, m in enumerate(pool.members):
-                out[f"{name}/{i}"] = ray.get(m.handle.live_requests.remote())
-                for j, s in enumerate(m.shards):
-                    out[f"{name}/{i}/shard{j}"] = ray.get(s.live_sequences.remote())
-        return out
+        self.spec = spec
+        self.members = self._launch_all(spec.replicas, timeout_s=timeout_s)
+        self.chooser = _LeastLoaded(self.members)
+        try:
+            infos = ray.get([m.handle.info.remote() for m in self.members], timeout=timeout_s)
+        except BaseException:
+            _shutdown(self.members)
+            raise
+        self.info = infos[0]
+
+    def _launch(self, *, timeout_s: float) -> _Member:
+        spec = self.spec
+        pg = _placement_group(spec.placement, 1, timeout_s=timeout_s, what=self.what)
+        cls = _remote(DraftWorker, placement=spec.placement, pg=pg, index=0)
+        return _Member(handle=cls.remote(spec.load, threads=spec.threads), pg=pg)
 
 
-def _resumed(sampling: SamplingParams, attempt: int) -> SamplingParams:
-    """A resumed attempt draws fresh randomness (a seeded request stays reproducible)."""
-    if attempt == 1 or sampling.seed is None:
-        return sampling
-    return replace(sampling, seed=(sampling.seed + 1_000_003 * (attempt - 1)) % 2**64)
+def _shutdown(members: list[_Member]) -> None:
+    import ray
+
+    for m in members:
+        for h in [m.handle, *m.shards]:
+            try:
+                ray.kill(h, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        if m.pg is not None:
+            try:
+                ray.util.remove_placement_group(m.pg)
+            except Exception:  # noqa: BLE001
+                pass
 
 
-def _merge(parts: list[GenerationResult], emitted: list[int], *, reason: str, prompt_tokens: int, total_s: float) -> GenerationResult:
-    """One result over a request's attempts (each resumed where the last one failed)."""
-    stats = SpecStats()
-    for part in parts:
-        stats.merge(part.stats)
-    return GenerationResult(
-        tokens=list(emitted),
-        finish_reason=reason,
-        stats=stats,
-        prompt_tokens=prompt_tokens,
-        prefill_s=parts[0].prefill_s if parts else 0.0,
-        total_s=total_s,
-        target_s=sum(p.target_s for p in parts),
-        draft_s=sum(p.draft_s for p in parts),
-        draft_failed=any(p.draft_failed for p in parts),
-        per_round_s=[r for p in parts for r in p.per_round_s],
-        critical_s=sum(p.critical_s for p in parts),
-    )
+class TargetPool(_Pool):
+    """Replicas of one target; each replica is one TargetWorker, or a TargetWorker front
+    over `shards` TargetShard pipeline stages."""
+
+    def __init__(self, spec: TargetSpec, *, timeout_s: float = 300.0):
+        import ray
+
+        self.spec = spec
+        self.what = f"target {spec.name!r}"
+        self.members = self._launch_all(spec.replicas, timeout_s=timeout_s)
+        self.chooser = _LeastLoaded(self.members)
+        try:
+            infos = ray.get([m.handle.info.remote() for m in self.members], timeout=timeout_s)
+        except BaseException:
+            _shutdown(self.members)
+            raise
+        self.info = infos[0]
+
+    def _launch(self, *, timeout_s: float) -> _Member:
+        import ray
+
+        from actors.pipeline import TargetShard
+
+        spec = self.spec
+        pg = _placement_group(spec.placement, spec.shards, timeout_s=timeout_s, what=self.what)
+        if spec.shards == 1:
+            cls = _remote(TargetWorker, placement=spec.placement, pg=pg, index=0, restarts=spec.max_restarts)
+            return _Member(handle=cls.remote(spec.load, threads=spec.threads), pg=pg)
+        stages = []
+        for index in range(spec.shards):
+            cls = _remote(TargetShard, placement=spec.placement, pg=pg, index=index, restarts=spec.max_restarts)
+            stages.append(
+                cls.remote(
+                    spec.load.path,
+                    stage=(index, spec.shards),
+                    dtype=spec.load.dtype,
+                    threads=spec.threads,
+                    resolve=spec.load.resolve,
+                )
+            )
+        # the front holds no model: request state and verification only; restartable like
+        # the stages (it is rebuilt over the same stage handles)
+        front = ray.remote(TargetWorker).options(
+            num_cpus=0, max_restarts=spec.max_restarts, max_concurrency=64, enable_task_events=False
+        )
+        return _Member(handle=front.remote(None, threads=1, stages=stages), shards=stages, pg=pg)

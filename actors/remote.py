@@ -48,6 +48,7 @@ def ensure_ray(*, address: str | None, num_cpus: int | None = None, resources: d
         ray.init(address=address, namespace=namespace, log_to_driver=False)
         return False
     ray.init(
+        address="local",  # a new Ray, even where `ray start` left /tmp/ray/ray_current_cluster behind
         num_cpus=num_cpus,
         resources=resources or {},
         namespace=namespace,

@@ -16,7 +16,7 @@ Glossary
     forward.
 
 The loop talks to the two sides through *handles* whose calls return futures, so the same
-code drives plain objects on threads (in-process) and Ray actors (actors/pools.py). Only
+code drives plain objects on threads (in-process) and Ray actors (actors/pools.py, actors/engine.py). Only
 token ids, sparse q and small dataclasses cross a handle.
 """
 

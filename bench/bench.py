@@ -292,7 +292,8 @@ class ActorBackend:
     via = "actors"
 
     def __init__(self, *, args, dtype: str, exits: tuple[int, ...]):
-        from actors.pools import ActorEngine, DraftPool, DraftPoolSpec, TargetPool, TargetSpec, pool_resources
+        from actors.engine import ActorEngine
+        from actors.pools import DraftPool, DraftPoolSpec, TargetPool, TargetSpec, pool_resources
         from actors.remote import ensure_ray
         from actors.workers import ModelLoad
         from deploy.models import trained_exits_for

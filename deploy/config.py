@@ -101,9 +101,27 @@ class PoolResources(_Strict):
         return Placement(resources=dict(self.resources), num_gpus=self.num_gpus, accelerator_type=self.accelerator_type)
 
 
+class AutoscalingConfig(_Strict):
+    """How pools with max_replicas > replicas follow traffic (actors/autoscale.py): desired
+    replicas = ceil((requests in flight + queued) / target_ongoing_requests), within bounds."""
+
+    target_ongoing_requests: float = Field(2.0, gt=0, description="Requests in flight or queued per replica the pools aim for")
+    upscale_delay_s: float = Field(5.0, ge=0, description="Add a replica once more were wanted this long")
+    downscale_delay_s: float = Field(60.0, ge=0, description="Drain a replica once fewer were wanted this long")
+    interval_s: float = Field(1.0, gt=0, description="How often the pools' demand is looked at")
+
+
+def _bounds(replicas: int, max_replicas: int | None) -> None:
+    if max_replicas is not None and max_replicas < replicas:
+        raise ValueError(f"max_replicas ({max_replicas}) must be >= replicas ({replicas})")
+
+
 class DraftPoolConfig(_Strict):
     model: str = Field(DEFAULT_DRAFT, description="Draft model: pack name, local folder or hub id")
-    replicas: int = Field(1, ge=1, le=64, description="Draft actors in the pool")
+    replicas: int = Field(1, ge=1, le=64, description="Draft actors at start, and the fewest when scaling")
+    max_replicas: int | None = Field(
+        None, ge=1, le=64, description="Most draft actors when scaling with traffic; null: fixed at replicas"
+    )
     threads: int = Field(1, ge=1, description="torch threads per draft actor")
     dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
     quantize: Literal["none", "int8", "int4"] = Field("int4", description="Weight-only quantization of the draft")
@@ -115,11 +133,19 @@ class DraftPoolConfig(_Strict):
     placement: PoolResources = Field(default_factory=lambda: PoolResources(resources={"draft_pool": 1}))
     load_timeout_s: float = Field(600.0, gt=0, description="Wait this long for room and model loading")
 
+    @model_validator(mode="after")
+    def _replica_bounds(self) -> "DraftPoolConfig":
+        _bounds(self.replicas, self.max_replicas)
+        return self
+
 
 class TargetConfig(_Strict):
     name: str = Field(description="Name clients ask for")
     model: str | None = Field(None, description="Model reference; default: the name")
-    replicas: int = Field(1, ge=1, le=64)
+    replicas: int = Field(1, ge=1, le=64, description="Target replicas at start, and the fewest when scaling")
+    max_replicas: int | None = Field(
+        None, ge=1, le=64, description="Most replicas when scaling with traffic; null: fixed at replicas"
+    )
     shards: int = Field(1, ge=1, le=16, description="Pipeline stages (layer ranges) per replica")
     threads: int = Field(1, ge=1, description="torch threads per target actor")
     dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
@@ -142,6 +168,11 @@ class TargetConfig(_Strict):
             if not 0.0 <= t <= 1.0:
                 raise ValueError(f"sorted_thresholds[{i}] must be in [0, 1], got {t}")
         return v
+
+    @model_validator(mode="after")
+    def _replica_bounds(self) -> "TargetConfig":
+        _bounds(self.replicas, self.max_replicas)
+        return self
 
 
 class BatchConfig(_Strict):
@@ -177,6 +208,7 @@ class TandemConfig(BaseSettings):
         min_length=1,
     )
     batch: BatchConfig = Field(default_factory=BatchConfig)
+    autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
 
     @classmethod
     def settings_customise_sources(

@@ -9,10 +9,12 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from actors.pools import ActorEngine, DraftPool, DraftPoolSpec, TargetPool, TargetSpec, pool_resources
+from actors.engine import ActorEngine
+from actors.autoscale import ScalePolicy
+from actors.pools import DRAFT_POOL, DraftPool, DraftPoolSpec, TargetPool, TargetSpec, pool_resources
 from actors.remote import ensure_ray, join_address, stop_ray
 from actors.workers import ModelLoad
 from deploy.config import TandemConfig
@@ -87,7 +89,11 @@ def build_engine(cfg: TandemConfig, *, resolve=resolve_model_path) -> ActorEngin
     ensure_ray(
         address=cfg.ray.address,
         num_cpus=cfg.ray.num_cpus or os.cpu_count(),
-        resources=pool_resources(draft_spec, target_specs),
+        # room for every pool at its most replicas (scaling with traffic)
+        resources=pool_resources(
+            replace(draft_spec, replicas=cfg.draft_pool.max_replicas or draft_spec.replicas),
+            [replace(s, replicas=t.max_replicas or s.replicas) for s, t in zip(target_specs, cfg.targets)],
+        ),
         namespace=cfg.ray.namespace,
     )
     timeout = cfg.draft_pool.load_timeout_s
@@ -203,7 +209,44 @@ async def build_app(cfg: TandemConfig, *, resolve=resolve_model_path, engine: Ac
         target_health=getattr(engine, "target_health", None),
         draft_info={"model": d.model, "replicas": d.replicas, "dtype": d.dtype, "exits": engine.draft_pool.info["exits"] if engine.draft_pool else []},
     )
+    start_scaling(cfg, engine, router, telemetry)
     return ServeApp(config=cfg, engine=engine, router=router, server=server, telemetry=telemetry)
+
+
+def scale_policies(cfg: TandemConfig) -> dict[str, ScalePolicy]:
+    """The pools that follow traffic (max_replicas above replicas), by pool name."""
+    a = cfg.autoscaling
+    pools = [(DRAFT_POOL, cfg.draft_pool.replicas, cfg.draft_pool.max_replicas, cfg.draft_pool.load_timeout_s)]
+    pools += [(t.name, t.replicas, t.max_replicas, cfg.draft_pool.load_timeout_s) for t in cfg.targets]
+    return {
+        name: ScalePolicy(
+            min_replicas=low, max_replicas=high, target_ongoing_requests=a.target_ongoing_requests,
+            upscale_delay_s=a.upscale_delay_s, downscale_delay_s=a.downscale_delay_s, load_timeout_s=timeout,
+        )
+        for name, low, high, timeout in pools
+        if high is not None and high > low
+    }
+
+
+def start_scaling(cfg: TandemConfig, engine: ActorEngine, router: Router, telemetry) -> None:
+    policies = scale_policies(cfg)
+    if not policies or not hasattr(engine, "start_autoscaler"):
+        return
+
+    def queued(pool: str) -> int:  # requests admitted but not yet running: for the draft, all targets'
+        waiting = {name: r.waiting for name, r in router.routes.items()}
+        return sum(waiting.values()) if pool == DRAFT_POOL else waiting.get(pool, 0)
+
+    def on_event(event) -> None:
+        say(f"pool {event.pool}: scale {event.kind} -> {event.replicas} replicas (demand {event.demand:.0f})"
+            + (f": {event.detail}" if event.detail else ""))
+        if telemetry is not None:
+            telemetry.pool_scaled(pool=event.pool, kind=event.kind)
+
+    scaler = engine.start_autoscaler(policies, queued=queued, on_event=on_event, interval_s=cfg.autoscaling.interval_s)
+    if telemetry is not None:
+        telemetry.observe_pool_replicas(scaler.replicas)
+    say("scaling with traffic: " + ", ".join(f"{n} {p.min_replicas}-{p.max_replicas}" for n, p in policies.items()))
 
 
 class BackgroundServer:

@@ -169,7 +169,7 @@ class _Slot:
 
 
 class Router:
-    """Routes requests to targets over an ActorEngine (actors/pools.py)."""
+    """Routes requests to targets over an ActorEngine (actors/engine.py)."""
 
     def __init__(
         self,

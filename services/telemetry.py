@@ -178,6 +178,17 @@ class Telemetry:
             unit="{request}",
             description="Requests queued or running, per target.",
         )
+        self.scale_events = meter.create_counter(
+            "tandem_pool_scale_events_total", unit="{event}",
+            description="Pool scaling: up/down (a replica joined/left), drain (stopped taking requests), up_failed.",
+        )
+        self._replica_callbacks: list[Callable[[], Mapping[str, int]]] = []
+        self.pool_replicas = meter.create_observable_gauge(
+            "tandem_pool_replicas",
+            callbacks=[self._observe_replicas],
+            unit="{replica}",
+            description="Serving replicas of each pool that scales with traffic.",
+        )
 
     def _start_prometheus(self, host: str, port: int, token: str | None) -> MetricReader:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
@@ -233,6 +244,26 @@ class Telemetry:
                 continue
             observations.extend(Observation(int(depth), {"target": str(target)}) for target, depth in depths.items())
         return observations
+
+    # -- pool scaling ---------------------------------------------------------------------------
+
+    def pool_scaled(self, *, pool: str, kind: str) -> None:
+        self.scale_events.add(1, {"pool": pool, "kind": kind})
+
+    def observe_pool_replicas(self, callback: Callable[[], Mapping[str, int]]) -> None:
+        with self._lock:
+            self._replica_callbacks.append(callback)
+
+    def _observe_replicas(self, options: CallbackOptions) -> Iterable[Observation]:
+        with self._lock:
+            callbacks = list(self._replica_callbacks)
+        out = []
+        for callback in callbacks:
+            try:
+                out.extend(Observation(int(n), {"pool": str(pool)}) for pool, n in dict(callback()).items())
+            except Exception:  # a broken callback must not take the other metrics down
+                logger.exception("pool replicas callback failed")
+        return out
 
     # -- lifecycle ----------------------------------------------------------------------------
 

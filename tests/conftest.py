@@ -237,6 +237,7 @@ def ray_local():
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # never a cluster some `ray start` on this machine left its address for
             num_cpus=2,
             resources={"draft_pool": 8, "target_pool": 16},
             include_dashboard=False,

@@ -18,7 +18,8 @@ import time
 import pytest
 import ray
 
-from actors.pools import ActorEngine, DraftPool, DraftPoolSpec, TargetPool, TargetSpec
+from actors.engine import ActorEngine
+from actors.pools import DraftPool, DraftPoolSpec, TargetPool, TargetSpec
 from actors.speculative import SpecConfig
 from actors.workers import ModelLoad
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from actors.pipeline import PipelineRunner, TargetShard, split_layers
-from actors.pools import ActorEngine, DraftPool, DraftPoolSpec, Placement, TargetPool, TargetSpec
+from actors.engine import ActorEngine
+from actors.pools import DraftPool, DraftPoolSpec, Placement, TargetPool, TargetSpec
 from actors.runner import ModelRunner
 from actors.speculative import SpecConfig
 from actors.workers import ModelLoad

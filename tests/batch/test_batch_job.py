@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import sys
 import time
 from collections import Counter
@@ -164,13 +166,17 @@ def test_ray_job_submit_runs_a_batch_job_with_ray_address(tiny_service_models, t
     keys, _ = write_input(tmp_path / "in.jsonl", 4, max_new=8)
     out = tmp_path / "out.jsonl"
     gcs, dash, *agent = (_free_port() for _ in range(6))
+    existed_before = Path("/tmp/ray/ray_current_cluster").exists()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     # Ray >= 2.5x turns token auth on for clusters it starts; the CLI sends the token
     # (~/.ray/auth_token, made if missing) only when told to
     env.update(HF_HUB_OFFLINE="1", RAY_DEDUP_LOGS="0", PYTHONPATH=str(ROOT), RAY_AUTH_MODE="token")
     ray_cli = str(Path(sys.executable).with_name("ray"))
+    # its own temp dir (short: Ray's socket paths live under it), so the address file `ray
+    # start` writes (ray_current_cluster) never steers another ray.init on this machine
+    temp_dir = tempfile.mkdtemp(prefix="tdm-ray-", dir="/tmp")
     head = subprocess.Popen(
-        [ray_cli, "start", "--head", "--block", f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+        [ray_cli, "start", "--head", "--block", f"--port={gcs}", f"--temp-dir={temp_dir}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
          "--num-cpus=2", '--resources={"target_pool": 1, "draft_pool": 1}', "--include-dashboard=true",
          "--disable-usage-stats",
          # free ports, not Ray's fixed defaults: another Ray on this machine may hold those
@@ -200,5 +206,7 @@ def test_ray_job_submit_runs_a_batch_job_with_ray_address(tiny_service_models, t
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait(timeout=10)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert not Path("/tmp/ray/ray_current_cluster").exists() or existed_before
     records = list(iter_output(out))
     assert Counter(r["key"] for r in records) == Counter(keys)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from actors.pools import ActorEngine, DraftPool, DraftPoolSpec, TargetPool, TargetSpec
+from actors.engine import ActorEngine
+from actors.pools import DraftPool, DraftPoolSpec, TargetPool, TargetSpec
 from actors.runner import generation_eos_ids
 from actors.speculative import SpecConfig
 from actors.workers import ModelLoad
