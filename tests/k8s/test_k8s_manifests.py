@@ -456,8 +456,10 @@ def placement_errors(objects, owner: Obj, spec: Obj) -> list[str]:
     config = mounted_config(objects, spec["headGroupSpec"], "/etc/tandem/config.yaml")
     types = node_types(spec)
     groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
-    pools = [("draft-pool", config.draft_pool.placement, config.draft_pool.replicas, config.draft_pool.threads)]
-    pools += [("target-pool", t.placement, t.replicas * t.shards, t.threads) for t in config.targets]
+    # pools that scale with traffic may reach max_replicas: their pods must fit then too
+    d = config.draft_pool
+    pools = [("draft-pool", d.placement, d.max_replicas or d.replicas, d.threads)]
+    pools += [("target-pool", t.placement, (t.max_replicas or t.replicas) * t.shards, t.threads) for t in config.targets]
     pods_needed: dict[str, int] = {}
     for expected_group, placement, actors, threads in pools:
         demand = actor_demand(placement)
@@ -475,7 +477,7 @@ def placement_errors(objects, owner: Obj, spec: Obj) -> list[str]:
             gpu_labels = [v for k, v in selector.items() if "gpu.product" in k or "gke-accelerator" in k]
             if not gpu_labels or not all(placement.accelerator_type.lower() in v.lower().split("-") for v in gpu_labels):
                 errors.append(f"{expected_group}: accelerator_type {placement.accelerator_type} vs nodeSelector {selector}")
-    if owner["kind"] == "RayCluster":  # the service places every actor up front
+    if owner["kind"] == "RayCluster":  # the service's pools, each at its most replicas
         errors += [f"{g}: {n} pods needed > maxReplicas" for g, n in pods_needed.items() if n > groups[g]["maxReplicas"]]
     return errors
 
