@@ -43,7 +43,7 @@ from typing import Any, Sequence
 import torch
 
 from deploy.paths import EVAL_DIR
-from deploy.train_exits import default_exits_dir
+from deploy.exits import default_exits_dir
 
 DEFAULT_TARGETS = "qwen2.5-coder-1.5b-instruct,qwen2.5-coder-0.5b-instruct"
 DEFAULT_DATASETS = (str(EVAL_DIR / "code_dev.jsonl"), str(EVAL_DIR / "spec_bench_dev.jsonl"))

@@ -31,7 +31,7 @@ def trained_exits_for(ref: str, setting: str | None) -> str | None:
     if setting in (None, "", "none"):
         return None
     if setting == "auto":
-        from deploy.train_exits import find_trained_exits
+        from deploy.exits import find_trained_exits
 
         found = find_trained_exits(ref)
         return str(found) if found else None

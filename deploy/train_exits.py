@@ -232,21 +232,6 @@ def config_from_args(args: argparse.Namespace, draft_path: str) -> TrainConfig:
     )
 
 
-def default_exits_dir(draft_ref: str) -> Path:
-    """Where `tandem train-exits` output for a draft lives by default:
-    $TANDEM_CACHE/exits/<pack name or folder name>."""
-    from deploy.packs import cache_root
-
-    name = Path(draft_ref.rstrip("/")).name if ("/" in draft_ref or os.sep in draft_ref) else draft_ref
-    return cache_root() / "exits" / name
-
-
-def find_trained_exits(draft_ref: str) -> Path | None:
-    """The default adapter folder of a draft if training has written one, else None."""
-    folder = default_exits_dir(draft_ref)
-    return folder if (folder / "exit_adapters.json").is_file() else None
-
-
 # ----------------------------------------------------------------------------------------
 # Training text
 # ----------------------------------------------------------------------------------------

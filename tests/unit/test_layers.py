@@ -1,0 +1,32 @@
+"""Serving never imports training: loading the server's modules in a fresh interpreter
+leaves the exit trainer and the exit report unimported (negative control: importing the
+CLI's train-exits entry point does import it, so the check can see it)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+CHECK = """
+import sys
+{imports}
+print(",".join(sorted(m for m in sys.modules if m in ("deploy.train_exits", "deploy.exit_report"))))
+"""
+
+
+def loaded(imports: str) -> str:
+    done = subprocess.run([sys.executable, "-c", CHECK.format(imports=imports)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.strip()
+
+
+def test_serving_does_not_import_training():
+    assert loaded("import deploy.serve, deploy.models, deploy.exits, services.router, actors.engine") == ""
+    assert loaded("from deploy.train_exits import main") == "deploy.train_exits"
+
+
+def test_light_exit_lookup_names_the_same_manifest_as_the_adapters():
+    from actors.exit_adapters import MANIFEST
+    from deploy import exits
+
+    assert exits.MANIFEST == MANIFEST
