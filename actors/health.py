@@ -69,8 +69,12 @@ class HealthMonitor:
                 if id(m) in silent:
                     self._hung(m, silent[id(m)])
                 elif id(m) in failed:
+                    # dead or restarting (e.g. its node is gone): out of rotation for as long
+                    # as its pings fail, not only for the cooldown after the first failure
                     if not m.failures:
                         m.mark_failed()
+                    else:
+                        m.failed_at = time.monotonic()
                 else:
                     if m.hung or m.failures:
                         log.warning("actor replica answers again: back in rotation")

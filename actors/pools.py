@@ -197,13 +197,14 @@ class _LeastLoaded:
         return sum(m.inflight for m in self.members)
 
     def start_draining(self) -> _Member | None:
-        """Scale-down: the serving replica with the fewest requests in flight (the newest on
-        a tie) stops taking new ones; None when only one serves."""
+        """Scale-down: a serving replica stops taking new ones (a failed or hung one first,
+        then the one with the fewest requests in flight, the newest on a tie); None when
+        only one serves."""
         with self._lock:
-            serving = [(m.inflight, -i, m) for i, m in enumerate(self.members) if m.serving]
+            serving = [(m.healthy, m.inflight, -i, m) for i, m in enumerate(self.members) if m.serving]
             if len(serving) < 2:
                 return None
-            member = min(serving, key=lambda x: x[:2])[2]
+            member = min(serving, key=lambda x: x[:3])[3]
             member.draining = True
             return member
 
