@@ -105,7 +105,7 @@ def test_every_input_gets_exactly_one_output(ray_local, tiny_service_models, tmp
 
 def test_killed_job_resumes_without_loss_or_repeats(tiny_service_models, tmp_path):
     write_config(tmp_path / "cfg.yaml", tiny_service_models)
-    keys, bad = write_input(tmp_path / "in.jsonl", 40, max_new=160)
+    keys, bad = write_input(tmp_path / "in.jsonl", 24, max_new=120)
     out = tmp_path / "out.jsonl"
     cmd = [sys.executable, "-m", "deploy.cli", "batch", "--config", str(tmp_path / "cfg.yaml"),
            "--input", str(tmp_path / "in.jsonl"), "--output", str(out), "--min-actors", "1", "--max-actors", "1"]

@@ -1,6 +1,6 @@
 """Lossless through the distributed path on the real Qwen2.5-Coder models in float32:
-- actor pools (draft actor + target actor, unsharded and as a 2-stage pipeline): every
-  method reproduces target-only greedy output;
+- actor pools (draft actor + a target replica as a 2-stage pipeline): every method
+  reproduces target-only greedy output (the unsharded actor path is the gRPC test's);
 - the gRPC server with both default targets (1.5B and 0.5B) behind one endpoint and the
   shared int4 0.5B draft: greedy output over the wire equals speculation-off output."""
 
@@ -24,11 +24,11 @@ N_TOKENS = 24
 def prompts(qwen_tokenizer):
     return [
         qwen_tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-        for m in code_prompts(2)
+        for m in code_prompts(1)
     ]
 
 
-@pytest.mark.parametrize("shards", [1, 2])
+@pytest.mark.parametrize("shards", [2])
 def test_every_method_through_actors_equals_target_only(ray_local, pack_paths, prompts, shards):
     draft = DraftPool(
         DraftPoolSpec(load=ModelLoad(path=pack_paths["draft"], dtype="float32", quantize="int4", exits=(12,)), threads=1)
