@@ -7,7 +7,7 @@ PACKS   := $(shell sed -n '/^packs = \[/,/^\]/p' pyproject.toml | grep -o '"[^"]
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup serve test test-fast bench soak scale-check proto lint clean
+.PHONY: setup serve test test-fast bench soak scale-check cluster-check proto lint clean
 
 # Set-up: a venv with the CPU build of torch (from this machine's disk; an unpinned torch would
 # pull a multi-GB CUDA build), tandem in editable mode, and the model packs. Re-runs only when
@@ -48,6 +48,12 @@ soak: setup
 # version is tests/service/test_scaling.py). Summary: bench/results/scale_check.json.
 scale-check: setup
 	$(BIN)/python -m bench.scale_check --output bench/results/scale_check.json
+
+# tandem's pools on a multi-node Ray cluster on this machine (ray.cluster_utils: a head, a
+# draft node, target nodes): placement per node, growth onto another node, a target node
+# killed mid-stream, a replacement node, shrink after; not part of `make test` (minutes).
+cluster-check: setup
+	$(BIN)/python -m bench.cluster_check --output bench/results/cluster_check.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -231,15 +231,21 @@ class _Pool:
         """Reserve room for one replica and start its actors (not waiting for them to load)."""
         raise NotImplementedError
 
-    def _launch_all(self, count: int, *, timeout_s: float) -> list[_Member]:
+    def _start(self, count: int, *, timeout_s: float) -> None:
+        """The pool's first `count` replicas, loading side by side; `info` is the first's."""
+        import ray
+
         members: list[_Member] = []
         try:
             for _ in range(count):
                 members.append(self._launch(timeout_s=timeout_s))
+            infos = ray.get([m.handle.info.remote() for m in members], timeout=timeout_s)
         except BaseException:
             _shutdown(members)
             raise
-        return members
+        self.members = members
+        self.chooser = _LeastLoaded(members)
+        self.info = infos[0]
 
     @property
     def size(self) -> int:
@@ -299,17 +305,8 @@ class DraftPool(_Pool):
     what = "draft pool"
 
     def __init__(self, spec: DraftPoolSpec, *, timeout_s: float = 300.0):
-        import ray
-
         self.spec = spec
-        self.members = self._launch_all(spec.replicas, timeout_s=timeout_s)
-        self.chooser = _LeastLoaded(self.members)
-        try:
-            infos = ray.get([m.handle.info.remote() for m in self.members], timeout=timeout_s)
-        except BaseException:
-            _shutdown(self.members)
-            raise
-        self.info = infos[0]
+        self._start(spec.replicas, timeout_s=timeout_s)
 
     def _launch(self, *, timeout_s: float) -> _Member:
         spec = self.spec
@@ -339,18 +336,9 @@ class TargetPool(_Pool):
     over `shards` TargetShard pipeline stages."""
 
     def __init__(self, spec: TargetSpec, *, timeout_s: float = 300.0):
-        import ray
-
         self.spec = spec
         self.what = f"target {spec.name!r}"
-        self.members = self._launch_all(spec.replicas, timeout_s=timeout_s)
-        self.chooser = _LeastLoaded(self.members)
-        try:
-            infos = ray.get([m.handle.info.remote() for m in self.members], timeout=timeout_s)
-        except BaseException:
-            _shutdown(self.members)
-            raise
-        self.info = infos[0]
+        self._start(spec.replicas, timeout_s=timeout_s)
 
     def _launch(self, *, timeout_s: float) -> _Member:
         import ray

@@ -87,6 +87,12 @@ class Load:
                     self.outcomes[kind] += 1
 
 
+def _listed_replicas(address: str) -> int:
+    """What ListModels reports for the target's replicas (live, not the configured count)."""
+    with TandemClient(address) as client:
+        return next(t["replicas"] for t in client.list_models()["targets"] if t["name"] == TARGET)
+
+
 def run_scale_check(server, *, base_clients: int, phases_s: tuple[float, float, float], max_new_tokens: int = 32,
                     settle_s: float = 30.0, grow_wait_s: float = 0.0, progress=None) -> dict:
     """Base load, doubled load, base load (phases_s seconds each); then wait up to settle_s
@@ -125,6 +131,7 @@ def run_scale_check(server, *, base_clients: int, phases_s: tuple[float, float, 
     double_end = time.monotonic() + double
     while time.monotonic() < double_end or (time.monotonic() < double_end + grow_wait_s and not grown()):
         time.sleep(0.1)
+    listed = {"grown": _listed_replicas(server.address)}
     stop_extra.set()
     phase[0] = "after"
     say(f"base load again for {after:.0f}s (replicas now {pool.size})")
@@ -138,6 +145,7 @@ def run_scale_check(server, *, base_clients: int, phases_s: tuple[float, float, 
         time.sleep(0.25)
     stop_sampling.set()
     sampler.join()
+    listed["end"] = _listed_replicas(server.address)
     metrics = scrape(server.app.telemetry.metrics_port) if server.app.telemetry is not None else {}
     by_phase: dict[str, list[int]] = {}
     for _, ph, n in timeline:
@@ -152,6 +160,7 @@ def run_scale_check(server, *, base_clients: int, phases_s: tuple[float, float, 
         "problems": load.problems[:20],
         "replicas": {"base_max": max(by_phase.get("base", [1])), "peak": peak, "final": pool.size},
         "events": events,
+        "list_models_replicas": listed,
         "metrics": metrics,
         "timeline": timeline[::4],
     }

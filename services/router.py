@@ -202,6 +202,15 @@ class Router:
             telemetry.observe_queue_depth(self.queue_depths)
 
     # ------------------------------------------------------------------ info
+    def serving_replicas(self) -> dict[str, int]:
+        """Replicas taking requests now, per target and "draft" (pools scale with traffic);
+        empty for an engine without pools."""
+        out = {name: pool.size for name, pool in getattr(self.engine, "targets", {}).items() if hasattr(pool, "size")}
+        draft = getattr(self.engine, "draft_pool", None)
+        if draft is not None and hasattr(draft, "size"):
+            out["draft"] = draft.size
+        return out
+
     def queue_depths(self) -> dict[str, int]:
         return {name: r.running + r.waiting for name, r in self.routes.items()}
 

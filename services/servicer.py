@@ -312,12 +312,13 @@ class TandemServicer(pb_grpc.TandemServicer):
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         await abort_if_undecodable(request, context)
         out = pb.ListModelsResponse()
+        live = self.router.serving_replicas()
         for r in self.router.routes.values():
             out.targets.append(
                 pb.ModelInfo(
                     name=r.name,
                     model=r.model,
-                    replicas=r.replicas,
+                    replicas=live.get(r.name, r.replicas),
                     shards=r.shards,
                     dtype=r.dtype,
                     default_method=ENUM_BY_METHOD.get(r.default_method, pb.SPECULATION_METHOD_AUTO),
@@ -330,7 +331,7 @@ class TandemServicer(pb_grpc.TandemServicer):
                 pb.ModelInfo(
                     name="draft",
                     model=str(d.get("model", "")),
-                    replicas=int(d.get("replicas", 1)),
+                    replicas=live.get("draft", int(d.get("replicas", 1))),
                     dtype=str(d.get("dtype", "")),
                     exits=[int(e) for e in d.get("exits", [])],
                 )

@@ -233,16 +233,20 @@ class Telemetry:
             self._queue_callbacks.append(callback)
 
     def _observe_queues(self, options: CallbackOptions) -> Iterable[Observation]:
+        return self._observe(self._queue_callbacks, "target", "queue depth")
+
+    def _observe(self, registered: list, label: str, what: str) -> list[Observation]:
+        """One observation per key of each callback's mapping, labelled `label`=key."""
         with self._lock:
-            callbacks = list(self._queue_callbacks)
+            callbacks = list(registered)
         observations = []
         for callback in callbacks:
             try:
-                depths = dict(callback())
+                values = dict(callback())
             except Exception:  # a broken callback must not take the other metrics down
-                logger.exception("queue depth callback failed")
+                logger.exception("%s callback failed", what)
                 continue
-            observations.extend(Observation(int(depth), {"target": str(target)}) for target, depth in depths.items())
+            observations.extend(Observation(int(v), {label: str(k)}) for k, v in values.items())
         return observations
 
     # -- pool scaling ---------------------------------------------------------------------------
@@ -255,15 +259,7 @@ class Telemetry:
             self._replica_callbacks.append(callback)
 
     def _observe_replicas(self, options: CallbackOptions) -> Iterable[Observation]:
-        with self._lock:
-            callbacks = list(self._replica_callbacks)
-        out = []
-        for callback in callbacks:
-            try:
-                out.extend(Observation(int(n), {"pool": str(pool)}) for pool, n in dict(callback()).items())
-            except Exception:  # a broken callback must not take the other metrics down
-                logger.exception("pool replicas callback failed")
-        return out
+        return self._observe(self._replica_callbacks, "pool", "pool replicas")
 
     # -- lifecycle ----------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ def test_pool_grows_under_doubled_grpc_load_and_shrinks_after(ray_local, tmp_pat
     assert summary["checks"] == {"grew_under_double_load": True, "shrank_after": True,
                                  "every_request_completed_or_refused": True, "events_in_metrics": True}, summary
     assert summary["replicas"]["base_max"] == 1 and summary["replicas"]["peak"] == 2 and summary["replicas"]["final"] == 1
+    assert summary["list_models_replicas"] == {"grown": 2, "end": 1}  # ListModels reports the live count
     kinds = [e["kind"] for e in summary["events"]]
     assert kinds[:1] == ["up"] and "down" in kinds, kinds
     assert summary["metrics"]['tandem_pool_replicas{pool="small"}'] == 1.0
