@@ -6,9 +6,10 @@ The rule is Ray Serve's request-based one: desired replicas = ceil(demand /
 target_ongoing_requests), clamped to [min_replicas, max_replicas]. A pool scales up once
 the desired count has stayed above its size for upscale_delay_s, and down once it has stayed
 below for downscale_delay_s (longer: a burst should not churn replicas, whose start loads a
-model). Ray Serve's autoscaler itself serves Serve deployments; tandem's pools are plain
-actors behind its own router, so the rule is applied here (measured need: none of Serve's
-request routing applies, and the pools must stay ordinary actors for PEARL's overlap).
+model). Why not Ray Serve's autoscaler itself: it scales Serve deployments, whose requests go
+through Serve's own router and handles; tandem's pools are plain actors called directly by
+its router (PEARL overlaps a draft call and a verify call per round), so only the rule is
+reused, in the ~150 lines below.
 
 Scale-up reserves a new placement group: on a Ray cluster with an autoscaler (KubeRay) a
 pending group is what brings a node of the matching worker group. A replica that gets no

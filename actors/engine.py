@@ -33,14 +33,8 @@ REPLICA_WAIT_S = 120.0  # without a deadline, how long a request waits for a hea
 
 
 class ActorEngine:
-    """Runs requests across a draft pool and target pools; handles faults as documented
-    above. The router (services/) adds policy (method, exit, draft length) on top.
-
-    Faults, per request: a target replica that fails (dies, hangs, loses the request's
-    state) is marked and the request goes on on another healthy replica, or waits for one
-    (a restart) while it may (its deadline, or REPLICA_WAIT_S): it re-prefills its prompt
-    plus the tokens it already emitted, so a stream continues where it was (greedy output
-    unchanged). A draft replica that fails is marked and skipped until it answers again."""
+    """Runs requests across a draft pool and target pools, with the fault handling the
+    module describes. The router (services/) adds policy (method, exit, draft length)."""
 
     def __init__(self, draft_pool: DraftPool | None, target_pools: dict[str, TargetPool], *, heartbeat_s: float | None = 2.0, heartbeat_timeout_s: float = 10.0, restart_grace_s: float = 300.0):
         self.draft_pool = draft_pool

@@ -237,9 +237,7 @@ def start_scaling(cfg: TandemConfig, engine: ActorEngine, router: Router, teleme
         waiting = {name: r.waiting for name, r in router.routes.items()}
         return sum(waiting.values()) if pool == DRAFT_POOL else waiting.get(pool, 0)
 
-    def on_event(event) -> None:
-        say(f"pool {event.pool}: scale {event.kind} -> {event.replicas} replicas (demand {event.demand:.0f})"
-            + (f": {event.detail}" if event.detail else ""))
+    def on_event(event) -> None:  # the autoscaler logs each event itself (tandem.autoscale)
         if telemetry is not None:
             telemetry.pool_scaled(pool=event.pool, kind=event.kind)
 
