@@ -71,7 +71,6 @@ class _Scaled:
     above_since: float | None = None
     below_since: float | None = None
     adding: bool = False
-    draining: int = 0
 
 
 class PoolAutoscaler:
@@ -134,7 +133,6 @@ class PoolAutoscaler:
             s.below_since = None
             member = s.pool.start_draining()
             if member is not None:
-                s.draining += 1
                 self._emit(ScaleEvent(s.name, "drain", s.pool.size, demand))
                 threading.Thread(target=self._retire, args=(s, member, demand), name=f"scale-down-{s.name}", daemon=True).start()
 
@@ -150,10 +148,7 @@ class PoolAutoscaler:
     def _retire(self, s: _Scaled, member: Any, demand: float) -> None:
         while member.inflight > 0 and not self._stop.is_set():
             time.sleep(0.1)
-        try:
-            s.pool.retire(member)
-        finally:
-            s.draining -= 1
+        s.pool.retire(member)
         self._emit(ScaleEvent(s.name, "down", s.pool.size, demand))
 
     def _emit(self, event: ScaleEvent) -> None:

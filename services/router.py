@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Sequence
 
+from actors.pools import DRAFT_POOL
 from actors.speculative import GenerationResult, SideUnavailableError, SpecConfig
 from speculation.goodput import Choice, GoodputPolicy
 from speculation.sampling import SamplingParams
@@ -203,12 +204,12 @@ class Router:
 
     # ------------------------------------------------------------------ info
     def serving_replicas(self) -> dict[str, int]:
-        """Replicas taking requests now, per target and "draft" (pools scale with traffic);
+        """Replicas taking requests now, per target and DRAFT_POOL (pools scale with traffic);
         empty for an engine without pools."""
         out = {name: pool.size for name, pool in getattr(self.engine, "targets", {}).items() if hasattr(pool, "size")}
         draft = getattr(self.engine, "draft_pool", None)
         if draft is not None and hasattr(draft, "size"):
-            out["draft"] = draft.size
+            out[DRAFT_POOL] = draft.size
         return out
 
     def queue_depths(self) -> dict[str, int]:

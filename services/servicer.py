@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from actors.pools import DRAFT_POOL
 from actors.speculative import SideUnavailableError
 from services.protos.tandem.v1 import tandem_pb2 as pb
 from services.protos.tandem.v1 import tandem_pb2_grpc as pb_grpc
@@ -331,7 +332,7 @@ class TandemServicer(pb_grpc.TandemServicer):
                 pb.ModelInfo(
                     name="draft",
                     model=str(d.get("model", "")),
-                    replicas=live.get("draft", int(d.get("replicas", 1))),
+                    replicas=live.get(DRAFT_POOL, int(d.get("replicas", 1))),
                     dtype=str(d.get("dtype", "")),
                     exits=[int(e) for e in d.get("exits", [])],
                 )
