@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[server,test]"
 	$(BIN)/pip install -q --no-deps $(PACKS)
 	touch $(STAMP)
 
@@ -31,7 +31,7 @@ test-fast: setup
 	$(BIN)/python -m pytest -q -ra -m "not slow" tests
 
 proto: setup
-	$(BIN)/python -m services.protos.generate
+	$(BIN)/python -m tandem.services.protos.generate
 
 bench: setup
 	$(BIN)/tandem bench --prompts bench/eval/code_dev.jsonl --limit 3 --max-new-tokens 96 \
@@ -41,19 +41,19 @@ bench: setup
 # bounded); not part of `make test`. Summary: bench/results/soak.json.
 SOAK_MINUTES ?= 30
 soak: setup
-	$(BIN)/python -m bench.soak --minutes $(SOAK_MINUTES) --output bench/results/soak.json
+	$(BIN)/python -m tandem.bench.soak --minutes $(SOAK_MINUTES) --output bench/results/soak.json
 
 # A target pool following traffic through gRPC: base load 30 s, doubled for a minute, base
 # again for a minute (loopback, tiny models, bounded); not part of `make test` (its short
 # version is tests/service/test_scaling.py). Summary: bench/results/scale_check.json.
 scale-check: setup
-	$(BIN)/python -m bench.scale_check --output bench/results/scale_check.json
+	$(BIN)/python -m tandem.bench.scale_check --output bench/results/scale_check.json
 
 # tandem's pools on a multi-node Ray cluster on this machine (ray.cluster_utils: a head, a
 # draft node, target nodes): placement per node, growth onto another node, a target node
 # killed mid-stream, a replacement node, shrink after; not part of `make test` (minutes).
 cluster-check: setup
-	$(BIN)/python -m bench.cluster_check --output bench/results/cluster_check.json
+	$(BIN)/python -m tandem.bench.cluster_check --output bench/results/cluster_check.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from actors.speculative import RequestCancelledError
+from tandem.actors.speculative import RequestCancelledError
 
 
 class Cancellations:

@@ -25,11 +25,11 @@ from typing import Sequence
 
 import torch
 
-from actors.batching import Cancellations
-from actors.runner import ModelRunner, SequenceState
-from actors.speculative import RequestAlreadyOpenError, RequestCancelledError, RequestStateLostError
-from speculation.sampling import SamplingParams, SparseDist, logits_to_probs, make_generator, truncate_to_sparse
-from speculation.sorted_policy import ExitPolicy, should_emit
+from tandem.actors.batching import Cancellations
+from tandem.actors.runner import ModelRunner, SequenceState
+from tandem.actors.speculative import RequestAlreadyOpenError, RequestCancelledError, RequestStateLostError
+from tandem.speculation.sampling import SamplingParams, SparseDist, logits_to_probs, make_generator, truncate_to_sparse
+from tandem.speculation.sorted_policy import ExitPolicy, should_emit
 
 PREFILL_CHUNK = 512  # backlog tokens per forward when a draft catches up (see _catch_up)
 SPARSE_Q_TOP = 64  # entries of q shipped per draft token (exact: the draft samples from them)

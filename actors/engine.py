@@ -18,13 +18,13 @@ import time
 from dataclasses import replace
 from typing import Callable, Sequence
 
-from actors.autoscale import PoolAutoscaler, ScaleEvent, ScalePolicy
-from actors.health import HealthMonitor
-from actors.pools import DRAFT_POOL, DraftPool, TargetPool
-from actors.remote import POLL_S, CallWatch, RaySide
-from actors.speculative import GenerationResult, SideUnavailableError, SpecConfig, run_request
-from speculation.sampling import SamplingParams
-from speculation.stats import SpecStats
+from tandem.actors.autoscale import PoolAutoscaler, ScaleEvent, ScalePolicy
+from tandem.actors.health import HealthMonitor
+from tandem.actors.pools import DRAFT_POOL, DraftPool, TargetPool
+from tandem.actors.remote import POLL_S, CallWatch, RaySide
+from tandem.actors.speculative import GenerationResult, SideUnavailableError, SpecConfig, run_request
+from tandem.speculation.sampling import SamplingParams
+from tandem.speculation.stats import SpecStats
 
 log = logging.getLogger("tandem.engine")
 

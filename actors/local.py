@@ -17,12 +17,12 @@ from typing import Callable, Sequence
 
 import torch
 
-from actors.drafter import Drafter
-from actors.runner import ModelRunner
-from actors.speculative import GenerationResult, LocalSide, SpecConfig, run_request
-from actors.verifier import Verifier
-from speculation.sampling import SamplingParams
-from speculation.sorted_policy import ExitPolicy
+from tandem.actors.drafter import Drafter
+from tandem.actors.runner import ModelRunner
+from tandem.actors.speculative import GenerationResult, LocalSide, SpecConfig, run_request
+from tandem.actors.verifier import Verifier
+from tandem.speculation.sampling import SamplingParams
+from tandem.speculation.sorted_policy import ExitPolicy
 
 DEFAULT_GAMMA = {"ar": 1, "sd": 6, "sorted": 6, "pearl": 8, "spectr": 4}
 

@@ -16,8 +16,8 @@ from typing import Any, Sequence
 
 import torch
 
-from actors.runner import ModelRunner
-from actors.speculative import RequestStateLostError
+from tandem.actors.runner import ModelRunner
+from tandem.actors.speculative import RequestStateLostError
 
 
 @dataclass
@@ -91,12 +91,12 @@ class TargetShard:
         return list(self.sequences)
 
     def tokenizer(self):
-        from actors.runner import load_tokenizer
+        from tandem.actors.runner import load_tokenizer
 
         return load_tokenizer(self.model_path)
 
     def eos_ids(self) -> list[int]:
-        from actors.runner import generation_eos_ids
+        from tandem.actors.runner import generation_eos_ids
 
         return generation_eos_ids(self.model_path)
 
@@ -104,7 +104,7 @@ class TargetShard:
         r = self.runner
         import os
 
-        from actors.workers import _assigned_resources
+        from tandem.actors.workers import _assigned_resources
 
         return {"pid": os.getpid(), "resources": _assigned_resources(), "layers": [r.layer_lo, r.layer_hi], "total_layers": r.total_layers, "vocab_size": r.vocab_size, "max_context": r.max_context}
 
@@ -136,7 +136,7 @@ class PipelineRunner:
     def extend_batch(self, seqs: Sequence[RemoteSequence], blocks: Sequence[Sequence[int]], *, all_logits: bool = True) -> list[torch.Tensor]:
         for s, b in zip(seqs, blocks):
             if s.length + len(b) > self.max_context:
-                from actors.runner import ContextLengthError
+                from tandem.actors.runner import ContextLengthError
 
                 raise ContextLengthError(f"sequence of {s.length + len(b)} tokens exceeds the model's context of {self.max_context}")
         keys = [s.key for s in seqs]

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from actors.workers import DraftWorker, ModelLoad, TargetWorker
+from tandem.actors.workers import DraftWorker, ModelLoad, TargetWorker
 
 log = logging.getLogger("tandem.pools")
 DRAFT_POOL = "draft"  # the draft pool's name in scaling policies and events
@@ -343,7 +343,7 @@ class TargetPool(_Pool):
     def _launch(self, *, timeout_s: float) -> _Member:
         import ray
 
-        from actors.pipeline import TargetShard
+        from tandem.actors.pipeline import TargetShard
 
         spec = self.spec
         pg = _placement_group(spec.placement, spec.shards, timeout_s=timeout_s, what=self.what)

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from actors.speculative import RequestStateLostError, SideUnavailableError
+from tandem.actors.speculative import RequestStateLostError, SideUnavailableError
 
 ACTOR_ERRORS: tuple[type[BaseException], ...] = ()
 

@@ -29,9 +29,9 @@ from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
-from speculation.sampling import SamplingParams
-from speculation.sorted_policy import ExitPolicy
-from speculation.stats import SpecStats
+from tandem.speculation.sampling import SamplingParams
+from tandem.speculation.sorted_policy import ExitPolicy
+from tandem.speculation.stats import SpecStats
 
 METHODS = ("ar", "sd", "sorted", "pearl", "spectr")
 

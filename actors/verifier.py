@@ -22,13 +22,13 @@ from typing import Sequence
 
 import torch
 
-from actors.batching import Cancellations
-from actors.drafter import DraftBlock, DraftBranches
-from actors.runner import ContextLengthError, ModelRunner, SequenceState
-from actors.speculative import RequestAlreadyOpenError, RequestStateLostError
-from speculation.sampling import SamplingParams, logits_to_probs, make_generator, sample
-from speculation.spectr import verify_kseq, verify_kseq_greedy
-from speculation.verify import verify_block, verify_greedy
+from tandem.actors.batching import Cancellations
+from tandem.actors.drafter import DraftBlock, DraftBranches
+from tandem.actors.runner import ContextLengthError, ModelRunner, SequenceState
+from tandem.actors.speculative import RequestAlreadyOpenError, RequestStateLostError
+from tandem.speculation.sampling import SamplingParams, logits_to_probs, make_generator, sample
+from tandem.speculation.spectr import verify_kseq, verify_kseq_greedy
+from tandem.speculation.verify import verify_block, verify_greedy
 
 
 @dataclass(frozen=True)

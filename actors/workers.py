@@ -16,12 +16,12 @@ from typing import Any, Sequence
 
 import torch
 
-from actors.batching import Cancellations, MicroBatcher
-from actors.drafter import DraftBlock, DraftBranches, Drafter
-from actors.runner import ModelRunner
-from actors.verifier import Verifier, VerifyOutcome
-from speculation.sampling import SamplingParams
-from speculation.sorted_policy import ExitPolicy
+from tandem.actors.batching import Cancellations, MicroBatcher
+from tandem.actors.drafter import DraftBlock, DraftBranches, Drafter
+from tandem.actors.runner import ModelRunner
+from tandem.actors.verifier import Verifier, VerifyOutcome
+from tandem.speculation.sampling import SamplingParams
+from tandem.speculation.sorted_policy import ExitPolicy
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class ModelLoad:
         head_ids = self.head_ids
         restricted = "all"
         if self.exit_adapters:
-            from actors.exit_adapters import load_exit_adapters
+            from tandem.actors.exit_adapters import load_exit_adapters
 
             adapters, trained, trained_head = load_exit_adapters(self.exit_adapters, dtype=self.dtype)
             exits = tuple(sorted(set(exits) | set(trained)))
@@ -66,7 +66,7 @@ class ModelLoad:
             model=model,
         )
         if self.exit_adapters:
-            from actors.exit_adapters import check_runner_matches
+            from tandem.actors.exit_adapters import check_runner_matches
 
             check_runner_matches(self.exit_adapters, runner)
         return runner
@@ -179,7 +179,7 @@ class TargetWorker(_Worker):
         if stages:
             import ray
 
-            from actors.pipeline import PipelineRunner
+            from tandem.actors.pipeline import PipelineRunner
 
             first = ray.get(stages[-1].info.remote())
             runner = PipelineRunner(stages, vocab_size=first["vocab_size"], max_context=first["max_context"], name=f"t{os.getpid()}")
@@ -233,13 +233,13 @@ class TargetWorker(_Worker):
             import ray
 
             return ray.get(self.runner.stages[0].tokenizer.remote())
-        from actors.runner import load_tokenizer
+        from tandem.actors.runner import load_tokenizer
 
         return load_tokenizer(self.load.local_path())
 
     def eos_ids(self) -> list[int]:
         """End-of-sequence ids from the model's generation config."""
-        from actors.runner import generation_eos_ids
+        from tandem.actors.runner import generation_eos_ids
 
         if self.load is None:
             import ray

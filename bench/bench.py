@@ -22,8 +22,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from speculation.sampling import SamplingParams
-from speculation.stats import SpecStats
+from tandem.speculation.sampling import SamplingParams
+from tandem.speculation.stats import SpecStats
 
 BASELINES = ("hf-ar", "hf-assisted")
 TANDEM_METHODS = ("ar", "sd", "sorted", "pearl", "spectr")
@@ -260,8 +260,8 @@ class LocalBackend:
     via = "local"
 
     def __init__(self, *, args, hf_target, dtype: str, threads: int, exits: tuple[int, ...]):
-        from actors.local import LocalEngine
-        from deploy.models import ModelSpec, build_runner
+        from tandem.actors.local import LocalEngine
+        from tandem.deploy.models import ModelSpec, build_runner
 
         target = build_runner(ModelSpec(ref=args.target, dtype=dtype), model=hf_target)
         draft = build_runner(
@@ -292,12 +292,12 @@ class ActorBackend:
     via = "actors"
 
     def __init__(self, *, args, dtype: str, exits: tuple[int, ...]):
-        from actors.engine import ActorEngine
-        from actors.pools import DraftPool, DraftPoolSpec, TargetPool, TargetSpec, pool_resources
-        from actors.remote import ensure_ray
-        from actors.workers import ModelLoad
-        from deploy.models import trained_exits_for
-        from deploy.packs import resolve_model_path
+        from tandem.actors.engine import ActorEngine
+        from tandem.actors.pools import DraftPool, DraftPoolSpec, TargetPool, TargetSpec, pool_resources
+        from tandem.actors.remote import ensure_ray
+        from tandem.actors.workers import ModelLoad
+        from tandem.deploy.models import trained_exits_for
+        from tandem.deploy.packs import resolve_model_path
 
         self.draft_threads = args.draft_threads
         self.target_threads = args.target_threads
@@ -322,8 +322,8 @@ class ActorBackend:
         self.draft_exits = tuple(self.engine.draft_pool.info["exits"])
 
     def generate(self, ids, method, max_new, sp, *, gamma, policy, k, stop_ids):
-        from actors.local import DEFAULT_GAMMA
-        from actors.speculative import SpecConfig
+        from tandem.actors.local import DEFAULT_GAMMA
+        from tandem.actors.speculative import SpecConfig
 
         spec = SpecConfig(method=method, gamma=gamma or DEFAULT_GAMMA[method], policy=policy, k=k)
         return self.engine.generate("target", ids, spec=spec, sampling=sp, max_new_tokens=max_new, stop_ids=stop_ids)
@@ -357,11 +357,11 @@ def main(args) -> int:
     """Run the benchmark described by parsed CLI `args` (see deploy/cli.py)."""
     from tqdm import tqdm
 
-    from actors.local import available_threads
-    from actors.runner import parse_dtype
-    from deploy.models import encode_prompt, load_causal_lm, sorted_thresholds, stop_ids_for, tokenizer_for
-    from deploy.packs import resolve_model_path
-    from speculation.sorted_policy import ExitPolicy
+    from tandem.actors.local import available_threads
+    from tandem.actors.runner import parse_dtype
+    from tandem.deploy.models import encode_prompt, load_causal_lm, sorted_thresholds, stop_ids_for, tokenizer_for
+    from tandem.deploy.packs import resolve_model_path
+    from tandem.speculation.sorted_policy import ExitPolicy
 
     methods = parse_methods(args.methods)
     via = getattr(args, "via", "local")

@@ -53,12 +53,12 @@ def run(root: Path, *, say=print) -> dict:
     import ray
     from ray.cluster_utils import Cluster
 
-    from actors.autoscale import ScalePolicy
-    from actors.engine import ActorEngine
-    from actors.pools import DraftPool, DraftPoolSpec, TargetPool, TargetSpec
-    from actors.speculative import SpecConfig
-    from actors.workers import ModelLoad
-    from bench.tiny_models import make_tiny_model
+    from tandem.actors.autoscale import ScalePolicy
+    from tandem.actors.engine import ActorEngine
+    from tandem.actors.pools import DraftPool, DraftPoolSpec, TargetPool, TargetSpec
+    from tandem.actors.speculative import SpecConfig
+    from tandem.actors.workers import ModelLoad
+    from tandem.bench.tiny_models import make_tiny_model
 
     target_path = make_tiny_model(root / "target", seed=1)
     draft_path = make_tiny_model(root / "draft", seed=2, layers=4)
@@ -145,7 +145,7 @@ def run(root: Path, *, say=print) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.cluster_check", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m tandem.bench.cluster_check", description=__doc__.split("\n\n")[0])
     ap.add_argument("--output", default=None, help="also write the summary JSON here")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -13,7 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from bench.bench import eprint, load_prompts, write_json
+from tandem.bench.bench import eprint, load_prompts, write_json
 
 
 @dataclass
@@ -126,7 +126,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(args) -> int:
-    from services.client import TandemClient
+    from tandem.services.client import TandemClient
 
     import os
 

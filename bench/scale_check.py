@@ -23,14 +23,14 @@ import urllib.request
 from collections import Counter
 from pathlib import Path
 
-from services.client import TandemClient, TandemError
+from tandem.services.client import TandemClient, TandemError
 
 TARGET = "small"
 PROMPT = "def x return the a of"
 
 
 def scale_config(root: Path, *, max_replicas: int = 3, downscale_delay_s: float = 15.0) -> dict:
-    from bench.tiny_models import make_service_models
+    from tandem.bench.tiny_models import make_service_models
 
     models = make_service_models(root)
     return {
@@ -178,7 +178,7 @@ def run_scale_check(server, *, base_clients: int, phases_s: tuple[float, float, 
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.scale_check", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m tandem.bench.scale_check", description=__doc__.split("\n\n")[0])
     ap.add_argument("--base-clients", type=int, default=2, help="clients of the base load (doubled for the middle phase)")
     ap.add_argument("--base-s", type=float, default=30.0)
     ap.add_argument("--double-s", type=float, default=60.0)
@@ -187,9 +187,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from actors.remote import stop_ray
-    from deploy.config import parse_config
-    from deploy.serve import BackgroundServer
+    from tandem.actors.remote import stop_ray
+    from tandem.deploy.config import parse_config
+    from tandem.deploy.serve import BackgroundServer
 
     with tempfile.TemporaryDirectory(prefix="tandem-scale-") as tmp:
         server = BackgroundServer(parse_config(scale_config(Path(tmp))), resolve=None)

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import grpc
 
-from services.client import TandemClient, TandemError
+from tandem.services.client import TandemClient, TandemError
 
 REFUSALS = {"RESOURCE_EXHAUSTED"}  # refused before any work: allowed under overload
 CLEAN_ERRORS = {"INVALID_ARGUMENT", "NOT_FOUND", "DEADLINE_EXCEEDED", "CANCELLED", "UNAVAILABLE"}
@@ -50,7 +50,7 @@ MALFORMED = [
 
 
 def tiny_config(root: Path) -> dict:
-    from bench.tiny_models import make_service_models
+    from tandem.bench.tiny_models import make_service_models
 
     models = make_service_models(root)
     return {
@@ -350,7 +350,7 @@ class Soak:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m tandem.bench.soak", description=__doc__.split("\n\n")[0])
     ap.add_argument("--minutes", type=float, default=30.0, help="how long traffic runs (default 30)")
     ap.add_argument("--clients", type=int, default=6, help="client threads, one request in flight each (default 6)")
     ap.add_argument("--chaos-every", type=float, default=45.0, help="mean seconds between actor kills/pauses (default 45)")
@@ -360,9 +360,9 @@ def main(argv=None) -> int:
     ap.add_argument("--output", default="bench/results/soak.json", help="summary JSON (default bench/results/soak.json)")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from actors.remote import stop_ray
-    from deploy.config import TandemConfig, parse_config
-    from deploy.serve import BackgroundServer
+    from tandem.actors.remote import stop_ray
+    from tandem.deploy.config import TandemConfig, parse_config
+    from tandem.deploy.serve import BackgroundServer
 
     with tempfile.TemporaryDirectory(prefix="tandem-soak-") as tmp:
         if args.models == "tiny":

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from deploy.config import TandemConfig
+from tandem.deploy.config import TandemConfig
 
 SAMPLING_KEYS = {"temperature", "top_p", "top_k", "seed", "max_new_tokens", "stop", "ignore_eos"}
 METHODS = {"auto", "off", "ar", "sd", "sorted", "pearl", "spectr"}
@@ -82,7 +82,7 @@ def _normalize(raw: Any, *, line: int, targets: list[str]) -> dict:
     unknown = set(sampling) - SAMPLING_KEYS
     if unknown:
         raise ValueError(f"sampling: unknown field(s) {', '.join(sorted(unknown))}")
-    from speculation.sampling import SamplingParams
+    from tandem.speculation.sampling import SamplingParams
 
     try:
         SamplingParams(
@@ -163,7 +163,7 @@ class GenerateRecords:
     def __init__(self, config: dict, threads: int, default_max_new_tokens: int, resolve=None):
         import torch
 
-        from deploy.config import parse_config
+        from tandem.deploy.config import parse_config
 
         torch.set_num_threads(threads)
         self.cfg = parse_config(config)
@@ -176,10 +176,10 @@ class GenerateRecords:
     def _engine(self, target: str):
         if target in self.engines:
             return self.engines[target]
-        from actors.local import LocalEngine
-        from actors.runner import ModelRunner, generation_eos_ids, load_tokenizer
-        from actors.workers import ModelLoad
-        from deploy.models import trained_exits_for
+        from tandem.actors.local import LocalEngine
+        from tandem.actors.runner import ModelRunner, generation_eos_ids, load_tokenizer
+        from tandem.actors.workers import ModelLoad
+        from tandem.deploy.models import trained_exits_for
 
         t = next(t for t in self.cfg.targets if t.name == target)
         path = self.resolve(t.model_ref) if self.resolve else t.model_ref
@@ -199,8 +199,8 @@ class GenerateRecords:
         return self.engines[target]
 
     def _generate(self, rec: dict) -> dict:
-        from deploy.models import encode_prompt
-        from speculation.sampling import SamplingParams
+        from tandem.deploy.models import encode_prompt
+        from tandem.speculation.sampling import SamplingParams
 
         engine, tok, eos = self._engine(rec["target"])
         s = rec["sampling"]
@@ -295,7 +295,7 @@ def run_batch(
     import ray
     from tqdm import tqdm
 
-    from actors.remote import ensure_ray
+    from tandem.actors.remote import ensure_ray
 
     inp, out = Path(input_path), Path(output_path)
     if not inp.is_file():

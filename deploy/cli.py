@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Sequence
 
-from deploy.packs import DEFAULT_DRAFT, DEFAULT_TARGET
+from tandem.deploy.packs import DEFAULT_DRAFT, DEFAULT_TARGET
 
 METHOD_CHOICES = ["ar", "sd", "sorted", "pearl", "spectr"]
 
@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _policy_from_args(args, draft_runner):
-    from speculation.sorted_policy import ExitPolicy
+    from tandem.speculation.sorted_policy import ExitPolicy
 
     if args.method != "sorted":
         return None
@@ -141,7 +141,7 @@ def _policy_from_args(args, draft_runner):
               "see `tandem train-exits`, or pass --exits); running sd instead", file=sys.stderr)
         args.method = "sd"
         return None
-    from deploy.models import sorted_thresholds
+    from tandem.deploy.models import sorted_thresholds
 
     return ExitPolicy(exits=exits, thresholds=sorted_thresholds(args, exits))
 
@@ -154,10 +154,10 @@ def cmd_generate(args) -> int:
     args.method = args.method or "sd"
     if args.method in ("auto", "off"):
         args.method = "ar" if args.method == "off" else "sd"
-    from actors.local import LocalEngine
-    from deploy.models import ModelSpec, build_runner, encode_prompt, stop_ids_for, tokenizer_for
-    from deploy.packs import resolve_model_path
-    from speculation.sampling import SamplingParams
+    from tandem.actors.local import LocalEngine
+    from tandem.deploy.models import ModelSpec, build_runner, encode_prompt, stop_ids_for, tokenizer_for
+    from tandem.deploy.packs import resolve_model_path
+    from tandem.speculation.sampling import SamplingParams
 
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     tokenizer = tokenizer_for(args.target)
@@ -217,7 +217,7 @@ def cmd_generate(args) -> int:
 
 
 def _client(args):
-    from services.client import TandemClient
+    from tandem.services.client import TandemClient
 
     token = args.token or os.environ.get("TANDEM_AUTH_TOKEN")
     ca = open(args.ca, "rb").read() if getattr(args, "ca", None) else None
@@ -225,7 +225,7 @@ def _client(args):
 
 
 def cmd_generate_remote(args) -> int:
-    from services.client import TandemError
+    from tandem.services.client import TandemError
 
     kwargs = dict(
         target=args.target,
@@ -312,7 +312,7 @@ class TextStreamer:
 
 def cmd_models(args) -> int:
     if args.server:
-        from services.client import TandemError
+        from tandem.services.client import TandemError
 
         try:
             with _client(args) as client:
@@ -326,7 +326,7 @@ def cmd_models(args) -> int:
             d = info["draft"]
             print(f"draft  {d['model']} x{d['replicas']} {d['dtype']} exits {d['exits']}")
         return 0
-    from deploy.packs import pack_status
+    from tandem.deploy.packs import pack_status
 
     for name, status in pack_status().items():
         print(f"{name:32s} {status}")
@@ -343,8 +343,8 @@ def cmd_serve(args) -> int:
     import asyncio
     import logging
 
-    from deploy.config import load_config
-    from deploy.serve import serve_forever
+    from tandem.deploy.config import load_config
+    from tandem.deploy.serve import serve_forever
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = load_config(args.config, overrides=_flag_overrides(
@@ -353,9 +353,9 @@ def cmd_serve(args) -> int:
 
 
 def cmd_batch(args) -> int:
-    from deploy.batch import run_batch
-    from deploy.config import load_config
-    from deploy.packs import resolve_model_path
+    from tandem.deploy.batch import run_batch
+    from tandem.deploy.config import load_config
+    from tandem.deploy.packs import resolve_model_path
 
     cfg = load_config(args.config, overrides=_flag_overrides(
         ray={"address": args.address},
@@ -381,9 +381,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] in ("train-exits", "exit-report"):
         # these own their flags (deploy/train_exits.py, deploy/exit_report.py)
         if argv[0] == "train-exits":
-            from deploy.train_exits import main as sub_main
+            from tandem.deploy.train_exits import main as sub_main
         else:
-            from deploy.exit_report import main as sub_main
+            from tandem.deploy.exit_report import main as sub_main
         return sub_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -392,10 +392,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_generate(args)
         if args.command == "bench":
             if args.via == "grpc":
-                from bench.grpc_bench import main as grpc_bench_main
+                from tandem.bench.grpc_bench import main as grpc_bench_main
 
                 return grpc_bench_main(args)
-            from bench.bench import main as bench_main
+            from tandem.bench.bench import main as bench_main
 
             return bench_main(args)
         if args.command == "models":

@@ -34,7 +34,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
-from deploy.packs import DEFAULT_DRAFT, DEFAULT_TARGET
+from tandem.deploy.packs import DEFAULT_DRAFT, DEFAULT_TARGET
 
 Method = Literal["auto", "off", "sd", "sorted", "pearl", "spectr"]
 
@@ -96,7 +96,7 @@ class PoolResources(_Strict):
 
     def to_placement(self):
         """The actors-layer Placement (actors.pools) of this pool."""
-        from actors.pools import Placement
+        from tandem.actors.pools import Placement
 
         return Placement(resources=dict(self.resources), num_gpus=self.num_gpus, accelerator_type=self.accelerator_type)
 

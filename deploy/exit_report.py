@@ -42,8 +42,8 @@ from typing import Any, Sequence
 
 import torch
 
-from deploy.paths import EVAL_DIR
-from deploy.exits import default_exits_dir
+from tandem.deploy.paths import EVAL_DIR
+from tandem.deploy.exits import default_exits_dir
 
 DEFAULT_TARGETS = "qwen2.5-coder-1.5b-instruct,qwen2.5-coder-0.5b-instruct"
 DEFAULT_DATASETS = (str(EVAL_DIR / "code_dev.jsonl"), str(EVAL_DIR / "spec_bench_dev.jsonl"))
@@ -54,7 +54,7 @@ REPLAY_BLOCK = 8  # <= QuantLinear.QUANT_MAX_ROWS: the same kernels as one-token
 
 def parse_policy(text: str):
     """'8,12,24:0.9,0.7' -> ExitPolicy(exits=(8, 12, 24), thresholds=(0.9, 0.7))."""
-    from speculation.sorted_policy import ExitPolicy
+    from tandem.speculation.sorted_policy import ExitPolicy
 
     exits_text, _, thr_text = text.partition(":")
     exits = tuple(int(x) for x in exits_text.split(",") if x.strip())
@@ -305,13 +305,13 @@ def _log(msg: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from actors.exit_adapters import check_runner_matches, load_exit_adapters, read_manifest
-    from actors.local import LocalEngine, available_threads
-    from actors.runner import ModelRunner, load_causal_lm
-    from deploy.models import encode_prompt, stop_ids_for, tokenizer_for
-    from deploy.packs import resolve_model_path
-    from speculation.sampling import SamplingParams
-    from speculation.sorted_policy import ExitPolicy
+    from tandem.actors.exit_adapters import check_runner_matches, load_exit_adapters, read_manifest
+    from tandem.actors.local import LocalEngine, available_threads
+    from tandem.actors.runner import ModelRunner, load_causal_lm
+    from tandem.deploy.models import encode_prompt, stop_ids_for, tokenizer_for
+    from tandem.deploy.packs import resolve_model_path
+    from tandem.speculation.sampling import SamplingParams
+    from tandem.speculation.sorted_policy import ExitPolicy
 
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ MANIFEST = "exit_adapters.json"  # = actors.exit_adapters.MANIFEST (not imported
 
 def default_exits_dir(draft_ref: str) -> Path:
     """$TANDEM_CACHE/exits/<pack name, or the last part of a local path>."""
-    from deploy.packs import cache_root
+    from tandem.deploy.packs import cache_root
 
     name = Path(draft_ref.rstrip("/")).name if ("/" in draft_ref or os.sep in draft_ref) else draft_ref
     return cache_root() / "exits" / name

@@ -7,8 +7,8 @@ import functools
 from dataclasses import dataclass
 from typing import Sequence
 
-from actors.runner import ModelRunner, load_causal_lm, load_tokenizer, parse_dtype
-from deploy.packs import DEFAULT_DRAFT, DEFAULT_TARGET, resolve_model_path
+from tandem.actors.runner import ModelRunner, load_causal_lm, load_tokenizer, parse_dtype
+from tandem.deploy.packs import DEFAULT_DRAFT, DEFAULT_TARGET, resolve_model_path
 
 DRAFT_QUANTIZE_DEFAULT = "int4"
 
@@ -31,7 +31,7 @@ def trained_exits_for(ref: str, setting: str | None) -> str | None:
     if setting in (None, "", "none"):
         return None
     if setting == "auto":
-        from deploy.exits import find_trained_exits
+        from tandem.deploy.exits import find_trained_exits
 
         found = find_trained_exits(ref)
         return str(found) if found else None
@@ -51,7 +51,7 @@ def default_thresholds(adapters: str | None, exits: tuple[int, ...]) -> tuple[fl
     calibration (emit early only where the exit agrees with the full draft at least 90% of
     the time) when the adapters folder has one, else 0.8 per exit below the deepest."""
     if adapters:
-        from actors.exit_adapters import read_manifest, suggest_thresholds
+        from tandem.actors.exit_adapters import read_manifest, suggest_thresholds
 
         calib = read_manifest(adapters).get("training", {}).get("calibration")
         if calib:
@@ -61,7 +61,7 @@ def default_thresholds(adapters: str | None, exits: tuple[int, ...]) -> tuple[fl
 
 def build_runner(spec: ModelSpec, *, model=None) -> ModelRunner:
     """Resolve and load one model into a ModelRunner (trained exits included)."""
-    from actors.workers import ModelLoad
+    from tandem.actors.workers import ModelLoad
 
     parse_dtype(spec.dtype)  # clear error before any loading
     load = ModelLoad(

@@ -12,18 +12,18 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from actors.engine import ActorEngine
-from actors.autoscale import ScalePolicy
-from actors.pools import DRAFT_POOL, DraftPool, DraftPoolSpec, TargetPool, TargetSpec, pool_resources
-from actors.remote import ensure_ray, join_address, stop_ray
-from actors.workers import ModelLoad
-from deploy.config import TandemConfig
-from deploy.models import default_thresholds, trained_exits_for
-from deploy.packs import resolve_model_path
-from services.router import Router, TargetRoute
-from services.server import RunningServer, start_server
-from speculation.goodput import GoodputPolicy
-from speculation.sorted_policy import ExitPolicy
+from tandem.actors.engine import ActorEngine
+from tandem.actors.autoscale import ScalePolicy
+from tandem.actors.pools import DRAFT_POOL, DraftPool, DraftPoolSpec, TargetPool, TargetSpec, pool_resources
+from tandem.actors.remote import ensure_ray, join_address, stop_ray
+from tandem.actors.workers import ModelLoad
+from tandem.deploy.config import TandemConfig
+from tandem.deploy.models import default_thresholds, trained_exits_for
+from tandem.deploy.packs import resolve_model_path
+from tandem.services.router import Router, TargetRoute
+from tandem.services.server import RunningServer, start_server
+from tandem.speculation.goodput import GoodputPolicy
+from tandem.speculation.sorted_policy import ExitPolicy
 
 log = logging.getLogger("tandem.serve")
 
@@ -178,7 +178,7 @@ async def build_app(cfg: TandemConfig, *, resolve=resolve_model_path, engine: Ac
     routes = build_routes(cfg, engine)
     telemetry = None
     if cfg.server.metrics_port is not None or cfg.server.otlp_endpoint:
-        from services.telemetry import Telemetry
+        from tandem.services.telemetry import Telemetry
 
         telemetry = Telemetry(
             metrics_port=cfg.server.metrics_port,

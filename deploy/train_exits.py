@@ -62,8 +62,8 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from actors.exit_adapters import ExitAdapter, identity_of_hf_model, save_exit_adapters
-from deploy.paths import EVAL_DIR
+from tandem.actors.exit_adapters import ExitAdapter, identity_of_hf_model, save_exit_adapters
+from tandem.deploy.paths import EVAL_DIR
 
 DEFAULT_PROMPTS = str(EVAL_DIR / "*_dev.jsonl")
 CHECKPOINT_DIR = "checkpoint"
@@ -974,7 +974,7 @@ def validation_kl(cfg: TrainConfig, adapters: dict[int, ExitAdapter], *, device:
     """Evaluate bare exits and `adapters` on cfg's validation split, with the head subset
     saved in cfg.out. Returns (before, after, sequences): per exit {"kl": per-token KL [N],
     "kl_mean", "top1_agree"}; N = sequences * seq_len, in sequence order."""
-    from actors.exit_adapters import load_exit_adapters
+    from tandem.actors.exit_adapters import load_exit_adapters
 
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.dtype]
     model, tokenizer = _load_model(cfg, dtype, torch.device(device))
@@ -1058,7 +1058,7 @@ def run_ray(cfg: TrainConfig, *, use_gpu: bool, address: str | None) -> None:
 
 
 def resolve_draft(ref: str) -> str:
-    from deploy.packs import resolve_model_path
+    from tandem.deploy.packs import resolve_model_path
 
     return resolve_model_path(ref)
 
@@ -1066,7 +1066,7 @@ def resolve_draft(ref: str) -> str:
 def recalibrate(out: str | Path, *, device: str = "cpu") -> dict[str, Any]:
     """Recompute validation KL and the threshold calibration of a finished adapter folder
     (with the settings it was trained with) and store them in its manifest."""
-    from actors.exit_adapters import MANIFEST, _atomic_write_bytes, load_exit_adapters, read_manifest
+    from tandem.actors.exit_adapters import MANIFEST, _atomic_write_bytes, load_exit_adapters, read_manifest
 
     manifest = read_manifest(out)
     saved = dict(manifest["training"]["config"])

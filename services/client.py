@@ -39,7 +39,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.protos.tandem.v1 import tandem_pb2, tandem_pb2_grpc
+from tandem.v1 import tandem_pb2, tandem_pb2_grpc
 
 __all__ = [
     "METHODS",
@@ -73,8 +73,12 @@ MAX_DRAFT_LEN = 64  # SpeculationOptions.max_draft_len is documented as 1..64
 CHAT_ROLES = ("system", "user", "assistant")
 
 # Derived from the enum descriptors, so a value added to the .proto shows up here by itself.
+# UNSPECIFIED (0) is not a method: a request that leaves the method unset gets the server's
+# default (auto).
 _METHOD_BY_NAME: dict[str, int] = {
-    name[len(_METHOD_PREFIX) :].lower(): number for name, number in tandem_pb2.SpeculationMethod.items()
+    name[len(_METHOD_PREFIX) :].lower(): number
+    for name, number in tandem_pb2.SpeculationMethod.items()
+    if number != tandem_pb2.SPECULATION_METHOD_UNSPECIFIED
 }
 _METHOD_BY_NUMBER: dict[int, str] = {number: name for name, number in _METHOD_BY_NAME.items()}
 _FINISH_BY_NUMBER: dict[int, str] = {
@@ -272,7 +276,7 @@ def build_generate_request(
     stop: str | Sequence[str] = (),
     stop_token_ids: Sequence[int] = (),
     ignore_eos: bool = False,
-    method: str = "auto",
+    method: str | None = None,
     max_draft_len: int | None = None,
     request_id: str = "",
     raw_prompt: bool = False,
@@ -298,7 +302,9 @@ def build_generate_request(
             stop_token_ids=stop_token_ids,
             ignore_eos=ignore_eos,
         ),
-        speculation=tandem_pb2.SpeculationOptions(method=method_to_enum(method)),
+        speculation=tandem_pb2.SpeculationOptions(
+            method=tandem_pb2.SPECULATION_METHOD_UNSPECIFIED if method is None else method_to_enum(method)
+        ),
     )
     if max_draft_len is not None:
         request.speculation.max_draft_len = _check_int("max_draft_len", max_draft_len, low=1, high=MAX_DRAFT_LEN)
@@ -563,7 +569,7 @@ class TandemClient:
         stop: str | Sequence[str] = (),
         stop_token_ids: Sequence[int] = (),
         ignore_eos: bool = False,
-        method: str = "auto",
+        method: str | None = None,
         max_draft_len: int | None = None,
         request_id: str = "",
         raw_prompt: bool = False,
@@ -604,7 +610,7 @@ class TandemClient:
         stop: str | Sequence[str] = (),
         stop_token_ids: Sequence[int] = (),
         ignore_eos: bool = False,
-        method: str = "auto",
+        method: str | None = None,
         max_draft_len: int | None = None,
         request_id: str = "",
         raw_prompt: bool = False,
@@ -778,7 +784,7 @@ class AsyncTandemClient:
         stop: str | Sequence[str] = (),
         stop_token_ids: Sequence[int] = (),
         ignore_eos: bool = False,
-        method: str = "auto",
+        method: str | None = None,
         max_draft_len: int | None = None,
         request_id: str = "",
         raw_prompt: bool = False,
@@ -819,7 +825,7 @@ class AsyncTandemClient:
         stop: str | Sequence[str] = (),
         stop_token_ids: Sequence[int] = (),
         ignore_eos: bool = False,
-        method: str = "auto",
+        method: str | None = None,
         max_draft_len: int | None = None,
         request_id: str = "",
         raw_prompt: bool = False,

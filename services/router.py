@@ -22,11 +22,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Sequence
 
-from actors.pools import DRAFT_POOL
-from actors.speculative import GenerationResult, SideUnavailableError, SpecConfig
-from speculation.goodput import Choice, GoodputPolicy
-from speculation.sampling import SamplingParams
-from speculation.sorted_policy import ExitPolicy
+from tandem.actors.pools import DRAFT_POOL
+from tandem.actors.speculative import GenerationResult, SideUnavailableError, SpecConfig
+from tandem.speculation.goodput import Choice, GoodputPolicy
+from tandem.speculation.sampling import SamplingParams
+from tandem.speculation.sorted_policy import ExitPolicy
 
 log = logging.getLogger("tandem.router")
 

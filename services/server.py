@@ -14,9 +14,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.protos.tandem.v1 import tandem_pb2 as pb
-from services.router import Router
-from services.servicer import TandemServicer, add_tandem_servicer
+from tandem.v1 import tandem_pb2 as pb
+from tandem.services.router import Router
+from tandem.services.servicer import TandemServicer, add_tandem_servicer
 
 log = logging.getLogger("tandem.server")
 

@@ -16,16 +16,17 @@ from dataclasses import dataclass
 
 import grpc
 
-from actors.pools import DRAFT_POOL
-from actors.speculative import SideUnavailableError
-from services.protos.tandem.v1 import tandem_pb2 as pb
-from services.protos.tandem.v1 import tandem_pb2_grpc as pb_grpc
-from services.router import Delta, QueueFullError, RouteRequest, Router, TargetRoute, UnknownTargetError
-from speculation.sampling import SamplingParams
+from tandem.actors.pools import DRAFT_POOL
+from tandem.actors.speculative import SideUnavailableError
+from tandem.v1 import tandem_pb2 as pb
+from tandem.v1 import tandem_pb2_grpc as pb_grpc
+from tandem.services.router import Delta, QueueFullError, RouteRequest, Router, TargetRoute, UnknownTargetError
+from tandem.speculation.sampling import SamplingParams
 
 log = logging.getLogger("tandem.servicer")
 
 METHOD_BY_ENUM = {
+    pb.SPECULATION_METHOD_UNSPECIFIED: "auto",  # unset: the server's default
     pb.SPECULATION_METHOD_AUTO: "auto",
     pb.SPECULATION_METHOD_OFF: "off",
     pb.SPECULATION_METHOD_SD: "sd",
@@ -33,7 +34,7 @@ METHOD_BY_ENUM = {
     pb.SPECULATION_METHOD_PEARL: "pearl",
     pb.SPECULATION_METHOD_SPECTR: "spectr",
 }
-ENUM_BY_METHOD = {v: k for k, v in METHOD_BY_ENUM.items()}
+ENUM_BY_METHOD = {v: k for k, v in METHOD_BY_ENUM.items() if k != pb.SPECULATION_METHOD_UNSPECIFIED}
 FINISH_BY_NAME = {
     "stop": pb.FINISH_REASON_STOP,
     "length": pb.FINISH_REASON_LENGTH,

@@ -2,7 +2,7 @@
 S2D exit policy and acceptance statistics. Imports only torch, numpy and the standard
 library, so it runs in unit tests without Ray, gRPC or transformers."""
 
-from speculation.sampling import (
+from tandem.speculation.sampling import (
     SamplingParams,
     SparseDist,
     logits_to_probs,
@@ -10,10 +10,10 @@ from speculation.sampling import (
     sample,
     truncate_to_sparse,
 )
-from speculation.sorted_policy import ExitPolicy, should_emit
-from speculation.spectr import KSeqResult, beta, kseq_residual, kseq_rho, kseq_select, verify_kseq, verify_kseq_greedy
-from speculation.stats import SpecStats
-from speculation.verify import VerifyResult, residual_distribution, verify_block, verify_greedy
+from tandem.speculation.sorted_policy import ExitPolicy, should_emit
+from tandem.speculation.spectr import KSeqResult, beta, kseq_residual, kseq_rho, kseq_select, verify_kseq, verify_kseq_greedy
+from tandem.speculation.stats import SpecStats
+from tandem.speculation.verify import VerifyResult, residual_distribution, verify_block, verify_greedy
 
 __all__ = [
     "ExitPolicy",

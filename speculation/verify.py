@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from speculation.sampling import SparseDist
+from tandem.speculation.sampling import SparseDist
 
 __all__ = ["VerifyResult", "residual_distribution", "verify_block", "verify_greedy"]
 

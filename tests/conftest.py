@@ -32,7 +32,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.tiny_models import TINY_VOCAB, TINY_WORDS, make_service_models, make_tiny_model, make_tiny_tokenizer  # noqa: F401 - re-exported to tests
+from tandem.bench.tiny_models import TINY_VOCAB, TINY_WORDS, make_service_models, make_tiny_model, make_tiny_tokenizer  # noqa: F401 - re-exported to tests
 
 ALPHA = 1e-4
 MIN_EXPECTED = 5.0

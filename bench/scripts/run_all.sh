@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Re-runs every benchmark whose tables the README and docs show, one after the other (each
-# needs the whole machine). Results land in bench/results/; `python -m bench.scripts.tables`
+# needs the whole machine). Results land in bench/results/; `python -m tandem.bench.scripts.tables`
 # renders them. About 90 minutes on 2 cores, half of it exit training.
 #
 #   STEPS="train report local actors grpc batch" bench/scripts/run_all.sh   # the default: all
@@ -19,7 +19,7 @@ DRAFT=qwen2.5-coder-0.5b-instruct
 mkdir -p bench/results
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 has() { [[ " $STEPS " == *" $1 "* ]]; }
-EXITS_DIR=$(.venv/bin/python -c "from deploy.train_exits import default_exits_dir; print(default_exits_dir('$DRAFT'))")
+EXITS_DIR=$(.venv/bin/python -c "from tandem.deploy.train_exits import default_exits_dir; print(default_exits_dir('$DRAFT'))")
 
 if has train; then
   echo "== train: exits 8,12,16 of $DRAFT, $TRAIN_MINUTES minutes -> $EXITS_DIR"
@@ -53,7 +53,7 @@ if has grpc; then
   trap 'kill $SERVER 2>/dev/null || true' EXIT
   for _ in $(seq 300); do
     .venv/bin/python -c "
-from services.client import TandemClient
+from tandem.services.client import TandemClient
 import sys
 try:
     sys.exit(0 if TandemClient('127.0.0.1:$PORT').health(timeout=2) == 'SERVING' else 1)

@@ -1,5 +1,5 @@
 """Render the README's benchmark tables from bench/results/*.json (so no number in the
-README is typed by hand). Usage: python -m bench.scripts.tables [RESULTS_DIR]"""
+README is typed by hand). Usage: python -m tandem.bench.scripts.tables [RESULTS_DIR]"""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ def _machine(m: dict) -> str:
 
 
 def local_table(d: dict) -> str:
-    from bench.bench import format_table
+    from tandem.bench.bench import format_table
 
     c = d["config"]
     head = (
@@ -61,7 +61,7 @@ def actors_table(d: dict) -> str:
 
 
 def grpc_table(d: dict) -> str:
-    from bench.grpc_bench import format_table
+    from tandem.bench.grpc_bench import format_table
 
     c = d["config"]
     return (

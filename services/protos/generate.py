@@ -1,12 +1,11 @@
 """Regenerate the Python stubs of proto/tandem/v1/tandem.proto (`make proto`).
 
-The stubs are checked in under services/protos/tandem/v1/ so that running tandem needs no
-protoc; tests/service/test_proto_stubs.py regenerates them into a temporary folder and fails
-when the checked-in files differ (someone edited the .proto without regenerating).
-
-protoc writes `from tandem.v1 import tandem_pb2` into the gRPC module, which only works
-with the output folder on sys.path; the import is rewritten to a relative one so the stubs
-live inside the `services` package.
+The stubs are checked in beside the .proto (proto/tandem/v1/tandem_pb2*.py), which the
+package maps to the Python package `tandem.v1` (pyproject.toml), so protoc's own imports
+(`from tandem.v1 import tandem_pb2`) work unchanged and the wheel carries the .proto too.
+Running tandem needs no protoc; tests/service/test_proto_stubs.py regenerates the stubs
+into a temporary folder and fails when the checked-in files differ (someone edited the
+.proto without regenerating).
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 PROTO_ROOT = ROOT / "proto"
 PROTO_FILES = ["tandem/v1/tandem.proto"]
-OUT = Path(__file__).resolve().parent  # services/protos
+OUT = PROTO_ROOT  # the stubs live beside the .proto: proto/tandem/v1/
 
 
 def generate(out_dir: Path) -> list[Path]:
@@ -38,27 +37,17 @@ def generate(out_dir: Path) -> list[Path]:
     ]
     if protoc.main(args) != 0:
         raise RuntimeError("protoc failed on " + ", ".join(PROTO_FILES))
-    written = []
-    for path in sorted((out_dir / "tandem").rglob("*.py*")):
-        text = path.read_text()
-        text = text.replace("from tandem.v1 import tandem_pb2", "from . import tandem_pb2")
-        path.write_text(text)
-        written.append(path)
-    for pkg in (out_dir / "tandem", out_dir / "tandem" / "v1"):
-        (pkg / "__init__.py").touch()
-    return written
+    (out_dir / "tandem" / "v1" / "__init__.py").touch()  # `tandem` itself stays a namespace
+    return sorted(p for p in (out_dir / "tandem").rglob("*.py*"))
 
 
 def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
-        files = generate(Path(tmp))
-        for f in files:
+        for f in generate(Path(tmp)):
             dest = OUT / f.relative_to(tmp)
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_text(f.read_text())
             print(f"wrote {dest.relative_to(ROOT)}")
-    for pkg in (OUT / "tandem", OUT / "tandem" / "v1"):
-        (pkg / "__init__.py").touch()
     return 0
 
 

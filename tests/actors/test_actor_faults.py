@@ -18,10 +18,10 @@ import time
 import pytest
 import ray
 
-from actors.engine import ActorEngine
-from actors.pools import DraftPool, DraftPoolSpec, TargetPool, TargetSpec
-from actors.speculative import SpecConfig
-from actors.workers import ModelLoad
+from tandem.actors.engine import ActorEngine
+from tandem.actors.pools import DraftPool, DraftPoolSpec, TargetPool, TargetSpec
+from tandem.actors.speculative import SpecConfig
+from tandem.actors.workers import ModelLoad
 
 PROMPT = [0, 1, 2]
 

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from actors.pipeline import PipelineRunner, TargetShard, split_layers
-from actors.engine import ActorEngine
-from actors.pools import DraftPool, DraftPoolSpec, Placement, TargetPool, TargetSpec
-from actors.runner import ModelRunner
-from actors.speculative import SpecConfig
-from actors.workers import ModelLoad
-from speculation.sampling import SamplingParams, logits_to_probs
-from speculation.sorted_policy import ExitPolicy
+from tandem.actors.pipeline import PipelineRunner, TargetShard, split_layers
+from tandem.actors.engine import ActorEngine
+from tandem.actors.pools import DraftPool, DraftPoolSpec, Placement, TargetPool, TargetSpec
+from tandem.actors.runner import ModelRunner
+from tandem.actors.speculative import SpecConfig
+from tandem.actors.workers import ModelLoad
+from tandem.speculation.sampling import SamplingParams, logits_to_probs
+from tandem.speculation.sorted_policy import ExitPolicy
 
 PROMPT = [0, 1, 2]
 METHODS = ["sd", "sorted", "pearl", "spectr"]

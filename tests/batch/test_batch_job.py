@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deploy.batch import iter_output, run_batch
-from deploy.config import parse_config
+from tandem.deploy.batch import iter_output, run_batch
+from tandem.deploy.config import parse_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -107,7 +107,7 @@ def test_killed_job_resumes_without_loss_or_repeats(tiny_service_models, tmp_pat
     write_config(tmp_path / "cfg.yaml", tiny_service_models)
     keys, bad = write_input(tmp_path / "in.jsonl", 24, max_new=120)
     out = tmp_path / "out.jsonl"
-    cmd = [sys.executable, "-m", "deploy.cli", "batch", "--config", str(tmp_path / "cfg.yaml"),
+    cmd = [sys.executable, "-m", "tandem.deploy.cli", "batch", "--config", str(tmp_path / "cfg.yaml"),
            "--input", str(tmp_path / "in.jsonl"), "--output", str(out), "--min-actors", "1", "--max-actors", "1"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_DEDUP_LOGS": "0"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -194,7 +194,7 @@ def test_ray_job_submit_runs_a_batch_job_with_ray_address(tiny_service_models, t
             time.sleep(1.0)
         control = _submit(dashboard, [sys.executable, "-c", "import ray; ray.init(num_cpus=2)"], env, 120)
         assert control.returncode != 0 and "num_cpus" in control.stdout + control.stderr
-        job = _submit(dashboard, [sys.executable, "-m", "deploy.cli", "batch", "--config", str(tmp_path / "cfg.yaml"),
+        job = _submit(dashboard, [sys.executable, "-m", "tandem.deploy.cli", "batch", "--config", str(tmp_path / "cfg.yaml"),
                                   "--input", str(tmp_path / "in.jsonl"), "--output", str(out),
                                   "--min-actors", "1", "--max-actors", "1"], env, 300)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-2000:]

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from deploy.paths import EVAL_DIR
+from tandem.deploy.paths import EVAL_DIR
 
 TARGET = "qwen2.5-coder-1.5b-instruct"
 DRAFT = "qwen2.5-coder-0.5b-instruct"
@@ -21,13 +21,13 @@ def code_prompts(n: int) -> list[list[dict]]:
 
 @pytest.fixture(scope="session")
 def pack_paths():
-    from deploy.packs import resolve_model_path
+    from tandem.deploy.packs import resolve_model_path
 
     return {"target": resolve_model_path(TARGET), "draft": resolve_model_path(DRAFT)}
 
 
 @pytest.fixture(scope="session")
 def qwen_tokenizer(pack_paths):
-    from actors.runner import load_tokenizer
+    from tandem.actors.runner import load_tokenizer
 
     return load_tokenizer(pack_paths["target"])

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import pytest
 
-from actors.engine import ActorEngine
-from actors.pools import DraftPool, DraftPoolSpec, TargetPool, TargetSpec
-from actors.runner import generation_eos_ids
-from actors.speculative import SpecConfig
-from actors.workers import ModelLoad
-from speculation.sorted_policy import ExitPolicy
+from tandem.actors.engine import ActorEngine
+from tandem.actors.pools import DraftPool, DraftPoolSpec, TargetPool, TargetSpec
+from tandem.actors.runner import generation_eos_ids
+from tandem.actors.speculative import SpecConfig
+from tandem.actors.workers import ModelLoad
+from tandem.speculation.sorted_policy import ExitPolicy
 from tests.e2e.conftest import DRAFT, TARGET, code_prompts
 
 pytestmark = pytest.mark.slow
@@ -49,7 +49,7 @@ def test_every_method_through_actors_equals_target_only(ray_local, pack_paths, p
 
 
 def test_greedy_over_grpc_equals_target_only_for_both_targets(ray_local):
-    from services.client import TandemClient
+    from tandem.services.client import TandemClient
     from tests.service.conftest import ServerThread
 
     cfg = {
@@ -57,7 +57,7 @@ def test_greedy_over_grpc_equals_target_only_for_both_targets(ray_local):
         "draft_pool": {"model": DRAFT, "dtype": "float32", "quantize": "int4"},
         "targets": [{"name": TARGET, "dtype": "float32"}, {"name": DRAFT, "dtype": "float32"}],
     }
-    from deploy.packs import resolve_model_path
+    from tandem.deploy.packs import resolve_model_path
 
     srv = ServerThread(cfg, resolve=resolve_model_path)
     try:

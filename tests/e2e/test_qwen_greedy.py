@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from actors.local import LocalEngine, ThreadSplit
-from actors.runner import ModelRunner, generation_eos_ids, load_causal_lm
-from speculation.sorted_policy import ExitPolicy
+from tandem.actors.local import LocalEngine, ThreadSplit
+from tandem.actors.runner import ModelRunner, generation_eos_ids, load_causal_lm
+from tandem.speculation.sorted_policy import ExitPolicy
 from tests.e2e.conftest import code_prompts
 
 pytestmark = pytest.mark.slow

@@ -60,6 +60,8 @@ def parse(text: str) -> list[Instruction]:
 
 INSTRUCTIONS = parse(DOCKERFILE.read_text())
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
+# `pip install tandem` is the slim client; the image serves, so it installs the server extra.
+SERVER_DEPS = [Requirement(d) for d in PYPROJECT["project"]["optional-dependencies"]["server"]]
 
 
 def _arg_default(args: str) -> tuple[str, str | None]:
@@ -116,6 +118,15 @@ def final_runs(build_args: dict[str, str]) -> list[str]:
     return [substitute(i.args, {**last["args"], "PATH": "$PATH"}) for i in last["body"] if i.keyword == "RUN"]
 
 
+def is_project(word: str) -> bool:
+    """`.`, `./`, `.[x]` or `./[x]`: pip installing the project in the working directory."""
+    return re.fullmatch(r"\./?(\[[\w,]+\])?", word) is not None
+
+
+def extras(word: str) -> list[str]:
+    return word[word.index("[") + 1 : -1].split(",") if "[" in word else []
+
+
 def pip_installs(run: str) -> list[list[str]]:
     """Argument lists of every `pip install` in a RUN (split on && and ;)."""
     out = []
@@ -156,19 +167,18 @@ def test_ray_is_held_at_the_pinned_version():
     for req in pins:
         assert str(req.specifier) == f"=={ray_version()}"
         assert {"default", "data"} <= req.extras
-    deps = [Requirement(d) for d in PYPROJECT["project"]["dependencies"]]
-    for dep in deps:
+    for dep in SERVER_DEPS:
         if dep.name == "ray":
             assert dep.specifier.contains(ray_version())
 
 
 def test_torch_build_per_variant_and_before_the_project():
     torch_installed = importlib.metadata.version("torch").split("+")[0]
-    (torch_dep,) = [Requirement(d) for d in PYPROJECT["project"]["dependencies"] if d.startswith("torch")]
+    (torch_dep,) = [d for d in SERVER_DEPS if d.name == "torch"]
     for variant, index_hint in (({}, "/whl/cpu"), (GPU_ARGS, "pypi.org/simple")):
         runs = final_runs(variant)
         torch_runs = [i for i, r in enumerate(runs) if any(w.startswith("torch==") for a in pip_installs(r) for w in a)]
-        project_runs = [i for i, r in enumerate(runs) if any("." in a for a in pip_installs(r))]
+        project_runs = [i for i, r in enumerate(runs) if any(is_project(w) for a in pip_installs(r) for w in a)]
         assert torch_runs and project_runs and torch_runs[0] < project_runs[0], "torch first, then `pip install .`"
         run = runs[torch_runs[0]]
         version = re.search(r"torch==([\w.]+)", run).group(1)
@@ -182,13 +192,15 @@ def test_torch_build_per_variant_and_before_the_project():
 
 def test_installs_the_project_and_its_console_script():
     runs = final_runs({})
-    project = [a for r in runs for a in pip_installs(r) if any(w == "." or w.startswith(".[") for w in a)]
+    project = [a for r in runs for a in pip_installs(r) if any(is_project(w) for w in a)]
     assert project, "the Dockerfile must `pip install .`"
     extras_declared = set(PYPROJECT["project"].get("optional-dependencies", {}))
     for args in project:
         for word in args:
-            if word.startswith(".["):
-                assert set(word[2:-1].split(",")) <= extras_declared - {"packs"}, "packs are opt-in"
+            if is_project(word) and "[" in word:
+                assert set(extras(word)) <= extras_declared - {"packs"}, "packs are opt-in"
+    assert any("server" in extras(w) for a in project for w in a if is_project(w)), \
+        "the image serves: `pip install .[server]` (plain `.` is the client alone)"
     # the project is copied to the WORKDIR where pip runs
     body = stages({})[-1]["body"]
     workdir = [i.args for i in body if i.keyword == "WORKDIR"][-1]
@@ -215,7 +227,7 @@ def test_no_weights_baked_in():
     assert last["args"]["INSTALL_PACKS"] == "0"
     for dist in PYPROJECT["project"]["optional-dependencies"]["packs"]:
         assert Requirement(dist).name not in text
-    assert not any(w.startswith(".[") and "packs" in w for r in final_runs({}) for a in pip_installs(r) for w in a)
+    assert not any(is_project(w) and "packs" in extras(w) for r in final_runs({}) for a in pip_installs(r) for w in a)
 
 
 def test_packs_are_baked_in_from_the_hashed_lock_only_when_asked():

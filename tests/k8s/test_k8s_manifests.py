@@ -39,8 +39,8 @@ from ray.autoscaler._private.kuberay.autoscaling_config import (
 from ray.autoscaler._private.kuberay.utils import parse_quantity
 
 import crd_schema
-from deploy.config import PoolResources, TandemConfig, parse_config
-from deploy.packs import PACKS
+from tandem.deploy.config import PoolResources, TandemConfig, parse_config
+from tandem.deploy.packs import PACKS
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"

@@ -23,10 +23,10 @@ import numpy as np
 import pytest
 import torch
 
-from actors.local import LocalEngine, ThreadSplit
-from actors.runner import ModelRunner
-from speculation.sampling import SamplingParams, logits_to_probs
-from speculation.sorted_policy import ExitPolicy
+from tandem.actors.local import LocalEngine, ThreadSplit
+from tandem.actors.runner import ModelRunner
+from tandem.speculation.sampling import SamplingParams, logits_to_probs
+from tandem.speculation.sorted_policy import ExitPolicy
 
 PROMPT = [0, 1, 2]
 N = 3000
@@ -94,7 +94,7 @@ def test_sampled_with_top_k_top_p_follows_processed_target(engine, stat_tools):
 
 def test_wrong_residual_is_detected(engine, stat_tools, monkeypatch):
     """Negative control: the same statistic and N catch a lossy verifier."""
-    import speculation.verify as verify_mod
+    import tandem.speculation.verify as verify_mod
 
     monkeypatch.setattr(verify_mod, "residual_distribution", lambda p_row, q_row: p_row)
     params = SamplingParams(temperature=1.0)

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from deploy.config import parse_config
-from deploy.serve import BackgroundServer
+from tandem.deploy.config import parse_config
+from tandem.deploy.serve import BackgroundServer
 
 
 class ServerThread(BackgroundServer):

@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from services.client import (
+from tandem.services.client import (
     FINISH_REASONS,
     METHODS,
     AsyncTandemClient,
@@ -36,7 +36,7 @@ from services.client import (
     stats_from_dict,
     stats_to_dict,
 )
-from services.protos.tandem.v1 import tandem_pb2, tandem_pb2_grpc
+from tandem.v1 import tandem_pb2, tandem_pb2_grpc
 
 TOKEN = "t0k-123"
 STATS_KEYS = {
@@ -140,7 +140,8 @@ def test_sampling_validation_names_the_field(kwargs, field):
 def test_build_request_prompt_and_defaults():
     request = build_generate_request(target="small", prompt="Hi")
     assert request.target == "small" and request.WhichOneof("input") == "prompt" and request.prompt == "Hi"
-    assert request.speculation.method == tandem_pb2.SPECULATION_METHOD_AUTO
+    assert request.speculation.method == tandem_pb2.SPECULATION_METHOD_UNSPECIFIED  # the server's default
+    assert build_generate_request(target="small", prompt="Hi", method="auto").speculation.method == tandem_pb2.SPECULATION_METHOD_AUTO
     assert not request.speculation.HasField("max_draft_len")
     assert not request.sampling.HasField("max_new_tokens") and not request.raw_prompt and request.request_id == ""
 

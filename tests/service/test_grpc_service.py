@@ -17,9 +17,9 @@ import ray
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from services.client import AsyncTandemClient, TandemClient, TandemError
-from services.protos.tandem.v1 import tandem_pb2 as pb
-from services.protos.tandem.v1 import tandem_pb2_grpc as pb_grpc
+from tandem.services.client import AsyncTandemClient, TandemClient, TandemError
+from tandem.v1 import tandem_pb2 as pb
+from tandem.v1 import tandem_pb2_grpc as pb_grpc
 from tests.service.conftest import ServerThread, service_config
 
 PROMPT = "def x return y"

@@ -14,11 +14,11 @@ import pytest
 import ray
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from actors.speculative import RequestAlreadyOpenError
-from services.client import TandemClient, TandemError
-from services.protos.tandem.v1 import tandem_pb2 as pb
-from services.router import Router
-from speculation.sampling import SamplingParams, logits_to_probs
+from tandem.actors.speculative import RequestAlreadyOpenError
+from tandem.services.client import TandemClient, TandemError
+from tandem.v1 import tandem_pb2 as pb
+from tandem.services.router import Router
+from tandem.speculation.sampling import SamplingParams, logits_to_probs
 from tests.service.conftest import ServerThread, service_config
 
 PROMPT = "def x return y"
@@ -107,8 +107,8 @@ def test_negative_control_a_client_id_as_state_key_collides(server, monkeypatch)
 
 
 def test_an_actor_refuses_to_reopen_live_request_state(tiny_paths):
-    from actors.verifier import Verifier
-    from actors.workers import ModelLoad
+    from tandem.actors.verifier import Verifier
+    from tandem.actors.workers import ModelLoad
 
     v = Verifier(ModelLoad(path=tiny_paths[0], dtype="float32").build())
     v.open("k", [0, 1, 2], sampling=SamplingParams())
@@ -312,7 +312,7 @@ def test_undecodable_and_unknown_calls_without_a_token_are_unauthenticated(ray_l
 
 def test_zero_max_new_tokens_takes_the_default_and_messages_errors_name_messages(server):
     with grpc.insecure_channel(server.address) as ch:
-        from services.protos.tandem.v1 import tandem_pb2_grpc as pb_grpc
+        from tandem.v1 import tandem_pb2_grpc as pb_grpc
 
         stub = pb_grpc.TandemStub(ch)
         req = pb.GenerateRequest(target="small", prompt=PROMPT, sampling=pb.SamplingParams(max_new_tokens=0, ignore_eos=True))
@@ -372,7 +372,7 @@ def test_large_prompts_are_refused_without_stalling_health_checks(server, monkey
     assert info.value.details.startswith("prompt:"), info.value.details
     assert time.perf_counter() - t0 < 2.0
     # prompts under the size limit are tokenized off the event loop: health stays responsive
-    monkeypatch.setattr("services.servicer.MAX_CHARS_PER_TOKEN", 1000)
+    monkeypatch.setattr("tandem.services.servicer.MAX_CHARS_PER_TOKEN", 1000)
     gap, errors = _max_health_gap(server.address, lambda: _big_prompts(server.address))
     assert all(isinstance(e, TandemError) and e.code == grpc.StatusCode.INVALID_ARGUMENT for e in errors)
     assert gap < 0.5, f"a health check waited {gap:.2f}s"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from bench.scale_check import run_scale_check, scale_config
+from tandem.bench.scale_check import run_scale_check, scale_config
 from tests.service.conftest import ServerThread
 
 

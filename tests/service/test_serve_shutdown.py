@@ -27,7 +27,7 @@ def test_sigterm_leaves_no_ray_process_behind(tiny_service_models, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ""}
     env.pop("RAY_ADDRESS")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "deploy.cli", "serve", "--config", str(path)],
+        [sys.executable, "-m", "tandem.deploy.cli", "serve", "--config", str(path)],
         cwd=Path(__file__).resolve().parents[2],
         env=env,
         stderr=subprocess.PIPE,

@@ -18,7 +18,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
-from services.telemetry import METRIC_NAMES, Telemetry
+from tandem.services.telemetry import METRIC_NAMES, Telemetry
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ def _argv(draft, prompts, out, *extra):
 
 
 def test_sd_exit_drafts_from_that_exit_only_and_stays_lossless(tiny, tmp_path):
-    from deploy.cli import main
+    from tandem.deploy.cli import main
 
     draft, prompts = tiny
     out = tmp_path / "b.json"
@@ -44,7 +44,7 @@ def test_sd_exit_drafts_from_that_exit_only_and_stays_lossless(tiny, tmp_path):
 
 
 def test_sd_exit_outside_the_draft_is_a_clear_error(tiny, tmp_path, capsys):
-    from deploy.cli import main
+    from tandem.deploy.cli import main
 
     draft, prompts = tiny
     assert main(_argv(draft, prompts, tmp_path / "b.json", "--sd-exit", str(TINY_LAYERS + 5))) == 2

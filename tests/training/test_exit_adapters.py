@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from actors.exit_adapters import (
+from tandem.actors.exit_adapters import (
     ExitAdapter,
     check_runner_matches,
     identity_of_hf_model,
@@ -14,7 +14,7 @@ from actors.exit_adapters import (
     read_manifest,
     save_exit_adapters,
 )
-from actors.runner import ModelRunner, load_causal_lm
+from tandem.actors.runner import ModelRunner, load_causal_lm
 from tests.conftest import make_tiny_model
 
 EXITS = (1, 2, 3)
@@ -99,7 +99,7 @@ def test_version_1_folder_still_loads(tiny, tmp_path):
 def test_runner_logits_match_training_forward(tiny, tmp_path, linear):
     """The training path (HF hidden states -> adapter -> shared norm -> head on S) and the
     runner's exit (forward_to_depth -> logits_at_exit) agree: what is trained is what drafts."""
-    from deploy.train_exits import Teacher
+    from tandem.deploy.train_exits import Teacher
 
     path, model = tiny
     ads = _random_adapters(32, seed=1, linear=linear)
@@ -141,8 +141,8 @@ def test_quantized_runner_keeps_fingerprint(tiny, tmp_path):
 def test_trained_exits_keep_greedy_output_lossless(tiny, tmp_path, tmp_path_factory, linear):
     """A draft with (non-identity) exit adapters and a restricted head, drafting with `sd`
     from a shallow exit and with `sorted`, reproduces target-only greedy output (float32)."""
-    from actors.local import LocalEngine, ThreadSplit
-    from speculation.sorted_policy import ExitPolicy
+    from tandem.actors.local import LocalEngine, ThreadSplit
+    from tandem.speculation.sorted_policy import ExitPolicy
 
     path, model = tiny
     save_exit_adapters(tmp_path, _random_adapters(32, seed=2, linear=linear), draft=identity_of_hf_model(model, path),

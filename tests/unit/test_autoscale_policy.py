@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from actors.autoscale import PoolAutoscaler, ScalePolicy
+from tandem.actors.autoscale import PoolAutoscaler, ScalePolicy
 
 
 @dataclass

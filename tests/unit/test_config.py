@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from deploy.cli import build_parser, version_string
-from deploy.config import ConfigError, TandemConfig, load_config, parse_config
+from tandem.deploy.cli import build_parser, version_string
+from tandem.deploy.config import ConfigError, TandemConfig, load_config, parse_config
 
 
 @pytest.fixture
@@ -86,8 +86,8 @@ def test_version_and_one_flag_name_per_concept(capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("tandem 0.") and "ray 2." in out and out.strip() == version_string()
-    from deploy.exit_report import build_parser as report_parser
-    from deploy.train_exits import build_parser as train_parser
+    from tandem.deploy.exit_report import build_parser as report_parser
+    from tandem.deploy.train_exits import build_parser as train_parser
 
     parser = build_parser()
     subs = dict(next(a for a in parser._actions if a.dest == "command").choices)
@@ -107,5 +107,5 @@ def test_version_and_one_flag_name_per_concept(capsys):
 
 
 def test_version_runs_from_the_console_script():
-    done = subprocess.run([sys.executable, "-m", "deploy.cli", "--version"], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-m", "tandem.deploy.cli", "--version"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.startswith("tandem ")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from speculation.goodput import GoodputPolicy, expected_tokens
+from tandem.speculation.goodput import GoodputPolicy, expected_tokens
 
 
 def test_expected_tokens_closed_form():

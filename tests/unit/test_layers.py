@@ -10,7 +10,7 @@ import sys
 CHECK = """
 import sys
 {imports}
-print(",".join(sorted(m for m in sys.modules if m in ("deploy.train_exits", "deploy.exit_report"))))
+print(",".join(sorted(m for m in sys.modules if m in ("tandem.deploy.train_exits", "tandem.deploy.exit_report"))))
 """
 
 
@@ -21,12 +21,12 @@ def loaded(imports: str) -> str:
 
 
 def test_serving_does_not_import_training():
-    assert loaded("import deploy.serve, deploy.models, deploy.exits, services.router, actors.engine") == ""
-    assert loaded("from deploy.train_exits import main") == "deploy.train_exits"
+    assert loaded("import tandem.deploy.serve, deploy.models, deploy.exits, services.router, actors.engine") == ""
+    assert loaded("from tandem.deploy.train_exits import main") == "tandem.deploy.train_exits"
 
 
 def test_light_exit_lookup_names_the_same_manifest_as_the_adapters():
-    from actors.exit_adapters import MANIFEST
-    from deploy import exits
+    from tandem.actors.exit_adapters import MANIFEST
+    from tandem.deploy import exits
 
     assert exits.MANIFEST == MANIFEST

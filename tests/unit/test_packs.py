@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from deploy import packs
-from deploy.packs import PackNotInstalledError, PackSpec, UnknownModelError, pack_part_paths, resolve_model_path
+from tandem.deploy import packs
+from tandem.deploy.packs import PackNotInstalledError, PackSpec, UnknownModelError, pack_part_paths, resolve_model_path
 
 
 def fake_pack(name="fake-pack", n=2) -> PackSpec:

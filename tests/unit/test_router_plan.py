@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import logging
 
-from services.router import RouteRequest, Router, TargetRoute
-from speculation.sampling import SamplingParams
-from speculation.sorted_policy import ExitPolicy
+from tandem.services.router import RouteRequest, Router, TargetRoute
+from tandem.speculation.sampling import SamplingParams
+from tandem.speculation.sorted_policy import ExitPolicy
 
 
 def route(sorted_policy):

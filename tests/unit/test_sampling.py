@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from speculation.sampling import (
+from tandem.speculation.sampling import (
     SamplingParams,
     SparseDist,
     logits_to_probs,

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from speculation.sorted_policy import ExitPolicy, should_emit
+from tandem.speculation.sorted_policy import ExitPolicy, should_emit
 
 
 def test_single_exit_always_emits() -> None:

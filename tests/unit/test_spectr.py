@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from speculation import spectr
-from speculation.sampling import make_generator, sample
-from speculation.spectr import (
+from tandem.speculation import spectr
+from tandem.speculation.sampling import make_generator, sample
+from tandem.speculation.spectr import (
     KSeqResult,
     beta,
     kseq_residual,
@@ -18,7 +18,7 @@ from speculation.spectr import (
     verify_kseq,
     verify_kseq_greedy,
 )
-from speculation.verify import residual_distribution, verify_block
+from tandem.speculation.verify import residual_distribution, verify_block
 
 VOCAB = 8
 # Different supports on purpose (q on 1, 4, 7 where p is 0; p on 3, 6 where q is 0).

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from speculation.stats import SpecStats
+from tandem.speculation.stats import SpecStats
 
 
 def test_empty_stats() -> None:

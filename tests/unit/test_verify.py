@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from speculation import verify
-from speculation.sampling import SparseDist, make_generator, sample, truncate_to_sparse
-from speculation.verify import VerifyResult, residual_distribution, verify_block, verify_greedy
+from tandem.speculation import verify
+from tandem.speculation.sampling import SparseDist, make_generator, sample, truncate_to_sparse
+from tandem.speculation.verify import VerifyResult, residual_distribution, verify_block, verify_greedy
 
 VOCAB = 8
 # Deliberately different supports: q has mass on 1, 4 and 7 where p has none, p has mass on

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from . import tandem_pb2 as tandem_dot_v1_dot_tandem__pb2
+from tandem.v1 import tandem_pb2 as tandem_dot_v1_dot_tandem__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -26,7 +26,9 @@ if _version_not_supported:
 
 
 class TandemStub:
-    """Missing associated documentation comment in .proto file."""
+    """The service keeps its first name (the RPC paths /tandem.v1.Tandem/... are the wire
+    contract), so buf's SERVICE_SUFFIX rule is excepted in buf.yaml.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -44,10 +46,17 @@ class TandemStub:
                 request_serializer=tandem_dot_v1_dot_tandem__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=tandem_dot_v1_dot_tandem__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.GetServerInfo = channel.unary_unary(
+                '/tandem.v1.Tandem/GetServerInfo',
+                request_serializer=tandem_dot_v1_dot_tandem__pb2.GetServerInfoRequest.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_tandem__pb2.GetServerInfoResponse.FromString,
+                _registered_method=True)
 
 
 class TandemServicer:
-    """Missing associated documentation comment in .proto file."""
+    """The service keeps its first name (the RPC paths /tandem.v1.Tandem/... are the wire
+    contract), so buf's SERVICE_SUFFIX rule is excepted in buf.yaml.
+    """
 
     def Generate(self, request, context):
         """Generate text; the stream carries several tokens per message (one message per commit
@@ -59,6 +68,13 @@ class TandemServicer:
 
     def ListModels(self, request, context):
         """The targets this server serves, and its shared draft.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetServerInfo(self, request, context):
+        """The server's version and limits (what a request may ask for).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -77,6 +93,11 @@ def add_TandemServicer_to_server(servicer, server):
                     request_deserializer=tandem_dot_v1_dot_tandem__pb2.ListModelsRequest.FromString,
                     response_serializer=tandem_dot_v1_dot_tandem__pb2.ListModelsResponse.SerializeToString,
             ),
+            'GetServerInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetServerInfo,
+                    request_deserializer=tandem_dot_v1_dot_tandem__pb2.GetServerInfoRequest.FromString,
+                    response_serializer=tandem_dot_v1_dot_tandem__pb2.GetServerInfoResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'tandem.v1.Tandem', rpc_method_handlers)
@@ -86,7 +107,9 @@ def add_TandemServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Tandem:
-    """Missing associated documentation comment in .proto file."""
+    """The service keeps its first name (the RPC paths /tandem.v1.Tandem/... are the wire
+    contract), so buf's SERVICE_SUFFIX rule is excepted in buf.yaml.
+    """
 
     @staticmethod
     def Generate(request,
@@ -132,6 +155,33 @@ class Tandem:
             '/tandem.v1.Tandem/ListModels',
             tandem_dot_v1_dot_tandem__pb2.ListModelsRequest.SerializeToString,
             tandem_dot_v1_dot_tandem__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetServerInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.Tandem/GetServerInfo',
+            tandem_dot_v1_dot_tandem__pb2.GetServerInfoRequest.SerializeToString,
+            tandem_dot_v1_dot_tandem__pb2.GetServerInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,
