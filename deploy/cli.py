@@ -404,6 +404,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_serve(args)
         if args.command == "batch":
             return cmd_batch(args)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "tandem").split(".")[0] == "tandem":
+            raise  # a bug of ours, not a missing extra
+        # `pip install tandem` is the client alone: `generate --server` and `models --server`
+        # work; serving, batch, bench and local generation need the server extra.
+        print(
+            f"tandem {args.command}: error: this needs tandem's server dependencies (missing module "
+            f"{exc.name!r}); install them with: pip install 'tandem[server]'",
+            file=sys.stderr,
+        )
+        return 2
     except (ValueError, KeyError) as exc:
 
         print(f"tandem {args.command}: error: {exc}", file=sys.stderr)

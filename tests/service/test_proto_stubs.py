@@ -4,12 +4,18 @@ The stubs beside proto/tandem/v1/tandem.proto are committed so that running tand
 test regenerates them into a temporary folder and compares byte for byte, so editing
 tandem.proto without regenerating fails here. A negative control shows the comparison bites:
 stubs generated from a modified copy of the .proto (one field renamed) must differ.
+
+The .proto also passes `buf lint` (proto/buf.yaml: STANDARD rules but the service name) and
+`buf breaking` (wire compatibility) against every release's .proto kept in proto_release/;
+negative controls show each check fires on a bad edit.
 """
 
 from __future__ import annotations
 
 import re
 import shutil
+import subprocess
+import sys
 from importlib.metadata import version
 from pathlib import Path
 
@@ -101,3 +107,49 @@ def test_optional_sampling_fields_track_presence(message, fields):
     descriptor = tandem_pb2.DESCRIPTOR.message_types_by_name[message]
     for name in fields:
         assert descriptor.fields_by_name[name].has_presence, f"{message}.{name} lost `optional`"
+
+
+# ---------------------------------------------------------------- buf lint and breaking
+
+BUF = Path(sys.executable).parent / "buf"  # the buf-bin package (test extra)
+PROTO_DIR = proto_gen.PROTO_ROOT  # proto/ with buf.yaml
+RELEASES = Path(__file__).parent / "proto_release"  # the .proto of each release, as shipped
+
+
+def buf(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BUF), *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def copy_proto(tmp_path: Path, edit) -> Path:
+    """proto/ copied with one edit applied to tandem.proto (negative controls)."""
+    root = tmp_path / "proto"
+    shutil.copytree(PROTO_DIR, root, ignore=shutil.ignore_patterns("*.py", "*.pyi", "__pycache__"))
+    f = root / "tandem/v1/tandem.proto"
+    text = f.read_text()
+    changed = edit(text)
+    assert changed != text, "the negative control's edit no longer applies"
+    f.write_text(changed)
+    return root
+
+
+def test_buf_lint_passes():
+    done = buf("lint", cwd=PROTO_DIR)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_buf_lint_catches_a_zero_value_without_unspecified(tmp_path):
+    root = copy_proto(tmp_path, lambda t: t.replace("SPECULATION_METHOD_UNSPECIFIED = 0", "SPECULATION_METHOD_DEFAULT = 0"))
+    done = buf("lint", cwd=root)
+    assert done.returncode != 0 and "_UNSPECIFIED" in done.stdout, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("release", sorted(p.name for p in RELEASES.iterdir()))
+def test_no_wire_break_against_a_release(release):
+    done = buf("breaking", "--against", str(RELEASES / release), cwd=PROTO_DIR)
+    assert done.returncode == 0, f"breaks clients of {release}:\n{done.stdout}{done.stderr}"
+
+
+def test_buf_breaking_catches_a_renumbered_field(tmp_path):
+    root = copy_proto(tmp_path, lambda t: t.replace("string text = 3;", "string text = 30;"))
+    done = buf("breaking", "--against", str(RELEASES / "v0.1.0"), cwd=root)
+    assert done.returncode != 0 and "text" in done.stdout, done.stdout + done.stderr
