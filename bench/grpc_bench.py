@@ -8,7 +8,6 @@ target let it settle before anything is measured, and the exits it used are repo
 
 from __future__ import annotations
 
-import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -37,13 +36,19 @@ class Series:
         ttft = [t.ttft for t in self.timings]
         tpot = [t.tpot for t in self.timings if t.tpot is not None]
         exits: dict[str, int] = {}
-        mal = []
+        # mean accepted length over the series: tokens committed / rounds, summed over its
+        # requests (rounds-weighted, as SpecStats.merge and the server's counters
+        # tandem_spec_decode_num_emitted_tokens_total / num_drafts_total give it), not a mean
+        # of per-request ratios. A request's committed tokens are an integer sent as the
+        # float32 ratio mean_accepted_len * rounds, so rounding recovers it exactly.
+        rounds = emitted = 0
         for t in self.timings:
             if t.stats:
                 for k, v in (t.stats.get("exits_used") or {}).items():
                     exits[str(k)] = exits.get(str(k), 0) + int(v)
                 if t.stats.get("rounds"):
-                    mal.append(t.stats["mean_accepted_len"])
+                    rounds += int(t.stats["rounds"])
+                    emitted += round(t.stats["mean_accepted_len"] * t.stats["rounds"])
         return {
             "target": self.target,
             "method": self.method,
@@ -54,7 +59,7 @@ class Series:
             "ttft_p95_s": round(_pct(ttft, 95), 4),
             "tpot_p50_s": round(_pct(tpot, 50), 4) if tpot else None,
             "tpot_p95_s": round(_pct(tpot, 95), 4) if tpot else None,
-            "mean_accepted_len": round(statistics.mean(mal), 3) if mal else None,
+            "mean_accepted_len": round(emitted / rounds, 3) if rounds else None,
             "exits_used": exits,
             # the exit that drafted most of this series' tokens: what the router settled on
             "settled_exit": int(max(exits, key=lambda k: exits[k])) if exits else None,

@@ -753,6 +753,21 @@ def test_monitoring_overlay_scrapes_the_router_and_ray():
     assert [n for n in KUSTOMIZATIONS if find(render(n), "PodMonitor")] == ["overlays/monitoring"]
 
 
+def test_monitoring_overlay_ships_the_grafana_dashboard():
+    """The dashboard JSON travels as a ConfigMap Grafana's sidecar loads (label
+    grafana_dashboard), byte for byte; only this overlay has it. Its PromQL is checked
+    against a real scrape in tests/service/test_observability.py."""
+    import json
+
+    source = (K8S / "overlays/monitoring/dashboards/tandem.json").read_text()
+    (config_map,) = find(render("overlays/monitoring"), "ConfigMap", "tandem-grafana-dashboard")
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert config_map["data"] == {"tandem.json": source}
+    dashboard = json.loads(source)
+    assert dashboard["uid"] and any(p.get("targets") for p in dashboard["panels"])
+    assert [n for n in KUSTOMIZATIONS if find(render(n), "ConfigMap", "tandem-grafana-dashboard")] == ["overlays/monitoring"]
+
+
 def test_podmonitor_checks_fire():
     """Negative controls: a port name no selected pod has, a selector for another cluster, an
     endpoint field the CRD does not know, an interval the CRD's pattern refuses."""
