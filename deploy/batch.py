@@ -6,7 +6,8 @@ Input records (one JSON object per line), any of:
 - Spec-Bench questions: {"question_id": ..., "category": ..., "turns": ["...", "..."]} (the
   turns are answered one after the other, each answer becoming part of the next turn's chat)
 with optional "id", "target" (default: the first target of the config), "sampling"
-({temperature, top_p, top_k, seed, max_new_tokens, stop, ignore_eos}) and "method".
+({temperature, top_p, top_k, seed, min_p, repetition_penalty, frequency_penalty,
+presence_penalty, max_new_tokens, stop, ignore_eos}, as in the gRPC request) and "method".
 
 Output records: {"key", "line", "id", "target", "text" (or "turns"), "finish_reason",
 "usage", "stats"} or, for a record that failed, {"key", "line", "id", "error"}.
@@ -34,7 +35,16 @@ from typing import Any, Iterator
 
 from tandem.deploy.config import TandemConfig
 
-SAMPLING_KEYS = {"temperature", "top_p", "top_k", "seed", "max_new_tokens", "stop", "ignore_eos"}
+# the SamplingParams fields a record may set (the rest of SAMPLING_KEYS are limits and stops)
+PARAM_KEYS = ("temperature", "top_p", "top_k", "seed", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty")
+SAMPLING_KEYS = {*PARAM_KEYS, "max_new_tokens", "stop", "ignore_eos"}
+
+
+def sampling_params(sampling: dict):
+    """The SamplingParams of a record's "sampling" object (unset fields: the defaults)."""
+    from tandem.speculation.sampling import SamplingParams
+
+    return SamplingParams(**{k: sampling[k] for k in PARAM_KEYS if sampling.get(k) is not None})
 METHODS = {"auto", "off", "ar", "sd", "sorted", "pearl", "spectr"}
 
 
@@ -82,15 +92,8 @@ def _normalize(raw: Any, *, line: int, targets: list[str]) -> dict:
     unknown = set(sampling) - SAMPLING_KEYS
     if unknown:
         raise ValueError(f"sampling: unknown field(s) {', '.join(sorted(unknown))}")
-    from tandem.speculation.sampling import SamplingParams
-
     try:
-        SamplingParams(
-            temperature=sampling.get("temperature", 0.0),
-            top_p=sampling.get("top_p", 1.0),
-            top_k=sampling.get("top_k", 0),
-            seed=sampling.get("seed"),
-        )
+        sampling_params(sampling)
     except (ValueError, TypeError) as exc:
         raise ValueError(f"sampling.{exc}") from None
     mnt = sampling.get("max_new_tokens")
@@ -200,13 +203,10 @@ class GenerateRecords:
 
     def _generate(self, rec: dict) -> dict:
         from tandem.deploy.models import encode_prompt
-        from tandem.speculation.sampling import SamplingParams
 
         engine, tok, eos = self._engine(rec["target"])
         s = rec["sampling"]
-        sampling = SamplingParams(
-            temperature=s.get("temperature", 0.0), top_p=s.get("top_p", 1.0), top_k=s.get("top_k", 0), seed=s.get("seed")
-        )
+        sampling = sampling_params(s)
         method = rec["method"]
         if method == "auto":
             method = self.cfg.batch.method if self.cfg.batch.method != "auto" else ("pearl" if self.threads >= 2 else "sd")

@@ -46,7 +46,8 @@ def write_input(path: Path, n_good: int, *, max_new: int = 24) -> tuple[list[str
             rec = {"prompt": f"def x return w{i % 50}", "sampling": {"max_new_tokens": max_new, "ignore_eos": True}}
         elif kind == 1:
             rec = {"id": f"chat-{i}", "messages": [{"role": "user", "content": "print x"}], "target": "other",
-                   "sampling": {"max_new_tokens": max_new, "temperature": 1.0, "seed": i}}
+                   "sampling": {"max_new_tokens": max_new, "temperature": 1.0, "seed": i, "repetition_penalty": 1.3,
+                                "frequency_penalty": 0.5, "min_p": 0.05}}
         elif kind == 2:
             rec = {"question_id": f"q{i}", "category": "coding", "turns": ["def x", "return y"],
                    "sampling": {"max_new_tokens": max_new // 2}}
