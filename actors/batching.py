@@ -53,6 +53,7 @@ class _Job:
     payload: Any
     request_id: str | None = None  # whose work this is (dropped once that request is cancelled)
     future: Future = field(default_factory=Future)
+    timing: dict | None = None  # traced calls: filled with started_ns, finished_ns, batch (actors/tracing.py)
 
 
 class MicroBatcher:
@@ -86,15 +87,17 @@ class MicroBatcher:
         for t in self._threads:
             t.start()
 
-    def submit(self, kind: str, payload: Any, *, request_id: str | None = None) -> Future:
+    def submit(self, kind: str, payload: Any, *, request_id: str | None = None, timing: dict | None = None) -> Future:
+        """Queue one item of a batchable kind. `timing`, when given, is filled with when its
+        batch started and finished (epoch ns) and the batch's size, before the future resolves."""
         if kind not in self.batch_fns:
             raise ValueError(f"unknown batch kind {kind!r}")
-        job = _Job(kind=kind, payload=payload, request_id=request_id)
+        job = _Job(kind=kind, payload=payload, request_id=request_id, timing=timing)
         self._queue.put(job)
         return job.future
 
-    def call(self, fn: Callable[[], Any], *, request_id: str | None = None) -> Future:
-        job = _Job(kind="call", payload=fn, request_id=request_id)
+    def call(self, fn: Callable[[], Any], *, request_id: str | None = None, timing: dict | None = None) -> Future:
+        job = _Job(kind="call", payload=fn, request_id=request_id, timing=timing)
         self._queue.put(job)
         return job.future
 
@@ -144,12 +147,17 @@ class MicroBatcher:
 
     @staticmethod
     def _finish(jobs: list[_Job], fn) -> None:
+        started = time.time_ns()
         try:
             results = fn([j.payload for j in jobs])
         except BaseException as exc:  # noqa: BLE001 - every caller gets the failure
             for j in jobs:
                 j.future.set_exception(exc)
             return
+        finished = time.time_ns()
+        for j in jobs:
+            if j.timing is not None:
+                j.timing.update(started_ns=started, finished_ns=finished, batch=len(jobs))
         for j, r in zip(jobs, results):
             if isinstance(r, BaseException):
                 j.future.set_exception(r)

@@ -28,7 +28,15 @@ import torch
 from tandem.actors.batching import Cancellations
 from tandem.actors.runner import ModelRunner, SequenceState
 from tandem.actors.speculative import RequestAlreadyOpenError, RequestCancelledError, RequestStateLostError
-from tandem.speculation.sampling import SamplingParams, SparseDist, logits_to_probs, make_generator, truncate_to_sparse
+from tandem.speculation.sampling import (
+    SamplingParams,
+    SparseDist,
+    logits_to_probs,
+    make_generator,
+    penalize,
+    token_counts,
+    truncate_to_sparse,
+)
 from tandem.speculation.sorted_policy import ExitPolicy, should_emit
 
 PREFILL_CHUNK = 512  # backlog tokens per forward when a draft catches up (see _catch_up)
@@ -60,6 +68,8 @@ class _DraftRequest:
     sampling: SamplingParams
     generator: torch.Generator
     last_used: float = field(default_factory=time.monotonic)
+    prompt_len: int | None = None  # leading tokens of every sequence that are the prompt (penalties)
+    prompt_counts: dict[int, torch.Tensor] = field(default_factory=dict)  # per exit depth, made at first use
 
 
 class Drafter:
@@ -74,12 +84,16 @@ class Drafter:
         self._columns = {e: (c.numpy() if (c := runner.head_columns(e)) is not None else None) for e in runner.exits}
 
     # ------------------------------------------------------------------ lifecycle
-    def open(self, request_id: str, *, sampling: SamplingParams, capacity: int = 256) -> None:
+    def open(self, request_id: str, *, sampling: SamplingParams, capacity: int = 256, prompt_len: int | None = None) -> None:
+        """prompt_len: how many leading tokens of the sequences this request drafts after
+        are its prompt; with penalties the draft then applies them as the target does
+        (better acceptance). None: the draft's q is not penalized (still exact: q is what it
+        samples from)."""
         if request_id in self.requests:
             raise RequestAlreadyOpenError(f"request_id {request_id!r} is already open on this drafter")
         seed = None if sampling.seed is None else sampling.seed + 7919  # independent of the target's stream
         self.requests[request_id] = _DraftRequest(
-            seq=self.runner.new_sequence(capacity), sampling=sampling, generator=make_generator(seed)
+            seq=self.runner.new_sequence(capacity), sampling=sampling, generator=make_generator(seed), prompt_len=prompt_len
         )
 
     def close(self, request_id: str) -> bool:
@@ -113,10 +127,24 @@ class Drafter:
         return feed
 
     # ------------------------------------------------------------------ one token
-    def _emit(self, req: _DraftRequest, logits: torch.Tensor, depth: int) -> tuple[int, SparseDist | None]:
-        """logits [columns] at the emitting exit -> (token id, exact sparse q or None). A
-        restricted head's q lives on its columns' token ids (zero elsewhere: still exact)."""
+    def _penalized(self, req: _DraftRequest, logits: torch.Tensor, depth: int, history: Sequence[int]) -> torch.Tensor:
+        """logits [columns] after `history` (the sequence drafted from, plus the tokens this
+        call drafted so far) -> penalized as the target penalizes its own (see penalize)."""
+        if not req.sampling.penalized or req.prompt_len is None:
+            return logits
         cols = self._columns[depth]
+        if depth not in req.prompt_counts:
+            req.prompt_counts[depth] = token_counts(history[: req.prompt_len], logits.shape[-1], cols)
+        return penalize(logits, req.sampling, prompt=req.prompt_counts[depth], output=history[req.prompt_len :], columns=cols)
+
+    def _emit(
+        self, req: _DraftRequest, logits: torch.Tensor, depth: int, history: Sequence[int] = ()
+    ) -> tuple[int, SparseDist | None]:
+        """logits [columns] at the emitting exit -> (token id, exact sparse q or None). A
+        restricted head's q lives on its columns' token ids (zero elsewhere: still exact).
+        history: the tokens before this one (for penalties)."""
+        cols = self._columns[depth]
+        logits = self._penalized(req, logits, depth, history)
         if req.sampling.greedy:
             col = int(torch.argmax(logits))
             return (col if cols is None else int(cols[col])), None
@@ -127,7 +155,9 @@ class Drafter:
         ids = sparse.ids if cols is None else cols[sparse.ids]
         return int(ids[j]), SparseDist(ids=ids, probs=sparse.probs)
 
-    def _step(self, req: _DraftRequest, feed: list[int], policy: ExitPolicy) -> tuple[int, SparseDist | None, int]:
+    def _step(
+        self, req: _DraftRequest, feed: list[int], policy: ExitPolicy, history: Sequence[int] = ()
+    ) -> tuple[int, SparseDist | None, int]:
         """Feed tokens, run exits in depth order until one emits; return (token, q, exit)."""
         runner = self.runner
         hidden = runner.forward_to_depth([req.seq], [feed], depth=policy.exits[0])[0]  # [n, hidden]
@@ -139,7 +169,7 @@ class Drafter:
             logits = runner.logits_at_exit(hidden[-1:], exit_depth)[0]  # [head]
             last = i == len(policy.exits) - 1
             if last or should_emit(policy, i, float(torch.softmax(logits, dim=-1).max())):
-                token, q = self._emit(req, logits, exit_depth)
+                token, q = self._emit(req, logits, exit_depth, history)
                 return token, q, exit_depth
         raise AssertionError("the last exit always emits")
 
@@ -157,8 +187,11 @@ class Drafter:
         tokens: list[int] = []
         qs: list[SparseDist] = []
         exits: list[int] = []
+        history = _history(req, sequence)
         for _ in range(gamma):
-            token, q, exit_depth = self._step(req, feed, policy)
+            token, q, exit_depth = self._step(req, feed, policy, history)
+            if history:
+                history.append(token)
             tokens.append(token)
             exits.append(exit_depth)
             if q is not None:
@@ -208,6 +241,7 @@ class Drafter:
                 feeds.append([])
         tokens: list[list[int]] = [[] for _ in calls]
         qs: list[list[SparseDist]] = [[] for _ in calls]
+        histories = [_history(req, c["sequence"]) for req, c in zip(reqs, calls)]
         while True:
             active = [i for i, r in enumerate(remaining) if r > 0]
             if not active:
@@ -216,7 +250,9 @@ class Drafter:
             last = torch.cat([h[-1:] for h in hidden])  # [active, hidden]
             logits = self.runner.logits_at_exit(last, depth)  # [active, head]: one head matmul
             for row, i in enumerate(active):
-                token, q = self._emit(reqs[i], logits[row], depth)
+                token, q = self._emit(reqs[i], logits[row], depth, histories[i])
+                if histories[i]:
+                    histories[i].append(token)
                 tokens[i].append(token)
                 if q is not None:
                     qs[i].append(q)
@@ -244,15 +280,17 @@ class Drafter:
         branch_seqs = [req.seq] + [runner.fork(req.seq) for _ in range(k - 1)]
         branches: list[list[int]] = [[] for _ in range(k)]
         qs: list[list[SparseDist]] = [[] for _ in range(k)]
+        history = _history(req, sequence)
         if req.sampling.greedy:
-            top = torch.topk(logits, min(k, logits.shape[-1])).indices.tolist()
+            scores = self._penalized(req, logits, depth, history)
+            top = torch.topk(scores, min(k, scores.shape[-1])).indices.tolist()
             top += [top[0]] * (k - len(top))
             cols = self._columns[depth]
             firsts = [c if cols is None else int(cols[c]) for c in top]
         else:
             firsts = []
             for b in range(k):
-                token, q = self._emit(req, logits, depth)
+                token, q = self._emit(req, logits, depth, history)
                 firsts.append(token)
                 qs[b].append(q)
         for b in range(k):
@@ -260,7 +298,7 @@ class Drafter:
         for _ in range(gamma - 1):
             rows = runner.extend_batch(branch_seqs, [[br[-1]] for br in branches], all_logits=False)
             for b in range(k):
-                token, q = self._emit(req, rows[b][-1], depth)
+                token, q = self._emit(req, rows[b][-1], depth, history + branches[b] if history else ())
                 branches[b].append(token)
                 if q is not None:
                     qs[b].append(q)
@@ -274,3 +312,11 @@ class Drafter:
         for e in policy.exits:
             if e not in self.runner.exits:
                 raise ValueError(f"exit {e} is not an exit of the draft (exits: {list(self.runner.exits)})")
+
+
+def _history(req: _DraftRequest, sequence: Sequence[int]) -> list[int]:
+    """The tokens before the next draft token, as a list the caller extends as it drafts;
+    empty (nothing copied) when the request's draft applies no penalties."""
+    if not req.sampling.penalized or req.prompt_len is None:
+        return []
+    return [int(t) for t in sequence]

@@ -23,7 +23,7 @@ from tandem.actors.health import HealthMonitor
 from tandem.actors.pools import DRAFT_POOL, DraftPool, TargetPool
 from tandem.actors.remote import POLL_S, CallWatch, RaySide
 from tandem.actors.speculative import GenerationResult, SideUnavailableError, SpecConfig, run_request
-from tandem.speculation.sampling import SamplingParams
+from tandem.speculation.sampling import SamplingParams, TokenLogprob
 from tandem.speculation.stats import SpecStats
 
 log = logging.getLogger("tandem.engine")
@@ -94,7 +94,11 @@ class ActorEngine:
         should_stop: Callable[[], str | None] | None = None,
         on_round: Callable[[dict], None] | None = None,
         request_id: str | None = None,
+        tracing=None,
+        on_logprobs: Callable[[list[TokenLogprob]], None] | None = None,
     ) -> GenerationResult:
+        """tracing: for a traced request, where its actor calls' spans go (RaySide's `tracing`).
+        on_logprobs: as run_request's (sampling.logprobs set), over every attempt."""
         if target not in self.targets:
             raise KeyError(f"target {target!r} is not served; targets: {', '.join(sorted(self.targets))}")
         pool = self.targets[target]
@@ -102,11 +106,17 @@ class ActorEngine:
         key = request_id or f"r{next(self._ids)}-{time.monotonic_ns()}"
         prompt = [int(t) for t in prompt]
         emitted: list[int] = []  # tokens already handed to on_tokens, over every attempt
+        emitted_lp: list[TokenLogprob] | None = [] if sampling.logprobs is not None else None
 
         def track(tokens: list[int]) -> None:
             emitted.extend(tokens)
             if on_tokens is not None:
                 on_tokens(tokens)
+
+        def track_logprobs(logprobs: list[TokenLogprob]) -> None:
+            emitted_lp.extend(logprobs)
+            if on_logprobs is not None:
+                on_logprobs(logprobs)
 
         t0 = time.perf_counter()
         parts: list[GenerationResult] = []
@@ -123,8 +133,8 @@ class ActorEngine:
                 draft_side = None
                 if draft_pick is not None:
                     di = draft_pick[0]
-                    draft_side = RaySide(draft_pick[1].handle, role="draft", watch=watch, member=draft_pick[1], on_failure=lambda i=di: self.draft_pool.mark_failed(i))
-                target_side = RaySide(member.handle, role="target", watch=watch, member=member, on_failure=lambda i=ti: pool.mark_failed(i))
+                    draft_side = RaySide(draft_pick[1].handle, role="draft", watch=watch, member=draft_pick[1], on_failure=lambda i=di: self.draft_pool.mark_failed(i), tracing=tracing)
+                target_side = RaySide(member.handle, role="target", watch=watch, member=member, on_failure=lambda i=ti: pool.mark_failed(i), tracing=tracing)
                 parts.append(
                     run_request(
                         draft=draft_side,
@@ -138,6 +148,8 @@ class ActorEngine:
                         on_tokens=track,
                         should_stop=should_stop,
                         on_round=on_round,
+                        on_logprobs=track_logprobs if emitted_lp is not None else None,
+                        prompt_len=len(prompt),  # penalties count what was emitted as output
                     )
                 )
                 reason = parts[-1].finish_reason
@@ -166,7 +178,9 @@ class ActorEngine:
                     self.draft_pool.release(draft_pick[0])
         if reason is None:  # stopped while waiting for a replica
             reason = (should_stop() if should_stop is not None else None) or "cancelled"
-        return _merge(parts, emitted, reason=reason, prompt_tokens=len(prompt), total_s=time.perf_counter() - t0)
+        merged = _merge(parts, emitted, reason=reason, prompt_tokens=len(prompt), total_s=time.perf_counter() - t0)
+        merged.logprobs = emitted_lp
+        return merged
 
     def shutdown(self) -> None:
         if self.autoscaler is not None:

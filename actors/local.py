@@ -114,8 +114,10 @@ class LocalEngine:
         k: int = 2,
         stop_ids: Sequence[int] = (),
         on_tokens: Callable[[list[int]], None] | None = None,
+        on_logprobs: Callable[[list], None] | None = None,
     ) -> GenerationResult:
-        """Generate up to max_new_tokens after `prompt` (token ids) with `method`."""
+        """Generate up to max_new_tokens after `prompt` (token ids) with `method`; with
+        sampling.logprobs set, result.logprobs has each token's (on_logprobs streams them)."""
         sampling = sampling or SamplingParams()
         if method != "ar" and self.drafter is None:
             raise ValueError(f"method {method!r} needs a draft model; only 'ar' runs without one")
@@ -138,6 +140,7 @@ class LocalEngine:
             spec=spec,
             stop_ids=stop_ids,
             on_tokens=on_tokens,
+            on_logprobs=on_logprobs,
         )
 
 

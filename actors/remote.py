@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from tandem.actors.speculative import RequestStateLostError, SideUnavailableError
+from tandem.actors.tracing import TRACED_METHODS, Traced
 
 ACTOR_ERRORS: tuple[type[BaseException], ...] = ()
 
@@ -111,7 +112,7 @@ class _RayFuture:
         cancelled_at = None
         while True:
             try:
-                return ray.get(self.ref, timeout=POLL_S)  # one round trip when the answer is quick
+                return side.unwrap(ray.get(self.ref, timeout=POLL_S))  # one round trip when the answer is quick
             except GetTimeoutError:
                 pass
             except _actor_errors() + (RequestStateLostError,) as exc:
@@ -134,15 +135,29 @@ class _RayFuture:
 
 
 class RaySide:
-    """A SideHandle over a Ray actor (see actors/speculative.py)."""
+    """A SideHandle over a Ray actor (see actors/speculative.py).
 
-    def __init__(self, handle, *, role: str, on_failure: Callable[[], None] | None = None, watch: CallWatch | None = None, member: Any = None):
+    tracing: for a traced request, an object with `carrier` (its W3C trace context, a dict)
+    and `record(spans)`: the calls in TRACED_METHODS then carry `trace=carrier`, and the span
+    records the actor answers with go to `record` (actors/tracing.py)."""
+
+    def __init__(
+        self,
+        handle,
+        *,
+        role: str,
+        on_failure: Callable[[], None] | None = None,
+        watch: CallWatch | None = None,
+        member: Any = None,
+        tracing: Any = None,
+    ):
         self.handle = handle
         self.role = role
         self._on_failure = on_failure
         self.watch = watch or CallWatch(key="")
         self.member = member  # the replica (its `hung` flag is read while waiting)
         self.failed = False
+        self.tracing = tracing
 
     def failed_once(self) -> None:
         if not self.failed:  # one failure per request, however many calls notice it
@@ -151,8 +166,18 @@ class RaySide:
                 self._on_failure()
 
     def call(self, method: str, /, *args, **kwargs):
+        if self.tracing is not None and method in TRACED_METHODS:
+            kwargs["trace"] = self.tracing.carrier
         ref = getattr(self.handle, method).remote(*args, **kwargs)
         return _CloseFuture(ref) if method == "close" else _RayFuture(ref, self)
+
+    def unwrap(self, answer: Any) -> Any:
+        """A traced call's value, its span records handed to `tracing.record`."""
+        if isinstance(answer, Traced):
+            if self.tracing is not None:
+                self.tracing.record(answer.spans)
+            return answer.value
+        return answer
 
 
 CLOSE_WAIT_S = 5.0

@@ -17,7 +17,9 @@ Glossary
 
 The loop talks to the two sides through *handles* whose calls return futures, so the same
 code drives plain objects on threads (in-process) and Ray actors (actors/pools.py, actors/engine.py). Only
-token ids, sparse q and small dataclasses cross a handle.
+token ids, sparse q and small dataclasses (logprobs: a token's value and its top N) cross a
+handle. Past 400 lines on purpose: the five loops share one open / commit / close protocol
+(_Progress, _record, run_request), which splitting them apart would repeat.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
-from tandem.speculation.sampling import SamplingParams
+from tandem.speculation.sampling import SamplingParams, TokenLogprob
 from tandem.speculation.sorted_policy import ExitPolicy
 from tandem.speculation.stats import SpecStats
 
@@ -128,6 +130,7 @@ class GenerationResult:
     draft_failed: bool = False
     per_round_s: list[float] = field(default_factory=list)
     critical_s: float = 0.0  # time inside draft/target calls on the round's critical path
+    logprobs: list[TokenLogprob] | None = None  # one per token when sampling.logprobs is set
 
     @property
     def overhead_frac(self) -> float:
@@ -151,6 +154,8 @@ class _Progress:
     on_round: Callable[[dict], None] | None = None
     out: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # kept in step with `out` when requested
+    on_logprobs: Callable[[list[TokenLogprob]], None] | None = None
 
     @property
     def committed(self) -> list[int]:
@@ -160,7 +165,9 @@ class _Progress:
     def remaining(self) -> int:
         return self.max_new_tokens - len(self.out)
 
-    def commit(self, tokens: Sequence[int]) -> None:
+    def commit(self, tokens: Sequence[int], logprobs: Sequence[TokenLogprob] | None = None) -> None:
+        """Commit a round's tokens (cut at max_new_tokens or a stop id); their logprobs, when
+        the request asked for them, go out just before the tokens (on_logprobs, on_tokens)."""
         new: list[int] = []
         for t in tokens:
             if len(self.out) + len(new) >= self.max_new_tokens:
@@ -173,6 +180,12 @@ class _Progress:
         if len(self.out) + len(new) >= self.max_new_tokens and self.finish_reason is None:
             self.finish_reason = "length"
         self.out.extend(new)
+        if self.logprobs is not None and new:
+            if logprobs is None or len(logprobs) < len(new):
+                raise RuntimeError("the target returned no logprobs for committed tokens")
+            self.logprobs.extend(logprobs[: len(new)])
+            if self.on_logprobs is not None:
+                self.on_logprobs(list(logprobs[: len(new)]))
         if new and self.on_tokens is not None:
             self.on_tokens(new)
 
@@ -190,6 +203,8 @@ def run_request(
     on_tokens: Callable[[list[int]], None] | None = None,
     should_stop: Callable[[], str | None] | None = None,
     on_round: Callable[[dict], None] | None = None,
+    on_logprobs: Callable[[list[TokenLogprob]], None] | None = None,
+    prompt_len: int | None = None,
 ) -> GenerationResult:
     """Generate for one request. Opens and always closes the request on both sides.
 
@@ -197,7 +212,12 @@ def run_request(
     should_stop: polled once per round; returns a finish reason ("cancelled", "deadline",
     "stop") to stop, or None to go on.
     on_round: called after each round with {index, start_ns, end_ns, drafted, accepted,
-    emitted, exits, draft_s, verify_s} (telemetry, the router's policy).
+    emitted, exits, exit_seq, draft_s, verify_s} (telemetry, the router's policy).
+    on_logprobs: with sampling.logprobs set, called with each commit's TokenLogprob list just
+    before on_tokens gets its tokens (result.logprobs holds them all).
+    prompt_len: how many leading tokens of `prompt` are the request's own prompt (a resumed
+    request passes its prompt plus what it already emitted; penalties count the latter as
+    output); None: all of `prompt`.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -208,20 +228,25 @@ def run_request(
         stop_ids=frozenset(int(s) for s in stop_ids),
         on_tokens=on_tokens,
         on_round=on_round,
+        logprobs=[] if sampling.logprobs is not None else None,
+        on_logprobs=on_logprobs,
     )
     stats = SpecStats()
-    result = GenerationResult(tokens=progress.out, finish_reason="length", stats=stats, prompt_tokens=len(prompt))
+    result = GenerationResult(
+        tokens=progress.out, finish_reason="length", stats=stats, prompt_tokens=len(prompt), logprobs=progress.logprobs
+    )
+    prompt_len = len(progress.prompt) if prompt_len is None else int(prompt_len)
     use_draft = spec.method != "ar" and draft is not None
     capacity = len(prompt) + max_new_tokens + 2 * spec.gamma + 8
     draft_open = None
     try:
         if use_draft:
-            draft_open = draft.call("open", request_id, sampling=sampling, capacity=capacity)
-        prefill = target.call("open", request_id, progress.prompt, sampling=sampling)
+            draft_open = draft.call("open", request_id, sampling=sampling, capacity=capacity, prompt_len=prompt_len)
+        prefill = target.call("open", request_id, progress.prompt, sampling=sampling, prompt_len=prompt_len)
         prefill.result()
         # The prefill's logits give the first token for free: stream it before any drafting.
         first = target.call("verify", request_id, None, bonus=True).result()
-        progress.commit(first.tokens)
+        progress.commit(first.tokens, first.logprobs)
         _first_token_time(result, progress, t_start)
         if draft_open is not None:
             try:
@@ -319,6 +344,7 @@ def _record(
                 "accepted": outcome.accepted_len,
                 "emitted": len(outcome.tokens),
                 "exits": used,
+                "exit_seq": exits,  # the exit of each draft token, in order (accepted ones first)
                 "draft_s": draft_s,
                 "verify_s": outcome.target_s,
             }
@@ -340,7 +366,7 @@ def _loop_sd(*, draft, target, request_id, spec, progress, stats, result, should
             else:
                 result.draft_s += block.draft_s
         outcome = target.call("verify", request_id, block, bonus=True).result()
-        progress.commit(outcome.tokens)
+        progress.commit(outcome.tokens, outcome.logprobs)
         _first_token_time(result, progress, t_start)
         draft_s = block.draft_s if block else 0.0
         _record(stats, result, outcome, block, t_round, critical_s=outcome.target_s + draft_s, progress=progress, draft_s=draft_s)
@@ -364,7 +390,7 @@ def _loop_spectr(*, draft, target, request_id, spec, progress, stats, result, sh
             outcome = target.call("verify", request_id, None, bonus=True).result()
         else:
             outcome = target.call("verify_branches", request_id, branches).result()
-        progress.commit(outcome.tokens)
+        progress.commit(outcome.tokens, outcome.logprobs)
         _first_token_time(result, progress, t_start)
         draft_s = branches.draft_s if branches else 0.0
         _record(stats, result, outcome, None, t_round, critical_s=outcome.target_s + draft_s, progress=progress, draft_s=draft_s)
@@ -379,7 +405,7 @@ def _loop_pearl(*, draft, target, request_id, spec, progress, stats, result, sho
         t_round = time.perf_counter()
         if draft is None:
             outcome = target.call("verify", request_id, None, bonus=True).result()
-            progress.commit(outcome.tokens)
+            progress.commit(outcome.tokens, outcome.logprobs)
             _first_token_time(result, progress, t_start)
             _record(stats, result, outcome, None, t_round, critical_s=outcome.target_s, progress=progress)
             continue
@@ -403,7 +429,7 @@ def _loop_pearl(*, draft, target, request_id, spec, progress, stats, result, sho
         nxt = _draft_or_none(d_fut, result)
         if d_fut is not None and nxt is None:
             draft = None
-        progress.commit(outcome.tokens)
+        progress.commit(outcome.tokens, outcome.logprobs)
         _first_token_time(result, progress, t_start)
         overlapped = max(outcome.target_s, nxt.draft_s if nxt is not None else 0.0)
         _record(

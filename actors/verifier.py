@@ -26,7 +26,16 @@ from tandem.actors.batching import Cancellations
 from tandem.actors.drafter import DraftBlock, DraftBranches
 from tandem.actors.runner import ContextLengthError, ModelRunner, SequenceState
 from tandem.actors.speculative import RequestAlreadyOpenError, RequestStateLostError
-from tandem.speculation.sampling import SamplingParams, logits_to_probs, make_generator, sample
+from tandem.speculation.sampling import (
+    SamplingParams,
+    TokenLogprob,
+    logits_to_probs,
+    make_generator,
+    penalize,
+    sample,
+    token_counts,
+    token_logprobs,
+)
 from tandem.speculation.spectr import verify_kseq, verify_kseq_greedy
 from tandem.speculation.verify import verify_block, verify_greedy
 
@@ -40,6 +49,8 @@ class VerifyOutcome:
     drafted: int  # draft tokens that were checked
     target_s: float = 0.0  # wall time of the call
     branch: int | None = None  # SpecTr: the branch whose prefix was accepted
+    # sampling.logprobs set: one per token, from the raw logits of the row it was chosen at
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -50,6 +61,8 @@ class _TargetRequest:
     committed: list[int]
     pending: torch.Tensor | None = None  # [vocab] logits after the last committed token
     last_used: float = field(default_factory=time.monotonic)
+    prompt_len: int = 0  # committed[:prompt_len] is the prompt, the rest output (penalties)
+    prompt_counts: torch.Tensor | None = None  # token_counts of the prompt, made at first use
 
 
 PREFILL_CHUNK = 512  # prompt tokens per prefill forward; a cancelled request stops between chunks
@@ -65,8 +78,10 @@ class Verifier:
         self.prefill_chunk = prefill_chunk
 
     # ------------------------------------------------------------------ lifecycle
-    def open(self, request_id: str, prompt: Sequence[int], *, sampling: SamplingParams) -> float:
-        """Prefill the prompt; returns the prefill wall time."""
+    def open(self, request_id: str, prompt: Sequence[int], *, sampling: SamplingParams, prompt_len: int | None = None) -> float:
+        """Prefill the prompt; returns the prefill wall time. prompt_len: how many leading
+        tokens of `prompt` are the request's prompt (a resumed request re-prefills its
+        output too, which penalties still count as output); None: all of them."""
         t0 = time.perf_counter()
         if len(prompt) == 0:
             raise ValueError("prompt must hold at least one token")
@@ -88,6 +103,7 @@ class Verifier:
             generator=make_generator(sampling.seed),
             committed=[int(t) for t in prompt],
             pending=pending,
+            prompt_len=len(prompt) if prompt_len is None else max(0, min(int(prompt_len), len(prompt))),
         )
         return time.perf_counter() - t0
 
@@ -179,14 +195,34 @@ class Verifier:
                 results[i] = exc
         return results  # type: ignore[return-value]
 
+    def _scores(self, req: _TargetRequest, rows: torch.Tensor, draft: Sequence[int]) -> torch.Tensor:
+        """[gamma + 1, vocab] raw rows along `draft` -> the target's processed logits there:
+        penalized with counts over the output *and the draft tokens before each row* (the
+        prefix each row conditions on), which keeps verification lossless; unchanged
+        without penalties."""
+        if not req.sampling.penalized:
+            return rows
+        if req.prompt_counts is None:
+            req.prompt_counts = token_counts(req.committed[: req.prompt_len], rows.shape[-1])
+        return penalize(rows, req.sampling, prompt=req.prompt_counts, output=req.committed[req.prompt_len :], block=draft)
+
+    @staticmethod
+    def _logprobs(req: _TargetRequest, rows: torch.Tensor, tokens: list[int]) -> list[TokenLogprob] | None:
+        """Committed token j was chosen at row j (accepted draft tokens, then the recovered or
+        bonus token), so its logprob comes from that raw row; None unless requested."""
+        if req.sampling.logprobs is None or not tokens:
+            return None
+        return token_logprobs(rows[: len(tokens)], tokens, req.sampling.logprobs)
+
     def _commit(
         self, req: _TargetRequest, draft: list[int], block: DraftBlock | None, rows: torch.Tensor, bonus: bool
     ) -> VerifyOutcome:
         gamma = len(draft)
+        scores = self._scores(req, rows, draft)  # [gamma + 1, vocab]
         if req.sampling.greedy:
-            result = verify_greedy(draft, rows.argmax(dim=-1).tolist())
+            result = verify_greedy(draft, scores.argmax(dim=-1).tolist())
         else:
-            p = logits_to_probs(rows, req.sampling)  # [gamma + 1, vocab]
+            p = logits_to_probs(scores, req.sampling)  # [gamma + 1, vocab]
             if gamma == 0:
                 result = verify_greedy([], [int(sample(p[0], req.generator))])
             else:
@@ -199,10 +235,11 @@ class Verifier:
             req.pending = rows[gamma]
         else:
             req.pending = None
+        logprobs = self._logprobs(req, rows, tokens)  # before committing: rows follow the old prefix
         req.committed.extend(tokens)
         # KV: committed prefix + accepted draft tokens were fed and stay valid.
         self.runner.rollback(req.seq, min(req.seq.length, base + accepted))
-        return VerifyOutcome(accepted_len=accepted, tokens=tokens, drafted=gamma)
+        return VerifyOutcome(accepted_len=accepted, tokens=tokens, drafted=gamma, logprobs=logprobs)
 
     def verify_branches(self, request_id: str, branches: DraftBranches) -> VerifyOutcome:
         """SpecTr: verify k branches in one batched forward (k rows) and commit the winner."""
@@ -223,12 +260,13 @@ class Verifier:
             if req.pending is not None:
                 r = torch.cat([req.pending[None], r])
             rows.append(r)  # [gamma + 1, vocab] along each branch
+        scores = [self._scores(req, r, br) for r, br in zip(rows, branches.branches)]  # penalized along each branch
         if req.sampling.greedy:
-            res = verify_kseq_greedy(drafts=branches.branches, target_argmax=[r.argmax(-1).tolist() for r in rows])
+            res = verify_kseq_greedy(drafts=branches.branches, target_argmax=[s.argmax(-1).tolist() for s in scores])
         else:
             vocab = rows[0].shape[-1]
             q = [torch.stack([d.dense(vocab) for d in qb]) for qb in branches.q]
-            p = [logits_to_probs(r, req.sampling) for r in rows]
+            p = [logits_to_probs(s, req.sampling) for s in scores]
             res = verify_kseq(drafts=branches.branches, q=q, p=p, generator=req.generator)
         winner = res.source_draft if res.source_draft is not None else 0
         req.seq = seqs[winner]  # keep the winning branch's cache
@@ -236,6 +274,8 @@ class Verifier:
             if i != winner:
                 runner.release(s)
         req.pending = None
+        # the committed tokens lie along the winner (row 0, the shared prefix's, if none won)
+        logprobs = self._logprobs(req, rows[winner], list(res.tokens))
         req.committed.extend(res.tokens)
         runner.rollback(req.seq, min(req.seq.length, base + res.accepted_len))
         return VerifyOutcome(
@@ -244,4 +284,5 @@ class Verifier:
             drafted=gamma,
             target_s=time.perf_counter() - t0,
             branch=res.source_draft,
+            logprobs=logprobs,
         )

@@ -19,6 +19,7 @@ import torch
 from tandem.actors.batching import Cancellations, MicroBatcher
 from tandem.actors.drafter import DraftBlock, DraftBranches, Drafter
 from tandem.actors.runner import ModelRunner
+from tandem.actors.tracing import Traced, call_record
 from tandem.actors.verifier import Verifier, VerifyOutcome
 from tandem.speculation.sampling import SamplingParams
 from tandem.speculation.sorted_policy import ExitPolicy
@@ -120,18 +121,39 @@ class DraftWorker(_Worker):
         )
         self.stats = WorkerStats()
 
-    def open(self, request_id: str, *, sampling: SamplingParams, capacity: int = 256) -> None:
-        self.drafter.open(request_id, sampling=sampling, capacity=capacity)
+    # trace= (every traced method): the request's trace context when it is traced; the
+    # answer is then Traced(value, span records) (actors/tracing.py)
 
-    def draft(self, request_id: str, sequence: Sequence[int], *, gamma: int, policy: ExitPolicy | None = None) -> DraftBlock:
+    def open(
+        self, request_id: str, *, sampling: SamplingParams, capacity: int = 256, trace: dict | None = None, prompt_len: int | None = None
+    ) -> None:
+        arrived = time.time_ns()
+        self.drafter.open(request_id, sampling=sampling, capacity=capacity, prompt_len=prompt_len)
+        if trace is not None:
+            return Traced(None, [call_record("tandem.actor.draft_open", role="draft", arrived_ns=arrived, timing=None)])
+        return None
+
+    def draft(
+        self, request_id: str, sequence: Sequence[int], *, gamma: int, policy: ExitPolicy | None = None, trace: dict | None = None
+    ) -> DraftBlock:
         self.stats.calls += 1
+        arrived, timing = time.time_ns(), ({} if trace is not None else None)
         call = {"request_id": request_id, "sequence": list(sequence), "gamma": gamma, "policy": policy}
-        return self.batcher.submit("draft", call, request_id=request_id).result()
+        block = self.batcher.submit("draft", call, request_id=request_id, timing=timing).result()
+        if trace is None:
+            return block
+        attrs = {"tandem.draft.gamma": int(gamma), "tandem.draft.tokens": len(block.tokens)}
+        return Traced(block, [call_record("tandem.actor.draft", role="draft", arrived_ns=arrived, timing=timing, attributes=attrs)])
 
-    def draft_branches(self, request_id: str, sequence: Sequence[int], *, gamma: int, k: int) -> DraftBranches:
+    def draft_branches(self, request_id: str, sequence: Sequence[int], *, gamma: int, k: int, trace: dict | None = None) -> DraftBranches:
         self.stats.calls += 1
+        arrived, timing = time.time_ns(), ({} if trace is not None else None)
         work = lambda: self.drafter.draft_branches(request_id, sequence, gamma=gamma, k=k)  # noqa: E731
-        return self.batcher.call(work, request_id=request_id).result()
+        branches = self.batcher.call(work, request_id=request_id, timing=timing).result()
+        if trace is None:
+            return branches
+        attrs = {"tandem.draft.gamma": int(gamma), "tandem.draft.branches": int(k)}
+        return Traced(branches, [call_record("tandem.actor.draft", role="draft", arrived_ns=arrived, timing=timing, attributes=attrs)])
 
     def close(self, request_id: str) -> bool:
         return self.drafter.close(request_id)
@@ -207,18 +229,44 @@ class TargetWorker(_Worker):
         # since a forward has already advanced the other requests' caches
         return self.verifier.verify_batch([i[0] for i in items], [i[1] for i in items], bonus=[i[2] for i in items])
 
-    def open(self, request_id: str, prompt: Sequence[int], *, sampling: SamplingParams) -> float:
-        work = lambda: self.verifier.open(request_id, list(prompt), sampling=sampling)  # noqa: E731
-        return self.batcher.call(work, request_id=request_id).result()
+    # trace=: as DraftWorker's (actors/tracing.py)
 
-    def verify(self, request_id: str, block: DraftBlock | None, *, bonus: bool = True) -> VerifyOutcome:
-        self.stats.calls += 1
-        return self.batcher.submit("verify", (request_id, block, bonus), request_id=request_id).result()
+    def open(
+        self, request_id: str, prompt: Sequence[int], *, sampling: SamplingParams, trace: dict | None = None, prompt_len: int | None = None
+    ) -> float:
+        arrived, timing = time.time_ns(), ({} if trace is not None else None)
+        work = lambda: self.verifier.open(request_id, list(prompt), sampling=sampling, prompt_len=prompt_len)  # noqa: E731
+        value = self.batcher.call(work, request_id=request_id, timing=timing).result()
+        if trace is None:
+            return value
+        attrs = {"tandem.prefill.tokens": len(prompt)}
+        return Traced(value, [call_record("tandem.actor.prefill", role="target", arrived_ns=arrived, timing=timing, attributes=attrs)])
 
-    def verify_branches(self, request_id: str, branches: DraftBranches) -> VerifyOutcome:
+    def verify(self, request_id: str, block: DraftBlock | None, *, bonus: bool = True, trace: dict | None = None) -> VerifyOutcome:
         self.stats.calls += 1
+        arrived, timing = time.time_ns(), ({} if trace is not None else None)
+        outcome = self.batcher.submit("verify", (request_id, block, bonus), request_id=request_id, timing=timing).result()
+        if trace is None:
+            return outcome
+        return Traced(outcome, [self._verify_record(arrived, timing, outcome, block)])
+
+    def verify_branches(self, request_id: str, branches: DraftBranches, *, trace: dict | None = None) -> VerifyOutcome:
+        self.stats.calls += 1
+        arrived, timing = time.time_ns(), ({} if trace is not None else None)
         work = lambda: self.verifier.verify_branches(request_id, branches)  # noqa: E731
-        return self.batcher.call(work, request_id=request_id).result()
+        outcome = self.batcher.call(work, request_id=request_id, timing=timing).result()
+        if trace is None:
+            return outcome
+        return Traced(outcome, [self._verify_record(arrived, timing, outcome, None)])
+
+    @staticmethod
+    def _verify_record(arrived: int, timing: dict | None, outcome: VerifyOutcome, block: DraftBlock | None):
+        attrs = {
+            "tandem.verify.drafted": int(getattr(outcome, "drafted", 0)),
+            "tandem.verify.accepted": int(getattr(outcome, "accepted_len", 0)),
+            "tandem.verify.emitted": len(getattr(outcome, "tokens", ())),
+        }
+        return call_record("tandem.actor.verify", role="target", arrived_ns=arrived, timing=timing, attributes=attrs)
 
     def close(self, request_id: str) -> bool:
         return self.verifier.close(request_id)

@@ -70,7 +70,8 @@ class Load:
         return threads
 
     def _client(self, stop: threading.Event) -> None:
-        with TandemClient(self.address) as client:
+        # retries=0: this check counts the server's own refusals (the client would retry them)
+        with TandemClient(self.address, retries=0) as client:
             while not stop.is_set():
                 try:
                     out = client.generate(target=TARGET, prompt=PROMPT, max_new_tokens=self.max_new, ignore_eos=True,

@@ -96,7 +96,8 @@ class Traffic:
     # ------------------------------------------------------------------ traffic
     def references(self) -> None:
         print(f"[soak] references for {len(self.prompts)} prompts x {len(self.targets)} targets", file=sys.stderr, flush=True)
-        with TandemClient(self.address) as c:
+        # retries=0 throughout: the soak counts the server's own answers, refusals included
+        with TandemClient(self.address, retries=0) as c:
             for t in self.targets:
                 for i, p in enumerate(self.prompts):
                     self.refs[(t, i)] = c.generate(target=t, prompt=p, max_new_tokens=self.max_new, ignore_eos=True, method="off", timeout=120).token_ids
@@ -159,7 +160,7 @@ class Traffic:
 
     def burst(self, target: str, i: int) -> None:
         def ask(_):
-            with TandemClient(self.address) as c:
+            with TandemClient(self.address, retries=0) as c:
                 try:
                     c.generate(target=target, prompt=self.prompts[i], max_new_tokens=8, timeout=60)
                     return "OK"
@@ -172,7 +173,7 @@ class Traffic:
 
     def client_loop(self, index: int) -> None:
         rng = random.Random(self.rng.random())
-        with TandemClient(self.address) as c:
+        with TandemClient(self.address, retries=0) as c:
             while time.monotonic() < self.end:
                 try:
                     self.one(c, rng)
@@ -196,7 +197,7 @@ class Traffic:
             t.join(timeout=120)
         alive = True
         try:  # the server after the storm: healthy, and still exact
-            with TandemClient(self.address) as c:
+            with TandemClient(self.address, retries=0) as c:
                 alive = c.health() == "SERVING"
                 for t in self.targets:
                     alive &= c.generate(target=t, prompt=self.prompts[0], max_new_tokens=self.max_new, ignore_eos=True,

@@ -74,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     _add_models(gen)
     _add_sampling(gen)
+    shaping = gen.add_argument_group("penalties and logprobs (they change the target distribution; every method stays lossless)")
+    shaping.add_argument("--min-p", type=float, default=None, help="drop tokens below MIN_P times the top token's probability")
+    shaping.add_argument("--repetition-penalty", type=float, default=None, help="> 0; 1 = off (prompt and output tokens)")
+    shaping.add_argument("--frequency-penalty", type=float, default=None, help="in [-2, 2]; 0 = off (output tokens)")
+    shaping.add_argument("--presence-penalty", type=float, default=None, help="in [-2, 2]; 0 = off (output tokens)")
+    shaping.add_argument("--logprobs", type=int, default=None, help="with --json: each token's logprob and N alternatives")
 
     bench = sub.add_parser("bench", help="benchmark methods against transformers baselines")
     bench.add_argument("--prompts", required=True, help="JSONL prompts (Spec-Bench format or prompt/messages)")
@@ -146,6 +152,17 @@ def _policy_from_args(args, draft_runner):
     return ExitPolicy(exits=exits, thresholds=sorted_thresholds(args, exits))
 
 
+def _shaping_args(args) -> dict:
+    """`tandem generate`'s min-p, penalty and logprobs flags (None: not given)."""
+    return {
+        "min_p": args.min_p,
+        "repetition_penalty": args.repetition_penalty,
+        "frequency_penalty": args.frequency_penalty,
+        "presence_penalty": args.presence_penalty,
+        "logprobs": args.logprobs,
+    }
+
+
 def cmd_generate(args) -> int:
     if not args.prompt:
         raise ValueError("prompt: give --prompt TEXT")
@@ -159,7 +176,8 @@ def cmd_generate(args) -> int:
     from tandem.deploy.packs import resolve_model_path
     from tandem.speculation.sampling import SamplingParams
 
-    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    shaping = {k: v for k, v in _shaping_args(args).items() if v is not None}
+    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, **shaping)
     tokenizer = tokenizer_for(args.target)
     prompt_ids = encode_prompt(tokenizer, prompt=args.prompt, chat=not args.raw)
     target = build_runner(ModelSpec(ref=args.target, dtype=args.dtype))
@@ -196,6 +214,10 @@ def cmd_generate(args) -> int:
         "stats": result.stats.to_dict(),
     }
     if args.json:
+        if result.logprobs is not None:
+            summary["logprobs"] = [
+                {"token_id": t, "logprob": lp.logprob, "top": [list(x) for x in lp.top]} for t, lp in zip(result.tokens, result.logprobs)
+            ]
         print(json.dumps({"text": text, **summary}))
     else:
         streamer.finish()
@@ -238,6 +260,7 @@ def cmd_generate_remote(args) -> int:
         seed=args.seed,
         stop=args.stop,
         ignore_eos=args.ignore_eos,
+        **_shaping_args(args),
         method=args.method or "auto",
         max_draft_len=args.gamma,
     )
@@ -245,7 +268,12 @@ def cmd_generate_remote(args) -> int:
         with _client(args) as client:
             if args.json:
                 r = client.generate(**kwargs)
-                print(json.dumps({"text": r.text, "finish_reason": r.finish_reason, "usage": r.usage, "stats": r.stats, "request_id": r.request_id}))
+                out = {"text": r.text, "finish_reason": r.finish_reason, "usage": r.usage, "stats": r.stats, "request_id": r.request_id}
+                if r.seed is not None:
+                    out["seed"] = r.seed
+                if args.logprobs is not None:
+                    out["logprobs"] = [{"token_id": lp.token_id, "logprob": lp.logprob, "top": [list(x) for x in lp.top]} for lp in r.logprobs]
+                print(json.dumps(out))
                 return 0
             last = None
             import time as _time

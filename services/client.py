@@ -17,29 +17,78 @@ commit of the speculation loop; the last chunk carries finish_reason, usage and 
 Conventions
 - Unset optional arguments (None) stay unset in the request, so the server's defaults apply.
 - Bad arguments raise ValueError naming the field, before anything is sent.
-- Failed RPCs raise TandemError(code, details); `generate` attaches the tokens received before
-  the failure as `error.partial`.
+- Failed RPCs raise TandemError(code, details), as the subclass for the code
+  (InvalidArgumentError, NotFoundError, ResourceExhaustedError, UnavailableError, ...), with
+  the server's google.rpc details: .reason (ErrorInfo), .field_violations (BadRequest),
+  .retry_delay (RetryInfo); `generate` attaches the tokens received before the failure as
+  `error.partial`.
+- Calls refused before any response (UNAVAILABLE, RESOURCE_EXHAUSTED) are retried by gRPC
+  itself (`retries=`, default 3), after the delay the server asks for; a stream that already
+  sent tokens is never retried.
 - The bearer token travels as per-call metadata ("authorization", "Bearer <token>"), so it also
   works over plaintext channels (gRPC call credentials would require TLS).
+- Tracing is opt-in: with trace_context=True (and `pip install "tandem[tracing]"`) each call
+  carries the caller's current OpenTelemetry context as W3C `traceparent` metadata, and the
+  server's request span (with its rounds and actor spans) joins that trace.
 
-The pure helpers (build_generate_request, sampling_to_proto, chunk_from_proto, collect_chunks,
-stats_to_dict, stats_from_dict, method_to_enum, enum_to_method, finish_reason_name,
-finish_reason_to_enum, model_info_to_dict, error_from_rpc) have no I/O and are shared with the
-server side.
+The message conversions (build_generate_request, sampling_to_proto, chunk_from_proto,
+collect_chunks, stats_to_dict, method_to_enum, model_info_to_dict, ...) live in
+services/wire.py and the exceptions in services/errors.py, both shared with the server side
+and re-exported here; this module holds the channels and the two clients, sync and asyncio,
+which mirror each other method for method (the reason this module runs past ~400 lines:
+splitting the twins would scatter one API over two files).
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+import json
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tandem.v1 import tandem_pb2, tandem_pb2_grpc
+
+from tandem.services.errors import (  # noqa: F401 - re-exported: the client's API
+    ERROR_CLASSES,
+    DeadlineExceededError,
+    InternalError,
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+    TandemError,
+    UnauthenticatedError,
+    UnavailableError,
+    error_from_rpc,
+    error_from_status,
+)
+from tandem.services.wire import (  # noqa: F401 - re-exported: the client's API
+    CHAT_ROLES,
+    FINISH_REASONS,
+    GenerateChunk,
+    GenerateResult,
+    MAX_DRAFT_LEN,
+    METHODS,
+    TokenLogprob,
+    _check_float,
+    _check_int,
+    _fold,
+    _list_models_to_dict,
+    build_generate_request,
+    chunk_from_proto,
+    collect_chunks,
+    enum_to_method,
+    finish_reason_name,
+    finish_reason_to_enum,
+    method_to_enum,
+    model_info_to_dict,
+    sampling_to_proto,
+    server_info_to_dict,
+    stats_from_dict,
+    stats_to_dict,
+)
 
 __all__ = [
     "METHODS",
@@ -51,6 +100,17 @@ __all__ = [
     "GenerateStream",
     "TandemClient",
     "TandemError",
+    "TokenLogprob",
+    "InvalidArgumentError",
+    "NotFoundError",
+    "ResourceExhaustedError",
+    "UnavailableError",
+    "UnauthenticatedError",
+    "DeadlineExceededError",
+    "InternalError",
+    "error_from_status",
+    "server_info_to_dict",
+    "service_config",
     "build_generate_request",
     "chunk_from_proto",
     "collect_chunks",
@@ -65,357 +125,12 @@ __all__ = [
     "stats_to_dict",
 ]
 
-_METHOD_PREFIX = "SPECULATION_METHOD_"
-_FINISH_PREFIX = "FINISH_REASON_"
-_UINT32_MAX = 2**32 - 1
-_UINT64_MAX = 2**64 - 1
-MAX_DRAFT_LEN = 64  # SpeculationOptions.max_draft_len is documented as 1..64
-CHAT_ROLES = ("system", "user", "assistant")
-
-# Derived from the enum descriptors, so a value added to the .proto shows up here by itself.
-# UNSPECIFIED (0) is not a method: a request that leaves the method unset gets the server's
-# default (auto).
-_METHOD_BY_NAME: dict[str, int] = {
-    name[len(_METHOD_PREFIX) :].lower(): number
-    for name, number in tandem_pb2.SpeculationMethod.items()
-    if number != tandem_pb2.SPECULATION_METHOD_UNSPECIFIED
-}
-_METHOD_BY_NUMBER: dict[int, str] = {number: name for name, number in _METHOD_BY_NAME.items()}
-_FINISH_BY_NUMBER: dict[int, str] = {
-    number: name[len(_FINISH_PREFIX) :].lower()
-    for name, number in tandem_pb2.FinishReason.items()
-    if number != tandem_pb2.FINISH_REASON_UNSPECIFIED
-}
-_FINISH_BY_NAME: dict[str, int] = {name: number for number, name in _FINISH_BY_NUMBER.items()}
-
-METHODS: tuple[str, ...] = tuple(_METHOD_BY_NAME)  # ("auto", "off", "sd", "sorted", "pearl", "spectr")
-FINISH_REASONS: tuple[str, ...] = tuple(_FINISH_BY_NAME)  # ("stop", "length", "eos", "cancelled", ...)
-
-
-# ----------------------------------------------------------------------------------------
-# Plain data
-# ----------------------------------------------------------------------------------------
-
-
-@dataclass
-class GenerateChunk:
-    """One streamed message: the tokens one commit added (and, on the last one, the outcome).
-
-    finish_reason is one of FINISH_REASONS on the last chunk and None before it; usage is
-    {"prompt_tokens", "completion_tokens"} and stats is stats_to_dict(...) on the last chunk;
-    error is the failure text when finish_reason == "error".
-    """
-
-    token_ids: list[int]
-    text: str
-    finish_reason: str | None = None
-    usage: dict[str, int] | None = None
-    stats: dict[str, Any] | None = None
-    error: str | None = None
-    request_id: str = ""
-
-
-@dataclass
-class GenerateResult:
-    """A whole request: every chunk's text and tokens joined, and the last chunk's outcome."""
-
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None
-    usage: dict[str, int] | None
-    stats: dict[str, Any] | None
-    request_id: str = ""
-    error: str | None = None
-
-
-class TandemError(Exception):
-    """A failed RPC: its gRPC status code and details, e.g. "NOT_FOUND: target 'x' is not served".
-
-    `partial` holds what generate() had received before the failure (None elsewhere).
-    """
-
-    def __init__(self, code: grpc.StatusCode, details: str, *, partial: GenerateResult | None = None) -> None:
-        super().__init__(code, details)
-        self.code = code
-        self.details = details
-        self.partial = partial
-
-    def __str__(self) -> str:
-        return f"{self.code.name}: {self.details}"
-
-    def __reduce__(self):  # picklable (e.g. across Ray or multiprocessing), partial included
-        return (_rebuild_error, (self.code.name, self.details, self.partial))
-
-
-def _rebuild_error(code_name: str, details: str, partial: GenerateResult | None) -> TandemError:
-    return TandemError(grpc.StatusCode[code_name], details, partial=partial)
-
-
-def error_from_rpc(error: grpc.RpcError) -> TandemError:
-    """The TandemError for a grpc.RpcError (sync or aio); UNKNOWN when it carries no status."""
-    code = error.code() if callable(getattr(error, "code", None)) else None
-    details = error.details() if callable(getattr(error, "details", None)) else None
-    return TandemError(code or grpc.StatusCode.UNKNOWN, details or str(error) or "RPC failed")
-
-
-# ----------------------------------------------------------------------------------------
-# Pure conversions
-# ----------------------------------------------------------------------------------------
-
-
-def method_to_enum(method: str) -> int:
-    """"pearl" -> SPECULATION_METHOD_PEARL; the names are METHODS (case-insensitive)."""
-    if not isinstance(method, str) or method.lower() not in _METHOD_BY_NAME:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
-    return _METHOD_BY_NAME[method.lower()]
-
-
-def enum_to_method(value: int) -> str:
-    """SPECULATION_METHOD_PEARL -> "pearl"; a number this client does not know -> "unknown_<n>"."""
-    return _METHOD_BY_NUMBER.get(int(value), f"unknown_{int(value)}")
-
-
-def finish_reason_name(value: int) -> str | None:
-    """FINISH_REASON_EOS -> "eos"; UNSPECIFIED (not the last message) -> None;
-    a number this client does not know -> "unknown_<n>"."""
-    if value == tandem_pb2.FINISH_REASON_UNSPECIFIED:
-        return None
-    return _FINISH_BY_NUMBER.get(int(value), f"unknown_{int(value)}")
-
-
-def finish_reason_to_enum(name: str | None) -> int:
-    """"eos" -> FINISH_REASON_EOS; None -> UNSPECIFIED (for the server side)."""
-    if name is None:
-        return tandem_pb2.FINISH_REASON_UNSPECIFIED
-    if name not in _FINISH_BY_NAME:
-        raise ValueError(f"finish_reason must be one of {', '.join(FINISH_REASONS)} or None; got {name!r}")
-    return _FINISH_BY_NAME[name]
-
-
-def _check_int(name: str, value: Any, *, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer; got {value!r}")
-    if not low <= value <= high:
-        raise ValueError(f"{name} must be in [{low}, {high}]; got {value}")
-    return value
-
-
-def _check_float(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number; got {value!r}")
-    return float(value)
-
-
-def sampling_to_proto(
-    *,
-    temperature: float | None = None,
-    top_p: float | None = None,
-    top_k: int | None = None,
-    seed: int | None = None,
-    max_new_tokens: int | None = None,
-    stop: str | Sequence[str] = (),
-    stop_token_ids: Sequence[int] = (),
-    ignore_eos: bool = False,
-) -> tandem_pb2.SamplingParams:
-    """SamplingParams with only the given fields set (None stays unset: server default).
-
-    Bounds are the ones the .proto documents: temperature >= 0, top_p in (0, 1], top_k >= 0,
-    seed a uint64, max_new_tokens >= 1, token ids uint32. A single string `stop` is one stop
-    string.
-    """
-    params = tandem_pb2.SamplingParams(ignore_eos=bool(ignore_eos))
-    if temperature is not None:
-        if _check_float("temperature", temperature) < 0:
-            raise ValueError(f"temperature must be >= 0; got {temperature}")
-        params.temperature = temperature
-    if top_p is not None:
-        if not 0 < _check_float("top_p", top_p) <= 1:
-            raise ValueError(f"top_p must be in (0, 1]; got {top_p}")
-        params.top_p = top_p
-    if top_k is not None:
-        params.top_k = _check_int("top_k", top_k, low=0, high=2**31 - 1)
-    if seed is not None:
-        params.seed = _check_int("seed", seed, low=0, high=_UINT64_MAX)
-    if max_new_tokens is not None:
-        params.max_new_tokens = _check_int("max_new_tokens", max_new_tokens, low=1, high=_UINT32_MAX)
-    stops = [stop] if isinstance(stop, str) else list(stop)
-    for s in stops:
-        if not isinstance(s, str) or not s:
-            raise ValueError(f"stop must hold non-empty strings; got {s!r}")
-    params.stop.extend(stops)
-    params.stop_token_ids.extend(_check_int("stop_token_ids", t, low=0, high=_UINT32_MAX) for t in stop_token_ids)
-    return params
-
-
-def _messages_to_proto(messages: Iterable[Mapping[str, str]]) -> tandem_pb2.ChatMessages:
-    chat = tandem_pb2.ChatMessages()
-    for i, message in enumerate(messages):
-        if not isinstance(message, Mapping) or set(message) - {"role", "content"} or "role" not in message or "content" not in message:
-            raise ValueError(f"messages[{i}] must be a dict with exactly the keys 'role' and 'content'; got {message!r}")
-        role, content = message["role"], message["content"]
-        if role not in CHAT_ROLES:
-            raise ValueError(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}; got {role!r}")
-        if not isinstance(content, str):
-            raise ValueError(f"messages[{i}].content must be a string; got {type(content).__name__}")
-        chat.messages.add(role=role, content=content)
-    if not chat.messages:
-        raise ValueError("messages must not be empty")
-    return chat
-
-
-def build_generate_request(
-    *,
-    target: str,
-    prompt: str | None = None,
-    messages: Sequence[Mapping[str, str]] | None = None,
-    temperature: float | None = None,
-    top_p: float | None = None,
-    top_k: int | None = None,
-    seed: int | None = None,
-    max_new_tokens: int | None = None,
-    stop: str | Sequence[str] = (),
-    stop_token_ids: Sequence[int] = (),
-    ignore_eos: bool = False,
-    method: str | None = None,
-    max_draft_len: int | None = None,
-    request_id: str = "",
-    raw_prompt: bool = False,
-) -> tandem_pb2.GenerateRequest:
-    """The GenerateRequest for these arguments; ValueError naming the field when one is bad."""
-    if not isinstance(target, str) or not target:
-        raise ValueError(f"target must be a non-empty model name (see list_models()); got {target!r}")
-    if (prompt is None) == (messages is None):
-        raise ValueError("exactly one of prompt and messages must be given")
-    if not isinstance(request_id, str):
-        raise ValueError(f"request_id must be a string; got {request_id!r}")
-    request = tandem_pb2.GenerateRequest(
-        request_id=request_id,
-        target=target,
-        raw_prompt=bool(raw_prompt),
-        sampling=sampling_to_proto(
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            seed=seed,
-            max_new_tokens=max_new_tokens,
-            stop=stop,
-            stop_token_ids=stop_token_ids,
-            ignore_eos=ignore_eos,
-        ),
-        speculation=tandem_pb2.SpeculationOptions(
-            method=tandem_pb2.SPECULATION_METHOD_UNSPECIFIED if method is None else method_to_enum(method)
-        ),
-    )
-    if max_draft_len is not None:
-        request.speculation.max_draft_len = _check_int("max_draft_len", max_draft_len, low=1, high=MAX_DRAFT_LEN)
-    if prompt is not None:
-        if not isinstance(prompt, str):
-            raise ValueError(f"prompt must be a string; got {type(prompt).__name__}")
-        request.prompt = prompt
-    else:
-        if raw_prompt:
-            raise ValueError("raw_prompt applies to prompt only, not to messages")
-        request.messages.CopyFrom(_messages_to_proto(messages))
-    return request
-
-
-def stats_to_dict(stats: tandem_pb2.SpeculationStats) -> dict[str, Any]:
-    """SpeculationStats as plain values: method ("pearl", "off", ...), draft_len, rounds,
-    drafted, accepted, mean_accepted_len, acceptance_by_position (list), exits_used ({exit: n})."""
-    return {
-        "method": enum_to_method(stats.method),
-        "draft_len": stats.draft_len,
-        "rounds": stats.rounds,
-        "drafted": stats.drafted,
-        "accepted": stats.accepted,
-        "mean_accepted_len": stats.mean_accepted_len,
-        "acceptance_by_position": list(stats.acceptance_by_position),
-        "exits_used": {int(k): int(v) for k, v in sorted(stats.exits_used.items())},
-    }
-
-
-def stats_from_dict(stats: Mapping[str, Any]) -> tandem_pb2.SpeculationStats:
-    """The inverse of stats_to_dict (for the server side); missing keys stay zero/empty."""
-    message = tandem_pb2.SpeculationStats(
-        method=method_to_enum(stats.get("method", "auto")),
-        draft_len=int(stats.get("draft_len", 0)),
-        rounds=int(stats.get("rounds", 0)),
-        drafted=int(stats.get("drafted", 0)),
-        accepted=int(stats.get("accepted", 0)),
-        mean_accepted_len=float(stats.get("mean_accepted_len", 0.0)),
-        acceptance_by_position=[float(a) for a in stats.get("acceptance_by_position", ())],
-    )
-    for depth, count in dict(stats.get("exits_used", {})).items():
-        message.exits_used[int(depth)] = int(count)
-    return message
-
-
-def chunk_from_proto(message: tandem_pb2.GenerateResponse) -> GenerateChunk:
-    """A GenerateResponse as a GenerateChunk (usage/stats None when the message lacks them)."""
-    return GenerateChunk(
-        token_ids=list(message.token_ids),
-        text=message.text,
-        finish_reason=finish_reason_name(message.finish_reason),
-        usage=(
-            {"prompt_tokens": message.usage.prompt_tokens, "completion_tokens": message.usage.completion_tokens}
-            if message.HasField("usage")
-            else None
-        ),
-        stats=stats_to_dict(message.stats) if message.HasField("stats") else None,
-        error=message.error or None,
-        request_id=message.request_id,
-    )
-
-
-def collect_chunks(chunks: Iterable[GenerateChunk]) -> GenerateResult:
-    """Fold chunks into one result: text and tokens joined, outcome from the last chunk."""
-    result = GenerateResult(text="", token_ids=[], finish_reason=None, usage=None, stats=None)
-    texts: list[str] = []
-    for chunk in chunks:
-        _fold(result, texts, chunk)
-    result.text = "".join(texts)
-    return result
-
-
-def _fold(result: GenerateResult, texts: list[str], chunk: GenerateChunk) -> None:
-    texts.append(chunk.text)
-    result.token_ids.extend(chunk.token_ids)
-    result.request_id = result.request_id or chunk.request_id
-    if chunk.finish_reason is not None:
-        result.finish_reason = chunk.finish_reason
-    if chunk.usage is not None:
-        result.usage = chunk.usage
-    if chunk.stats is not None:
-        result.stats = chunk.stats
-    if chunk.error is not None:
-        result.error = chunk.error
-
 
 def _error_in_result(result: GenerateResult) -> TandemError | None:
     """A stream that ended OK but whose last message says FINISH_REASON_ERROR still failed."""
     if result.finish_reason == "error":
-        return TandemError(grpc.StatusCode.INTERNAL, result.error or "generation failed", partial=result)
+        return InternalError(grpc.StatusCode.INTERNAL, result.error or "generation failed", partial=result)
     return None
-
-
-def model_info_to_dict(info: tandem_pb2.ModelInfo) -> dict[str, Any]:
-    return {
-        "name": info.name,
-        "model": info.model,
-        "replicas": info.replicas,
-        "shards": info.shards,
-        "dtype": info.dtype,
-        "default_method": enum_to_method(info.default_method),
-        "max_context": info.max_context,
-        "exits": list(info.exits),
-    }
-
-
-def _list_models_to_dict(response: tandem_pb2.ListModelsResponse) -> dict[str, Any]:
-    return {
-        "targets": [model_info_to_dict(m) for m in response.targets],
-        "draft": model_info_to_dict(response.draft) if response.HasField("draft") else None,
-    }
 
 
 def _health_status_name(response: health_pb2.HealthCheckResponse) -> str:
@@ -427,12 +142,80 @@ def _health_status_name(response: health_pb2.HealthCheckResponse) -> str:
 # ----------------------------------------------------------------------------------------
 
 
-def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+# gRPC's own retry (gRFC A6), set in the channel's service config. It retries a call only
+# while no response has arrived: a refused Generate (full queue, no replica) yes, a stream
+# that already sent tokens never. The server's RetryInfo delay comes as the
+# grpc-retry-pushback-ms trailer, which replaces the backoff below when present. Per-call
+# metadata (the bearer token) goes with every attempt; all attempts share the call's timeout.
+RETRIED_METHODS = ("Generate", "ListModels", "GetServerInfo")
+RETRY_CODES = ("UNAVAILABLE", "RESOURCE_EXHAUSTED")
+DEFAULT_RETRIES = 3
+MAX_RETRIES = 4  # gRPC caps maxAttempts at 5
+# Keepalive: ping every KEEPALIVE_S, also while idle, so a dead connection is noticed within
+# KEEPALIVE_S + KEEPALIVE_TIMEOUT_S rather than at the next call. tandem's server accepts
+# pings every 10 s or slower, with or without calls (services/server.py); a server with gRPC's
+# defaults answers idle pings with GOAWAY "too_many_pings": pass keepalive=None for those.
+KEEPALIVE_S = 30.0
+KEEPALIVE_TIMEOUT_S = 10.0
+
+
+def service_config(retries: int) -> dict[str, Any]:
+    """The channel's service config: up to `retries` retries of the Tandem RPCs on
+    UNAVAILABLE and RESOURCE_EXHAUSTED, exponential backoff from 0.25 s to 5 s (jittered)
+    unless the server pushes back; {} for retries=0."""
+    _check_int("retries", retries, low=0, high=MAX_RETRIES)
+    if retries == 0:
+        return {}
+    service = tandem_pb2.DESCRIPTOR.services_by_name["Tandem"].full_name
+    return {
+        "methodConfig": [
+            {
+                "name": [{"service": service, "method": m} for m in RETRIED_METHODS],
+                "retryPolicy": {
+                    "maxAttempts": retries + 1,
+                    "initialBackoff": "0.25s",
+                    "maxBackoff": "5s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": list(RETRY_CODES),
+                },
+            }
+        ]
+    }
+
+
+def _channel_options(
+    max_message_bytes: int, *, retries: int = DEFAULT_RETRIES, keepalive: float | None = KEEPALIVE_S
+) -> list[tuple[str, Any]]:
     _check_int("max_message_bytes", max_message_bytes, low=1, high=2**31 - 1)
-    return [
+    options: list[tuple[str, Any]] = [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
     ]
+    config = service_config(retries)
+    if config:
+        options.append(("grpc.service_config", json.dumps(config)))
+    else:
+        options.append(("grpc.enable_retries", 0))
+    if keepalive is not None:
+        if not _check_float("keepalive", keepalive) > 0:
+            raise ValueError(f"keepalive must be > 0 seconds or None; got {keepalive}")
+        options += [
+            ("grpc.keepalive_time_ms", int(keepalive * 1000)),
+            ("grpc.keepalive_timeout_ms", int(KEEPALIVE_TIMEOUT_S * 1000)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),  # no cap on pings between calls
+        ]
+    return options
+
+
+def _trace_injector():
+    """opentelemetry.propagate.inject: writes the current context with the process's
+    text-map propagator (W3C trace context by default)."""
+    try:
+        from opentelemetry.propagate import inject
+    except ImportError as exc:  # the client alone does not need OpenTelemetry
+        raise ImportError("trace_context=True needs OpenTelemetry: pip install 'tandem[tracing]'") from exc
+    return inject
 
 
 class _ClientConfig:
@@ -448,6 +231,9 @@ class _ClientConfig:
         root_certificates: bytes | None,
         timeout: float | None,
         max_message_bytes: int,
+        retries: int = DEFAULT_RETRIES,
+        keepalive: float | None = KEEPALIVE_S,
+        trace_context: bool = False,
     ) -> None:
         if not isinstance(address, str) or not address:
             raise ValueError(f"address must be 'host:port'; got {address!r}")
@@ -459,8 +245,21 @@ class _ClientConfig:
         self.tls = bool(tls or root_certificates is not None)
         self.root_certificates = root_certificates
         self.timeout = timeout
-        self.options = _channel_options(max_message_bytes)
+        self.options = _channel_options(max_message_bytes, retries=retries, keepalive=keepalive)
         self.metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
+        if not isinstance(trace_context, bool):
+            raise ValueError(f"trace_context must be True or False; got {trace_context!r}")
+        self._inject = _trace_injector() if trace_context else None
+
+    def call_metadata(self) -> tuple[tuple[str, str], ...]:
+        """One call's metadata: the token, plus with trace_context the caller's current
+        OpenTelemetry context (W3C `traceparent`/`tracestate`), which the server's request
+        span continues."""
+        if self._inject is None:
+            return self.metadata
+        carrier: dict[str, str] = {}
+        self._inject(carrier)
+        return self.metadata + tuple(carrier.items())
 
     def credentials(self) -> grpc.ChannelCredentials:
         return grpc.ssl_channel_credentials(root_certificates=self.root_certificates)
@@ -526,7 +325,13 @@ class TandemClient:
     """Blocking client over grpc.secure_channel / insecure_channel. Thread-safe like the channel.
 
     timeout is the default deadline of each call in seconds (a whole stream for generate);
-    max_message_bytes bounds messages both ways. Use as a context manager or call close().
+    max_message_bytes bounds messages both ways. retries (0..4, 0 = off) is how often gRPC
+    retries a call refused with UNAVAILABLE or RESOURCE_EXHAUSTED before any response came,
+    waiting what the server's RetryInfo says (see service_config); a stream that sent tokens
+    is never retried. keepalive is the ping interval in seconds (None: no pings).
+    trace_context=True sends the caller's current OpenTelemetry context with each call (needs
+    `tandem[tracing]`), so the server's spans join the caller's trace. Use as a context
+    manager or call close().
     """
 
     def __init__(
@@ -538,6 +343,9 @@ class TandemClient:
         root_certificates: bytes | None = None,
         timeout: float | None = None,
         max_message_bytes: int = 4 * 1024 * 1024,
+        retries: int = DEFAULT_RETRIES,
+        keepalive: float | None = KEEPALIVE_S,
+        trace_context: bool = False,
     ) -> None:
         self._config = _ClientConfig(
             address,
@@ -546,6 +354,9 @@ class TandemClient:
             root_certificates=root_certificates,
             timeout=timeout,
             max_message_bytes=max_message_bytes,
+            retries=retries,
+            keepalive=keepalive,
+            trace_context=trace_context,
         )
         cfg = self._config
         if cfg.tls:
@@ -555,89 +366,21 @@ class TandemClient:
         self._stub = tandem_pb2_grpc.TandemStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
-    def generate_stream(
-        self,
-        *,
-        target: str,
-        prompt: str | None = None,
-        messages: Sequence[Mapping[str, str]] | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        seed: int | None = None,
-        max_new_tokens: int | None = None,
-        stop: str | Sequence[str] = (),
-        stop_token_ids: Sequence[int] = (),
-        ignore_eos: bool = False,
-        method: str | None = None,
-        max_draft_len: int | None = None,
-        request_id: str = "",
-        raw_prompt: bool = False,
-        timeout: float | None = None,
-    ) -> GenerateStream:
-        """Start Generate; returns the stream of chunks (see build_generate_request for the fields)."""
-        request = build_generate_request(
-            target=target,
-            prompt=prompt,
-            messages=messages,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            seed=seed,
-            max_new_tokens=max_new_tokens,
-            stop=stop,
-            stop_token_ids=stop_token_ids,
-            ignore_eos=ignore_eos,
-            method=method,
-            max_draft_len=max_draft_len,
-            request_id=request_id,
-            raw_prompt=raw_prompt,
-        )
-        call = self._stub.Generate(request, timeout=self._config.call_timeout(timeout), metadata=self._config.metadata)
+    def generate_stream(self, *, timeout: float | None = None, **request: Any) -> GenerateStream:
+        """Start Generate; returns the stream of chunks. `request`: the keyword arguments of
+        build_generate_request (target, prompt / messages / prompt_token_ids, sampling and
+        speculation fields); a bad one raises ValueError naming it, before anything is sent."""
+        message = build_generate_request(**request)
+        call = self._stub.Generate(message, timeout=self._config.call_timeout(timeout), metadata=self._config.call_metadata())
         return GenerateStream(call)
 
-    def generate(
-        self,
-        *,
-        target: str,
-        prompt: str | None = None,
-        messages: Sequence[Mapping[str, str]] | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        seed: int | None = None,
-        max_new_tokens: int | None = None,
-        stop: str | Sequence[str] = (),
-        stop_token_ids: Sequence[int] = (),
-        ignore_eos: bool = False,
-        method: str | None = None,
-        max_draft_len: int | None = None,
-        request_id: str = "",
-        raw_prompt: bool = False,
-        timeout: float | None = None,
-    ) -> GenerateResult:
-        """The whole stream collected into one GenerateResult; raises TandemError
-        (with .partial) when the call fails or the last message reports an error."""
+    def generate(self, *, timeout: float | None = None, **request: Any) -> GenerateResult:
+        """The whole stream collected into one GenerateResult (request: as generate_stream's);
+        raises TandemError (with .partial) when the call fails or the last message reports
+        an error."""
         result = GenerateResult(text="", token_ids=[], finish_reason=None, usage=None, stats=None)
         texts: list[str] = []
-        with self.generate_stream(
-            target=target,
-            prompt=prompt,
-            messages=messages,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            seed=seed,
-            max_new_tokens=max_new_tokens,
-            stop=stop,
-            stop_token_ids=stop_token_ids,
-            ignore_eos=ignore_eos,
-            method=method,
-            max_draft_len=max_draft_len,
-            request_id=request_id,
-            raw_prompt=raw_prompt,
-            timeout=timeout,
-        ) as stream:
+        with self.generate_stream(timeout=timeout, **request) as stream:
             try:
                 for chunk in stream:
                     _fold(result, texts, chunk)
@@ -654,11 +397,21 @@ class TandemClient:
         """{"targets": [model dict, ...], "draft": model dict or None}; see model_info_to_dict."""
         try:
             response = self._stub.ListModels(
-                tandem_pb2.ListModelsRequest(), timeout=self._config.call_timeout(timeout), metadata=self._config.metadata
+                tandem_pb2.ListModelsRequest(), timeout=self._config.call_timeout(timeout), metadata=self._config.call_metadata()
             )
         except grpc.RpcError as error:
             raise error_from_rpc(error) from None
         return _list_models_to_dict(response)
+
+    def get_server_info(self, *, timeout: float | None = None) -> dict[str, Any]:
+        """The server's version and limits; see server_info_to_dict."""
+        try:
+            response = self._stub.GetServerInfo(
+                tandem_pb2.GetServerInfoRequest(), timeout=self._config.call_timeout(timeout), metadata=self._config.call_metadata()
+            )
+        except grpc.RpcError as error:
+            raise error_from_rpc(error) from None
+        return server_info_to_dict(response)
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """grpc.health.v1 Check: "SERVING", "NOT_SERVING", ... ("" = the whole server)."""
@@ -666,7 +419,7 @@ class TandemClient:
             response = self._health.Check(
                 health_pb2.HealthCheckRequest(service=service),
                 timeout=self._config.call_timeout(timeout),
-                metadata=self._config.metadata,
+                metadata=self._config.call_metadata(),
             )
         except grpc.RpcError as error:
             raise error_from_rpc(error) from None
@@ -741,8 +494,8 @@ class AsyncGenerateStream(AsyncIterator[GenerateChunk]):
 
 
 class AsyncTandemClient:
-    """The TandemClient API on grpc.aio; create it inside the event loop that uses it.
-    Use `async with` or `await close()`."""
+    """The TandemClient API on grpc.aio (trace_context included); create it inside the event
+    loop that uses it. Use `async with` or `await close()`."""
 
     def __init__(
         self,
@@ -753,6 +506,9 @@ class AsyncTandemClient:
         root_certificates: bytes | None = None,
         timeout: float | None = None,
         max_message_bytes: int = 4 * 1024 * 1024,
+        retries: int = DEFAULT_RETRIES,
+        keepalive: float | None = KEEPALIVE_S,
+        trace_context: bool = False,
     ) -> None:
         self._config = _ClientConfig(
             address,
@@ -761,6 +517,9 @@ class AsyncTandemClient:
             root_certificates=root_certificates,
             timeout=timeout,
             max_message_bytes=max_message_bytes,
+            retries=retries,
+            keepalive=keepalive,
+            trace_context=trace_context,
         )
         cfg = self._config
         if cfg.tls:
@@ -770,88 +529,19 @@ class AsyncTandemClient:
         self._stub = tandem_pb2_grpc.TandemStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
-    def generate_stream(
-        self,
-        *,
-        target: str,
-        prompt: str | None = None,
-        messages: Sequence[Mapping[str, str]] | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        seed: int | None = None,
-        max_new_tokens: int | None = None,
-        stop: str | Sequence[str] = (),
-        stop_token_ids: Sequence[int] = (),
-        ignore_eos: bool = False,
-        method: str | None = None,
-        max_draft_len: int | None = None,
-        request_id: str = "",
-        raw_prompt: bool = False,
-        timeout: float | None = None,
-    ) -> AsyncGenerateStream:
-        """Start Generate; returns an async iterator of chunks (not a coroutine: no await)."""
-        request = build_generate_request(
-            target=target,
-            prompt=prompt,
-            messages=messages,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            seed=seed,
-            max_new_tokens=max_new_tokens,
-            stop=stop,
-            stop_token_ids=stop_token_ids,
-            ignore_eos=ignore_eos,
-            method=method,
-            max_draft_len=max_draft_len,
-            request_id=request_id,
-            raw_prompt=raw_prompt,
-        )
-        call = self._stub.Generate(request, timeout=self._config.call_timeout(timeout), metadata=self._config.metadata)
+    def generate_stream(self, *, timeout: float | None = None, **request: Any) -> AsyncGenerateStream:
+        """Start Generate; returns an async iterator of chunks (not a coroutine: no await).
+        `request`: the keyword arguments of build_generate_request."""
+        message = build_generate_request(**request)
+        call = self._stub.Generate(message, timeout=self._config.call_timeout(timeout), metadata=self._config.call_metadata())
         return AsyncGenerateStream(call)
 
-    async def generate(
-        self,
-        *,
-        target: str,
-        prompt: str | None = None,
-        messages: Sequence[Mapping[str, str]] | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        seed: int | None = None,
-        max_new_tokens: int | None = None,
-        stop: str | Sequence[str] = (),
-        stop_token_ids: Sequence[int] = (),
-        ignore_eos: bool = False,
-        method: str | None = None,
-        max_draft_len: int | None = None,
-        request_id: str = "",
-        raw_prompt: bool = False,
-        timeout: float | None = None,
-    ) -> GenerateResult:
-        """The whole stream collected; TandemError (with .partial) on failure."""
+    async def generate(self, *, timeout: float | None = None, **request: Any) -> GenerateResult:
+        """The whole stream collected (request: build_generate_request's keyword arguments);
+        TandemError (with .partial) on failure."""
         result = GenerateResult(text="", token_ids=[], finish_reason=None, usage=None, stats=None)
         texts: list[str] = []
-        async with self.generate_stream(
-            target=target,
-            prompt=prompt,
-            messages=messages,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            seed=seed,
-            max_new_tokens=max_new_tokens,
-            stop=stop,
-            stop_token_ids=stop_token_ids,
-            ignore_eos=ignore_eos,
-            method=method,
-            max_draft_len=max_draft_len,
-            request_id=request_id,
-            raw_prompt=raw_prompt,
-            timeout=timeout,
-        ) as stream:
+        async with self.generate_stream(timeout=timeout, **request) as stream:
             try:
                 async for chunk in stream:
                     _fold(result, texts, chunk)
@@ -867,18 +557,27 @@ class AsyncTandemClient:
     async def list_models(self, *, timeout: float | None = None) -> dict[str, Any]:
         try:
             response = await self._stub.ListModels(
-                tandem_pb2.ListModelsRequest(), timeout=self._config.call_timeout(timeout), metadata=self._config.metadata
+                tandem_pb2.ListModelsRequest(), timeout=self._config.call_timeout(timeout), metadata=self._config.call_metadata()
             )
         except grpc.RpcError as error:
             raise error_from_rpc(error) from None
         return _list_models_to_dict(response)
+
+    async def get_server_info(self, *, timeout: float | None = None) -> dict[str, Any]:
+        try:
+            response = await self._stub.GetServerInfo(
+                tandem_pb2.GetServerInfoRequest(), timeout=self._config.call_timeout(timeout), metadata=self._config.call_metadata()
+            )
+        except grpc.RpcError as error:
+            raise error_from_rpc(error) from None
+        return server_info_to_dict(response)
 
     async def health(self, service: str = "", *, timeout: float | None = None) -> str:
         try:
             response = await self._health.Check(
                 health_pb2.HealthCheckRequest(service=service),
                 timeout=self._config.call_timeout(timeout),
-                metadata=self._config.metadata,
+                metadata=self._config.call_metadata(),
             )
         except grpc.RpcError as error:
             raise error_from_rpc(error) from None

@@ -34,7 +34,25 @@ METHODS = ("auto", "off", "sd", "sorted", "pearl", "spectr")
 
 
 class QueueFullError(RuntimeError):
-    """More requests waiting than the queue admits."""
+    """More requests waiting than the queue admits; `retry_after_s` is when a place may
+    have freed (Router.retry_after_s)."""
+
+    def __init__(self, message: str, *, target: str = "", retry_after_s: float = 1.0):
+        super().__init__(message)
+        self.target = target
+        self.retry_after_s = retry_after_s
+
+
+# Retry advice for a full queue (Router.retry_after_s): the soonest a queue place frees is
+# when one running request ends and the first waiting one takes its slot. With requests
+# holding a slot for `mean` seconds on average (an EWMA of this target's recent requests;
+# RETRY_PRIOR_S before any ended), one of max_concurrent running requests ends about every
+# mean / max_concurrent seconds. Clamped: retrying sooner than RETRY_MIN_S only adds load,
+# and past RETRY_MAX_S a client is better off looking elsewhere.
+RETRY_PRIOR_S = 1.0
+RETRY_MIN_S = 0.25
+RETRY_MAX_S = 30.0
+SLOT_EWMA_ALPHA = 0.2
 
 
 class UnknownTargetError(KeyError):
@@ -59,6 +77,10 @@ class RouteRequest:
     method: str = "auto"
     max_draft_len: int | None = None
     deadline: float | None = None  # time.monotonic() value
+    # telemetry: the client's trace context (services/telemetry.py context_from_metadata)
+    # and gen_ai.operation.name ("chat" for chat-templated input)
+    trace_parent: Any = None
+    operation: str = "text_completion"
 
 
 @dataclass
@@ -71,6 +93,8 @@ class Delta:
     usage: dict | None = None
     stats: dict | None = None
     error: str | None = None
+    logprobs: list | None = None  # sampling.logprobs set: a TokenLogprob per token_ids entry
+    seed: int | None = None  # the last delta of a sampled request: the seed it used
 
 
 @dataclass
@@ -92,6 +116,7 @@ class TargetRoute:
     dtype: str = "bfloat16"
     running: int = 0
     waiting: int = 0
+    mean_slot_s: float | None = None  # EWMA of how long a request held a slot (None: none ended yet)
 
 
 class StopWatcher:
@@ -160,12 +185,16 @@ class _Slot:
         self.slots = slots
         self.handed_over = False
         self._held = True
+        self._since = time.monotonic()
         route.running += 1
 
     def release(self) -> None:
         if self._held:
             self._held = False
-            self.route.running -= 1
+            held = time.monotonic() - self._since
+            r = self.route
+            r.mean_slot_s = held if r.mean_slot_s is None else r.mean_slot_s + SLOT_EWMA_ALPHA * (held - r.mean_slot_s)
+            r.running -= 1
             self.slots.release()
 
 
@@ -200,7 +229,7 @@ class Router:
         self._sorted_fallback_logged: set[str] = set()
         self._lock = threading.Lock()
         if telemetry is not None:
-            telemetry.observe_queue_depth(self.queue_depths)
+            telemetry.observe_requests(self.request_states)
 
     # ------------------------------------------------------------------ info
     def serving_replicas(self) -> dict[str, int]:
@@ -211,6 +240,22 @@ class Router:
         if draft is not None and hasattr(draft, "size"):
             out[DRAFT_POOL] = draft.size
         return out
+
+    def target_health(self) -> dict[str, bool]:
+        """Per target: whether some replica can take a request now (what the health service
+        reports); empty for an engine that does not say."""
+        health = getattr(self.engine, "target_health", None)
+        return dict(health()) if callable(health) else {}
+
+    def retry_after_s(self, target: str) -> float:
+        """When a request refused for a full queue may try again (see RETRY_PRIOR_S)."""
+        mean = self.routes[target].mean_slot_s
+        mean = RETRY_PRIOR_S if mean is None else mean
+        return min(RETRY_MAX_S, max(RETRY_MIN_S, mean / self.max_concurrent))
+
+    def request_states(self) -> dict[str, tuple[int, int]]:
+        """{target: (running, waiting)}: requests holding a slot, and queued for one."""
+        return {name: (r.running, r.waiting) for name, r in self.routes.items()}
 
     def queue_depths(self) -> dict[str, int]:
         return {name: r.running + r.waiting for name, r in self.routes.items()}
@@ -264,11 +309,14 @@ class Router:
     async def generate(self, req: RouteRequest, *, cancelled: Callable[[], bool] = lambda: False) -> AsyncIterator[Delta]:
         """Admit, run and stream one request. Raises UnknownTargetError, QueueFullError,
         ValueError (bad field) before the first delta; SideUnavailableError on actor failure."""
+        arrived = time.monotonic()  # telemetry: queue time, and TTFT / latency from arrival
         route = self.route(req.target)
         slots = self._slots[route.name]
         if slots.locked() and route.waiting >= self.queue_size:
             raise QueueFullError(
-                f"queue full: {route.waiting} requests waiting for target {route.name!r} (queue_size {self.queue_size})"
+                f"queue full: {route.waiting} requests waiting for target {route.name!r} (queue_size {self.queue_size})",
+                target=route.name,
+                retry_after_s=self.retry_after_s(route.name),
             )
         spec, choice = self.plan(route, req)
         route.waiting += 1
@@ -278,14 +326,15 @@ class Router:
             route.waiting -= 1
         slot = _Slot(route, slots)
         try:
-            async for delta in self._run(route, req, spec, choice, cancelled, slot):
+            async for delta in self._run(route, req, spec, choice, cancelled, slot, arrived=arrived):
                 yield delta
         finally:
             if not slot.handed_over:  # no work was started: free the slot now
                 slot.release()
 
     async def _run(
-        self, route: TargetRoute, req: RouteRequest, spec: SpecConfig, choice: Choice | None, cancelled, slot: _Slot
+        self, route: TargetRoute, req: RouteRequest, spec: SpecConfig, choice: Choice | None, cancelled, slot: _Slot,
+        *, arrived: float | None = None,
     ) -> AsyncIterator[Delta]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -296,15 +345,22 @@ class Router:
         method_name = spec.method if spec.method != "ar" else "off"
         trace = None
         if self.telemetry is not None:
+            sp = req.sampling
             trace = self.telemetry.request(
-                request_id=req.request_id, target=route.name, method=method_name, prompt_tokens=len(req.prompt_ids)
+                request_id=req.request_id, target=route.name, method=method_name, prompt_tokens=len(req.prompt_ids),
+                parent=req.trace_parent, arrived=arrived, model=route.model, operation=req.operation,
+                max_tokens=req.max_new_tokens, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k or None, seed=sp.seed,
             )
             trace.__enter__()
+        tracing = trace.actor_tracing() if trace is not None else None  # None unless rounds are sampled
         state_key = self.new_state_key()
         exit_depth = spec.policy.exits[-1] if spec.policy is not None and len(spec.policy.exits) == 1 else None
 
         def on_tokens(tokens: list[int]) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, ("tokens", list(tokens)))
+
+        def on_logprobs(logprobs: list) -> None:  # queued just before the same commit's tokens
+            loop.call_soon_threadsafe(queue.put_nowait, ("logprobs", list(logprobs)))
 
         def on_round(info: dict) -> None:
             if trace is not None:
@@ -316,6 +372,7 @@ class Router:
                     accepted=info["accepted"],
                     emitted=info["emitted"],
                     exits=info["exits"],
+                    exit_seq=info.get("exit_seq"),
                 )
             if route.policy is not None and spec.method in ("sd", "pearl", "ar"):
                 route.policy.observe_round(
@@ -347,12 +404,15 @@ class Router:
                 should_stop=should_stop,
                 on_round=on_round,
                 request_id=state_key,
+                **({"on_logprobs": on_logprobs} if req.sampling.logprobs is not None else {}),
+                **({"tracing": tracing} if tracing is not None else {}),
             )
 
         fut = loop.run_in_executor(self._pools[route.name], work)
         slot.handed_over = True  # from here the slot frees when the work ends, not when the client leaves
         fut.add_done_callback(lambda f: (queue.put_nowait(("done", None)), slot.release()))
         sent_tokens = 0
+        pending_logprobs: list = []  # logprobs of tokens not yet taken from the queue
         first_sent = False
         finished = False
         try:
@@ -360,16 +420,23 @@ class Router:
                 kind, payload = await queue.get()
                 if cancelled():
                     cancel_flag.set()
+                if kind == "logprobs":
+                    pending_logprobs.extend(payload)
+                    continue
                 if kind == "tokens":
                     ids, text = watcher.push(payload)
                     if watcher.stopped:
                         stop_flag.set()
+                    logprobs = None
+                    if req.sampling.logprobs is not None:
+                        logprobs = pending_logprobs[: len(ids)]  # the watcher sends a prefix of payload
+                        del pending_logprobs[: len(payload)]
                     if ids or text:
                         sent_tokens += len(ids)
                         if not first_sent and trace is not None:
                             trace.first_token()
                         first_sent = True
-                        yield Delta(token_ids=ids, text=text)
+                        yield Delta(token_ids=ids, text=text, logprobs=logprobs)
                     continue
                 # done
                 finished = True
@@ -392,7 +459,8 @@ class Router:
                 if trace is not None:
                     trace.finish(finish_reason=reason, completion_tokens=sent_tokens, method=method_name, draft_len=spec.gamma)
                     trace = None
-                yield Delta(token_ids=[], text=tail, finish_reason=reason, usage=self._usage(req, sent_tokens), stats=stats)
+                seed = None if req.sampling.greedy else req.sampling.seed
+                yield Delta(token_ids=[], text=tail, finish_reason=reason, usage=self._usage(req, sent_tokens), stats=stats, seed=seed)
                 return
         finally:
             if not finished:

@@ -15,6 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from tandem.v1 import tandem_pb2 as pb
+from tandem.services import errors
 from tandem.services.router import Router
 from tandem.services.servicer import TandemServicer, add_tandem_servicer
 
@@ -45,20 +46,18 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
             return await continuation(details)
         handler = await continuation(details)
         message = "missing or wrong bearer token (metadata 'authorization: Bearer <token>')"
+
+        async def deny(request, context):
+            await errors.abort(context, grpc.StatusCode.UNAUTHENTICATED, message, reason=errors.UNAUTHENTICATED)
+
+        async def deny_stream(request, context):
+            await deny(request, context)
+            yield  # pragma: no cover - makes this an async generator
+
         if handler is None:
             # an unknown method: without a token a caller learns nothing, not even that it
             # does not exist (UNAUTHENTICATED, not UNIMPLEMENTED)
-            async def deny_unknown(request, context):
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-
-            return grpc.unary_unary_rpc_method_handler(deny_unknown)
-
-        async def deny(request, context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-
-        async def deny_stream(request, context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-            yield  # pragma: no cover - makes this an async generator
+            return grpc.unary_unary_rpc_method_handler(deny)
 
         kw = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
         if handler.request_streaming and handler.response_streaming:
@@ -89,6 +88,28 @@ class RunningServer:
 
 
 HEALTH_INTERVAL_S = 1.0
+
+# Keepalive (gRFC A8). The server pings a connection idle for KEEPALIVE_S and closes it when
+# the ping goes unanswered for KEEPALIVE_TIMEOUT_S (a dead client, a dropped NAT entry). It
+# accepts client pings as often as every MIN_CLIENT_PING_S, with or without calls in flight:
+# tandem's client pings every 30 s (client.KEEPALIVE_S), so it never collects ping strikes and
+# a GOAWAY "too_many_pings"; a client pinging faster is told to back off after 2 strikes.
+KEEPALIVE_S = 60.0
+KEEPALIVE_TIMEOUT_S = 20.0
+MIN_CLIENT_PING_S = 10.0
+
+
+def server_options(max_message_bytes: int, *, min_client_ping_s: float = MIN_CLIENT_PING_S) -> list[tuple[str, int]]:
+    """The grpc.aio server's channel arguments: message limits and keepalive policy."""
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", int(KEEPALIVE_S * 1000)),
+        ("grpc.keepalive_timeout_ms", int(KEEPALIVE_TIMEOUT_S * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", int(min_client_ping_s * 1000)),
+        ("grpc.http2.max_ping_strikes", 2),
+    ]
 
 
 async def watch_target_health(servicer: health.aio.HealthServicer, source: Callable[[], Mapping[str, bool]]) -> None:
@@ -127,18 +148,13 @@ async def start_server(
 ) -> RunningServer:
     """Start serving; returns the bound port (port 0 picks a free one)."""
     interceptors = [BearerAuthInterceptor(auth_token)] if auth_token else []
-    server = grpc.aio.server(
-        interceptors=interceptors,
-        options=[
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-        ],
-    )
+    server = grpc.aio.server(interceptors=interceptors, options=server_options(max_message_bytes))
     servicer = TandemServicer(
         router,
         max_new_tokens_limit=max_new_tokens_limit,
         default_max_new_tokens=default_max_new_tokens,
         draft_info=draft_info,
+        max_request_bytes=max_message_bytes,
     )
     add_tandem_servicer(servicer, server)
     health_servicer = health.aio.HealthServicer()

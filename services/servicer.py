@@ -1,18 +1,24 @@
 """gRPC servicer: proto messages <-> router dataclasses, field validation, status codes.
 
 Every failure a client can cause or see maps to a status code with a message that names
-the field; nothing else leaves the server (unexpected errors are logged with the request id
-and answered INTERNAL without a stack trace).
+the field, and google.rpc details a program can act on (services/errors.py: ErrorInfo's
+reason, BadRequest's field path, RetryInfo); nothing else leaves the server (unexpected
+errors are logged with the request id and answered INTERNAL without a stack trace).
+
+Past 400 lines because every request field's validation lives here, next to the
+proto-to-router conversion it guards: one place to read what a request may hold.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import logging
 import math
+import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 
@@ -20,7 +26,10 @@ from tandem.actors.pools import DRAFT_POOL
 from tandem.actors.speculative import SideUnavailableError
 from tandem.v1 import tandem_pb2 as pb
 from tandem.v1 import tandem_pb2_grpc as pb_grpc
-from tandem.services.router import Delta, QueueFullError, RouteRequest, Router, TargetRoute, UnknownTargetError
+from tandem.services import errors
+from tandem.services.wire import MAX_DRAFT_LEN
+from tandem.services.router import METHODS, Delta, QueueFullError, RouteRequest, Router, TargetRoute, UnknownTargetError
+from tandem.services.telemetry import context_from_metadata
 from tandem.speculation.sampling import SamplingParams
 
 log = logging.getLogger("tandem.servicer")
@@ -48,6 +57,8 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_LEN = 256
 MAX_REQUEST_ID = 128
 MAX_MESSAGES = 256
+MAX_TOP_LOGPROBS = 20  # the largest sampling.logprobs (alternatives per token)
+API_VERSION = pb.DESCRIPTOR.package  # "tandem.v1"
 # A token of these tokenizers spans far fewer characters than this, so text longer than
 # max_context * MAX_CHARS_PER_TOKEN cannot fit the context: it is refused before the
 # tokenizer spends seconds on it.
@@ -55,7 +66,15 @@ MAX_CHARS_PER_TOKEN = 32
 
 
 class FieldError(ValueError):
-    """A request field that fails validation; the message starts with the field path."""
+    """A request field that fails validation; the message starts with the field path.
+
+    `field` is that path ("sampling.stop[2]", "messages[1].role"), sent to the client in
+    google.rpc.BadRequest; left out, it is read from the start of the message.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None):
+        super().__init__(message)
+        self.field = field if field is not None else errors.field_path_of(message)
 
 
 @dataclass(frozen=True)
@@ -94,6 +113,11 @@ def add_tandem_servicer(servicer: "TandemServicer", server) -> None:
             request_deserializer=tolerant_deserializer(pb.ListModelsRequest),
             response_serializer=pb.ListModelsResponse.SerializeToString,
         ),
+        "GetServerInfo": grpc.unary_unary_rpc_method_handler(
+            servicer.GetServerInfo,
+            request_deserializer=tolerant_deserializer(pb.GetServerInfoRequest),
+            response_serializer=pb.GetServerInfoResponse.SerializeToString,
+        ),
     }
     name = pb.DESCRIPTOR.services_by_name["Tandem"].full_name
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
@@ -102,9 +126,26 @@ def add_tandem_servicer(servicer: "TandemServicer", server) -> None:
 
 async def abort_if_undecodable(request, context) -> None:
     if isinstance(request, UndecodableRequest):
-        await context.abort(
-            grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid {request.message} message ({request.error})"
+        await errors.abort(
+            context,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"request: not a valid {request.message} message ({request.error})",
+            reason=errors.UNDECODABLE_REQUEST,
         )
+
+
+def field_of(exc: ValueError) -> str:
+    """The request field a validation error names: FieldError's own, else the path its
+    message starts with when that is a GenerateRequest field; "" when it names none."""
+    if isinstance(exc, FieldError):
+        return exc.field
+    path = errors.field_path_of(str(exc))
+    return path if path.split(".")[0].split("[")[0] in pb.GenerateRequest.DESCRIPTOR.fields_by_name else ""
+
+
+async def abort_invalid(context, exc: ValueError) -> None:
+    """INVALID_ARGUMENT for a field that fails validation, with google.rpc.BadRequest."""
+    await errors.abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), reason=errors.INVALID_FIELD, field=field_of(exc))
 
 
 def _finite(name: str, value: float) -> float:
@@ -129,10 +170,22 @@ def parse_sampling(msg: pb.GenerateRequest, *, limit: int, default_max_new: int)
     max_new = s.max_new_tokens if s.HasField("max_new_tokens") and s.max_new_tokens > 0 else default_max_new
     if max_new > limit:
         raise FieldError(f"sampling.max_new_tokens must be <= {limit}, got {max_new}")
+    # min_p and the penalties: finite here, their ranges are SamplingParams' (one definition)
+    shaping = {
+        name: _finite(f"sampling.{name}", getattr(s, name))
+        for name in ("min_p", "repetition_penalty", "frequency_penalty", "presence_penalty")
+        if s.HasField(name)
+    }
+    logprobs = s.logprobs if s.HasField("logprobs") else None
+    if logprobs is not None and logprobs > MAX_TOP_LOGPROBS:
+        raise FieldError(f"sampling.logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {logprobs}")
     try:
-        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, logprobs=logprobs, **shaping)
     except ValueError as exc:
         raise FieldError(f"sampling.{exc}") from None
+    if not params.greedy and params.seed is None:
+        # drawn here so the last message can echo it: resending it reproduces the output
+        params = replace(params, seed=secrets.randbits(63))
     return params, int(max_new)
 
 
@@ -153,16 +206,21 @@ def parse_stops(msg: pb.GenerateRequest, vocab_size: int) -> tuple[tuple[str, ..
 
 
 def input_field(msg: pb.GenerateRequest) -> str:
-    """The field holding the request's input ("prompt" or "messages")."""
+    """The field holding the request's input ("prompt", "messages" or "prompt_token_ids")."""
     which = msg.WhichOneof("input")
     if which is None:
-        raise FieldError("prompt: give either prompt or messages")
+        raise FieldError("prompt: give one of prompt, messages or prompt_token_ids")
     return which
 
 
 def check_input_size(msg: pb.GenerateRequest, route: TargetRoute) -> None:
     """Refuse input that cannot fit the target's context, before tokenizing it."""
     which = input_field(msg)
+    if which == "prompt_token_ids":
+        n = len(msg.prompt_token_ids.ids)
+        if n >= route.max_context:
+            raise FieldError(f"prompt_token_ids: {n} tokens; the context of {route.name!r} is {route.max_context}")
+        return
     chars = len(msg.prompt) if which == "prompt" else sum(len(m.content) for m in msg.messages.messages)
     limit = route.max_context * MAX_CHARS_PER_TOKEN
     if chars > limit:
@@ -175,6 +233,14 @@ def check_input_size(msg: pb.GenerateRequest, route: TargetRoute) -> None:
 def encode_input(msg: pb.GenerateRequest, route: TargetRoute) -> list[int]:
     tok = route.tokenizer
     which = input_field(msg)
+    if which == "prompt_token_ids":  # sent to the model as they are: no template, no specials
+        ids = list(msg.prompt_token_ids.ids)
+        if not ids:
+            raise FieldError("prompt_token_ids must hold at least one token id")
+        for i, t in enumerate(ids):
+            if t >= route.vocab_size:
+                raise FieldError(f"prompt_token_ids[{i}] = {t} is outside the vocabulary of {route.name!r} ({route.vocab_size})")
+        return [int(t) for t in ids]
     if which == "prompt":
         if not msg.prompt.strip():
             raise FieldError("prompt must not be empty")
@@ -208,6 +274,14 @@ def _chat(tok, messages: list[dict]) -> list[int]:
     return list(out["input_ids"])
 
 
+def gen_ai_operation(msg: pb.GenerateRequest, route: TargetRoute) -> str:
+    """The request's gen_ai.operation.name: "chat" when the target's chat template is
+    applied (messages, or a prompt that is not raw), else "text_completion"."""
+    which = msg.WhichOneof("input")
+    templated = which == "messages" or (which == "prompt" and not msg.raw_prompt and getattr(route.tokenizer, "chat_template", None))
+    return "chat" if templated else "text_completion"
+
+
 def to_proto(delta: Delta, request_id: str) -> pb.GenerateResponse:
     msg = pb.GenerateResponse(request_id=request_id, token_ids=delta.token_ids, text=delta.text)
     if delta.finish_reason:
@@ -228,15 +302,30 @@ def to_proto(delta: Delta, request_id: str) -> pb.GenerateResponse:
             msg.stats.exits_used[int(k)] = int(v)
     if delta.error:
         msg.error = delta.error
+    for lp in delta.logprobs or ():
+        entry = msg.logprobs.add(logprob=lp.logprob)
+        for token_id, value in lp.top:
+            entry.top.add(token_id=token_id, logprob=value)
+    if delta.seed is not None:
+        msg.seed = delta.seed
     return msg
 
 
 class TandemServicer(pb_grpc.TandemServicer):
-    def __init__(self, router: Router, *, max_new_tokens_limit: int, default_max_new_tokens: int, draft_info: dict | None = None):
+    def __init__(
+        self,
+        router: Router,
+        *,
+        max_new_tokens_limit: int,
+        default_max_new_tokens: int,
+        draft_info: dict | None = None,
+        max_request_bytes: int = 4 * 1024 * 1024,
+    ):
         self.router = router
         self.limit = max_new_tokens_limit
         self.default_max_new = min(default_max_new_tokens, max_new_tokens_limit)
         self.draft_info = draft_info or {}
+        self.max_request_bytes = max_request_bytes  # the server's grpc.max_receive_message_length
         # Tokenizing and chat templates run here, off the event loop: a large prompt must
         # not stall health checks and live streams (the tokenizer lets other threads run).
         self._parse_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="parse")
@@ -259,8 +348,8 @@ class TandemServicer(pb_grpc.TandemServicer):
         max_draft = None
         if msg.speculation.HasField("max_draft_len"):
             max_draft = msg.speculation.max_draft_len
-            if not 1 <= max_draft <= 64:
-                raise FieldError(f"speculation.max_draft_len must be in [1, 64], got {max_draft}")
+            if not 1 <= max_draft <= MAX_DRAFT_LEN:
+                raise FieldError(f"speculation.max_draft_len must be in [1, {MAX_DRAFT_LEN}], got {max_draft}")
         check_input_size(msg, route)
         prompt_ids = encode_input(msg, route)
         if len(prompt_ids) >= route.max_context:
@@ -284,6 +373,7 @@ class TandemServicer(pb_grpc.TandemServicer):
             method=method,
             max_draft_len=max_draft,
             deadline=time.monotonic() + remaining_s if remaining_s is not None else None,
+            operation=gen_ai_operation(msg, route),
         )
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
@@ -291,30 +381,46 @@ class TandemServicer(pb_grpc.TandemServicer):
         try:
             loop = asyncio.get_running_loop()
             req = await loop.run_in_executor(self._parse_pool, self.parse, request, context.time_remaining())
+            # the client's W3C trace context, when it sent one: the request span continues it
+            req = replace(req, trace_parent=context_from_metadata(context.invocation_metadata()))
         except UnknownTargetError as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+            await errors.abort(
+                context, grpc.StatusCode.NOT_FOUND, str(exc), reason=errors.UNKNOWN_TARGET, metadata={"target": request.target}
+            )
         except (FieldError, ValueError) as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        code, details = None, None
+            await abort_invalid(context, exc)
+        failure: dict | None = None  # errors.abort's arguments
+        target = {"target": req.target}
         try:
             async for delta in self.router.generate(req, cancelled=context.cancelled):
                 yield to_proto(delta, req.request_id)
         except QueueFullError as exc:
-            code, details = grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+            failure = dict(
+                code=grpc.StatusCode.RESOURCE_EXHAUSTED, message=str(exc), reason=errors.QUEUE_FULL,
+                metadata=target, retry_delay_s=exc.retry_after_s,
+            )
         except SideUnavailableError as exc:
-            code, details = grpc.StatusCode.UNAVAILABLE, str(exc)
+            failure = dict(
+                code=grpc.StatusCode.UNAVAILABLE, message=str(exc),
+                reason=errors.DRAFT_UNAVAILABLE if exc.role == "draft" else errors.TARGET_UNAVAILABLE,
+                metadata=target, retry_delay_s=errors.UNAVAILABLE_RETRY_S,
+            )
         except (FieldError, ValueError) as exc:
-            code, details = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+            await abort_invalid(context, exc)
         except Exception:  # noqa: BLE001 - never a stack trace to the client
             log.exception("request %s failed", req.request_id)
-            code, details = grpc.StatusCode.INTERNAL, f"internal error in request {req.request_id}; see the server log"
-        if code is not None:
-            await context.abort(code, details)
+            failure = dict(
+                code=grpc.StatusCode.INTERNAL, message=f"internal error in request {req.request_id}; see the server log",
+                reason=errors.INTERNAL, metadata={**target, "request_id": req.request_id},
+            )
+        if failure is not None:
+            await errors.abort(context, **failure)
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         await abort_if_undecodable(request, context)
         out = pb.ListModelsResponse()
         live = self.router.serving_replicas()
+        ready = self.router.target_health()
         for r in self.router.routes.values():
             out.targets.append(
                 pb.ModelInfo(
@@ -325,6 +431,8 @@ class TandemServicer(pb_grpc.TandemServicer):
                     dtype=r.dtype,
                     default_method=ENUM_BY_METHOD.get(r.default_method, pb.SPECULATION_METHOD_AUTO),
                     max_context=r.max_context,
+                    vocab_size=r.vocab_size,
+                    ready=ready.get(r.name, True),
                 )
             )
         d = self.draft_info
@@ -339,3 +447,27 @@ class TandemServicer(pb_grpc.TandemServicer):
                 )
             )
         return out
+
+    async def GetServerInfo(
+        self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetServerInfoResponse:
+        await abort_if_undecodable(request, context)
+        return pb.GetServerInfoResponse(
+            version=tandem_version(),
+            api_version=API_VERSION,
+            max_new_tokens=self.limit,
+            default_max_new_tokens=self.default_max_new,
+            max_draft_len=MAX_DRAFT_LEN,
+            max_top_logprobs=MAX_TOP_LOGPROBS,
+            max_stop_strings=MAX_STOP_STRINGS,
+            max_request_bytes=self.max_request_bytes,
+            methods=[ENUM_BY_METHOD[m] for m in METHODS],
+        )
+
+
+def tandem_version() -> str:
+    """The installed tandem distribution's version ("unknown" when run from a bare tree)."""
+    try:
+        return importlib.metadata.version("tandem")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"

@@ -21,6 +21,14 @@ bonus token
 Both ``p`` and ``q`` must come from :func:`logits_to_probs` with the *same*
 :class:`SamplingParams`; otherwise the verified output follows the wrong distribution.
 
+Penalties (repetition, frequency, presence) change the target distribution itself: the
+target's distribution at a position is :func:`penalize` applied to its raw logits, with
+counts over the tokens *before that position*. When a block of draft tokens is verified,
+row i of the block therefore counts the draft tokens before i too (they are the prefix the
+row conditions on); counting only committed tokens would verify against the wrong p.
+The draft applies the same processing to its own logits, so q stays the distribution it
+sampled from and acceptance stays high.
+
 Papers: Leviathan et al. 2023, "Fast Inference from Transformers via Speculative
 Decoding", arXiv 2211.17192; Chen et al. 2023, "Accelerating Large Language Model Decoding
 with Speculative Sampling", arXiv 2302.01318.
@@ -30,6 +38,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,9 +47,13 @@ import torch
 __all__ = [
     "SamplingParams",
     "SparseDist",
+    "TokenLogprob",
     "logits_to_probs",
     "make_generator",
+    "penalize",
     "sample",
+    "token_counts",
+    "token_logprobs",
     "truncate_to_sparse",
 ]
 
@@ -78,12 +91,28 @@ class SamplingParams:
     top_k: keep the k largest logits (0 = off).
     top_p: nucleus sampling mass in (0, 1] (1 = off).
     seed: seed for the request's generator (None = nondeterministic).
+    min_p: in [0, 1] (0 = off): drop tokens whose probability after temperature is below
+      min_p times the most likely token's.
+    repetition_penalty: > 0 (1 = off), over prompt and output tokens (CTRL, as vLLM): a seen
+      token's logit is divided by it when positive, multiplied by it when negative.
+    frequency_penalty, presence_penalty: in [-2, 2] (0 = off), over output tokens (as vLLM
+      and OpenAI): logit -= frequency_penalty * count + presence_penalty * (count > 0).
+    logprobs: None = off; else every generated token's log-probability under the target's
+      raw logits is reported, with this many most likely alternatives.
+
+    Penalties apply to greedy decoding too (the argmax of the penalized logits); see
+    :func:`penalize`.
     """
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     seed: int | None = None
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         temperature = _check_real("temperature", self.temperature)
@@ -102,22 +131,48 @@ class SamplingParams:
             seed = _check_int("seed", seed)
             if not 0 <= seed < _SEED_LIMIT:
                 raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+        min_p = _check_real("min_p", self.min_p)
+        if not 0.0 <= min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {min_p}")
+        repetition = _check_real("repetition_penalty", self.repetition_penalty)
+        if not repetition > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {repetition}")
+        frequency = _check_real("frequency_penalty", self.frequency_penalty)
+        presence = _check_real("presence_penalty", self.presence_penalty)
+        for name, value in (("frequency_penalty", frequency), ("presence_penalty", presence)):
+            if not -2.0 <= value <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {value}")
+        logprobs = self.logprobs
+        if logprobs is not None:
+            logprobs = _check_int("logprobs", logprobs)
+            if logprobs < 0:
+                raise ValueError(f"logprobs must be >= 0, got {logprobs}")
         # Normalise numpy scalars and ints so equal params compare and hash equal.
-        object.__setattr__(self, "temperature", temperature)
-        object.__setattr__(self, "top_k", top_k)
-        object.__setattr__(self, "top_p", top_p)
-        object.__setattr__(self, "seed", seed)
+        for name, value in (
+            ("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("seed", seed), ("min_p", min_p),
+            ("repetition_penalty", repetition), ("frequency_penalty", frequency), ("presence_penalty", presence),
+            ("logprobs", logprobs),
+        ):
+            object.__setattr__(self, name, value)
 
     @property
     def greedy(self) -> bool:
         """True when the request decodes by argmax (temperature == 0)."""
         return self.temperature == 0.0
 
+    @property
+    def penalized(self) -> bool:
+        """True when a penalty changes the logits (see :func:`penalize`)."""
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
 
 def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """[..., vocab] logits (any float dtype) -> [..., vocab] float32 probabilities.
 
-    Applies temperature, then top-k, then top-p (the Hugging Face transformers order).
+    ``logits`` are already penalized (:func:`penalize`) when the request has penalties.
+    Applies temperature, then min-p, then top-k, then top-p (vLLM's order; min-p and top-k
+    commute, as both keep the top token and neither changes the other's choice).
+    min-p keeps the tokens whose probability is at least min_p times the top token's.
     top-k keeps every token whose logit ties the k-th largest (as transformers does).
     top-p keeps the smallest set of most likely tokens whose mass is >= top_p (ties in
     logit are broken towards the lower token id) and always keeps the top token.
@@ -131,6 +186,10 @@ def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
         return torch.nn.functional.one_hot(scores.argmax(dim=-1), vocab).to(torch.float32)
 
     scores = scores / params.temperature  # [..., vocab]
+    if params.min_p > 0:
+        probs = torch.softmax(scores, dim=-1)  # [..., vocab]
+        # p(x) < min_p * max p: dropped (the top token always stays: its ratio is 1)
+        scores = scores.masked_fill(probs < params.min_p * probs.amax(dim=-1, keepdim=True), -math.inf)
     if 0 < params.top_k < vocab:
         kth_largest = torch.topk(scores, params.top_k, dim=-1).values[..., -1:]  # [..., 1]
         # Below the k-th largest logit: outside the top-k set.
@@ -232,3 +291,110 @@ def truncate_to_sparse(probs: torch.Tensor, k: int) -> SparseDist:
         raise ValueError("probs must have positive mass")
     values = values / values.sum()  # renormalise in float64, then store float32
     return SparseDist(ids=ids.numpy().astype(np.int64), probs=values.numpy().astype(np.float32))
+
+
+# ----------------------------------------------------------------------------------------
+# Penalties: the target distribution of a penalized request
+# ----------------------------------------------------------------------------------------
+
+
+def _columns_of(tokens: Sequence[int], width: int, columns) -> torch.Tensor:
+    """[len(tokens)] int64: the logit column of each token id (-1: not among the columns).
+    columns: [width] token id of each column (a restricted draft head), or None (column ==
+    token id)."""
+    ids = torch.as_tensor([int(t) for t in tokens], dtype=torch.long)  # [n]
+    if columns is None:
+        return torch.where((ids >= 0) & (ids < width), ids, -1)
+    columns = torch.as_tensor(columns, dtype=torch.long)  # [width]
+    lookup = torch.full((int(columns.max()) + 1,), -1, dtype=torch.long)  # token id -> column
+    lookup[columns] = torch.arange(width)
+    inside = (ids >= 0) & (ids < lookup.numel())
+    return torch.where(inside, lookup[ids.clamp(0, lookup.numel() - 1)], -1)
+
+
+def token_counts(tokens: Sequence[int], width: int, columns=None) -> torch.Tensor:
+    """[width] float32: how often each logit column's token occurs in ``tokens`` (see
+    :func:`penalize` for ``columns``; ids without a column are not counted)."""
+    cols = _columns_of(tokens, width, columns)
+    return torch.bincount(cols[cols >= 0], minlength=width).to(torch.float32)
+
+
+def penalize(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    *,
+    prompt: Sequence[int] | torch.Tensor,
+    output: Sequence[int],
+    block: Sequence[int] = (),
+    columns=None,
+) -> torch.Tensor:
+    """[n, width] (or [width]) raw logits -> the same shape, float32, penalized (vLLM semantics).
+
+    Row i is the position after ``output + block[:i]``: its counts are the output tokens
+    plus the first i tokens of ``block`` (the draft tokens of a block under verification, or
+    the tokens a draft already proposed in this call), so ``len(block) >= n - 1``.
+    prompt: the prompt's token ids, or their :func:`token_counts` (precomputed once per
+    request); only the repetition penalty looks at the prompt.
+    columns: [width] token id of each logit column (a restricted draft head), or None.
+
+    repetition_penalty r over prompt and output tokens: a seen token's logit l becomes l / r
+    when l > 0, l * r otherwise; then, over output tokens only, l -= frequency_penalty *
+    count + presence_penalty * (count > 0). Unpenalized params return ``logits`` unchanged.
+    """
+    if not params.penalized:
+        return logits
+    single = logits.ndim == 1
+    scores = logits.to(torch.float32)[None] if single else logits.to(torch.float32)  # [n, width]
+    n, width = scores.shape
+    if len(block) < n - 1:
+        raise ValueError(f"block must hold at least n - 1 = {n - 1} tokens for {n} rows, got {len(block)}")
+    counts = token_counts(output, width, columns).to(scores.device)[None].repeat(n, 1)  # [n, width]
+    for i, col in enumerate(_columns_of(list(block)[: n - 1], width, columns).tolist()):
+        if col >= 0:
+            counts[i + 1 :, col] += 1.0  # rows after block[i] condition on it
+    if params.repetition_penalty != 1.0:
+        seen_prompt = prompt if isinstance(prompt, torch.Tensor) else token_counts(prompt, width, columns)  # [width]
+        seen_prompt = seen_prompt.to(scores.device)
+        seen = (counts > 0) | (seen_prompt > 0)[None]  # [n, width]
+        r = params.repetition_penalty
+        scores = torch.where(seen, torch.where(scores > 0, scores / r, scores * r), scores)
+    if params.frequency_penalty != 0.0:
+        scores = scores - params.frequency_penalty * counts
+    if params.presence_penalty != 0.0:
+        scores = scores - params.presence_penalty * (counts > 0).to(torch.float32)
+    return scores[0] if single else scores
+
+
+# ----------------------------------------------------------------------------------------
+# Log-probabilities of generated tokens
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the target's raw logits (before penalties,
+    temperature and truncation), and the ``top`` most likely tokens as (id, logprob), most
+    likely first. Small on purpose: this, not a vocabulary row, crosses actors."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top_n: int) -> list[TokenLogprob]:
+    """[n, vocab] raw target logits, the n tokens chosen at those rows -> n TokenLogprob with
+    ``min(top_n, vocab)`` alternatives each (log_softmax in float32)."""
+    if logits.ndim != 2 or logits.shape[0] != len(tokens):
+        raise ValueError(f"logits must be [len(tokens), vocab] = [{len(tokens)}, vocab], got {tuple(logits.shape)}")
+    logp = torch.log_softmax(logits.to(torch.float32), dim=-1)  # [n, vocab]
+    index = torch.as_tensor([[int(t)] for t in tokens], dtype=torch.long, device=logp.device)  # [n, 1]
+    chosen = logp.gather(-1, index).squeeze(-1).tolist()  # [n]
+    k = min(int(top_n), logp.shape[-1])
+    if k > 0:
+        top = torch.topk(logp, k, dim=-1)
+        top_ids, top_lp = top.indices.tolist(), top.values.tolist()  # [n][k]
+    else:
+        top_ids = top_lp = [[] for _ in tokens]
+    return [
+        TokenLogprob(logprob=float(lp), top=tuple(zip(ids, vals)))
+        for lp, ids, vals in zip(chosen, top_ids, top_lp)
+    ]

@@ -13,7 +13,7 @@ import torch
 
 from tandem.actors.pipeline import PipelineRunner, TargetShard, split_layers
 from tandem.actors.engine import ActorEngine
-from tandem.actors.pools import DraftPool, DraftPoolSpec, Placement, TargetPool, TargetSpec
+from tandem.actors.pools import DraftPool, DraftPoolSpec, TargetPool, TargetSpec
 from tandem.actors.runner import ModelRunner
 from tandem.actors.speculative import SpecConfig
 from tandem.actors.workers import ModelLoad
@@ -148,3 +148,26 @@ def test_sharded_logits_equal_unsharded(ray_local, tiny_paths):
         assert torch.allclose(again, ref[3:], atol=1e-5)
         for st in stages:
             ray.kill(st)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_logprobs_and_penalties_through_actors(engine, tiny_paths, target):
+    """Penalized greedy is one output under every method, with the target-only logprobs;
+    sampled logprobs equal one full forward. On the sharded target the last pipeline stage
+    makes the logits, and still only the logprobs leave the target actor."""
+    penalties = {"repetition_penalty": 1.3, "frequency_penalty": 1.0, "presence_penalty": 1.0}
+    greedy = SamplingParams(logprobs=2, **penalties)
+    ref = engine.generate(target, PROMPT, spec=SpecConfig(method="ar"), sampling=greedy, max_new_tokens=20)
+    plain = engine.generate(target, PROMPT, spec=SpecConfig(method="ar"), max_new_tokens=20)
+    assert ref.tokens != plain.tokens and plain.logprobs is None
+    for method in METHODS:
+        out = engine.generate(target, PROMPT, spec=spec_for(method, 3), sampling=greedy, max_new_tokens=20)
+        assert out.tokens == ref.tokens, method
+        assert max(abs(a.logprob - b.logprob) for a, b in zip(out.logprobs, ref.logprobs)) < 1e-5, method
+    sampled = SamplingParams(temperature=1.0, seed=3, logprobs=2, **penalties)
+    out = engine.generate(target, PROMPT, spec=spec_for("sd", 3), sampling=sampled, max_new_tokens=20)
+    runner = ModelRunner(tiny_paths[0], dtype="float32")
+    full = torch.log_softmax(runner.extend(runner.new_sequence(), PROMPT + out.tokens[:-1])[len(PROMPT) - 1 :], dim=-1)
+    for i, (t, lp) in enumerate(zip(out.tokens, out.logprobs)):
+        assert abs(lp.logprob - full[i, t].item()) < 1e-5, i
+        assert [x for x, _ in lp.top] == torch.topk(full[i], 2).indices.tolist(), i

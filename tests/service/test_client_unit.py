@@ -163,8 +163,8 @@ def test_build_request_messages():
 @pytest.mark.parametrize(
     "kwargs, field",
     [
-        ({"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, "prompt and messages"),
-        ({}, "prompt and messages"),
+        ({"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, "prompt, messages and prompt_token_ids"),
+        ({}, "prompt, messages and prompt_token_ids"),
         ({"prompt": "a", "target": ""}, "target"),
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "robot", "content": "b"}]}, r"messages\[0\]\.role"),
@@ -260,6 +260,102 @@ def test_tandem_error_reads_and_pickles():
     assert copy.code is grpc.StatusCode.NOT_FOUND and copy.details == error.details
 
 
+def _status(code, message, **kw):
+    from tandem.services import errors
+
+    return errors.status_proto(code, message, **kw)
+
+
+def test_errors_from_status_are_typed_with_their_details():
+    from tandem.services import errors
+    from tandem.services.client import (
+        InvalidArgumentError,
+        NotFoundError,
+        ResourceExhaustedError,
+        UnauthenticatedError,
+        UnavailableError,
+        error_from_status,
+    )
+
+    c = grpc.StatusCode
+    bad = error_from_status(
+        c.INVALID_ARGUMENT, "sampling.stop[2] must not be empty",
+        _status(c.INVALID_ARGUMENT, "sampling.stop[2] must not be empty", reason=errors.INVALID_FIELD, field="sampling.stop[2]"),
+    )
+    assert type(bad) is InvalidArgumentError and isinstance(bad, TandemError)
+    assert bad.reason == "INVALID_FIELD" and bad.field_violations == [("sampling.stop[2]", "sampling.stop[2] must not be empty")]
+    assert bad.retry_delay is None and bad.metadata == {}
+    full = error_from_status(
+        c.RESOURCE_EXHAUSTED, "queue full",
+        _status(c.RESOURCE_EXHAUSTED, "queue full", reason=errors.QUEUE_FULL, metadata={"target": "t"}, retry_delay_s=0.75),
+    )
+    assert type(full) is ResourceExhaustedError and full.retry_delay == 0.75 and full.metadata == {"target": "t"}
+    assert full.field_violations == [] and str(full) == "RESOURCE_EXHAUSTED: queue full"
+    down = error_from_status(c.UNAVAILABLE, "x", _status(c.UNAVAILABLE, "x", reason=errors.TARGET_UNAVAILABLE, retry_delay_s=1))
+    assert type(down) is UnavailableError and down.retry_delay == 1.0 and down.reason == "TARGET_UNAVAILABLE"
+    assert type(error_from_status(c.NOT_FOUND, "x")) is NotFoundError
+    assert type(error_from_status(c.UNAUTHENTICATED, "x")) is UnauthenticatedError
+    # no details (e.g. a deadline the client's gRPC enforced, or another server): empty fields
+    plain = error_from_status(c.UNAVAILABLE, "connection refused")
+    assert plain.reason is None and plain.retry_delay is None and plain.field_violations == []
+    # a code without a class of its own stays a TandemError
+    assert type(error_from_status(c.ABORTED, "x")) is TandemError
+
+
+def test_typed_errors_pickle_with_their_details():
+    from tandem.services import errors
+    from tandem.services.client import ResourceExhaustedError, error_from_status
+
+    c = grpc.StatusCode
+    error = error_from_status(
+        c.RESOURCE_EXHAUSTED, "queue full",
+        _status(c.RESOURCE_EXHAUSTED, "queue full", reason=errors.QUEUE_FULL, metadata={"target": "t"}, retry_delay_s=0.5),
+    )
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is ResourceExhaustedError
+    assert (copy.code, copy.details, copy.reason, copy.metadata, copy.retry_delay) == (
+        c.RESOURCE_EXHAUSTED, "queue full", "QUEUE_FULL", {"target": "t"}, 0.5
+    )
+
+
+def test_status_details_name_only_known_reasons():
+    from tandem.services import errors
+
+    with pytest.raises(ValueError, match="reason"):
+        errors.status_proto(grpc.StatusCode.INTERNAL, "x", reason="SOMETHING_NEW")
+    assert errors.field_path_of("sampling.stop[2] must not be empty") == "sampling.stop[2]"
+    assert errors.field_path_of("messages[1].role must be one of") == "messages[1].role"
+    assert errors.field_path_of("prompt: 9 characters") == "prompt"
+    assert errors.field_path_of("sampling.min_p must be in [0, 1]") == "sampling.min_p"
+    assert errors.field_path_of("prompt_token_ids[3] = 70000 is outside") == "prompt_token_ids[3]"
+    assert errors.field_path_of("[oops") == "" and errors.field_path_of("") == ""
+
+
+def test_service_config_retries_tandem_rpcs_on_transient_codes():
+    import json
+
+    from tandem.services.client import MAX_RETRIES, _channel_options, service_config
+
+    assert service_config(0) == {}
+    (method,) = service_config(3)["methodConfig"]
+    assert method["retryPolicy"]["maxAttempts"] == 4
+    assert set(method["retryPolicy"]["retryableStatusCodes"]) == {"UNAVAILABLE", "RESOURCE_EXHAUSTED"}
+    assert {(n["service"], n["method"]) for n in method["name"]} == {
+        ("tandem.v1.Tandem", m) for m in ("Generate", "ListModels", "GetServerInfo")
+    }
+    # every method named exists in the service (a typo would silently disable retries)
+    assert {n["method"] for n in method["name"]} <= set(tandem_pb2.DESCRIPTOR.services_by_name["Tandem"].methods_by_name)
+    with pytest.raises(ValueError, match="retries"):
+        service_config(MAX_RETRIES + 1)  # gRPC caps attempts at 5
+    options = dict(_channel_options(1024, retries=2))
+    assert json.loads(options["grpc.service_config"]) == service_config(2)
+    assert dict(_channel_options(1024, retries=0))["grpc.enable_retries"] == 0
+    assert options["grpc.keepalive_time_ms"] == 30_000 and options["grpc.keepalive_permit_without_calls"] == 1
+    assert "grpc.keepalive_time_ms" not in dict(_channel_options(1024, keepalive=None))
+    with pytest.raises(ValueError, match="keepalive"):
+        _channel_options(1024, keepalive=0)
+
+
 def test_client_constructor_validation():
     with pytest.raises(ValueError, match="timeout"):
         TandemClient("127.0.0.1:1", timeout=0)
@@ -334,6 +430,7 @@ class FakeTandem(tandem_pb2_grpc.TandemServicer):
                 tandem_pb2.ModelInfo(
                     name="echo", model="fake/echo", replicas=2, shards=1, dtype="float32",
                     default_method=tandem_pb2.SPECULATION_METHOD_PEARL, max_context=2048,
+                    vocab_size=151936, ready=True,
                 )
             ],
             draft=tandem_pb2.ModelInfo(name="draft", model="fake/draft", replicas=1, shards=1, exits=[2, 4]),
@@ -448,9 +545,12 @@ def test_unknown_target_is_not_found(client):
     assert str(info.value) == "NOT_FOUND: target 'missing' is not served"
 
 
-def test_failure_after_tokens_keeps_the_partial_result(client):
+def test_failure_after_tokens_keeps_the_partial_result(fake, client):
+    before = len(fake.servicer.requests)
     with pytest.raises(TandemError) as info:
         client.generate(target="fail_midway", prompt="hi")
+    # UNAVAILABLE is retried, but not once a response arrived: one call reached the server
+    assert len(fake.servicer.requests) == before + 1
     error = info.value
     assert error.code is grpc.StatusCode.UNAVAILABLE
     assert error.partial is not None
@@ -492,7 +592,7 @@ def test_list_models(client):
     assert models["targets"] == [
         {
             "name": "echo", "model": "fake/echo", "replicas": 2, "shards": 1, "dtype": "float32",
-            "default_method": "pearl", "max_context": 2048, "exits": [],
+            "default_method": "pearl", "max_context": 2048, "exits": [], "vocab_size": 151936, "ready": True,
         }
     ]
     assert models["draft"]["exits"] == [2, 4]

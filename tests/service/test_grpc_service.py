@@ -109,24 +109,26 @@ def test_stop_string_and_stop_token(server):
         assert out2.token_ids == ref.token_ids[: ref.token_ids.index(tok) + 1]
 
 
-@pytest.mark.parametrize(
-    "kwargs, field",
-    [
-        ({"temperature": -1.0}, "sampling.temperature"),
-        ({"temperature": float("nan")}, "sampling.temperature"),
-        ({"top_p": 0.0}, "sampling.top_p"),
-        ({"top_p": 1.5}, "sampling.top_p"),
-        ({"top_k": -2}, "sampling.top_k"),
-        ({"max_new_tokens": 0}, "sampling.max_new_tokens"),
-        ({"max_new_tokens": 100000}, "sampling.max_new_tokens"),
-        ({"max_draft_len": 0}, "speculation.max_draft_len"),
-        ({"stop": [""]}, "sampling.stop[0]"),
-        ({"stop_token_ids": [999]}, "sampling.stop_token_ids[0]"),
-        ({"prompt": "   "}, "prompt"),
-        ({"prompt": "w1 " * 8200}, "prompt"),
-        ({"messages": [{"role": "robot", "content": "hi"}], "prompt": None}, "messages[0].role"),
-    ],
-)
+# (client arguments, the field path the error names); tests/service/test_errors.py checks
+# the same cases' google.rpc.BadRequest
+BAD_CLIENT_ARGS = [
+    ({"temperature": -1.0}, "sampling.temperature"),
+    ({"temperature": float("nan")}, "sampling.temperature"),
+    ({"top_p": 0.0}, "sampling.top_p"),
+    ({"top_p": 1.5}, "sampling.top_p"),
+    ({"top_k": -2}, "sampling.top_k"),
+    ({"max_new_tokens": 0}, "sampling.max_new_tokens"),
+    ({"max_new_tokens": 100000}, "sampling.max_new_tokens"),
+    ({"max_draft_len": 0}, "speculation.max_draft_len"),
+    ({"stop": [""]}, "sampling.stop[0]"),
+    ({"stop_token_ids": [999]}, "sampling.stop_token_ids[0]"),
+    ({"prompt": "   "}, "prompt"),
+    ({"prompt": "w1 " * 8200}, "prompt"),
+    ({"messages": [{"role": "robot", "content": "hi"}], "prompt": None}, "messages[0].role"),
+]
+
+
+@pytest.mark.parametrize("kwargs, field", BAD_CLIENT_ARGS)
 def test_bad_parameters_are_invalid_argument_naming_the_field(server, kwargs, field):
     args = {"target": "small", "prompt": PROMPT, **kwargs}
     if args.get("prompt") is None:
@@ -185,7 +187,7 @@ def test_full_queue_is_resource_exhausted(server):
 
     def one(_):
         try:
-            with TandemClient(server.address) as c:
+            with TandemClient(server.address, retries=0) as c:  # the refusal itself, not gRPC's retries of it
                 c.generate(target="small", prompt=PROMPT, max_new_tokens=300, ignore_eos=True, method="off")
             return "OK"
         except TandemError as exc:
@@ -254,13 +256,13 @@ def test_list_models_health_and_reflection(server):
 
 
 def test_metrics_are_scraped(server):
+    from tandem.services.telemetry import METRIC_NAMES
+
     with TandemClient(server.address) as c:
         c.generate(target="small", prompt=PROMPT, max_new_tokens=12, ignore_eos=True, method="sd")
     port = server.app.telemetry.metrics_port
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    for name in ("tandem_requests_total", "tandem_output_tokens_total", "tandem_drafted_tokens_total",
-                 "tandem_accepted_tokens_total", "tandem_ttft_seconds", "tandem_time_per_output_token_seconds",
-                 "tandem_queue_depth"):
+    for name in METRIC_NAMES:  # services/telemetry.py: every metric it documents is served
         assert name in body, name
     assert 'target="small"' in body
 

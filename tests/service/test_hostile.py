@@ -167,7 +167,9 @@ def test_a_burst_of_expiring_requests_leaves_no_work_behind(hostile_server):
     prompt = " ".join(["the a of to"] * 75)
 
     def expiring(_):
-        with TandemClient(addr) as c:
+        # retries=0: a refusal as it is (a retry waiting out the server's pushback would
+        # end DEADLINE_EXCEEDED at these 0.25 s deadlines)
+        with TandemClient(addr, retries=0) as c:
             try:
                 c.generate(target="other", prompt=prompt, raw_prompt=True, max_new_tokens=64, ignore_eos=True, timeout=0.25)
                 return "OK"
