@@ -228,23 +228,11 @@ def build_generate_request(
     prompt: str | None = None,
     messages: Sequence[Mapping[str, str]] | None = None,
     prompt_token_ids: Sequence[int] | None = None,
-    temperature: float | None = None,
-    top_p: float | None = None,
-    top_k: int | None = None,
-    seed: int | None = None,
-    max_new_tokens: int | None = None,
-    stop: str | Sequence[str] = (),
-    stop_token_ids: Sequence[int] = (),
-    ignore_eos: bool = False,
     method: str | None = None,
     max_draft_len: int | None = None,
     request_id: str = "",
     raw_prompt: bool = False,
-    min_p: float | None = None,
-    repetition_penalty: float | None = None,
-    frequency_penalty: float | None = None,
-    presence_penalty: float | None = None,
-    logprobs: int | None = None,
+    **sampling: Any,
 ) -> tandem_pb2.GenerateRequest:
     """The GenerateRequest for these arguments; ValueError naming the field when one is bad.
 
@@ -254,7 +242,8 @@ def build_generate_request(
     Input, exactly one of: prompt (text; the target's chat template is applied unless
     raw_prompt), messages ([{"role", "content"}, ...], chat), prompt_token_ids (token ids of
     the target's tokenizer, sent to the model as they are).
-    Sampling (None: the server's default): temperature, top_p, top_k, min_p, seed,
+    Sampling, the keywords of sampling_to_proto (None: the server's default; an unknown
+    keyword is a TypeError naming it): temperature, top_p, top_k, min_p, seed,
     max_new_tokens, stop, stop_token_ids, ignore_eos; repetition_penalty,
     frequency_penalty, presence_penalty (they change the target distribution itself, so
     every method follows the penalized target); logprobs (N: each token's log-probability
@@ -271,21 +260,7 @@ def build_generate_request(
         request_id=request_id,
         target=target,
         raw_prompt=bool(raw_prompt),
-        sampling=sampling_to_proto(
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            seed=seed,
-            max_new_tokens=max_new_tokens,
-            stop=stop,
-            stop_token_ids=stop_token_ids,
-            ignore_eos=ignore_eos,
-            min_p=min_p,
-            repetition_penalty=repetition_penalty,
-            frequency_penalty=frequency_penalty,
-            presence_penalty=presence_penalty,
-            logprobs=logprobs,
-        ),
+        sampling=sampling_to_proto(**sampling),
         speculation=tandem_pb2.SpeculationOptions(
             method=tandem_pb2.SPECULATION_METHOD_UNSPECIFIED if method is None else method_to_enum(method)
         ),
