@@ -8,6 +8,10 @@ actor pools on a worker thread, and streams deltas back to the asyncio side. Dea
 client cancellation and stop strings end the loop at the next round, and reach the actors
 too (their queued and running work for the request is dropped); the loop then frees the
 request's KV on every actor it touched, and only then its admission slot.
+
+Past ~400 lines because admission, planning and the streaming loop share one request's
+state (slots, stop watcher, trace, logprobs alignment); issue 12's typed request and planner
+are where the planning half moves out.
 """
 
 from __future__ import annotations
