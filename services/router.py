@@ -121,6 +121,7 @@ class TargetRoute:
     running: int = 0
     waiting: int = 0
     mean_slot_s: float | None = None  # EWMA of how long a request held a slot (None: none ended yet)
+    kv_tokens: int = 0  # KV positions its running requests hold on a replica: prompt + committed tokens
 
 
 class StopWatcher:
@@ -190,7 +191,15 @@ class _Slot:
         self.handed_over = False
         self._held = True
         self._since = time.monotonic()
+        self.kv_tokens = 0  # what this request adds to route.kv_tokens
         route.running += 1
+
+    def hold_kv(self, tokens: int) -> None:
+        """The request's KV on the target grew by `tokens` positions (prompt, commits); ignored
+        once the slot is released (the actors freed it)."""
+        if self._held:
+            self.kv_tokens += tokens
+            self.route.kv_tokens += tokens
 
     def release(self) -> None:
         if self._held:
@@ -199,6 +208,7 @@ class _Slot:
             r = self.route
             r.mean_slot_s = held if r.mean_slot_s is None else r.mean_slot_s + SLOT_EWMA_ALPHA * (held - r.mean_slot_s)
             r.running -= 1
+            r.kv_tokens -= self.kv_tokens
             self.slots.release()
 
 
@@ -234,6 +244,7 @@ class Router:
         self._lock = threading.Lock()
         if telemetry is not None:
             telemetry.observe_requests(self.request_states)
+            telemetry.observe_kv_tokens(self.kv_tokens)
 
     # ------------------------------------------------------------------ info
     def serving_replicas(self) -> dict[str, int]:
@@ -260,6 +271,11 @@ class Router:
     def request_states(self) -> dict[str, tuple[int, int]]:
         """{target: (running, waiting)}: requests holding a slot, and queued for one."""
         return {name: (r.running, r.waiting) for name, r in self.routes.items()}
+
+    def kv_tokens(self) -> dict[str, int]:
+        """{target: KV positions held by its running requests} (prompt plus committed tokens;
+        a round's draft block is transient and not counted)."""
+        return {name: r.kv_tokens for name, r in self.routes.items()}
 
     def queue_depths(self) -> dict[str, int]:
         return {name: r.running + r.waiting for name, r in self.routes.items()}
@@ -414,6 +430,7 @@ class Router:
 
         fut = loop.run_in_executor(self._pools[route.name], work)
         slot.handed_over = True  # from here the slot frees when the work ends, not when the client leaves
+        slot.hold_kv(len(req.prompt_ids))
         fut.add_done_callback(lambda f: (queue.put_nowait(("done", None)), slot.release()))
         sent_tokens = 0
         pending_logprobs: list = []  # logprobs of tokens not yet taken from the queue
@@ -428,6 +445,7 @@ class Router:
                     pending_logprobs.extend(payload)
                     continue
                 if kind == "tokens":
+                    slot.hold_kv(len(payload))
                     ids, text = watcher.push(payload)
                     if watcher.stopped:
                         stop_flag.set()

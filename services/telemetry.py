@@ -47,6 +47,10 @@ suffixes already, so exposition adds none; OTLP carries the same names.
     tandem_request_queue_time_seconds{target}                            histogram  arrival -> admission
     tandem_num_requests_running{target}                                  gauge      holding a slot
     tandem_num_requests_waiting{target}                                  gauge      queued for a slot
+    tandem_kv_cache_tokens{target}                                       gauge      KV positions its running
+                                        requests hold on the replicas (prompt + committed tokens;
+                                        caches grow per sequence, so this is a count, not vLLM's
+                                        fraction of a fixed pool)
     tandem_pool_scale_events_total{pool,kind}, tandem_pool_replicas{pool}  (pool scaling)
 
 Definitions that make the README's numbers computable from a scrape, exactly as the
@@ -68,9 +72,10 @@ Labels: `method` is the method that ran (auto resolved: off, sd, sorted, pearl, 
 prefix of the drafted ones, so their exits are known); on num_drafts and num_emitted_tokens
 it is the round's exit: its one exit, "mixed" when its tokens came from several, "none"
 when it drafted nothing, "unknown" when the draft said no exit (SpecTr branches). `position`
-is 0-based. No KV-cache usage gauge: the actors keep a KV cache per sequence, grown on
-demand (actors/runner.py), not a fixed block pool, so vLLM's used/total fraction has no
-denominator; and reading actors' memory would cost a Ray round trip per actor per scrape.
+is 0-based. KV use is tandem_kv_cache_tokens, a count the router keeps (prompt plus
+committed tokens of each running request), not vLLM's used/total fraction: the actors keep a
+KV cache per sequence, grown on demand (actors/runner.py), not a fixed block pool, so there
+is no denominator; and reading actors' memory would cost a Ray round trip per actor per scrape.
 
 The running/waiting gauges are observable: the router registers a callback returning
 {target: (running, waiting)} with observe_requests(); it is read at each collection (a
@@ -164,6 +169,7 @@ METRIC_NAMES = (
     "tandem_request_queue_time_seconds",
     "tandem_num_requests_running",
     "tandem_num_requests_waiting",
+    "tandem_kv_cache_tokens",
 )
 
 
@@ -306,6 +312,13 @@ class Telemetry:
             "tandem_pool_scale_events_total", unit="{event}",
             description="Pool scaling: up/down (a replica joined/left), drain (stopped taking requests), up_failed.",
         )
+        self._kv_callbacks: list[Callable[[], Mapping[str, int]]] = []
+        self.kv_tokens = meter.create_observable_gauge(
+            "tandem_kv_cache_tokens",
+            callbacks=[self._observe_kv],
+            unit="{token}",
+            description="KV cache positions the target's running requests hold (prompt plus committed tokens).",
+        )
         self._replica_callbacks: list[Callable[[], Mapping[str, int]]] = []
         self.pool_replicas = meter.create_observable_gauge(
             "tandem_pool_replicas",
@@ -416,6 +429,14 @@ class Telemetry:
                 continue
             observations.extend(Observation(int(v), {label: str(k)}) for k, v in values.items())
         return observations
+
+    def observe_kv_tokens(self, callback: Callable[[], Mapping[str, int]]) -> None:
+        """Report `callback()` ({target: KV positions held}) as tandem_kv_cache_tokens."""
+        with self._lock:
+            self._kv_callbacks.append(callback)
+
+    def _observe_kv(self, options: CallbackOptions) -> Iterable[Observation]:
+        return self._observe(self._kv_callbacks, "target", "KV tokens")
 
     # -- pool scaling ---------------------------------------------------------------------------
 

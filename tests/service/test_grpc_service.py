@@ -267,6 +267,29 @@ def test_metrics_are_scraped(server):
     assert 'target="small"' in body
 
 
+def kv_tokens_scraped(server, target: str) -> float:
+    port = server.app.telemetry.metrics_port
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    (line,) = [ln for ln in body.splitlines() if ln.startswith("tandem_kv_cache_tokens{") and f'target="{target}"' in ln]
+    return float(line.rsplit(" ", 1)[1])
+
+
+def test_kv_tokens_follow_a_running_request(server):
+    """tandem_kv_cache_tokens: while a stream is open its prompt and committed tokens are held
+    on the target; when it ends they are freed (the control: the gauge is not a total)."""
+    with TandemClient(server.address) as c:
+        stream = c.generate_stream(target="other", prompt=PROMPT, max_new_tokens=200, ignore_eos=True, method="sd")
+        seen = len(next(stream).token_ids)
+        held = kv_tokens_scraped(server, "other")
+        stream.cancel()
+        assert held >= 6 + seen  # the 6 prompt tokens and at least the tokens already streamed
+        assert held <= 6 + 200
+        deadline = time.monotonic() + 30
+        while kv_tokens_scraped(server, "other") != 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert kv_tokens_scraped(server, "other") == 0
+
+
 FIELDS = st.fixed_dictionaries(
     {},
     optional={

@@ -250,6 +250,7 @@ def test_prometheus_endpoint_serves_the_metric_names():
     try:
         assert first.metrics_port and second.metrics_port and first.metrics_port != second.metrics_port
         first.observe_requests(lambda: {"big": (2, 1)})
+        first.observe_kv_tokens(lambda: {"big": 37})
         run_request(first, rounds=2)
         text = scrape(first.metrics_port)
 
@@ -277,6 +278,7 @@ def test_prometheus_endpoint_serves_the_metric_names():
         assert samples['tandem_request_time_per_output_token_seconds_count{target="big"}'] == 1
         assert samples['tandem_num_requests_running{target="big"}'] == 2
         assert samples['tandem_num_requests_waiting{target="big"}'] == 1
+        assert samples['tandem_kv_cache_tokens{target="big"}'] == 37 and types["tandem_kv_cache_tokens"] == "gauge"
         for doubled in ("_total_total", "_seconds_seconds", "otel_scope_name"):
             assert doubled not in text
         assert "tandem_requests_total" not in scrape(second.metrics_port)
