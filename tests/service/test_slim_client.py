@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import email
 import json
+import shutil
 import subprocess
 import sys
 import venv
@@ -43,7 +44,15 @@ def run(cmd: list, **kw) -> subprocess.CompletedProcess:
 def slim(tmp_path_factory) -> tuple[Path, Path]:
     """(the wheel, a fresh venv with only that wheel and its declared dependencies)."""
     root = tmp_path_factory.mktemp("slim")
-    built = run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", root / "wheel", REPO])
+    # a copy of the checkout's files (tracked and new, not ignored): the build writes its
+    # build/ folder there, not into the repo, and no stale build output leaks into the wheel
+    src = root / "src"
+    files = run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO).stdout.split()
+    for name in files:
+        if (REPO / name).is_file():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, src / name)
+    built = run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", root / "wheel", src])
     assert built.returncode == 0, built.stderr[-2000:]
     (wheel,) = (root / "wheel").glob("tandem-*.whl")
     venv.create(root / "venv", with_pip=True, system_site_packages=False)
