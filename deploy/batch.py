@@ -7,10 +7,13 @@ Input records (one JSON object per line), any of:
   turns are answered one after the other, each answer becoming part of the next turn's chat)
 with optional "id", "target" (default: the first target of the config), "sampling"
 ({temperature, top_p, top_k, seed, min_p, repetition_penalty, frequency_penalty,
-presence_penalty, max_new_tokens, stop, ignore_eos}, as in the gRPC request) and "method".
+presence_penalty, logprobs, max_new_tokens, stop, ignore_eos}, as in the gRPC request) and
+"method".
 
 Output records: {"key", "line", "id", "target", "text" (or "turns"), "finish_reason",
-"usage", "stats"} or, for a record that failed, {"key", "line", "id", "error"}.
+"usage", "stats"}, plus "logprobs" when asked (per generated token: {"token_id", "logprob",
+"top": [[token_id, logprob], ...]}, a list per turn for Spec-Bench records), or, for a record
+that failed, {"key", "line", "id", "error"}.
 
 Exactly once: every record has a key (its "id"/"question_id" when given and unique, else its
 line number). A re-run reads the output, drops a torn last line, and skips every key already
@@ -36,7 +39,9 @@ from typing import Any, Iterator
 from tandem.deploy.config import TandemConfig
 
 # the SamplingParams fields a record may set (the rest of SAMPLING_KEYS are limits and stops)
-PARAM_KEYS = ("temperature", "top_p", "top_k", "seed", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty")
+PARAM_KEYS = (
+    "temperature", "top_p", "top_k", "seed", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty", "logprobs",
+)
 SAMPLING_KEYS = {*PARAM_KEYS, "max_new_tokens", "stop", "ignore_eos"}
 
 
@@ -92,6 +97,11 @@ def _normalize(raw: Any, *, line: int, targets: list[str]) -> dict:
     unknown = set(sampling) - SAMPLING_KEYS
     if unknown:
         raise ValueError(f"sampling: unknown field(s) {', '.join(sorted(unknown))}")
+    from tandem.services.servicer import MAX_TOP_LOGPROBS
+
+    logprobs = sampling.get("logprobs")
+    if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int) or not 0 <= logprobs <= MAX_TOP_LOGPROBS):
+        raise ValueError(f"sampling.logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {logprobs!r}")
     try:
         sampling_params(sampling)
     except (ValueError, TypeError) as exc:
@@ -215,7 +225,7 @@ class GenerateRecords:
         max_new = int(s.get("max_new_tokens") or self.default_max_new)
         turns = rec.get("turns")
         messages = list(rec.get("messages", [])) if "messages" in rec else None
-        answers, usage, stats_all = [], {"prompt_tokens": 0, "completion_tokens": 0}, []
+        answers, usage, stats_all, logprobs_all = [], {"prompt_tokens": 0, "completion_tokens": 0}, [], []
         chat: list[dict] = []
         finish = None
         for turn in turns or [None]:
@@ -237,14 +247,23 @@ class GenerateRecords:
             usage["prompt_tokens"] += len(ids)
             usage["completion_tokens"] += len(res.tokens)
             stats_all.append(res.stats.to_dict())
+            if sampling.logprobs is not None:
+                logprobs_all.append([
+                    {"token_id": int(t), "logprob": lp.logprob, "top": [[int(i), v] for i, v in lp.top]}
+                    for t, lp in zip(res.tokens, res.logprobs or [])
+                ])
             finish = finish if finish == "stop" else res.finish_reason
         out = {"target": rec["target"], "finish_reason": finish, "usage": usage, "method": method}
         if turns is not None:
             out["turns"] = answers
             out["stats"] = stats_all
+            if sampling.logprobs is not None:
+                out["logprobs"] = logprobs_all
         else:
             out["text"] = answers[0]
             out["stats"] = stats_all[0]
+            if sampling.logprobs is not None:
+                out["logprobs"] = logprobs_all[0]
         return out
 
     def __call__(self, batch: dict) -> dict:

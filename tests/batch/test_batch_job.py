@@ -43,7 +43,7 @@ def write_input(path: Path, n_good: int, *, max_new: int = 24) -> tuple[list[str
     for i in range(n_good):
         kind = i % 4
         if kind == 0:
-            rec = {"prompt": f"def x return w{i % 50}", "sampling": {"max_new_tokens": max_new, "ignore_eos": True}}
+            rec = {"prompt": f"def x return w{i % 50}", "sampling": {"max_new_tokens": max_new, "ignore_eos": True, "logprobs": 2}}
         elif kind == 1:
             rec = {"id": f"chat-{i}", "messages": [{"role": "user", "content": "print x"}], "target": "other",
                    "sampling": {"max_new_tokens": max_new, "temperature": 1.0, "seed": i, "repetition_penalty": 1.3,
@@ -97,6 +97,11 @@ def test_every_input_gets_exactly_one_output(ray_local, tiny_service_models, tmp
     for r in good:
         assert r["usage"]["completion_tokens"] >= 1 and "stats" in r and r["finish_reason"] in ("length", "eos", "stop")
         assert ("turns" in r and len(r["turns"]) == 2) or isinstance(r["text"], str)
+    with_logprobs = [r for r in good if "logprobs" in r]
+    assert len(with_logprobs) == 4  # the records that asked (every 4th), and only those
+    for r in with_logprobs:
+        assert len(r["logprobs"]) == r["usage"]["completion_tokens"]
+        assert all(lp["logprob"] <= 0 and len(lp["top"]) == 2 and lp["top"][0][1] >= lp["logprob"] for lp in r["logprobs"])
     # a second run finds everything done and writes nothing
     again = run_batch(parse_config(cfg_dict), input_path=str(tmp_path / "in.jsonl"), output_path=str(out),
                       min_actors=1, max_actors=1, progress=False)
