@@ -47,11 +47,14 @@ def slim(tmp_path_factory) -> tuple[Path, Path]:
     # a copy of the checkout's files (tracked and new, not ignored): the build writes its
     # build/ folder there, not into the repo, and no stale build output leaks into the wheel
     src = root / "src"
-    files = run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO).stdout.split()
-    for name in files:
-        if (REPO / name).is_file():
-            (src / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, src / name)
+    listed = run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO)
+    if listed.returncode == 0:
+        for name in listed.stdout.split():
+            if (REPO / name).is_file():
+                (src / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(REPO / name, src / name)
+    else:  # not a git checkout: the tree without what set-up and builds add
+        shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".venv", ".git", "build", "dist", "*.egg-info", "__pycache__"))
     built = run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", root / "wheel", src])
     assert built.returncode == 0, built.stderr[-2000:]
     (wheel,) = (root / "wheel").glob("tandem-*.whl")
