@@ -19,7 +19,7 @@ DRAFT=qwen2.5-coder-0.5b-instruct
 mkdir -p bench/results
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 has() { [[ " $STEPS " == *" $1 "* ]]; }
-EXITS_DIR=$(.venv/bin/python -c "from tandem.deploy.train_exits import default_exits_dir; print(default_exits_dir('$DRAFT'))")
+EXITS_DIR=$(.venv/bin/python -c "from tandem.deploy.exits import default_exits_dir; print(default_exits_dir('$DRAFT'))")
 
 if has train; then
   echo "== train: exits 8,12,16 of $DRAFT, $TRAIN_MINUTES minutes -> $EXITS_DIR"
