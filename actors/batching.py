@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from tandem.actors.devices import thread_initializer
 from tandem.actors.speculative import RequestCancelledError
 
 
@@ -81,8 +82,10 @@ class MicroBatcher:
         self._lock = threading.Lock()
         self.batches = 0
         self.batched_items = 0
+        self.default_device = torch.get_default_device()  # what the worker threads run with
+        init = thread_initializer(threads)  # torch threads, and this thread's default device
         self._threads = [
-            threading.Thread(target=self._run, args=(threads,), name=f"{name}-{i}", daemon=True) for i in range(workers)
+            threading.Thread(target=self._run, args=(init,), name=f"{name}-{i}", daemon=True) for i in range(workers)
         ]
         for t in self._threads:
             t.start()
@@ -121,8 +124,8 @@ class MicroBatcher:
             self._queue.put(job)
         return jobs
 
-    def _run(self, threads: int) -> None:
-        torch.set_num_threads(threads)
+    def _run(self, init: Callable[[], None]) -> None:
+        init()
         while True:
             job = self._queue.get()
             if job is None:

@@ -81,7 +81,7 @@ class Drafter:
         self.prefill_chunk = prefill_chunk
         self.sparse_top = sparse_top
         self.requests: dict[str, _DraftRequest] = {}
-        self._columns = {e: (c.numpy() if (c := runner.head_columns(e)) is not None else None) for e in runner.exits}
+        self._columns = {e: (c.cpu().numpy() if (c := runner.head_columns(e)) is not None else None) for e in runner.exits}
 
     # ------------------------------------------------------------------ lifecycle
     def open(self, request_id: str, *, sampling: SamplingParams, capacity: int = 256, prompt_len: int | None = None) -> None:
@@ -92,8 +92,10 @@ class Drafter:
         if request_id in self.requests:
             raise RequestAlreadyOpenError(f"request_id {request_id!r} is already open on this drafter")
         seed = None if sampling.seed is None else sampling.seed + 7919  # independent of the target's stream
+        # A CPU generator on any device: the draft samples from the sparse q it ships, which
+        # is on the CPU already (numpy, ~64 entries), never from a vocabulary row on the device.
         self.requests[request_id] = _DraftRequest(
-            seq=self.runner.new_sequence(capacity), sampling=sampling, generator=make_generator(seed), prompt_len=prompt_len
+            seq=self.runner.new_sequence(capacity), sampling=sampling, generator=make_generator(seed, "cpu"), prompt_len=prompt_len
         )
 
     def close(self, request_id: str) -> bool:

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
+from tandem.actors.devices import apply_default_device_env, assigned_resources
 from tandem.actors.runner import ModelRunner
 from tandem.actors.speculative import RequestStateLostError
 
@@ -39,11 +40,13 @@ class TargetShard:
         layer_range: tuple[int, int] | None = None,
         stage: tuple[int, int] | None = None,
         dtype: str = "bfloat16",
+        device: str = "auto",
         threads: int | None = None,
         resolve=None,
     ):
         """Give either layer_range=(lo, hi) or stage=(index, count): stage `index` of `count`
         near-equal contiguous ranges (worked out here, where the model files are)."""
+        apply_default_device_env()
         if threads:
             torch.set_num_threads(threads)
         self.threads = threads
@@ -55,10 +58,11 @@ class TargetShard:
 
             total = int(AutoConfig.from_pretrained(self.model_path).num_hidden_layers)
             layer_range = split_layers(total, stage[1])[stage[0]]
-        self.runner = ModelRunner(self.model_path, dtype=dtype, layer_range=tuple(layer_range))
+        self.runner = ModelRunner(self.model_path, dtype=dtype, device=device, layer_range=tuple(layer_range))
         self.sequences: dict[str, Any] = {}
 
     def forward(self, keys: Sequence[str], starts: Sequence[int], inputs: Sequence) -> list[torch.Tensor]:
+        self.default_device = apply_default_device_env()  # Ray runs this on its own threads
         if self.threads:
             torch.set_num_threads(self.threads)
         seqs = []
@@ -71,7 +75,9 @@ class TargetShard:
                     raise RequestStateLostError(f"sequence {key!r} is not held by this stage (restarted?)")
                 seq = self.sequences[key] = self.runner.new_sequence(len(x) + 128)
             seqs.append(seq)
-        return self.runner.forward_stage(seqs, list(starts), list(inputs))
+        # hidden states and logits leave the stage on the CPU (the next stage or the front
+        # may sit on another node, or have no GPU)
+        return [t.cpu() for t in self.runner.forward_stage(seqs, list(starts), list(inputs))]
 
     def fork(self, key: str, new_key: str, length: int) -> None:
         seq = self.sequences[key]
@@ -104,9 +110,7 @@ class TargetShard:
         r = self.runner
         import os
 
-        from tandem.actors.workers import _assigned_resources
-
-        return {"pid": os.getpid(), "resources": _assigned_resources(), "layers": [r.layer_lo, r.layer_hi], "total_layers": r.total_layers, "vocab_size": r.vocab_size, "max_context": r.max_context}
+        return {"pid": os.getpid(), "resources": assigned_resources(), "device": str(r.device), "default_device": str(getattr(self, "default_device", None)), "layers": [r.layer_lo, r.layer_hi], "total_layers": r.total_layers, "vocab_size": r.vocab_size, "max_context": r.max_context}
 
 
 def split_layers(total: int, shards: int) -> list[tuple[int, int]]:
@@ -124,6 +128,7 @@ class PipelineRunner:
         import ray
 
         self._ray = ray
+        self.device = torch.device("cpu")  # logits arrive from the last stage on the CPU
         self.stages = list(stages)
         self.vocab_size = vocab_size
         self.max_context = max_context

@@ -358,6 +358,7 @@ class TargetPool(_Pool):
                     spec.load.path,
                     stage=(index, spec.shards),
                     dtype=spec.load.dtype,
+                    device=spec.load.device,
                     threads=spec.threads,
                     resolve=spec.load.resolve,
                 )

@@ -17,6 +17,12 @@ projections, a preallocated KV cache per sequence, GQA packed into the query dim
 the Llama family of architectures (llama, qwen2, mistral: pre-norm RMSNorm, rotary, GQA,
 SwiGLU). Loading goes through transformers, so any local folder or hub id of those families
 works; other architectures are refused with a clear error.
+
+Every tensor lives on the runner's `device` (actors/devices.py); the linear kernels per device
+are actors/kernels.py's. Past 400 lines on purpose: the KV cache bookkeeping (grow, fork,
+rollback), the multi-exit lazy fill and the batched forward share one invariant (`filled`
+per layer, `hidden` at each lazy token's depth) that splitting them apart would spread over
+modules; the loaders at the bottom are ~60 lines.
 """
 
 from __future__ import annotations
@@ -27,6 +33,9 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from tandem.actors.devices import resolve_device
+from tandem.actors.kernels import DenseLinear, QuantLinear, linear_kernel, make_linear
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -42,90 +51,6 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     return DTYPES[dtype]
-
-
-# ----------------------------------------------------------------------------------------
-# Linear layers: bf16/fp32 dense, or int8 weight-only (per output channel) for drafts.
-# ----------------------------------------------------------------------------------------
-
-
-class DenseLinear:
-    """y = x W^T + b with W kept in the compute dtype."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        self.weight = weight.contiguous()  # [out, in]
-        self.bias = bias
-
-    @property
-    def out_features(self) -> int:
-        return self.weight.shape[0]
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
-
-
-class QuantLinear:
-    """Weight-only quantized linear for drafts: int8 (per output channel) or int4 (groups of
-    32 along the input, scale and zero per group). Decoding on a CPU is memory bound, so
-    fewer weight bytes is less time: per matmul at one token, int8 ran 1.7-3x and int4 about
-    2.4x faster than bf16 here. The quantized kernels are slow for many tokens at once, so a
-    prefill (more than QUANT_MAX_ROWS rows) uses the dense weight. Only drafts use this: a
-    draft may compute any q, as long as q is what it sampled from."""
-
-    QUANT_MAX_ROWS = 8
-    INT4_GROUP = 32
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, kind: str, dtype: torch.dtype):
-        self.dense = DenseLinear(weight.to(dtype), bias)
-        self.bias = bias
-        self.kind = kind
-        w = weight.float()
-        out_f, in_f = w.shape
-        if kind == "int8":
-            scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0  # [out]
-            self.qweight = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
-            self.scale = scale.to(dtype)
-        elif kind == "int4":
-            gs = self.INT4_GROUP
-            if in_f % gs:
-                raise ValueError(f"int4 needs input features divisible by {gs}, got {in_f}")
-            wg = w.view(out_f, in_f // gs, gs)  # [out, groups, gs]
-            lo, hi = wg.amin(-1), wg.amax(-1)  # [out, groups]
-            scale = ((hi - lo) / 15).clamp(min=1e-8)
-            q = torch.round((wg - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
-            zero = lo + 8 * scale  # the kernel computes (q - 8) * scale + zero
-            self.qweight = torch._convert_weight_to_int4pack_for_cpu(q.view(out_f, in_f), 1)
-            self.scales_zeros = torch.stack([scale.t(), zero.t()], dim=-1).to(dtype).contiguous()  # [groups, out, 2]
-        else:
-            raise ValueError(f"quantize must be 'int8' or 'int4', got {kind!r}")
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.dense.weight
-
-    @property
-    def out_features(self) -> int:
-        return self.dense.out_features
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        if x2.shape[0] > self.QUANT_MAX_ROWS:
-            return self.dense(x)
-        if self.kind == "int8":
-            y = torch._weight_int8pack_mm(x2, self.qweight, self.scale)
-        else:
-            y = torch._weight_int4pack_mm_for_cpu(x2, self.qweight, self.INT4_GROUP, self.scales_zeros)
-        y = y.reshape(*shape[:-1], -1)
-        return y + self.bias if self.bias is not None else y
-
-
-def _make_linear(weight, bias, *, quantize: str | None, dtype: torch.dtype):
-    weight = weight.detach().to(dtype)
-    bias = bias.detach().to(dtype) if bias is not None else None
-    if quantize:
-        return QuantLinear(weight, bias, kind=quantize, dtype=dtype)
-    return DenseLinear(weight, bias)
 
 
 @dataclass
@@ -195,7 +120,10 @@ class ModelRunner:
     - dtype: compute dtype ("bfloat16", "float32").
     - exits: draft exit depths (layer counts) for multi-exit forwards; the full depth is
       always an exit.
-    - quantize: None, "int8" or "int4" (weight-only, for drafts).
+    - device: where every weight, KV cache, rotary table, mask and token-id tensor lives
+      ("auto": the GPU this process was given, else the CPU; actors/devices.py).
+    - quantize: None, "int8" or "int4" (weight-only, for drafts); the kernel per device is
+      actors/kernels.py's choice, reported as `kernel`.
     - head_ids: restrict the LM head to these token ids (a draft over frequent tokens);
       logits then have len(head_ids) columns, and `head_ids` maps column -> token id.
       With restricted_head="early" the restriction applies to exits below the full depth
@@ -212,6 +140,7 @@ class ModelRunner:
         model_path: str,
         *,
         dtype: str | torch.dtype = "bfloat16",
+        device: str | torch.device = "auto",
         exits: Sequence[int] = (),
         quantize: str | None = None,
         head_ids: Sequence[int] | None = None,
@@ -222,10 +151,12 @@ class ModelRunner:
         model=None,
     ):
         self.dtype = parse_dtype(dtype)
+        self.device = resolve_device(device)
         if quantize not in (None, "int8", "int4"):
             raise ValueError(f"quantize must be None, 'int8' or 'int4', got {quantize!r}")
         if model is None:
-            model = load_causal_lm(model_path, self.dtype)
+            with torch.device("cpu"):  # loaded on the CPU, converted onto self.device below
+                model = load_causal_lm(model_path, self.dtype)
         cfg = model.config
         if cfg.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
@@ -262,14 +193,15 @@ class ModelRunner:
                 raise ValueError(f"exits must be within 1..{self.num_layers}, got {e}")
         self.exits = tuple(exits_sorted)
         self.quantize = quantize
-        self.exit_adapters = dict(exit_adapters or {})
+        self.kernel = linear_kernel(self.device, quantize)
+        self.exit_adapters = {d: _adapter_on(a, self.device) for d, a in (exit_adapters or {}).items()}
         self.timings = RunnerTimings()
 
         inner = model.model
-        with torch.no_grad():
-            self.embed = inner.embed_tokens.weight.detach().to(self.dtype) if self.is_first else None  # [vocab, hidden]
-            self.final_norm = inner.norm.weight.detach().to(self.dtype)
-            self.layers = [self._convert_layer(layer, quantize=quantize) for layer in inner.layers[lo:hi]]
+        with torch.no_grad(), torch.device("cpu"):  # conversion reads the CPU copy; results go to self.device
+            self.embed = self._place(inner.embed_tokens.weight) if self.is_first else None  # [vocab, hidden]
+            self.final_norm = self._place(inner.norm.weight)
+            self.layers = [self._convert_layer(layer) for layer in inner.layers[lo:hi]]
             head_w = model.get_output_embeddings().weight.detach()  # [vocab, hidden]
             if not self.is_last:
                 head_w = head_w[:1]  # a middle stage computes no logits
@@ -281,23 +213,29 @@ class ModelRunner:
                 ids = torch.as_tensor(sorted(set(int(i) for i in head_ids)), dtype=torch.long)
                 if ids.numel() == 0 or ids.min() < 0 or ids.max() >= self.vocab_size:
                     raise ValueError("head_ids must be token ids within the vocabulary")
-                self.head_ids = ids
+                self.head_ids = ids.to(self.device)
                 if restricted_head == "early":
-                    self.full_head = _make_linear(head_w, None, quantize=quantize, dtype=self.dtype)
+                    self.full_head = self._linear(head_w, None)
                 head_w = head_w[ids]
-            self.head = _make_linear(head_w, None, quantize=quantize, dtype=self.dtype)
+            self.head = self._linear(head_w, None)
             # Rotary tables for every position, from the model's own rotary module (honours
             # its rope scaling); indexed by position at run time.
             pos = torch.arange(self.max_context + 1)[None, :]
             dummy = torch.zeros(1, 1, dtype=torch.float32)
             cos, sin = inner.rotary_emb(dummy, pos)
-            self.cos = cos[0].to(self.dtype)  # [positions, head_dim]
-            self.sin = sin[0].to(self.dtype)
+            self.cos = self._place(cos[0])  # [positions, head_dim]
+            self.sin = self._place(sin[0])
         self.attention_bias = self.layers[0].qkv.bias is not None
         del model  # the runner keeps only the converted weights
 
     # ------------------------------------------------------------------ conversion
-    def _convert_layer(self, layer, *, quantize: str | None) -> _Layer:
+    def _place(self, t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to(device=self.device, dtype=self.dtype)
+
+    def _linear(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        return make_linear(weight, bias, kernel=self.kernel, dtype=self.dtype, device=self.device)
+
+    def _convert_layer(self, layer) -> _Layer:
         att, mlp = layer.self_attn, layer.mlp
         for name in ("q_norm", "k_norm"):
             if getattr(att, name, None) is not None:
@@ -307,14 +245,13 @@ class ModelRunner:
         if att.q_proj.bias is not None:
             qkv_b = torch.cat([att.q_proj.bias, att.k_proj.bias, att.v_proj.bias], dim=0)
         gate_up_w = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight], dim=0)
-        mk = lambda w, b: _make_linear(w, b, quantize=quantize, dtype=self.dtype)  # noqa: E731
         return _Layer(
-            input_norm=layer.input_layernorm.weight.detach().to(self.dtype),
-            post_norm=layer.post_attention_layernorm.weight.detach().to(self.dtype),
-            qkv=mk(qkv_w, qkv_b),
-            o=mk(att.o_proj.weight, att.o_proj.bias),
-            gate_up=mk(gate_up_w, None),
-            down=mk(mlp.down_proj.weight, None),
+            input_norm=self._place(layer.input_layernorm.weight),
+            post_norm=self._place(layer.post_attention_layernorm.weight),
+            qkv=self._linear(qkv_w, qkv_b),
+            o=self._linear(att.o_proj.weight, att.o_proj.bias),
+            gate_up=self._linear(gate_up_w, None),
+            down=self._linear(mlp.down_proj.weight, None),
         )
 
     # ------------------------------------------------------------------ sequences
@@ -326,9 +263,10 @@ class ModelRunner:
     def new_sequence(self, capacity: int = 256) -> SequenceState:
         capacity = max(16, min(int(capacity), self.max_context))
         shape = (self.num_kv_heads, capacity, self.head_dim)
-        keys = [torch.zeros(shape, dtype=self.dtype) for _ in range(self.num_layers)]
-        values = [torch.zeros(shape, dtype=self.dtype) for _ in range(self.num_layers)]
-        hidden = torch.empty(capacity, self.hidden_size, dtype=self.dtype) if len(self.exits) > 1 else None
+        dev = self.device
+        keys = [torch.zeros(shape, dtype=self.dtype, device=dev) for _ in range(self.num_layers)]
+        values = [torch.zeros(shape, dtype=self.dtype, device=dev) for _ in range(self.num_layers)]
+        hidden = torch.empty(capacity, self.hidden_size, dtype=self.dtype, device=dev) if len(self.exits) > 1 else None
         return SequenceState(keys=keys, values=values, filled=[0] * self.num_layers, hidden=hidden)
 
     def _ensure_capacity(self, seq: SequenceState, needed: int) -> None:
@@ -341,11 +279,11 @@ class ModelRunner:
         new_cap = min(max(needed, 2 * seq.capacity), self.max_context)
         for lst in (seq.keys, seq.values):
             for i, old in enumerate(lst):
-                grown = torch.zeros(self.num_kv_heads, new_cap, self.head_dim, dtype=self.dtype)
+                grown = torch.zeros(self.num_kv_heads, new_cap, self.head_dim, dtype=self.dtype, device=self.device)
                 grown[:, : old.shape[1]] = old
                 lst[i] = grown
         if seq.hidden is not None:
-            grown = torch.empty(new_cap, self.hidden_size, dtype=self.dtype)
+            grown = torch.empty(new_cap, self.hidden_size, dtype=self.dtype, device=self.device)
             grown[: seq.hidden.shape[0]] = seq.hidden
             seq.hidden = grown
 
@@ -427,7 +365,7 @@ class ModelRunner:
                 raise ValueError("each block must hold at least one token")
             start = seq.length
             self._ensure_capacity(seq, start + len(block))
-            ids = torch.tensor(block, dtype=torch.long)
+            ids = torch.tensor(block, dtype=torch.long, device=self.device)
             rows.append(_Row(seq=seq, start=start, hidden=self.embed[ids], n_new=len(block)))
             seq.tokens.extend(block)
         return self._run_to(rows, lo=0, depth=depth)
@@ -475,10 +413,10 @@ class ModelRunner:
             self.rollback(seq, start)
             if self.is_first:
                 block = [int(t) for t in x]
-                hidden = self.embed[torch.tensor(block, dtype=torch.long)]
+                hidden = self.embed[torch.tensor(block, dtype=torch.long, device=self.device)]
                 seq.tokens.extend(block)
             else:
-                hidden = torch.as_tensor(x).to(self.dtype)
+                hidden = torch.as_tensor(x, device=self.device).to(self.dtype)
                 seq.tokens.extend([-1] * hidden.shape[0])  # positions only; ids live on stage 0
             self._ensure_capacity(seq, start + hidden.shape[0])
             rows.append(_Row(seq=seq, start=start, hidden=hidden, n_new=hidden.shape[0]))
@@ -538,12 +476,13 @@ class ModelRunner:
         if B == 1:
             x = rows[0].hidden[None]  # [1, n, hidden]
         else:
-            x = torch.zeros(B, nmax, self.hidden_size, dtype=self.dtype)
+            x = torch.zeros(B, nmax, self.hidden_size, dtype=self.dtype, device=self.device)
             for i, r in enumerate(rows):
                 x[i, : ns[i]] = r.hidden
         starts = [r.start for r in rows]
         # positions of the query tokens: [B, nmax] (padding continues the count; discarded)
-        pos = torch.tensor(starts)[:, None] + torch.arange(nmax)[None, :]
+        dev = self.device
+        pos = torch.tensor(starts, device=dev)[:, None] + torch.arange(nmax, device=dev)[None, :]
         pos = pos.clamp(max=self.max_context)
         cos = self.cos[pos][:, None]  # [B, 1, nmax, head_dim]
         sin = self.sin[pos][:, None]
@@ -554,7 +493,7 @@ class ModelRunner:
         # Not needed for a single decode token (it sees every cached key).
         mask = None
         if not (B == 1 and nmax == 1):
-            key_pos = torch.arange(kv_len)[None, None, :]  # [1, 1, kv_len]
+            key_pos = torch.arange(kv_len, device=dev)[None, None, :]  # [1, 1, kv_len]
             mask = key_pos <= pos[:, :, None]  # [B, nmax, kv_len]
             mask = mask[:, None].repeat(1, 1, g, 1) if g > 1 else mask[:, None]
         for li in range(lo, hi):
@@ -593,6 +532,11 @@ class ModelRunner:
         for i, r in enumerate(rows):
             r.hidden = x[i, : ns[i]]
             r.seq.filled[lo:hi] = [r.start + ns[i]] * (hi - lo)
+
+
+def _adapter_on(adapter, device: torch.device):
+    """An exit adapter (a torch module, or any callable) with its parameters on `device`."""
+    return adapter.to(device) if isinstance(adapter, torch.nn.Module) else adapter
 
 
 def load_causal_lm(model_path: str, dtype: torch.dtype):

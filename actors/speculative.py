@@ -29,8 +29,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
-import torch
 
+from tandem.actors.devices import thread_initializer
 from tandem.speculation.sampling import SamplingParams, TokenLogprob
 from tandem.speculation.sorted_policy import ExitPolicy
 from tandem.speculation.stats import SpecStats
@@ -58,7 +58,8 @@ class LocalSide:
     def __init__(self, obj: Any, *, threads: int, name: str):
         self.obj = obj
         self.threads = threads
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name, initializer=torch.set_num_threads, initargs=(threads,))
+        # the worker thread takes the torch thread count and this thread's default device
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name, initializer=thread_initializer(threads))
 
     def call(self, method: str, /, *args: Any, **kwargs: Any) -> Future:
         return self._pool.submit(getattr(self.obj, method), *args, **kwargs)

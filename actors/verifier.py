@@ -100,7 +100,7 @@ class Verifier:
         self.requests[request_id] = _TargetRequest(
             seq=seq,
             sampling=sampling,
-            generator=make_generator(sampling.seed),
+            generator=make_generator(sampling.seed, self.runner.device),  # p lives on the runner's device
             committed=[int(t) for t in prompt],
             pending=pending,
             prompt_len=len(prompt) if prompt_len is None else max(0, min(int(prompt_len), len(prompt))),
@@ -265,7 +265,7 @@ class Verifier:
             res = verify_kseq_greedy(drafts=branches.branches, target_argmax=[s.argmax(-1).tolist() for s in scores])
         else:
             vocab = rows[0].shape[-1]
-            q = [torch.stack([d.dense(vocab) for d in qb]) for qb in branches.q]
+            q = [torch.stack([d.dense(vocab) for d in qb]).to(self.runner.device) for qb in branches.q]
             p = [logits_to_probs(s, req.sampling) for s in scores]
             res = verify_kseq(drafts=branches.branches, q=q, p=p, generator=req.generator)
         winner = res.source_draft if res.source_draft is not None else 0

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import torch
 
 from tandem.actors.batching import Cancellations, MicroBatcher
+from tandem.actors.devices import apply_default_device_env, assigned_resources
 from tandem.actors.drafter import DraftBlock, DraftBranches, Drafter
 from tandem.actors.runner import ModelRunner
 from tandem.actors.tracing import Traced, call_record
@@ -31,6 +32,7 @@ class ModelLoad:
 
     path: str
     dtype: str = "bfloat16"
+    device: str = "auto"  # actors/devices.py: the GPU Ray gave the actor, else the CPU
     quantize: str | None = None
     exits: tuple[int, ...] = ()
     head_ids: tuple[int, ...] | None = None
@@ -59,6 +61,7 @@ class ModelLoad:
         runner = ModelRunner(
             self.local_path(),
             dtype=self.dtype,
+            device=self.device,
             quantize=self.quantize,
             exits=exits,
             head_ids=head_ids,
@@ -71,18 +74,6 @@ class ModelLoad:
 
             check_runner_matches(self.exit_adapters, runner)
         return runner
-
-
-def _assigned_resources() -> dict:
-    """Ray resources this actor holds (empty outside Ray)."""
-    try:
-        import ray
-
-        if ray.is_initialized():
-            return dict(ray.get_runtime_context().get_assigned_resources())
-    except Exception:  # noqa: BLE001 - informational only
-        pass
-    return {}
 
 
 @dataclass
@@ -111,6 +102,7 @@ class DraftWorker(_Worker):
     """Hosts one (multi-exit) draft and drafts for requests of any target at once."""
 
     def __init__(self, load: ModelLoad, *, threads: int = 1, max_batch: int = 16):
+        apply_default_device_env()
         torch.set_num_threads(threads)
         self.load = load
         self.threads = threads
@@ -169,12 +161,15 @@ class DraftWorker(_Worker):
         r = self.drafter.runner
         return {
             "pid": os.getpid(),
-            "resources": _assigned_resources(),
+            "resources": assigned_resources(),
             "model": self.load.path,
             "exits": list(r.exits),
             "num_layers": r.num_layers,
             "vocab_size": r.vocab_size,
             "quantize": r.quantize,
+            "device": str(r.device),
+            "default_device": str(self.batcher.default_device),  # its model threads'; "meta" under the test discipline
+            "kernel": r.kernel,
             "threads": self.threads,
             "live_requests": len(self.drafter.requests),
             "batches": self.batcher.batches,
@@ -195,6 +190,7 @@ class TargetWorker(_Worker):
         stages: Sequence[Any] | None = None,
         max_batch: int = 16,
     ):
+        apply_default_device_env()
         torch.set_num_threads(threads)
         self.load = load
         self.threads = threads
@@ -300,10 +296,13 @@ class TargetWorker(_Worker):
         timings = getattr(r, "timings", None)
         return {
             "pid": os.getpid(),
-            "resources": _assigned_resources(),
+            "resources": assigned_resources(),
             "model": self.load.path if self.load else "pipeline",
             "vocab_size": r.vocab_size,
             "max_context": r.max_context,
+            "device": str(r.device),
+            "default_device": str(self.batcher.default_device),
+            "kernel": getattr(r, "kernel", "pipeline"),
             "threads": self.threads,
             "live_requests": len(self.verifier.requests),
             "batches": self.batcher.batches,

@@ -263,9 +263,10 @@ class LocalBackend:
         from tandem.actors.local import LocalEngine
         from tandem.deploy.models import ModelSpec, build_runner
 
-        target = build_runner(ModelSpec(ref=args.target, dtype=dtype), model=hf_target)
+        device = getattr(args, "device", "auto")  # tandem's runners; the transformers peers stay on the CPU
+        target = build_runner(ModelSpec(ref=args.target, dtype=dtype, device=device), model=hf_target)
         draft = build_runner(
-            ModelSpec(ref=args.draft, dtype=dtype, quantize=_quant(args), exits=exits, exit_adapters=args.exit_adapters)
+            ModelSpec(ref=args.draft, dtype=dtype, device=device, quantize=_quant(args), exits=exits, exit_adapters=args.exit_adapters)
         )
         self.draft_exits = draft.exits
         self.engine = LocalEngine(target, draft, threads=threads)

@@ -27,7 +27,11 @@ def _add_models(p: argparse.ArgumentParser) -> None:
     g.add_argument("--target", default=DEFAULT_TARGET, help="pack name, local folder or hub id")
     g.add_argument("--draft", default=DEFAULT_DRAFT, help="pack name, local folder or hub id")
     g.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    g.add_argument("--draft-quantize", default="int4", choices=["none", "int8", "int4"], help="weight-only draft quantization")
+    g.add_argument("--draft-quantize", default="int4", choices=["none", "int8", "int4"], help="weight-only draft quantization (CPU kernels)")
+    g.add_argument(
+        "--device", default="auto",
+        help='where tandem\'s runners run: auto (a GPU when one is visible, else the CPU), cpu, cuda or cuda:N',
+    )
     g.add_argument("--exits", default="", help="draft exit depths for 'sorted', e.g. 12,24")
     g.add_argument("--thresholds", default="", help="confidence thresholds per exit below the last, e.g. 0.8")
     g.add_argument(
@@ -181,13 +185,13 @@ def cmd_generate(args) -> int:
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, **shaping)
     tokenizer = tokenizer_for(args.target)
     prompt_ids = encode_prompt(tokenizer, prompt=args.prompt, chat=not args.raw)
-    target = build_runner(ModelSpec(ref=args.target, dtype=args.dtype))
+    target = build_runner(ModelSpec(ref=args.target, dtype=args.dtype, device=args.device))
     draft = None
     if args.method != "ar":
         exits = tuple(int(e) for e in args.exits.split(",")) if args.exits else ()
         quant = None if args.draft_quantize == "none" else args.draft_quantize
         draft = build_runner(
-            ModelSpec(ref=args.draft, dtype=args.dtype, quantize=quant, exits=exits, exit_adapters=args.exit_adapters)
+            ModelSpec(ref=args.draft, dtype=args.dtype, device=args.device, quantize=quant, exits=exits, exit_adapters=args.exit_adapters)
         )
     policy = _policy_from_args(args, draft) if draft is not None else None
     stop_ids = stop_ids_for(tokenizer, resolve_model_path(args.target))

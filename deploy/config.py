@@ -34,6 +34,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
+from tandem.actors.devices import check_device_spec
 from tandem.deploy.packs import DEFAULT_DRAFT, DEFAULT_TARGET
 
 Method = Literal["auto", "off", "sd", "sorted", "pearl", "spectr"]
@@ -41,6 +42,18 @@ Method = Literal["auto", "off", "sd", "sorted", "pearl", "spectr"]
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("device", check_fields=False)
+    @classmethod
+    def _device(cls, v: str) -> str:
+        return check_device_spec(v)
+
+
+DEVICE_DOC_DEFAULT = "auto"
+DEVICE_DOC = (
+    'Where the pool\'s models run: "auto" (the GPU Ray gives each actor - set placement.num_gpus - '
+    'else the CPU), "cpu", "cuda" or "cuda:N"'
+)
 
 
 class TLSConfig(_Strict):
@@ -124,7 +137,10 @@ class DraftPoolConfig(_Strict):
     )
     threads: int = Field(1, ge=1, description="torch threads per draft actor")
     dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
-    quantize: Literal["none", "int8", "int4"] = Field("int4", description="Weight-only quantization of the draft")
+    quantize: Literal["none", "int8", "int4"] = Field(
+        "int4", description="Weight-only quantization of the draft (CPU kernels; on a GPU the draft runs dense)"
+    )
+    device: str = Field(DEVICE_DOC_DEFAULT, description=DEVICE_DOC)
     exits: list[int] = Field(default_factory=list, description="Extra exit depths (the full depth is always one)")
     exit_adapters: str | None = Field(
         "auto",
@@ -149,6 +165,7 @@ class TargetConfig(_Strict):
     shards: int = Field(1, ge=1, le=16, description="Pipeline stages (layer ranges) per replica")
     threads: int = Field(1, ge=1, description="torch threads per target actor")
     dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
+    device: str = Field(DEVICE_DOC_DEFAULT, description=DEVICE_DOC)
     method: Method = Field("auto", description="Default speculation method for this target")
     max_draft_len: int = Field(8, ge=1, le=32, description="Upper bound of the draft length the router may pick")
     sorted_thresholds: list[float] = Field(

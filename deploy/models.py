@@ -19,6 +19,7 @@ class ModelSpec:
 
     ref: str  # pack name, local folder or hub id
     dtype: str = "bfloat16"
+    device: str = "auto"  # actors/devices.py
     quantize: str | None = None  # drafts: None | "int8" | "int4"
     exits: tuple[int, ...] = ()
     head_ids: tuple[int, ...] | None = None
@@ -67,6 +68,7 @@ def build_runner(spec: ModelSpec, *, model=None) -> ModelRunner:
     load = ModelLoad(
         path=resolve_model_path(spec.ref),
         dtype=spec.dtype,
+        device=spec.device,
         quantize=spec.quantize,
         exits=tuple(spec.exits),
         head_ids=spec.head_ids,

@@ -38,6 +38,7 @@ def pool_specs(cfg: TandemConfig, *, resolve=resolve_model_path) -> tuple[DraftP
         load=ModelLoad(
             path=d.model,
             dtype=d.dtype,
+            device=d.device,
             quantize=None if d.quantize == "none" else d.quantize,
             exits=tuple(d.exits),
             exit_adapters=trained_exits_for(d.model, d.exit_adapters),
@@ -50,7 +51,7 @@ def pool_specs(cfg: TandemConfig, *, resolve=resolve_model_path) -> tuple[DraftP
     targets = [
         TargetSpec(
             name=t.name,
-            load=ModelLoad(path=t.model_ref, dtype=t.dtype, resolve=resolve),
+            load=ModelLoad(path=t.model_ref, dtype=t.dtype, device=t.device, resolve=resolve),
             replicas=t.replicas,
             shards=t.shards,
             threads=t.threads,

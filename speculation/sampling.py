@@ -211,9 +211,11 @@ def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
     return probs
 
 
-def make_generator(seed: int | None) -> torch.Generator:
-    """A CPU ``torch.Generator``: seeded when ``seed`` is given, else nondeterministic."""
-    generator = torch.Generator(device="cpu")
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    """A ``torch.Generator`` on ``device`` (where the probabilities it samples from live):
+    seeded when ``seed`` is given, else nondeterministic. The same seed gives the same
+    stream on the same device type only (CPU and CUDA generators differ)."""
+    generator = torch.Generator(device=device)
     if seed is None:
         generator.seed()  # draws a fresh nondeterministic seed
     else:
@@ -264,7 +266,7 @@ class SparseDist:
         """The same distribution as a dense [vocab_size] float32 tensor."""
         if int(self.ids.max()) >= vocab_size:
             raise ValueError(f"vocab_size must exceed every id, got {vocab_size} <= {int(self.ids.max())}")
-        out = torch.zeros(vocab_size, dtype=torch.float32)  # [vocab]
+        out = torch.zeros(vocab_size, dtype=torch.float32, device="cpu")  # [vocab]
         out[torch.from_numpy(self.ids)] = torch.from_numpy(self.probs)
         return out
 
@@ -290,7 +292,7 @@ def truncate_to_sparse(probs: torch.Tensor, k: int) -> SparseDist:
     if values.numel() == 0:
         raise ValueError("probs must have positive mass")
     values = values / values.sum()  # renormalise in float64, then store float32
-    return SparseDist(ids=ids.numpy().astype(np.int64), probs=values.numpy().astype(np.float32))
+    return SparseDist(ids=ids.cpu().numpy().astype(np.int64), probs=values.cpu().numpy().astype(np.float32))
 
 
 # ----------------------------------------------------------------------------------------
@@ -299,21 +301,22 @@ def truncate_to_sparse(probs: torch.Tensor, k: int) -> SparseDist:
 
 
 def _columns_of(tokens: Sequence[int], width: int, columns) -> torch.Tensor:
-    """[len(tokens)] int64: the logit column of each token id (-1: not among the columns).
-    columns: [width] token id of each column (a restricted draft head), or None (column ==
-    token id)."""
-    ids = torch.as_tensor([int(t) for t in tokens], dtype=torch.long)  # [n]
+    """[len(tokens)] int64 on the CPU: the logit column of each token id (-1: not among the
+    columns). columns: [width] token id of each column (a restricted draft head), or None
+    (column == token id). Counting happens on the CPU (a few hundred ids); the counts move to
+    the logits' device in :func:`penalize`."""
+    ids = torch.as_tensor([int(t) for t in tokens], dtype=torch.long, device="cpu")  # [n]
     if columns is None:
         return torch.where((ids >= 0) & (ids < width), ids, -1)
-    columns = torch.as_tensor(columns, dtype=torch.long)  # [width]
-    lookup = torch.full((int(columns.max()) + 1,), -1, dtype=torch.long)  # token id -> column
-    lookup[columns] = torch.arange(width)
+    columns = torch.as_tensor(columns, dtype=torch.long).cpu()  # [width]
+    lookup = torch.full((int(columns.max()) + 1,), -1, dtype=torch.long, device="cpu")  # token id -> column
+    lookup[columns] = torch.arange(width, device="cpu")
     inside = (ids >= 0) & (ids < lookup.numel())
     return torch.where(inside, lookup[ids.clamp(0, lookup.numel() - 1)], -1)
 
 
 def token_counts(tokens: Sequence[int], width: int, columns=None) -> torch.Tensor:
-    """[width] float32: how often each logit column's token occurs in ``tokens`` (see
+    """[width] float32 on the CPU: how often each logit column's token occurs in ``tokens`` (see
     :func:`penalize` for ``columns``; ids without a column are not counted)."""
     cols = _columns_of(tokens, width, columns)
     return torch.bincount(cols[cols >= 0], minlength=width).to(torch.float32)

@@ -160,7 +160,7 @@ def kseq_select(
         q_x = float(q64[token])
         if not q_x > 0:
             raise ValueError(f"q gives candidate {token} zero probability; it cannot have been drafted from q")
-        u = float(torch.rand((), dtype=torch.float64, generator=generator))
+        u = float(torch.rand((), dtype=torch.float64, generator=generator, device=generator.device))
         # u < p/(rho q) has probability min(1, p/(rho q)); rho >= 1 shrinks acceptance so k
         # tries together never over-cover p.
         if u * rho * q_x < float(p64[token]):

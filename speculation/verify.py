@@ -85,12 +85,13 @@ def residual_distribution(p_row: torch.Tensor, q_row: torch.Tensor) -> torch.Ten
     return residual / mass
 
 
-def _dense_q_row(q: torch.Tensor | Sequence[SparseDist], index: int, vocab: int) -> torch.Tensor:
-    """Row ``index`` of q as a dense float64 [vocab] tensor, whichever form q came in."""
+def _dense_q_row(q: torch.Tensor | Sequence[SparseDist], index: int, vocab: int, device: torch.device) -> torch.Tensor:
+    """Row ``index`` of q as a dense float64 [vocab] tensor on ``device`` (p's), whichever
+    form q came in (a SparseDist arrives from the draft as numpy)."""
     row = q[index]
     if isinstance(row, SparseDist):
         row = row.dense(vocab)
-    return row.to(torch.float64)
+    return row.to(device=device, dtype=torch.float64)
 
 
 def _check_block(draft_tokens: Sequence[int], q: torch.Tensor | Sequence[SparseDist], p: torch.Tensor) -> None:
@@ -134,12 +135,12 @@ def verify_block(
     tokens: list[int] = []
     for i in range(gamma):
         token = int(draft_tokens[i])
-        q_row = _dense_q_row(q, i, vocab)  # [vocab]
+        q_row = _dense_q_row(q, i, vocab, p.device)  # [vocab]
         q_x = float(q_row[token])
         if not q_x > 0:
             raise ValueError(f"q[{i}] gives draft token {token} zero probability; it cannot have been drafted from q")
         p_x = float(p64[i, token])
-        u = float(torch.rand((), dtype=torch.float64, generator=generator))
+        u = float(torch.rand((), dtype=torch.float64, generator=generator, device=generator.device))
         # u < p/q happens with probability min(1, p/q); written as u * q < p to avoid dividing.
         if u * q_x < p_x:
             tokens.append(token)

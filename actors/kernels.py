@@ -1,0 +1,115 @@
+"""Linear kernels of the runner, chosen per device: dense (bf16/fp32) everywhere, and
+weight-only int8 (per output channel) or int4 (groups of 32, scale and zero per group) where
+they measure faster.
+
+Which kernel, and why (`linear_kernel`):
+- CPU, quantize int8 / int4: torch's own packed kernels (`_weight_int8pack_mm`,
+  `_weight_int4pack_mm_for_cpu`). Decoding on a CPU is memory bound, so fewer weight bytes
+  is less time: per matmul at one token, int8 ran 1.7-3x and int4 about 2.4x faster than
+  bf16 here. These are private ops; torchao's CPU int4 weight-only path dispatches to the
+  same op, so using it directly saves a dependency and a tensor-subclass layer per call
+  (the per-layer dispatch overhead is what the draft's step is short of; issue 10).
+  The packed kernels are slow for many rows, so a block of more than QUANT_MAX_ROWS rows
+  (a prefill) uses the dense weight.
+- CUDA: dense in the compute dtype (bf16) for every linear, quantize or not. On a GPU the
+  draft's step is launch-bound, not weight-bandwidth-bound, at these sizes; an int4/int8
+  GPU kernel is not used until it is measured faster on one (no GPU was lent to measure it;
+  the runner reports the kernel it chose, `ModelRunner.kernel`).
+Only drafts are quantized by default: a draft may compute any q, as long as q is what it
+sampled from.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+QUANTIZE_CHOICES = ("none", "int8", "int4")
+
+
+def linear_kernel(device: torch.device, quantize: str | None) -> str:
+    """The kernel a runner on `device` uses for `quantize`: "dense", "int8" or "int4"."""
+    if quantize in (None, "none"):
+        return "dense"
+    if quantize not in QUANTIZE_CHOICES:
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {quantize!r}")
+    return quantize if device.type == "cpu" else "dense"
+
+
+class DenseLinear:
+    """y = x W^T + b with W kept in the compute dtype."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        self.weight = weight.contiguous()  # [out, in]
+        self.bias = bias
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class QuantLinear:
+    """Weight-only quantized linear on the CPU: int8 (per output channel) or int4 (groups of
+    32 along the input, scale and zero per group); the dense weight serves blocks of more
+    than QUANT_MAX_ROWS rows."""
+
+    QUANT_MAX_ROWS = 8
+    INT4_GROUP = 32
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, kind: str, dtype: torch.dtype):
+        if weight.device.type != "cpu":
+            raise ValueError(f"QuantLinear runs on the CPU, got a weight on {weight.device}")
+        self.dense = DenseLinear(weight.to(dtype), bias)
+        self.bias = bias
+        self.kind = kind
+        w = weight.float()
+        out_f, in_f = w.shape
+        if kind == "int8":
+            scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0  # [out]
+            self.qweight = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+            self.scale = scale.to(dtype)
+        elif kind == "int4":
+            gs = self.INT4_GROUP
+            if in_f % gs:
+                raise ValueError(f"int4 needs input features divisible by {gs}, got {in_f}")
+            wg = w.view(out_f, in_f // gs, gs)  # [out, groups, gs]
+            lo, hi = wg.amin(-1), wg.amax(-1)  # [out, groups]
+            scale = ((hi - lo) / 15).clamp(min=1e-8)
+            q = torch.round((wg - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
+            zero = lo + 8 * scale  # the kernel computes (q - 8) * scale + zero
+            self.qweight = torch._convert_weight_to_int4pack_for_cpu(q.view(out_f, in_f), 1)
+            self.scales_zeros = torch.stack([scale.t(), zero.t()], dim=-1).to(dtype).contiguous()  # [groups, out, 2]
+        else:
+            raise ValueError(f"quantize must be 'int8' or 'int4', got {kind!r}")
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.dense.weight
+
+    @property
+    def out_features(self) -> int:
+        return self.dense.out_features
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if x2.shape[0] > self.QUANT_MAX_ROWS:
+            return self.dense(x)
+        if self.kind == "int8":
+            y = torch._weight_int8pack_mm(x2, self.qweight, self.scale)
+        else:
+            y = torch._weight_int4pack_mm_for_cpu(x2, self.qweight, self.INT4_GROUP, self.scales_zeros)
+        y = y.reshape(*shape[:-1], -1)
+        return y + self.bias if self.bias is not None else y
+
+
+def make_linear(weight, bias, *, kernel: str, dtype: torch.dtype, device: torch.device):
+    """A linear layer on `device` from (CPU) weights with the kernel `linear_kernel` chose."""
+    weight = weight.detach().to(device=device, dtype=dtype)
+    bias = bias.detach().to(device=device, dtype=dtype) if bias is not None else None
+    if kernel == "dense":
+        return DenseLinear(weight, bias)
+    return QuantLinear(weight, bias, kind=kernel, dtype=dtype)
