@@ -232,9 +232,18 @@ def tiny_paths(tmp_path_factory):
 @pytest.fixture(scope="session")
 def ray_local():
     """A real local Ray cluster for actor and service tests: 2 CPUs, and the custom pool
-    resources tandem places drafts and targets on (room for several pools at once)."""
+    resources tandem places drafts and targets on (room for several pools at once); its
+    workers run under the device discipline."""
+    import os
+
     import ray
 
+    from tandem.actors.devices import DEFAULT_DEVICE_ENV
+
+    # Device discipline in the actors (actors/devices.py): every worker process this Ray
+    # starts makes tensors on "meta" unless it names a device, so a forgotten device= in
+    # code that runs on actors fails the actor and service tests on this CPU-only machine.
+    os.environ.setdefault(DEFAULT_DEVICE_ENV, "meta")
     if not ray.is_initialized():
         ray.init(
             address="local",  # never a cluster some `ray start` on this machine left its address for

@@ -124,6 +124,20 @@ def test_pools_sit_on_their_own_resources(engine):
     assert layers == [[0, 1], [1, 2]]
 
 
+def test_actors_run_on_their_device_under_the_discipline(engine):
+    """Every actor's runner sits on the CPU here (device "auto" without a GPU) while the
+    threads that run its models have "meta" as their default device (tests/conftest.py), so
+    the actor tests above ran under the device discipline; the pipeline shards too (they
+    take it in each forward, which Ray runs on its own threads)."""
+    import ray
+
+    infos = [ray.get(engine.draft_pool.members[0].handle.info.remote()), ray.get(engine.targets["plain"].members[0].handle.info.remote())]
+    infos += [ray.get(s.info.remote()) for s in engine.targets["sharded"].members[0].shards]
+    assert [i["device"] for i in infos] == ["cpu"] * len(infos)
+    assert [i["default_device"] for i in infos] == ["meta"] * len(infos)  # the shards: as of their last forward
+    assert infos[0]["kernel"] == "dense"  # this test's draft is not quantized
+
+
 def test_unknown_target_is_a_clear_error(engine):
     with pytest.raises(KeyError, match="not served"):
         engine.generate("nope", [1], spec=SpecConfig(method="ar"), max_new_tokens=2)

@@ -34,12 +34,13 @@ METHODS = ["sd", "sorted", "pearl", "spectr"]
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_paths):
+def engine(tiny_paths, runner_device, discipline):
     target_path, draft_path = tiny_paths
-    target = ModelRunner(target_path, dtype="float32")
-    draft = ModelRunner(draft_path, dtype="float32", exits=(2,))
-    with LocalEngine(target, draft, threads=1, split=ThreadSplit(target=1, draft=1)) as eng:
-        yield eng
+    with discipline(runner_device):  # built under the device discipline (tests/runtime/conftest.py)
+        target = ModelRunner(target_path, dtype="float32", device=runner_device)
+        draft = ModelRunner(draft_path, dtype="float32", exits=(2,), device=runner_device)
+        with LocalEngine(target, draft, threads=1, split=ThreadSplit(target=1, draft=1)) as eng:
+            yield eng
 
 
 def policy_for(method: str) -> ExitPolicy | None:
@@ -54,7 +55,7 @@ def exact_joint(runner: ModelRunner, params: SamplingParams, n_tokens: int) -> n
     for idx, seq in enumerate(itertools.product(range(vocab), repeat=n_tokens)):
         s = runner.new_sequence()
         logits = runner.extend(s, PROMPT + list(seq[:-1]))  # [len, vocab]
-        rows = logits_to_probs(logits[len(PROMPT) - 1 :], params)  # [n_tokens, vocab]
+        rows = logits_to_probs(logits[len(PROMPT) - 1 :], params).cpu()  # [n_tokens, vocab]
         probs[idx] = float(np.prod([rows[i, t].item() for i, t in enumerate(seq)]))
     return probs / probs.sum()
 
@@ -175,4 +176,35 @@ def test_sampling_is_reproducible_with_a_seed(engine):
     a = engine.generate([0, 1], method="pearl", sampling=sp, max_new_tokens=20, gamma=3).tokens
     b = engine.generate([0, 1], method="pearl", sampling=sp, max_new_tokens=20, gamma=3).tokens
     assert a == b
-    assert torch.is_tensor(torch.tensor(a))
+    assert torch.is_tensor(torch.tensor(a, device="cpu"))
+
+
+def test_worker_threads_inherit_the_discipline(runner_device):
+    """The runtime's worker threads (LocalSide here, MicroBatcher in the actors) run with the
+    default device of the thread that made them, so the device discipline reaches the
+    draft and target threads (the control: a plain thread does not inherit it)."""
+    import threading
+    from types import SimpleNamespace
+
+    from tandem.actors.batching import MicroBatcher
+    from tandem.actors.speculative import LocalSide
+
+    if runner_device == "cpu":
+        assert torch.get_default_device().type == "meta"  # the discipline is on in this test
+    probe = SimpleNamespace(device=torch.get_default_device)
+    side = LocalSide(probe, threads=1, name="probe")
+    try:
+        assert side.call("device").result() == torch.get_default_device()
+    finally:
+        side.shutdown()
+    batcher = MicroBatcher({}, threads=1, name="probe")
+    try:
+        assert batcher.call(torch.get_default_device).result() == torch.get_default_device()
+    finally:
+        batcher.close()
+    plain: list = []
+    t = threading.Thread(target=lambda: plain.append(torch.get_default_device()))
+    t.start()
+    t.join()
+    if runner_device == "cpu":
+        assert plain == [torch.device("cpu")]

@@ -52,15 +52,19 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="module")
-def runners(tiny_paths):
+def runners(tiny_paths, runner_device, discipline):
     target_path, draft_path = tiny_paths
-    return ModelRunner(target_path, dtype="float32"), ModelRunner(draft_path, dtype="float32", exits=(2,))
+    with discipline(runner_device):  # tests/runtime/conftest.py
+        return (
+            ModelRunner(target_path, dtype="float32", device=runner_device),
+            ModelRunner(draft_path, dtype="float32", exits=(2,), device=runner_device),
+        )
 
 
 @pytest.fixture(scope="module")
-def engine(runners):
+def engine(runners, runner_device, discipline):
     target, draft = runners
-    with LocalEngine(target, draft, threads=1, split=ThreadSplit(target=1, draft=1)) as eng:
+    with discipline(runner_device), LocalEngine(target, draft, threads=1, split=ThreadSplit(target=1, draft=1)) as eng:
         yield eng
 
 

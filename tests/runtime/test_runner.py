@@ -14,6 +14,11 @@ TOL = 1e-5
 TOL_BATCH = 1e-4  # padded batches block the matmuls differently: ~2e-5 apart in float32
 
 
+def close(got: torch.Tensor, want: torch.Tensor, atol: float, rtol: float = 1e-5) -> bool:
+    """The runner's output (on its device) against a CPU reference."""
+    return torch.allclose(got.cpu(), want.cpu(), atol=atol, rtol=rtol)
+
+
 @pytest.fixture(scope="module")
 def ref(tiny_paths):
     path = tiny_paths[1]  # 4 layers
@@ -24,44 +29,44 @@ def ref(tiny_paths):
     return path, model, tokens[0].tolist(), out.logits[0], out.hidden_states
 
 
-def test_extend_in_pieces_matches_one_forward(ref):
+def test_extend_in_pieces_matches_one_forward(ref, runner_device):
     path, _, tokens, logits, _ = ref
-    r = ModelRunner(path, dtype="float32")
+    r = ModelRunner(path, dtype="float32", device=runner_device)
     s = r.new_sequence(capacity=4)  # forces the cache to grow
     got = torch.cat([r.extend(s, tokens[:5]), r.extend(s, tokens[5:6]), r.extend(s, tokens[6:])])
-    assert torch.allclose(got, logits, atol=TOL)
+    assert close(got, logits, atol=TOL)
     assert s.length == len(tokens)
 
 
-def test_rollback_then_extend_equals_fresh_prefill(ref):
+def test_rollback_then_extend_equals_fresh_prefill(ref, runner_device):
     path, _, tokens, logits, _ = ref
-    r = ModelRunner(path, dtype="float32")
+    r = ModelRunner(path, dtype="float32", device=runner_device)
     s = r.new_sequence()
     r.extend(s, tokens)
     for cut in (12, 7, 1):
         r.rollback(s, cut)
         assert s.length == cut and s.tokens == tokens[:cut]
         again = r.extend(s, tokens[cut:])
-        assert torch.allclose(again, logits[cut:], atol=TOL), cut
+        assert close(again, logits[cut:], atol=TOL), cut
     # a wrong continuation after a rollback leaves no trace
     r.rollback(s, 6)
     r.extend(s, [5, 5, 5])
     r.rollback(s, 6)
-    assert torch.allclose(r.extend(s, tokens[6:]), logits[6:], atol=TOL)
+    assert close(r.extend(s, tokens[6:]), logits[6:], atol=TOL)
 
 
-def test_common_prefix_rollback(ref):
+def test_common_prefix_rollback(ref, runner_device):
     path, _, tokens, logits, _ = ref
-    r = ModelRunner(path, dtype="float32")
+    r = ModelRunner(path, dtype="float32", device=runner_device)
     s = r.new_sequence()
     r.extend(s, tokens[:10])
     assert r.truncate_to_common_prefix(s, tokens[:4] + [5, 5]) == 4
     assert s.length == 4
 
 
-def test_batched_verification_with_different_lengths(ref):
+def test_batched_verification_with_different_lengths(ref, runner_device):
     path, _, tokens, logits, _ = ref
-    r = ModelRunner(path, dtype="float32")
+    r = ModelRunner(path, dtype="float32", device=runner_device)
     seqs = [r.new_sequence() for _ in range(3)]
     prefixes = [3, 9, 6]
     for s, p in zip(seqs, prefixes):
@@ -69,46 +74,47 @@ def test_batched_verification_with_different_lengths(ref):
     blocks = [tokens[3:8], tokens[9:10], tokens[6:16]]
     outs = r.extend_batch(seqs, blocks)
     for out, p, b in zip(outs, prefixes, blocks):
-        assert torch.allclose(out, logits[p : p + len(b)], atol=TOL_BATCH)
+        assert close(out, logits[p : p + len(b)], atol=TOL_BATCH)
 
 
-def test_exit_logits_and_lazy_deeper_kv(ref):
+def test_exit_logits_and_lazy_deeper_kv(ref, runner_device):
     path, model, tokens, logits, hidden = ref
-    r = ModelRunner(path, dtype="float32", exits=(2,))
+    r = ModelRunner(path, dtype="float32", exits=(2,), device=runner_device)
     s = r.new_sequence()
     r.extend(s, tokens[:4])
     # three tokens leave at exit 2: their layer-2..3 KV is missing
     for i in range(4, 7):
         h = r.forward_to_depth([s], [[tokens[i]]], depth=2)[0]
         with torch.no_grad():
-            want = model.lm_head(model.model.norm(hidden[2][0, i : i + 1]))
-        assert torch.allclose(r.logits_at_exit(h, 2), want, atol=TOL)
+            with torch.device("cpu"):
+                want = model.lm_head(model.model.norm(hidden[2][0, i : i + 1]))
+        assert close(r.logits_at_exit(h, 2), want, atol=TOL)
     assert s.filled == [7, 7, 4, 4]
     # one token continues to the full depth at once (S2D: its exit was not confident)
     h = r.forward_to_depth([s], [[tokens[7]]], depth=2)[0]
     h = r.continue_to_depth(s, h, from_depth=2, depth=4)
-    assert torch.allclose(r.logits_at_exit(h, 4), logits[7:8], atol=TOL)
+    assert close(r.logits_at_exit(h, 4), logits[7:8], atol=TOL)
     assert s.filled == [8, 8, 8, 8]  # the lazy tokens were filled on the way
-    assert torch.allclose(r.extend(s, tokens[8:]), logits[8:], atol=TOL)
+    assert close(r.extend(s, tokens[8:]), logits[8:], atol=TOL)
 
 
-def test_pipeline_stages_chain_to_the_full_model(ref):
+def test_pipeline_stages_chain_to_the_full_model(ref, runner_device):
     path, _, tokens, logits, _ = ref
-    stages = [ModelRunner(path, dtype="float32", layer_range=rng) for rng in ((0, 1), (1, 3), (3, 4))]
+    stages = [ModelRunner(path, dtype="float32", layer_range=rng, device=runner_device) for rng in ((0, 1), (1, 3), (3, 4))]
     seqs = [st.new_sequence() for st in stages]
     x = [tokens[:9]]
     for st, s in zip(stages, seqs):
         x = st.forward_stage([s], [0], x)
-    assert torch.allclose(x[0], logits[:9], atol=TOL)
+    assert close(x[0], logits[:9], atol=TOL)
     x = [tokens[5:]]  # re-start at 5: every stage cuts its cache back first
     for st, s in zip(stages, seqs):
         x = st.forward_stage([s], [5], x)
-    assert torch.allclose(x[0], logits[5:], atol=TOL)
+    assert close(x[0], logits[5:], atol=TOL)
 
 
 def _dequantized(weight: torch.Tensor, kind: str) -> torch.Tensor:
     """The weights the quantized kernels should be computing with (the formulas of
-    actors.runner.QuantLinear, written out independently)."""
+    actors.kernels.QuantLinear, written out independently)."""
     w = weight.float()
     if kind == "int8":
         scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
@@ -123,34 +129,38 @@ def _dequantized(weight: torch.Tensor, kind: str) -> torch.Tensor:
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 @pytest.mark.parametrize("rows", [1, 3])
-def test_quantized_kernels_compute_the_quantized_weights(tiny_service_models, kind, rows):
+def test_quantized_kernels_compute_the_quantized_weights(tiny_service_models, kind, rows, runner_device):
     """Every projection of a quantized draft against a dense matmul with its dequantized
     weights (so packing, scales and zero points are right); a prefill (many rows) takes
     the dense weights."""
-    r = ModelRunner(tiny_service_models["draft"], dtype="float32", quantize=kind)
+    r = ModelRunner(tiny_service_models["draft"], dtype="float32", quantize=kind, device=runner_device)
+    if runner_device != "cpu":
+        assert r.kernel == "dense"  # the packed kernels are CPU kernels (actors/kernels.py)
+        return
+    assert r.kernel == kind
     torch.manual_seed(0)
     for layer in r.layers:
         for lin in (layer.qkv, layer.o, layer.gate_up, layer.down):
-            x = torch.randn(rows, lin.weight.shape[1])
+            x = torch.randn(rows, lin.weight.shape[1], device="cpu")
             want = x @ _dequantized(lin.weight, kind).t()
             if lin.bias is not None:
                 want = want + lin.bias
-            assert torch.allclose(lin(x), want, atol=1e-4, rtol=1e-4)
-            many = torch.randn(lin.QUANT_MAX_ROWS + 1, lin.weight.shape[1])
-            assert torch.allclose(lin(many), many @ lin.weight.t() + (lin.bias if lin.bias is not None else 0), atol=1e-4)
+            assert close(lin(x), want, atol=1e-4, rtol=1e-4)
+            many = torch.randn(lin.QUANT_MAX_ROWS + 1, lin.weight.shape[1], device="cpu")
+            assert close(lin(many), many @ lin.weight.t() + (lin.bias if lin.bias is not None else 0), atol=1e-4)
 
 
-def test_restricted_head_maps_columns_to_token_ids(tiny_paths):
+def test_restricted_head_maps_columns_to_token_ids(tiny_paths, runner_device):
     path = tiny_paths[1]
-    full = ModelRunner(path, dtype="float32")
-    part = ModelRunner(path, dtype="float32", head_ids=[0, 2, 5])
+    full = ModelRunner(path, dtype="float32", device=runner_device)
+    part = ModelRunner(path, dtype="float32", head_ids=[0, 2, 5], device=runner_device)
     a = full.extend(full.new_sequence(), [1, 2, 3])
     b = part.extend(part.new_sequence(), [1, 2, 3])
-    assert b.shape[-1] == 3 and torch.allclose(b, a[:, [0, 2, 5]], atol=TOL)
+    assert b.shape[-1] == 3 and close(b, a[:, [0, 2, 5]], atol=TOL)
 
 
-def test_context_and_argument_errors(tiny_paths):
-    r = ModelRunner(tiny_paths[0], dtype="float32", max_context=16)
+def test_context_and_argument_errors(tiny_paths, runner_device):
+    r = ModelRunner(tiny_paths[0], dtype="float32", max_context=16, device=runner_device)
     s = r.new_sequence()
     with pytest.raises(ContextLengthError, match="context"):
         r.extend(s, [1] * 17)
@@ -162,3 +172,36 @@ def test_context_and_argument_errors(tiny_paths):
         ModelRunner(tiny_paths[0], dtype="float32", layer_range=(1, 9))
     with pytest.raises(ValueError, match="prompt"):
         r.prefill(r.new_sequence(), [])
+
+
+def test_every_tensor_lives_on_the_runners_device(ref, runner_device):
+    """Weights, KV caches, rotary tables and the logits all sit on the device the runner was
+    given (for "auto", the one resolve_device picks)."""
+    path, _, tokens, _, _ = ref
+    r = ModelRunner(path, dtype="float32", exits=(2,), device=runner_device)
+    want = torch.device(runner_device).type
+    s = r.new_sequence()
+    out = r.extend(s, tokens[:5])
+    layer = r.layers[0]
+    tensors = [r.embed, r.final_norm, r.cos, r.sin, layer.input_norm, layer.qkv.weight, r.head.weight, out, s.hidden]
+    tensors += s.keys + s.values
+    assert {t.device.type for t in tensors} == {want}
+    assert str(r.device).startswith(want)
+
+
+class _ForgetfulRunner(ModelRunner):
+    """A runner with the bug the discipline exists for: its KV cache is made without device=."""
+
+    def new_sequence(self, capacity: int = 256):
+        seq = super().new_sequence(capacity)
+        seq.keys = [torch.zeros(k.shape, dtype=k.dtype) for k in seq.keys]  # no device=
+        return seq
+
+
+def test_a_forgotten_device_fails_under_the_discipline(ref, runner_device):
+    """Negative control for the device discipline (tests/runtime/conftest.py): the same
+    forward with a KV cache made without device= raises here, on a CPU-only machine."""
+    path, _, tokens, _, _ = ref
+    r = _ForgetfulRunner(path, dtype="float32", device=runner_device)
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        r.extend(r.new_sequence(), tokens[:5])

@@ -1,0 +1,62 @@
+"""Runtime tests run on every device this machine has: "cpu" always, "cuda" when a GPU is
+visible (skipped cleanly without one).
+
+Device discipline (issue 10): on "cpu", each test - and each module fixture that builds a
+runner or an engine - runs with torch's default device set to "meta" while the runner is
+told "cpu". A tensor the runtime makes without an explicit device is then a meta tensor, and
+using it with the runner's CPU tensors raises (or yields no data), so a forgotten `device=`
+fails these tests here instead of on a GPU. torch keeps the default device per thread; the
+runtime's worker threads take their creator's (actors/devices.py), which is what carries the
+mode into LocalEngine's draft and target threads. Test code that makes its own reference
+tensors says device="cpu" (or runs under `on_cpu()`).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+RUNNER_DEVICES = ["cpu", "cuda"]
+
+
+@pytest.fixture(scope="session", params=RUNNER_DEVICES)
+def runner_device(request) -> str:
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device on this machine")
+    return request.param
+
+
+@contextmanager
+def device_discipline(device: str):
+    """Default device "meta" while a CPU runner works (see the module docstring); nothing
+    changes for a CUDA runner (a stray CPU tensor mixed with CUDA ones raises by itself)."""
+    if device != "cpu":
+        yield
+        return
+    before = torch.get_default_device()
+    torch.set_default_device("meta")
+    try:
+        yield
+    finally:
+        torch.set_default_device(before)
+
+
+@contextmanager
+def on_cpu():
+    """Reference computations of the tests themselves, outside the discipline."""
+    with torch.device("cpu"):
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _device_discipline(runner_device):
+    with device_discipline(runner_device):
+        yield
+
+
+@pytest.fixture(scope="session")
+def discipline():
+    """device_discipline, for module fixtures that build runners and engines."""
+    return device_discipline
