@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.stamp-setup
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup serve test test-fast bench soak scale-check cluster-check proto lint clean
+.PHONY: setup serve test test-fast bench soak scale-check cluster-check gpu-check proto lint clean
 
 # Set-up: a venv with the CPU build of torch (from this machine's disk; an unpinned torch would
 # pull a multi-GB CUDA build), tandem in editable mode with its server extra, and the model packs
@@ -54,6 +54,12 @@ scale-check: setup
 # killed mid-stream, a replacement node, shrink after; not part of `make test` (minutes).
 cluster-check: setup
 	$(BIN)/python -m tandem.bench.cluster_check --output bench/results/cluster_check.json
+
+# On a machine with a GPU (the device issue): the runtime and lossless tests on CUDA, float32
+# greedy fidelity on the packs and a short bf16 ar/sd run, in under 5 minutes; one summary line
+# and bench/results/gpu_check.json. Without a GPU it says so and exits 2.
+gpu-check: setup
+	$(BIN)/python -m tandem.bench.gpu_check
 
 clean:
 	rm -rf $(VENV) build *.egg-info
