@@ -349,7 +349,12 @@ def _max_health_gap(address: str, work) -> tuple[float, object]:
 
 
 def _big_prompts(address: str, n: int = 4) -> list:
-    prompt = " ".join(["the a"] * 120_000)  # 720k characters, 240k tokens: over the context
+    # 1.08M characters, 360k tokens: over the context. Large enough that tokenizing them on
+    # the event loop (the control below) stalls it past 0.5 s on a quiet machine too (720k
+    # characters stalled it only 0.41 s on a quiet run; 1.44M stalled 1.05 s, but also
+    # slowed health checks off the loop to 0.25 s: result lists and message parsing hold
+    # the GIL).
+    prompt = " ".join(["the a"] * 180_000)
     def one(_):
         with TandemClient(address) as c:
             try:
@@ -394,4 +399,5 @@ def test_large_prompts_are_refused_without_stalling_health_checks(server, monkey
 
     monkeypatch.setattr(servicer, "_parse_pool", Inline())
     stalled, _ = _max_health_gap(server.address, lambda: _big_prompts(server.address))
+    print(f"health gap {gap:.3f} s off the loop, {stalled:.3f} s on it")
     assert stalled > 0.5 and stalled > 3 * gap, (stalled, gap)
