@@ -24,11 +24,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-QUANTIZE_CHOICES = ("none", "int8", "int4")
+QUANTIZE_CHOICES = ("none", "int8", "int4", "pack")
 
 
 def linear_kernel(device: torch.device, quantize: str | None) -> str:
-    """The kernel a runner on `device` uses for `quantize`: "dense", "int8" or "int4"."""
+    """The kernel a runner on `device` uses for `quantize`: "dense", "int8", "int4" or
+    "pack" (the model folder's own 4-bit grid, deploy/pack_grid.py, on the int4 kernel; its
+    other linears int8)."""
     if quantize in (None, "none"):
         return "dense"
     if quantize not in QUANTIZE_CHOICES:
@@ -85,6 +87,26 @@ class QuantLinear:
         else:
             raise ValueError(f"quantize must be 'int8' or 'int4', got {kind!r}")
 
+    @classmethod
+    def from_grid(
+        cls, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, bias: torch.Tensor | None, *, dense: torch.Tensor, dtype: torch.dtype
+    ) -> "QuantLinear":
+        """int4 from a given group-32 affine grid (w = scale * q - minimum per group; codes
+        [out, in] in 0..15, scale and minimum [out, in / 32]) instead of quantizing a dense
+        weight: a pack's own Q4_K grid is served as stored, up to the scales' rounding to the
+        compute dtype. `dense` is the same grid dequantized, for blocks of many rows."""
+        self = cls.__new__(cls)
+        out_f, in_f = codes.shape
+        if scale.shape != (out_f, in_f // cls.INT4_GROUP) or minimum.shape != scale.shape:
+            raise ValueError(f"grid scale/minimum must be [{out_f}, {in_f // cls.INT4_GROUP}], got {tuple(scale.shape)}")
+        self.dense = DenseLinear(dense.to(dtype), bias)
+        self.bias = bias
+        self.kind = "int4"
+        self.qweight = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
+        zero = 8 * scale.float() - minimum.float()  # the kernel computes (q - 8) * scale + zero
+        self.scales_zeros = torch.stack([scale.float().t(), zero.t()], dim=-1).to(dtype).contiguous()  # [groups, out, 2]
+        return self
+
     @property
     def weight(self) -> torch.Tensor:
         return self.dense.weight
@@ -106,10 +128,68 @@ class QuantLinear:
         return y + self.bias if self.bias is not None else y
 
 
+class ConcatLinear:
+    """Linears side by side (their outputs concatenated): a fused projection whose parts use
+    different kernels (a pack's Q4_K q/k beside a Q6_K v)."""
+
+    def __init__(self, parts: list):
+        self.parts = parts
+        self.bias = None if all(p.bias is None for p in parts) else True
+
+    @property
+    def out_features(self) -> int:
+        return sum(p.out_features for p in self.parts)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return torch.cat([p.weight for p in self.parts], dim=0)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p(x) for p in self.parts], dim=-1)
+
+
 def make_linear(weight, bias, *, kernel: str, dtype: torch.dtype, device: torch.device):
-    """A linear layer on `device` from (CPU) weights with the kernel `linear_kernel` chose."""
+    """A linear layer on `device` from (CPU) weights with the kernel `linear_kernel` chose
+    ("pack" here: a linear that is not in the grid, served int8)."""
     weight = weight.detach().to(device=device, dtype=dtype)
     bias = bias.detach().to(device=device, dtype=dtype) if bias is not None else None
     if kernel == "dense":
         return DenseLinear(weight, bias)
-    return QuantLinear(weight, bias, kind=kernel, dtype=dtype)
+    return QuantLinear(weight, bias, kind="int8" if kernel == "pack" else kernel, dtype=dtype)
+
+
+PACK_GRID_FILE = "grid_q4k.safetensors"  # written by deploy/pack_grid.py beside a pack's weights
+
+
+class PackGrid:
+    """A model folder's 4-bit grid file: per linear (transformers name without `.weight`)
+    `codes` (uint8 [out, in / 2], two 4-bit codes per byte, low nibble first), `scale` and
+    `min` (float32 [out, in / 32]); w = scale * code - min per group of 32."""
+
+    def __init__(self, path: str):
+        from safetensors import safe_open
+
+        self.path = path
+        self._file = safe_open(path, "pt", device="cpu")
+        self._names = set(self._file.keys())
+
+    def linear(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(codes uint8 [out, in] in 0..15, scale, min) of linear `name`, or None when the
+        pack stores it in another format."""
+        if f"{name}.codes" not in self._names:
+            return None
+        packed = self._file.get_tensor(f"{name}.codes")  # [out, in / 2]
+        codes = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+        return codes, self._file.get_tensor(f"{name}.scale"), self._file.get_tensor(f"{name}.min")
+
+
+def open_pack_grid(model_path: str) -> PackGrid:
+    from pathlib import Path
+
+    path = Path(model_path) / PACK_GRID_FILE
+    if not path.is_file():
+        raise ValueError(
+            f"quantize: 'pack' serves a model pack's own 4-bit grid, and {model_path!r} has no {PACK_GRID_FILE} "
+            "(packs get it from tandem on first use; other models take none, int8 or int4)"
+        )
+    return PackGrid(str(path))

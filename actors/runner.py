@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from tandem.actors.devices import resolve_device
-from tandem.actors.kernels import DenseLinear, QuantLinear, linear_kernel, make_linear
+from tandem.actors.kernels import ConcatLinear, DenseLinear, QuantLinear, linear_kernel, make_linear, open_pack_grid
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -57,10 +57,10 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 class _Layer:
     input_norm: torch.Tensor  # [hidden]
     post_norm: torch.Tensor  # [hidden]
-    qkv: DenseLinear | QuantLinear  # hidden -> (heads + 2 kv_heads) * head_dim
-    o: DenseLinear | QuantLinear
-    gate_up: DenseLinear | QuantLinear  # hidden -> 2 * intermediate
-    down: DenseLinear | QuantLinear
+    qkv: DenseLinear | QuantLinear | ConcatLinear  # hidden -> (heads + 2 kv_heads) * head_dim
+    o: DenseLinear | QuantLinear | ConcatLinear
+    gate_up: DenseLinear | QuantLinear | ConcatLinear  # hidden -> 2 * intermediate
+    down: DenseLinear | QuantLinear | ConcatLinear
 
 
 # ----------------------------------------------------------------------------------------
@@ -152,8 +152,8 @@ class ModelRunner:
     ):
         self.dtype = parse_dtype(dtype)
         self.device = resolve_device(device)
-        if quantize not in (None, "int8", "int4"):
-            raise ValueError(f"quantize must be None, 'int8' or 'int4', got {quantize!r}")
+        if quantize not in (None, "int8", "int4", "pack"):
+            raise ValueError(f"quantize must be None, 'int8', 'int4' or 'pack', got {quantize!r}")
         if model is None:
             with torch.device("cpu"):  # loaded on the CPU, converted onto self.device below
                 model = load_causal_lm(model_path, self.dtype)
@@ -194,6 +194,7 @@ class ModelRunner:
         self.exits = tuple(exits_sorted)
         self.quantize = quantize
         self.kernel = linear_kernel(self.device, quantize)
+        self._grid = open_pack_grid(model_path) if self.kernel == "pack" else None
         self.exit_adapters = {d: _adapter_on(a, self.device) for d, a in (exit_adapters or {}).items()}
         self.timings = RunnerTimings()
 
@@ -201,7 +202,7 @@ class ModelRunner:
         with torch.no_grad(), torch.device("cpu"):  # conversion reads the CPU copy; results go to self.device
             self.embed = self._place(inner.embed_tokens.weight) if self.is_first else None  # [vocab, hidden]
             self.final_norm = self._place(inner.norm.weight)
-            self.layers = [self._convert_layer(layer) for layer in inner.layers[lo:hi]]
+            self.layers = [self._convert_layer(layer, lo + i) for i, layer in enumerate(inner.layers[lo:hi])]
             head_w = model.get_output_embeddings().weight.detach()  # [vocab, hidden]
             if not self.is_last:
                 head_w = head_w[:1]  # a middle stage computes no logits
@@ -226,6 +227,7 @@ class ModelRunner:
             self.cos = self._place(cos[0])  # [positions, head_dim]
             self.sin = self._place(sin[0])
         self.attention_bias = self.layers[0].qkv.bias is not None
+        self._grid = None  # read during conversion only
         del model  # the runner keeps only the converted weights
 
     # ------------------------------------------------------------------ conversion
@@ -235,23 +237,40 @@ class ModelRunner:
     def _linear(self, weight: torch.Tensor, bias: torch.Tensor | None):
         return make_linear(weight, bias, kernel=self.kernel, dtype=self.dtype, device=self.device)
 
-    def _convert_layer(self, layer) -> _Layer:
+    def _fused(self, prefix: str, names: Sequence[str], modules: Sequence) -> DenseLinear | QuantLinear | ConcatLinear:
+        """One linear for projections that share their input (q/k/v, gate/up), fused along
+        the output. With a pack grid, the parts in the grid run on the int4 kernel as
+        stored (one fused grid when all are), the others int8."""
+        weights = [m.weight for m in modules]
+        biases = [m.bias for m in modules]
+        bias = torch.cat(biases, dim=0) if biases[0] is not None else None
+        if self._grid is None:
+            return self._linear(torch.cat(weights, dim=0), bias)
+        grids = [self._grid.linear(f"{prefix}.{n}") for n in names]
+        if all(g is not None for g in grids):
+            codes, scale, minimum = (torch.cat(part, dim=0) for part in zip(*grids))
+            return QuantLinear.from_grid(
+                codes, scale, minimum, self._place(bias) if bias is not None else None, dense=torch.cat(weights, dim=0), dtype=self.dtype
+            )
+        parts = []
+        for g, w, b in zip(grids, weights, biases):
+            b = self._place(b) if b is not None else None
+            parts.append(QuantLinear.from_grid(*g, b, dense=w, dtype=self.dtype) if g is not None else self._linear(w, b))
+        return ConcatLinear(parts)
+
+    def _convert_layer(self, layer, index: int) -> _Layer:
         att, mlp = layer.self_attn, layer.mlp
         for name in ("q_norm", "k_norm"):
             if getattr(att, name, None) is not None:
                 raise ValueError("model: attention with q/k norms is not supported by tandem's runner")
-        qkv_w = torch.cat([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight], dim=0)
-        qkv_b = None
-        if att.q_proj.bias is not None:
-            qkv_b = torch.cat([att.q_proj.bias, att.k_proj.bias, att.v_proj.bias], dim=0)
-        gate_up_w = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight], dim=0)
+        prefix = f"model.layers.{index}"
         return _Layer(
             input_norm=self._place(layer.input_layernorm.weight),
             post_norm=self._place(layer.post_attention_layernorm.weight),
-            qkv=self._linear(qkv_w, qkv_b),
-            o=self._linear(att.o_proj.weight, att.o_proj.bias),
-            gate_up=self._linear(gate_up_w, None),
-            down=self._linear(mlp.down_proj.weight, None),
+            qkv=self._fused(prefix, ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], [att.q_proj, att.k_proj, att.v_proj]),
+            o=self._fused(prefix, ["self_attn.o_proj"], [att.o_proj]),
+            gate_up=self._fused(prefix, ["mlp.gate_proj", "mlp.up_proj"], [mlp.gate_proj, mlp.up_proj]),
+            down=self._fused(prefix, ["mlp.down_proj"], [mlp.down_proj]),
         )
 
     # ------------------------------------------------------------------ sequences

@@ -264,7 +264,10 @@ class LocalBackend:
         from tandem.deploy.models import ModelSpec, build_runner
 
         device = getattr(args, "device", "auto")  # tandem's runners; the transformers peers stay on the CPU
-        target = build_runner(ModelSpec(ref=args.target, dtype=dtype, device=device), model=hf_target)
+        from tandem.deploy.pack_grid import target_quantize
+
+        tq = target_quantize(args.target, getattr(args, "target_quantize", "none"))
+        target = build_runner(ModelSpec(ref=args.target, dtype=dtype, device=device, quantize=tq), model=hf_target)
         draft = build_runner(
             ModelSpec(ref=args.draft, dtype=dtype, device=device, quantize=_quant(args), exits=exits, exit_adapters=args.exit_adapters)
         )
@@ -312,9 +315,12 @@ class ActorBackend:
             ),
             threads=args.draft_threads,
         )
+        from tandem.deploy.pack_grid import target_quantize, with_pack_grid
+
+        tq = target_quantize(args.target, args.target_quantize) if args.shards == 1 else None
         tspec = TargetSpec(
             name="target",
-            load=ModelLoad(path=resolve_model_path(args.target), dtype=dtype),
+            load=ModelLoad(path=(with_pack_grid(resolve_model_path) if tq == "pack" else resolve_model_path)(args.target), dtype=dtype, quantize=tq),
             shards=args.shards,
             threads=args.target_threads,
         )
@@ -465,6 +471,7 @@ def main(args) -> int:
             "target": args.target,
             "draft": args.draft,
             "draft_quantize": args.draft_quantize,
+            "target_quantize": args.target_quantize,
             "dtype": dtype,
             "temperature": args.temperature,
             "via": via,

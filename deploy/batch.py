@@ -195,8 +195,12 @@ class GenerateRecords:
         from tandem.deploy.models import trained_exits_for
 
         t = next(t for t in self.cfg.targets if t.name == target)
-        path = self.resolve(t.model_ref) if self.resolve else t.model_ref
-        runner = ModelRunner(path, dtype=t.dtype)
+        from tandem.deploy.pack_grid import target_quantize, with_pack_grid
+
+        quantize = target_quantize(t.model_ref, t.quantize) if t.shards == 1 else None
+        resolve = with_pack_grid(self.resolve) if quantize == "pack" else self.resolve
+        path = resolve(t.model_ref) if resolve else t.model_ref
+        runner = ModelRunner(path, dtype=t.dtype, device=t.device, quantize=quantize)
         if self._draft is None:
             d = self.cfg.draft_pool
             self._draft = ModelLoad(

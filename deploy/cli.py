@@ -29,6 +29,10 @@ def _add_models(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     g.add_argument("--draft-quantize", default="int4", choices=["none", "int8", "int4"], help="weight-only draft quantization (CPU kernels)")
     g.add_argument(
+        "--target-quantize", default="auto", choices=["auto", "none", "int8", "int4", "pack"],
+        help="target weights: pack = a model pack at 4 bits from its own GGUF grid; auto = pack for packs (default)",
+    )
+    g.add_argument(
         "--device", default="auto",
         help='where tandem\'s runners run: auto (a GPU when one is visible, else the CPU), cpu, cuda or cuda:N',
     )
@@ -185,7 +189,9 @@ def cmd_generate(args) -> int:
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, **shaping)
     tokenizer = tokenizer_for(args.target)
     prompt_ids = encode_prompt(tokenizer, prompt=args.prompt, chat=not args.raw)
-    target = build_runner(ModelSpec(ref=args.target, dtype=args.dtype, device=args.device))
+    from tandem.deploy.pack_grid import target_quantize
+
+    target = build_runner(ModelSpec(ref=args.target, dtype=args.dtype, device=args.device, quantize=target_quantize(args.target, args.target_quantize)))
     draft = None
     if args.method != "ar":
         exits = tuple(int(e) for e in args.exits.split(",")) if args.exits else ()

@@ -166,6 +166,11 @@ class TargetConfig(_Strict):
     threads: int = Field(1, ge=1, description="torch threads per target actor")
     dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
     device: str = Field(DEVICE_DOC_DEFAULT, description=DEVICE_DOC)
+    quantize: Literal["auto", "none", "int8", "int4", "pack"] = Field(
+        "auto",
+        description='Target weights: "pack" serves a model pack at 4 bits from its own GGUF grid (CPU); '
+        '"auto": pack for packs, none otherwise; int8/int4 re-quantize; unsharded targets only',
+    )
     method: Method = Field("auto", description="Default speculation method for this target")
     max_draft_len: int = Field(8, ge=1, le=32, description="Upper bound of the draft length the router may pick")
     sorted_thresholds: list[float] = Field(
@@ -189,6 +194,8 @@ class TargetConfig(_Strict):
     @model_validator(mode="after")
     def _replica_bounds(self) -> "TargetConfig":
         _bounds(self.replicas, self.max_replicas)
+        if self.shards > 1 and self.quantize not in ("auto", "none"):
+            raise ValueError(f"quantize {self.quantize!r} needs an unsharded target (shards 1); pipeline stages run dense")
         return self
 
 

@@ -20,7 +20,7 @@ class ModelSpec:
     ref: str  # pack name, local folder or hub id
     dtype: str = "bfloat16"
     device: str = "auto"  # actors/devices.py
-    quantize: str | None = None  # drafts: None | "int8" | "int4"
+    quantize: str | None = None  # None | "int8" | "int4" | "pack" (deploy/pack_grid.target_quantize)
     exits: tuple[int, ...] = ()
     head_ids: tuple[int, ...] | None = None
     exit_adapters: str | None = None  # folder from `tandem train-exits`, or "auto"
@@ -65,8 +65,13 @@ def build_runner(spec: ModelSpec, *, model=None) -> ModelRunner:
     from tandem.actors.workers import ModelLoad
 
     parse_dtype(spec.dtype)  # clear error before any loading
+    resolve = resolve_model_path
+    if spec.quantize == "pack":
+        from tandem.deploy.pack_grid import with_pack_grid
+
+        resolve = with_pack_grid(resolve_model_path)
     load = ModelLoad(
-        path=resolve_model_path(spec.ref),
+        path=resolve(spec.ref),
         dtype=spec.dtype,
         device=spec.device,
         quantize=spec.quantize,

@@ -51,7 +51,7 @@ def pool_specs(cfg: TandemConfig, *, resolve=resolve_model_path) -> tuple[DraftP
     targets = [
         TargetSpec(
             name=t.name,
-            load=ModelLoad(path=t.model_ref, dtype=t.dtype, device=t.device, resolve=resolve),
+            load=_target_load(t, resolve),
             replicas=t.replicas,
             shards=t.shards,
             threads=t.threads,
@@ -60,6 +60,16 @@ def pool_specs(cfg: TandemConfig, *, resolve=resolve_model_path) -> tuple[DraftP
         for t in cfg.targets
     ]
     return draft, targets
+
+
+def _target_load(t, resolve) -> ModelLoad:
+    from tandem.deploy.pack_grid import target_quantize, with_pack_grid
+
+    quantize = target_quantize(t.model_ref, t.quantize) if t.shards == 1 else None
+    return ModelLoad(
+        path=t.model_ref, dtype=t.dtype, device=t.device, quantize=quantize,
+        resolve=with_pack_grid(resolve) if quantize == "pack" else resolve,
+    )
 
 
 @dataclass
@@ -108,7 +118,8 @@ def build_engine(cfg: TandemConfig, *, resolve=resolve_model_path) -> ActorEngin
     pools = {}
     for spec in target_specs:
         t1 = time.time()
-        say(f"loading target {spec.name!r}: {spec.load.path} x{spec.replicas}" + (f", {spec.shards} shards" if spec.shards > 1 else ""))
+        say(f"loading target {spec.name!r}: {spec.load.path} x{spec.replicas}" + (f", {spec.shards} shards" if spec.shards > 1 else "")
+            + (f" ({spec.load.quantize})" if spec.load.quantize else ""))
         pools[spec.name] = TargetPool(spec, timeout_s=timeout)
         say(f"target {spec.name!r} ready in {time.time() - t1:.0f}s")
     return ActorEngine(

@@ -205,3 +205,66 @@ def test_a_forgotten_device_fails_under_the_discipline(ref, runner_device):
     r = _ForgetfulRunner(path, dtype="float32", device=runner_device)
     with pytest.raises((RuntimeError, NotImplementedError)):
         r.extend(r.new_sequence(), tokens[:5])
+
+
+def _write_tiny_grid(src: str, dest) -> None:
+    """A copy of a tiny model whose linears sit on a group-32 4-bit grid, with the grid file
+    a pack gets (actors/kernels.py PackGrid format) for all of them but v_proj and the head
+    (as in the real 1.5B pack, where some are Q6_K): the runner then mixes grid int4, int8
+    and a ConcatLinear for q/k/v."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from tandem.actors.kernels import PACK_GRID_FILE
+    from tandem.deploy.pack_grid import pack_nibbles
+
+    shutil.copytree(src, dest)
+    weights_file = next(p for p in dest.glob("*.safetensors"))
+    weights = load_file(str(weights_file))
+    grid = {}
+    with torch.device("cpu"):
+        for name, w in list(weights.items()):
+            if not name.endswith("_proj.weight") or "v_proj" in name:
+                continue
+            out_f, in_f = w.shape
+            wg = w.float().view(out_f, in_f // 32, 32)
+            lo, hi = wg.amin(-1), wg.amax(-1)
+            scale = ((hi - lo) / 15).clamp(min=1e-8)
+            codes = torch.round((wg - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8)
+            weights[name] = (codes.float() * scale[..., None] + lo[..., None]).view(out_f, in_f).to(w.dtype)  # on the grid
+            base = name[: -len(".weight")]
+            grid[f"{base}.codes"] = torch.from_numpy(pack_nibbles(codes.view(out_f, in_f).numpy()))
+            grid[f"{base}.scale"] = scale.contiguous()
+            grid[f"{base}.min"] = (-lo).contiguous()
+    save_file(weights, str(weights_file), metadata={"format": "pt"})
+    save_file(grid, str(dest / PACK_GRID_FILE))
+
+
+def test_pack_grid_is_served_as_stored(tiny_service_models, tmp_path, runner_device):
+    """quantize="pack": each grid linear computes x @ W_grid^T (float32, to 1e-5) on the int4
+    kernel, the rest int8; greedy speculation over a pack target equals its own target-only
+    output (lossless w.r.t. the target as served). A folder without a grid is refused."""
+    from tandem.actors.kernels import ConcatLinear, QuantLinear
+    from tandem.actors.local import LocalEngine, ThreadSplit
+
+    folder = tmp_path / "packed"
+    _write_tiny_grid(tiny_service_models["small"], folder)
+    r = ModelRunner(str(folder), dtype="float32", quantize="pack", device=runner_device)
+    if runner_device != "cpu":
+        assert r.kernel == "dense"
+        return
+    assert r.kernel == "pack"
+    layer = r.layers[0]
+    assert isinstance(layer.qkv, ConcatLinear) and [p.kind for p in layer.qkv.parts] == ["int4", "int4", "int8"]
+    assert isinstance(layer.gate_up, QuantLinear) and layer.gate_up.kind == "int4" and r.head.kind == "int8"
+    for lin in (layer.o, layer.gate_up, layer.down, layer.qkv.parts[0]):
+        x = torch.randn(3, lin.weight.shape[1], device="cpu")
+        assert close(lin(x), x @ lin.weight.t() + (lin.bias if lin.bias is not None else 0), atol=1e-5)
+    draft = ModelRunner(tiny_service_models["draft"], dtype="float32", device=runner_device)
+    with LocalEngine(r, draft, threads=1, split=ThreadSplit(target=1, draft=1)) as eng:
+        ref = eng.generate([1, 2, 3], method="ar", max_new_tokens=24).tokens
+        for method in ("sd", "pearl"):
+            assert eng.generate([1, 2, 3], method=method, max_new_tokens=24, gamma=3).tokens == ref, method
+    with pytest.raises(ValueError, match="quantize: 'pack'.*grid_q4k"):
+        ModelRunner(tiny_service_models["small"], dtype="float32", quantize="pack", device=runner_device)

@@ -1,0 +1,55 @@
+"""The 1.5B pack served at 4 bits from its own GGUF grid (quantize "pack", issue 10):
+- the grid file reproduces the pack's de-quantized weights exactly (every Q4_K linear);
+- greedy speculation over the pack target (float32 activations, so the int4 kernel's
+  scales are exact) equals that target's own target-only output, token for token.
+Own module: its float32 runner must not share memory with test_qwen_greedy's."""
+
+from __future__ import annotations
+
+import glob
+
+import numpy as np
+import pytest
+
+from tandem.actors.local import LocalEngine, ThreadSplit
+from tandem.actors.runner import ModelRunner, generation_eos_ids
+from tests.e2e.conftest import TARGET, code_prompts
+
+pytestmark = pytest.mark.slow
+
+
+def test_grid_equals_the_converted_weights(pack_paths):
+    from safetensors import safe_open
+
+    from tandem.deploy.pack_grid import pack_grid_file, unpack_nibbles
+
+    grid = safe_open(str(pack_grid_file(TARGET)), "np")
+    where = {}
+    for f in glob.glob(f"{pack_paths['target']}/model*.safetensors"):
+        with safe_open(f, "np") as h:
+            where.update({k: f for k in h.keys()})
+    names = [k[: -len(".codes")] for k in grid.keys() if k.endswith(".codes")]
+    assert len(names) >= 150  # 168 of the 1.5B's 196 linears are Q4_K
+    for base in names[::12]:
+        codes = unpack_nibbles(grid.get_tensor(f"{base}.codes")).astype(np.float32)
+        scale, minimum = grid.get_tensor(f"{base}.scale"), grid.get_tensor(f"{base}.min")
+        w = (codes.reshape(codes.shape[0], -1, 32) * scale[..., None] - minimum[..., None]).reshape(codes.shape)
+        with safe_open(where[f"{base}.weight"], "np") as h:
+            assert np.array_equal(w, h.get_tensor(f"{base}.weight")), base
+
+
+def test_speculation_over_a_pack_target_equals_its_target_only_output(pack_paths, qwen_tokenizer):
+    from tandem.deploy.pack_grid import pack_grid_file
+
+    pack_grid_file(TARGET)
+    target = ModelRunner(pack_paths["target"], dtype="float32", quantize="pack")
+    draft = ModelRunner(pack_paths["draft"], dtype="float32", quantize="int4")
+    assert target.kernel == "pack"
+    prompt = qwen_tokenizer.apply_chat_template(code_prompts(1)[0], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    eos = generation_eos_ids(pack_paths["target"])
+    with LocalEngine(target, draft, threads=2, split=ThreadSplit(target=1, draft=1)) as engine:
+        ref = engine.generate(prompt, method="ar", max_new_tokens=32, stop_ids=eos).tokens
+        for method in ("sd", "pearl"):
+            out = engine.generate(prompt, method=method, max_new_tokens=32, stop_ids=eos, gamma=4)
+            assert out.tokens == ref, method
+            assert out.stats.mean_accepted_len > 1.5
