@@ -25,7 +25,7 @@ import torch
 from tandem.speculation.sampling import SamplingParams
 from tandem.speculation.stats import SpecStats
 
-BASELINES = ("hf-ar", "hf-assisted")
+BASELINES = ("hf-ar", "hf-assisted", "llama-cpp")  # llama-cpp: bench/llama_peer.py
 TANDEM_METHODS = ("ar", "sd", "sorted", "pearl", "spectr")
 DEFAULT_METHODS = "hf-ar,hf-assisted,ar,sd,sorted,pearl,spectr"
 
@@ -103,15 +103,27 @@ def machine_info(threads: int) -> dict:
     }
 
 
-def divergence_margin(hf_model, prompt_ids: Sequence[int], ref: Sequence[int], other: Sequence[int]) -> dict | None:
+def hf_last_logits(hf_model) -> Callable[[list[int]], torch.Tensor]:
+    def last(ids: list[int]) -> torch.Tensor:
+        with torch.inference_mode():
+            return hf_model(torch.tensor([ids])).logits[0, -1].float()
+
+    return last
+
+
+def runner_last_logits(runner) -> Callable[[list[int]], torch.Tensor]:
+    """The served target's own logits (a target served at 4 bits is another model than the
+    bf16 transformers one)."""
+    return lambda ids: runner.prefill(runner.new_sequence(len(ids) + 1), ids).float().cpu()
+
+
+def divergence_margin(last_logits: Callable[[list[int]], torch.Tensor], prompt_ids: Sequence[int], ref: Sequence[int], other: Sequence[int]) -> dict | None:
     """Top-1 minus top-2 target logit at the first position where `other` departs from
     `ref`, on ref's (the autoregressive) path. None when other is a prefix-equal output."""
     j = next((i for i, (a, b) in enumerate(zip(ref, other)) if a != b), None)
     if j is None:
         return None
-    ids = torch.tensor([list(prompt_ids) + list(ref[:j])])
-    with torch.inference_mode():
-        logits = hf_model(ids).logits[0, -1].float()
+    logits = last_logits(list(prompt_ids) + list(ref[:j]))
     top = torch.topk(logits, 2).values
     return {"position": j, "margin": round(float(top[0] - top[1]), 5)}
 
@@ -146,6 +158,24 @@ def run_baseline(name, *, hf_target, hf_draft, prompts_ids, max_new_tokens, samp
     return run
 
 
+def run_llama(*, binary, pack, prompts_ids, max_new_tokens, sampling, threads, progress) -> MethodRun:
+    """llama.cpp's llama-server on the pack's own GGUF (bench/llama_peer.py), greedy only."""
+    from tandem.bench.llama_peer import LlamaServer
+
+    if not sampling.greedy:
+        raise ValueError("methods: llama-cpp runs greedy only (temperature 0)")
+    run = MethodRun(method="llama-cpp")
+    with LlamaServer(binary, pack, threads=threads) as server:
+        server.generate(prompts_ids[0], max_new_tokens=16)  # warm-up
+        for ids in prompts_ids:
+            t0 = time.perf_counter()
+            run.outputs.append(server.generate(ids, max_new_tokens=max_new_tokens))
+            run.seconds.append(time.perf_counter() - t0)
+            progress("llama-cpp")
+    run.extra["weights"] = "the pack's GGUF as stored"
+    return run
+
+
 def run_tandem(name, *, generate: Callable, prompts_ids, max_new_tokens, sampling, progress) -> MethodRun:
     """`generate(ids, method, max_new_tokens, sampling) -> GenerationResult`."""
     run = MethodRun(method=name, stats=SpecStats())
@@ -167,9 +197,12 @@ def run_tandem(name, *, generate: Callable, prompts_ids, max_new_tokens, samplin
     return run
 
 
-def summarize(runs: list[MethodRun], *, hf_target, prompts_ids, sampling) -> list[dict]:
+def summarize(runs: list[MethodRun], *, last_logits, prompts_ids, sampling, reference: str = "hf-ar") -> list[dict]:
+    """reference: the run whose greedy output the others are compared with: hf-ar, or
+    tandem's own ar when the target is served differently from transformers (quantize
+    pack); last_logits gives that target's logits for the margins."""
     by_name = {r.method: r for r in runs}
-    ref = by_name.get("hf-ar")
+    ref = by_name.get(reference)
     base_tps = ref.tokens_per_s if ref else None
     assisted_tps = by_name["hf-assisted"].tokens_per_s if "hf-assisted" in by_name else None
     results = []
@@ -198,7 +231,7 @@ def summarize(runs: list[MethodRun], *, hf_target, prompts_ids, sampling) -> lis
                 if a == b:
                     equal += 1
                     continue
-                m = divergence_margin(hf_target, prompts_ids[i], a, b)
+                m = divergence_margin(last_logits, prompts_ids[i], a, b)
                 if m is None:  # one output is a prefix of the other (a stop token differs)
                     m = {"position": min(len(a), len(b)), "margin": None}
                 row["divergence_margins"].append({"prompt": i, **m})
@@ -272,6 +305,7 @@ class LocalBackend:
             ModelSpec(ref=args.draft, dtype=dtype, device=device, quantize=_quant(args), exits=exits, exit_adapters=args.exit_adapters)
         )
         self.draft_exits = draft.exits
+        self.target_runner = target
         self.engine = LocalEngine(target, draft, threads=threads)
 
     def generate(self, ids, method, max_new, sp, *, gamma, policy, k, stop_ids):
@@ -422,7 +456,14 @@ def main(args) -> int:
     runs: list[MethodRun] = []
     try:
         for method in methods:
-            if method in BASELINES:
+            if method == "llama-cpp":
+                from tandem.bench.llama_peer import llama_server_binary
+
+                run = run_llama(
+                    binary=llama_server_binary(getattr(args, "llama_server", None)), pack=args.target, prompts_ids=prompts_ids,
+                    max_new_tokens=args.max_new_tokens, sampling=sampling, threads=threads, progress=progress,
+                )
+            elif method in BASELINES:
                 run = run_baseline(
                     method,
                     hf_target=hf_target,
@@ -460,7 +501,16 @@ def main(args) -> int:
         if backend is not None:
             backend.close()
     torch.set_num_threads(threads)
-    results = summarize(runs, hf_target=hf_target, prompts_ids=prompts_ids, sampling=sampling)
+    from tandem.deploy.pack_grid import target_quantize
+
+    served_target = getattr(backend, "target_runner", None)
+    if target_quantize(args.target, args.target_quantize) == "pack" and any(r.method == "ar" for r in runs):
+        # the served target is not the bf16 model hf-ar runs: greedy output is compared with
+        # its own autoregressive output (margins from its logits in-process, else the bf16 model's)
+        last = runner_last_logits(served_target) if served_target is not None else hf_last_logits(hf_target)
+        results = summarize(runs, last_logits=last, prompts_ids=prompts_ids, sampling=sampling, reference="ar")
+    else:
+        results = summarize(runs, last_logits=hf_last_logits(hf_target), prompts_ids=prompts_ids, sampling=sampling)
     payload = {
         "results": results,
         "machine": machine_info(threads),
@@ -472,6 +522,7 @@ def main(args) -> int:
             "draft": args.draft,
             "draft_quantize": args.draft_quantize,
             "target_quantize": args.target_quantize,
+            "greedy_reference": "ar" if target_quantize(args.target, args.target_quantize) == "pack" else "hf-ar",
             "dtype": dtype,
             "temperature": args.temperature,
             "via": via,

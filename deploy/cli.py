@@ -110,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--method", default="auto", help="--via grpc: speculation method to compare with off")
     bench.add_argument("--warmup", type=int, default=6, help="--via grpc: warm-up requests per target")
     bench.add_argument("--concurrency", type=int, default=1, help="also measure aggregate tokens/s with C requests in flight")
+    bench.add_argument(
+        "--llama-server", default=None,
+        help="llama.cpp's llama-server binary for the llama-cpp peer method (default: $TANDEM_LLAMA_SERVER; bench/llama_peer.py)",
+    )
     bench.add_argument("--draft-threads", type=int, default=1, help="--via actors: torch threads of the draft actor")
     bench.add_argument("--target-threads", type=int, default=1, help="--via actors: torch threads of each target actor")
     bench.add_argument("--shards", type=int, default=1, help="--via actors: pipeline stages of the target")

@@ -109,10 +109,21 @@ def write_grid(gguf_path: Path, dest: Path) -> dict:
     return {"q4k_linears": len(tensors) // 3, "gguf_types": kinds}
 
 
+def join_pack_gguf(name: str, dest: Path) -> Path:
+    """The pack's GGUF parts joined into one file at `dest` (what llama.cpp and gguf-py read)."""
+    from tandem.deploy.packs import PACKS, pack_part_paths
+
+    with open(dest, "wb") as out:
+        for p in pack_part_paths(PACKS[name]):
+            with open(p, "rb") as src:
+                shutil.copyfileobj(src, out, 16 << 20)
+    return dest
+
+
 def pack_grid_file(name: str) -> Path:
     """The grid file of pack `name`, written on first use (joins the pack's parts into a
     temporary GGUF, reads it, deletes it: tens of seconds)."""
-    from tandem.deploy.packs import PACKS, _log, materialize_pack, pack_part_paths
+    from tandem.deploy.packs import _log, materialize_pack
 
     folder = materialize_pack(name)
     dest = folder / GRID_FILE
@@ -121,11 +132,7 @@ def pack_grid_file(name: str) -> Path:
     t0 = time.time()
     _log(f"extracting the 4-bit grid of {name} from its GGUF once")
     with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
-        joined = Path(tmp) / "model.gguf"
-        with open(joined, "wb") as out:
-            for p in pack_part_paths(PACKS[name]):
-                with open(p, "rb") as src:
-                    shutil.copyfileobj(src, out, 16 << 20)
+        joined = join_pack_gguf(name, Path(tmp) / "model.gguf")
         info = write_grid(joined, dest)
     _log(f"{name}: {info['q4k_linears']} Q4_K linears in {time.time() - t0:.0f}s ({info['gguf_types']})")
     return dest
