@@ -203,7 +203,7 @@ def summarize(runs: list[MethodRun], *, last_logits, prompts_ids, sampling, refe
     pack); last_logits gives that target's logits for the margins."""
     by_name = {r.method: r for r in runs}
     ref = by_name.get(reference)
-    base_tps = ref.tokens_per_s if ref else None
+    base_tps = by_name["hf-ar"].tokens_per_s if "hf-ar" in by_name else None
     assisted_tps = by_name["hf-assisted"].tokens_per_s if "hf-assisted" in by_name else None
     results = []
     for r in runs:
