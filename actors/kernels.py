@@ -81,9 +81,7 @@ class QuantLinear:
             lo, hi = wg.amin(-1), wg.amax(-1)  # [out, groups]
             scale = ((hi - lo) / 15).clamp(min=1e-8)
             q = torch.round((wg - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
-            zero = lo + 8 * scale  # the kernel computes (q - 8) * scale + zero
-            self.qweight = torch._convert_weight_to_int4pack_for_cpu(q.view(out_f, in_f), 1)
-            self.scales_zeros = torch.stack([scale.t(), zero.t()], dim=-1).to(dtype).contiguous()  # [groups, out, 2]
+            self._pack_int4(q.view(out_f, in_f), scale, -lo, dtype)
         else:
             raise ValueError(f"quantize must be 'int8' or 'int4', got {kind!r}")
 
@@ -102,10 +100,15 @@ class QuantLinear:
         self.dense = DenseLinear(dense.to(dtype), bias)
         self.bias = bias
         self.kind = "int4"
+        self._pack_int4(codes, scale, minimum, dtype)
+        return self
+
+    def _pack_int4(self, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, dtype: torch.dtype) -> None:
+        """The CPU kernel's operands for w = scale * q - minimum per group (codes [out, in]
+        in 0..15; scale, minimum [out, in / 32])."""
         self.qweight = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
         zero = 8 * scale.float() - minimum.float()  # the kernel computes (q - 8) * scale + zero
         self.scales_zeros = torch.stack([scale.float().t(), zero.t()], dim=-1).to(dtype).contiguous()  # [groups, out, 2]
-        return self
 
     @property
     def weight(self) -> torch.Tensor:
