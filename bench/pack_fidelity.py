@@ -2,8 +2,8 @@
 bf16, and what each costs per step.
 
 Fidelity: for each prompt, the bf16 model's greedy continuation (N tokens) is fed to both
-models in one teacher-forced forward; at every continuation position we compare the next-token
-distributions: top-1 agreement, and KL(p_bf16 || p_pack) in nats, averaged over positions
+models, one token at a time (as `ar` decodes); at every continuation position we compare the
+next-token distributions: top-1 agreement, and KL(p_bf16 || p_pack) in nats, averaged over positions
 (both in float32 from each model's logits). Step cost: median forward time for a block of
 k rows after the prompt, k = 1, 2, 4, 8 (the verification cost curve speculation pays).
 
@@ -73,15 +73,20 @@ def main(argv=None) -> int:
     per_file: dict[str, dict[str, list[float]]] = {}
     for i, (name, text) in enumerate(load_prompts(args.prompts.split(","), args.limit)):
         ids = encode_prompt(tok, prompt=text)
+        # p: the bf16 model's next-token distributions along its own greedy continuation;
+        # q: the pack's along the same tokens, fed one at a time as its `ar` is served (a
+        # block of more than QuantLinear.QUANT_MAX_ROWS rows - the prompt - runs the dense
+        # weight in both, so only decode positions tell the kernels apart)
         seq = dense.new_sequence(len(ids) + args.tokens + 1)
-        logits = dense.prefill(seq, ids)
+        step = [dense.prefill(seq, ids)]
         cont = []
         for _ in range(args.tokens):
-            cont.append(int(logits.argmax()))
-            logits = dense.extend(seq, cont[-1:], all_logits=False)[-1]
-        feed = ids + cont[:-1]
-        p = torch.log_softmax(dense.extend(dense.new_sequence(len(feed) + 1), feed)[len(ids) - 1 :].float(), -1)
-        q = torch.log_softmax(pack.extend(pack.new_sequence(len(feed) + 1), feed)[len(ids) - 1 :].float(), -1)
+            cont.append(int(step[-1].argmax()))
+            step.append(dense.extend(seq, cont[-1:], all_logits=False)[-1])
+        pseq = pack.new_sequence(len(ids) + args.tokens + 1)
+        qstep = [pack.prefill(pseq, ids)] + [pack.extend(pseq, [t], all_logits=False)[-1] for t in cont[:-1]]
+        p = torch.log_softmax(torch.stack(step[: args.tokens]).float(), -1)
+        q = torch.log_softmax(torch.stack(qstep).float(), -1)
         agree = (p.argmax(-1) == q.argmax(-1)).float().mean().item()
         kl = (p.exp() * (p - q)).sum(-1).mean().item()
         stats = per_file.setdefault(name, {"top1": [], "kl": []})
