@@ -17,14 +17,18 @@ from typing import Callable, Sequence
 
 import torch
 
+from tandem.actors.block_costs import measure_block_costs
 from tandem.actors.drafter import Drafter
 from tandem.actors.runner import ModelRunner
 from tandem.actors.speculative import GenerationResult, LocalSide, SpecConfig, run_request
 from tandem.actors.verifier import Verifier
+from tandem.speculation.goodput import GoodputPolicy, planned_draft_len
 from tandem.speculation.sampling import SamplingParams
 from tandem.speculation.sorted_policy import ExitPolicy
 
 DEFAULT_GAMMA = {"ar": 1, "sd": 6, "sorted": 6, "pearl": 8, "spectr": 4}
+PLANNED = ("sd", "sorted")  # methods whose default draft length is planned per target (draft_len)
+MAX_PLANNED_DRAFT_LEN = 8
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,8 @@ class LocalEngine:
         self.verifier = Verifier(target)
         self.drafter = Drafter(draft) if draft is not None else None
         self._split = split
+        self._planned_len = DEFAULT_GAMMA["sd"]
+        self._length_policy: GoodputPolicy | None = None
         self._sides: dict[str, tuple[LocalSide, LocalSide | None]] = {}
         self._ids = itertools.count()
 
@@ -87,6 +93,36 @@ class LocalEngine:
         if self._split is None:
             self._split = calibrate_split(self.target, self.draft, threads=self.threads)
         return self._split
+
+    def draft_len(self, method: str) -> int:
+        """The draft length of a request that names none. sd and sorted: planned for this
+        target and draft from the target's verification time per block size and the draft's
+        step, measured once on the sides' threads (actors/block_costs.py; a bf16 target
+        verifies 8 rows for about the price of one, a 4-bit one does not), with a prior
+        acceptance at first, then with the acceptance and times of this engine's own sd rounds
+        (the router's goodput model, speculation/goodput.py). PEARL: its thread split's window.
+        Others: DEFAULT_GAMMA."""
+        if method == "pearl":
+            return self.split.window
+        if method not in PLANNED or self.drafter is None:
+            return DEFAULT_GAMMA.get(method, 4)
+        policy = self.length_policy
+        full = self.draft.num_layers
+        if policy.arms[full].rounds >= policy.min_samples:
+            return policy.best_gamma(full)[0]
+        return self._planned_len
+
+    @property
+    def length_policy(self) -> GoodputPolicy:
+        if self._length_policy is None:
+            target, draft = self._pair("sequential")
+            costs = target.run(lambda: measure_block_costs(self.target, MAX_PLANNED_DRAFT_LEN + 1)).result()
+            step = draft.run(lambda: measure_block_costs(self.draft, 1)).result()[0]
+            self._planned_len = planned_draft_len(costs, step, max_draft_len=MAX_PLANNED_DRAFT_LEN)
+            self._length_policy = GoodputPolicy(
+                exits=(self.draft.num_layers,), max_draft_len=MAX_PLANNED_DRAFT_LEN, overlapped=False, block_costs=costs
+            )
+        return self._length_policy
 
     def close(self) -> None:
         for target, draft in self._sides.values():
@@ -121,8 +157,14 @@ class LocalEngine:
         sampling = sampling or SamplingParams()
         if method != "ar" and self.drafter is None:
             raise ValueError(f"method {method!r} needs a draft model; only 'ar' runs without one")
+        on_round = None
         if gamma is None:
-            gamma = self.split.window if method == "pearl" else DEFAULT_GAMMA.get(method, 4)
+            gamma = self.draft_len(method)
+            if method == "sd" and self._length_policy is not None:
+                policy_, full = self._length_policy, self.draft.num_layers
+                on_round = lambda info: policy_.observe_round(  # noqa: E731 - this engine's rounds teach its length
+                    exit=full, drafted=info["drafted"], accepted=info["accepted"], draft_s=info["draft_s"], verify_s=info["verify_s"]
+                )
         if method == "sorted" and policy is None:
             raise ValueError("method 'sorted' needs an exit policy (exits and thresholds)")
         spec = SpecConfig(method=method, gamma=gamma, policy=policy, k=k)
@@ -141,6 +183,7 @@ class LocalEngine:
             stop_ids=stop_ids,
             on_tokens=on_tokens,
             on_logprobs=on_logprobs,
+            on_round=on_round,
         )
 
 

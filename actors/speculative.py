@@ -64,6 +64,10 @@ class LocalSide:
     def call(self, method: str, /, *args: Any, **kwargs: Any) -> Future:
         return self._pool.submit(getattr(self.obj, method), *args, **kwargs)
 
+    def run(self, fn: Callable[[], Any]) -> Future:
+        """fn() on this side's thread (its torch threads and default device)."""
+        return self._pool.submit(fn)
+
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True)
 

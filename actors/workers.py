@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import torch
 
 from tandem.actors.batching import Cancellations, MicroBatcher
+from tandem.actors.block_costs import measure_block_costs
 from tandem.actors.devices import apply_default_device_env, assigned_resources
 from tandem.actors.drafter import DraftBlock, DraftBranches, Drafter
 from tandem.actors.runner import ModelRunner
@@ -219,6 +220,12 @@ class TargetWorker(_Worker):
             cancelled=self.cancelled,
         )
         self.stats = WorkerStats()
+
+    def block_costs(self, max_rows: int) -> list[float]:
+        """The target's forward time per verification block of 1..max_rows rows, measured on
+        its model thread (actors/block_costs.py); the router's goodput policy prices draft
+        lengths with it."""
+        return self.batcher.call(lambda: measure_block_costs(self.runner, max_rows)).result()
 
     def _verify_batch(self, items: list[tuple[str, DraftBlock | None, bool]]) -> list[VerifyOutcome | Exception]:
         # per-request failures come back in their slots; the batch itself never retries,

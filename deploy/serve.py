@@ -140,6 +140,13 @@ def build_routes(cfg: TandemConfig, engine: ActorEngine) -> dict[str, TargetRout
         pool = engine.targets[t.name]
         handle = pool.members[0].handle
         tokenizer, eos_ids = ray.get([handle.tokenizer.remote(), handle.eos_ids.remote()])
+        policy = None
+        if draft_exits:
+            # the target's verification cost per block size prices each draft length (goodput.py)
+            costs = ray.get(handle.block_costs.remote(t.max_draft_len + 1))
+            policy = GoodputPolicy(exits=draft_exits, max_draft_len=t.max_draft_len, overlapped=True, block_costs=costs)
+            log.info("target %s: verification ms per block of 1..%d rows: %s", t.name, len(costs),
+                     " ".join(f"{1000 * c:.0f}" for c in costs))
         sorted_policy = None
         if len(draft_exits) >= 2:
             thresholds = tuple(t.sorted_thresholds) or default_thresholds(engine.draft_pool.spec.load.exit_adapters, draft_exits)
@@ -157,7 +164,7 @@ def build_routes(cfg: TandemConfig, engine: ActorEngine) -> dict[str, TargetRout
             vocab_size=int(pool.info["vocab_size"]),
             default_method=t.method,
             max_draft_len=t.max_draft_len,
-            policy=GoodputPolicy(exits=draft_exits, max_draft_len=t.max_draft_len, overlapped=True) if draft_exits else None,
+            policy=policy,
             sorted_policy=sorted_policy,
             replicas=t.replicas,
             shards=t.shards,

@@ -374,7 +374,12 @@ class Router:
             trace.__enter__()
         tracing = trace.actor_tracing() if trace is not None else None  # None unless rounds are sampled
         state_key = self.new_state_key()
-        exit_depth = spec.policy.exits[-1] if spec.policy is not None and len(spec.policy.exits) == 1 else None
+        # the draft exit this request's rounds ran at, for the goodput policy: its single exit,
+        # or the full draft (explicit sd/pearl carry no exit policy, so the drafter runs it all)
+        if spec.policy is not None:
+            exit_depth = spec.policy.exits[-1] if len(spec.policy.exits) == 1 else None
+        else:
+            exit_depth = route.policy.exits[-1] if route.policy is not None and spec.method in ("sd", "pearl") else None
 
         def on_tokens(tokens: list[int]) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, ("tokens", list(tokens)))
@@ -394,7 +399,7 @@ class Router:
                     exits=info["exits"],
                     exit_seq=info.get("exit_seq"),
                 )
-            if route.policy is not None and spec.method in ("sd", "pearl", "ar"):
+            if route.policy is not None and (spec.method == "ar" or (spec.method in ("sd", "pearl") and exit_depth is not None)):
                 route.policy.observe_round(
                     exit=exit_depth if spec.method != "ar" else None,
                     drafted=info["drafted"],

@@ -8,8 +8,15 @@ Glossary
   exponential moving average per arm over observed rounds.
 - expected tokens per round with gamma drafts: E(gamma) = 1 + sum_{i<=gamma} prod_{j<=i} a_j
   (accepted drafts plus the one token the target always commits).
-- round time: sequential (sd) gamma * d + V; overlapped (pearl) max(gamma * d, V), with d the
-  draft step time of the arm and V the target's verification time.
+- round time: sequential (sd) gamma * d + V(gamma + 1); overlapped (pearl)
+  max(gamma * d, V(gamma + 1)), with d the draft step time of the arm and V(k) the target's
+  verification time for a block of k rows.
+- V(k) is measured live per block size. A block size not yet seen is predicted from the
+  nearest one seen (or the target-only step, k = 1), scaled by the target's cost curve
+  `block_costs` (its forward time per block size, measured once by the target actor,
+  actors/block_costs.py). On a GPU or a bf16 CPU target the curve is nearly flat, so longer
+  drafts are cheap; a 4-bit CPU kernel works in tiles of 4 rows (a block of 5-8 rows costs
+  about twice one of 1-4), and the draft length follows that step.
 - rate = E(gamma) / round time; speculation off has rate 1 / V_ar (one token per step).
 
 Exploration: each arm is tried `min_samples` times before it is trusted, and every
@@ -66,6 +73,32 @@ class ArmStats:
         return [(seen[i] if i < len(seen) else last) for i in range(gamma)]
 
 
+PRIOR_ACCEPTANCE = 0.8  # per-position acceptance assumed before any round of a request is seen
+
+
+def round_rate(acceptance: Sequence[float], *, draft_step_s: float, verify_s: float, overlapped: bool) -> float:
+    """Predicted tokens/s of rounds drafting len(acceptance) tokens: E / round time, the round
+    sequential (gamma d + V) or overlapped (max(gamma d, V))."""
+    gamma = len(acceptance)
+    t = max(gamma * draft_step_s, verify_s) if overlapped else gamma * draft_step_s + verify_s
+    return expected_tokens(acceptance) / t if t > 0 else 0.0
+
+
+def planned_draft_len(
+    block_costs: Sequence[float], draft_step_s: float, *, max_draft_len: int, acceptance: float = PRIOR_ACCEPTANCE,
+    overlapped: bool = False,
+) -> int:
+    """The draft length with the best predicted rate before live acceptance is known, from the
+    target's verification time per block size (block_costs[k - 1]: k rows) and the draft's step."""
+    longest = min(max_draft_len, len(block_costs) - 1)
+    if longest < 1:
+        raise ValueError(f"block_costs must cover at least 2 rows and max_draft_len be >= 1, got {len(block_costs)}, {max_draft_len}")
+    return max(
+        range(1, longest + 1),
+        key=lambda g: round_rate([acceptance] * g, draft_step_s=draft_step_s, verify_s=block_costs[g], overlapped=overlapped),
+    )
+
+
 def expected_tokens(acceptance: Sequence[float]) -> float:
     """E = 1 + sum_i prod_{j<=i} a_j: tokens committed per round."""
     total, reach = 1.0, 1.0
@@ -93,9 +126,10 @@ class GoodputPolicy:
         max_draft_len: int,
         overlapped: bool = True,
         alpha: float = 0.2,
-        prior_acceptance: float = 0.7,
+        prior_acceptance: float = PRIOR_ACCEPTANCE,
         min_samples: int = 3,
         explore_every: int = 8,
+        block_costs: Sequence[float] | None = None,
     ):
         if not exits:
             raise ValueError("exits must name at least one draft exit")
@@ -108,7 +142,11 @@ class GoodputPolicy:
         self.min_samples = min_samples
         self.explore_every = explore_every
         self.arms = {e: ArmStats(alpha=alpha) for e in self.exits}
-        self.verify_s = _Ema(alpha)  # one verification of a draft block
+        if block_costs is not None and (not block_costs or any(not c > 0 for c in block_costs)):
+            raise ValueError(f"block_costs must be positive forward times for blocks of 1, 2, ... rows, got {list(block_costs)}")
+        self.block_costs = tuple(float(c) for c in block_costs) if block_costs else None
+        self._alpha = alpha
+        self.verify_s: dict[int, _Ema] = {}  # rows of the verified block -> its verification time
         self.ar_step_s = _Ema(alpha)  # one target-only step
         self._choices = 0
         self._lock = threading.Lock()
@@ -116,24 +154,41 @@ class GoodputPolicy:
     # ------------------------------------------------------------------ observations
     def observe_round(self, *, exit: int | None, drafted: int, accepted: int, draft_s: float, verify_s: float) -> None:
         with self._lock:
-            if exit is None or drafted == 0:
+            if drafted == 0:  # a target-only step
                 self.ar_step_s.add(verify_s)
                 return
-            self.verify_s.add(verify_s)
-            if exit in self.arms:
-                self.arms[exit].observe(drafted=drafted, accepted=accepted, draft_s=draft_s)
+            if exit not in self.arms:  # a round drafted elsewhere (unknown exit): it prices nothing here
+                return
+            self.verify_s.setdefault(drafted + 1, _Ema(self._alpha)).add(verify_s)
+            self.arms[exit].observe(drafted=drafted, accepted=accepted, draft_s=draft_s)
 
     # ------------------------------------------------------------------ prediction
+    def _relative_cost(self, rows: int, base: int) -> float:
+        c = self.block_costs
+        if c is None:
+            return 1.0
+        return c[min(rows, len(c)) - 1] / c[min(base, len(c)) - 1]
+
+    def verify_time(self, rows: int) -> float | None:
+        """Predicted verification time of a block of `rows` rows (None when nothing is known)."""
+        seen = {k: e.value for k, e in self.verify_s.items() if e.value is not None}
+        if self.ar_step_s.value is not None:
+            seen.setdefault(1, self.ar_step_s.value)  # a target-only step is a block of one row
+        if not seen:
+            return None
+        if rows in seen:
+            return seen[rows]
+        near = min(seen, key=lambda k: (abs(k - rows), k))
+        return seen[near] * self._relative_cost(rows, near)
+
     def rate(self, exit: int, gamma: int) -> float:
         """Predicted tokens/s of an arm with gamma drafts (0.0 when nothing is known)."""
         arm = self.arms[exit]
         d = arm.draft_step_s.value
-        v = self.verify_s.value if self.verify_s.value is not None else self.ar_step_s.value
+        v = self.verify_time(gamma + 1)
         if d is None or v is None:
             return 0.0
-        e = expected_tokens(arm.acceptance(gamma, self.prior))
-        t = max(gamma * d, v) if self.overlapped else gamma * d + v
-        return e / t if t > 0 else 0.0
+        return round_rate(arm.acceptance(gamma, self.prior), draft_step_s=d, verify_s=v, overlapped=self.overlapped)
 
     def best_gamma(self, exit: int) -> tuple[int, float]:
         best = max(range(1, self.max_draft_len + 1), key=lambda g: self.rate(exit, g))
@@ -171,7 +226,8 @@ class GoodputPolicy:
     def snapshot(self) -> dict:
         with self._lock:
             return {
-                "verify_s": self.verify_s.value,
+                "verify_s": {k: e.value for k, e in sorted(self.verify_s.items())},
+                "block_costs": list(self.block_costs) if self.block_costs else None,
                 "ar_step_s": self.ar_step_s.value,
                 "arms": {
                     e: {

@@ -208,3 +208,27 @@ def test_worker_threads_inherit_the_discipline(runner_device):
     t.join()
     if runner_device == "cpu":
         assert plain == [torch.device("cpu")]
+
+
+def test_default_draft_length_is_planned_then_learned(tiny_paths, runner_device, discipline):
+    """A request naming no draft length gets one planned for this target and draft (measured
+    cost curve, prior acceptance), then learned from this engine's own sd rounds; greedy output
+    stays the target's own whatever the length. A request naming its length teaches nothing."""
+    target_path, draft_path = tiny_paths
+    with discipline(runner_device):
+        target = ModelRunner(target_path, dtype="float32", device=runner_device)
+        draft = ModelRunner(draft_path, dtype="float32", device=runner_device)
+        with LocalEngine(target, draft, threads=1, split=ThreadSplit(target=1, draft=1)) as eng:
+            ref = eng.generate([0, 1, 2], method="ar", max_new_tokens=30).tokens
+            assert eng._length_policy is None  # nothing measured for ar
+            first = eng.draft_len("sd")
+            policy = eng.length_policy
+            assert 1 <= first <= 8 and len(policy.block_costs) == 9
+            assert eng.generate([0, 1, 2], method="sd", max_new_tokens=30, gamma=2).tokens == ref
+            assert policy.arms[draft.num_layers].rounds == 0  # an explicit length is not observed
+            for _ in range(3):
+                out = eng.generate([0, 1, 2], method="sd", max_new_tokens=30)
+                assert out.tokens == ref
+            arm = policy.arms[draft.num_layers]
+            assert arm.rounds >= policy.min_samples and arm.draft_step_s.value > 0
+            assert eng.draft_len("sd") == policy.best_gamma(draft.num_layers)[0]

@@ -268,3 +268,20 @@ def test_pack_grid_is_served_as_stored(tiny_service_models, tmp_path, runner_dev
             assert eng.generate([1, 2, 3], method=method, max_new_tokens=24, gamma=3).tokens == ref, method
     with pytest.raises(ValueError, match="quantize: 'pack'.*grid_q4k"):
         ModelRunner(tiny_service_models["small"], dtype="float32", quantize="pack", device=runner_device)
+
+
+def test_block_costs_time_each_block_size(ref, runner_device):
+    """actors/block_costs.py: one positive time per block size, measured on the runner as it
+    serves (under the device discipline): a short context, a warm-up, each size `reps` times."""
+    from tandem.actors.block_costs import CONTEXT, measure_block_costs
+
+    path = ref[0]
+    r = ModelRunner(path, dtype="float32", device=runner_device)
+    calls = []
+    extend = r.extend
+    r.extend = lambda seq, tokens, **kw: (calls.append(len(tokens)), extend(seq, tokens, **kw))[1]
+    costs = measure_block_costs(r, 5, reps=2)
+    assert len(costs) == 5 and all(c > 0 for c in costs)
+    assert calls == [CONTEXT, 1] + [k for k in range(1, 6) for _ in range(2)]
+    with pytest.raises(ValueError, match="max_rows must be >= 1"):
+        measure_block_costs(r, 0)

@@ -103,3 +103,57 @@ def test_bad_arguments():
         GoodputPolicy(exits=(), max_draft_len=4)
     with pytest.raises(ValueError, match="max_draft_len"):
         GoodputPolicy(exits=(8,), max_draft_len=0)
+
+
+# A 4-bit CPU target's verification cost per block size (ms, k = 1..9 rows): the int4 kernel
+# works in tiles of 4 rows, so 5-8 rows cost about twice 1-4 (bench/results/pack_fidelity.json).
+TILED = [35, 40, 45, 49, 100, 105, 110, 115, 160]
+
+
+def fed_at_gamma_3(block_costs):
+    p = GoodputPolicy(exits=(24,), max_draft_len=8, overlapped=False, explore_every=0, block_costs=block_costs)
+    feed(p, exit=24, acceptance=1.0, draft_step=0.010, verify=0.049, gamma=3)  # blocks of 4 rows seen
+    warm(p, verify=0.035)
+    return p
+
+
+def test_draft_length_follows_the_targets_cost_curve():
+    flat, tiled = fed_at_gamma_3(None), fed_at_gamma_3(TILED)
+    # every draft accepted: E(g) = g + 1, so rate(g) = (g + 1) / (g d + V(g + 1)) in closed form
+    assert flat.rate(24, 8) == pytest.approx(9 / (0.08 + 0.049))  # unseen 9 rows: as the nearest seen (4)
+    assert tiled.rate(24, 8) == pytest.approx(9 / (0.08 + 0.049 * 160 / 49))  # scaled by the curve
+    assert tiled.rate(24, 3) == pytest.approx(4 / (0.03 + 0.049))  # seen: as measured
+    assert tiled.verify_time(1) == pytest.approx(0.035)  # a target-only step is a block of one row
+    assert flat.choose().gamma == 8  # negative control: without the curve, longer always looks cheap
+    assert tiled.choose().gamma == 3  # with it, the block stays within one 4-row tile
+
+
+def test_live_verification_times_override_the_curve():
+    p = fed_at_gamma_3(TILED)
+    feed(p, exit=24, acceptance=1.0, draft_step=0.010, verify=0.060, gamma=8)  # 9 rows measured cheap
+    assert p.verify_time(9) == pytest.approx(0.060)
+    assert p.verify_time(8) == pytest.approx(0.060 * 115 / 160)  # the nearest seen (9 rows), scaled
+    assert p.choose().gamma > 4  # a long draft measured cheap is chosen despite the prior
+    assert p.snapshot()["verify_s"] == {4: pytest.approx(0.049), 9: pytest.approx(0.060)}
+
+
+def test_block_costs_must_be_positive():
+    for bad in ([], [1.0, 0.0], [float("nan")]):
+        with pytest.raises(ValueError, match="block_costs must be positive"):
+            GoodputPolicy(exits=(24,), max_draft_len=4, block_costs=bad)
+
+
+def test_planned_draft_len_per_target():
+    from tandem.speculation.goodput import planned_draft_len, round_rate
+
+    flat = [0.107, 0.107, 0.108, 0.110, 0.120, 0.125, 0.130, 0.135, 0.138]  # bf16 1.5B (pack_fidelity.json)
+    tiled = [t / 1000 for t in TILED]  # the same model at 4 bits
+    draft = 0.013  # the 0.5B int4 draft's step
+    g_flat = planned_draft_len(flat, draft, max_draft_len=8, acceptance=0.9)
+    g_tiled = planned_draft_len(tiled, draft, max_draft_len=8, acceptance=0.9)
+    assert (g_flat, g_tiled) == (8, 3)  # the same draft and acceptance, a different target
+    rates = [round_rate([0.9] * g, draft_step_s=draft, verify_s=tiled[g], overlapped=False) for g in range(1, 9)]
+    assert g_tiled == 1 + rates.index(max(rates))
+    assert planned_draft_len(flat, draft, max_draft_len=2, acceptance=0.8) == 2  # the bound holds
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        planned_draft_len([0.1], draft, max_draft_len=4)

@@ -36,3 +36,39 @@ def test_sorted_without_exits_falls_back_to_sd_and_says_so_once(caplog):
             assert spec.method == "sd" and spec.policy is None and spec.gamma == 6 and choice is None
     warnings = [rec for rec in caplog.records if "no exit below its full depth" in rec.getMessage()]
     assert len(warnings) == 1 and "train-exits" in warnings[0].getMessage()
+
+
+def test_rounds_of_explicit_sd_price_the_full_draft_not_the_target_only_step():
+    """Issue 12: an explicit sd/pearl request carries no exit policy; its rounds (a draft
+    block verified) were recorded as target-only steps, skewing the on/off decision."""
+    import asyncio
+
+    from tandem.actors.speculative import GenerationResult
+    from tandem.speculation.goodput import GoodputPolicy
+    from tandem.speculation.stats import SpecStats
+
+    class Engine:  # one layer under test: the router; the engine reports two rounds
+        def generate(self, target, prompt, *, spec, on_round, on_tokens, **kw):
+            for i in range(2):
+                on_round({"index": i, "start_ns": 0, "end_ns": 1, "drafted": 4, "accepted": 3, "emitted": 4,
+                          "exits": [], "draft_s": 0.04, "verify_s": 0.5})
+                on_tokens([5, 6, 7, 8])
+            return GenerationResult(tokens=[5, 6, 7, 8] * 2, finish_reason="length", stats=SpecStats(), prompt_tokens=2)
+
+    class Tokenizer:
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(map(str, ids))
+
+    policy = GoodputPolicy(exits=(2, 4), max_draft_len=8)
+    rt = route(None)
+    rt.policy, rt.tokenizer = policy, Tokenizer()
+    r = Router(engine=Engine(), routes={"t": rt})
+    req = RouteRequest(request_id="r", target="t", prompt_ids=(1, 2), sampling=SamplingParams(), max_new_tokens=8, method="sd")
+
+    async def run():
+        return [d async for d in r.generate(req)]
+
+    asyncio.run(run())
+    assert policy.ar_step_s.value is None  # the bug: 0.5 s here as the target-only step
+    assert policy.arms[4].rounds == 2 and policy.arms[2].rounds == 0  # the full draft's arm
+    assert policy.verify_time(5) == 0.5

@@ -1,0 +1,41 @@
+"""A target's verification cost curve: the forward time of a block of k rows (k = 1..n) after
+a short context, measured on the runner as it serves (its device, kernels and threads).
+
+The goodput policy (speculation/goodput.py) uses it to predict the verification time of a draft
+length it has not tried yet. What it captures, measured here (bench/results/pack_fidelity.json):
+a bf16 target on the CPU, or any target on a GPU, costs about the same for 1 to 8 rows, so a
+longer draft is nearly free to verify; the 4-bit CPU kernel processes rows in tiles of 4, so a
+block of 5-8 rows costs about twice one of 1-4 (1.5B pack, 2 cores: 35/40/49/115 ms for
+1/2/4/8 rows), and a draft of 3 often pays better than 7.
+"""
+
+from __future__ import annotations
+
+import time
+
+CONTEXT = 32  # tokens before the measured blocks: a short prompt, so attention costs little
+
+
+def measure_block_costs(runner, max_rows: int, *, reps: int = 2) -> list[float]:
+    """Seconds of `runner.extend` for blocks of 1..max_rows rows with every row's logits (as a
+    verification needs them); the fastest of `reps` tries each, after one warm-up."""
+    if max_rows < 1:
+        raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+    ids = [(7 + 13 * i) % runner.vocab_size for i in range(CONTEXT + max_rows)]
+    seq = runner.new_sequence(CONTEXT + max_rows + 1)
+    try:
+        runner.prefill(seq, ids[:CONTEXT])
+        runner.extend(seq, ids[CONTEXT : CONTEXT + 1])  # warm-up
+        runner.rollback(seq, CONTEXT)
+        costs = []
+        for k in range(1, max_rows + 1):
+            best = float("inf")
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                runner.extend(seq, ids[CONTEXT : CONTEXT + k])
+                best = min(best, time.perf_counter() - t0)
+                runner.rollback(seq, CONTEXT)
+            costs.append(best)
+        return costs
+    finally:
+        runner.release(seq)
