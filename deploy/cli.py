@@ -423,11 +423,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("train-exits", "exit-report"):
-        # these own their flags (deploy/train_exits.py, deploy/exit_report.py)
+        # these own their flags (training/train_exits.py, training/exit_report.py)
         if argv[0] == "train-exits":
-            from tandem.deploy.train_exits import main as sub_main
+            from tandem.training.train_exits import main as sub_main
         else:
-            from tandem.deploy.exit_report import main as sub_main
+            from tandem.training.exit_report import main as sub_main
         return sub_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)

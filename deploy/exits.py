@@ -1,6 +1,6 @@
 """Where a draft's trained exits are found: the folder `tandem train-exits` writes by
 default ($TANDEM_CACHE/exits/<draft>). Light on purpose: serving imports this, never the
-trainer (deploy/train_exits.py).
+trainer (training/train_exits.py).
 """
 
 from __future__ import annotations

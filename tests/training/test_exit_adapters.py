@@ -99,7 +99,7 @@ def test_version_1_folder_still_loads(tiny, tmp_path):
 def test_runner_logits_match_training_forward(tiny, tmp_path, linear):
     """The training path (HF hidden states -> adapter -> shared norm -> head on S) and the
     runner's exit (forward_to_depth -> logits_at_exit) agree: what is trained is what drafts."""
-    from tandem.deploy.train_exits import Teacher
+    from tandem.training.train_exits import Teacher
 
     path, model = tiny
     ads = _random_adapters(32, seed=1, linear=linear)

@@ -68,7 +68,7 @@ def _argv(draft: str, out: Path, **overrides) -> list[str]:
 def _per_sequence_drop(draft: str, out: Path, argv: list[str]) -> dict[int, tuple[float, float, float]]:
     """Per exit: (mean per-sequence KL drop, its standard error, untrained mean KL)."""
     from tandem.actors.exit_adapters import load_exit_adapters
-    from tandem.deploy.train_exits import build_parser, config_from_args, validation_kl
+    from tandem.training.train_exits import build_parser, config_from_args, validation_kl
 
     cfg = config_from_args(build_parser().parse_args(argv), draft)
     ev_before, ev_after, n_seq = validation_kl(cfg, load_exit_adapters(out, torch.float32)[0])
@@ -83,7 +83,7 @@ def _drop_between(draft: str, argv: list[str], before: Path, after: Path) -> dic
     """Per exit: (mean per-sequence KL drop from adapters `before` to adapters `after`, its SE,
     the mean KL with `before`), on the validation split of argv's config."""
     from tandem.actors.exit_adapters import load_exit_adapters
-    from tandem.deploy.train_exits import build_parser, config_from_args, validation_kl
+    from tandem.training.train_exits import build_parser, config_from_args, validation_kl
 
     cfg = config_from_args(build_parser().parse_args(argv), draft)
     _, ev_a, n_seq = validation_kl(cfg, load_exit_adapters(before, torch.float32)[0])
@@ -100,7 +100,7 @@ def _passes(drop: float, se: float, base: float) -> bool:
 
 
 def test_training_lowers_validation_kl_and_control_does_not(tiny_draft, tmp_path):
-    from tandem.deploy.train_exits import main
+    from tandem.training.train_exits import main
 
     trained = tmp_path / "trained"
     argv = _argv(tiny_draft, trained, **{"--ridge-tokens": "0"})
@@ -120,7 +120,7 @@ def test_training_lowers_validation_kl_and_control_does_not(tiny_draft, tmp_path
 def test_linear_init_lowers_kl_and_training_from_it_ends_lower(tiny_draft, tmp_path):
     """The least-squares init alone (lr 0) lowers the KL; and the same training steps end
     lower from it than from the identity (what the init is for)."""
-    from tandem.deploy.train_exits import main
+    from tandem.training.train_exits import main
 
     init_only = tmp_path / "init"
     argv_i = _argv(tiny_draft, init_only, **{"--lr": "0"})
@@ -138,7 +138,7 @@ def test_linear_init_lowers_kl_and_training_from_it_ends_lower(tiny_draft, tmp_p
 
 def test_ridge_init_recovers_an_exact_linear_map():
     """With unit(h_L) an exact affine function of unit(h_k), the least-squares init is it."""
-    from tandem.deploy.train_exits import _unit, ridge_init
+    from tandem.training.train_exits import _unit, ridge_init
 
     H, N = 12, 64
     gen = torch.Generator().manual_seed(3)
@@ -168,13 +168,13 @@ def test_killed_run_resumes_from_its_checkpoint(tiny_draft, tmp_path):
     continues from the checkpoint's step (not 0), finishes, and ends with the same adapters
     as an uninterrupted run (data position, optimizer and RNG restored exactly)."""
     from tandem.actors.exit_adapters import load_exit_adapters
-    from tandem.deploy.train_exits import checkpoint_path, main
+    from tandem.training.train_exits import checkpoint_path, main
 
     steps = 40
     out = tmp_path / "killed"
     argv = _argv(tiny_draft, out, **{"--steps": steps, "--checkpoint-every": 4})
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "tandem.deploy.train_exits", *argv], cwd=REPO, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "tandem.training.train_exits", *argv], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = checkpoint_path(out)
     deadline = time.monotonic() + 120
@@ -213,7 +213,8 @@ def test_killed_run_resumes_from_its_checkpoint(tiny_draft, tmp_path):
 def test_token_stream_resumes_exactly(tiny_draft):
     from transformers import AutoTokenizer
 
-    from tandem.deploy.train_exits import DEFAULT_PROMPTS, DocRenderer, StreamState, TokenStream, collect_documents, split_documents
+    from tandem.training.data import DocRenderer, StreamState, TokenStream, collect_documents, split_documents
+    from tandem.training.train_exits import DEFAULT_PROMPTS
 
     tok = AutoTokenizer.from_pretrained(tiny_draft)
     train, val = split_documents(collect_documents(stdlib=None, prompts=DEFAULT_PROMPTS), 0.03)
@@ -228,7 +229,7 @@ def test_token_stream_resumes_exactly(tiny_draft):
 
 
 def test_head_ids_keep_specials_and_frequent_tokens():
-    from tandem.deploy.train_exits import choose_head_ids
+    from tandem.training.data import choose_head_ids
 
     counts = torch.zeros(100, dtype=torch.int64)
     counts[[50, 60, 70]] = torch.tensor([10, 8, 1])  # 70 seen once: not trusted as frequent
@@ -241,7 +242,7 @@ def test_head_ids_keep_specials_and_frequent_tokens():
 def test_replay_simulation_counts_rounds_exactly():
     """Hand-built replay: target 10 tokens; exit 1 matches at positions 0-2 and 5-9 with
     max probability 0.9, else mismatches with 0.2; exit 2 always matches."""
-    from tandem.deploy.exit_report import Replay, simulate
+    from tandem.training.exit_report import Replay, simulate
 
     target = torch.arange(10)
     good = torch.tensor([1, 1, 1, 0, 0, 1, 1, 1, 1, 1], dtype=torch.bool)
@@ -265,7 +266,7 @@ def test_ceiling_prices_the_full_drafts_acceptance_at_each_exits_cost():
     """Full draft (exit 2) matches all 10 target tokens: gamma 4 gives rounds at 0 and 5
     (4 accepted + bonus each): 2 rounds, 8 drafted. Time = 2 x 10 ms + 8 x cost per token:
     36 ms at the full draft's 2 ms, 28 ms at exit 1's 1 ms, 20 ms at no cost."""
-    from tandem.deploy.exit_report import Replay, ceiling
+    from tandem.training.exit_report import Replay, ceiling
 
     target = torch.arange(10)
     rp = Replay(target=target, tokens={1: target + 100, 2: target.clone()},
@@ -278,7 +279,7 @@ def test_ceiling_prices_the_full_drafts_acceptance_at_each_exits_cost():
 
 
 def test_report_markdown_and_plot(tmp_path):
-    from tandem.deploy.exit_report import plot, render_markdown
+    from tandem.training.exit_report import plot, render_markdown
 
     speed = {"tok_s": 5.0, "mean_accepted_len": 2.0, "greedy_equal": 3, "prompts": 3, "tokens": 10, "draft_ms_per_drafted": 3.0, "exits_used": {}}
     sim = {"mean_accepted_len": 2.0, "draft_ms_per_token": 2.0, "predicted_tok_s": 4.0, "rounds": 5, "emitted": 10, "drafted": 20}

@@ -14,7 +14,7 @@ from tests.training.tiny_exit_model import make_tiny_draft
 @pytest.mark.slow
 def test_ray_train_backend_writes_adapters(tmp_path, monkeypatch, ray_local):
     """On the suite's local Ray cluster (2 CPUs; run_ray uses the running cluster)."""
-    from tandem.deploy.train_exits import main
+    from tandem.training.train_exits import main
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     draft = make_tiny_draft(tmp_path / "draft")

@@ -86,8 +86,8 @@ def test_version_and_one_flag_name_per_concept(capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("tandem 0.") and "ray 2." in out and out.strip() == version_string()
-    from tandem.deploy.exit_report import build_parser as report_parser
-    from tandem.deploy.train_exits import build_parser as train_parser
+    from tandem.training.exit_report import build_parser as report_parser
+    from tandem.training.train_exits import build_parser as train_parser
 
     parser = build_parser()
     subs = dict(next(a for a in parser._actions if a.dest == "command").choices)

@@ -10,7 +10,7 @@ import sys
 CHECK = """
 import sys
 {imports}
-print(",".join(sorted(m for m in sys.modules if m in ("tandem.deploy.train_exits", "tandem.deploy.exit_report"))))
+print(",".join(sorted(m for m in sys.modules if m.startswith("tandem.training"))))
 """
 
 
@@ -21,8 +21,9 @@ def loaded(imports: str) -> str:
 
 
 def test_serving_does_not_import_training():
-    assert loaded("import tandem.deploy.serve, deploy.models, deploy.exits, services.router, actors.engine") == ""
-    assert loaded("from tandem.deploy.train_exits import main") == "tandem.deploy.train_exits"
+    serving = "import tandem.deploy.serve, tandem.deploy.models, tandem.deploy.exits, tandem.services.router, tandem.actors.engine"
+    assert loaded(serving) == ""
+    assert loaded("from tandem.training.train_exits import main") == "tandem.training,tandem.training.data,tandem.training.train_exits"
 
 
 def test_light_exit_lookup_names_the_same_manifest_as_the_adapters():

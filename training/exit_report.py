@@ -1,5 +1,8 @@
 """`tandem exit-report`: what trained exits buy, per exit and per target.
 
+Why one module of ~580 lines: one report, from replay to rendered markdown and plot; it is
+a command beside the trainer, never imported by serving.
+
 Glossary
 - draft variants: *before* = the bare exits of the draft (first k layers, the shared final
   norm and the full LM head: what S2D gets untrained); *after* = the trained exit adapters
