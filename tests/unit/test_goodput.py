@@ -157,3 +157,18 @@ def test_planned_draft_len_per_target():
     assert planned_draft_len(flat, draft, max_draft_len=2, acceptance=0.8) == 2  # the bound holds
     with pytest.raises(ValueError, match="at least 2 rows"):
         planned_draft_len([0.1], draft, max_draft_len=4)
+
+
+def test_pearl_window_follows_the_cost_curve():
+    from tandem.actors.local import MAX_WINDOW, pearl_window
+
+    tiles = [1 + k // 4 for k in range(MAX_WINDOW + 1)]  # rows 1-4: 1, 5-8: 2, ...
+    flat = [1.0] * (MAX_WINDOW + 1)
+    # the 1.5B pack at one thread: a 9-row probe of 0.3 s, a 0.5B draft step of 0.03 s
+    w_flat, _ = pearl_window(flat, probe_rows=9, probe_s=0.3, draft_step_s=0.03)
+    w_tiles, r_tiles = pearl_window(tiles, probe_rows=9, probe_s=0.3, draft_step_s=0.03)
+    assert w_flat == 10  # negative control: a flat curve drafts for as long as the probe takes
+    assert (w_tiles + 1) % 4 == 0  # a tiled one stops at a tile's end
+    assert r_tiles == pytest.approx(max(
+        expected_tokens([0.8] * w) / max(w * 0.03, 0.3 * tiles[w] / tiles[8]) for w in range(2, MAX_WINDOW + 1)
+    ))

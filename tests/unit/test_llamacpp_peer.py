@@ -1,6 +1,6 @@
 """llama.cpp as a benchmark peer (bench/llama_peer.py): which binary, refusals that name the
 field, the methods' names, and the llamacpp-ar ratio column. A real llama-server run on a pack
-is in tests/e2e/test_llamacpp_peer.py (skipped where no llama-server was built)."""
+is in tests/e2e/test_qwen_llamacpp.py (skipped where no llama-server was built)."""
 
 from __future__ import annotations
 
