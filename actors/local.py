@@ -77,6 +77,7 @@ class LocalEngine:
         self._split = split
         self._planned_len = DEFAULT_GAMMA["sd"]
         self._length_policy: GoodputPolicy | None = None
+        self._block_costs: list[float] | None = None
         self._sides: dict[str, tuple[LocalSide, LocalSide | None]] = {}
         self._ids = itertools.count()
 
@@ -96,8 +97,17 @@ class LocalEngine:
     @property
     def split(self) -> ThreadSplit:
         if self._split is None:
-            self._split = calibrate_split(self.target, self.draft, threads=self.threads)
+            self._split = calibrate_split(self.target, self.draft, threads=self.threads, curve=self.block_costs)
         return self._split
+
+    def block_costs(self) -> list[float]:
+        """The target's verification time per block of 1..MAX_WINDOW + 1 rows (actors/
+        block_costs.py), measured once on the target side's thread; the planned sd length and
+        PEARL's window both price with it."""
+        if self._block_costs is None:
+            target, _ = self._pair("sequential")
+            self._block_costs = target.run(lambda: measure_block_costs(self.target, MAX_WINDOW + 1)).result()
+        return self._block_costs
 
     def draft_len(self, method: str) -> int:
         """The draft length of a request that names none. sd and sorted: planned for this
@@ -120,8 +130,8 @@ class LocalEngine:
     @property
     def length_policy(self) -> GoodputPolicy:
         if self._length_policy is None:
-            target, draft = self._pair("sequential")
-            costs = target.run(lambda: measure_block_costs(self.target, MAX_PLANNED_DRAFT_LEN + 1)).result()
+            _, draft = self._pair("sequential")
+            costs = self.block_costs()[: MAX_PLANNED_DRAFT_LEN + 1]
             step = draft.run(lambda: measure_block_costs(self.draft, 1)).result()[0]
             self._planned_len = planned_draft_len(costs, step, max_draft_len=MAX_PLANNED_DRAFT_LEN)
             self._length_policy = GoodputPolicy(
@@ -208,25 +218,21 @@ def check_context(runner: ModelRunner, prompt_len: int, max_new_tokens: int, *, 
 
 
 def calibrate_split(
-    target: ModelRunner, draft: ModelRunner | None, *, threads: int, probe_tokens: int = 9, reps: int = 3
+    target: ModelRunner, draft: ModelRunner | None, *, threads: int, curve: Callable[[], Sequence[float]],
+    probe_tokens: int = 9, reps: int = 3,
 ) -> ThreadSplit:
     """Measure each split (t target threads, threads - t draft threads) with both sides busy
     at once, as in PEARL, and keep the best predicted rate with the best window for it:
     rate(w) = E(w) / max(w * draft step, V(w + 1)) at the prior acceptance
     (speculation/goodput.py round_rate), where V(k), the verification of k rows, is the probe
-    measured under the split scaled by the target's cost curve per block size
-    (actors/block_costs.py): a 4-bit CPU target verifies in tiles of 4 rows, so its window
+    measured under the split scaled by `curve()`, the target's cost per block size
+    (actors/block_costs.py; called only when there is a split to choose): a 4-bit CPU target verifies in tiles of 4 rows, so its window
     stops at a tile's end instead of wherever the probe's time ran out."""
     if draft is None or threads < 2:
         return ThreadSplit(target=max(threads, 1), draft=max(threads, 1))
     from concurrent.futures import ThreadPoolExecutor
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)  # the curve is a ratio per block size: measured with every thread
-    try:
-        curve = measure_block_costs(target, MAX_WINDOW + 1)
-    finally:
-        torch.set_num_threads(before)
+    costs = curve()  # the target's time per block of 1..MAX_WINDOW + 1 rows (only its ratios count)
     prompt = list(range(10, 74))
     best: ThreadSplit | None = None
     best_rate = -1.0
@@ -235,12 +241,13 @@ def calibrate_split(
 
         def timed(runner: ModelRunner, n_threads: int, n_tokens: int) -> float:
             torch.set_num_threads(n_threads)
-            seq = runner.new_sequence(len(prompt) + 32)
-            runner.extend(seq, prompt, all_logits=False)
+            ids = [t % runner.vocab_size for t in prompt]  # any vocabulary, down to a tiny test model's
+            seq = runner.new_sequence(len(ids) + 32)
+            runner.extend(seq, ids, all_logits=False)
             times = []
             for _ in range(reps + 1):
                 t0 = time.perf_counter()
-                runner.extend(seq, list(range(1, n_tokens + 1)), all_logits=True)
+                runner.extend(seq, [t % runner.vocab_size for t in range(1, n_tokens + 1)], all_logits=True)
                 times.append(time.perf_counter() - t0)
                 runner.rollback(seq, len(prompt))
             return sorted(times[1:])[len(times[1:]) // 2]
@@ -249,7 +256,7 @@ def calibrate_split(
             ft = pool.submit(timed, target, t_threads, probe_tokens)
             fd = pool.submit(timed, draft, d_threads, 1)
             v, d = ft.result(), fd.result()
-        window, rate = pearl_window(curve, probe_rows=probe_tokens, probe_s=v, draft_step_s=d)
+        window, rate = pearl_window(costs, probe_rows=probe_tokens, probe_s=v, draft_step_s=d)
         split = ThreadSplit(target=t_threads, draft=d_threads, target_step_s=v, draft_step_s=d, window_len=window)
         if rate > best_rate:
             best, best_rate = split, rate

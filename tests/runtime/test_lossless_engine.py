@@ -232,3 +232,19 @@ def test_default_draft_length_is_planned_then_learned(tiny_paths, runner_device,
             arm = policy.arms[draft.num_layers]
             assert arm.rounds >= policy.min_samples and arm.draft_step_s.value > 0
             assert eng.draft_len("sd") == policy.best_gamma(draft.num_layers)[0]
+
+
+def test_calibrated_split_and_planned_length_share_one_cost_curve(tiny_paths, runner_device, discipline):
+    from tandem.actors.local import MAX_WINDOW
+
+    target_path, draft_path = tiny_paths
+    with discipline(runner_device):
+        target = ModelRunner(target_path, dtype="float32", device=runner_device)
+        draft = ModelRunner(draft_path, dtype="float32", device=runner_device)
+        with LocalEngine(target, draft, threads=2) as eng:  # no split given: calibrated
+            ref = eng.generate([0, 1, 2], method="ar", max_new_tokens=20).tokens
+            assert eng.generate([0, 1, 2], method="pearl", max_new_tokens=20).tokens == ref
+            curve = eng.block_costs()
+            assert len(curve) == MAX_WINDOW + 1 and 2 <= eng.split.window <= MAX_WINDOW
+            eng.draft_len("sd")
+            assert eng.block_costs() is curve and list(eng.length_policy.block_costs) == curve[:9]  # measured once
