@@ -1,7 +1,7 @@
 """Draft side: proposes blocks of draft tokens for many requests on one draft model.
 
 Glossary
-- block: the gamma draft tokens proposed in one call, with the draft's distribution q at
+- block: the draft_len draft tokens proposed in one call, with the draft's distribution q at
   each position (sparse and exact, or None when the request is greedy) and the exit that
   emitted each token.
 - sorted drafting (S2D, Kavehzadeh et al., arXiv 2407.01955): for each token run the draft's
@@ -45,7 +45,7 @@ SPARSE_Q_TOP = 64  # entries of q shipped per draft token (exact: the draft samp
 
 @dataclass(frozen=True)
 class DraftBlock:
-    """gamma draft tokens continuing a given sequence."""
+    """draft_len draft tokens continuing a given sequence."""
 
     tokens: list[int]
     q: list[SparseDist] | None  # None: greedy request (q is one-hot on `tokens`)
@@ -177,9 +177,9 @@ class Drafter:
 
     # ------------------------------------------------------------------ public
     def draft(
-        self, request_id: str, sequence: Sequence[int], *, gamma: int, policy: ExitPolicy | None = None
+        self, request_id: str, sequence: Sequence[int], *, draft_len: int, policy: ExitPolicy | None = None
     ) -> DraftBlock:
-        """Propose `gamma` tokens continuing `sequence` (committed tokens, possibly plus an
+        """Propose `draft_len` tokens continuing `sequence` (committed tokens, possibly plus an
         unverified block)."""
         t0 = time.perf_counter()
         req = self._request(request_id)
@@ -190,7 +190,7 @@ class Drafter:
         qs: list[SparseDist] = []
         exits: list[int] = []
         history = _history(req, sequence)
-        for _ in range(gamma):
+        for _ in range(draft_len):
             token, q, exit_depth = self._step(req, feed, policy, history)
             if history:
                 history.append(token)
@@ -216,7 +216,7 @@ class Drafter:
                 groups.setdefault(policy.exits[0], []).append(i)
             else:
                 try:
-                    results[i] = self.draft(c["request_id"], c["sequence"], gamma=c["gamma"], policy=policy)
+                    results[i] = self.draft(c["request_id"], c["sequence"], draft_len=c["draft_len"], policy=policy)
                 except Exception as exc:  # noqa: BLE001 - reported to that caller only
                     results[i] = exc
         for depth, idxs in groups.items():
@@ -232,7 +232,7 @@ class Drafter:
         t0 = time.perf_counter()
         self.check_policy(ExitPolicy.single(depth))
         reqs = [self._request(c["request_id"]) for c in calls]
-        remaining = [int(c["gamma"]) for c in calls]
+        remaining = [int(c["draft_len"]) for c in calls]
         feeds: list[list[int]] = []
         failed: dict[int, Exception] = {}
         for i, (req, c) in enumerate(zip(reqs, calls)):
@@ -267,8 +267,8 @@ class Drafter:
             for i in range(len(calls))
         ]
 
-    def draft_branches(self, request_id: str, sequence: Sequence[int], *, gamma: int, k: int) -> DraftBranches:
-        """k sequences of gamma tokens continuing `sequence`, drafted as one batch of k rows
+    def draft_branches(self, request_id: str, sequence: Sequence[int], *, draft_len: int, k: int) -> DraftBranches:
+        """k sequences of draft_len tokens continuing `sequence`, drafted as one batch of k rows
         (on a memory-bound CPU or GPU, k rows cost about one). The full draft depth is used."""
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
@@ -297,7 +297,7 @@ class Drafter:
                 qs[b].append(q)
         for b in range(k):
             branches[b].append(firsts[b])
-        for _ in range(gamma - 1):
+        for _ in range(draft_len - 1):
             rows = runner.extend_batch(branch_seqs, [[br[-1]] for br in branches], all_logits=False)
             for b in range(k):
                 token, q = self._emit(req, rows[b][-1], depth, history + branches[b] if history else ())

@@ -36,7 +36,7 @@ MAX_WINDOW = 16  # longest PEARL window calibrate_split considers
 class ThreadSplit:
     target: int
     draft: int
-    target_step_s: float = 0.0  # measured verify forward (gamma + 1 tokens) with both busy
+    target_step_s: float = 0.0  # measured verify forward (draft_len + 1 tokens) with both busy
     draft_step_s: float = 0.0  # measured one-token draft step with both busy
     window_len: int | None = None  # calibrate_split's choice, priced with the target's cost curve
 
@@ -109,7 +109,7 @@ class LocalEngine:
             self._block_costs = target.run(lambda: measure_block_costs(self.target, MAX_WINDOW + 1)).result()
         return self._block_costs
 
-    def draft_len(self, method: str) -> int:
+    def default_draft_len(self, method: str) -> int:
         """The draft length of a request that names none. sd and sorted: planned for this
         target and draft from the target's verification time per block size and the draft's
         step, measured once on the sides' threads (actors/block_costs.py; a bf16 target
@@ -124,7 +124,7 @@ class LocalEngine:
         policy = self.length_policy
         full = self.draft.num_layers
         if policy.arms[full].rounds >= policy.min_samples:
-            return policy.best_gamma(full)[0]
+            return policy.best_draft_len(full)[0]
         return self._planned_len
 
     @property
@@ -160,7 +160,7 @@ class LocalEngine:
         method: str = "sd",
         sampling: SamplingParams | None = None,
         max_new_tokens: int = 128,
-        gamma: int | None = None,
+        draft_len: int | None = None,
         policy: ExitPolicy | None = None,
         k: int = 2,
         stop_ids: Sequence[int] = (),
@@ -173,8 +173,8 @@ class LocalEngine:
         if method != "ar" and self.drafter is None:
             raise ValueError(f"method {method!r} needs a draft model; only 'ar' runs without one")
         on_round = None
-        if gamma is None:
-            gamma = self.draft_len(method)
+        if draft_len is None:
+            draft_len = self.default_draft_len(method)
             if method == "sd" and self._length_policy is not None:
                 policy_, full = self._length_policy, self.draft.num_layers
                 on_round = lambda info: policy_.observe_round(  # noqa: E731 - this engine's rounds teach its length
@@ -182,10 +182,10 @@ class LocalEngine:
                 )
         if method == "sorted" and policy is None:
             raise ValueError("method 'sorted' needs an exit policy (exits and thresholds)")
-        spec = SpecConfig(method=method, gamma=gamma, policy=policy, k=k)
+        spec = SpecConfig(method=method, draft_len=draft_len, policy=policy, k=k)
         if policy is not None and self.drafter is not None:
             self.drafter.check_policy(policy)
-        check_context(self.target, len(prompt), max_new_tokens, extra=gamma + 1)
+        check_context(self.target, len(prompt), max_new_tokens, extra=draft_len + 1)
         target, draft = self._pair("parallel" if method == "pearl" else "sequential")
         return run_request(
             draft=draft,

@@ -4,7 +4,7 @@ Glossary
 - round: one verification (and, for PEARL, the drafting that overlaps it).
 - method:
   - ``ar``: target only, one token per forward.
-  - ``sd``: standard speculative decoding: draft gamma tokens, then verify them (+ bonus).
+  - ``sd``: standard speculative decoding: draft `draft_len` tokens, then verify them (+ bonus).
   - ``sorted``: sd with S2D sorted drafting (several exits of one draft, per-target
     thresholds; arXiv 2407.01955).
   - ``pearl``: PEARL (arXiv 2408.11850): while the target verifies block i, the draft
@@ -106,7 +106,7 @@ class SpecConfig:
     """How one request speculates."""
 
     method: str = "sd"
-    gamma: int = 4  # draft tokens per round (PEARL: the window)
+    draft_len: int = 4  # draft tokens per round (PEARL: the window)
     policy: ExitPolicy | None = None  # exits and thresholds (None: the draft's full depth)
     k: int = 2  # SpecTr branches
     pre_verify: bool = True  # PEARL: a 1-token block after a rejection
@@ -114,8 +114,8 @@ class SpecConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if isinstance(self.gamma, bool) or not isinstance(self.gamma, int) or not 1 <= self.gamma <= 64:
-            raise ValueError(f"gamma must be an integer in [1, 64], got {self.gamma!r}")
+        if isinstance(self.draft_len, bool) or not isinstance(self.draft_len, int) or not 1 <= self.draft_len <= 64:
+            raise ValueError(f"draft_len must be an integer in [1, 64], got {self.draft_len!r}")
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
             raise ValueError(f"k must be an integer >= 1, got {self.k!r}")
         if self.k > 16:
@@ -242,7 +242,7 @@ def run_request(
     )
     prompt_len = len(progress.prompt) if prompt_len is None else int(prompt_len)
     use_draft = spec.method != "ar" and draft is not None
-    capacity = len(prompt) + max_new_tokens + 2 * spec.gamma + 8
+    capacity = len(prompt) + max_new_tokens + 2 * spec.draft_len + 8
     draft_open = None
     try:
         if use_draft:
@@ -360,11 +360,11 @@ def _loop_sd(*, draft, target, request_id, spec, progress, stats, result, should
     """ar / sd / sorted: draft a block, then verify it; strictly one after the other."""
     while not _stop_requested(progress, should_stop):
         t_round = time.perf_counter()
-        gamma = min(spec.gamma, max(progress.remaining - 1, 0))
+        draft_len = min(spec.draft_len, max(progress.remaining - 1, 0))
         block = None
-        if draft is not None and gamma > 0:
+        if draft is not None and draft_len > 0:
             block = _draft_or_none(
-                draft.call("draft", request_id, progress.committed, gamma=gamma, policy=spec.policy), result
+                draft.call("draft", request_id, progress.committed, draft_len=draft_len, policy=spec.policy), result
             )
             if block is None:
                 draft = None  # the draft died: target-only from here, nothing lost
@@ -381,11 +381,11 @@ def _loop_spectr(*, draft, target, request_id, spec, progress, stats, result, sh
     """SpecTr: k branches drafted as one batch, verified as one batch."""
     while not _stop_requested(progress, should_stop):
         t_round = time.perf_counter()
-        gamma = min(spec.gamma, max(progress.remaining - 1, 0))
+        draft_len = min(spec.draft_len, max(progress.remaining - 1, 0))
         branches = None
-        if draft is not None and gamma > 0:
+        if draft is not None and draft_len > 0:
             branches = _draft_or_none(
-                draft.call("draft_branches", request_id, progress.committed, gamma=gamma, k=spec.k), result
+                draft.call("draft_branches", request_id, progress.committed, draft_len=draft_len, k=spec.k), result
             )
             if branches is None:
                 draft = None
@@ -405,7 +405,7 @@ def _loop_pearl(*, draft, target, request_id, spec, progress, stats, result, sho
     """PEARL: verification of block i overlaps drafting of block i + 1 (post-verify); after
     a rejection the next block is one token long (pre-verify)."""
     block = None  # drafted, not yet verified; continues progress.committed
-    next_gamma = 1 if spec.pre_verify else spec.gamma
+    next_draft_len = 1 if spec.pre_verify else spec.draft_len
     while not _stop_requested(progress, should_stop):
         t_round = time.perf_counter()
         if draft is None:
@@ -416,8 +416,8 @@ def _loop_pearl(*, draft, target, request_id, spec, progress, stats, result, sho
             continue
         sequential_draft_s = 0.0
         if block is None:  # nothing in flight: draft the first block of a run
-            gamma = max(1, min(next_gamma, progress.remaining))
-            block = _draft_or_none(draft.call("draft", request_id, progress.committed, gamma=gamma, policy=spec.policy), result)
+            draft_len = max(1, min(next_draft_len, progress.remaining))
+            block = _draft_or_none(draft.call("draft", request_id, progress.committed, draft_len=draft_len, policy=spec.policy), result)
             if block is None:
                 draft = None
                 continue
@@ -429,7 +429,7 @@ def _loop_pearl(*, draft, target, request_id, spec, progress, stats, result, sho
         d_fut = None
         if ahead > 0:
             assumed = progress.committed + block.tokens
-            d_fut = draft.call("draft", request_id, assumed, gamma=min(spec.gamma, ahead), policy=spec.policy)
+            d_fut = draft.call("draft", request_id, assumed, draft_len=min(spec.draft_len, ahead), policy=spec.policy)
         outcome = v_fut.result()
         nxt = _draft_or_none(d_fut, result)
         if d_fut is not None and nxt is None:
@@ -448,4 +448,4 @@ def _loop_pearl(*, draft, target, request_id, spec, progress, stats, result, sho
             # Rejected (the block drafted ahead is void), or nothing was drafted ahead; after
             # a full accept the target keeps its pending row, so no token is lost either way.
             block = None
-            next_gamma = 1 if spec.pre_verify and outcome.accepted_len < outcome.drafted else spec.gamma
+            next_draft_len = 1 if spec.pre_verify and outcome.accepted_len < outcome.drafted else spec.draft_len

@@ -11,7 +11,7 @@ Glossary
   past the block, and its next token is verified against that row instead.
 
 Verification runs here (not in the orchestrator) so that only token ids and sparse q cross
-the wire, never [gamma + 1, vocab] target probabilities.
+the wire, never [draft_len + 1, vocab] target probabilities.
 """
 
 from __future__ import annotations
@@ -183,10 +183,10 @@ class Verifier:
         for i, req in enumerate(reqs):
             if req is None:
                 continue
-            rows = outs[i][drops[i] :] if outs[i] is not None else None  # [gamma (+1), vocab]
+            rows = outs[i][drops[i] :] if outs[i] is not None else None  # [draft_len (+1), vocab]
             if req.pending is not None:
                 rows = req.pending[None] if rows is None else torch.cat([req.pending[None], rows])
-            # rows: [gamma + 1, vocab]: the target's logits at each draft position + the next
+            # rows: [draft_len + 1, vocab]: the target's logits at each draft position + the next
             try:
                 out = self._commit(req, drafts[i], blocks[i], rows, bonus[i])
                 results[i] = VerifyOutcome(**{**out.__dict__, "target_s": dt})
@@ -196,7 +196,7 @@ class Verifier:
         return results  # type: ignore[return-value]
 
     def _scores(self, req: _TargetRequest, rows: torch.Tensor, draft: Sequence[int]) -> torch.Tensor:
-        """[gamma + 1, vocab] raw rows along `draft` -> the target's processed logits there:
+        """[draft_len + 1, vocab] raw rows along `draft` -> the target's processed logits there:
         penalized with counts over the output *and the draft tokens before each row* (the
         prefix each row conditions on), which keeps verification lossless; unchanged
         without penalties."""
@@ -217,29 +217,29 @@ class Verifier:
     def _commit(
         self, req: _TargetRequest, draft: list[int], block: DraftBlock | None, rows: torch.Tensor, bonus: bool
     ) -> VerifyOutcome:
-        gamma = len(draft)
-        scores = self._scores(req, rows, draft)  # [gamma + 1, vocab]
+        draft_len = len(draft)
+        scores = self._scores(req, rows, draft)  # [draft_len + 1, vocab]
         if req.sampling.greedy:
             result = verify_greedy(draft, scores.argmax(dim=-1).tolist())
         else:
-            p = logits_to_probs(scores, req.sampling)  # [gamma + 1, vocab]
-            if gamma == 0:
+            p = logits_to_probs(scores, req.sampling)  # [draft_len + 1, vocab]
+            if draft_len == 0:
                 result = verify_greedy([], [int(sample(p[0], req.generator))])
             else:
                 result = verify_block(draft_tokens=draft, q=block.q, p=p, generator=req.generator)
         accepted = result.accepted_len
         base = len(req.committed)
         tokens = result.tokens
-        if accepted == gamma and gamma > 0 and not bonus:
+        if accepted == draft_len and draft_len > 0 and not bonus:
             tokens = tokens[:-1]  # post-verify: the draft continues from here
-            req.pending = rows[gamma]
+            req.pending = rows[draft_len]
         else:
             req.pending = None
         logprobs = self._logprobs(req, rows, tokens)  # before committing: rows follow the old prefix
         req.committed.extend(tokens)
         # KV: committed prefix + accepted draft tokens were fed and stay valid.
         self.runner.rollback(req.seq, min(req.seq.length, base + accepted))
-        return VerifyOutcome(accepted_len=accepted, tokens=tokens, drafted=gamma, logprobs=logprobs)
+        return VerifyOutcome(accepted_len=accepted, tokens=tokens, drafted=draft_len, logprobs=logprobs)
 
     def verify_branches(self, request_id: str, branches: DraftBranches) -> VerifyOutcome:
         """SpecTr: verify k branches in one batched forward (k rows) and commit the winner."""
@@ -247,7 +247,7 @@ class Verifier:
         req = self._request(request_id)
         runner = self.runner
         k = len(branches.branches)
-        gamma = len(branches.branches[0])
+        draft_len = len(branches.branches[0])
         base = len(req.committed)
         unfed = req.committed[req.seq.length :]
         seqs = [req.seq] + [runner.fork(req.seq) for _ in range(k - 1)]
@@ -259,7 +259,7 @@ class Verifier:
             r = lg[drop:]
             if req.pending is not None:
                 r = torch.cat([req.pending[None], r])
-            rows.append(r)  # [gamma + 1, vocab] along each branch
+            rows.append(r)  # [draft_len + 1, vocab] along each branch
         scores = [self._scores(req, r, br) for r, br in zip(rows, branches.branches)]  # penalized along each branch
         if req.sampling.greedy:
             res = verify_kseq_greedy(drafts=branches.branches, target_argmax=[s.argmax(-1).tolist() for s in scores])
@@ -281,7 +281,7 @@ class Verifier:
         return VerifyOutcome(
             accepted_len=res.accepted_len,
             tokens=list(res.tokens),
-            drafted=gamma,
+            drafted=draft_len,
             target_s=time.perf_counter() - t0,
             branch=res.source_draft,
             logprobs=logprobs,

@@ -127,25 +127,25 @@ class DraftWorker(_Worker):
         return None
 
     def draft(
-        self, request_id: str, sequence: Sequence[int], *, gamma: int, policy: ExitPolicy | None = None, trace: dict | None = None
+        self, request_id: str, sequence: Sequence[int], *, draft_len: int, policy: ExitPolicy | None = None, trace: dict | None = None
     ) -> DraftBlock:
         self.stats.calls += 1
         arrived, timing = time.time_ns(), ({} if trace is not None else None)
-        call = {"request_id": request_id, "sequence": list(sequence), "gamma": gamma, "policy": policy}
+        call = {"request_id": request_id, "sequence": list(sequence), "draft_len": draft_len, "policy": policy}
         block = self.batcher.submit("draft", call, request_id=request_id, timing=timing).result()
         if trace is None:
             return block
-        attrs = {"tandem.draft.gamma": int(gamma), "tandem.draft.tokens": len(block.tokens)}
+        attrs = {"tandem.draft.draft_len": int(draft_len), "tandem.draft.tokens": len(block.tokens)}
         return Traced(block, [call_record("tandem.actor.draft", role="draft", arrived_ns=arrived, timing=timing, attributes=attrs)])
 
-    def draft_branches(self, request_id: str, sequence: Sequence[int], *, gamma: int, k: int, trace: dict | None = None) -> DraftBranches:
+    def draft_branches(self, request_id: str, sequence: Sequence[int], *, draft_len: int, k: int, trace: dict | None = None) -> DraftBranches:
         self.stats.calls += 1
         arrived, timing = time.time_ns(), ({} if trace is not None else None)
-        work = lambda: self.drafter.draft_branches(request_id, sequence, gamma=gamma, k=k)  # noqa: E731
+        work = lambda: self.drafter.draft_branches(request_id, sequence, draft_len=draft_len, k=k)  # noqa: E731
         branches = self.batcher.call(work, request_id=request_id, timing=timing).result()
         if trace is None:
             return branches
-        attrs = {"tandem.draft.gamma": int(gamma), "tandem.draft.branches": int(k)}
+        attrs = {"tandem.draft.draft_len": int(draft_len), "tandem.draft.branches": int(k)}
         return Traced(branches, [call_record("tandem.actor.draft", role="draft", arrived_ns=arrived, timing=timing, attributes=attrs)])
 
     def close(self, request_id: str) -> bool:

@@ -314,9 +314,9 @@ class LocalBackend:
         self.target_runner = target
         self.engine = LocalEngine(target, draft, threads=threads)
 
-    def generate(self, ids, method, max_new, sp, *, gamma, policy, k, stop_ids):
+    def generate(self, ids, method, max_new, sp, *, draft_len, policy, k, stop_ids):
         return self.engine.generate(
-            ids, method=method, sampling=sp, max_new_tokens=max_new, gamma=gamma, policy=policy, k=k, stop_ids=stop_ids
+            ids, method=method, sampling=sp, max_new_tokens=max_new, draft_len=draft_len, policy=policy, k=k, stop_ids=stop_ids
         )
 
     def describe(self, method: str) -> dict:
@@ -368,11 +368,11 @@ class ActorBackend:
         self.engine = ActorEngine(DraftPool(dspec), {"target": TargetPool(tspec)})
         self.draft_exits = tuple(self.engine.draft_pool.info["exits"])
 
-    def generate(self, ids, method, max_new, sp, *, gamma, policy, k, stop_ids):
+    def generate(self, ids, method, max_new, sp, *, draft_len, policy, k, stop_ids):
         from tandem.actors.local import DEFAULT_GAMMA
         from tandem.actors.speculative import SpecConfig
 
-        spec = SpecConfig(method=method, gamma=gamma or DEFAULT_GAMMA[method], policy=policy, k=k)
+        spec = SpecConfig(method=method, draft_len=draft_len or DEFAULT_GAMMA[method], policy=policy, k=k)
         return self.engine.generate("target", ids, spec=spec, sampling=sp, max_new_tokens=max_new, stop_ids=stop_ids)
 
     def describe(self, method: str) -> dict:
@@ -450,7 +450,7 @@ def main(args) -> int:
 
     def call_kwargs(method):
         pol = policy if method == "sorted" else sd_policy if method in ("sd", "pearl") else None
-        return {"gamma": args.gamma, "policy": pol, "k": args.k, "stop_ids": eos_ids}
+        return {"draft_len": args.draft_len, "policy": pol, "k": args.k, "stop_ids": eos_ids}
 
     total = len(methods) * len(prompts_ids)
     bar = tqdm(total=total, desc="bench", unit="prompt", file=sys.stderr, dynamic_ncols=True)
@@ -537,7 +537,7 @@ def main(args) -> int:
             "shards": getattr(args, "shards", 1),
             "exits": list(backend.draft_exits) if backend is not None else [],
             "thresholds": list(policy.thresholds) if policy else [],
-            "gamma": args.gamma,
+            "draft_len": args.draft_len,
             "sd_exit": sd_exit,
         },
     }

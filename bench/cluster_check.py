@@ -92,7 +92,7 @@ def run(root: Path, *, say=print) -> dict:
         def client():
             while not stop.is_set():
                 try:
-                    out = eng.generate("t", PROMPT, spec=SpecConfig(method="sd", gamma=3), max_new_tokens=200,
+                    out = eng.generate("t", PROMPT, spec=SpecConfig(method="sd", draft_len=3), max_new_tokens=200,
                                        on_tokens=lambda toks: time.sleep(0.01))
                     outputs.append(out.tokens)
                 except Exception as exc:  # noqa: BLE001 - counted: nothing may be lost
@@ -127,7 +127,7 @@ def run(root: Path, *, say=print) -> dict:
         while pool.size > 1 and time.monotonic() < shrink_deadline:
             time.sleep(0.2)
         checks["shrank_after_the_load"] = pool.size == 1
-        checks["serves_after"] = eng.generate("t", PROMPT, spec=SpecConfig(method="sd", gamma=3), max_new_tokens=200).tokens == ref
+        checks["serves_after"] = eng.generate("t", PROMPT, spec=SpecConfig(method="sd", draft_len=3), max_new_tokens=200).tokens == ref
         summary.update(
             requests=len(outputs), errors=errors[:10], in_flight_at_kill=in_flight,
             events=[{"kind": e.kind, "replicas": e.replicas} for e in scaler.events],

@@ -80,7 +80,7 @@ def fidelity(n_prompts: int, n_tokens: int) -> dict:
         equal = 0
         for p in prompts(tok, n_prompts):
             ref = eng.generate(p, method="ar", max_new_tokens=n_tokens).tokens
-            out = eng.generate(p, method="sd", max_new_tokens=n_tokens, gamma=5).tokens
+            out = eng.generate(p, method="sd", max_new_tokens=n_tokens, draft_len=5).tokens
             equal += out == ref
     return {"ok": equal == n_prompts, "equal": equal, "prompts": n_prompts, "tokens": n_tokens}
 

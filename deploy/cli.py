@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--method", default=None, choices=METHOD_CHOICES + ["auto", "off"], help="default: auto on a server, sd with --local"
     )
     gen.add_argument("--max-new-tokens", type=int, default=128)
-    gen.add_argument("--gamma", type=int, default=None, help="draft tokens per round (default per method)")
+    gen.add_argument("--draft-len", type=int, default=None, help="draft tokens per round (default per method)")
     gen.add_argument("--k", type=int, default=2, help="SpecTr branches")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     _add_models(gen)
@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-new-tokens", type=int, default=96)
     bench.add_argument("--methods", default="hf-ar,hf-assisted,ar,sd,sorted,pearl,spectr")
     bench.add_argument("--output", default=None, help="write the results here (JSON)")
-    bench.add_argument("--gamma", type=int, default=None)
+    bench.add_argument("--draft-len", type=int, default=None)
     bench.add_argument("--k", type=int, default=2)
     bench.add_argument("--sd-exit", type=int, default=None,
                        help="draft depth for 'sd' (and pearl): a trained exit such as 16 (default: the full draft)")
@@ -213,7 +213,7 @@ def cmd_generate(args) -> int:
             method=args.method,
             sampling=sampling,
             max_new_tokens=args.max_new_tokens,
-            gamma=args.gamma,
+            draft_len=args.draft_len,
             policy=policy,
             k=args.k,
             stop_ids=stop_ids,
@@ -278,7 +278,7 @@ def cmd_generate_remote(args) -> int:
         ignore_eos=args.ignore_eos,
         **_shaping_args(args),
         method=args.method or "auto",
-        max_draft_len=args.gamma,
+        max_draft_len=args.draft_len,
     )
     try:
         with _client(args) as client:

@@ -301,7 +301,7 @@ class Router:
         method = req.method if req.method != "auto" else route.default_method
         cap = req.max_draft_len or route.max_draft_len  # the request may override the target's bound
         if method == "off":
-            return SpecConfig(method="ar", gamma=1), None
+            return SpecConfig(method="ar", draft_len=1), None
         if method == "sorted":
             if route.sorted_policy is None:
                 # no exit below the full depth (no trained or configured exits): the full draft
@@ -310,20 +310,20 @@ class Router:
                     self._sorted_fallback_logged.add(route.name)
                     log.warning("target %s: method sorted asked, but the draft has no exit below its full depth "
                                 "(no trained exits: see `tandem train-exits`); running sd instead", route.name)
-                return SpecConfig(method="sd", gamma=min(cap, 6)), None
-            return SpecConfig(method="sorted", gamma=min(cap, 6), policy=route.sorted_policy), None
+                return SpecConfig(method="sd", draft_len=min(cap, 6)), None
+            return SpecConfig(method="sorted", draft_len=min(cap, 6), policy=route.sorted_policy), None
         if method == "spectr":
-            return SpecConfig(method="spectr", gamma=min(cap, 4), k=2), None
+            return SpecConfig(method="spectr", draft_len=min(cap, 4), k=2), None
         if method in ("sd", "pearl") and req.method != "auto":
-            return SpecConfig(method=method, gamma=min(cap, 8 if method == "pearl" else 6)), None
+            return SpecConfig(method=method, draft_len=min(cap, 8 if method == "pearl" else 6)), None
         # auto (or the target's default sd/pearl): the goodput policy picks exit and length
         base = "pearl" if method in ("auto", "pearl") else "sd"
         choice = route.policy.choose() if route.policy is not None else None
         if choice is None:
-            return SpecConfig(method=base, gamma=min(cap, 6)), None
+            return SpecConfig(method=base, draft_len=min(cap, 6)), None
         if choice.exit is None:
-            return SpecConfig(method="ar", gamma=1), choice
-        return SpecConfig(method=base, gamma=max(1, min(cap, choice.gamma)), policy=ExitPolicy.single(choice.exit)), choice
+            return SpecConfig(method="ar", draft_len=1), choice
+        return SpecConfig(method=base, draft_len=max(1, min(cap, choice.draft_len)), policy=ExitPolicy.single(choice.exit)), choice
 
     # ------------------------------------------------------------------ generation
     async def generate(self, req: RouteRequest, *, cancelled: Callable[[], bool] = lambda: False) -> AsyncIterator[Delta]:
@@ -471,7 +471,7 @@ class Router:
                     result = fut.result()
                 except SideUnavailableError as exc:
                     if trace is not None:
-                        trace.finish(finish_reason="error", completion_tokens=sent_tokens, method=method_name, draft_len=spec.gamma, error=str(exc))
+                        trace.finish(finish_reason="error", completion_tokens=sent_tokens, method=method_name, draft_len=spec.draft_len, error=str(exc))
                         trace = None
                     if sent_tokens:
                         yield Delta(
@@ -482,9 +482,9 @@ class Router:
                 reason = "stop" if watcher.stopped else result.finish_reason
                 if reason == "eos" and result.tokens and result.tokens[-1] in set(req.stop_ids) - set(route.eos_ids):
                     reason = "stop"  # a stop token id the client asked for
-                stats = self._stats(result, method_name, spec.gamma)
+                stats = self._stats(result, method_name, spec.draft_len)
                 if trace is not None:
-                    trace.finish(finish_reason=reason, completion_tokens=sent_tokens, method=method_name, draft_len=spec.gamma)
+                    trace.finish(finish_reason=reason, completion_tokens=sent_tokens, method=method_name, draft_len=spec.draft_len)
                     trace = None
                 seed = None if req.sampling.greedy else req.sampling.seed
                 yield Delta(token_ids=[], text=tail, finish_reason=reason, usage=self._usage(req, sent_tokens), stats=stats, seed=seed)
@@ -495,7 +495,7 @@ class Router:
                 # it closes the request on every actor at its next round
                 cancel_flag.set()
                 if trace is not None:
-                    trace.finish(finish_reason="cancelled", completion_tokens=sent_tokens, method=method_name, draft_len=spec.gamma)
+                    trace.finish(finish_reason="cancelled", completion_tokens=sent_tokens, method=method_name, draft_len=spec.draft_len)
                     trace = None
             if trace is not None:
                 trace.__exit__(None, None, None)

@@ -6,10 +6,10 @@ Glossary
 - arm: one draft exit (a depth of the shared sorted draft) for one target.
 - acceptance by position: a_i = P(draft position i accepted | positions < i accepted), an
   exponential moving average per arm over observed rounds.
-- expected tokens per round with gamma drafts: E(gamma) = 1 + sum_{i<=gamma} prod_{j<=i} a_j
+- expected tokens per round with draft_len drafts: E(draft_len) = 1 + sum_{i<=draft_len} prod_{j<=i} a_j
   (accepted drafts plus the one token the target always commits).
-- round time: sequential (sd) gamma * d + V(gamma + 1); overlapped (pearl)
-  max(gamma * d, V(gamma + 1)), with d the draft step time of the arm and V(k) the target's
+- round time: sequential (sd) draft_len * d + V(draft_len + 1); overlapped (pearl)
+  max(draft_len * d, V(draft_len + 1)), with d the draft step time of the arm and V(k) the target's
   verification time for a block of k rows.
 - V(k) is measured live per block size. A block size not yet seen is predicted from the
   nearest one seen (or the target-only step, k = 1), scaled by the target's cost curve
@@ -17,7 +17,7 @@ Glossary
   actors/block_costs.py). On a GPU or a bf16 CPU target the curve is nearly flat, so longer
   drafts are cheap; a 4-bit CPU kernel works in tiles of 4 rows (a block of 5-8 rows costs
   about twice one of 1-4), and the draft length follows that step.
-- rate = E(gamma) / round time; speculation off has rate 1 / V_ar (one token per step).
+- rate = E(draft_len) / round time; speculation off has rate 1 / V_ar (one token per step).
 
 Exploration: each arm is tried `min_samples` times before it is trusted, and every
 `explore_every`-th choice tries the arm with the fewest samples, so a change in traffic or
@@ -66,11 +66,11 @@ class ArmStats:
         if drafted > 0:
             self.draft_step_s.add(draft_s / drafted)
 
-    def acceptance(self, gamma: int, prior: float) -> list[float]:
-        """a_1..a_gamma; unseen positions repeat the last seen one (or the prior)."""
+    def acceptance(self, draft_len: int, prior: float) -> list[float]:
+        """a_1..a_draft_len; unseen positions repeat the last seen one (or the prior)."""
         seen = [e.value for e in self.accept if e.value is not None]
         last = seen[-1] if seen else prior
-        return [(seen[i] if i < len(seen) else last) for i in range(gamma)]
+        return [(seen[i] if i < len(seen) else last) for i in range(draft_len)]
 
 
 PRIOR_ACCEPTANCE = 0.8  # per-position acceptance assumed before any round of a request is seen
@@ -78,9 +78,9 @@ PRIOR_ACCEPTANCE = 0.8  # per-position acceptance assumed before any round of a 
 
 def round_rate(acceptance: Sequence[float], *, draft_step_s: float, verify_s: float, overlapped: bool) -> float:
     """Predicted tokens/s of rounds drafting len(acceptance) tokens: E / round time, the round
-    sequential (gamma d + V) or overlapped (max(gamma d, V))."""
-    gamma = len(acceptance)
-    t = max(gamma * draft_step_s, verify_s) if overlapped else gamma * draft_step_s + verify_s
+    sequential (draft_len d + V) or overlapped (max(draft_len d, V))."""
+    draft_len = len(acceptance)
+    t = max(draft_len * draft_step_s, verify_s) if overlapped else draft_len * draft_step_s + verify_s
     return expected_tokens(acceptance) / t if t > 0 else 0.0
 
 
@@ -111,7 +111,7 @@ def expected_tokens(acceptance: Sequence[float]) -> float:
 @dataclass(frozen=True)
 class Choice:
     exit: int | None  # None: speculation off
-    gamma: int  # 0 when off
+    draft_len: int  # 0 when off
     rate: float  # predicted tokens per second
     exploring: bool = False
 
@@ -181,16 +181,16 @@ class GoodputPolicy:
         near = min(seen, key=lambda k: (abs(k - rows), k))
         return seen[near] * self._relative_cost(rows, near)
 
-    def rate(self, exit: int, gamma: int) -> float:
-        """Predicted tokens/s of an arm with gamma drafts (0.0 when nothing is known)."""
+    def rate(self, exit: int, draft_len: int) -> float:
+        """Predicted tokens/s of an arm with draft_len drafts (0.0 when nothing is known)."""
         arm = self.arms[exit]
         d = arm.draft_step_s.value
-        v = self.verify_time(gamma + 1)
+        v = self.verify_time(draft_len + 1)
         if d is None or v is None:
             return 0.0
-        return round_rate(arm.acceptance(gamma, self.prior), draft_step_s=d, verify_s=v, overlapped=self.overlapped)
+        return round_rate(arm.acceptance(draft_len, self.prior), draft_step_s=d, verify_s=v, overlapped=self.overlapped)
 
-    def best_gamma(self, exit: int) -> tuple[int, float]:
+    def best_draft_len(self, exit: int) -> tuple[int, float]:
         best = max(range(1, self.max_draft_len + 1), key=lambda g: self.rate(exit, g))
         return best, self.rate(exit, best)
 
@@ -205,23 +205,23 @@ class GoodputPolicy:
             # 1. every arm gets min_samples rounds before it is trusted
             for e in reversed(self.exits):  # deepest first: most likely useful
                 if self.arms[e].rounds < self.min_samples:
-                    return Choice(exit=e, gamma=min(4, self.max_draft_len), rate=0.0, exploring=True)
+                    return Choice(exit=e, draft_len=min(4, self.max_draft_len), rate=0.0, exploring=True)
             if self.ar_step_s.count < 1:
-                return Choice(exit=None, gamma=0, rate=0.0, exploring=True)  # measure the off rate once
+                return Choice(exit=None, draft_len=0, rate=0.0, exploring=True)  # measure the off rate once
             # 2. exploitation, with periodic exploration
-            scored = [(self.best_gamma(e), e) for e in self.exits]
-            (gamma, rate), exit = max(scored, key=lambda item: item[0][1])
+            scored = [(self.best_draft_len(e), e) for e in self.exits]
+            (draft_len, rate), exit = max(scored, key=lambda item: item[0][1])
             if self.explore_every and self._choices % self.explore_every == 0:
                 # the least observed option, speculation off included
                 options = [(self.arms[e].rounds, e) for e in self.exits] + [(self.ar_step_s.count, -1)]
                 _, least = min(options)
                 if least == -1:
-                    return Choice(exit=None, gamma=0, rate=self.off_rate(), exploring=True)
-                g, r = self.best_gamma(least)
-                return Choice(exit=least, gamma=g, rate=r, exploring=True)
+                    return Choice(exit=None, draft_len=0, rate=self.off_rate(), exploring=True)
+                g, r = self.best_draft_len(least)
+                return Choice(exit=least, draft_len=g, rate=r, exploring=True)
             if rate <= self.off_rate():
-                return Choice(exit=None, gamma=0, rate=self.off_rate())
-            return Choice(exit=exit, gamma=gamma, rate=rate)
+                return Choice(exit=None, draft_len=0, rate=self.off_rate())
+            return Choice(exit=exit, draft_len=draft_len, rate=rate)
 
     def snapshot(self) -> dict:
         with self._lock:

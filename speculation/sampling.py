@@ -7,7 +7,7 @@ draft
 target
     The large model whose output distribution ``p`` the service must reproduce exactly.
 round
-    One draft-then-verify cycle: the draft proposes ``gamma`` tokens, the target scores
+    One draft-then-verify cycle: the draft proposes ``draft_len`` tokens, the target scores
     them in one forward pass, and the verifier commits ``accepted_len + 1`` tokens.
 accepted
     A draft token kept by the verifier (probability ``min(1, p(x) / q(x))``).

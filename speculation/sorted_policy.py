@@ -12,7 +12,7 @@ target
 exit
     A draft depth (layer count) where a next-token distribution can be read off.
 round
-    The draft proposes gamma tokens, choosing an exit per token, then the target verifies.
+    The draft proposes draft_len tokens, choosing an exit per token, then the target verifies.
 accepted / recovered (residual) / bonus token
     As in :mod:`speculation.verify`: verification is unchanged, because q is exactly the
     distribution of the exit used, so the choice of exit never affects losslessness.

@@ -4,7 +4,7 @@ Glossary
 --------
 draft
     The small model; k draft sequences are sampled from it independently, each of length
-    gamma. ``q`` is its distribution at a position.
+    draft_len. ``q`` is its distribution at a position.
 target
     The large model whose distribution ``p`` the output must follow exactly.
 round
@@ -16,7 +16,7 @@ recovered / residual
     If no candidate is accepted, a token is sampled from the residual
     ``r ∝ max(0, p - c * min(q, p / rho))`` (see :func:`kseq_select`) and the round stops.
 bonus token
-    If a draft survives all gamma positions, one more token is sampled from the target's
+    If a draft survives all draft_len positions, one more token is sampled from the target's
     distribution after it.
 survivors
     The drafts whose tokens equal everything committed so far in this round.
@@ -174,7 +174,7 @@ def kseq_select(
 class KSeqResult:
     """What a K-SEQ round commits.
 
-    accepted_len: draft tokens accepted (0..gamma).
+    accepted_len: draft tokens accepted (0..draft_len).
     tokens: ``accepted_len + 1`` tokens, like VerifyResult.tokens.
     source_draft: index of a draft whose first ``accepted_len`` tokens equal the accepted
         ones (the caller keeps that draft's KV cache); None if accepted_len == 0.
@@ -186,16 +186,16 @@ class KSeqResult:
 
 
 def _check_drafts(drafts: Sequence[Sequence[int]]) -> int:
-    """Return gamma, or raise ValueError unless there is at least one draft and all share a length."""
+    """Return draft_len, or raise ValueError unless there is at least one draft and all share a length."""
     if len(drafts) == 0:
         raise ValueError("drafts must hold at least one draft")
-    gamma = len(drafts[0])
+    draft_len = len(drafts[0])
     for i, draft in enumerate(drafts):
-        if len(draft) != gamma:
+        if len(draft) != draft_len:
             raise ValueError(
-                f"drafts must share one length, got len(drafts[0]) = {gamma}, len(drafts[{i}]) = {len(draft)}"
+                f"drafts must share one length, got len(drafts[0]) = {draft_len}, len(drafts[{i}]) = {len(draft)}"
             )
-    return gamma
+    return draft_len
 
 
 def verify_kseq(
@@ -205,10 +205,10 @@ def verify_kseq(
     p: Sequence[torch.Tensor],
     generator: torch.Generator,
 ) -> KSeqResult:
-    """K-SEQ over k draft sequences of equal length gamma, sampled independently from the draft.
+    """K-SEQ over k draft sequences of equal length draft_len, sampled independently from the draft.
 
-    q[i]: [gamma, vocab] the draft's distribution at each position of draft i.
-    p[i]: [gamma + 1, vocab] target distribution along draft i (row j conditioned on the
+    q[i]: [draft_len, vocab] the draft's distribution at each position of draft i.
+    p[i]: [draft_len + 1, vocab] target distribution along draft i (row j conditioned on the
         committed prefix + drafts[i][:j]).
 
     Position by position, the survivors all share the committed prefix, so their p and q
@@ -216,21 +216,21 @@ def verify_kseq(
     tokens are iid from q given everything so far; kseq_select with k' = number of
     survivors therefore commits a token distributed as p. Survivors after a step are those
     whose token equals the committed one. A residual token (no survivor) ends the round; if
-    all gamma positions are accepted, the bonus is sampled from a survivor's p row gamma.
+    all draft_len positions are accepted, the bonus is sampled from a survivor's p row draft_len.
     """
-    gamma = _check_drafts(drafts)
+    draft_len = _check_drafts(drafts)
     k = len(drafts)
     if len(q) != k or len(p) != k:
         raise ValueError(f"q and p must have one entry per draft ({k}), got {len(q)} and {len(p)}")
     for i in range(k):
-        if q[i].ndim != 2 or q[i].shape[0] != gamma:
-            raise ValueError(f"q[{i}] must be [gamma, vocab] = [{gamma}, vocab], got {tuple(q[i].shape)}")
-        if p[i].ndim != 2 or p[i].shape[0] != gamma + 1:
-            raise ValueError(f"p[{i}] must be [gamma + 1, vocab] = [{gamma + 1}, vocab], got {tuple(p[i].shape)}")
+        if q[i].ndim != 2 or q[i].shape[0] != draft_len:
+            raise ValueError(f"q[{i}] must be [draft_len, vocab] = [{draft_len}, vocab], got {tuple(q[i].shape)}")
+        if p[i].ndim != 2 or p[i].shape[0] != draft_len + 1:
+            raise ValueError(f"p[{i}] must be [draft_len + 1, vocab] = [{draft_len + 1}, vocab], got {tuple(p[i].shape)}")
 
     survivors = list(range(k))  # drafts equal to the committed tokens so far
     tokens: list[int] = []
-    for j in range(gamma):
+    for j in range(draft_len):
         lead = survivors[0]  # every survivor has the same prefix, hence the same rows
         candidates = [int(drafts[i][j]) for i in survivors]  # [k'] iid from q[lead][j]
         index, token = kseq_select(candidates=candidates, p=p[lead][j], q=q[lead][j], generator=generator)
@@ -240,9 +240,9 @@ def verify_kseq(
             return KSeqResult(accepted_len=j, tokens=tokens, source_draft=lead if j > 0 else None)
         survivors = [i for i in survivors if int(drafts[i][j]) == token]
     lead = survivors[0]
-    bonus = torch.multinomial(p[lead][gamma].to(torch.float64), 1, generator=generator)
+    bonus = torch.multinomial(p[lead][draft_len].to(torch.float64), 1, generator=generator)
     tokens.append(int(bonus))
-    return KSeqResult(accepted_len=gamma, tokens=tokens, source_draft=lead if gamma > 0 else None)
+    return KSeqResult(accepted_len=draft_len, tokens=tokens, source_draft=lead if draft_len > 0 else None)
 
 
 def verify_kseq_greedy(
@@ -252,20 +252,20 @@ def verify_kseq_greedy(
 ) -> KSeqResult:
     """Greedy verification with several candidate drafts.
 
-    target_argmax[i]: gamma + 1 target argmax ids along draft i. The longest draft prefix
+    target_argmax[i]: draft_len + 1 target argmax ids along draft i. The longest draft prefix
     that matches the target's argmax along that draft wins (ties: the lowest draft index);
     commit it plus the target's next argmax along that draft. Lossless because the target's
     greedy path is unique and any matching prefix lies on it.
     """
-    gamma = _check_drafts(drafts)
+    draft_len = _check_drafts(drafts)
     if len(target_argmax) != len(drafts):
         raise ValueError(f"target_argmax must have one entry per draft ({len(drafts)}), got {len(target_argmax)}")
     best_draft, best_len = 0, -1
     for i, (draft, argmax) in enumerate(zip(drafts, target_argmax)):
-        if len(argmax) != gamma + 1:
-            raise ValueError(f"target_argmax[{i}] must have gamma + 1 = {gamma + 1} entries, got {len(argmax)}")
+        if len(argmax) != draft_len + 1:
+            raise ValueError(f"target_argmax[{i}] must have draft_len + 1 = {draft_len + 1} entries, got {len(argmax)}")
         matched = 0
-        while matched < gamma and int(draft[matched]) == int(argmax[matched]):
+        while matched < draft_len and int(draft[matched]) == int(argmax[matched]):
             matched += 1  # the target would have produced this token itself
         if matched > best_len:
             best_draft, best_len = i, matched

@@ -7,7 +7,7 @@ draft / target
 round
     One draft-then-verify cycle (one target forward pass over the block).
 drafted
-    Draft tokens proposed in a round (gamma, or fewer near the token limit).
+    Draft tokens proposed in a round (draft_len, or fewer near the token limit).
 accepted
     Draft tokens the verifier kept.
 recovered / residual, bonus token
@@ -21,7 +21,7 @@ exit
 
 Acceptance is a first-class number: ``mean_accepted_len`` is the figure papers and SGLang
 (``avg_spec_accept_length``) report. Expected value for i.i.d. acceptance rate a and draft
-length gamma: (1 - a^(gamma+1)) / (1 - a) (Leviathan et al. 2023, arXiv 2211.17192; Chen et
+length draft_len: (1 - a^(draft_len+1)) / (1 - a) (Leviathan et al. 2023, arXiv 2211.17192; Chen et
 al. 2023, arXiv 2302.01318; S2D exits: Kavehzadeh et al., arXiv 2407.01955).
 """
 

@@ -7,16 +7,16 @@ draft
     ``q[i]``.
 target
     The large model; ``p[i]`` is its distribution at position i given the committed prefix
-    plus ``draft_tokens[:i]`` (row ``gamma`` is the position after the last draft token).
+    plus ``draft_tokens[:i]`` (row ``draft_len`` is the position after the last draft token).
 round
-    One call here: ``gamma`` draft tokens in, ``accepted_len + 1`` committed tokens out.
+    One call here: ``draft_len`` draft tokens in, ``accepted_len + 1`` committed tokens out.
 accepted
     Draft token x_i kept with probability ``min(1, p_i(x_i) / q_i(x_i))``.
 recovered / residual
     On the first rejection, a replacement sampled from the residual
     ``norm(max(0, p_i - q_i))``; the round stops there.
 bonus token
-    If all ``gamma`` draft tokens are accepted, one more token sampled from ``p[gamma]``.
+    If all ``draft_len`` draft tokens are accepted, one more token sampled from ``p[draft_len]``.
 
 Why it is lossless (Leviathan et al. 2023, arXiv 2211.17192, Theorem 1; Chen et al. 2023,
 arXiv 2302.01318): for x ~ q, P(accept and out = x) = q(x) min(1, p(x)/q(x)) = min(p, q)(x),
@@ -44,7 +44,7 @@ __all__ = ["VerifyResult", "residual_distribution", "verify_block", "verify_gree
 class VerifyResult:
     """What a round commits.
 
-    accepted_len: how many draft tokens were accepted (0..gamma).
+    accepted_len: how many draft tokens were accepted (0..draft_len).
     tokens: the accepted draft tokens, then exactly one more (the recovered token on
         rejection, the bonus token if all were accepted); ``len == accepted_len + 1``.
     """
@@ -60,13 +60,13 @@ def verify_greedy(draft_tokens: Sequence[int], target_argmax: Sequence[int]) -> 
     draft position plus the bonus position. Accept while equal, then append the target's
     argmax at the first mismatch (or the bonus position).
     """
-    gamma = len(draft_tokens)
-    if len(target_argmax) != gamma + 1:
+    draft_len = len(draft_tokens)
+    if len(target_argmax) != draft_len + 1:
         raise ValueError(
-            f"target_argmax must have len(draft_tokens) + 1 = {gamma + 1} entries, got {len(target_argmax)}"
+            f"target_argmax must have len(draft_tokens) + 1 = {draft_len + 1} entries, got {len(target_argmax)}"
         )
     accepted_len = 0
-    while accepted_len < gamma and int(draft_tokens[accepted_len]) == int(target_argmax[accepted_len]):
+    while accepted_len < draft_len and int(draft_tokens[accepted_len]) == int(target_argmax[accepted_len]):
         accepted_len += 1  # the target would have picked this very token
     tokens = [int(t) for t in draft_tokens[:accepted_len]] + [int(target_argmax[accepted_len])]
     return VerifyResult(accepted_len=accepted_len, tokens=tokens)
@@ -96,13 +96,13 @@ def _dense_q_row(q: torch.Tensor | Sequence[SparseDist], index: int, vocab: int,
 
 def _check_block(draft_tokens: Sequence[int], q: torch.Tensor | Sequence[SparseDist], p: torch.Tensor) -> None:
     """Raise ValueError unless the shapes of a block agree."""
-    gamma = len(draft_tokens)
-    if p.ndim != 2 or p.shape[0] != gamma + 1:
-        raise ValueError(f"p must be [gamma + 1, vocab] = [{gamma + 1}, vocab], got {tuple(p.shape)}")
-    if len(q) != gamma:
-        raise ValueError(f"q must have gamma = {gamma} rows, got {len(q)}")
-    if isinstance(q, torch.Tensor) and (q.ndim != 2 or (gamma > 0 and q.shape[1] != p.shape[1])):
-        raise ValueError(f"q must be [gamma, vocab] = [{gamma}, {p.shape[1]}], got {tuple(q.shape)}")
+    draft_len = len(draft_tokens)
+    if p.ndim != 2 or p.shape[0] != draft_len + 1:
+        raise ValueError(f"p must be [draft_len + 1, vocab] = [{draft_len + 1}, vocab], got {tuple(p.shape)}")
+    if len(q) != draft_len:
+        raise ValueError(f"q must have draft_len = {draft_len} rows, got {len(q)}")
+    if isinstance(q, torch.Tensor) and (q.ndim != 2 or (draft_len > 0 and q.shape[1] != p.shape[1])):
+        raise ValueError(f"q must be [draft_len, vocab] = [{draft_len}, {p.shape[1]}], got {tuple(q.shape)}")
     vocab = p.shape[1]
     for i, token in enumerate(draft_tokens):
         if not 0 <= int(token) < vocab:
@@ -118,22 +118,22 @@ def verify_block(
 ) -> VerifyResult:
     """Standard speculative sampling over one block.
 
-    draft_tokens: gamma ids, x_i drawn from q[i].
-    q: [gamma, vocab] dense draft probabilities, or a list of gamma :class:`SparseDist`.
-    p: [gamma + 1, vocab] target probabilities (already through ``logits_to_probs`` with the
+    draft_tokens: draft_len ids, x_i drawn from q[i].
+    q: [draft_len, vocab] dense draft probabilities, or a list of draft_len :class:`SparseDist`.
+    p: [draft_len + 1, vocab] target probabilities (already through ``logits_to_probs`` with the
         request's params).
 
     For i in order: accept x_i with probability min(1, p_i(x_i) / q_i(x_i)); on the first
     reject sample from norm(max(0, p_i - q_i)) and stop; if all are accepted sample the bonus
-    from p[gamma]. gamma == 0 just samples the bonus. Committed tokens follow p exactly.
+    from p[draft_len]. draft_len == 0 just samples the bonus. Committed tokens follow p exactly.
     Dense and sparse q consume the generator identically, so they give identical results.
     """
     _check_block(draft_tokens, q, p)
-    gamma = len(draft_tokens)
+    draft_len = len(draft_tokens)
     vocab = p.shape[1]
-    p64 = p.to(torch.float64)  # [gamma + 1, vocab]; float64 keeps p/q ratios exact enough
+    p64 = p.to(torch.float64)  # [draft_len + 1, vocab]; float64 keeps p/q ratios exact enough
     tokens: list[int] = []
-    for i in range(gamma):
+    for i in range(draft_len):
         token = int(draft_tokens[i])
         q_row = _dense_q_row(q, i, vocab, p.device)  # [vocab]
         q_x = float(q_row[token])
@@ -149,7 +149,7 @@ def verify_block(
         recovered = torch.multinomial(residual_distribution(p64[i], q_row), 1, generator=generator)
         tokens.append(int(recovered))
         return VerifyResult(accepted_len=i, tokens=tokens)
-    # All gamma accepted: p[gamma] is already computed, so the bonus token is free.
-    bonus = torch.multinomial(p64[gamma], 1, generator=generator)
+    # All draft_len accepted: p[draft_len] is already computed, so the bonus token is free.
+    bonus = torch.multinomial(p64[draft_len], 1, generator=generator)
     tokens.append(int(bonus))
-    return VerifyResult(accepted_len=gamma, tokens=tokens)
+    return VerifyResult(accepted_len=draft_len, tokens=tokens)

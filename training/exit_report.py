@@ -17,11 +17,11 @@ Glossary
   of one draft pass, instead of one generation per exit.
 - draft cost per token at exit k: a one-token forward to depth k plus that exit's adapter,
   norm and head, 20th percentile of repeated steps on this machine. Verification cost: one target
-  forward over gamma + 1 tokens, same statistic.
+  forward over draft_len + 1 tokens, same statistic.
 - predicted tokens/s: emitted / (rounds x verify + drafted tokens x their draft cost), from
   the replay and the measured costs.
 
-Per target, an S2D policy (exits and thresholds) and gamma are tuned on *tuning* prompts
+Per target, an S2D policy (exits and thresholds) and draft_len are tuned on *tuning* prompts
 (the prompts after the first --limit of each prompt set, never the ones reported) by the
 predicted tokens/s; then real generations on the reported prompts measure `ar`, `sd` from
 the full draft (before: the default draft; after: with the frequent-token head), `sorted`
@@ -51,7 +51,7 @@ from tandem.deploy.exits import default_exits_dir
 DEFAULT_TARGETS = "qwen2.5-coder-1.5b-instruct,qwen2.5-coder-0.5b-instruct"
 DEFAULT_DATASETS = (str(EVAL_DIR / "code_dev.jsonl"), str(EVAL_DIR / "spec_bench_dev.jsonl"))
 THRESHOLD_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
-GAMMA_GRID = (1, 2, 3, 4, 6, 8)  # as the router: short drafts pay when a cheap exit accepts little
+DRAFT_LEN_GRID = (1, 2, 3, 4, 6, 8)  # as the router: short drafts pay when a cheap exit accepts little
 REPLAY_BLOCK = 8  # <= QuantLinear.QUANT_MAX_ROWS: the same kernels as one-token drafting
 
 
@@ -125,7 +125,7 @@ def replay_draft(runner, prompt: Sequence[int], target_tokens: Sequence[int], ex
     )
 
 
-def simulate(replays: Sequence[Replay], *, exits: Sequence[int], thresholds: Sequence[float], gamma: int,
+def simulate(replays: Sequence[Replay], *, exits: Sequence[int], thresholds: Sequence[float], draft_len: int,
              token_ms: dict[int, float], head_ms: dict[int, float], layers_ms: dict[int, float],
              verify_ms: float) -> dict[str, float]:
     """Greedy S2D rounds over replays (a single exit when len(exits) == 1).
@@ -144,7 +144,7 @@ def simulate(replays: Sequence[Replay], *, exits: Sequence[int], thresholds: Seq
         conf = {e: rp.max_prob[e].tolist() for e in exits}
         pos = 0
         while pos < n:
-            g = min(gamma, n - pos - 1)
+            g = min(draft_len, n - pos - 1)
             accepted, ok = 0, True
             for t in range(g):
                 p = pos + t
@@ -172,17 +172,17 @@ def simulate(replays: Sequence[Replay], *, exits: Sequence[int], thresholds: Seq
 
 
 def ceiling(replays: Sequence[Replay], *, full: int, trained: Sequence[int], costs: dict[str, dict[int, float]],
-            gamma: int, verify_ms: float) -> dict[str, Any]:
+            draft_len: int, verify_ms: float) -> dict[str, Any]:
     """What perfect exit training could buy at most: the full draft's own drafts (its
     acceptance, from the replay) charged at exit k's cost per token, and at no cost at all,
     against the full draft at its own cost; predicted tokens/s and the ratio. A bar above
     the ratio at every trained exit cannot be met by training those exits."""
     def run(token_ms: float) -> float:
-        return simulate(replays, exits=(full,), thresholds=(), gamma=gamma, token_ms={full: token_ms}, head_ms=costs["head"],
+        return simulate(replays, exits=(full,), thresholds=(), draft_len=draft_len, token_ms={full: token_ms}, head_ms=costs["head"],
                         layers_ms=costs["layers"], verify_ms=verify_ms)["predicted_tok_s"]
 
     base = run(costs["token"][full]) or 1e-9
-    out: dict[str, Any] = {"gamma": gamma, "sd_full_predicted_tok_s": base}
+    out: dict[str, Any] = {"draft_len": draft_len, "sd_full_predicted_tok_s": base}
     for name, ms in [(str(e), costs["token"][e]) for e in trained] + [("free", 0.0)]:
         tok_s = run(ms)
         out[name] = {"predicted_tok_s": tok_s, "x_sd_full": round(tok_s / base, 3)}
@@ -191,7 +191,7 @@ def ceiling(replays: Sequence[Replay], *, full: int, trained: Sequence[int], cos
 
 def tune_policy(replays: Sequence[Replay], *, trained: Sequence[int], full: int, costs: dict[str, dict[int, float]],
                 verify_ms: dict[int, float], single_only: bool = False) -> tuple[str, int, dict[str, float]]:
-    """The (policy, gamma) with the best predicted tokens/s on tuning replays. Candidates:
+    """The (policy, draft_len) with the best predicted tokens/s on tuning replays. Candidates:
     the full draft alone, each trained exit alone, and S2D policies of one or two trained
     exits followed by the full depth, thresholds on THRESHOLD_GRID."""
     cands: list[tuple[tuple[int, ...], tuple[float, ...]]] = [((e,), ()) for e in trained]
@@ -204,11 +204,11 @@ def tune_policy(replays: Sequence[Replay], *, trained: Sequence[int], full: int,
                         continue  # a shallower exit is held to at least the deeper one's bar
                     cands.append((sub + (full,), thr))
     best = None
-    for (exits, thr), gamma in itertools.product(cands, GAMMA_GRID):
-        sim = simulate(replays, exits=exits, thresholds=thr, gamma=gamma, token_ms=costs["token"], head_ms=costs["head"],
-                       layers_ms=costs["layers"], verify_ms=verify_ms[gamma])
+    for (exits, thr), draft_len in itertools.product(cands, DRAFT_LEN_GRID):
+        sim = simulate(replays, exits=exits, thresholds=thr, draft_len=draft_len, token_ms=costs["token"], head_ms=costs["head"],
+                       layers_ms=costs["layers"], verify_ms=verify_ms[draft_len])
         if best is None or sim["predicted_tok_s"] > best[2]["predicted_tok_s"]:
-            best = (",".join(map(str, exits)) + (":" + ",".join(f"{t:g}" for t in thr) if thr else ""), gamma, sim)
+            best = (",".join(map(str, exits)) + (":" + ",".join(f"{t:g}" for t in thr) if thr else ""), draft_len, sim)
     assert best is not None
     return best
 
@@ -292,8 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=3, help="reported prompts per prompt set (the first N)")
     p.add_argument("--tune-limit", type=int, default=2, help="tuning prompts per prompt set (the N after the reported ones); 0: no tuning")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--gamma", type=int, default=4, help="draft tokens per round for the per-exit table")
-    p.add_argument("--sd-gamma", type=int, default=6, help="draft tokens per round of the sd-full baseline (tandem's default)")
+    p.add_argument("--draft-len", type=int, default=4, help="draft tokens per round for the per-exit table")
+    p.add_argument("--sd-draft-len", type=int, default=6, help="draft tokens per round of the sd-full baseline (tandem's default)")
     p.add_argument("--policy", action="append", default=[], help="TARGET=EXITS:THRESHOLDS@GAMMA: use this sorted policy instead of tuning (repeatable)")
     p.add_argument("--draft-quantize", choices=("none", "int8", "int4"), default="int4")
     p.add_argument("--target-dtype", choices=("bfloat16", "float32"), default="bfloat16")
@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         t, _, rest = item.partition("=")
         pol, _, g = rest.partition("@")
         parse_policy(pol)  # a clear error before any loading
-        given[t] = (pol, int(g or args.sd_gamma))
+        given[t] = (pol, int(g or args.sd_draft_len))
     adapters, trained, head_ids = load_exit_adapters(adapters_dir, "bfloat16")
     draft_path = resolve_model_path(args.draft)
     quant = None if args.draft_quantize == "none" else args.draft_quantize
@@ -358,8 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "draft": args.draft, "adapters": str(adapters_dir), "draft_quantize": args.draft_quantize,
         "head_size": None if head_ids is None else int(head_ids.numel()), "threads": threads,
-        "limit": args.limit, "tune_limit": args.tune_limit, "max_new_tokens": args.max_new_tokens, "gamma": args.gamma,
-        "sd_gamma": args.sd_gamma, "exits": list(exits),
+        "limit": args.limit, "tune_limit": args.tune_limit, "max_new_tokens": args.max_new_tokens, "draft_len": args.draft_len,
+        "sd_draft_len": args.sd_draft_len, "exits": list(exits),
         "draft_costs_ms": {v: {k: {str(e): x for e, x in d.items()} for k, d in c.items()} for v, c in costs.items()},
         "training": manifest.get("training", {}), "targets": {},
     }
@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         _log(f"loading target {target_ref} ({args.target_dtype})")
         target = ModelRunner(target_path, dtype=args.target_dtype)
         stop_ids = stop_ids_for(tokenizer, target_path)
-        verify_ms = {g: verify_cost_ms(target, g + 1) for g in sorted(set(GAMMA_GRID) | {args.gamma, args.sd_gamma})}
+        verify_ms = {g: verify_cost_ms(target, g + 1) for g in sorted(set(DRAFT_LEN_GRID) | {args.draft_len, args.sd_draft_len})}
         remeasure()
         _log(f"verify ms: {verify_ms}; draft ms/token: { {v: c['token'] for v, c in costs.items()} }")
         engines = {v: LocalEngine(target, r, threads=threads) for v, r in drafts.items()}
@@ -381,8 +381,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             # Tune the sorted policy on prompts that are not reported.
             if target_ref in given:
-                pol, gamma_s = given[target_ref]
-                t_rep["policy"] = {"policy": pol, "gamma": gamma_s, "source": "--policy"}
+                pol, draft_len_s = given[target_ref]
+                t_rep["policy"] = {"policy": pol, "draft_len": draft_len_s, "source": "--policy"}
                 single = None
             elif args.tune_limit > 0:
                 tune_replays = []
@@ -391,13 +391,13 @@ def main(argv: list[str] | None = None) -> int:
                         ids = encode_prompt(tokenizer, prompt=text)
                         ar = generate("after", ids, method="ar")
                         tune_replays.append(replay_draft(drafts["after"], ids, ar.tokens, exits))
-                pol, gamma_s, sim = tune_policy(tune_replays, trained=trained, full=full, costs=costs["after"], verify_ms=verify_ms)
-                single, gamma_1, sim_1 = tune_policy(tune_replays, trained=trained, full=full, costs=costs["after"], verify_ms=verify_ms, single_only=True)
-                t_rep["policy"] = {"policy": pol, "gamma": gamma_s, "source": "tuned", "tuning": sim}
-                t_rep["best_single_exit"] = {"policy": single, "gamma": gamma_1, "tuning": sim_1}
-                _log(f"{target_ref}: tuned sorted {pol} @ gamma {gamma_s} {sim}; best single exit {single} @ {gamma_1} {sim_1}")
+                pol, draft_len_s, sim = tune_policy(tune_replays, trained=trained, full=full, costs=costs["after"], verify_ms=verify_ms)
+                single, draft_len_1, sim_1 = tune_policy(tune_replays, trained=trained, full=full, costs=costs["after"], verify_ms=verify_ms, single_only=True)
+                t_rep["policy"] = {"policy": pol, "draft_len": draft_len_s, "source": "tuned", "tuning": sim}
+                t_rep["best_single_exit"] = {"policy": single, "draft_len": draft_len_1, "tuning": sim_1}
+                _log(f"{target_ref}: tuned sorted {pol} @ draft_len {draft_len_s} {sim}; best single exit {single} @ {draft_len_1} {sim_1}")
             else:
-                pol, gamma_s, single = None, args.sd_gamma, None
+                pol, draft_len_s, single = None, args.sd_draft_len, None
 
             for ds_name, path in sets.items():
                 rows: dict[str, Any] = {}
@@ -406,14 +406,14 @@ def main(argv: list[str] | None = None) -> int:
                 # slows every method alike instead of one.
                 methods: list[tuple[str, str, dict]] = [
                     ("ar", "before", {"method": "ar"}),
-                    ("sd_full_before", "before", {"method": "sd", "gamma": args.sd_gamma, "policy": ExitPolicy.single(full)}),
-                    ("sd_full_after", "after", {"method": "sd", "gamma": args.sd_gamma, "policy": ExitPolicy.single(full)}),
+                    ("sd_full_before", "before", {"method": "sd", "draft_len": args.sd_draft_len, "policy": ExitPolicy.single(full)}),
+                    ("sd_full_after", "after", {"method": "sd", "draft_len": args.sd_draft_len, "policy": ExitPolicy.single(full)}),
                 ]
                 if pol is not None:
                     policy = parse_policy(pol)
-                    methods.append(("sorted_after", "after", {"method": "sorted" if len(policy.exits) > 1 else "sd", "gamma": gamma_s, "policy": policy}))
+                    methods.append(("sorted_after", "after", {"method": "sorted" if len(policy.exits) > 1 else "sd", "draft_len": draft_len_s, "policy": policy}))
                 if single is not None:
-                    methods.append(("best_exit_after", "after", {"method": "sd", "gamma": gamma_1, "policy": parse_policy(single)}))
+                    methods.append(("best_exit_after", "after", {"method": "sd", "draft_len": draft_len_1, "policy": parse_policy(single)}))
                 runs: dict[str, list] = {key: [] for key, _, _ in methods}
                 for ids in prompts:
                     for key, variant, kw in methods:
@@ -427,15 +427,15 @@ def main(argv: list[str] | None = None) -> int:
                 replays = {v: [replay_draft(drafts[v], ids, toks, exits) for ids, toks in zip(prompts, ar_tokens)] for v in drafts}
                 for e in exits:
                     for v in drafts:
-                        per_exit[f"{e}_{v}"] = simulate(replays[v], exits=(e,), thresholds=(), gamma=args.gamma, token_ms=costs[v]["token"],
-                                                         head_ms=costs[v]["head"], layers_ms=costs[v]["layers"], verify_ms=verify_ms[args.gamma])
+                        per_exit[f"{e}_{v}"] = simulate(replays[v], exits=(e,), thresholds=(), draft_len=args.draft_len, token_ms=costs[v]["token"],
+                                                         head_ms=costs[v]["head"], layers_ms=costs[v]["layers"], verify_ms=verify_ms[args.draft_len])
                 # Replay check: the replayed sd-full acceptance against the real run's.
-                check = simulate(replays["before"], exits=(full,), thresholds=(), gamma=args.sd_gamma, token_ms=costs["before"]["token"],
-                                 head_ms=costs["before"]["head"], layers_ms=costs["before"]["layers"], verify_ms=verify_ms[args.sd_gamma])
+                check = simulate(replays["before"], exits=(full,), thresholds=(), draft_len=args.sd_draft_len, token_ms=costs["before"]["token"],
+                                 head_ms=costs["before"]["head"], layers_ms=costs["before"]["layers"], verify_ms=verify_ms[args.sd_draft_len])
                 rows["replay_check_sd_full_before"] = {"replayed": check["mean_accepted_len"], "real": rows["sd_full_before"]["mean_accepted_len"]}
                 t_rep["datasets"][ds_name] = {"speed": rows, "per_exit": per_exit,
                                               "ceiling": ceiling(replays["after"], full=full, trained=trained, costs=costs["after"],
-                                                                 gamma=args.sd_gamma, verify_ms=verify_ms[args.sd_gamma])}
+                                                                 draft_len=args.sd_draft_len, verify_ms=verify_ms[args.sd_draft_len])}
         finally:
             for eng in engines.values():
                 eng.close()
@@ -490,7 +490,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{report['head_size'] or 'full'}-token head)",
         "",
         f"Greedy, first {report['limit']} prompts of each set, {report['max_new_tokens']} new tokens, {report['threads']} threads. "
-        f"*acc len*: tokens committed per verification round of `sd` drafting {report['gamma']} tokens from one exit "
+        f"*acc len*: tokens committed per verification round of `sd` drafting {report['draft_len']} tokens from one exit "
         "(replayed over the target's greedy output: exact for greedy); *draft ms/tok*: one one-token draft step at the exit "
         "(20th percentile of repeated steps); before = bare exit with the full head, after = trained adapter + frequent-token head.",
         "",
@@ -517,12 +517,12 @@ def render_markdown(report: dict[str, Any]) -> str:
                                  f"{b['mean_accepted_len']:.2f} | {a['mean_accepted_len']:.2f} |")
             ar = sp["ar"]["tok_s"] or 1e-9
             full = sp["sd_full_before"]["tok_s"] or 1e-9
-            labels = [("ar", "ar"), ("sd_full_before", f"sd, full draft, full head (gamma {report['sd_gamma']})"),
-                      ("sd_full_after", f"sd, full draft, frequent-token head (gamma {report['sd_gamma']})"),
-                      ("sorted_after", f"{'sorted' if ':' in str(pol.get('policy')) else 'sd, exit'} {pol.get('policy')} @ gamma "
-                                       f"{pol.get('gamma')}, trained draft ({pol.get('source', '')} policy)"),
+            labels = [("ar", "ar"), ("sd_full_before", f"sd, full draft, full head (draft_len {report['sd_draft_len']})"),
+                      ("sd_full_after", f"sd, full draft, frequent-token head (draft_len {report['sd_draft_len']})"),
+                      ("sorted_after", f"{'sorted' if ':' in str(pol.get('policy')) else 'sd, exit'} {pol.get('policy')} @ draft_len "
+                                       f"{pol.get('draft_len')}, trained draft ({pol.get('source', '')} policy)"),
                       ("best_exit_after", f"sd, best single trained exit {(t_rep.get('best_single_exit') or {}).get('policy')} "
-                                          f"@ gamma {(t_rep.get('best_single_exit') or {}).get('gamma')}")]
+                                          f"@ draft_len {(t_rep.get('best_single_exit') or {}).get('draft_len')}")]
             lines += ["", "| method | tok/s | x ar | x sd-full | acc len | exits used | greedy = ar |", "|---|---|---|---|---|---|---|"]
             for key, label in labels:
                 if key in sp:
@@ -533,7 +533,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             if ceil:
                 parts = [f"exit {k} {v['x_sd_full']:.2f}x" for k, v in ceil.items() if isinstance(v, dict) and k != "free"]
                 lines += ["", f"Ceiling of exit training (replay: the full draft's own drafts at a trained exit's cost per token, "
-                              f"gamma {ceil['gamma']}; perfect training could not do better): {', '.join(parts)} "
+                              f"draft_len {ceil['draft_len']}; perfect training could not do better): {', '.join(parts)} "
                               f"the full draft's predicted speed; a draft that cost nothing: {ceil['free']['x_sd_full']:.2f}x."]
             chk = sp.get("replay_check_sd_full_before")
             if chk:
@@ -569,7 +569,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
                 ax.annotate(str(e), (xa, ya), textcoords="offset points", xytext=(5, 4), fontsize=8, color=c)
         ax.set_title(f"target {_short(target)}: hollow = bare exit, filled = trained")
         ax.set_xlabel("draft cost per token (ms, one-token step)")
-        ax.set_ylabel(f"mean accepted length (gamma={report['gamma']})")
+        ax.set_ylabel(f"mean accepted length (draft_len={report['draft_len']})")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

@@ -97,7 +97,7 @@ def test_draft_death_finishes_target_only_and_pool_heals(pools, method):
     draft = eng.draft_pool.members[0].handle
     old_pid = _pid(draft)
     streamed: list[int] = []
-    out = eng.generate("t", PROMPT, spec=SpecConfig(method=method, gamma=3), max_new_tokens=120, on_tokens=_kill_at_first_tokens(old_pid, streamed))
+    out = eng.generate("t", PROMPT, spec=SpecConfig(method=method, draft_len=3), max_new_tokens=120, on_tokens=_kill_at_first_tokens(old_pid, streamed))
     assert out.draft_failed
     assert out.tokens == ref  # nothing lost, nothing repeated
     assert streamed == ref  # and the stream said exactly the same
@@ -105,7 +105,7 @@ def test_draft_death_finishes_target_only_and_pool_heals(pools, method):
 
     new_pid = _wait_new_pid(draft, old_pid)
     assert new_pid != old_pid
-    again = eng.generate("t", PROMPT, spec=SpecConfig(method=method, gamma=3), max_new_tokens=40)
+    again = eng.generate("t", PROMPT, spec=SpecConfig(method=method, draft_len=3), max_new_tokens=40)
     assert not again.draft_failed and again.stats.drafted > 0
     assert again.tokens == ref[:40]
 
@@ -118,7 +118,7 @@ def test_target_death_before_output_is_retried_on_a_healthy_replica(pools):
     os.kill(_pid(victim), signal.SIGKILL)
     _wait_dead(victim)
     # both replicas idle: least-loaded picks replica 0 first, which is dead
-    out = eng.generate("t", PROMPT, spec=SpecConfig(method="sd", gamma=3), max_new_tokens=30)
+    out = eng.generate("t", PROMPT, spec=SpecConfig(method="sd", draft_len=3), max_new_tokens=30)
     assert out.tokens == ref
     assert pool.members[0].failures == 1
     assert not pool.members[0].healthy  # skipped for a while
@@ -135,7 +135,7 @@ def test_target_death_mid_stream_resumes_with_the_same_output(pools, method):
 
     # the only replica dies after tokens were streamed: the request waits for Ray's
     # restart, re-prefills prompt + what it sent, and goes on where it was
-    out = eng.generate("t", PROMPT, spec=SpecConfig(method=method, gamma=2), max_new_tokens=120, on_tokens=_kill_at_first_tokens(pid, seen))
+    out = eng.generate("t", PROMPT, spec=SpecConfig(method=method, draft_len=2), max_new_tokens=120, on_tokens=_kill_at_first_tokens(pid, seen))
     assert 0 < len(seen)
     assert out.tokens == ref and seen == ref  # nothing lost, nothing repeated
     assert out.finish_reason == "length"
@@ -149,7 +149,7 @@ def test_a_request_waits_for_a_restarting_replica_and_gives_up_at_its_deadline(p
     pid = _pid(target)
     os.kill(pid, signal.SIGKILL)
     _wait_dead(target)
-    out = eng.generate("t", PROMPT, spec=SpecConfig(method="sd", gamma=2), max_new_tokens=20)
+    out = eng.generate("t", PROMPT, spec=SpecConfig(method="sd", draft_len=2), max_new_tokens=20)
     assert out.tokens == ref  # sent nothing yet: waited for the restart instead of failing
     # negative control: a request whose deadline passes while no replica is healthy ends
     # with that reason and no tokens, instead of waiting on
@@ -171,6 +171,6 @@ def test_a_killed_pipeline_shard_is_handled_like_a_dead_target(pools):
     seen: list[int] = []
 
     # the restarted shard holds no KV: the request re-prefills there and goes on
-    out = eng.generate("t", PROMPT, spec=SpecConfig(method="sd", gamma=2), max_new_tokens=80, on_tokens=_kill_at_first_tokens(pid, seen))
+    out = eng.generate("t", PROMPT, spec=SpecConfig(method="sd", draft_len=2), max_new_tokens=80, on_tokens=_kill_at_first_tokens(pid, seen))
     assert out.tokens == ref and seen == ref
     assert _pid(shard) != pid

@@ -39,9 +39,9 @@ def engine(ray_local, tiny_paths):
     eng.shutdown()
 
 
-def spec_for(method: str, gamma: int = 2) -> SpecConfig:
+def spec_for(method: str, draft_len: int = 2) -> SpecConfig:
     policy = ExitPolicy(exits=(2, 4), thresholds=(0.45,)) if method == "sorted" else None
-    return SpecConfig(method=method, gamma=gamma, k=2, policy=policy)
+    return SpecConfig(method=method, draft_len=draft_len, k=2, policy=policy)
 
 
 def exact_pairs(runner: ModelRunner, params: SamplingParams) -> np.ndarray:
@@ -79,9 +79,9 @@ def test_greedy_through_actors_equals_target_only(engine, target):
     for prompt in ([0, 1, 2], [5, 4, 3, 1]):
         ref = engine.generate(target, prompt, spec=SpecConfig(method="ar"), max_new_tokens=40).tokens
         for method in METHODS:
-            for gamma in (1, 4):
-                out = engine.generate(target, prompt, spec=spec_for(method, gamma), max_new_tokens=40)
-                assert out.tokens == ref, (method, gamma, prompt)
+            for draft_len in (1, 4):
+                out = engine.generate(target, prompt, spec=spec_for(method, draft_len), max_new_tokens=40)
+                assert out.tokens == ref, (method, draft_len, prompt)
 
 
 def test_concurrent_requests_are_batched_and_correct(engine):

@@ -49,7 +49,7 @@ def test_target_pool_grows_under_load_then_drains_a_streaming_replica(ray_local,
         def client():
             while not stop.is_set():
                 try:
-                    out = eng.generate("t", PROMPT, spec=SpecConfig(method="sd", gamma=3), max_new_tokens=60, on_tokens=slow(0.01))
+                    out = eng.generate("t", PROMPT, spec=SpecConfig(method="sd", draft_len=3), max_new_tokens=60, on_tokens=slow(0.01))
                     outputs.append(out.tokens)
                 except Exception as exc:  # noqa: BLE001 - recorded, asserted below
                     errors.append(exc)
@@ -97,7 +97,7 @@ def test_target_pool_grows_under_load_then_drains_a_streaming_replica(ray_local,
         assert pool.size == 1 and sum(m.retired for m in pool.members) == 1
         assert [e.replicas for e in scaler.events] == [2, 1, 1]
         # the pool still serves, on the replica it kept
-        assert eng.generate("t", PROMPT, spec=SpecConfig(method="sd", gamma=3), max_new_tokens=60).tokens == short
+        assert eng.generate("t", PROMPT, spec=SpecConfig(method="sd", draft_len=3), max_new_tokens=60).tokens == short
         assert all(v == [] for v in eng.live_requests().values())
     finally:
         eng.shutdown()

@@ -41,7 +41,7 @@ def test_every_method_through_actors_equals_target_only(ray_local, pack_paths, p
             ref = engine.generate("t", p, spec=SpecConfig(method="ar"), max_new_tokens=N_TOKENS, stop_ids=eos).tokens
             for method in ("sd", "sorted", "pearl", "spectr"):
                 policy = ExitPolicy(exits=(12, 24), thresholds=(0.9,)) if method == "sorted" else None
-                out = engine.generate("t", p, spec=SpecConfig(method=method, gamma=5, policy=policy), max_new_tokens=N_TOKENS, stop_ids=eos)
+                out = engine.generate("t", p, spec=SpecConfig(method=method, draft_len=5, policy=policy), max_new_tokens=N_TOKENS, stop_ids=eos)
                 assert out.tokens == ref, (method, shards)
         assert all(v == [] for v in engine.live_requests().values())
     finally:

@@ -52,7 +52,7 @@ def test_every_method_equals_target_only(setup, reference, method):
     _, engine, prompts, eos = setup
     policy = ExitPolicy(exits=(12, 24), thresholds=(0.9,)) if method == "sorted" else None
     for p, ref in zip(prompts, reference):
-        out = engine.generate(p, method=method, max_new_tokens=N_TOKENS, stop_ids=eos, policy=policy, gamma=5, k=2)
+        out = engine.generate(p, method=method, max_new_tokens=N_TOKENS, stop_ids=eos, policy=policy, draft_len=5, k=2)
         assert out.tokens == ref, method
         assert len(ref) == N_TOKENS or ref[-1] in eos
         if method != "sorted":

@@ -50,6 +50,6 @@ def test_speculation_over_a_pack_target_equals_its_target_only_output(pack_paths
     with LocalEngine(target, draft, threads=2, split=ThreadSplit(target=1, draft=1)) as engine:
         ref = engine.generate(prompt, method="ar", max_new_tokens=32, stop_ids=eos).tokens
         for method in ("sd", "pearl"):
-            out = engine.generate(prompt, method=method, max_new_tokens=32, stop_ids=eos, gamma=4)
+            out = engine.generate(prompt, method=method, max_new_tokens=32, stop_ids=eos, draft_len=4)
             assert out.tokens == ref, method
             assert out.stats.mean_accepted_len > 1.5

@@ -6,7 +6,7 @@ joint distribution p(x1) p(x2 | x1) p(x3 | x1, x2), computed by enumerating the 
 own next-token distributions (vocab 6 -> 216 categories). N = 3000 seeded generations per
 method; Pearson chi-square at alpha = 1e-4 with cells pooled to expected counts >= 5 (see
 tests/conftest.py for the statistic and its exact critical value). Three tokens with
-gamma = 2 exercise every path: acceptances, rejections with residual sampling, bonus tokens,
+draft_len = 2 exercise every path: acceptances, rejections with residual sampling, bonus tokens,
 PEARL's no-bonus post-verify and its pending row, SpecTr's survivors.
 
 A negative control shows the statistic has power at this N: the same run with a wrong
@@ -66,7 +66,7 @@ def sample_counts(engine, method: str, params: SamplingParams, n: int, n_tokens:
     for i in range(n):
         sp = SamplingParams(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, seed=10_000 + i)
         out = engine.generate(
-            PROMPT, method=method, sampling=sp, max_new_tokens=n_tokens, gamma=2, k=2, policy=policy_for(method)
+            PROMPT, method=method, sampling=sp, max_new_tokens=n_tokens, draft_len=2, k=2, policy=policy_for(method)
         )
         assert len(out.tokens) == n_tokens
         idx = 0
@@ -109,15 +109,15 @@ def test_wrong_residual_is_detected(engine, stat_tools, monkeypatch):
 def test_greedy_equals_target_only(engine, method):
     for prompt in ([0, 1, 2], [5, 4], [3, 3, 3, 1, 0, 2, 4]):
         ref = engine.generate(prompt, method="ar", max_new_tokens=40).tokens
-        for gamma in (1, 3, 5):
-            out = engine.generate(prompt, method=method, max_new_tokens=40, gamma=gamma, k=3, policy=policy_for(method))
-            assert out.tokens == ref, (method, prompt, gamma)
+        for draft_len in (1, 3, 5):
+            out = engine.generate(prompt, method=method, max_new_tokens=40, draft_len=draft_len, k=3, policy=policy_for(method))
+            assert out.tokens == ref, (method, prompt, draft_len)
             # the first token comes from the prefill; every later one from a round
             assert out.stats.emitted == 39 and out.stats.rounds >= 1
 
 
 def test_stats_count_what_happened(engine):
-    out = engine.generate([0, 1, 2], method="sd", max_new_tokens=30, gamma=4)
+    out = engine.generate([0, 1, 2], method="sd", max_new_tokens=30, draft_len=4)
     s = out.stats
     assert s.drafted == 4 * s.rounds or s.drafted < 4 * s.rounds  # the last rounds may be shorter
     assert s.emitted == s.accepted + s.rounds  # one recovered or bonus token per round
@@ -154,8 +154,8 @@ def test_bad_input_names_the_field(engine):
         engine.generate([1, 2], method="magic", max_new_tokens=5)
     with pytest.raises(ValueError, match="k must"):
         engine.generate([1, 2], method="spectr", max_new_tokens=5, k=0)
-    with pytest.raises(ValueError, match="gamma"):
-        engine.generate([1, 2], method="sd", max_new_tokens=5, gamma=0)
+    with pytest.raises(ValueError, match="draft_len"):
+        engine.generate([1, 2], method="sd", max_new_tokens=5, draft_len=0)
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1.0)
     with pytest.raises(ValueError, match="thresholds"):
@@ -173,8 +173,8 @@ def test_runner_rejects_unknown_models(tmp_path):
 
 def test_sampling_is_reproducible_with_a_seed(engine):
     sp = SamplingParams(temperature=1.0, seed=123)
-    a = engine.generate([0, 1], method="pearl", sampling=sp, max_new_tokens=20, gamma=3).tokens
-    b = engine.generate([0, 1], method="pearl", sampling=sp, max_new_tokens=20, gamma=3).tokens
+    a = engine.generate([0, 1], method="pearl", sampling=sp, max_new_tokens=20, draft_len=3).tokens
+    b = engine.generate([0, 1], method="pearl", sampling=sp, max_new_tokens=20, draft_len=3).tokens
     assert a == b
     assert torch.is_tensor(torch.tensor(a, device="cpu"))
 
@@ -221,17 +221,17 @@ def test_default_draft_length_is_planned_then_learned(tiny_paths, runner_device,
         with LocalEngine(target, draft, threads=1, split=ThreadSplit(target=1, draft=1)) as eng:
             ref = eng.generate([0, 1, 2], method="ar", max_new_tokens=30).tokens
             assert eng._length_policy is None  # nothing measured for ar
-            first = eng.draft_len("sd")
+            first = eng.default_draft_len("sd")
             policy = eng.length_policy
             assert 1 <= first <= 8 and len(policy.block_costs) == 9
-            assert eng.generate([0, 1, 2], method="sd", max_new_tokens=30, gamma=2).tokens == ref
+            assert eng.generate([0, 1, 2], method="sd", max_new_tokens=30, draft_len=2).tokens == ref
             assert policy.arms[draft.num_layers].rounds == 0  # an explicit length is not observed
             for _ in range(3):
                 out = eng.generate([0, 1, 2], method="sd", max_new_tokens=30)
                 assert out.tokens == ref
             arm = policy.arms[draft.num_layers]
             assert arm.rounds >= policy.min_samples and arm.draft_step_s.value > 0
-            assert eng.draft_len("sd") == policy.best_gamma(draft.num_layers)[0]
+            assert eng.default_draft_len("sd") == policy.best_draft_len(draft.num_layers)[0]
 
 
 def test_calibrated_split_and_planned_length_share_one_cost_curve(tiny_paths, runner_device, discipline):
@@ -246,5 +246,5 @@ def test_calibrated_split_and_planned_length_share_one_cost_curve(tiny_paths, ru
             assert eng.generate([0, 1, 2], method="pearl", max_new_tokens=20).tokens == ref
             curve = eng.block_costs()
             assert len(curve) == MAX_WINDOW + 1 and 2 <= eng.split.window <= MAX_WINDOW
-            eng.draft_len("sd")
+            eng.default_draft_len("sd")
             assert eng.block_costs() is curve and list(eng.length_policy.block_costs) == curve[:9]  # measured once

@@ -9,7 +9,7 @@ Statistics: the first three generated tokens (vocab 6 -> 216 categories) of N se
 generations are compared to the exact penalized joint p(x1) p(x2 | x1) p(x3 | x1, x2) by
 Pearson chi-square at alpha = 1e-4 with cells pooled to expected counts >= 5 (the statistic
 and its exact critical value: tests/conftest.py). A correct sampler fails a given seed set
-with probability <= 1e-4. With gamma = 2 the third token is verified at row 1 of a block
+with probability <= 1e-4. With draft_len = 2 the third token is verified at row 1 of a block
 whose row 0 holds the draft's x2, so the within-block penalty counts decide its law. The
 loop drives the real Verifier and Drafter through `Inline` sides (calls run at once, in
 this thread: the same loop code as the threaded engine, a few times faster here).
@@ -132,7 +132,7 @@ def sample_counts(runners, method: str, params: SamplingParams, n: int) -> np.nd
     for i in range(n):
         out = run_request(
             draft=dside, target=tside, request_id=f"r{i}", prompt=PROMPT, sampling=replace(params, seed=50_000 + i),
-            max_new_tokens=3, spec=SpecConfig(method=method, gamma=2, k=2),
+            max_new_tokens=3, spec=SpecConfig(method=method, draft_len=2, k=2),
         )
         a, b, c = out.tokens
         counts[(a * vocab + b) * vocab + c] += 1
@@ -151,9 +151,9 @@ def test_greedy_with_penalties_equals_reference(engine, runners, method):
     for prompt in ([0, 1, 2], [5, 4, 3, 3]):
         ref = reference_greedy(runners[0], prompt, params, 24)
         assert ref != reference_greedy(runners[0], prompt, SamplingParams(), 24)  # the penalties matter here
-        for gamma in (1, 4):
-            out = engine.generate(prompt, method=method, sampling=params, max_new_tokens=24, gamma=gamma, k=3, policy=policy_for(method))
-            assert out.tokens == ref, (method, prompt, gamma)
+        for draft_len in (1, 4):
+            out = engine.generate(prompt, method=method, sampling=params, max_new_tokens=24, draft_len=draft_len, k=3, policy=policy_for(method))
+            assert out.tokens == ref, (method, prompt, draft_len)
 
 
 # ----------------------------------------------------------------------------------------
@@ -175,7 +175,7 @@ def check_against_full_forward(runner: ModelRunner, prompt: list[int], tokens: l
 def test_greedy_logprobs_equal_target_only(engine, runners, method):
     params = SamplingParams(logprobs=3, **PENALTIES)  # logprobs are of the raw logits, penalties or not
     ref = engine.generate(PROMPT, method="ar", sampling=params, max_new_tokens=20)
-    out = engine.generate(PROMPT, method=method, sampling=params, max_new_tokens=20, gamma=3, k=2, policy=policy_for(method))
+    out = engine.generate(PROMPT, method=method, sampling=params, max_new_tokens=20, draft_len=3, k=2, policy=policy_for(method))
     assert out.tokens == ref.tokens
     for a, b in zip(out.logprobs, ref.logprobs):
         assert abs(a.logprob - b.logprob) < 1e-5
@@ -188,7 +188,7 @@ def test_sampled_logprobs_match_one_full_forward(engine, runners, method):
     params = SamplingParams(temperature=1.3, top_k=5, min_p=0.02, seed=7, logprobs=2, **PENALTIES)
     streamed = []
     out = engine.generate(
-        PROMPT, method=method, sampling=params, max_new_tokens=30, gamma=3, k=2, policy=policy_for(method), on_logprobs=streamed.extend
+        PROMPT, method=method, sampling=params, max_new_tokens=30, draft_len=3, k=2, policy=policy_for(method), on_logprobs=streamed.extend
     )
     assert out.stats.accepted > 0 or method == "ar"  # accepted draft tokens' logprobs are checked too
     assert streamed == out.logprobs
@@ -222,7 +222,7 @@ def test_a_resumed_request_counts_what_it_emitted_as_output(runners, method):
     def resume(prompt_len):
         return run_request(
             draft=Inline(Drafter(draft)), target=Inline(Verifier(target)), request_id="resumed", prompt=PROMPT + whole[:8],
-            sampling=params, max_new_tokens=16, spec=SpecConfig(method=method, gamma=3), prompt_len=prompt_len,
+            sampling=params, max_new_tokens=16, spec=SpecConfig(method=method, draft_len=3), prompt_len=prompt_len,
         ).tokens
 
     assert resume(len(PROMPT)) == whole[8:]

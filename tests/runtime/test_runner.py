@@ -265,7 +265,7 @@ def test_pack_grid_is_served_as_stored(tiny_service_models, tmp_path, runner_dev
     with LocalEngine(r, draft, threads=1, split=ThreadSplit(target=1, draft=1)) as eng:
         ref = eng.generate([1, 2, 3], method="ar", max_new_tokens=24).tokens
         for method in ("sd", "pearl"):
-            assert eng.generate([1, 2, 3], method=method, max_new_tokens=24, gamma=3).tokens == ref, method
+            assert eng.generate([1, 2, 3], method=method, max_new_tokens=24, draft_len=3).tokens == ref, method
     with pytest.raises(ValueError, match="quantize: 'pack'.*grid_q4k"):
         ModelRunner(tiny_service_models["small"], dtype="float32", quantize="pack", device=runner_device)
 

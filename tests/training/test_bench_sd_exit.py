@@ -26,7 +26,7 @@ def tiny(tmp_path_factory):
 
 def _argv(draft, prompts, out, *extra):
     return ["bench", "--target", draft, "--draft", draft, "--prompts", str(prompts), "--limit", "2",
-            "--max-new-tokens", "12", "--methods", "hf-ar,ar,sd", "--gamma", "2", "--dtype", "float32",
+            "--max-new-tokens", "12", "--methods", "hf-ar,ar,sd", "--draft-len", "2", "--dtype", "float32",
             "--draft-quantize", "none", "--exit-adapters", "none", "--threads", "1", "--output", str(out), *extra]
 
 

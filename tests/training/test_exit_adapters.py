@@ -154,7 +154,7 @@ def test_trained_exits_keep_greedy_output_lossless(tiny, tmp_path, tmp_path_fact
     with LocalEngine(target, draft, threads=1, split=ThreadSplit(target=1, draft=1)) as eng:
         for prompt in ([0, 1, 2], [5, 9, 3, 3, 7]):
             ar = eng.generate(prompt, method="ar", max_new_tokens=24).tokens
-            one = eng.generate(prompt, method="sd", gamma=3, policy=ExitPolicy.single(2), max_new_tokens=24)
-            s2d = eng.generate(prompt, method="sorted", gamma=3, policy=ExitPolicy(exits=(1, 3, 4), thresholds=(0.3, 0.2)), max_new_tokens=24)
+            one = eng.generate(prompt, method="sd", draft_len=3, policy=ExitPolicy.single(2), max_new_tokens=24)
+            s2d = eng.generate(prompt, method="sorted", draft_len=3, policy=ExitPolicy(exits=(1, 3, 4), thresholds=(0.3, 0.2)), max_new_tokens=24)
             assert one.tokens == ar and s2d.tokens == ar
             assert set(s2d.stats.exits_used) <= {1, 3, 4}

@@ -249,21 +249,21 @@ def test_replay_simulation_counts_rounds_exactly():
     rp = Replay(target=target, tokens={1: torch.where(good, target, target + 100), 2: target.clone()},
                 max_prob={1: torch.where(good, 0.9, 0.2), 2: torch.full((10,), 0.99)})
     cost = {"token_ms": {1: 1.0, 2: 2.0}, "head_ms": {1: 0.5, 2: 0.5}, "layers_ms": {1: 0.5, 2: 1.5}, "verify_ms": 10.0}
-    # Exit 1 alone, gamma 4: round 1 accepts 0-2, commits 3 (correction): 4 tokens; round 2 at 4
+    # Exit 1 alone, draft_len 4: round 1 accepts 0-2, commits 3 (correction): 4 tokens; round 2 at 4
     # rejects at once: 1 token; round 3 at 5 accepts 5-8, bonus 9: 5 tokens. 3 rounds, 10 tokens.
-    one = simulate([rp], exits=(1,), thresholds=(), gamma=4, **cost)
+    one = simulate([rp], exits=(1,), thresholds=(), draft_len=4, **cost)
     assert (one["rounds"], one["emitted"], one["drafted"]) == (3, 10, 12)
     assert one["mean_accepted_len"] == round(10 / 3, 3) and one["draft_ms_per_token"] == 1.0
     # S2D (1 -> 2, threshold 0.5): the confident exit-1 tokens are exactly the right ones, so
     # every draft is accepted: rounds at 0 (0-3 + bonus 4), 5 (5-8 + bonus 9) = 2 rounds.
-    s2d = simulate([rp], exits=(1, 2), thresholds=(0.5,), gamma=4, **cost)
+    s2d = simulate([rp], exits=(1, 2), thresholds=(0.5,), draft_len=4, **cost)
     assert (s2d["rounds"], s2d["emitted"]) == (2, 10)
     # costs: exit-1 tokens 0.5 + 0.5; exit-2 tokens 1.5 + 0.5 + 0.5 (both heads tried)
     assert s2d["draft_ms_per_token"] == round((7 * 1.0 + 1 * 2.5) / 8, 2)
 
 
 def test_ceiling_prices_the_full_drafts_acceptance_at_each_exits_cost():
-    """Full draft (exit 2) matches all 10 target tokens: gamma 4 gives rounds at 0 and 5
+    """Full draft (exit 2) matches all 10 target tokens: draft_len 4 gives rounds at 0 and 5
     (4 accepted + bonus each): 2 rounds, 8 drafted. Time = 2 x 10 ms + 8 x cost per token:
     36 ms at the full draft's 2 ms, 28 ms at exit 1's 1 ms, 20 ms at no cost."""
     from tandem.training.exit_report import Replay, ceiling
@@ -272,7 +272,7 @@ def test_ceiling_prices_the_full_drafts_acceptance_at_each_exits_cost():
     rp = Replay(target=target, tokens={1: target + 100, 2: target.clone()},
                 max_prob={1: torch.full((10,), 0.2), 2: torch.full((10,), 0.99)})
     costs = {"token": {1: 1.0, 2: 2.0}, "head": {1: 0.5, 2: 0.5}, "layers": {1: 0.5, 2: 1.5}}
-    c = ceiling([rp], full=2, trained=(1,), costs=costs, gamma=4, verify_ms=10.0)
+    c = ceiling([rp], full=2, trained=(1,), costs=costs, draft_len=4, verify_ms=10.0)
     assert c["sd_full_predicted_tok_s"] == round(1000 * 10 / 36, 2)
     assert c["1"]["predicted_tok_s"] == round(1000 * 10 / 28, 2) and c["1"]["x_sd_full"] == round((10 / 28) / (10 / 36), 3)
     assert c["free"]["predicted_tok_s"] == round(1000 * 10 / 20, 2)
@@ -284,14 +284,14 @@ def test_report_markdown_and_plot(tmp_path):
     speed = {"tok_s": 5.0, "mean_accepted_len": 2.0, "greedy_equal": 3, "prompts": 3, "tokens": 10, "draft_ms_per_drafted": 3.0, "exits_used": {}}
     sim = {"mean_accepted_len": 2.0, "draft_ms_per_token": 2.0, "predicted_tok_s": 4.0, "rounds": 5, "emitted": 10, "drafted": 20}
     report = {
-        "draft": "d", "draft_quantize": "int4", "head_size": 100, "limit": 3, "max_new_tokens": 8, "threads": 2, "gamma": 4,
-        "sd_gamma": 6, "exits": [1, 4],
+        "draft": "d", "draft_quantize": "int4", "head_size": 100, "limit": 3, "max_new_tokens": 8, "threads": 2, "draft_len": 4,
+        "sd_draft_len": 6, "exits": [1, 4],
         "draft_costs_ms": {v: {"token": {"1": c, "4": 4 * c}} for v, c in (("before", 2.0), ("after", 1.5))},
         "training": {"val_before": {"1": {"kl": 3.0, "top1_agree": 0.1}}, "val_after": {"1": {"kl": 1.0, "top1_agree": 0.5}}},
-        "targets": {"t": {"policy": {"policy": "1,4:0.5", "gamma": 6, "source": "tuned"}, "datasets": {"code_dev": {
+        "targets": {"t": {"policy": {"policy": "1,4:0.5", "draft_len": 6, "source": "tuned"}, "datasets": {"code_dev": {
             "speed": {"ar": speed, "sd_full_before": speed, "sorted_after": {**speed, "tok_s": 6.0}},
             "per_exit": {"1_before": sim, "1_after": {**sim, "mean_accepted_len": 3.0}, "4_before": sim, "4_after": sim},
-            "ceiling": {"gamma": 6, "sd_full_predicted_tok_s": 5.0, "1": {"predicted_tok_s": 5.5, "x_sd_full": 1.1},
+            "ceiling": {"draft_len": 6, "sd_full_predicted_tok_s": 5.0, "1": {"predicted_tok_s": 5.5, "x_sd_full": 1.1},
                         "free": {"predicted_tok_s": 7.0, "x_sd_full": 1.4}}}}}},
     }
     md = render_markdown(report)

@@ -17,11 +17,11 @@ def test_expected_tokens_closed_form():
     assert expected_tokens([0.5, 0.0, 1.0]) == pytest.approx(1.5)
 
 
-def feed(policy, *, exit, acceptance, draft_step, verify, rounds=40, gamma=8):
-    """Deterministic rounds: position i accepted iff i < round(acceptance * gamma)."""
-    accepted = round(acceptance * gamma)
+def feed(policy, *, exit, acceptance, draft_step, verify, rounds=40, draft_len=8):
+    """Deterministic rounds: position i accepted iff i < round(acceptance * draft_len)."""
+    accepted = round(acceptance * draft_len)
     for _ in range(rounds):
-        policy.observe_round(exit=exit, drafted=gamma, accepted=accepted, draft_s=draft_step * gamma, verify_s=verify)
+        policy.observe_round(exit=exit, drafted=draft_len, accepted=accepted, draft_s=draft_step * draft_len, verify_s=verify)
 
 
 def warm(policy, verify=0.2):
@@ -39,7 +39,7 @@ def test_explores_every_arm_first_then_exploits_the_best():
     warm(p)
     c = p.choose()
     assert c.exit == 24 and not c.exploring
-    # the predicted rate matches the closed form for the chosen gamma
+    # the predicted rate matches the closed form for the chosen draft_len
     rate_best = max(p.rate(24, g) for g in range(1, 9))
     assert c.rate == pytest.approx(rate_best)
 
@@ -58,11 +58,11 @@ def test_turns_off_when_speculation_does_not_pay():
     feed(p, exit=24, acceptance=0.0, draft_step=0.2, verify=0.2)
     warm(p, verify=0.2)
     c = p.choose()
-    assert c.exit is None and c.gamma == 0
+    assert c.exit is None and c.draft_len == 0
 
 
 def test_load_shortens_the_draft():
-    """Slower draft steps (a busy draft pool) move the best gamma down."""
+    """Slower draft steps (a busy draft pool) move the best draft_len down."""
     light = GoodputPolicy(exits=(24,), max_draft_len=16, overlapped=False, explore_every=0)
     heavy = GoodputPolicy(exits=(24,), max_draft_len=16, overlapped=False, explore_every=0)
     for pol, step in ((light, 0.01), (heavy, 0.08)):
@@ -70,16 +70,16 @@ def test_load_shortens_the_draft():
             accepted = [2, 5, 8, 12, 16][i % 5]
             pol.observe_round(exit=24, drafted=16, accepted=accepted, draft_s=step * 16, verify_s=0.2)
         warm(pol)
-    assert heavy.choose().gamma < light.choose().gamma
+    assert heavy.choose().draft_len < light.choose().draft_len
 
 
 def test_overlapped_rate_hides_draft_time():
     p = GoodputPolicy(exits=(24,), max_draft_len=8, overlapped=True, explore_every=0)
     feed(p, exit=24, acceptance=1.0, draft_step=0.025, verify=0.2)
     warm(p)
-    # gamma 8 drafts in exactly one verification: 9 tokens per 0.2 s
+    # draft_len 8 drafts in exactly one verification: 9 tokens per 0.2 s
     assert p.rate(24, 8) == pytest.approx(9 / 0.2)
-    assert p.choose().gamma == 8
+    assert p.choose().draft_len == 8
 
 
 def test_periodic_exploration_revisits_the_least_seen_option():
@@ -92,7 +92,7 @@ def test_periodic_exploration_revisits_the_least_seen_option():
         c = p.choose()
         picks.append(c)
         # the caller reports what it ran
-        p.observe_round(exit=c.exit, drafted=c.gamma, accepted=0, draft_s=0.01 * c.gamma, verify_s=0.2)
+        p.observe_round(exit=c.exit, drafted=c.draft_len, accepted=0, draft_s=0.01 * c.draft_len, verify_s=0.2)
     assert any(c.exploring and c.exit == 8 for c in picks)
     assert any(c.exploring and c.exit is None for c in picks)
     assert any(not c.exploring and c.exit == 24 for c in picks)
@@ -110,30 +110,30 @@ def test_bad_arguments():
 TILED = [35, 40, 45, 49, 100, 105, 110, 115, 160]
 
 
-def fed_at_gamma_3(block_costs):
+def fed_at_draft_len_3(block_costs):
     p = GoodputPolicy(exits=(24,), max_draft_len=8, overlapped=False, explore_every=0, block_costs=block_costs)
-    feed(p, exit=24, acceptance=1.0, draft_step=0.010, verify=0.049, gamma=3)  # blocks of 4 rows seen
+    feed(p, exit=24, acceptance=1.0, draft_step=0.010, verify=0.049, draft_len=3)  # blocks of 4 rows seen
     warm(p, verify=0.035)
     return p
 
 
 def test_draft_length_follows_the_targets_cost_curve():
-    flat, tiled = fed_at_gamma_3(None), fed_at_gamma_3(TILED)
+    flat, tiled = fed_at_draft_len_3(None), fed_at_draft_len_3(TILED)
     # every draft accepted: E(g) = g + 1, so rate(g) = (g + 1) / (g d + V(g + 1)) in closed form
     assert flat.rate(24, 8) == pytest.approx(9 / (0.08 + 0.049))  # unseen 9 rows: as the nearest seen (4)
     assert tiled.rate(24, 8) == pytest.approx(9 / (0.08 + 0.049 * 160 / 49))  # scaled by the curve
     assert tiled.rate(24, 3) == pytest.approx(4 / (0.03 + 0.049))  # seen: as measured
     assert tiled.verify_time(1) == pytest.approx(0.035)  # a target-only step is a block of one row
-    assert flat.choose().gamma == 8  # negative control: without the curve, longer always looks cheap
-    assert tiled.choose().gamma == 3  # with it, the block stays within one 4-row tile
+    assert flat.choose().draft_len == 8  # negative control: without the curve, longer always looks cheap
+    assert tiled.choose().draft_len == 3  # with it, the block stays within one 4-row tile
 
 
 def test_live_verification_times_override_the_curve():
-    p = fed_at_gamma_3(TILED)
-    feed(p, exit=24, acceptance=1.0, draft_step=0.010, verify=0.060, gamma=8)  # 9 rows measured cheap
+    p = fed_at_draft_len_3(TILED)
+    feed(p, exit=24, acceptance=1.0, draft_step=0.010, verify=0.060, draft_len=8)  # 9 rows measured cheap
     assert p.verify_time(9) == pytest.approx(0.060)
     assert p.verify_time(8) == pytest.approx(0.060 * 115 / 160)  # the nearest seen (9 rows), scaled
-    assert p.choose().gamma > 4  # a long draft measured cheap is chosen despite the prior
+    assert p.choose().draft_len > 4  # a long draft measured cheap is chosen despite the prior
     assert p.snapshot()["verify_s"] == {4: pytest.approx(0.049), 9: pytest.approx(0.060)}
 
 

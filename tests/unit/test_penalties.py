@@ -32,7 +32,7 @@ def reference(row: torch.Tensor, params: SamplingParams, prompt: list[int], outp
 
 def test_each_row_counts_the_block_tokens_before_it():
     gen = torch.Generator().manual_seed(0)
-    logits = torch.randn(4, 9, generator=gen) * 3  # [gamma + 1, vocab], both signs
+    logits = torch.randn(4, 9, generator=gen) * 3  # [draft_len + 1, vocab], both signs
     prompt, output, block = [0, 1, 1, 5], [2, 5, 2], [3, 2, 8]
     got = penalize(logits, PEN, prompt=prompt, output=output, block=block)
     for i in range(4):

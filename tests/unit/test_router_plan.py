@@ -33,7 +33,7 @@ def test_sorted_without_exits_falls_back_to_sd_and_says_so_once(caplog):
     with caplog.at_level(logging.WARNING, logger="tandem.router"):
         for _ in range(3):
             spec, choice = r.plan(r.routes["t"], request())
-            assert spec.method == "sd" and spec.policy is None and spec.gamma == 6 and choice is None
+            assert spec.method == "sd" and spec.policy is None and spec.draft_len == 6 and choice is None
     warnings = [rec for rec in caplog.records if "no exit below its full depth" in rec.getMessage()]
     assert len(warnings) == 1 and "train-exits" in warnings[0].getMessage()
 

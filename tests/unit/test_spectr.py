@@ -166,7 +166,7 @@ def test_kseq_stops_at_a_residual_token() -> None:
     assert result == KSeqResult(accepted_len=0, tokens=[6], source_draft=None)
 
 
-def test_kseq_with_gamma_zero_samples_the_bonus() -> None:
+def test_kseq_with_draft_len_zero_samples_the_bonus() -> None:
     q, p = [torch.zeros(0, 3)] * 2, [torch.tensor([[0.0, 0.0, 1.0]])] * 2
     result = verify_kseq(drafts=[[], []], q=q, p=p, generator=make_generator(0))
     assert result == KSeqResult(accepted_len=0, tokens=[2], source_draft=None)
@@ -175,10 +175,10 @@ def test_kseq_with_gamma_zero_samples_the_bonus() -> None:
 def test_kseq_with_one_draft_matches_verify_block_exactly() -> None:
     generator = make_generator(4)
     for seed in range(100):
-        gamma = seed % 4
-        p = torch.softmax(2 * torch.randn(gamma + 1, VOCAB, generator=generator), -1)  # [gamma + 1, vocab]
-        q = torch.softmax(2 * torch.randn(gamma, VOCAB, generator=generator), -1)  # [gamma, vocab]
-        drafts = sample(q, generator).tolist() if gamma else []
+        draft_len = seed % 4
+        p = torch.softmax(2 * torch.randn(draft_len + 1, VOCAB, generator=generator), -1)  # [draft_len + 1, vocab]
+        q = torch.softmax(2 * torch.randn(draft_len, VOCAB, generator=generator), -1)  # [draft_len, vocab]
+        drafts = sample(q, generator).tolist() if draft_len else []
         block = verify_block(draft_tokens=drafts, q=q, p=p, generator=make_generator(seed))
         kseq = verify_kseq(drafts=[drafts], q=[q], p=[p], generator=make_generator(seed))
         assert (kseq.accepted_len, kseq.tokens) == (block.accepted_len, block.tokens)
@@ -264,9 +264,9 @@ def test_select_negative_control_residual_ignoring_rho_is_detected(monkeypatch, 
     assert not fit.passes, str(fit)
 
 
-def kseq_pair_counts(*, target, draft, k: int, gamma: int, seed: int) -> np.ndarray:
+def kseq_pair_counts(*, target, draft, k: int, draft_len: int, seed: int) -> np.ndarray:
     """Counts of the first two committed tokens (x * vocab + y) over PAIR_N decodes with K-SEQ
-    rounds: k independent draft sequences of length gamma per round, repeated until two
+    rounds: k independent draft sequences of length draft_len per round, repeated until two
     tokens are committed."""
     generator = make_generator(seed)
     vocab = target.vocab
@@ -277,12 +277,12 @@ def kseq_pair_counts(*, target, draft, k: int, gamma: int, seed: int) -> np.ndar
             drafts: list[list[int]] = []
             for _ in range(k):
                 tokens: list[int] = []
-                for _ in range(gamma):
+                for _ in range(draft_len):
                     tokens.append(int(sample(draft.dist(committed + tokens), generator)))  # own path, independent
                 drafts.append(tokens)
-            # k x [gamma, vocab] and k x [gamma + 1, vocab], each along its own draft
-            q = [torch.stack([draft.dist(committed + d[:j]) for j in range(gamma)]) for d in drafts]
-            p = [torch.stack([target.dist(committed + d[:j]) for j in range(gamma + 1)]) for d in drafts]
+            # k x [draft_len, vocab] and k x [draft_len + 1, vocab], each along its own draft
+            q = [torch.stack([draft.dist(committed + d[:j]) for j in range(draft_len)]) for d in drafts]
+            p = [torch.stack([target.dist(committed + d[:j]) for j in range(draft_len + 1)]) for d in drafts]
             committed += verify_kseq(drafts=drafts, q=q, p=p, generator=generator).tokens
         counts[committed[0] * vocab + committed[1]] += 1
     return counts
@@ -302,7 +302,7 @@ def toy_pair(stat_tools):
 @pytest.mark.parametrize("k", [2, 4])
 def test_kseq_two_token_sequences_follow_the_target(k: int, stat_tools) -> None:
     target, draft = toy_pair(stat_tools)
-    counts = kseq_pair_counts(target=target, draft=draft, k=k, gamma=2, seed=5)
+    counts = kseq_pair_counts(target=target, draft=draft, k=k, draft_len=2, seed=5)
     fit = stat_tools.chi_square_test(counts, stat_tools.pair_distribution(target))
     assert fit.passes, str(fit)
 
@@ -310,6 +310,6 @@ def test_kseq_two_token_sequences_follow_the_target(k: int, stat_tools) -> None:
 def test_kseq_two_token_negative_control_residual_ignoring_rho_is_detected(monkeypatch, stat_tools) -> None:
     target, draft = toy_pair(stat_tools)
     monkeypatch.setattr(spectr, "kseq_residual", ignore_rho)
-    counts = kseq_pair_counts(target=target, draft=draft, k=4, gamma=2, seed=5)
+    counts = kseq_pair_counts(target=target, draft=draft, k=4, draft_len=2, seed=5)
     fit = stat_tools.chi_square_test(counts, stat_tools.pair_distribution(target))
     assert not fit.passes, str(fit)

@@ -58,8 +58,8 @@ def test_greedy_checks_lengths() -> None:
 
 def test_block_one_hot_accepts_all_and_takes_bonus() -> None:
     drafts = [3, 1, 6]
-    q = torch.stack([one_hot(t) for t in drafts])  # [gamma, vocab]
-    p = torch.stack([one_hot(t) for t in [*drafts, 5]])  # [gamma + 1, vocab]
+    q = torch.stack([one_hot(t) for t in drafts])  # [draft_len, vocab]
+    p = torch.stack([one_hot(t) for t in [*drafts, 5]])  # [draft_len + 1, vocab]
     result = verify_block(draft_tokens=drafts, q=q, p=p, generator=make_generator(0))
     assert result == VerifyResult(accepted_len=3, tokens=[3, 1, 6, 5])
 
@@ -85,7 +85,7 @@ def test_block_rejects_first_token_outside_target_support() -> None:
     assert seen == {0, 2}
 
 
-def test_block_with_gamma_zero_samples_the_bonus() -> None:
+def test_block_with_draft_len_zero_samples_the_bonus() -> None:
     result = verify_block(draft_tokens=[], q=torch.zeros(0, VOCAB), p=one_hot(4)[None], generator=make_generator(0))
     assert result == VerifyResult(accepted_len=0, tokens=[4])
     result = verify_block(draft_tokens=[], q=[], p=one_hot(2)[None], generator=make_generator(0))
@@ -102,8 +102,8 @@ def test_block_p_equal_q_always_accepts() -> None:
 
 def test_block_is_seeded_and_leaves_inputs_alone() -> None:
     generator = make_generator(11)
-    p = torch.softmax(torch.randn(4, VOCAB, generator=generator), -1)  # [gamma + 1, vocab]
-    q = torch.softmax(torch.randn(3, VOCAB, generator=generator), -1)  # [gamma, vocab]
+    p = torch.softmax(torch.randn(4, VOCAB, generator=generator), -1)  # [draft_len + 1, vocab]
+    q = torch.softmax(torch.randn(3, VOCAB, generator=generator), -1)  # [draft_len, vocab]
     drafts = sample(q, generator).tolist()
     p_before, q_before, drafts_before = p.clone(), q.clone(), list(drafts)
     first = [verify_block(draft_tokens=drafts, q=q, p=p, generator=make_generator(s)) for s in range(10)]
@@ -141,11 +141,11 @@ def test_residual_distribution_by_hand() -> None:
 def test_sparse_and_dense_q_agree_exactly() -> None:
     generator = make_generator(5)
     for seed in range(100):
-        gamma = seed % 4
-        p = torch.softmax(2 * torch.randn(gamma + 1, VOCAB, generator=generator), -1)  # [gamma + 1, vocab]
-        full_q = torch.softmax(2 * torch.randn(gamma, VOCAB, generator=generator), -1)  # [gamma, vocab]
+        draft_len = seed % 4
+        p = torch.softmax(2 * torch.randn(draft_len + 1, VOCAB, generator=generator), -1)  # [draft_len + 1, vocab]
+        full_q = torch.softmax(2 * torch.randn(draft_len, VOCAB, generator=generator), -1)  # [draft_len, vocab]
         sparse_q = [truncate_to_sparse(row, 3) for row in full_q]
-        dense_q = torch.stack([d.dense(VOCAB) for d in sparse_q]) if gamma else torch.zeros(0, VOCAB)
+        dense_q = torch.stack([d.dense(VOCAB) for d in sparse_q]) if draft_len else torch.zeros(0, VOCAB)
         drafts = [int(sample(d.dense(VOCAB), generator)) for d in sparse_q]  # the draft samples the truncated q
         from_sparse = verify_block(draft_tokens=drafts, q=sparse_q, p=p, generator=make_generator(seed))
         from_dense = verify_block(draft_tokens=drafts, q=dense_q, p=p, generator=make_generator(seed))
@@ -156,7 +156,7 @@ def test_sparse_and_dense_q_agree_exactly() -> None:
 
 
 def first_token_counts(*, q: torch.Tensor | list[SparseDist], q_dense: torch.Tensor, seed: int) -> np.ndarray:
-    """Counts of the first committed token over SINGLE_N rounds of gamma = 1 with p0 = P_ROW."""
+    """Counts of the first committed token over SINGLE_N rounds of draft_len = 1 with p0 = P_ROW."""
     generator = make_generator(seed)
     p = torch.stack([P_ROW, torch.full((VOCAB,), 1.0 / VOCAB, dtype=torch.float64)])  # [2, vocab]
     drafts = sample(q_dense.expand(SINGLE_N, -1), generator).tolist()  # [N] iid from q
@@ -193,10 +193,10 @@ def test_first_token_negative_control_wrong_residual_is_detected(monkeypatch, st
     assert not fit.passes, str(fit)
 
 
-def two_token_counts(*, target, draft, gamma: int, sparse_k: int | None, seed: int) -> np.ndarray:
+def two_token_counts(*, target, draft, draft_len: int, sparse_k: int | None, seed: int) -> np.ndarray:
     """Counts of the first two committed tokens (index x * vocab + y) over PAIR_N decodes.
 
-    A decode runs real rounds: draft gamma tokens from the draft LM after the committed
+    A decode runs real rounds: draft `draft_len` tokens from the draft LM after the committed
     prefix, score them with the target LM, verify, and repeat until two tokens are committed
     (so recovered, accepted and bonus tokens all land in the pair).
     """
@@ -209,7 +209,7 @@ def two_token_counts(*, target, draft, gamma: int, sparse_k: int | None, seed: i
         while len(committed) < 2:
             drafts: list[int] = []
             q_rows: list = []
-            for _ in range(gamma):
+            for _ in range(draft_len):
                 q_row = draft.dist(committed + drafts)  # [vocab]
                 if sparse_k is not None:
                     prefix = tuple(committed + drafts)
@@ -221,7 +221,7 @@ def two_token_counts(*, target, draft, gamma: int, sparse_k: int | None, seed: i
                 else:
                     q_rows.append(q_row)
                     drafts.append(int(sample(q_row, generator)))
-            p = torch.stack([target.dist(committed + drafts[:j]) for j in range(gamma + 1)])  # [gamma + 1, vocab]
+            p = torch.stack([target.dist(committed + drafts[:j]) for j in range(draft_len + 1)])  # [draft_len + 1, vocab]
             q = q_rows if sparse_k is not None else torch.stack(q_rows)
             committed += verify_block(draft_tokens=drafts, q=q, p=p, generator=generator).tokens
         counts[committed[0] * vocab + committed[1]] += 1
@@ -237,10 +237,10 @@ def toy_pair(stat_tools):
     return target, draft
 
 
-@pytest.mark.parametrize(("gamma", "sparse_k"), [(1, None), (2, None), (3, None), (2, 3)])
-def test_two_token_sequences_follow_the_target(gamma: int, sparse_k: int | None, stat_tools) -> None:
+@pytest.mark.parametrize(("draft_len", "sparse_k"), [(1, None), (2, None), (3, None), (2, 3)])
+def test_two_token_sequences_follow_the_target(draft_len: int, sparse_k: int | None, stat_tools) -> None:
     target, draft = toy_pair(stat_tools)
-    counts = two_token_counts(target=target, draft=draft, gamma=gamma, sparse_k=sparse_k, seed=3)
+    counts = two_token_counts(target=target, draft=draft, draft_len=draft_len, sparse_k=sparse_k, seed=3)
     fit = stat_tools.chi_square_test(counts, stat_tools.pair_distribution(target))
     assert fit.passes, str(fit)
 
@@ -248,6 +248,6 @@ def test_two_token_sequences_follow_the_target(gamma: int, sparse_k: int | None,
 def test_two_token_negative_control_wrong_residual_is_detected(monkeypatch, stat_tools) -> None:
     target, draft = toy_pair(stat_tools)
     monkeypatch.setattr(verify, "residual_distribution", lambda p_row, q_row: p_row)
-    counts = two_token_counts(target=target, draft=draft, gamma=2, sparse_k=None, seed=3)
+    counts = two_token_counts(target=target, draft=draft, draft_len=2, sparse_k=None, seed=3)
     fit = stat_tools.chi_square_test(counts, stat_tools.pair_distribution(target))
     assert not fit.passes, str(fit)
