@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import torch
@@ -20,15 +20,16 @@ import torch
 from tandem.actors.block_costs import measure_block_costs
 from tandem.actors.drafter import Drafter
 from tandem.actors.runner import ModelRunner
-from tandem.actors.speculative import GenerationResult, LocalSide, SpecConfig, run_request
+from tandem.actors.speculative import GenerationResult, LocalSide, run_request
 from tandem.actors.verifier import Verifier
 from tandem.speculation.goodput import PRIOR_ACCEPTANCE, GoodputPolicy, planned_draft_len, round_rate
+from tandem.speculation.plan import DEFAULT_DRAFT_LEN, DEFAULT_MAX_DRAFT_LEN, Plan, check_context, observe
+from tandem.speculation.plan import plan as plan_request
 from tandem.speculation.sampling import SamplingParams
 from tandem.speculation.sorted_policy import ExitPolicy
 
-DEFAULT_GAMMA = {"ar": 1, "sd": 6, "sorted": 6, "pearl": 8, "spectr": 4}
 PLANNED = ("sd", "sorted")  # methods whose default draft length is planned per target (draft_len)
-MAX_PLANNED_DRAFT_LEN = 8
+MAX_PLANNED_DRAFT_LEN = DEFAULT_MAX_DRAFT_LEN
 MAX_WINDOW = 16  # longest PEARL window calibrate_split considers
 
 
@@ -47,7 +48,7 @@ class ThreadSplit:
         if self.window_len is not None:
             return self.window_len
         if self.draft_step_s <= 0:
-            return DEFAULT_GAMMA["pearl"]
+            return DEFAULT_DRAFT_LEN["pearl"]
         return int(max(2, min(MAX_WINDOW, round(self.target_step_s / self.draft_step_s))))
 
 
@@ -75,7 +76,7 @@ class LocalEngine:
         self.verifier = Verifier(target)
         self.drafter = Drafter(draft) if draft is not None else None
         self._split = split
-        self._planned_len = DEFAULT_GAMMA["sd"]
+        self._planned_len = DEFAULT_DRAFT_LEN["sd"]
         self._length_policy: GoodputPolicy | None = None
         self._block_costs: list[float] | None = None
         self._sides: dict[str, tuple[LocalSide, LocalSide | None]] = {}
@@ -110,22 +111,41 @@ class LocalEngine:
         return self._block_costs
 
     def default_draft_len(self, method: str) -> int:
-        """The draft length of a request that names none. sd and sorted: planned for this
-        target and draft from the target's verification time per block size and the draft's
-        step, measured once on the sides' threads (actors/block_costs.py; a bf16 target
-        verifies 8 rows for about the price of one, a 4-bit one does not), with a prior
-        acceptance at first, then with the acceptance and times of this engine's own sd rounds
-        (the router's goodput model, speculation/goodput.py). PEARL: its thread split's window.
-        Others: DEFAULT_GAMMA."""
-        if method == "pearl":
-            return self.split.window
-        if method not in PLANNED or self.drafter is None:
-            return DEFAULT_GAMMA.get(method, 4)
-        policy = self.length_policy
-        full = self.draft.num_layers
-        if policy.arms[full].rounds >= policy.min_samples:
-            return policy.best_draft_len(full)[0]
-        return self._planned_len
+        """The draft length of a `method` request that names none (the planner's rule on this
+        engine's measurements; see plan())."""
+        return self.plan(method).spec.draft_len
+
+    def plan(
+        self, method: str = "auto", *, draft_len: int | None = None, policy: ExitPolicy | None = None,
+        max_draft_len: int | None = None, k: int | None = None,
+    ) -> Plan:
+        """One request's plan from the planner (speculation/plan.py), with this engine as the
+        target: its goodput policy is `length_policy` (sequential rounds of the full draft,
+        priced with the target's cost curve), so `auto` picks the full draft's length or
+        speculation off, and sd/sorted without a length get the one planned from the cost
+        curve, then the one learned from this engine's rounds. PEARL's default window is its
+        thread split's. A request naming its length (or an exit policy for sd/pearl) is not
+        observed. Nothing is measured for ar/off, spectr, or a request naming its length."""
+        has_draft = self.drafter is not None
+        learns = has_draft and draft_len is None and method in ("auto", "sd", "sorted")
+        learns = learns and not (policy is not None and method in ("sd", "pearl"))
+        measured: dict[str, int] = {}
+        if learns:
+            self.length_policy  # noqa: B018 - measures the cost curve and plans the sd length once
+            measured = {"sd": self._planned_len, "sorted": self._planned_len}
+        elif has_draft and draft_len is None and method == "pearl":
+            measured = {"pearl": self.split.window}
+        view = _PlanView(
+            name="local", default_method="auto", max_draft_len=DEFAULT_MAX_DRAFT_LEN,
+            policy=self._length_policy if learns else None, sorted_policy=policy if method == "sorted" else None,
+        )
+        p = plan_request(view, method, draft_len=draft_len, max_draft_len=max_draft_len, has_draft=has_draft, draft_lens=measured)
+        spec = p.spec
+        if policy is not None and spec.method in ("sd", "pearl"):
+            spec = replace(spec, policy=policy)  # sd/pearl from the given exit(s)
+        if k is not None and spec.method == "spectr":
+            spec = replace(spec, k=k)
+        return replace(p, spec=spec)
 
     @property
     def length_policy(self) -> GoodputPolicy:
@@ -162,32 +182,30 @@ class LocalEngine:
         max_new_tokens: int = 128,
         draft_len: int | None = None,
         policy: ExitPolicy | None = None,
-        k: int = 2,
+        k: int | None = None,
+        max_draft_len: int | None = None,
         stop_ids: Sequence[int] = (),
         on_tokens: Callable[[list[int]], None] | None = None,
         on_logprobs: Callable[[list], None] | None = None,
     ) -> GenerationResult:
-        """Generate up to max_new_tokens after `prompt` (token ids) with `method`; with
+        """Generate up to max_new_tokens after `prompt` (token ids) with `method` (one of the
+        planner's METHODS, or "ar" = "off"), planned by plan(); result.plan is that plan. With
         sampling.logprobs set, result.logprobs has each token's (on_logprobs streams them)."""
         sampling = sampling or SamplingParams()
-        if method != "ar" and self.drafter is None:
+        if method not in ("ar", "off", "auto") and self.drafter is None:
             raise ValueError(f"method {method!r} needs a draft model; only 'ar' runs without one")
-        on_round = None
-        if draft_len is None:
-            draft_len = self.default_draft_len(method)
-            if method == "sd" and self._length_policy is not None:
-                policy_, full = self._length_policy, self.draft.num_layers
-                on_round = lambda info: policy_.observe_round(  # noqa: E731 - this engine's rounds teach its length
-                    exit=full, drafted=info["drafted"], accepted=info["accepted"], draft_s=info["draft_s"], verify_s=info["verify_s"]
-                )
         if method == "sorted" and policy is None:
             raise ValueError("method 'sorted' needs an exit policy (exits and thresholds)")
-        spec = SpecConfig(method=method, draft_len=draft_len, policy=policy, k=k)
         if policy is not None and self.drafter is not None:
             self.drafter.check_policy(policy)
-        check_context(self.target, len(prompt), max_new_tokens, extra=draft_len + 1)
-        target, draft = self._pair("parallel" if method == "pearl" else "sequential")
-        return run_request(
+        p = self.plan(method, draft_len=draft_len, policy=policy, max_draft_len=max_draft_len, k=k)
+        spec = p.spec
+        check_context(len(prompt), max_new_tokens, self.target.max_context, draft_len=spec.draft_len if spec.method != "ar" else 0)
+        view = _PlanView(name="local", default_method="auto", max_draft_len=DEFAULT_MAX_DRAFT_LEN,
+                         policy=self._length_policy, sorted_policy=None)
+        on_round = (lambda info: observe(view, p, info)) if p.observes and self._length_policy is not None else None
+        target, draft = self._pair("parallel" if spec.method == "pearl" else "sequential")
+        result = run_request(
             draft=draft,
             target=target,
             request_id=f"local-{next(self._ids)}",
@@ -200,21 +218,19 @@ class LocalEngine:
             on_logprobs=on_logprobs,
             on_round=on_round,
         )
+        result.plan = p
+        return result
 
 
-def check_context(runner: ModelRunner, prompt_len: int, max_new_tokens: int, *, extra: int = 0) -> None:
-    """Raise a ValueError naming the field when a request cannot fit the context."""
-    if prompt_len < 1:
-        raise ValueError("prompt must hold at least one token")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if prompt_len >= runner.max_context:
-        raise ValueError(f"prompt is {prompt_len} tokens, longer than the model's context of {runner.max_context}")
-    if prompt_len + max_new_tokens + extra > runner.max_context:
-        raise ValueError(
-            f"max_new_tokens: prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) exceed the "
-            f"model's context of {runner.max_context}"
-        )
+@dataclass
+class _PlanView:
+    """This engine as the planner's target (speculation/plan.py PlanTarget)."""
+
+    name: str
+    default_method: str
+    max_draft_len: int
+    policy: GoodputPolicy | None
+    sorted_policy: ExitPolicy | None
 
 
 def calibrate_split(

@@ -31,12 +31,9 @@ from typing import Any, Callable, Protocol, Sequence
 
 
 from tandem.actors.devices import thread_initializer
+from tandem.speculation.plan import SpecConfig, context_reserve
 from tandem.speculation.sampling import SamplingParams, TokenLogprob
-from tandem.speculation.sorted_policy import ExitPolicy
 from tandem.speculation.stats import SpecStats
-
-METHODS = ("ar", "sd", "sorted", "pearl", "spectr")
-
 
 class CallFuture(Protocol):
     def result(self) -> Any: ...
@@ -101,27 +98,6 @@ class SideUnavailableError(RuntimeError):
         self.partial: GenerationResult | None = None  # what the request did before the failure
 
 
-@dataclass(frozen=True)
-class SpecConfig:
-    """How one request speculates."""
-
-    method: str = "sd"
-    draft_len: int = 4  # draft tokens per round (PEARL: the window)
-    policy: ExitPolicy | None = None  # exits and thresholds (None: the draft's full depth)
-    k: int = 2  # SpecTr branches
-    pre_verify: bool = True  # PEARL: a 1-token block after a rejection
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if isinstance(self.draft_len, bool) or not isinstance(self.draft_len, int) or not 1 <= self.draft_len <= 64:
-            raise ValueError(f"draft_len must be an integer in [1, 64], got {self.draft_len!r}")
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
-            raise ValueError(f"k must be an integer >= 1, got {self.k!r}")
-        if self.k > 16:
-            raise ValueError(f"k must be <= 16, got {self.k}")
-
-
 @dataclass
 class GenerationResult:
     tokens: list[int]  # generated tokens (prompt excluded)
@@ -136,6 +112,7 @@ class GenerationResult:
     per_round_s: list[float] = field(default_factory=list)
     critical_s: float = 0.0  # time inside draft/target calls on the round's critical path
     logprobs: list[TokenLogprob] | None = None  # one per token when sampling.logprobs is set
+    plan: Any = None  # the planner's Plan (speculation/plan.py) when the engine planned the request
 
     @property
     def overhead_frac(self) -> float:
@@ -242,7 +219,7 @@ def run_request(
     )
     prompt_len = len(progress.prompt) if prompt_len is None else int(prompt_len)
     use_draft = spec.method != "ar" and draft is not None
-    capacity = len(prompt) + max_new_tokens + 2 * spec.draft_len + 8
+    capacity = len(prompt) + max_new_tokens + context_reserve(spec.draft_len)
     draft_open = None
     try:
         if use_draft:

@@ -369,10 +369,9 @@ class ActorBackend:
         self.draft_exits = tuple(self.engine.draft_pool.info["exits"])
 
     def generate(self, ids, method, max_new, sp, *, draft_len, policy, k, stop_ids):
-        from tandem.actors.local import DEFAULT_GAMMA
-        from tandem.actors.speculative import SpecConfig
+        from tandem.speculation.plan import DEFAULT_DRAFT_LEN, SPECTR_BRANCHES, SpecConfig
 
-        spec = SpecConfig(method=method, draft_len=draft_len or DEFAULT_GAMMA[method], policy=policy, k=k)
+        spec = SpecConfig(method=method, draft_len=draft_len or DEFAULT_DRAFT_LEN[method], policy=policy, k=k or SPECTR_BRANCHES)
         return self.engine.generate("target", ids, spec=spec, sampling=sp, max_new_tokens=max_new, stop_ids=stop_ids)
 
     def describe(self, method: str) -> dict:

@@ -37,11 +37,11 @@ from pathlib import Path
 import grpc
 
 from tandem.services.client import TandemClient, TandemError
+from tandem.speculation.plan import METHODS
 
 REFUSALS = {"RESOURCE_EXHAUSTED"}  # refused before any work: allowed under overload
 CLEAN_ERRORS = {"INVALID_ARGUMENT", "NOT_FOUND", "DEADLINE_EXCEEDED", "CANCELLED", "UNAVAILABLE"}
 BAD_CODES = {"UNKNOWN", "INTERNAL"}
-METHODS = ("auto", "off", "sd", "sorted", "pearl", "spectr")
 MALFORMED = [
     b"\x12\x05small\x1a\x03\xff\xfe\xfd",  # invalid UTF-8 in prompt
     b"\x12\x05small\x1a\x40abc",  # truncated field

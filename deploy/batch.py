@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from tandem.deploy.config import TandemConfig
+from tandem.speculation.plan import METHODS
 
 # the SamplingParams fields a record may set (the rest of SAMPLING_KEYS are limits and stops)
 PARAM_KEYS = (
@@ -50,7 +51,6 @@ def sampling_params(sampling: dict):
     from tandem.speculation.sampling import SamplingParams
 
     return SamplingParams(**{k: sampling[k] for k in PARAM_KEYS if sampling.get(k) is not None})
-METHODS = {"auto", "off", "ar", "sd", "sorted", "pearl", "spectr"}
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,7 @@ def _normalize(raw: Any, *, line: int, targets: list[str]) -> dict:
     rec["sampling"] = sampling
     method = raw.get("method", "auto")
     if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(sorted(METHODS))}, got {method!r}")
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     rec["method"] = method
     return rec
 
@@ -223,8 +223,8 @@ class GenerateRecords:
         sampling = sampling_params(s)
         method = rec["method"]
         if method == "auto":
-            method = self.cfg.batch.method if self.cfg.batch.method != "auto" else ("pearl" if self.threads >= 2 else "sd")
-        method = {"off": "ar"}.get(method, method)
+            method = self.cfg.batch.method  # the job's default; "auto": this actor's engine plans (speculation/plan.py)
+        ran = method
         stop_ids = [] if s.get("ignore_eos") else eos
         max_new = int(s.get("max_new_tokens") or self.default_max_new)
         turns = rec.get("turns")
@@ -241,6 +241,7 @@ class GenerateRecords:
             else:
                 ids = encode_prompt(tok, prompt=rec["prompt"])
             res = engine.generate(ids, method=method, sampling=sampling, max_new_tokens=max_new, stop_ids=stop_ids)
+            ran = res.plan.method_name
             text = tok.decode(res.tokens, skip_special_tokens=True)
             for stop in s.get("stop", []):
                 if stop in text:
@@ -257,7 +258,7 @@ class GenerateRecords:
                     for t, lp in zip(res.tokens, res.logprobs or [])
                 ])
             finish = finish if finish == "stop" else res.finish_reason
-        out = {"target": rec["target"], "finish_reason": finish, "usage": usage, "method": method}
+        out = {"target": rec["target"], "finish_reason": finish, "usage": usage, "method": ran}
         if turns is not None:
             out["turns"] = answers
             out["stats"] = stats_all

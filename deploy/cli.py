@@ -11,7 +11,7 @@ from typing import Sequence
 
 from tandem.deploy.packs import DEFAULT_DRAFT, DEFAULT_TARGET
 
-METHOD_CHOICES = ["ar", "sd", "sorted", "pearl", "spectr"]
+from tandem.speculation.plan import METHODS
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
@@ -75,11 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", help="user message (the chat template is applied)")
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
     gen.add_argument(
-        "--method", default=None, choices=METHOD_CHOICES + ["auto", "off"], help="default: auto on a server, sd with --local"
+        "--method", default=None, choices=list(METHODS), help="default: auto (the target's goodput policy: on a server, the router's; with --local, the engine's own)"
     )
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--draft-len", type=int, default=None, help="draft tokens per round (default per method)")
-    gen.add_argument("--k", type=int, default=2, help="SpecTr branches")
+    gen.add_argument("--k", type=int, default=None, help="SpecTr branches (default: the planner's, 2)")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     _add_models(gen)
     _add_sampling(gen)
@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--methods", default="hf-ar,hf-assisted,ar,sd,sorted,pearl,spectr")
     bench.add_argument("--output", default=None, help="write the results here (JSON)")
     bench.add_argument("--draft-len", type=int, default=None)
-    bench.add_argument("--k", type=int, default=2)
+    bench.add_argument("--k", type=int, default=None, help="SpecTr branches (default: the planner's, 2)")
     bench.add_argument("--sd-exit", type=int, default=None,
                        help="draft depth for 'sd' (and pearl): a trained exit such as 16 (default: the full draft)")
     bench.add_argument(
@@ -182,9 +182,7 @@ def cmd_generate(args) -> int:
         raise ValueError("prompt: give --prompt TEXT")
     if not args.local:
         return cmd_generate_remote(args)
-    args.method = args.method or "sd"
-    if args.method in ("auto", "off"):
-        args.method = "ar" if args.method == "off" else "sd"
+    args.method = args.method or "auto"
     from tandem.actors.local import LocalEngine
     from tandem.deploy.models import ModelSpec, build_runner, encode_prompt, stop_ids_for, tokenizer_for
     from tandem.deploy.packs import resolve_model_path
@@ -198,7 +196,7 @@ def cmd_generate(args) -> int:
 
     target = build_runner(ModelSpec(ref=args.target, dtype=args.dtype, device=args.device, quantize=target_quantize(args.target, args.target_quantize)))
     draft = None
-    if args.method != "ar":
+    if args.method != "off":
         exits = tuple(int(e) for e in args.exits.split(",")) if args.exits else ()
         quant = None if args.draft_quantize == "none" else args.draft_quantize
         draft = build_runner(
@@ -220,8 +218,10 @@ def cmd_generate(args) -> int:
             on_tokens=streamer.push,
         )
     text = tokenizer.decode(result.tokens, skip_special_tokens=True)
+    ran = result.plan.method_name  # what the planner chose for args.method
     summary = {
-        "method": args.method,
+        "method": ran,
+        "draft_len": result.plan.spec.draft_len if ran != "off" else 0,
         "finish_reason": result.finish_reason,
         "prompt_tokens": result.prompt_tokens,
         "completion_tokens": len(result.tokens),
@@ -239,7 +239,7 @@ def cmd_generate(args) -> int:
         streamer.finish()
         s = result.stats
         print(
-            f"\n--- {args.method}: {len(result.tokens)} tokens in {result.total_s:.2f}s "
+            f"\n--- {ran}{f' (asked {args.method})' if ran != args.method else ''}: {len(result.tokens)} tokens in {result.total_s:.2f}s "
             f"({result.tokens_per_s:.2f} tok/s, first token {result.prefill_s:.2f}s), finish: {result.finish_reason}",
             file=sys.stderr,
         )

@@ -36,8 +36,9 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from tandem.actors.devices import check_device_spec
 from tandem.deploy.packs import DEFAULT_DRAFT, DEFAULT_TARGET
+from tandem.speculation.plan import DEFAULT_MAX_DRAFT_LEN, MAX_DRAFT_LEN, METHODS
 
-Method = Literal["auto", "off", "sd", "sorted", "pearl", "spectr"]
+Method = Literal[METHODS]  # the planner's names (speculation/plan.py)
 
 
 class _Strict(BaseModel):
@@ -172,7 +173,7 @@ class TargetConfig(_Strict):
         '"auto": pack for packs, none otherwise; int8/int4 re-quantize; unsharded targets only',
     )
     method: Method = Field("auto", description="Default speculation method for this target")
-    max_draft_len: int = Field(8, ge=1, le=32, description="Upper bound of the draft length the router may pick")
+    max_draft_len: int = Field(DEFAULT_MAX_DRAFT_LEN, ge=1, le=MAX_DRAFT_LEN, description="Upper bound of the draft length the router may pick")
     sorted_thresholds: list[float] = Field(
         default_factory=list,
         description="S2D confidence threshold per draft exit below the deepest (default: the trained exits' calibration, else 0.8 each)",

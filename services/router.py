@@ -2,16 +2,15 @@
 
 Per request it validates limits, admits the request through its target's bounded queue
 (each target has its own slots and threads, so one target's hung actors cannot hold up
-another's requests), picks the method, draft exit and draft length for the request's target
-(goodput policy per target, speculation/goodput.py), runs the speculation loop across the
+another's requests), has the planner (speculation/plan.py) pick the method, draft exit and draft length for the
+request's target (its goodput policy, speculation/goodput.py), runs the speculation loop across the
 actor pools on a worker thread, and streams deltas back to the asyncio side. Deadlines,
 client cancellation and stop strings end the loop at the next round, and reach the actors
 too (their queued and running work for the request is dropped); the loop then frees the
 request's KV on every actor it touched, and only then its admission slot.
 
-Past ~400 lines because admission, planning and the streaming loop share one request's
-state (slots, stop watcher, trace, logprobs alignment); issue 12's typed request and planner
-are where the planning half moves out.
+Past ~400 lines because admission and the streaming loop share one request's state (slots,
+stop watcher, trace, logprobs alignment); planning lives in speculation/plan.py.
 """
 
 from __future__ import annotations
@@ -27,14 +26,15 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Sequence
 
 from tandem.actors.pools import DRAFT_POOL
-from tandem.actors.speculative import GenerationResult, SideUnavailableError, SpecConfig
-from tandem.speculation.goodput import Choice, GoodputPolicy
+from tandem.actors.speculative import GenerationResult, SideUnavailableError
+from tandem.speculation.goodput import GoodputPolicy
+from tandem.speculation.plan import Plan, observe
+from tandem.speculation.plan import plan as plan_request
 from tandem.speculation.sampling import SamplingParams
 from tandem.speculation.sorted_policy import ExitPolicy
 
 log = logging.getLogger("tandem.router")
 
-METHODS = ("auto", "off", "sd", "sorted", "pearl", "spectr")
 
 
 class QueueFullError(RuntimeError):
@@ -296,34 +296,15 @@ class Router:
         return f"s-{uuid.uuid4().hex}"
 
     # ------------------------------------------------------------------ policy
-    def plan(self, route: TargetRoute, req: RouteRequest) -> tuple[SpecConfig, Choice | None]:
-        """Method, exit and draft length for one request."""
-        method = req.method if req.method != "auto" else route.default_method
-        cap = req.max_draft_len or route.max_draft_len  # the request may override the target's bound
-        if method == "off":
-            return SpecConfig(method="ar", draft_len=1), None
-        if method == "sorted":
-            if route.sorted_policy is None:
-                # no exit below the full depth (no trained or configured exits): the full draft
-                # alone is plain sd, which the response reports as the method that ran
-                if route.name not in self._sorted_fallback_logged:
-                    self._sorted_fallback_logged.add(route.name)
-                    log.warning("target %s: method sorted asked, but the draft has no exit below its full depth "
-                                "(no trained exits: see `tandem train-exits`); running sd instead", route.name)
-                return SpecConfig(method="sd", draft_len=min(cap, 6)), None
-            return SpecConfig(method="sorted", draft_len=min(cap, 6), policy=route.sorted_policy), None
-        if method == "spectr":
-            return SpecConfig(method="spectr", draft_len=min(cap, 4), k=2), None
-        if method in ("sd", "pearl") and req.method != "auto":
-            return SpecConfig(method=method, draft_len=min(cap, 8 if method == "pearl" else 6)), None
-        # auto (or the target's default sd/pearl): the goodput policy picks exit and length
-        base = "pearl" if method in ("auto", "pearl") else "sd"
-        choice = route.policy.choose() if route.policy is not None else None
-        if choice is None:
-            return SpecConfig(method=base, draft_len=min(cap, 6)), None
-        if choice.exit is None:
-            return SpecConfig(method="ar", draft_len=1), choice
-        return SpecConfig(method=base, draft_len=max(1, min(cap, choice.draft_len)), policy=ExitPolicy.single(choice.exit)), choice
+    def plan(self, route: TargetRoute, req: RouteRequest) -> Plan:
+        """Method, exit and draft length for one request: the planner's (speculation/plan.py),
+        with a fallback (sorted on a draft without exits) logged once per target."""
+        p = plan_request(route, req.method, max_draft_len=req.max_draft_len)
+        if p.fallback and route.name not in self._sorted_fallback_logged:
+            self._sorted_fallback_logged.add(route.name)
+            log.warning("target %s: method %s asked, but %s (see `tandem train-exits`); running %s instead",
+                        route.name, req.method, p.fallback, p.method_name)
+        return p
 
     # ------------------------------------------------------------------ generation
     async def generate(self, req: RouteRequest, *, cancelled: Callable[[], bool] = lambda: False) -> AsyncIterator[Delta]:
@@ -338,7 +319,7 @@ class Router:
                 target=route.name,
                 retry_after_s=self.retry_after_s(route.name),
             )
-        spec, choice = self.plan(route, req)
+        plan = self.plan(route, req)
         route.waiting += 1
         try:
             await slots.acquire()
@@ -346,14 +327,14 @@ class Router:
             route.waiting -= 1
         slot = _Slot(route, slots)
         try:
-            async for delta in self._run(route, req, spec, choice, cancelled, slot, arrived=arrived):
+            async for delta in self._run(route, req, plan, cancelled, slot, arrived=arrived):
                 yield delta
         finally:
             if not slot.handed_over:  # no work was started: free the slot now
                 slot.release()
 
     async def _run(
-        self, route: TargetRoute, req: RouteRequest, spec: SpecConfig, choice: Choice | None, cancelled, slot: _Slot,
+        self, route: TargetRoute, req: RouteRequest, plan: Plan, cancelled, slot: _Slot,
         *, arrived: float | None = None,
     ) -> AsyncIterator[Delta]:
         loop = asyncio.get_running_loop()
@@ -362,7 +343,7 @@ class Router:
         stop_flag = threading.Event()
         cancel_flag = threading.Event()
         stop_ids = set(req.stop_ids) | (set() if req.ignore_eos else set(route.eos_ids))
-        method_name = spec.method if spec.method != "ar" else "off"
+        spec, method_name = plan.spec, plan.method_name
         trace = None
         if self.telemetry is not None:
             sp = req.sampling
@@ -374,13 +355,6 @@ class Router:
             trace.__enter__()
         tracing = trace.actor_tracing() if trace is not None else None  # None unless rounds are sampled
         state_key = self.new_state_key()
-        # the draft exit this request's rounds ran at, for the goodput policy: its single exit,
-        # or the full draft (explicit sd/pearl carry no exit policy, so the drafter runs it all)
-        if spec.policy is not None:
-            exit_depth = spec.policy.exits[-1] if len(spec.policy.exits) == 1 else None
-        else:
-            exit_depth = route.policy.exits[-1] if route.policy is not None and spec.method in ("sd", "pearl") else None
-
         def on_tokens(tokens: list[int]) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, ("tokens", list(tokens)))
 
@@ -399,14 +373,7 @@ class Router:
                     exits=info["exits"],
                     exit_seq=info.get("exit_seq"),
                 )
-            if route.policy is not None and (spec.method == "ar" or (spec.method in ("sd", "pearl") and exit_depth is not None)):
-                route.policy.observe_round(
-                    exit=exit_depth if spec.method != "ar" else None,
-                    drafted=info["drafted"],
-                    accepted=info["accepted"],
-                    draft_s=info["draft_s"],
-                    verify_s=info["verify_s"],
-                )
+            observe(route, plan, info)  # the goodput policy learns from the rounds the plan says it may
 
         def should_stop() -> str | None:
             if cancel_flag.is_set():

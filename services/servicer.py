@@ -27,8 +27,8 @@ from tandem.actors.speculative import SideUnavailableError
 from tandem.v1 import tandem_pb2 as pb
 from tandem.v1 import tandem_pb2_grpc as pb_grpc
 from tandem.services import errors
-from tandem.services.wire import MAX_DRAFT_LEN
-from tandem.services.router import METHODS, Delta, QueueFullError, RouteRequest, Router, TargetRoute, UnknownTargetError
+from tandem.speculation.plan import MAX_DRAFT_LEN, METHODS, check_context
+from tandem.services.router import Delta, QueueFullError, RouteRequest, Router, TargetRoute, UnknownTargetError
 from tandem.services.telemetry import context_from_metadata
 from tandem.speculation.sampling import SamplingParams
 
@@ -356,11 +356,12 @@ class TandemServicer(pb_grpc.TandemServicer):
             raise FieldError(
                 f"{input_field(msg)}: encodes to {len(prompt_ids)} tokens; the context of {route.name!r} is {route.max_context}"
             )
-        if len(prompt_ids) + max_new + 65 > route.max_context:
-            raise FieldError(
-                f"sampling.max_new_tokens: prompt ({len(prompt_ids)}) + max_new_tokens ({max_new}) exceed the "
-                f"context of {route.name!r} ({route.max_context})"
-            )
+        # the planner's context rule, with the longest draft block the request may get
+        try:
+            check_context(len(prompt_ids), max_new, route.max_context, target=route.name,
+                          draft_len=0 if method == "off" else (max_draft or route.max_draft_len))
+        except ValueError as exc:
+            raise FieldError(str(exc)) from None
         return RouteRequest(
             request_id=msg.request_id or self.router.new_request_id(),
             target=route.name,

@@ -2,8 +2,8 @@
 finish-reason names, the request builder with its client-side validation (errors name the
 field), sampling, stats, chunks and results, model and server info.
 
-Only grpc's generated stubs and protobuf are imported, so the client alone
-(`pip install tandem`) carries it.
+Only grpc's generated stubs, protobuf and the planner's pure names (speculation/plan.py,
+no torch) are imported, so the client alone (`pip install tandem`) carries it.
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from tandem.speculation.plan import MAX_DRAFT_LEN
 from tandem.v1 import tandem_pb2
 
 _METHOD_PREFIX = "SPECULATION_METHOD_"
 _FINISH_PREFIX = "FINISH_REASON_"
 _UINT32_MAX = 2**32 - 1
 _UINT64_MAX = 2**64 - 1
-MAX_DRAFT_LEN = 64  # SpeculationOptions.max_draft_len is documented as 1..64
 CHAT_ROLES = ("system", "user", "assistant")
 
 # Derived from the enum descriptors, so a value added to the .proto shows up here by itself.

@@ -1,4 +1,4 @@
-"""Router.plan for `sorted`: with a draft that has exits below its full depth it runs S2D
+"""Router.plan (the planner, speculation/plan.py, plus a log line) for `sorted`: with a draft that has exits below its full depth it runs S2D
 sorted drafting; without any (no trained exits on a fresh machine) it falls back to sd,
 reports sd as the method that ran, and logs the reason once per target."""
 
@@ -24,16 +24,16 @@ def request():
 def test_sorted_with_exits_runs_sorted():
     policy = ExitPolicy(exits=(2, 4), thresholds=(0.8,))
     r = Router(engine=None, routes={"t": route(policy)})
-    spec, choice = r.plan(r.routes["t"], request())
-    assert spec.method == "sorted" and spec.policy == policy and choice is None
+    p = r.plan(r.routes["t"], request())
+    assert p.spec.method == "sorted" and p.spec.policy == policy and p.choice is None
 
 
 def test_sorted_without_exits_falls_back_to_sd_and_says_so_once(caplog):
     r = Router(engine=None, routes={"t": route(None)})
     with caplog.at_level(logging.WARNING, logger="tandem.router"):
         for _ in range(3):
-            spec, choice = r.plan(r.routes["t"], request())
-            assert spec.method == "sd" and spec.policy is None and spec.draft_len == 6 and choice is None
+            p = r.plan(r.routes["t"], request())
+            assert p.spec.method == "sd" and p.spec.policy is None and p.spec.draft_len == 6 and p.choice is None
     warnings = [rec for rec in caplog.records if "no exit below its full depth" in rec.getMessage()]
     assert len(warnings) == 1 and "train-exits" in warnings[0].getMessage()
 

@@ -1,0 +1,205 @@
+"""The planner: what a request may ask for, and how that becomes one speculation plan.
+
+Defined once here, for every way in (gRPC, `tandem generate --local`, `tandem bench`,
+`tandem batch`):
+- the method names a request may use (METHODS) and the loops the engine runs (LOOPS),
+- the draft length's bounds and per-method defaults (`draft_len`: draft tokens per round, the
+  one name from the proto's `max_draft_len` bound down to the drafter),
+- SpecConfig, the plan one request runs with,
+- the context-fit rule (how many positions past prompt + max_new_tokens a request may touch),
+- `plan()`: method, exit and draft length for one request on one target, from what the
+  target's goodput policy has learned (speculation/goodput.py) and its trained exits.
+
+Pure Python on purpose (no torch): the client imports its names and bounds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Protocol
+
+from tandem.speculation.goodput import Choice, GoodputPolicy
+from tandem.speculation.sorted_policy import ExitPolicy
+
+# What a request names (tandem.v1 SpeculationMethod, lower-cased; services/wire.py derives the
+# same tuple from the proto and a test holds the two equal). "auto": the target's goodput
+# policy picks; "off": the target alone.
+METHODS: tuple[str, ...] = ("auto", "off", "sd", "sorted", "pearl", "spectr")
+# What the engine runs (actors/speculative.py): "ar" is the target alone, what "off" plans to.
+LOOPS: tuple[str, ...] = ("ar", "sd", "sorted", "pearl", "spectr")
+
+MAX_DRAFT_LEN = 64  # SpeculationOptions.max_draft_len is documented as 1..64
+DEFAULT_MAX_DRAFT_LEN = 8  # a target's bound when its config names none
+# The draft length of a request that names none, before anything about the target is known
+# (a target that measured its costs plans its own: LocalEngine, the router's goodput policy).
+DEFAULT_DRAFT_LEN: Mapping[str, int] = {"ar": 1, "sd": 6, "sorted": 6, "pearl": 8, "spectr": 4}
+SPECTR_BRANCHES = 2  # SpecTr's k: draft branches verified together
+MAX_BRANCHES = 16
+
+
+def context_reserve(draft_len: int) -> int:
+    """KV positions past prompt + max_new_tokens that a request may touch: the block being
+    verified (draft_len + 1 rows) and, for PEARL, the block drafted ahead of it, plus slack.
+    The runtime sizes its caches with the same rule (actors/speculative.py run_request)."""
+    return 2 * int(draft_len) + 8
+
+
+def check_context(prompt_len: int, max_new_tokens: int, max_context: int, *, draft_len: int, target: str = "") -> None:
+    """ValueError naming the field when a request cannot fit the target's context with
+    draft_len draft tokens in flight (0: the target alone)."""
+    where = f"the context of {target!r}" if target else "the model's context"
+    if prompt_len < 1:
+        raise ValueError("prompt must hold at least one token")
+    if max_new_tokens < 1:
+        raise ValueError(f"sampling.max_new_tokens must be >= 1, got {max_new_tokens}")
+    if prompt_len >= max_context:
+        raise ValueError(f"prompt: {prompt_len} tokens; {where} is {max_context}")
+    if prompt_len + max_new_tokens + context_reserve(draft_len) > max_context:
+        raise ValueError(
+            f"sampling.max_new_tokens: prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) + "
+            f"{context_reserve(draft_len)} positions for draft blocks exceed {where} ({max_context})"
+        )
+
+
+@dataclass(frozen=True)
+class SpecConfig:
+    """How one request speculates: the loop, draft tokens per round, exits."""
+
+    method: str = "sd"  # one of LOOPS
+    draft_len: int = DEFAULT_DRAFT_LEN["sd"]  # draft tokens per round (PEARL: the window)
+    policy: ExitPolicy | None = None  # exits and thresholds (None: the draft's full depth)
+    k: int = SPECTR_BRANCHES  # SpecTr branches
+    pre_verify: bool = True  # PEARL: a 1-token block after a rejection
+
+    def __post_init__(self) -> None:
+        if self.method not in LOOPS:
+            raise ValueError(f"method must be one of {', '.join(LOOPS)}, got {self.method!r}")
+        n = self.draft_len
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_DRAFT_LEN:
+            raise ValueError(f"draft_len must be an integer in [1, {MAX_DRAFT_LEN}], got {n!r}")
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"k must be an integer >= 1, got {self.k!r}")
+        if self.k > MAX_BRANCHES:
+            raise ValueError(f"k must be <= {MAX_BRANCHES}, got {self.k}")
+
+
+class PlanTarget(Protocol):
+    """What the planner reads of a target (services/router.py TargetRoute; actors/local.py
+    LocalEngine's own)."""
+
+    name: str
+    default_method: str  # what "auto" means here: "auto" (the goodput policy) or a method
+    max_draft_len: int  # the target's bound on draft_len
+    policy: GoodputPolicy | None  # live goodput model over the draft's exits (None: none)
+    sorted_policy: ExitPolicy | None  # the draft's exits below its full depth (None: none)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One request's plan. `choice`: the goodput policy's pick (auto only). `observed_exit`:
+    the exit whose arm this request's rounds teach (None with `observes` set: target-only
+    steps); `fallback`: why the plan is not what was asked ("" when it is)."""
+
+    spec: SpecConfig
+    asked: str
+    choice: Choice | None = None
+    observes: bool = False
+    observed_exit: int | None = None
+    fallback: str = ""
+
+    @property
+    def method_name(self) -> str:
+        """The method as the response reports it (the loop "ar" is "off")."""
+        return "off" if self.spec.method == "ar" else self.spec.method
+
+
+def learned_draft_len(method: str, target: PlanTarget) -> int | None:
+    """The draft length the target's goodput policy has learned for its full draft, for sd
+    and sorted when the policy prices sequential rounds and has seen enough of them; else
+    None. PEARL's window is not learned here: the policy's round model takes a bonus token
+    per round, which a fully accepted PEARL block does not, so its window comes from the
+    cost curve at calibration (actors/local.py pearl_window) or the default."""
+    policy = target.policy
+    if policy is None or method not in ("sd", "sorted") or policy.overlapped:
+        return None
+    full = policy.exits[-1]
+    return policy.best_draft_len(full)[0] if policy.arms[full].rounds >= policy.min_samples else None
+
+
+def plan(
+    target: PlanTarget,
+    method: str = "auto",
+    *,
+    max_draft_len: int | None = None,
+    draft_len: int | None = None,
+    has_draft: bool = True,
+    draft_lens: Mapping[str, int] | None = None,
+) -> Plan:
+    """Method, exit and draft length for one request on `target`.
+
+    method: one of METHODS, or "ar" (= "off"). max_draft_len: the request's bound (the
+    target's when None). draft_len: an exact length (CLI and bench only; bounded by
+    MAX_DRAFT_LEN, not by the target). draft_lens: per-method defaults the caller measured
+    for this target (LocalEngine: the sd length planned from its cost curve, PEARL's
+    window), used before the goodput policy has learned one.
+    """
+    if method not in METHODS and method != "ar":
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if max_draft_len is not None and not 1 <= max_draft_len <= MAX_DRAFT_LEN:
+        raise ValueError(f"speculation.max_draft_len must be in [1, {MAX_DRAFT_LEN}], got {max_draft_len}")
+    asked = method
+    if method == "auto":
+        method = target.default_method
+    cap = max_draft_len or target.max_draft_len
+    if method in ("off", "ar") or not has_draft:
+        fallback = "" if method in ("off", "ar") else "no draft model"
+        return Plan(SpecConfig(method="ar", draft_len=1), asked, observes=target.policy is not None, fallback=fallback)
+
+    def length(m: str) -> int:
+        # exact if given; else learned live, else measured by the caller, else the default
+        if draft_len is not None:
+            return int(draft_len)
+        n = learned_draft_len(m, target)
+        if n is None:
+            n = (draft_lens or {}).get(m, DEFAULT_DRAFT_LEN[m])
+        return max(1, min(cap, n))
+
+    def full_draft(m: str, *, fallback: str = "") -> Plan:
+        # explicit sd/pearl (and sorted without exits) run the full draft: its rounds teach
+        # the policy's deepest arm, whatever the policy prices
+        full = target.policy.exits[-1] if target.policy is not None else None
+        return Plan(SpecConfig(method=m, draft_len=length(m)), asked, observes=full is not None, observed_exit=full,
+                    fallback=fallback)
+
+    if method == "sorted":
+        if target.sorted_policy is None:
+            return full_draft("sd", fallback="the draft has no exit below its full depth (no trained exits)")
+        return Plan(SpecConfig(method="sorted", draft_len=length("sorted"), policy=target.sorted_policy), asked)
+    if method == "spectr":
+        return Plan(SpecConfig(method="spectr", draft_len=length("spectr"), k=SPECTR_BRANCHES), asked)
+    if method in ("sd", "pearl") and asked != "auto":
+        return full_draft(method)
+    # auto (or a target whose default is sd/pearl): the goodput policy picks exit and length
+    base = method if method in ("sd", "pearl") else ("pearl" if target.policy is None or target.policy.overlapped else "sd")
+    if target.policy is None:
+        return Plan(SpecConfig(method=base, draft_len=length(base)), asked)
+    choice = target.policy.choose()
+    if choice.exit is None:
+        return Plan(SpecConfig(method="ar", draft_len=1), asked, choice=choice, observes=True)
+    n = int(draft_len) if draft_len is not None else max(1, min(cap, choice.draft_len))
+    return Plan(SpecConfig(method=base, draft_len=n, policy=ExitPolicy.single(choice.exit)), asked, choice=choice,
+                observes=True, observed_exit=choice.exit)
+
+
+def observe(target: PlanTarget, plan_: Plan, info: Mapping) -> None:
+    """Teach the target's goodput policy one round of a request planned by `plan`
+    (`info`: run_request's on_round dict)."""
+    if target.policy is None or not plan_.observes:
+        return
+    target.policy.observe_round(
+        exit=plan_.observed_exit if plan_.spec.method != "ar" else None,
+        drafted=info["drafted"],
+        accepted=info["accepted"],
+        draft_s=info["draft_s"],
+        verify_s=info["verify_s"],
+    )
