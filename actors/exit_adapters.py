@@ -256,8 +256,9 @@ def load_exit_adapters(
     adapters: dict[int, ExitAdapter] = {}
     for depth in manifest["exits"]:
         depth = int(depth)
-        ad = ExitAdapter(hidden, int(manifest["rank"]), activation=manifest["activation"], eps=float(manifest["eps"]),
-                         linear=bool(manifest.get("linear", False)))
+        with torch.device("cpu"):  # the file's tensors are on the CPU; the runner moves the module to its device
+            ad = ExitAdapter(hidden, int(manifest["rank"]), activation=manifest["activation"], eps=float(manifest["eps"]),
+                             linear=bool(manifest.get("linear", False)))
         state = {name: tensors[f"exit{depth}.{name}"] for name, _ in ad.named_parameters()}
         ad.load_state_dict(state)
         ad.to(dtype).eval().requires_grad_(False)

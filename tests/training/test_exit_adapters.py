@@ -79,6 +79,20 @@ def test_save_load_round_trip_and_manifest(tiny, tmp_path, linear):
     assert sum(f.stat().st_size for f in tmp_path.iterdir()) < 200_000
 
 
+def test_adapters_load_as_real_tensors_under_the_device_discipline(tiny, tmp_path):
+    """An actor's threads make tensors on "meta" unless told a device (the test discipline,
+    actors/devices.py): loading must still give real weights (it once made meta modules, and
+    the runner failed to move them: the first actor to load shipped exits died)."""
+    path, model = tiny
+    ads = _random_adapters(32, linear=True)
+    save_exit_adapters(tmp_path, ads, draft=identity_of_hf_model(model, path))
+    with torch.device("meta"):
+        loaded, exits, _ = load_exit_adapters(tmp_path, torch.float32)
+    for e in exits:
+        assert all(p.device.type == "cpu" for p in loaded[e].parameters())
+        assert torch.allclose(loaded[e](torch.ones(2, 32)), ads[e](torch.ones(2, 32)), atol=1e-6)
+
+
 def test_version_1_folder_still_loads(tiny, tmp_path):
     """A folder written before the linear part existed (manifest version 1, no "linear")."""
     import json
