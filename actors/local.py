@@ -21,6 +21,7 @@ from tandem.actors.block_costs import measure_block_costs
 from tandem.actors.drafter import Drafter
 from tandem.actors.runner import ModelRunner
 from tandem.actors.speculative import GenerationResult, LocalSide, run_request
+from tandem.speculation.plan import SpecConfig
 from tandem.actors.verifier import Verifier
 from tandem.speculation.goodput import PRIOR_ACCEPTANCE, GoodputPolicy, planned_draft_len, round_rate
 from tandem.speculation.plan import DEFAULT_DRAFT_LEN, DEFAULT_MAX_DRAFT_LEN, Plan, check_context, observe
@@ -196,30 +197,87 @@ class LocalEngine:
             raise ValueError(f"method {method!r} needs a draft model; only 'ar' runs without one")
         if method == "sorted" and policy is None:
             raise ValueError("method 'sorted' needs an exit policy (exits and thresholds)")
-        if policy is not None and self.drafter is not None:
-            self.drafter.check_policy(policy)
         p = self.plan(method, draft_len=draft_len, policy=policy, max_draft_len=max_draft_len, k=k)
-        spec = p.spec
-        check_context(len(prompt), max_new_tokens, self.target.max_context, draft_len=spec.draft_len if spec.method != "ar" else 0)
         view = _PlanView(name="local", default_method="auto", max_draft_len=DEFAULT_MAX_DRAFT_LEN,
                          policy=self._length_policy, sorted_policy=None)
         on_round = (lambda info: observe(view, p, info)) if p.observes and self._length_policy is not None else None
+        result = self.run(prompt, spec=p.spec, sampling=sampling, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
+                          on_tokens=on_tokens, on_logprobs=on_logprobs, on_round=on_round)
+        result.plan = p
+        return result
+
+    def run(
+        self,
+        prompt: Sequence[int],
+        *,
+        spec: SpecConfig,
+        sampling: SamplingParams | None = None,
+        max_new_tokens: int = 128,
+        stop_ids: Sequence[int] = (),
+        on_tokens: Callable[[list[int]], None] | None = None,
+        should_stop: Callable[[], str | None] | None = None,
+        on_round: Callable[[dict], None] | None = None,
+        on_logprobs: Callable[[list], None] | None = None,
+        request_id: str | None = None,
+    ) -> GenerationResult:
+        """Run one planned request (no planning, no learning: the caller's on_round does that)."""
+        if spec.method != "ar" and self.drafter is None:
+            raise ValueError(f"method {spec.method!r} needs a draft model; only 'ar' runs without one")
+        if spec.policy is not None and self.drafter is not None:
+            self.drafter.check_policy(spec.policy)
+        check_context(len(prompt), max_new_tokens, self.target.max_context, draft_len=spec.draft_len if spec.method != "ar" else 0)
         target, draft = self._pair("parallel" if spec.method == "pearl" else "sequential")
-        result = run_request(
-            draft=draft,
+        return run_request(
+            draft=draft if spec.method != "ar" else None,
             target=target,
-            request_id=f"local-{next(self._ids)}",
+            request_id=request_id or f"local-{next(self._ids)}",
             prompt=prompt,
-            sampling=sampling,
+            sampling=sampling or SamplingParams(),
             max_new_tokens=max_new_tokens,
             spec=spec,
             stop_ids=stop_ids,
             on_tokens=on_tokens,
+            should_stop=should_stop,
             on_logprobs=on_logprobs,
             on_round=on_round,
         )
-        result.plan = p
-        return result
+
+
+class InProcessEngine:
+    """The engine protocol the router runs planned requests on (as actors/engine.py's
+    ActorEngine does over the actor pools), over LocalEngines in this process, one per
+    target: `tandem generate --local` goes through the same router, planner and request
+    validation as the server."""
+
+    def __init__(self, engines: dict[str, LocalEngine]):
+        self.engines = engines
+
+    def generate(
+        self,
+        target: str,
+        prompt: Sequence[int],
+        *,
+        spec: SpecConfig,
+        sampling: SamplingParams | None = None,
+        max_new_tokens: int = 128,
+        stop_ids: Sequence[int] = (),
+        on_tokens: Callable[[list[int]], None] | None = None,
+        should_stop: Callable[[], str | None] | None = None,
+        on_round: Callable[[dict], None] | None = None,
+        request_id: str | None = None,
+        tracing=None,  # actor call spans: nothing crosses an actor here
+        on_logprobs: Callable[[list], None] | None = None,
+    ) -> GenerationResult:
+        if target not in self.engines:
+            raise KeyError(f"target {target!r} is not served; targets: {', '.join(sorted(self.engines))}")
+        return self.engines[target].run(
+            prompt, spec=spec, sampling=sampling, max_new_tokens=max_new_tokens, stop_ids=stop_ids, on_tokens=on_tokens,
+            should_stop=should_stop, on_round=on_round, on_logprobs=on_logprobs, request_id=request_id,
+        )
+
+    def shutdown(self) -> None:
+        for engine in self.engines.values():
+            engine.close()
 
 
 @dataclass

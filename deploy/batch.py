@@ -211,65 +211,67 @@ class GenerateRecords:
                 exit_adapters=trained_exits_for(d.model, d.exit_adapters),
                 resolve=self.resolve,
             ).build()
+        from tandem.deploy.local import LocalServer
+        from tandem.deploy.models import default_thresholds
+        from tandem.speculation.sorted_policy import ExitPolicy
+
         engine = LocalEngine(runner, self._draft, threads=self.threads)
-        self.engines[target] = (engine, load_tokenizer(path), generation_eos_ids(path))
+        exits = tuple(self._draft.exits)
+        sorted_policy = None
+        if len(exits) >= 2:  # the draft's exits below its full depth, as the server builds them
+            adapters = trained_exits_for(self.cfg.draft_pool.model, self.cfg.draft_pool.exit_adapters)
+            sorted_policy = ExitPolicy(exits=exits, thresholds=tuple(t.sorted_thresholds) or default_thresholds(adapters, exits))
+        # the server's request validation, planner and router, in this actor (deploy/local.py)
+        self.engines[target] = LocalServer(name=target, engine=engine, tokenizer=load_tokenizer(path), eos_ids=generation_eos_ids(path),
+                                           sorted_policy=sorted_policy, default_max_new_tokens=self.default_max_new)
         return self.engines[target]
 
     def _generate(self, rec: dict) -> dict:
-        from tandem.deploy.models import encode_prompt
-
-        engine, tok, eos = self._engine(rec["target"])
-        s = rec["sampling"]
-        sampling = sampling_params(s)
+        server = self._engine(rec["target"])
         method = rec["method"]
         if method == "auto":
-            method = self.cfg.batch.method  # the job's default; "auto": this actor's engine plans (speculation/plan.py)
-        ran = method
-        stop_ids = [] if s.get("ignore_eos") else eos
-        max_new = int(s.get("max_new_tokens") or self.default_max_new)
+            method = self.cfg.batch.method  # the job's default; "auto": the planner with this actor's goodput policy
+        sampling = {k: v for k, v in rec["sampling"].items() if v is not None and not (k == "stop" and not v)}
         turns = rec.get("turns")
         messages = list(rec.get("messages", [])) if "messages" in rec else None
         answers, usage, stats_all, logprobs_all = [], {"prompt_tokens": 0, "completion_tokens": 0}, [], []
         chat: list[dict] = []
-        finish = None
+        finish, ran = None, method
         for turn in turns or [None]:
             if turn is not None:
                 chat.append({"role": "user", "content": turn})
-                ids = encode_prompt(tok, messages=chat)
+                given = {"messages": chat}
             elif messages is not None:
-                ids = encode_prompt(tok, messages=messages)
+                given = {"messages": messages}
             else:
-                ids = encode_prompt(tok, prompt=rec["prompt"])
-            res = engine.generate(ids, method=method, sampling=sampling, max_new_tokens=max_new, stop_ids=stop_ids)
-            ran = res.plan.method_name
-            text = tok.decode(res.tokens, skip_special_tokens=True)
-            for stop in s.get("stop", []):
-                if stop in text:
-                    text = text[: text.index(stop)]
-                    finish = "stop"
-            answers.append(text)
-            chat.append({"role": "assistant", "content": text})
-            usage["prompt_tokens"] += len(ids)
-            usage["completion_tokens"] += len(res.tokens)
-            stats_all.append(res.stats.to_dict())
-            if sampling.logprobs is not None:
+                given = {"prompt": rec["prompt"]}
+            out = server.generate(target=rec["target"], method=method, **given, **sampling)
+            if out.error:
+                raise RuntimeError(out.error)
+            answers.append(out.text)
+            chat.append({"role": "assistant", "content": out.text})
+            usage["prompt_tokens"] += out.usage["prompt_tokens"]
+            usage["completion_tokens"] += out.usage["completion_tokens"]
+            stats_all.append(out.stats)
+            ran = out.stats["method"]
+            if sampling.get("logprobs") is not None:
                 logprobs_all.append([
                     {"token_id": int(t), "logprob": lp.logprob, "top": [[int(i), v] for i, v in lp.top]}
-                    for t, lp in zip(res.tokens, res.logprobs or [])
+                    for t, lp in zip(out.token_ids, out.logprobs)
                 ])
-            finish = finish if finish == "stop" else res.finish_reason
-        out = {"target": rec["target"], "finish_reason": finish, "usage": usage, "method": ran}
+            finish = finish if finish == "stop" else out.finish_reason
+        out_rec = {"target": rec["target"], "finish_reason": finish, "usage": usage, "method": ran}
         if turns is not None:
-            out["turns"] = answers
-            out["stats"] = stats_all
-            if sampling.logprobs is not None:
-                out["logprobs"] = logprobs_all
+            out_rec["turns"] = answers
+            out_rec["stats"] = stats_all
+            if sampling.get("logprobs") is not None:
+                out_rec["logprobs"] = logprobs_all
         else:
-            out["text"] = answers[0]
-            out["stats"] = stats_all[0]
-            if sampling.logprobs is not None:
-                out["logprobs"] = logprobs_all[0]
-        return out
+            out_rec["text"] = answers[0]
+            out_rec["stats"] = stats_all[0]
+            if sampling.get("logprobs") is not None:
+                out_rec["logprobs"] = logprobs_all[0]
+        return out_rec
 
     def __call__(self, batch: dict) -> dict:
         outputs = []

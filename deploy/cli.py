@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--method", default=None, choices=list(METHODS), help="default: auto (the target's goodput policy: on a server, the router's; with --local, the engine's own)"
     )
     gen.add_argument("--max-new-tokens", type=int, default=128)
-    gen.add_argument("--draft-len", type=int, default=None, help="draft tokens per round (default per method)")
+    gen.add_argument("--draft-len", type=int, default=None,
+                     help="draft tokens per round of an explicit method (default: planned per target; a server takes it as the request's max_draft_len)")
     gen.add_argument("--k", type=int, default=None, help="SpecTr branches (default: the planner's, 2)")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     _add_models(gen)
@@ -184,16 +185,12 @@ def cmd_generate(args) -> int:
         return cmd_generate_remote(args)
     args.method = args.method or "auto"
     from tandem.actors.local import LocalEngine
-    from tandem.deploy.models import ModelSpec, build_runner, encode_prompt, stop_ids_for, tokenizer_for
-    from tandem.deploy.packs import resolve_model_path
-    from tandem.speculation.sampling import SamplingParams
-
-    shaping = {k: v for k, v in _shaping_args(args).items() if v is not None}
-    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, **shaping)
-    tokenizer = tokenizer_for(args.target)
-    prompt_ids = encode_prompt(tokenizer, prompt=args.prompt, chat=not args.raw)
+    from tandem.deploy.local import LocalServer
+    from tandem.deploy.models import ModelSpec, build_runner, stop_ids_for, tokenizer_for
     from tandem.deploy.pack_grid import target_quantize
+    from tandem.deploy.packs import resolve_model_path
 
+    tokenizer = tokenizer_for(args.target)
     target = build_runner(ModelSpec(ref=args.target, dtype=args.dtype, device=args.device, quantize=target_quantize(args.target, args.target_quantize)))
     draft = None
     if args.method != "off":
@@ -203,55 +200,70 @@ def cmd_generate(args) -> int:
             ModelSpec(ref=args.draft, dtype=args.dtype, device=args.device, quantize=quant, exits=exits, exit_adapters=args.exit_adapters)
         )
     policy = _policy_from_args(args, draft) if draft is not None else None
-    stop_ids = stop_ids_for(tokenizer, resolve_model_path(args.target))
     streamer = TextStreamer(tokenizer, enabled=not args.json)
-    with LocalEngine(target, draft, threads=args.threads or None) as engine:
-        result = engine.generate(
-            prompt_ids,
-            method=args.method,
-            sampling=sampling,
-            max_new_tokens=args.max_new_tokens,
-            draft_len=args.draft_len,
-            policy=policy,
-            k=args.k,
-            stop_ids=stop_ids,
-            on_tokens=streamer.push,
+    engine = LocalEngine(target, draft, threads=args.threads or None)
+    server = LocalServer(name=args.target, engine=engine, tokenizer=tokenizer, eos_ids=stop_ids_for(tokenizer, resolve_model_path(args.target)),
+                         sorted_policy=policy, draft_len=args.draft_len, default_max_new_tokens=args.max_new_tokens)
+    try:
+        # the same request a server gets, validated and planned the same way
+        out = server.generate(
+            on_delta=lambda d: streamer.push(d.token_ids),
+            target=args.target, prompt=args.prompt, raw_prompt=args.raw, method=args.method, **_sampling_kwargs(args),
         )
-    text = tokenizer.decode(result.tokens, skip_special_tokens=True)
-    ran = result.plan.method_name  # what the planner chose for args.method
+    finally:
+        server.close()
+    stats = out.stats or {}
+    ran = stats.get("method", args.method)
     summary = {
         "method": ran,
-        "draft_len": result.plan.spec.draft_len if ran != "off" else 0,
-        "finish_reason": result.finish_reason,
-        "prompt_tokens": result.prompt_tokens,
-        "completion_tokens": len(result.tokens),
-        "tokens_per_s": round(result.tokens_per_s, 2),
-        "ttft_s": round(result.prefill_s, 3),
-        "stats": result.stats.to_dict(),
+        "draft_len": stats.get("draft_len", 0),
+        "finish_reason": out.finish_reason,
+        "prompt_tokens": (out.usage or {}).get("prompt_tokens"),
+        "completion_tokens": len(out.token_ids),
+        "tokens_per_s": round(len(out.token_ids) / out.total_s, 2) if out.total_s > 0 else 0.0,
+        "ttft_s": round(out.ttft_s, 3),
+        "stats": stats,
     }
+    if out.seed is not None:
+        summary["seed"] = out.seed
     if args.json:
-        if result.logprobs is not None:
+        if args.logprobs is not None:
             summary["logprobs"] = [
-                {"token_id": t, "logprob": lp.logprob, "top": [list(x) for x in lp.top]} for t, lp in zip(result.tokens, result.logprobs)
+                {"token_id": t, "logprob": lp.logprob, "top": [list(x) for x in lp.top]} for t, lp in zip(out.token_ids, out.logprobs)
             ]
-        print(json.dumps({"text": text, **summary}))
+        print(json.dumps({"text": out.text, **summary}))
     else:
         streamer.finish()
-        s = result.stats
         print(
-            f"\n--- {ran}{f' (asked {args.method})' if ran != args.method else ''}: {len(result.tokens)} tokens in {result.total_s:.2f}s "
-            f"({result.tokens_per_s:.2f} tok/s, first token {result.prefill_s:.2f}s), finish: {result.finish_reason}",
+            f"\n--- {ran}{f' (asked {args.method})' if ran != args.method else ''}: {len(out.token_ids)} tokens in {out.total_s:.2f}s "
+            f"({summary['tokens_per_s']:.2f} tok/s, first token {out.ttft_s:.2f}s), finish: {out.finish_reason}",
             file=sys.stderr,
         )
-        if s.rounds:
-            accs = ", ".join(f"{a:.2f}" for a in s.acceptance_by_position())
+        if stats.get("rounds"):
+            accs = ", ".join(f"{a:.2f}" for a in stats["acceptance_by_position"])
             print(
-                f"    rounds {s.rounds}, drafted {s.drafted}, accepted {s.accepted}, "
-                f"mean accepted length {s.mean_accepted_len:.2f}, acceptance by position [{accs}], "
-                f"exits {dict(sorted(s.exits_used.items()))}",
+                f"    rounds {stats['rounds']}, drafted {stats['drafted']}, accepted {stats['accepted']}, "
+                f"mean accepted length {stats['mean_accepted_len']:.2f}, acceptance by position [{accs}], "
+                f"exits {dict(sorted(stats['exits_used'].items()))}",
                 file=sys.stderr,
             )
     return 0
+
+
+def _sampling_kwargs(args) -> dict:
+    """`tandem generate`'s sampling flags as build_generate_request keywords (the one request
+    signature, services/wire.py), for --local and for a server alike."""
+    kw = {
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k or None,
+        "seed": args.seed,
+        "max_new_tokens": args.max_new_tokens,
+        "stop": list(args.stop) or None,
+        "ignore_eos": bool(args.ignore_eos),
+        **_shaping_args(args),
+    }
+    return {k: v for k, v in kw.items() if v is not None}
 
 
 def _client(args):
@@ -266,19 +278,8 @@ def cmd_generate_remote(args) -> int:
     from tandem.services.client import TandemError
 
     kwargs = dict(
-        target=args.target,
-        prompt=args.prompt,
-        raw_prompt=args.raw,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k or None,
-        seed=args.seed,
-        stop=args.stop,
-        ignore_eos=args.ignore_eos,
-        **_shaping_args(args),
-        method=args.method or "auto",
-        max_draft_len=args.draft_len,
+        target=args.target, prompt=args.prompt, raw_prompt=args.raw, method=args.method or "auto", max_draft_len=args.draft_len,
+        **_sampling_kwargs(args),
     )
     try:
         with _client(args) as client:

@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Sequence
 
 from tandem.actors.pools import DRAFT_POOL
@@ -122,6 +122,9 @@ class TargetRoute:
     waiting: int = 0
     mean_slot_s: float | None = None  # EWMA of how long a request held a slot (None: none ended yet)
     kv_tokens: int = 0  # KV positions its running requests hold on a replica: prompt + committed tokens
+    # per-method draft lengths measured for this target, used before its policy learns one
+    # (the planner's draft_lens: an in-process engine's planned sd length and PEARL window)
+    draft_lens: dict = field(default_factory=dict)
 
 
 class StopWatcher:
@@ -299,7 +302,7 @@ class Router:
     def plan(self, route: TargetRoute, req: RouteRequest) -> Plan:
         """Method, exit and draft length for one request: the planner's (speculation/plan.py),
         with a fallback (sorted on a draft without exits) logged once per target."""
-        p = plan_request(route, req.method, max_draft_len=req.max_draft_len)
+        p = plan_request(route, req.method, max_draft_len=req.max_draft_len, draft_lens=route.draft_lens)
         if p.fallback and route.name not in self._sorted_fallback_logged:
             self._sorted_fallback_logged.add(route.name)
             log.warning("target %s: method %s asked, but %s (see `tandem train-exits`); running %s instead",
