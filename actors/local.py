@@ -13,7 +13,6 @@ import itertools
 import os
 import time
 from dataclasses import dataclass, replace
-from collections.abc import Mapping
 from typing import Callable, Sequence
 
 import torch
@@ -131,23 +130,23 @@ class LocalEngine:
         has_draft = self.drafter is not None
         learns = has_draft and draft_len is None and method in ("auto", "sd", "sorted")
         learns = learns and not (policy is not None and method in ("sd", "pearl"))
+        measured: dict[str, int] = {}
+        if learns:
+            self.length_policy  # noqa: B018 - measures the cost curve and plans the sd length once
+            measured = {"sd": self._planned_len, "sorted": self._planned_len}
+        elif has_draft and draft_len is None and method == "pearl":
+            measured = {"pearl": self.split.window}
         view = _PlanView(
             name="local", default_method="auto", max_draft_len=DEFAULT_MAX_DRAFT_LEN,
             policy=self._length_policy if learns else None, sorted_policy=policy if method == "sorted" else None,
         )
-        p = plan_request(view, method, draft_len=draft_len, max_draft_len=max_draft_len, has_draft=has_draft,
-                         draft_lens=self.measured_lengths if learns or (has_draft and draft_len is None and method == "pearl") else None)
+        p = plan_request(view, method, draft_len=draft_len, max_draft_len=max_draft_len, has_draft=has_draft, draft_lens=measured)
         spec = p.spec
         if policy is not None and spec.method in ("sd", "pearl"):
             spec = replace(spec, policy=policy)  # sd/pearl from the given exit(s)
         if k is not None and spec.method == "spectr":
             spec = replace(spec, k=k)
         return replace(p, spec=spec)
-
-    @property
-    def measured_lengths(self) -> "MeasuredLengths":
-        """This engine's own draft lengths for the planner (its draft_lens), measured on first use."""
-        return MeasuredLengths(self)
 
     @property
     def length_policy(self) -> GoodputPolicy:
@@ -253,40 +252,32 @@ class InProcessEngine:
     def __init__(self, engines: dict[str, LocalEngine]):
         self.engines = engines
 
-    def generate(self, target: str, prompt: Sequence[int], *, tracing=None, **kwargs) -> GenerationResult:
-        """ActorEngine.generate's keywords (spec, sampling, max_new_tokens, stop_ids, on_tokens,
-        should_stop, on_round, request_id, on_logprobs), run by the target's LocalEngine.run;
-        tracing (actor call spans) has nothing to trace here."""
+    def generate(
+        self,
+        target: str,
+        prompt: Sequence[int],
+        *,
+        spec: SpecConfig,
+        sampling: SamplingParams | None = None,
+        max_new_tokens: int = 128,
+        stop_ids: Sequence[int] = (),
+        on_tokens: Callable[[list[int]], None] | None = None,
+        should_stop: Callable[[], str | None] | None = None,
+        on_round: Callable[[dict], None] | None = None,
+        request_id: str | None = None,
+        tracing=None,  # actor call spans: nothing crosses an actor here
+        on_logprobs: Callable[[list], None] | None = None,
+    ) -> GenerationResult:
         if target not in self.engines:
             raise KeyError(f"target {target!r} is not served; targets: {', '.join(sorted(self.engines))}")
-        return self.engines[target].run(prompt, **kwargs)
+        return self.engines[target].run(
+            prompt, spec=spec, sampling=sampling, max_new_tokens=max_new_tokens, stop_ids=stop_ids, on_tokens=on_tokens,
+            should_stop=should_stop, on_round=on_round, on_logprobs=on_logprobs, request_id=request_id,
+        )
 
     def shutdown(self) -> None:
         for engine in self.engines.values():
             engine.close()
-
-
-class MeasuredLengths(Mapping):
-    """An engine's own draft lengths, measured on first use (the planner's draft_lens): sd and
-    sorted get the length planned from the target's cost curve, PEARL its thread split's
-    window; other methods have none."""
-
-    def __init__(self, engine: LocalEngine):
-        self.engine = engine
-
-    def __getitem__(self, method: str) -> int:
-        if method in ("sd", "sorted"):
-            self.engine.length_policy  # noqa: B018 - measures the cost curve and plans the sd length once
-            return self.engine._planned_len
-        if method == "pearl":
-            return self.engine.split.window
-        raise KeyError(method)
-
-    def __iter__(self):
-        return iter(("sd", "sorted", "pearl"))
-
-    def __len__(self) -> int:
-        return 3
 
 
 @dataclass

@@ -33,6 +33,28 @@ class LocalOutcome:
     ttft_s: float = 0.0
 
 
+class _MeasuredLengths(Mapping):
+    """An in-process engine's own draft lengths, measured on first use (the planner's
+    draft_lens): sd and sorted get the length planned from the target's cost curve, PEARL
+    its calibrated window (actors/local.py)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def __getitem__(self, method: str) -> int:
+        if method in ("sd", "sorted"):
+            return self.engine.default_draft_len("sd")
+        if method == "pearl":
+            return self.engine.split.window
+        raise KeyError(method)
+
+    def __iter__(self):
+        return iter(("sd", "sorted", "pearl"))
+
+    def __len__(self) -> int:
+        return 3
+
+
 class LocalServer:
     """One target (and its draft) in this process, served by the router. draft_len: an
     exact length for explicit methods (else each is planned for this target)."""
@@ -48,7 +70,7 @@ class LocalServer:
         if draft_len is not None:
             lengths: Mapping[str, int] = {m: int(draft_len) for m in ("sd", "sorted", "pearl", "spectr")}
         else:
-            lengths = engine.measured_lengths if has_draft else {}
+            lengths = _MeasuredLengths(engine) if has_draft else {}
         self.route = TargetRoute(
             name=name, model=name, tokenizer=tokenizer, eos_ids=tuple(eos_ids), max_context=engine.target.max_context,
             vocab_size=engine.target.vocab_size, default_method="auto" if has_draft else "off",
