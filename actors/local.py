@@ -252,28 +252,13 @@ class InProcessEngine:
     def __init__(self, engines: dict[str, LocalEngine]):
         self.engines = engines
 
-    def generate(
-        self,
-        target: str,
-        prompt: Sequence[int],
-        *,
-        spec: SpecConfig,
-        sampling: SamplingParams | None = None,
-        max_new_tokens: int = 128,
-        stop_ids: Sequence[int] = (),
-        on_tokens: Callable[[list[int]], None] | None = None,
-        should_stop: Callable[[], str | None] | None = None,
-        on_round: Callable[[dict], None] | None = None,
-        request_id: str | None = None,
-        tracing=None,  # actor call spans: nothing crosses an actor here
-        on_logprobs: Callable[[list], None] | None = None,
-    ) -> GenerationResult:
+    def generate(self, target: str, prompt: Sequence[int], *, tracing=None, **kwargs) -> GenerationResult:
+        """ActorEngine.generate's keywords (spec, sampling, max_new_tokens, stop_ids, on_tokens,
+        should_stop, on_round, request_id, on_logprobs), run by the target's LocalEngine.run;
+        tracing (actor call spans) has nothing to trace here."""
         if target not in self.engines:
             raise KeyError(f"target {target!r} is not served; targets: {', '.join(sorted(self.engines))}")
-        return self.engines[target].run(
-            prompt, spec=spec, sampling=sampling, max_new_tokens=max_new_tokens, stop_ids=stop_ids, on_tokens=on_tokens,
-            should_stop=should_stop, on_round=on_round, on_logprobs=on_logprobs, request_id=request_id,
-        )
+        return self.engines[target].run(prompt, **kwargs)
 
     def shutdown(self) -> None:
         for engine in self.engines.values():
