@@ -96,3 +96,21 @@ def assigned_resources() -> dict:
     except Exception:  # noqa: BLE001 - informational only
         pass
     return {}
+
+
+# Share of a device's free memory (measured once the weights are loaded) that an actor takes
+# as its KV budget when none is configured: the rest is left to activations, the allocator's
+# slack and, on a CPU host, the other actors and processes that share it.
+KV_BUDGET_FRACTION = 0.5
+
+
+def default_kv_budget(device: torch.device) -> int:
+    """Bytes of KV cache an actor on `device` may hold by default: KV_BUDGET_FRACTION of the
+    GPU's free memory, or of the host's available memory on a CPU."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+    else:
+        import psutil
+
+        free = psutil.virtual_memory().available
+    return int(free * KV_BUDGET_FRACTION)

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
-from tandem.actors.devices import apply_default_device_env, assigned_resources
+from tandem.actors.devices import apply_default_device_env, assigned_resources, default_kv_budget
 from tandem.actors.runner import ModelRunner
 from tandem.actors.speculative import RequestStateLostError
 
@@ -43,6 +43,7 @@ class TargetShard:
         device: str = "auto",
         threads: int | None = None,
         resolve=None,
+        kv_budget_bytes: int | None = None,
     ):
         """Give either layer_range=(lo, hi) or stage=(index, count): stage `index` of `count`
         near-equal contiguous ranges (worked out here, where the model files are)."""
@@ -60,6 +61,7 @@ class TargetShard:
             layer_range = split_layers(total, stage[1])[stage[0]]
         self.runner = ModelRunner(self.model_path, dtype=dtype, device=device, layer_range=tuple(layer_range))
         self.sequences: dict[str, Any] = {}
+        self.kv_budget_bytes = int(kv_budget_bytes) if kv_budget_bytes else default_kv_budget(self.runner.device)
 
     def forward(self, keys: Sequence[str], starts: Sequence[int], inputs: Sequence) -> list[torch.Tensor]:
         self.default_device = apply_default_device_env()  # Ray runs this on its own threads
@@ -96,6 +98,9 @@ class TargetShard:
     def live_sequences(self) -> list[str]:
         return list(self.sequences)
 
+    def kv_bytes_used(self) -> int:
+        return sum(s.kv_bytes() for s in list(self.sequences.values()))
+
     def tokenizer(self):
         from tandem.actors.runner import load_tokenizer
 
@@ -110,7 +115,8 @@ class TargetShard:
         r = self.runner
         import os
 
-        return {"pid": os.getpid(), "resources": assigned_resources(), "device": str(r.device), "default_device": str(getattr(self, "default_device", None)), "layers": [r.layer_lo, r.layer_hi], "total_layers": r.total_layers, "vocab_size": r.vocab_size, "max_context": r.max_context}
+        return {"pid": os.getpid(), "resources": assigned_resources(), "device": str(r.device), "default_device": str(getattr(self, "default_device", None)), "layers": [r.layer_lo, r.layer_hi], "total_layers": r.total_layers, "vocab_size": r.vocab_size, "max_context": r.max_context,
+                "kv_bytes_per_token": r.kv_bytes_per_token, "kv_budget_bytes": self.kv_budget_bytes}
 
 
 def split_layers(total: int, shards: int) -> list[tuple[int, int]]:

@@ -76,6 +76,7 @@ class TargetSpec:
     threads: int = 1
     placement: Placement = field(default_factory=lambda: Placement(resources={"target_pool": 1}))
     max_restarts: int = -1  # Ray restarts a dead target actor (its requests are lost)
+    kv_budget_bytes: int | None = None  # KV cache per actor (each shard); None: from its free memory
 
 
 # ---------------------------------------------------------------------------------------
@@ -349,7 +350,7 @@ class TargetPool(_Pool):
         pg = _placement_group(spec.placement, spec.shards, timeout_s=timeout_s, what=self.what)
         if spec.shards == 1:
             cls = _remote(TargetWorker, placement=spec.placement, pg=pg, index=0, restarts=spec.max_restarts)
-            return _Member(handle=cls.remote(spec.load, threads=spec.threads), pg=pg)
+            return _Member(handle=cls.remote(spec.load, threads=spec.threads, kv_budget_bytes=spec.kv_budget_bytes), pg=pg)
         stages = []
         for index in range(spec.shards):
             cls = _remote(TargetShard, placement=spec.placement, pg=pg, index=index, restarts=spec.max_restarts)
@@ -361,6 +362,7 @@ class TargetPool(_Pool):
                     device=spec.load.device,
                     threads=spec.threads,
                     resolve=spec.load.resolve,
+                    kv_budget_bytes=spec.kv_budget_bytes,
                 )
             )
         # the front holds no model: request state and verification only; restartable like

@@ -279,6 +279,11 @@ class ModelRunner:
         """Columns of the logits this runner returns."""
         return self.head.out_features
 
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """KV cache bytes one position takes here: keys and values of every layer held."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+
     def new_sequence(self, capacity: int = 256) -> SequenceState:
         capacity = max(16, min(int(capacity), self.max_context))
         shape = (self.num_kv_heads, capacity, self.head_dim)

@@ -224,7 +224,8 @@ def run_request(
     try:
         if use_draft:
             draft_open = draft.call("open", request_id, sampling=sampling, capacity=capacity, prompt_len=prompt_len)
-        prefill = target.call("open", request_id, progress.prompt, sampling=sampling, prompt_len=prompt_len)
+        # the target's cache is allocated once at what the router's admission reserved
+        prefill = target.call("open", request_id, progress.prompt, sampling=sampling, prompt_len=prompt_len, capacity=capacity)
         prefill.result()
         # The prefill's logits give the first token for free: stream it before any drafting.
         first = target.call("verify", request_id, None, bonus=True).result()

@@ -78,16 +78,21 @@ class Verifier:
         self.prefill_chunk = prefill_chunk
 
     # ------------------------------------------------------------------ lifecycle
-    def open(self, request_id: str, prompt: Sequence[int], *, sampling: SamplingParams, prompt_len: int | None = None) -> float:
+    def open(
+        self, request_id: str, prompt: Sequence[int], *, sampling: SamplingParams, prompt_len: int | None = None,
+        capacity: int | None = None,
+    ) -> float:
         """Prefill the prompt; returns the prefill wall time. prompt_len: how many leading
         tokens of `prompt` are the request's prompt (a resumed request re-prefills its
-        output too, which penalties still count as output); None: all of them."""
+        output too, which penalties still count as output); None: all of them. capacity:
+        KV positions to allocate at once (what admission reserved for the request), so the
+        cache never grows; None: the prompt plus 128, grown by doubling."""
         t0 = time.perf_counter()
         if len(prompt) == 0:
             raise ValueError("prompt must hold at least one token")
         if request_id in self.requests:
             raise RequestAlreadyOpenError(f"request_id {request_id!r} is already open on this target")
-        seq = self.runner.new_sequence(len(prompt) + 128)
+        seq = self.runner.new_sequence(max(int(capacity), len(prompt) + 1) if capacity else len(prompt) + 128)
         pending = None
         try:
             # in chunks: work for a request cancelled meanwhile stops at the next chunk

@@ -18,7 +18,7 @@ import torch
 
 from tandem.actors.batching import Cancellations, MicroBatcher
 from tandem.actors.block_costs import measure_block_costs
-from tandem.actors.devices import apply_default_device_env, assigned_resources
+from tandem.actors.devices import apply_default_device_env, assigned_resources, default_kv_budget
 from tandem.actors.drafter import DraftBlock, DraftBranches, Drafter
 from tandem.actors.runner import ModelRunner
 from tandem.actors.tracing import Traced, call_record
@@ -190,6 +190,7 @@ class TargetWorker(_Worker):
         threads: int = 1,
         stages: Sequence[Any] | None = None,
         max_batch: int = 16,
+        kv_budget_bytes: int | None = None,
     ):
         apply_default_device_env()
         torch.set_num_threads(threads)
@@ -200,14 +201,21 @@ class TargetWorker(_Worker):
 
             from tandem.actors.pipeline import PipelineRunner
 
-            first = ray.get(stages[-1].info.remote())
+            infos = ray.get([s.info.remote() for s in stages])
+            first = infos[-1]
             runner = PipelineRunner(stages, vocab_size=first["vocab_size"], max_context=first["max_context"], name=f"t{os.getpid()}")
             workers = len(stages)  # one batch in flight per stage: stages overlap
+            # a position takes KV on every stage; the replica holds what its tightest stage does
+            self.kv_bytes_per_token = sum(int(i["kv_bytes_per_token"]) for i in infos)
+            positions = min(int(i["kv_budget_bytes"]) // int(i["kv_bytes_per_token"]) for i in infos)
+            self.kv_budget_bytes = positions * self.kv_bytes_per_token
         else:
             if load is None:
                 raise ValueError("TargetWorker needs a model to load or pipeline stages")
             runner = load.build()
             workers = 1
+            self.kv_bytes_per_token = runner.kv_bytes_per_token
+            self.kv_budget_bytes = int(kv_budget_bytes) if kv_budget_bytes else default_kv_budget(runner.device)
         self.runner = runner
         self.cancelled = Cancellations()
         self.verifier = Verifier(runner, cancelled=self.cancelled)
@@ -235,10 +243,11 @@ class TargetWorker(_Worker):
     # trace=: as DraftWorker's (actors/tracing.py)
 
     def open(
-        self, request_id: str, prompt: Sequence[int], *, sampling: SamplingParams, trace: dict | None = None, prompt_len: int | None = None
+        self, request_id: str, prompt: Sequence[int], *, sampling: SamplingParams, trace: dict | None = None,
+        prompt_len: int | None = None, capacity: int | None = None,
     ) -> float:
         arrived, timing = time.time_ns(), ({} if trace is not None else None)
-        work = lambda: self.verifier.open(request_id, list(prompt), sampling=sampling, prompt_len=prompt_len)  # noqa: E731
+        work = lambda: self.verifier.open(request_id, list(prompt), sampling=sampling, prompt_len=prompt_len, capacity=capacity)  # noqa: E731
         value = self.batcher.call(work, request_id=request_id, timing=timing).result()
         if trace is None:
             return value
@@ -298,6 +307,14 @@ class TargetWorker(_Worker):
             return ray.get(self.runner.stages[0].eos_ids.remote())
         return generation_eos_ids(self.load.local_path())
 
+    def kv_bytes_used(self) -> int:
+        """KV cache bytes the live requests' sequences hold here (a pipeline: on its stages)."""
+        if self.load is None:
+            import ray
+
+            return sum(ray.get([s.kv_bytes_used.remote() for s in self.runner.stages]))
+        return sum(r.seq.kv_bytes() for r in list(self.verifier.requests.values()))
+
     def info(self) -> dict[str, Any]:
         r = self.runner
         timings = getattr(r, "timings", None)
@@ -312,6 +329,9 @@ class TargetWorker(_Worker):
             "kernel": getattr(r, "kernel", "pipeline"),
             "threads": self.threads,
             "live_requests": len(self.verifier.requests),
+            "kv_bytes_per_token": self.kv_bytes_per_token,
+            "kv_budget_bytes": self.kv_budget_bytes,
+            "kv_bytes_used": self.kv_bytes_used(),
             "batches": self.batcher.batches,
             "batched_items": self.batcher.batched_items,
             "forward_s": timings.forward_s if timings else None,

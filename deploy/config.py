@@ -172,6 +172,11 @@ class TargetConfig(_Strict):
         description='Target weights: "pack" serves a model pack at 4 bits from its own GGUF grid (CPU); '
         '"auto": pack for packs, none otherwise; int8/int4 re-quantize; unsharded targets only',
     )
+    kv_budget_bytes: int | None = Field(
+        None, ge=1,
+        description="KV cache bytes per target actor (each shard); requests wait for room past it. "
+        "null: half the actor's free device memory once its weights are loaded",
+    )
     method: Method = Field("auto", description="Default speculation method for this target")
     max_draft_len: int = Field(DEFAULT_MAX_DRAFT_LEN, ge=1, le=MAX_DRAFT_LEN, description="Upper bound of the draft length the router may pick")
     sorted_thresholds: list[float] = Field(

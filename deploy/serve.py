@@ -56,6 +56,7 @@ def pool_specs(cfg: TandemConfig, *, resolve=resolve_model_path) -> tuple[DraftP
             shards=t.shards,
             threads=t.threads,
             placement=t.placement.to_placement(),
+            kv_budget_bytes=t.kv_budget_bytes,
         )
         for t in cfg.targets
     ]
@@ -169,6 +170,8 @@ def build_routes(cfg: TandemConfig, engine: ActorEngine) -> dict[str, TargetRout
             replicas=t.replicas,
             shards=t.shards,
             dtype=t.dtype,
+            kv_bytes_per_token=int(pool.info.get("kv_bytes_per_token") or 0),
+            kv_budget_bytes=int(pool.info.get("kv_budget_bytes") or 0),
         )
     return routes
 

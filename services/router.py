@@ -1,8 +1,8 @@
 """The router: several targets behind one endpoint, one shared draft pool for all of them.
 
-Per request it validates limits, admits the request through its target's bounded queue
-(each target has its own slots and threads, so one target's hung actors cannot hold up
-another's requests), has the planner (speculation/plan.py) pick the method, draft exit and draft length for the
+Per request it validates limits, admits the request by its KV reservation through its
+target's bounded queue (services/admission.py; each target has its own admission and
+threads, so one target's hung actors cannot hold up another's requests), has the planner (speculation/plan.py) pick the method, draft exit and draft length for the
 request's target (its goodput policy, speculation/goodput.py), runs the speculation loop across the
 actor pools on a worker thread, and streams deltas back to the asyncio side. Deadlines,
 client cancellation and stop strings end the loop at the next round, and reach the actors
@@ -27,36 +27,15 @@ from typing import Any, AsyncIterator, Callable, Sequence
 
 from tandem.actors.pools import DRAFT_POOL
 from tandem.actors.speculative import GenerationResult, SideUnavailableError
+from tandem.services.admission import Admission, Slot
 from tandem.speculation.goodput import GoodputPolicy
-from tandem.speculation.plan import Plan, observe
+from tandem.speculation.plan import Plan, context_reserve, observe
 from tandem.speculation.plan import plan as plan_request
 from tandem.speculation.sampling import SamplingParams
 from tandem.speculation.sorted_policy import ExitPolicy
 
 log = logging.getLogger("tandem.router")
 
-
-
-class QueueFullError(RuntimeError):
-    """More requests waiting than the queue admits; `retry_after_s` is when a place may
-    have freed (Router.retry_after_s)."""
-
-    def __init__(self, message: str, *, target: str = "", retry_after_s: float = 1.0):
-        super().__init__(message)
-        self.target = target
-        self.retry_after_s = retry_after_s
-
-
-# Retry advice for a full queue (Router.retry_after_s): the soonest a queue place frees is
-# when one running request ends and the first waiting one takes its slot. With requests
-# holding a slot for `mean` seconds on average (an EWMA of this target's recent requests;
-# RETRY_PRIOR_S before any ended), one of max_concurrent running requests ends about every
-# mean / max_concurrent seconds. Clamped: retrying sooner than RETRY_MIN_S only adds load,
-# and past RETRY_MAX_S a client is better off looking elsewhere.
-RETRY_PRIOR_S = 1.0
-RETRY_MIN_S = 0.25
-RETRY_MAX_S = 30.0
-SLOT_EWMA_ALPHA = 0.2
 
 
 class UnknownTargetError(KeyError):
@@ -122,6 +101,10 @@ class TargetRoute:
     waiting: int = 0
     mean_slot_s: float | None = None  # EWMA of how long a request held a slot (None: none ended yet)
     kv_tokens: int = 0  # KV positions its running requests hold on a replica: prompt + committed tokens
+    # KV admission (services/admission.py): bytes per KV position on one replica (all its
+    # layers, keys and values) and one replica's KV budget; 0: unknown, admission by count only
+    kv_bytes_per_token: int = 0
+    kv_budget_bytes: int = 0
     # per-method draft lengths measured for this target, used before its policy learns one
     # (the planner's draft_lens: an in-process engine's planned sd length and PEARL window)
     draft_lens: dict = field(default_factory=dict)
@@ -184,37 +167,6 @@ class StopWatcher:
         return best
 
 
-class _Slot:
-    """One running request's place in its target's admission. Freed once, either when the
-    request ends before any work started, or when its work on the actors has ended."""
-
-    def __init__(self, route: TargetRoute, slots: asyncio.Semaphore):
-        self.route = route
-        self.slots = slots
-        self.handed_over = False
-        self._held = True
-        self._since = time.monotonic()
-        self.kv_tokens = 0  # what this request adds to route.kv_tokens
-        route.running += 1
-
-    def hold_kv(self, tokens: int) -> None:
-        """The request's KV on the target grew by `tokens` positions (prompt, commits); ignored
-        once the slot is released (the actors freed it)."""
-        if self._held:
-            self.kv_tokens += tokens
-            self.route.kv_tokens += tokens
-
-    def release(self) -> None:
-        if self._held:
-            self._held = False
-            held = time.monotonic() - self._since
-            r = self.route
-            r.mean_slot_s = held if r.mean_slot_s is None else r.mean_slot_s + SLOT_EWMA_ALPHA * (held - r.mean_slot_s)
-            r.running -= 1
-            r.kv_tokens -= self.kv_tokens
-            self.slots.release()
-
-
 class Router:
     """Routes requests to targets over an ActorEngine (actors/engine.py)."""
 
@@ -241,13 +193,21 @@ class Router:
         self._pools = {
             name: ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix=f"request-{name}") for name in routes
         }
-        self._slots = {name: asyncio.Semaphore(max_concurrent) for name in routes}
+        self.admission = {
+            name: Admission(route, max_concurrent=max_concurrent, queue_size=queue_size, replicas=self._replicas_of(name))
+            for name, route in routes.items()
+        }
         self._ids = itertools.count()
         self._sorted_fallback_logged: set[str] = set()
         self._lock = threading.Lock()
         if telemetry is not None:
             telemetry.observe_requests(self.request_states)
             telemetry.observe_kv_tokens(self.kv_tokens)
+            telemetry.observe_kv_bytes(self.kv_bytes)
+
+    def _replicas_of(self, name: str) -> Callable[[], int]:
+        """Serving replicas of a target now (pools scale with traffic), for its KV budget."""
+        return lambda: self.serving_replicas().get(name, self.routes[name].replicas)
 
     # ------------------------------------------------------------------ info
     def serving_replicas(self) -> dict[str, int]:
@@ -266,10 +226,8 @@ class Router:
         return dict(health()) if callable(health) else {}
 
     def retry_after_s(self, target: str) -> float:
-        """When a request refused for a full queue may try again (see RETRY_PRIOR_S)."""
-        mean = self.routes[target].mean_slot_s
-        mean = RETRY_PRIOR_S if mean is None else mean
-        return min(RETRY_MAX_S, max(RETRY_MIN_S, mean / self.max_concurrent))
+        """When a request refused for a full queue may try again (services/admission.py)."""
+        return self.admission[target].retry_after_s()
 
     def request_states(self) -> dict[str, tuple[int, int]]:
         """{target: (running, waiting)}: requests holding a slot, and queued for one."""
@@ -279,6 +237,13 @@ class Router:
         """{target: KV positions held by its running requests} (prompt plus committed tokens;
         a round's draft block is transient and not counted)."""
         return {name: r.kv_tokens for name, r in self.routes.items()}
+
+    def kv_bytes(self) -> dict[str, tuple[int, int]]:
+        """{target: (KV bytes reserved by running requests, KV budget of its serving replicas)}
+        for targets whose KV size is known."""
+        return {
+            name: (a.kv_reserved, a.kv_budget_total) for name, a in self.admission.items() if a.route.kv_bytes_per_token
+        }
 
     def queue_depths(self) -> dict[str, int]:
         return {name: r.running + r.waiting for name, r in self.routes.items()}
@@ -315,20 +280,10 @@ class Router:
         ValueError (bad field) before the first delta; SideUnavailableError on actor failure."""
         arrived = time.monotonic()  # telemetry: queue time, and TTFT / latency from arrival
         route = self.route(req.target)
-        slots = self._slots[route.name]
-        if slots.locked() and route.waiting >= self.queue_size:
-            raise QueueFullError(
-                f"queue full: {route.waiting} requests waiting for target {route.name!r} (queue_size {self.queue_size})",
-                target=route.name,
-                retry_after_s=self.retry_after_s(route.name),
-            )
         plan = self.plan(route, req)
-        route.waiting += 1
-        try:
-            await slots.acquire()
-        finally:
-            route.waiting -= 1
-        slot = _Slot(route, slots)
+        # the KV positions the actors allocate for it (actors/speculative.py sizes the caches so)
+        tokens = len(req.prompt_ids) + req.max_new_tokens + context_reserve(plan.spec.draft_len)
+        slot = await self.admission[route.name].admit(tokens)
         try:
             async for delta in self._run(route, req, plan, cancelled, slot, arrived=arrived):
                 yield delta
@@ -337,7 +292,7 @@ class Router:
                 slot.release()
 
     async def _run(
-        self, route: TargetRoute, req: RouteRequest, plan: Plan, cancelled, slot: _Slot,
+        self, route: TargetRoute, req: RouteRequest, plan: Plan, cancelled, slot: Slot,
         *, arrived: float | None = None,
     ) -> AsyncIterator[Delta]:
         loop = asyncio.get_running_loop()

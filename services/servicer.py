@@ -28,7 +28,8 @@ from tandem.v1 import tandem_pb2 as pb
 from tandem.v1 import tandem_pb2_grpc as pb_grpc
 from tandem.services import errors
 from tandem.speculation.plan import MAX_DRAFT_LEN, METHODS, check_context
-from tandem.services.router import Delta, QueueFullError, RouteRequest, Router, TargetRoute, UnknownTargetError
+from tandem.services.admission import QueueFullError
+from tandem.services.router import Delta, RouteRequest, Router, TargetRoute, UnknownTargetError
 from tandem.services.telemetry import context_from_metadata
 from tandem.speculation.sampling import SamplingParams
 

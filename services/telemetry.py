@@ -170,6 +170,8 @@ METRIC_NAMES = (
     "tandem_num_requests_running",
     "tandem_num_requests_waiting",
     "tandem_kv_cache_tokens",
+    "tandem_kv_reserved_bytes",
+    "tandem_kv_budget_bytes",
 )
 
 
@@ -319,6 +321,19 @@ class Telemetry:
             unit="{token}",
             description="KV cache positions the target's running requests hold (prompt plus committed tokens).",
         )
+        self._kv_bytes_callbacks: list[Callable[[], Mapping[str, tuple[int, int]]]] = []
+        self.kv_reserved = meter.create_observable_gauge(
+            "tandem_kv_reserved_bytes",
+            callbacks=[lambda options: self._observe(self._kv_bytes_callbacks, "target", "KV bytes", pick=0)],
+            unit="By",
+            description="KV cache bytes reserved by the target's running requests (services/admission.py).",
+        )
+        self.kv_budget = meter.create_observable_gauge(
+            "tandem_kv_budget_bytes",
+            callbacks=[lambda options: self._observe(self._kv_bytes_callbacks, "target", "KV bytes", pick=1)],
+            unit="By",
+            description="KV cache budget of the target's serving replicas together; admission waits past it.",
+        )
         self._replica_callbacks: list[Callable[[], Mapping[str, int]]] = []
         self.pool_replicas = meter.create_observable_gauge(
             "tandem_pool_replicas",
@@ -437,6 +452,12 @@ class Telemetry:
 
     def _observe_kv(self, options: CallbackOptions) -> Iterable[Observation]:
         return self._observe(self._kv_callbacks, "target", "KV tokens")
+
+    def observe_kv_bytes(self, callback: Callable[[], Mapping[str, tuple[int, int]]]) -> None:
+        """Report `callback()` ({target: (reserved, budget)} in bytes) as
+        tandem_kv_reserved_bytes and tandem_kv_budget_bytes."""
+        with self._lock:
+            self._kv_bytes_callbacks.append(callback)
 
     # -- pool scaling ---------------------------------------------------------------------------
 

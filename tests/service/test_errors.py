@@ -40,7 +40,7 @@ from tandem.services.client import (
     UnavailableError,
     collect_chunks,
 )
-from tandem.services.router import RETRY_MAX_S, RETRY_MIN_S, RETRY_PRIOR_S
+from tandem.services.admission import RETRY_MAX_S, RETRY_MIN_S, RETRY_PRIOR_S
 from tandem.services.servicer import MAX_STOP_STRINGS, MAX_TOP_LOGPROBS
 from tandem.v1 import tandem_pb2 as pb
 from tandem.v1 import tandem_pb2_grpc as pb_grpc
@@ -264,7 +264,7 @@ def test_unauthenticated_carries_error_info(srv):
 
 class Gate:
     """Holds every request at the engine until opened; counts engine.generate calls and the
-    server's refusals (Router.retry_after_s runs once per QueueFullError)."""
+    server's refusals (Admission.retry_after_s runs once per QueueFullError)."""
 
     def __init__(self, srv, monkeypatch):
         self.open = threading.Event()
@@ -272,19 +272,20 @@ class Gate:
         self.refusals = 0
         self.route = srv.app.router.routes["small"]
         engine, router = srv.engine, srv.app.router
-        real_generate, real_retry_after = engine.generate, router.retry_after_s
+        admission = router.admission["small"]
+        real_generate, real_retry_after = engine.generate, admission.retry_after_s
 
         def generate(*args, **kwargs):
             self.calls += 1
             assert self.open.wait(60), "gate never opened"
             return real_generate(*args, **kwargs)
 
-        def retry_after_s(target):
+        def retry_after_s():
             self.refusals += 1
-            return real_retry_after(target)
+            return real_retry_after()
 
         monkeypatch.setattr(engine, "generate", generate)
-        monkeypatch.setattr(router, "retry_after_s", retry_after_s)
+        monkeypatch.setattr(admission, "retry_after_s", retry_after_s)
 
     @staticmethod
     def wait(pred, timeout=30.0):
@@ -356,7 +357,7 @@ def test_the_retry_delay_follows_the_documented_rule(srv, monkeypatch):
     for mean, expected in ((None, RETRY_PRIOR_S), (0.01, RETRY_MIN_S), (3.0, 3.0), (1e6, RETRY_MAX_S)):
         monkeypatch.setattr(route, "mean_slot_s", mean)
         assert router.retry_after_s("small") == pytest.approx(expected), mean
-    monkeypatch.setattr(router, "max_concurrent", 4)  # one of 4 running requests ends 4x as often
+    monkeypatch.setattr(router.admission["small"], "max_concurrent", 4)  # one of 4 running requests ends 4x as often
     monkeypatch.setattr(route, "mean_slot_s", 3.0)
     assert router.retry_after_s("small") == pytest.approx(0.75)
 

@@ -251,6 +251,7 @@ def test_prometheus_endpoint_serves_the_metric_names():
         assert first.metrics_port and second.metrics_port and first.metrics_port != second.metrics_port
         first.observe_requests(lambda: {"big": (2, 1)})
         first.observe_kv_tokens(lambda: {"big": 37})
+        first.observe_kv_bytes(lambda: {"big": (4096, 65536)})
         run_request(first, rounds=2)
         text = scrape(first.metrics_port)
 
@@ -264,6 +265,7 @@ def test_prometheus_endpoint_serves_the_metric_names():
         assert types["tandem_num_requests_running"] == types["tandem_num_requests_waiting"] == "gauge"
         assert types["tandem_e2e_request_latency_seconds"] == types["tandem_request_queue_time_seconds"] == "histogram"
         assert set(METRIC_NAMES) <= set(types)
+        assert types["tandem_kv_reserved_bytes"] == types["tandem_kv_budget_bytes"] == "gauge"
 
         samples = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line and not line.startswith("#")}
         assert samples['tandem_requests_total{finish_reason="eos",method="pearl",target="big"}'] == 1
@@ -279,7 +281,9 @@ def test_prometheus_endpoint_serves_the_metric_names():
         assert samples['tandem_num_requests_running{target="big"}'] == 2
         assert samples['tandem_num_requests_waiting{target="big"}'] == 1
         assert samples['tandem_kv_cache_tokens{target="big"}'] == 37 and types["tandem_kv_cache_tokens"] == "gauge"
-        for doubled in ("_total_total", "_seconds_seconds", "otel_scope_name"):
+        assert samples['tandem_kv_reserved_bytes{target="big"}'] == 4096
+        assert samples['tandem_kv_budget_bytes{target="big"}'] == 65536
+        for doubled in ("_total_total", "_seconds_seconds", "_bytes_bytes", "otel_scope_name"):
             assert doubled not in text
         assert "tandem_requests_total" not in scrape(second.metrics_port)
     finally:

@@ -1,0 +1,176 @@
+"""KV admission through a real server (services/admission.py): a target with a small KV
+budget runs what fits, queues what does not (first in, first out, within its deadline),
+refuses what never could, and the actors hold what admission reserved."""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.request
+
+import grpc
+import pytest
+import ray
+from transformers import AutoConfig
+
+from conftest import ServerThread, service_config
+from tandem.services.client import TandemClient, TandemError
+from tandem.speculation.plan import context_reserve
+
+PROMPT_IDS = [5, 6, 7, 8, 9, 10]
+BUDGET = 64 * 1024  # bytes: a few hundred positions of the tiny float32 target
+# method off plans the target alone as SpecConfig("ar", draft_len=1) (speculation/plan.py)
+RESERVE = context_reserve(1)
+
+
+@pytest.fixture(scope="module")
+def srv(ray_local, tiny_service_models):
+    cfg = service_config(tiny_service_models, max_concurrent=4, queue_size=4, metrics_port=0)
+    cfg["targets"][0]["kv_budget_bytes"] = BUDGET
+    s = ServerThread(cfg)
+    yield s
+    s.stop()
+
+
+def positions(srv) -> int:
+    route = srv.app.router.routes["small"]
+    return BUDGET // route.kv_bytes_per_token
+
+
+def max_new_for(srv, share: float) -> int:
+    """max_new_tokens (method off) whose reservation is `share` of the budget."""
+    return int(positions(srv) * share) - len(PROMPT_IDS) - RESERVE
+
+
+class Gate:
+    """Holds requests at the engine until opened; counts engine.generate calls."""
+
+    def __init__(self, srv, monkeypatch):
+        self.open = threading.Event()
+        self.calls = 0
+        real = srv.engine.generate
+
+        def generate(*args, **kwargs):
+            self.calls += 1
+            assert self.open.wait(60), "gate never opened"
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(srv.engine, "generate", generate)
+
+
+def wait_for(pred, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)
+
+
+def call(address, max_new, out, key, timeout=120):
+    with TandemClient(address) as c:
+        try:
+            out[key] = c.generate(target="small", prompt_token_ids=PROMPT_IDS, max_new_tokens=max_new,
+                                  ignore_eos=True, method="off", timeout=timeout)
+        except TandemError as exc:
+            out[key] = exc
+
+
+def scraped(srv, name: str) -> float:
+    port = srv.app.telemetry.metrics_port
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    (line,) = [ln for ln in body.splitlines() if ln.startswith(name + "{") and 'target="small"' in ln]
+    return float(line.rsplit(" ", 1)[1])
+
+
+def test_the_target_reports_its_kv_size_per_position(srv, tiny_service_models):
+    cfg = AutoConfig.from_pretrained(tiny_service_models["small"])
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    route = srv.app.router.routes["small"]
+    assert route.kv_bytes_per_token == 2 * cfg.num_hidden_layers * kv_heads * head_dim * 4  # float32 keys + values
+    assert route.kv_budget_bytes == BUDGET
+    assert scraped(srv, "tandem_kv_budget_bytes") == BUDGET
+    other = srv.app.router.routes["other"]  # no budget configured: half the host's free memory
+    assert other.kv_budget_bytes > 100 * 2**20
+
+
+def test_a_request_that_does_not_fit_waits_for_the_one_running_then_runs(srv, monkeypatch):
+    gate = Gate(srv, monkeypatch)
+    route, admission = srv.app.router.routes["small"], srv.app.router.admission["small"]
+    big = max_new_for(srv, 0.6)
+    out: dict = {}
+    a = threading.Thread(target=call, args=(srv.address, big, out, "a"))
+    a.start()
+    wait_for(lambda: gate.calls == 1)
+    need = (len(PROMPT_IDS) + big + RESERVE) * route.kv_bytes_per_token
+    assert admission.kv_reserved == need and scraped(srv, "tandem_kv_reserved_bytes") == need
+    b = threading.Thread(target=call, args=(srv.address, big, out, "b"))
+    b.start()
+    wait_for(lambda: route.waiting == 1)
+    time.sleep(0.3)
+    assert gate.calls == 1 and route.running == 1  # 2 x 0.6 of the budget: B waits for A
+    gate.open.set()
+    a.join(120)
+    b.join(120)
+    for k in "ab":
+        assert not isinstance(out[k], Exception), out[k]
+        assert len(out[k].token_ids) == big
+    assert gate.calls == 2 and admission.kv_reserved == 0 and route.waiting == 0
+
+
+def test_requests_that_fit_together_run_together(srv, monkeypatch):
+    """The control: the same two requests at 0.4 of the budget each both run at once."""
+    gate = Gate(srv, monkeypatch)
+    route = srv.app.router.routes["small"]
+    small = max_new_for(srv, 0.4)
+    out: dict = {}
+    threads = [threading.Thread(target=call, args=(srv.address, small, out, k)) for k in "ab"]
+    for t in threads:
+        t.start()
+    wait_for(lambda: gate.calls == 2)
+    assert route.running == 2 and route.waiting == 0
+    gate.open.set()
+    for t in threads:
+        t.join(120)
+    assert all(len(out[k].token_ids) == small for k in "ab"), out
+
+
+def test_a_waiting_request_whose_deadline_passes_leaves_the_queue(srv, monkeypatch):
+    gate = Gate(srv, monkeypatch)
+    route = srv.app.router.routes["small"]
+    big = max_new_for(srv, 0.6)
+    out: dict = {}
+    a = threading.Thread(target=call, args=(srv.address, big, out, "a"))
+    a.start()
+    wait_for(lambda: gate.calls == 1)
+    call(srv.address, big, out, "late", timeout=0.5)  # queued behind A, never admitted
+    assert isinstance(out["late"], TandemError) and out["late"].code == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_for(lambda: route.waiting == 0)
+    gate.open.set()
+    a.join(120)
+    assert gate.calls == 1 and len(out["a"].token_ids) == big
+
+
+def test_a_request_larger_than_the_budget_is_refused_naming_the_field(srv):
+    out: dict = {}
+    call(srv.address, max_new_for(srv, 1.0) + 1, out, "x")
+    err = out["x"]
+    assert isinstance(err, TandemError) and err.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.details.startswith("sampling.max_new_tokens:") and "KV budget" in err.details, err.details
+    call(srv.address, max_new_for(srv, 1.0), out, "fits")  # control: exactly the budget runs
+    assert len(out["fits"].token_ids) == max_new_for(srv, 1.0)
+
+
+def test_the_actor_holds_what_admission_reserved_and_frees_it(srv):
+    """The verifier allocates a request's cache at its reservation once: the target actor's
+    KV bytes in use equal the reservation while the stream runs, and 0 after."""
+    handle = srv.engine.targets["small"].handles()[0]
+    route = srv.app.router.routes["small"]
+    big = max_new_for(srv, 0.9)
+    with TandemClient(srv.address) as c:
+        stream = c.generate_stream(target="small", prompt_token_ids=PROMPT_IDS, max_new_tokens=big,
+                                   ignore_eos=True, method="off", timeout=120)
+        next(stream)
+        used = ray.get(handle.info.remote())["kv_bytes_used"]
+        stream.cancel()
+    assert used == (len(PROMPT_IDS) + big + RESERVE) * route.kv_bytes_per_token
+    wait_for(lambda: ray.get(handle.info.remote())["kv_bytes_used"] == 0)
