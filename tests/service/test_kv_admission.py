@@ -13,7 +13,7 @@ import pytest
 import ray
 from transformers import AutoConfig
 
-from conftest import ServerThread, service_config
+from tests.service.conftest import ServerThread, service_config
 from tandem.services.client import TandemClient, TandemError
 from tandem.speculation.plan import context_reserve
 
