@@ -26,7 +26,8 @@ from typing import Sequence
 import torch
 
 from tandem.actors.batching import Cancellations
-from tandem.actors.runner import ModelRunner, SequenceState
+from tandem.actors.kv_cache import SequenceState
+from tandem.actors.runner import ModelRunner
 from tandem.actors.speculative import RequestAlreadyOpenError, RequestCancelledError, RequestStateLostError
 from tandem.speculation.sampling import (
     SamplingParams,

@@ -102,12 +102,12 @@ class TargetShard:
         return sum(s.kv_bytes() for s in list(self.sequences.values()))
 
     def tokenizer(self):
-        from tandem.actors.runner import load_tokenizer
+        from tandem.actors.loading import load_tokenizer
 
         return load_tokenizer(self.model_path)
 
     def eos_ids(self) -> list[int]:
-        from tandem.actors.runner import generation_eos_ids
+        from tandem.actors.loading import generation_eos_ids
 
         return generation_eos_ids(self.model_path)
 
@@ -147,7 +147,7 @@ class PipelineRunner:
     def extend_batch(self, seqs: Sequence[RemoteSequence], blocks: Sequence[Sequence[int]], *, all_logits: bool = True) -> list[torch.Tensor]:
         for s, b in zip(seqs, blocks):
             if s.length + len(b) > self.max_context:
-                from tandem.actors.runner import ContextLengthError
+                from tandem.actors.kv_cache import ContextLengthError
 
                 raise ContextLengthError(f"sequence of {s.length + len(b)} tokens exceeds the model's context of {self.max_context}")
         keys = [s.key for s in seqs]

@@ -18,40 +18,26 @@ the Llama family of architectures (llama, qwen2, mistral: pre-norm RMSNorm, rota
 SwiGLU). Loading goes through transformers, so any local folder or hub id of those families
 works; other architectures are refused with a clear error.
 
-Every tensor lives on the runner's `device` (actors/devices.py); the linear kernels per device
-are actors/kernels.py's. Past 400 lines on purpose: the KV cache bookkeeping (grow, fork,
-rollback), the multi-exit lazy fill and the batched forward share one invariant (`filled`
-per layer, `hidden` at each lazy token's depth) that splitting them apart would spread over
-modules; the loaders at the bottom are ~60 lines.
+Every tensor lives on the runner's `device` (actors/devices.py). The runner's parts: linear
+kernels per device (actors/kernels.py), KV memory per request (actors/kv_cache.py), loading
+(actors/loading.py), and here the conversion and the forward. Past 400 lines on purpose:
+the multi-exit lazy fill, the stage forward and the batched forward share one invariant
+(`filled` per layer, `hidden` at each lazy token's depth) and one set of converted weights.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from tandem.actors.devices import resolve_device
+from tandem.actors.kv_cache import KVLayout, SequenceState
 from tandem.actors.kernels import ConcatLinear, DenseLinear, QuantLinear, linear_kernel, make_linear, open_pack_grid
-
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class ContextLengthError(ValueError):
-    """The sequence would not fit the model's context window."""
-
-
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    return DTYPES[dtype]
-
+from tandem.actors.loading import SUPPORTED_MODEL_TYPES, load_causal_lm, parse_dtype
 
 @dataclass
 class _Layer:
@@ -61,34 +47,6 @@ class _Layer:
     o: DenseLinear | QuantLinear | ConcatLinear
     gate_up: DenseLinear | QuantLinear | ConcatLinear  # hidden -> 2 * intermediate
     down: DenseLinear | QuantLinear | ConcatLinear
-
-
-# ----------------------------------------------------------------------------------------
-# Per-request state
-# ----------------------------------------------------------------------------------------
-
-
-@dataclass
-class SequenceState:
-    """One request's KV cache on one model. Created by ModelRunner.new_sequence()."""
-
-    keys: list[torch.Tensor]  # per layer [kv_heads, capacity, head_dim]
-    values: list[torch.Tensor]
-    filled: list[int]  # per layer: positions whose KV exists; non-increasing in layer
-    tokens: list[int] = field(default_factory=list)  # fed token ids (len == filled[0])
-    hidden: torch.Tensor | None = None  # [capacity, hidden]: state at each lazy token's depth
-
-    @property
-    def length(self) -> int:
-        """Tokens fed (through layer 0 at least)."""
-        return self.filled[0]
-
-    @property
-    def capacity(self) -> int:
-        return self.keys[0].shape[1]
-
-    def kv_bytes(self) -> int:
-        return sum(k.numel() * k.element_size() * 2 for k in self.keys)
 
 
 @dataclass
@@ -197,6 +155,11 @@ class ModelRunner:
         self._grid = open_pack_grid(model_path) if self.kernel == "pack" else None
         self.exit_adapters = {d: _adapter_on(a, self.device) for d, a in (exit_adapters or {}).items()}
         self.timings = RunnerTimings()
+        self.kv = KVLayout(
+            num_layers=self.num_layers, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+            hidden_size=self.hidden_size, dtype=self.dtype, device=self.device, max_context=self.max_context,
+            keep_hidden=len(self.exits) > 1,
+        )
 
         inner = model.model
         with torch.no_grad(), torch.device("cpu"):  # conversion reads the CPU copy; results go to self.device
@@ -279,71 +242,32 @@ class ModelRunner:
         """Columns of the logits this runner returns."""
         return self.head.out_features
 
+    # ------------------------------------------------------------------ KV cache (actors/kv_cache.py)
     @property
     def kv_bytes_per_token(self) -> int:
         """KV cache bytes one position takes here: keys and values of every layer held."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+        return self.kv.kv_bytes_per_token
 
     def new_sequence(self, capacity: int = 256) -> SequenceState:
-        capacity = max(16, min(int(capacity), self.max_context))
-        shape = (self.num_kv_heads, capacity, self.head_dim)
-        dev = self.device
-        keys = [torch.zeros(shape, dtype=self.dtype, device=dev) for _ in range(self.num_layers)]
-        values = [torch.zeros(shape, dtype=self.dtype, device=dev) for _ in range(self.num_layers)]
-        hidden = torch.empty(capacity, self.hidden_size, dtype=self.dtype, device=dev) if len(self.exits) > 1 else None
-        return SequenceState(keys=keys, values=values, filled=[0] * self.num_layers, hidden=hidden)
+        return self.kv.new_sequence(capacity)
 
     def _ensure_capacity(self, seq: SequenceState, needed: int) -> None:
-        if needed > self.max_context:
-            raise ContextLengthError(
-                f"sequence of {needed} tokens exceeds the model's context of {self.max_context}"
-            )
-        if needed <= seq.capacity:
-            return
-        new_cap = min(max(needed, 2 * seq.capacity), self.max_context)
-        for lst in (seq.keys, seq.values):
-            for i, old in enumerate(lst):
-                grown = torch.zeros(self.num_kv_heads, new_cap, self.head_dim, dtype=self.dtype, device=self.device)
-                grown[:, : old.shape[1]] = old
-                lst[i] = grown
-        if seq.hidden is not None:
-            grown = torch.empty(new_cap, self.hidden_size, dtype=self.dtype, device=self.device)
-            grown[: seq.hidden.shape[0]] = seq.hidden
-            seq.hidden = grown
+        self.kv.ensure_capacity(seq, needed)
 
     def fork(self, seq: SequenceState) -> SequenceState:
         """An independent copy of a sequence (SpecTr branches share the prefix this way)."""
-        n = seq.length
-        child = self.new_sequence(seq.capacity)
-        for dst, src in ((child.keys, seq.keys), (child.values, seq.values)):
-            for layer, t in enumerate(src):
-                dst[layer][:, :n] = t[:, :n]
-        child.filled = list(seq.filled)
-        child.tokens = list(seq.tokens)
-        if seq.hidden is not None and child.hidden is not None:
-            child.hidden[:n] = seq.hidden[:n]
-        return child
+        return self.kv.fork(seq)
 
     def release(self, seq: SequenceState) -> None:
         """Free a sequence's KV (local memory is freed with the last reference)."""
 
     def rollback(self, seq: SequenceState, length: int) -> None:
         """Cut the sequence back to `length` fed tokens (KV past it becomes garbage)."""
-        if length < 0:
-            raise ValueError(f"length must be >= 0, got {length}")
-        length = min(length, seq.length)
-        seq.filled = [min(f, length) for f in seq.filled]
-        del seq.tokens[length:]
+        self.kv.rollback(seq, length)
 
     def truncate_to_common_prefix(self, seq: SequenceState, tokens: Sequence[int]) -> int:
         """Roll back to the longest prefix of `tokens` already fed; returns that length."""
-        n = 0
-        limit = min(len(tokens), seq.length)
-        fed = seq.tokens
-        while n < limit and fed[n] == tokens[n]:
-            n += 1
-        self.rollback(seq, n)
-        return n
+        return self.kv.truncate_to_common_prefix(seq, tokens)
 
     # ------------------------------------------------------------------ public forwards
     @torch.inference_mode()
@@ -561,53 +485,3 @@ class ModelRunner:
 def _adapter_on(adapter, device: torch.device):
     """An exit adapter (a torch module, or any callable) with its parameters on `device`."""
     return adapter.to(device) if isinstance(adapter, torch.nn.Module) else adapter
-
-
-def load_causal_lm(model_path: str, dtype: torch.dtype):
-    """Load a transformers causal LM (local folder or hub id) for conversion by ModelRunner."""
-    from transformers import AutoModelForCausalLM
-
-    try:
-        return AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"model: cannot load {model_path!r}: {exc}") from exc
-
-
-def generation_eos_ids(model_path: str) -> list[int]:
-    """End-of-sequence ids from a model's generation config and tokenizer config."""
-    ids: set[int] = set()
-    try:
-        from transformers import GenerationConfig
-
-        eos = GenerationConfig.from_pretrained(model_path).eos_token_id
-        ids.update([eos] if isinstance(eos, int) else list(eos or []))
-    except (OSError, ValueError):
-        pass
-    try:
-        tok = load_tokenizer(model_path)
-        if tok.eos_token_id is not None:
-            ids.add(int(tok.eos_token_id))
-    except ValueError:
-        pass
-    return sorted(ids)
-
-
-def load_tokenizer(model_path: str):
-    """The model's tokenizer. A folder whose tokenizer_config.json names the generic fast
-    class gets exactly that (AutoTokenizer would otherwise pick the class of the model
-    family from config.json and replace the saved decoder)."""
-    import json
-    from pathlib import Path
-
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    try:
-        declared = None
-        cfg_file = Path(model_path) / "tokenizer_config.json"
-        if cfg_file.is_file():
-            declared = json.loads(cfg_file.read_text()).get("tokenizer_class")
-        if declared in ("PreTrainedTokenizerFast", "TokenizersBackend"):
-            return PreTrainedTokenizerFast.from_pretrained(model_path)
-        return AutoTokenizer.from_pretrained(model_path)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"model: cannot load a tokenizer from {model_path!r}: {exc}") from exc

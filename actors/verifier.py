@@ -24,7 +24,8 @@ import torch
 
 from tandem.actors.batching import Cancellations
 from tandem.actors.drafter import DraftBlock, DraftBranches
-from tandem.actors.runner import ContextLengthError, ModelRunner, SequenceState
+from tandem.actors.kv_cache import ContextLengthError, SequenceState
+from tandem.actors.runner import ModelRunner
 from tandem.actors.speculative import RequestAlreadyOpenError, RequestStateLostError
 from tandem.speculation.sampling import (
     SamplingParams,

@@ -293,13 +293,13 @@ class TargetWorker(_Worker):
             import ray
 
             return ray.get(self.runner.stages[0].tokenizer.remote())
-        from tandem.actors.runner import load_tokenizer
+        from tandem.actors.loading import load_tokenizer
 
         return load_tokenizer(self.load.local_path())
 
     def eos_ids(self) -> list[int]:
         """End-of-sequence ids from the model's generation config."""
-        from tandem.actors.runner import generation_eos_ids
+        from tandem.actors.loading import generation_eos_ids
 
         if self.load is None:
             import ray

@@ -404,7 +404,7 @@ def main(args) -> int:
     from tqdm import tqdm
 
     from tandem.actors.local import available_threads
-    from tandem.actors.runner import parse_dtype
+    from tandem.actors.loading import parse_dtype
     from tandem.deploy.models import encode_prompt, load_causal_lm, sorted_thresholds, stop_ids_for, tokenizer_for
     from tandem.deploy.packs import resolve_model_path
     from tandem.speculation.sorted_policy import ExitPolicy

@@ -190,7 +190,8 @@ class GenerateRecords:
         if target in self.engines:
             return self.engines[target]
         from tandem.actors.local import LocalEngine
-        from tandem.actors.runner import ModelRunner, generation_eos_ids, load_tokenizer
+        from tandem.actors.loading import generation_eos_ids, load_tokenizer
+        from tandem.actors.runner import ModelRunner
         from tandem.actors.workers import ModelLoad
         from tandem.deploy.models import trained_exits_for
 

@@ -7,7 +7,8 @@ import functools
 from dataclasses import dataclass
 from typing import Sequence
 
-from tandem.actors.runner import ModelRunner, load_causal_lm, load_tokenizer, parse_dtype
+from tandem.actors.loading import load_causal_lm, load_tokenizer, parse_dtype
+from tandem.actors.runner import ModelRunner
 from tandem.deploy.packs import DEFAULT_DRAFT, DEFAULT_TARGET, resolve_model_path
 
 DRAFT_QUANTIZE_DEFAULT = "int4"

@@ -310,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from tandem.actors.exit_adapters import check_runner_matches, load_exit_adapters, read_manifest
     from tandem.actors.local import LocalEngine, available_threads
-    from tandem.actors.runner import ModelRunner, load_causal_lm
+    from tandem.actors.loading import load_causal_lm
+    from tandem.actors.runner import ModelRunner
     from tandem.deploy.models import encode_prompt, stop_ids_for, tokenizer_for
     from tandem.deploy.packs import resolve_model_path
     from tandem.speculation.sampling import SamplingParams

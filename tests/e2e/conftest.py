@@ -28,6 +28,6 @@ def pack_paths():
 
 @pytest.fixture(scope="session")
 def qwen_tokenizer(pack_paths):
-    from tandem.actors.runner import load_tokenizer
+    from tandem.actors.loading import load_tokenizer
 
     return load_tokenizer(pack_paths["target"])

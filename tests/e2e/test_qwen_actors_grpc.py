@@ -10,7 +10,7 @@ import pytest
 
 from tandem.actors.engine import ActorEngine
 from tandem.actors.pools import DraftPool, DraftPoolSpec, TargetPool, TargetSpec
-from tandem.actors.runner import generation_eos_ids
+from tandem.actors.loading import generation_eos_ids
 from tandem.actors.speculative import SpecConfig
 from tandem.actors.workers import ModelLoad
 from tandem.speculation.sorted_policy import ExitPolicy

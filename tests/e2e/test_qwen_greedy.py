@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from tandem.actors.local import LocalEngine, ThreadSplit
-from tandem.actors.runner import ModelRunner, generation_eos_ids, load_causal_lm
+from tandem.actors.loading import generation_eos_ids, load_causal_lm
+from tandem.actors.runner import ModelRunner
 from tandem.speculation.sorted_policy import ExitPolicy
 from tests.e2e.conftest import code_prompts
 

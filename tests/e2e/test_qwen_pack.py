@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from tandem.actors.local import LocalEngine, ThreadSplit
-from tandem.actors.runner import ModelRunner, generation_eos_ids
+from tandem.actors.loading import generation_eos_ids
+from tandem.actors.runner import ModelRunner
 from tests.e2e.conftest import TARGET, code_prompts
 
 pytestmark = pytest.mark.slow

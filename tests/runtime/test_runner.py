@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tandem.actors.runner import ContextLengthError, ModelRunner
+from tandem.actors.kv_cache import ContextLengthError
+from tandem.actors.runner import ModelRunner
 
 TOL = 1e-5
 TOL_BATCH = 1e-4  # padded batches block the matmuls differently: ~2e-5 apart in float32

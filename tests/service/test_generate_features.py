@@ -10,7 +10,8 @@ import grpc
 import pytest
 import torch
 
-from tandem.actors.runner import ModelRunner, load_tokenizer
+from tandem.actors.loading import load_tokenizer
+from tandem.actors.runner import ModelRunner
 from tandem.services.client import (
     TandemClient,
     build_generate_request,

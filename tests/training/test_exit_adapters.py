@@ -14,7 +14,8 @@ from tandem.actors.exit_adapters import (
     read_manifest,
     save_exit_adapters,
 )
-from tandem.actors.runner import ModelRunner, load_causal_lm
+from tandem.actors.loading import load_causal_lm
+from tandem.actors.runner import ModelRunner
 from tests.conftest import make_tiny_model
 
 EXITS = (1, 2, 3)
