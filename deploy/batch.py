@@ -19,11 +19,17 @@ Exactly once: every record has a key (its "id"/"question_id" when given and uniq
 line number). A re-run reads the output, drops a torn last line, and skips every key already
 written, so a crash or Ctrl-C loses nothing and repeats nothing.
 
-Each pool actor hosts an in-process engine (target runner, int4 draft runner, threads split
-between them) and asks Ray for the first target's placement (its pool resource, GPUs and
-accelerator type), so on a cluster the actors land on target-pool nodes; the pool's size is
-the number of model replicas, and Ray Data grows it from --min-actors to --max-actors while
-records are waiting.
+Two engines (--engine, batch.engine in the config):
+- "local" (default): each Ray Data pool actor hosts an in-process engine (target runner,
+  int4 draft runner, threads split between them) behind the server's validation, planner
+  and router (deploy/local.py), one record at a time, and asks Ray for the first target's
+  placement (its pool resource, GPUs and accelerator type), so on a cluster the actors land
+  on target-pool nodes; Ray Data grows the pool from --min-actors to --max-actors while
+  records are waiting.
+- "pools": the records go through the server's own draft and target pools, router, KV
+  admission and per-target goodput policy (deploy/pooled.py), as many in flight as the
+  targets run at once; the pools scale with the load as `tandem serve`'s do
+  (autoscaling: max_replicas).
 """
 
 from __future__ import annotations
@@ -36,8 +42,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from tandem.deploy.config import TandemConfig
+from typing import get_args
+
+from tandem.deploy.config import BatchEngine, TandemConfig
 from tandem.speculation.plan import METHODS
+
+ENGINES = get_args(BatchEngine)
 
 # the SamplingParams fields a record may set (the rest of SAMPLING_KEYS are limits and stops)
 PARAM_KEYS = (
@@ -170,6 +180,68 @@ def scan_input(path: Path, *, targets: list[str], done: set[str]) -> tuple[list[
     return pending, errors, skipped
 
 
+def generate_record(server, rec: dict, default_method: str) -> dict:
+    """One normalized record through `server` (a LocalServer or PooledServer): its output
+    fields. Spec-Bench turns run one after the other, each answer joining the chat."""
+    method = rec["method"]
+    if method == "auto":
+        method = default_method  # the job's default; "auto": the planner with the target's goodput policy
+    sampling = {k: v for k, v in rec["sampling"].items() if v is not None and not (k == "stop" and not v)}
+    turns = rec.get("turns")
+    messages = list(rec.get("messages", [])) if "messages" in rec else None
+    answers, usage, stats_all, logprobs_all = [], {"prompt_tokens": 0, "completion_tokens": 0}, [], []
+    chat: list[dict] = []
+    finish, ran = None, method
+    for turn in turns or [None]:
+        if turn is not None:
+            chat.append({"role": "user", "content": turn})
+            given = {"messages": chat}
+        elif messages is not None:
+            given = {"messages": messages}
+        else:
+            given = {"prompt": rec["prompt"]}
+        out = server.generate(target=rec["target"], method=method, **given, **sampling)
+        if out.error:
+            raise RuntimeError(out.error)
+        answers.append(out.text)
+        chat.append({"role": "assistant", "content": out.text})
+        usage["prompt_tokens"] += out.usage["prompt_tokens"]
+        usage["completion_tokens"] += out.usage["completion_tokens"]
+        stats_all.append(out.stats)
+        ran = out.stats["method"]
+        if sampling.get("logprobs") is not None:
+            logprobs_all.append([
+                {"token_id": int(t), "logprob": lp.logprob, "top": [[int(i), v] for i, v in lp.top]}
+                for t, lp in zip(out.token_ids, out.logprobs)
+            ])
+        finish = finish if finish == "stop" else out.finish_reason
+    out_rec = {"target": rec["target"], "finish_reason": finish, "usage": usage, "method": ran}
+    if turns is not None:
+        out_rec["turns"] = answers
+        out_rec["stats"] = stats_all
+        if sampling.get("logprobs") is not None:
+            out_rec["logprobs"] = logprobs_all
+    else:
+        out_rec["text"] = answers[0]
+        out_rec["stats"] = stats_all[0]
+        if sampling.get("logprobs") is not None:
+            out_rec["logprobs"] = logprobs_all[0]
+    return out_rec
+
+
+def record_output(server_for, key, line, payload: str, default_method: str) -> str:
+    """A pending record's output line: its generation through server_for(target), or the
+    error that stopped it (the record fails, the job goes on)."""
+    rec = json.loads(payload)
+    base = {"key": str(key), "line": int(line)}
+    if "id" in rec:
+        base["id"] = rec["id"]
+    try:
+        return json.dumps({**base, **generate_record(server_for(rec["target"]), rec, default_method)})
+    except Exception as exc:  # noqa: BLE001 - the record fails, the job goes on
+        return json.dumps({**base, "error": f"{type(exc).__name__}: {exc}"})
+
+
 class GenerateRecords:
     """The Ray Data UDF: one per pool actor, hosting an engine per target it has seen."""
 
@@ -227,64 +299,11 @@ class GenerateRecords:
                                            sorted_policy=sorted_policy, default_max_new_tokens=self.default_max_new)
         return self.engines[target]
 
-    def _generate(self, rec: dict) -> dict:
-        server = self._engine(rec["target"])
-        method = rec["method"]
-        if method == "auto":
-            method = self.cfg.batch.method  # the job's default; "auto": the planner with this actor's goodput policy
-        sampling = {k: v for k, v in rec["sampling"].items() if v is not None and not (k == "stop" and not v)}
-        turns = rec.get("turns")
-        messages = list(rec.get("messages", [])) if "messages" in rec else None
-        answers, usage, stats_all, logprobs_all = [], {"prompt_tokens": 0, "completion_tokens": 0}, [], []
-        chat: list[dict] = []
-        finish, ran = None, method
-        for turn in turns or [None]:
-            if turn is not None:
-                chat.append({"role": "user", "content": turn})
-                given = {"messages": chat}
-            elif messages is not None:
-                given = {"messages": messages}
-            else:
-                given = {"prompt": rec["prompt"]}
-            out = server.generate(target=rec["target"], method=method, **given, **sampling)
-            if out.error:
-                raise RuntimeError(out.error)
-            answers.append(out.text)
-            chat.append({"role": "assistant", "content": out.text})
-            usage["prompt_tokens"] += out.usage["prompt_tokens"]
-            usage["completion_tokens"] += out.usage["completion_tokens"]
-            stats_all.append(out.stats)
-            ran = out.stats["method"]
-            if sampling.get("logprobs") is not None:
-                logprobs_all.append([
-                    {"token_id": int(t), "logprob": lp.logprob, "top": [[int(i), v] for i, v in lp.top]}
-                    for t, lp in zip(out.token_ids, out.logprobs)
-                ])
-            finish = finish if finish == "stop" else out.finish_reason
-        out_rec = {"target": rec["target"], "finish_reason": finish, "usage": usage, "method": ran}
-        if turns is not None:
-            out_rec["turns"] = answers
-            out_rec["stats"] = stats_all
-            if sampling.get("logprobs") is not None:
-                out_rec["logprobs"] = logprobs_all
-        else:
-            out_rec["text"] = answers[0]
-            out_rec["stats"] = stats_all[0]
-            if sampling.get("logprobs") is not None:
-                out_rec["logprobs"] = logprobs_all[0]
-        return out_rec
-
     def __call__(self, batch: dict) -> dict:
-        outputs = []
-        for key, line, payload in zip(batch["key"], batch["line"], batch["payload"]):
-            rec = json.loads(payload)
-            base = {"key": str(key), "line": int(line)}
-            if "id" in rec:
-                base["id"] = rec["id"]
-            try:
-                outputs.append(json.dumps({**base, **self._generate(rec)}))
-            except Exception as exc:  # noqa: BLE001 - the record fails, the job goes on
-                outputs.append(json.dumps({**base, "error": f"{type(exc).__name__}: {exc}"}))
+        outputs = [
+            record_output(self._engine, key, line, payload, self.cfg.batch.method)
+            for key, line, payload in zip(batch["key"], batch["line"], batch["payload"])
+        ]
         return {"output": outputs}
 
 
@@ -318,12 +337,15 @@ def run_batch(
     resolve=None,
     progress: bool = True,
     limit: int | None = None,
+    engine: str = "local",
 ) -> dict:
-    import ray
+    """Generate every pending record of `input_path` into `output_path` (see the module
+    docstring). engine "local": Ray Data actors, each with its own in-process engines;
+    "pools": the server's actor pools and router (deploy/pooled.py), many records in flight."""
     from tqdm import tqdm
 
-    from tandem.actors.remote import ensure_ray
-
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     inp, out = Path(input_path), Path(output_path)
     if not inp.is_file():
         raise ValueError(f"input: {inp} does not exist")
@@ -341,6 +363,44 @@ def run_batch(
     if not pending:
         writer.close()
         return summary
+    if engine == "pools":
+        rows, done_with = _on_pools(cfg, pending, resolve=resolve, default_max_new_tokens=default_max_new_tokens)
+    else:
+        rows, done_with = _on_ray_data(
+            cfg, pending, min_actors=min_actors, max_actors=max_actors, threads_per_actor=threads_per_actor,
+            default_max_new_tokens=default_max_new_tokens, resolve=resolve,
+        ), None
+    bar = tqdm(total=len(pending), desc="batch", unit="rec", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    t0 = time.time()
+    try:
+        for output in rows:
+            rec = json.loads(output)
+            writer.write(output)
+            if "error" in rec:
+                summary["failed"] += 1
+            else:
+                summary["generated"] += 1
+                summary["tokens"] += rec["usage"]["completion_tokens"]
+            el = max(time.time() - t0, 1e-9)
+            bar.set_postfix_str(f"{(summary['generated'] + summary['failed']) / el:.2f} rec/s, {summary['tokens'] / el:.1f} tok/s")
+            bar.update(1)
+    finally:
+        bar.close()
+        writer.close()
+        if done_with is not None:
+            done_with()
+    summary["seconds"] = round(time.time() - t0, 2)
+    summary["records_per_s"] = round((summary["generated"] + summary["failed"]) / max(summary["seconds"], 1e-9), 3)
+    summary["tokens_per_s"] = round(summary["tokens"] / max(summary["seconds"], 1e-9), 2)
+    return summary
+
+
+def _on_ray_data(cfg, pending, *, min_actors, max_actors, threads_per_actor, default_max_new_tokens, resolve) -> Iterator[str]:
+    """Output lines from a Ray Data autoscaling actor pool of GenerateRecords."""
+    import ray
+
+    from tandem.actors.remote import ensure_ray
+
     # each actor asks for the first target's placement; its own CPUs are its torch threads
     remote_args = {k: v for k, v in cfg.targets[0].placement.to_placement().ray_options().items() if v and k != "num_cpus"}
     pool_res = remote_args.get("resources", {})
@@ -366,27 +426,32 @@ def run_batch(
         num_cpus=threads,
         **remote_args,
     )
-    bar = tqdm(total=len(pending), desc="batch", unit="rec", file=sys.stderr, disable=not progress, dynamic_ncols=True)
-    t0 = time.time()
-    try:
-        for row in ds.iter_rows():
-            rec = json.loads(row["output"])
-            writer.write(row["output"])
-            if "error" in rec:
-                summary["failed"] += 1
-            else:
-                summary["generated"] += 1
-                summary["tokens"] += rec["usage"]["completion_tokens"]
-            el = max(time.time() - t0, 1e-9)
-            bar.set_postfix_str(f"{(summary['generated'] + summary['failed']) / el:.2f} rec/s, {summary['tokens'] / el:.1f} tok/s")
-            bar.update(1)
-    finally:
-        bar.close()
-        writer.close()
-    summary["seconds"] = round(time.time() - t0, 2)
-    summary["records_per_s"] = round((summary["generated"] + summary["failed"]) / max(summary["seconds"], 1e-9), 3)
-    summary["tokens_per_s"] = round(summary["tokens"] / max(summary["seconds"], 1e-9), 2)
-    return summary
+    for row in ds.iter_rows():
+        yield row["output"]
+
+
+def _on_pools(cfg, pending, *, resolve, default_max_new_tokens):
+    """Output lines, as records finish, from the server's pools and router (deploy/pooled.py),
+    with as many records in flight as the targets run at once; and the call that shuts them."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    from tandem.deploy.pooled import PooledServer
+
+    server = PooledServer(cfg, resolve=resolve, default_max_new_tokens=default_max_new_tokens)
+    pool = ThreadPoolExecutor(max_workers=max(1, server.in_flight), thread_name_prefix="batch-record")
+
+    def close() -> None:
+        pool.shutdown(wait=True, cancel_futures=True)
+        server.close()
+
+    def rows() -> Iterator[str]:
+        futures = [
+            pool.submit(record_output, lambda _target: server, p.key, p.line, p.payload, cfg.batch.method) for p in pending
+        ]
+        for f in as_completed(futures):
+            yield f.result()
+
+    return rows(), close
 
 
 def iter_output(path: str | Path) -> Iterator[dict]:

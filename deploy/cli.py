@@ -138,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--max-new-tokens", type=int, default=256, help="default for records without sampling.max_new_tokens")
     batch.add_argument("--method", default=None, help="default speculation method for records without one")
     batch.add_argument("--limit", type=int, default=None, help="generate at most this many pending records")
+    batch.add_argument("--engine", default=None,
+                       help="local: in-process engines per Ray Data actor (default); pools: the server's pools and router")
 
     sub.add_parser("train-exits", help="train the draft's early exits (run `tandem train-exits --help`)", add_help=False)
     sub.add_parser("exit-report", help="acceptance and draft cost per exit and target (run `tandem exit-report --help`)", add_help=False)
@@ -404,7 +406,7 @@ def cmd_batch(args) -> int:
 
     cfg = load_config(args.config, overrides=_flag_overrides(
         ray={"address": args.address},
-        batch={"method": args.method, "min_actors": args.min_actors, "max_actors": args.max_actors}))
+        batch={"method": args.method, "min_actors": args.min_actors, "max_actors": args.max_actors, "engine": args.engine}))
     summary = run_batch(
         cfg,
         input_path=args.input,
@@ -415,6 +417,7 @@ def cmd_batch(args) -> int:
         default_max_new_tokens=args.max_new_tokens,
         resolve=resolve_model_path,
         limit=args.limit,
+        engine=cfg.batch.engine,
     )
     print(json.dumps(summary))
     return 0

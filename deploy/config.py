@@ -205,10 +205,16 @@ class TargetConfig(_Strict):
         return self
 
 
+BatchEngine = Literal["local", "pools"]  # tandem batch: in-process engines per Ray Data actor, or the server's pools
+
+
 class BatchConfig(_Strict):
     min_actors: int = Field(1, ge=1, description="Autoscaling actor pool: fewest actors")
     max_actors: int = Field(2, ge=1, description="Autoscaling actor pool: most actors")
     method: Method = "auto"
+    engine: BatchEngine = Field(
+        "local", description='"local": in-process engines per Ray Data actor; "pools": the server\'s pools and router'
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> "BatchConfig":

@@ -33,6 +33,25 @@ class LocalOutcome:
     ttft_s: float = 0.0
 
 
+async def collect(router, req, on_delta: Callable[[Any], None] | None = None) -> LocalOutcome:
+    """Run one parsed request through `router` and gather its deltas into a LocalOutcome."""
+    out = LocalOutcome()
+    t0 = time.perf_counter()
+    async for delta in router.generate(req):
+        if delta.token_ids and not out.token_ids:
+            out.ttft_s = time.perf_counter() - t0
+        out.text += delta.text
+        out.token_ids.extend(delta.token_ids)
+        out.logprobs.extend(delta.logprobs or [])
+        if on_delta is not None:
+            on_delta(delta)
+        if delta.finish_reason is not None:
+            out.finish_reason, out.usage, out.stats = delta.finish_reason, delta.usage, delta.stats
+            out.seed, out.error = delta.seed, delta.error
+    out.total_s = time.perf_counter() - t0
+    return out
+
+
 class _MeasuredLengths(Mapping):
     """An in-process engine's own draft lengths, measured on first use (the planner's
     draft_lens): sd and sorted get the length planned from the target's cost curve, PEARL
@@ -92,25 +111,7 @@ class LocalServer:
 
         msg = build_generate_request(**request)
         req = self.servicer.parse(msg, None)
-        out = LocalOutcome()
-        t0 = time.perf_counter()
-
-        async def consume() -> None:
-            async for delta in self.router.generate(req):
-                if delta.token_ids and not out.token_ids:
-                    out.ttft_s = time.perf_counter() - t0
-                out.text += delta.text
-                out.token_ids.extend(delta.token_ids)
-                out.logprobs.extend(delta.logprobs or [])
-                if on_delta is not None:
-                    on_delta(delta)
-                if delta.finish_reason is not None:
-                    out.finish_reason, out.usage, out.stats = delta.finish_reason, delta.usage, delta.stats
-                    out.seed, out.error = delta.seed, delta.error
-
-        self._loop.run_until_complete(consume())
-        out.total_s = time.perf_counter() - t0
-        return out
+        return self._loop.run_until_complete(collect(self.router, req, on_delta))
 
     def close(self) -> None:
         self._loop.close()
