@@ -183,7 +183,6 @@ class Router:
         self.engine = engine
         self.routes = routes
         self.max_concurrent = max_concurrent
-        self.queue_size = queue_size
         self.telemetry = telemetry
         self.draft_exits = tuple(draft_exits)
         # Per target: its own slots and worker threads, so a target whose actors hang can
