@@ -39,3 +39,35 @@ def measure_block_costs(runner, max_rows: int, *, reps: int = 2) -> list[float]:
         return costs
     finally:
         runner.release(seq)
+
+
+def measure_batch_costs(runner, block_rows: int, batches, *, reps: int = 1) -> dict[int, float]:
+    """Seconds of one `runner.extend_batch` over b sequences of `block_rows` rows each, for
+    each b in `batches`, keyed by the forward's rows (b * block_rows): what c requests'
+    verification blocks cost when they share a forward (continuous batching). The fastest of
+    `reps` tries each, after one warm-up."""
+    if block_rows < 1:
+        raise ValueError(f"block_rows must be >= 1, got {block_rows}")
+    batches = sorted({int(b) for b in batches})
+    if not batches or batches[0] < 1:
+        raise ValueError(f"batches must be sequence counts >= 1, got {batches}")
+    ids = [(7 + 13 * i) % runner.vocab_size for i in range(CONTEXT + block_rows)]
+    seqs = []
+    try:
+        for _ in range(batches[-1]):
+            seqs.append(runner.new_sequence(CONTEXT + block_rows + 1))
+            runner.prefill(seqs[-1], ids[:CONTEXT])
+        def run(b: int) -> float:
+            t0 = time.perf_counter()
+            runner.extend_batch(seqs[:b], [ids[CONTEXT:]] * b)
+            dt = time.perf_counter() - t0
+            for s in seqs[:b]:
+                runner.rollback(s, CONTEXT)
+            return dt
+
+        run(batches[0])  # warm-up
+        costs = {b * block_rows: min(run(b) for _ in range(reps)) for b in batches}
+        return costs
+    finally:
+        for s in seqs:
+            runner.release(s)

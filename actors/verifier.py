@@ -49,6 +49,9 @@ class VerifyOutcome:
     tokens: list[int]  # newly committed tokens (accepted, then recovered/bonus unless skipped)
     drafted: int  # draft tokens that were checked
     target_s: float = 0.0  # wall time of the call
+    # rows of the target forward it ran in: every sequence of that batch, padded to its longest
+    # block (0: no forward, or unknown); the goodput policy prices forwards by their rows
+    step_rows: int = 0
     branch: int | None = None  # SpecTr: the branch whose prefix was accepted
     # sampling.logprobs set: one per token, from the raw logits of the row it was chosen at
     logprobs: list[TokenLogprob] | None = None
@@ -186,6 +189,7 @@ class Verifier:
             for i, lg in zip(fed_idx, logits):
                 outs[i] = lg
         dt = time.perf_counter() - t0
+        step_rows = len(fed_idx) * max((len(feeds[i]) for i in fed_idx), default=0)
         for i, req in enumerate(reqs):
             if req is None:
                 continue
@@ -195,7 +199,7 @@ class Verifier:
             # rows: [draft_len + 1, vocab]: the target's logits at each draft position + the next
             try:
                 out = self._commit(req, drafts[i], blocks[i], rows, bonus[i])
-                results[i] = VerifyOutcome(**{**out.__dict__, "target_s": dt})
+                results[i] = VerifyOutcome(**{**out.__dict__, "target_s": dt, "step_rows": step_rows})
             except Exception as exc:  # noqa: BLE001 - e.g. a malformed q from a bad draft
                 self.runner.rollback(req.seq, min(req.seq.length, len(req.committed)))
                 results[i] = exc

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import torch
 
 from tandem.actors.batching import Cancellations, MicroBatcher
-from tandem.actors.block_costs import measure_block_costs
+from tandem.actors.block_costs import measure_batch_costs, measure_block_costs
 from tandem.actors.devices import apply_default_device_env, assigned_resources, default_kv_budget
 from tandem.actors.drafter import DraftBlock, DraftBranches, Drafter
 from tandem.actors.runner import ModelRunner
@@ -234,6 +234,11 @@ class TargetWorker(_Worker):
         its model thread (actors/block_costs.py); the router's goodput policy prices draft
         lengths with it."""
         return self.batcher.call(lambda: measure_block_costs(self.runner, max_rows)).result()
+
+    def batch_costs(self, block_rows: int, batches: list[int]) -> dict[int, float]:
+        """The target's forward time for b sequences of block_rows rows each (b in batches),
+        keyed by rows (actors/block_costs.py): what concurrent requests' blocks cost together."""
+        return self.batcher.call(lambda: measure_batch_costs(self.runner, block_rows, batches)).result()
 
     def _verify_batch(self, items: list[tuple[str, DraftBlock | None, bool]]) -> list[VerifyOutcome | Exception]:
         # per-request failures come back in their slots; the batch itself never retries,

@@ -286,3 +286,43 @@ def test_block_costs_time_each_block_size(ref, runner_device):
     assert calls == [CONTEXT, 1] + [k for k in range(1, 6) for _ in range(2)]
     with pytest.raises(ValueError, match="max_rows must be >= 1"):
         measure_block_costs(r, 0)
+
+
+def test_batch_costs_time_batches_of_blocks(ref, runner_device):
+    """measure_batch_costs: one forward of b sequences x block_rows rows per batch size, keyed
+    by its rows, on the runner as it serves; the sequences are freed after."""
+    from tandem.actors.block_costs import CONTEXT, measure_batch_costs
+
+    r = ModelRunner(ref[0], dtype="float32", device=runner_device)
+    calls = []
+    extend_batch = r.extend_batch
+    r.extend_batch = lambda seqs, blocks, **kw: (calls.append([len(b) for b in blocks]), extend_batch(seqs, blocks, **kw))[1]
+    costs = measure_batch_costs(r, 3, [4, 2], reps=1)
+    assert sorted(costs) == [6, 12] and all(c > 0 for c in costs.values())
+    # four sequences prefilled with a short context, a warm-up, then each size once
+    assert calls == [[CONTEXT]] * 4 + [[3, 3], [3, 3], [3, 3, 3, 3]]
+    with pytest.raises(ValueError, match="block_rows"):
+        measure_batch_costs(r, 0, [2])
+    with pytest.raises(ValueError, match="batches"):
+        measure_batch_costs(r, 3, [])
+
+
+def test_verification_reports_the_rows_of_the_forward_it_ran_in(ref, runner_device):
+    """Each outcome of a batched verification carries the forward's rows (sequences x the
+    longest block): what the goodput policy prices concurrent requests by."""
+    from tandem.actors.drafter import DraftBlock
+    from tandem.actors.verifier import Verifier
+    from tandem.speculation.sampling import SamplingParams
+
+    v = Verifier(ModelRunner(ref[0], dtype="float32", device=runner_device))
+    for key in ("a", "b", "c"):
+        v.open(key, [1, 2, 3, 4], sampling=SamplingParams())
+    block = DraftBlock(tokens=[1, 2, 3], q=None, exits=[0, 0, 0])
+    outs = v.verify_batch(["a", "b", "c"], [block, None, DraftBlock(tokens=[1], q=None, exits=[0])])
+    # right after prefill each request holds its next-token logits, so a block of n drafts
+    # feeds n rows and an empty block none: a's 3 and c's 1 ran as 2 sequences x 3 rows; b,
+    # served from its held logits, waited for that forward and reports it too
+    assert [o.step_rows for o in outs] == [2 * 3] * 3
+    assert v.verify("a", None).step_rows == 1  # alone, its last committed token: one row
+    outs = v.verify_batch(["a", "b"], [DraftBlock(tokens=[1, 2], q=None, exits=[0, 0]), None])
+    assert [o.step_rows for o in outs] == [2 * 3] * 2  # a: last token + 2 drafts; b: its last token, padded
