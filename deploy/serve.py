@@ -132,6 +132,16 @@ def build_engine(cfg: TandemConfig, *, resolve=resolve_model_path) -> ActorEngin
     )
 
 
+def concurrency_points(max_concurrent: int) -> list[int]:
+    """The batch sizes at which a target's batched cost is measured: 2, 4, 8, ... up to the
+    requests that run on it at once (the goodput policy interpolates between them)."""
+    points, b = [], 2
+    while b < max_concurrent:
+        points.append(b)
+        b *= 2
+    return points + [max_concurrent] if max_concurrent >= 2 else []
+
+
 def build_routes(cfg: TandemConfig, engine: ActorEngine) -> dict[str, TargetRoute]:
     import ray
 
@@ -144,10 +154,15 @@ def build_routes(cfg: TandemConfig, engine: ActorEngine) -> dict[str, TargetRout
         policy = None
         if draft_exits:
             # the target's verification cost per block size prices each draft length (goodput.py)
+            # and, for concurrent requests sharing its forwards, per batch of such blocks
             costs = ray.get(handle.block_costs.remote(t.max_draft_len + 1))
-            policy = GoodputPolicy(exits=draft_exits, max_draft_len=t.max_draft_len, overlapped=True, block_costs=costs)
-            log.info("target %s: verification ms per block of 1..%d rows: %s", t.name, len(costs),
-                     " ".join(f"{1000 * c:.0f}" for c in costs))
+            batches = concurrency_points(-(-cfg.server.max_concurrent // max(1, t.replicas)))  # per replica
+            batch_costs = ray.get(handle.batch_costs.remote(t.max_draft_len + 1, batches)) if batches else {}
+            policy = GoodputPolicy(exits=draft_exits, max_draft_len=t.max_draft_len, overlapped=True, block_costs=costs,
+                                   batch_costs=batch_costs)
+            log.info("target %s: verification ms per block of 1..%d rows: %s; per batch of such blocks: %s", t.name,
+                     len(costs), " ".join(f"{1000 * c:.0f}" for c in costs),
+                     " ".join(f"{r} rows {1000 * c:.0f}" for r, c in sorted(batch_costs.items())) or "none")
         sorted_policy = None
         if len(draft_exits) >= 2:
             thresholds = tuple(t.sorted_thresholds) or default_thresholds(engine.draft_pool.spec.load.exit_adapters, draft_exits)

@@ -266,7 +266,10 @@ class Router:
     def plan(self, route: TargetRoute, req: RouteRequest) -> Plan:
         """Method, exit and draft length for one request: the planner's (speculation/plan.py),
         with a fallback (sorted on a draft without exits) logged once per target."""
-        p = plan_request(route, req.method, max_draft_len=req.max_draft_len, draft_lens=route.draft_lens)
+        # it will share a target actor's forwards with the requests running there (per replica)
+        concurrency = -(-(route.running + 1) // max(1, route.replicas))
+        p = plan_request(route, req.method, max_draft_len=req.max_draft_len, draft_lens=route.draft_lens,
+                         concurrency=concurrency)
         if p.fallback and route.name not in self._sorted_fallback_logged:
             self._sorted_fallback_logged.add(route.name)
             log.warning("target %s: method %s asked, but %s (see `tandem train-exits`); running %s instead",

@@ -17,7 +17,17 @@ Glossary
   actors/block_costs.py). On a GPU or a bf16 CPU target the curve is nearly flat, so longer
   drafts are cheap; a 4-bit CPU kernel works in tiles of 4 rows (a block of 5-8 rows costs
   about twice one of 1-4), and the draft length follows that step.
-- rate = E(draft_len) / round time; speculation off has rate 1 / V_ar (one token per step).
+- rate = E(draft_len) / round time; speculation off has rate 1 / V(1) (one token per step).
+- Concurrency (continuous batching): with c requests running on one target actor, their
+  blocks share each forward, so a step verifies c (draft_len + 1) rows and a target-only
+  step c rows. A request's rate is then E(draft_len) / round time with V(c (draft_len + 1)),
+  against 1 / V(c) off (the choice is priced as if every running request took it). V is
+  learned per number of rows in the forward (`step_rows`, reported by the target), so a
+  target-only step that ran beside other requests' draft blocks is priced at its real rows,
+  and `batch_costs` (the target's forward time for c sequences of draft_len + 1 rows,
+  measured once) extends the curve past one request's block. On a 4-bit CPU target, whose
+  time grows with rows, speculation stops paying as concurrency grows; on a GPU, whose
+  forward costs about the same for 1 or 100 rows, it keeps paying.
 
 Exploration: each arm is tried `min_samples` times before it is trusted, and every
 `explore_every`-th choice tries the arm with the fewest samples, so a change in traffic or
@@ -30,7 +40,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Mapping, Sequence
 
 
 @dataclass
@@ -130,6 +140,7 @@ class GoodputPolicy:
         min_samples: int = 3,
         explore_every: int = 8,
         block_costs: Sequence[float] | None = None,
+        batch_costs: Mapping[int, float] | None = None,
     ):
         if not exits:
             raise ValueError("exits must name at least one draft exit")
@@ -145,35 +156,60 @@ class GoodputPolicy:
         if block_costs is not None and (not block_costs or any(not c > 0 for c in block_costs)):
             raise ValueError(f"block_costs must be positive forward times for blocks of 1, 2, ... rows, got {list(block_costs)}")
         self.block_costs = tuple(float(c) for c in block_costs) if block_costs else None
+        if batch_costs and any(int(k) < 1 or not v > 0 for k, v in batch_costs.items()):
+            raise ValueError(f"batch_costs must map rows >= 1 to positive forward times, got {dict(batch_costs)}")
+        # the cost curve's points (rows -> seconds): block_costs for 1..n rows, batch_costs beyond
+        points = dict(enumerate(self.block_costs or (), start=1))
+        points.update({int(k): float(v) for k, v in (batch_costs or {}).items()})
+        self._points = sorted(points.items())
         self._alpha = alpha
-        self.verify_s: dict[int, _Ema] = {}  # rows of the verified block -> its verification time
-        self.ar_step_s = _Ema(alpha)  # one target-only step
+        # rows in the target forward a verification ran in -> its time. Rows: the target's
+        # step_rows when it reports them (every sequence in that forward), else the block's own
+        self.verify_s: dict[int, _Ema] = {}
+        self.ar_steps = 0  # target-only steps observed
         self._choices = 0
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ observations
-    def observe_round(self, *, exit: int | None, drafted: int, accepted: int, draft_s: float, verify_s: float) -> None:
+    def observe_round(
+        self, *, exit: int | None, drafted: int, accepted: int, draft_s: float, verify_s: float, step_rows: int = 0,
+    ) -> None:
+        """One round: `verify_s` the target forward's time, `step_rows` the rows in that forward
+        (all its sequences, padded; 0: unknown, taken as this round's block of drafted + 1)."""
         with self._lock:
+            if drafted > 0 and exit not in self.arms:  # a round drafted elsewhere (unknown exit): it prices nothing here
+                return
+            rows = int(step_rows) if step_rows and step_rows > 0 else drafted + 1
+            self.verify_s.setdefault(rows, _Ema(self._alpha)).add(verify_s)
             if drafted == 0:  # a target-only step
-                self.ar_step_s.add(verify_s)
+                self.ar_steps += 1
                 return
-            if exit not in self.arms:  # a round drafted elsewhere (unknown exit): it prices nothing here
-                return
-            self.verify_s.setdefault(drafted + 1, _Ema(self._alpha)).add(verify_s)
             self.arms[exit].observe(drafted=drafted, accepted=accepted, draft_s=draft_s)
 
     # ------------------------------------------------------------------ prediction
+    def curve(self, rows: int) -> float | None:
+        """The measured cost curve at `rows` rows (None without one): linear between its
+        points; past the last one, along the curve's mean slope from its first point (its last
+        segment alone may be one tile's jump; measured batch points keep it honest)."""
+        pts = self._points
+        if not pts:
+            return None
+        if rows <= pts[0][0] or len(pts) == 1:
+            return pts[0][1]
+        for (r0, c0), (r1, c1) in zip(pts, pts[1:]):
+            if rows <= r1:
+                return c0 + (c1 - c0) * (rows - r0) / (r1 - r0)
+        (r0, c0), (r1, c1) = pts[0], pts[-1]
+        return c1 + max(0.0, (c1 - c0) / (r1 - r0)) * (rows - r1)
+
     def _relative_cost(self, rows: int, base: int) -> float:
-        c = self.block_costs
-        if c is None:
-            return 1.0
-        return c[min(rows, len(c)) - 1] / c[min(base, len(c)) - 1]
+        a, b = self.curve(rows), self.curve(base)
+        return a / b if a and b else 1.0
 
     def verify_time(self, rows: int) -> float | None:
-        """Predicted verification time of a block of `rows` rows (None when nothing is known)."""
+        """Predicted time of a target forward of `rows` rows: as observed at that size, else the
+        nearest size observed scaled by the cost curve (None when nothing is known)."""
         seen = {k: e.value for k, e in self.verify_s.items() if e.value is not None}
-        if self.ar_step_s.value is not None:
-            seen.setdefault(1, self.ar_step_s.value)  # a target-only step is a block of one row
         if not seen:
             return None
         if rows in seen:
@@ -181,46 +217,54 @@ class GoodputPolicy:
         near = min(seen, key=lambda k: (abs(k - rows), k))
         return seen[near] * self._relative_cost(rows, near)
 
-    def rate(self, exit: int, draft_len: int) -> float:
-        """Predicted tokens/s of an arm with draft_len drafts (0.0 when nothing is known)."""
+    def rate(self, exit: int, draft_len: int, concurrency: int = 1) -> float:
+        """Predicted tokens/s of one request on an arm with draft_len drafts while
+        `concurrency` requests (itself included) share the target's forwards, all drafting
+        so (0.0 when nothing is known)."""
         arm = self.arms[exit]
         d = arm.draft_step_s.value
-        v = self.verify_time(draft_len + 1)
+        v = self.verify_time(max(1, concurrency) * (draft_len + 1))
         if d is None or v is None:
             return 0.0
         return round_rate(arm.acceptance(draft_len, self.prior), draft_step_s=d, verify_s=v, overlapped=self.overlapped)
 
-    def best_draft_len(self, exit: int) -> tuple[int, float]:
-        best = max(range(1, self.max_draft_len + 1), key=lambda g: self.rate(exit, g))
-        return best, self.rate(exit, best)
+    def best_draft_len(self, exit: int, concurrency: int = 1) -> tuple[int, float]:
+        best = max(range(1, self.max_draft_len + 1), key=lambda g: self.rate(exit, g, concurrency))
+        return best, self.rate(exit, best, concurrency)
 
-    def off_rate(self) -> float:
-        v = self.ar_step_s.value
+    def off_rate(self, concurrency: int = 1) -> float:
+        """Predicted tokens/s of one request with speculation off, `concurrency` requests
+        stepping the target together (one row each)."""
+        v = self.verify_time(max(1, concurrency)) if self.ar_steps else None
         return 1.0 / v if v else 0.0
 
     # ------------------------------------------------------------------ decision
-    def choose(self) -> Choice:
+    def choose(self, concurrency: int = 1) -> Choice:
+        """The exit and draft length (exit None: off) with the best predicted rate for a
+        request that will run beside `concurrency - 1` others on one target actor."""
         with self._lock:
             self._choices += 1
             # 1. every arm gets min_samples rounds before it is trusted
             for e in reversed(self.exits):  # deepest first: most likely useful
                 if self.arms[e].rounds < self.min_samples:
                     return Choice(exit=e, draft_len=min(4, self.max_draft_len), rate=0.0, exploring=True)
-            if self.ar_step_s.count < 1:
+            if self.ar_steps < 1:
                 return Choice(exit=None, draft_len=0, rate=0.0, exploring=True)  # measure the off rate once
             # 2. exploitation, with periodic exploration
-            scored = [(self.best_draft_len(e), e) for e in self.exits]
+            c = max(1, int(concurrency))
+            off = self.off_rate(c)
+            scored = [(self.best_draft_len(e, c), e) for e in self.exits]
             (draft_len, rate), exit = max(scored, key=lambda item: item[0][1])
             if self.explore_every and self._choices % self.explore_every == 0:
                 # the least observed option, speculation off included
-                options = [(self.arms[e].rounds, e) for e in self.exits] + [(self.ar_step_s.count, -1)]
+                options = [(self.arms[e].rounds, e) for e in self.exits] + [(self.ar_steps, -1)]
                 _, least = min(options)
                 if least == -1:
-                    return Choice(exit=None, draft_len=0, rate=self.off_rate(), exploring=True)
-                g, r = self.best_draft_len(least)
+                    return Choice(exit=None, draft_len=0, rate=off, exploring=True)
+                g, r = self.best_draft_len(least, c)
                 return Choice(exit=least, draft_len=g, rate=r, exploring=True)
-            if rate <= self.off_rate():
-                return Choice(exit=None, draft_len=0, rate=self.off_rate())
+            if rate <= off:
+                return Choice(exit=None, draft_len=0, rate=off)
             return Choice(exit=exit, draft_len=draft_len, rate=rate)
 
     def snapshot(self) -> dict:
@@ -228,7 +272,8 @@ class GoodputPolicy:
             return {
                 "verify_s": {k: e.value for k, e in sorted(self.verify_s.items())},
                 "block_costs": list(self.block_costs) if self.block_costs else None,
-                "ar_step_s": self.ar_step_s.value,
+                "cost_curve": dict(self._points),
+                "ar_steps": self.ar_steps,
                 "arms": {
                     e: {
                         "rounds": a.rounds,

@@ -134,6 +134,7 @@ def plan(
     draft_len: int | None = None,
     has_draft: bool = True,
     draft_lens: Mapping[str, int] | None = None,
+    concurrency: int = 1,
 ) -> Plan:
     """Method, exit and draft length for one request on `target`.
 
@@ -141,7 +142,9 @@ def plan(
     target's when None). draft_len: an exact length (CLI and bench only; bounded by
     MAX_DRAFT_LEN, not by the target). draft_lens: per-method defaults the caller measured
     for this target (LocalEngine: the sd length planned from its cost curve, PEARL's
-    window), used before the goodput policy has learned one.
+    window), used before the goodput policy has learned one. concurrency: the requests that
+    will share one target actor's forwards with this one, itself included (auto prices its
+    choice at that load; speculation/goodput.py).
     """
     if method not in METHODS and method != "ar":
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -183,7 +186,7 @@ def plan(
     base = method if method in ("sd", "pearl") else ("pearl" if target.policy is None or target.policy.overlapped else "sd")
     if target.policy is None:
         return Plan(SpecConfig(method=base, draft_len=length(base)), asked)
-    choice = target.policy.choose()
+    choice = target.policy.choose(concurrency)
     if choice.exit is None:
         return Plan(SpecConfig(method="ar", draft_len=1), asked, choice=choice, observes=True)
     n = int(draft_len) if draft_len is not None else max(1, min(cap, choice.draft_len))
@@ -202,4 +205,5 @@ def observe(target: PlanTarget, plan_: Plan, info: Mapping) -> None:
         accepted=info["accepted"],
         draft_s=info["draft_s"],
         verify_s=info["verify_s"],
+        step_rows=info.get("step_rows", 0),
     )

@@ -75,6 +75,24 @@ def test_two_targets_at_once(server):
     assert ref["small"] != ref["other"]  # really two different models
 
 
+def test_goodput_policy_prices_forwards_by_their_rows(server):
+    """Issue 12: the target measured its cost for batches of blocks at start (max_concurrent 4:
+    2 and 4 blocks of max_draft_len + 1 = 7 rows), and target-only steps of requests running
+    together are learned at the rows of the forward they shared, not as steps of one row."""
+    policy = server.app.router.routes["small"].policy
+    curve = policy.snapshot()["cost_curve"]
+    assert {14, 28} <= set(curve) and all(c > 0 for c in curve.values())
+    counts = lambda: {rows: ema.count for rows, ema in policy.verify_s.items()}  # noqa: E731
+    before = counts()
+    with TandemClient(server.address) as c, ThreadPoolExecutor(4) as pool:
+        futs = [pool.submit(c.generate, target="small", prompt=PROMPT, max_new_tokens=40, ignore_eos=True, method="off")
+                for _ in range(4)]
+        [f.result() for f in futs]
+    grown = sorted(rows for rows, n in counts().items() if n > before.get(rows, 0))
+    # target-only steps only, so a step priced as one row each would grow row 1 alone
+    assert grown and max(grown) >= 2 and max(grown) <= 4, grown
+
+
 def test_sampling_is_seeded_and_async_client_streams(server):
     import asyncio
 

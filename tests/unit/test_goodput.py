@@ -134,7 +134,7 @@ def test_live_verification_times_override_the_curve():
     assert p.verify_time(9) == pytest.approx(0.060)
     assert p.verify_time(8) == pytest.approx(0.060 * 115 / 160)  # the nearest seen (9 rows), scaled
     assert p.choose().draft_len > 4  # a long draft measured cheap is chosen despite the prior
-    assert p.snapshot()["verify_s"] == {4: pytest.approx(0.049), 9: pytest.approx(0.060)}
+    assert p.snapshot()["verify_s"] == {1: pytest.approx(0.035), 4: pytest.approx(0.049), 9: pytest.approx(0.060)}
 
 
 def test_block_costs_must_be_positive():
@@ -172,3 +172,74 @@ def test_pearl_window_follows_the_cost_curve():
     assert r_tiles == pytest.approx(max(
         expected_tokens([0.8] * w) / max(w * 0.03, 0.3 * tiles[w] / tiles[8]) for w in range(2, MAX_WINDOW + 1)
     ))
+
+
+# Concurrency (issue 12): c requests share each target forward. A 4-bit CPU target's forward
+# time grows with its rows (here: the tiled curve, then about 1.8 ms per row for batches, as
+# the 1.5B pack measures), a GPU's hardly moves; acceptance and draft step are the same for both.
+LINEAR_BATCH = {18: 0.30, 36: 0.62, 72: 1.25}
+GPU_BLOCK = [0.020, 0.020, 0.020, 0.020, 0.021, 0.021, 0.021, 0.021, 0.021]
+GPU_BATCH = {18: 0.022, 36: 0.023, 72: 0.026}
+
+
+def live(block_costs, batch_costs, *, verify, ar):
+    """A PEARL policy after rounds at one request: 8-token drafts, 7 of 8 accepted, 10 ms per
+    draft token; target-only steps of `ar` s."""
+    p = GoodputPolicy(exits=(24,), max_draft_len=8, overlapped=True, explore_every=0,
+                      block_costs=block_costs, batch_costs=batch_costs)
+    feed(p, exit=24, acceptance=0.875, draft_step=0.010, verify=verify, draft_len=8)
+    warm(p, verify=ar)
+    return p
+
+
+def test_concurrency_prices_the_rows_of_every_running_request():
+    cpu = live([t / 1000 for t in TILED], LINEAR_BATCH, verify=0.160, ar=0.035)
+    gpu = live(GPU_BLOCK, GPU_BATCH, verify=0.021, ar=0.020)
+    # alone, speculation pays on both
+    assert cpu.choose(1).exit == 24 and gpu.choose(1).exit == 24
+    # 8 running: the CPU target's forward of 8 blocks costs ~8x one block, so off (8 rows a
+    # step) beats drafting (8 (g + 1) rows); in closed form, with the curve scaled to what
+    # was seen at the nearest size:
+    off8 = 1 / (0.035 * cpu.curve(8) / cpu.curve(1))
+    assert cpu.off_rate(8) == pytest.approx(off8)
+    e = 8  # 7 of 8 drafts accepted in every round, plus the target's token
+    assert cpu.rate(24, 8, 8) == pytest.approx(e / max(0.08, 0.160 * cpu.curve(72) / cpu.curve(9)))
+    assert cpu.choose(8).exit is None
+    # the control: a GPU's forward of 72 rows costs about what one of 9 does; drafting still pays
+    c = gpu.choose(8)
+    assert c.exit == 24 and c.rate > gpu.off_rate(8)
+    # and the same CPU target priced without concurrency (the old model) keeps speculating
+    assert cpu.choose(1).exit == 24
+
+
+def test_target_steps_are_priced_by_the_rows_of_the_forward_they_ran_in():
+    """A target-only step batched beside three other requests' 9-row blocks ran in a forward
+    of 4 x 9 rows: it is learned at 36 rows, not as the cost of one."""
+    def policy():
+        p = GoodputPolicy(exits=(24,), max_draft_len=8, overlapped=True, explore_every=0,
+                          block_costs=[t / 1000 for t in TILED], batch_costs=LINEAR_BATCH)
+        feed(p, exit=24, acceptance=0.875, draft_step=0.010, verify=0.160, draft_len=8)
+        return p
+
+    told, untold = policy(), policy()
+    for _ in range(3):
+        told.observe_round(exit=None, drafted=0, accepted=0, draft_s=0.0, verify_s=0.62, step_rows=36)
+        untold.observe_round(exit=None, drafted=0, accepted=0, draft_s=0.0, verify_s=0.62)
+    assert 36 in told.verify_s and 1 not in told.verify_s
+    assert told.off_rate(1) == pytest.approx(1 / (0.62 * told.curve(1) / told.curve(36)))  # ~36 ms a step alone
+    assert told.choose(4).exit is None  # 4 running: off (4 rows) beats 4 PEARL blocks (40 rows)
+    # negative control: recorded as a step of one row, off looks 18x slower than it is
+    assert untold.off_rate(1) == pytest.approx(1 / 0.62)
+    assert untold.choose(4).exit == 24
+
+
+def test_cost_curve_interpolates_and_extends_along_its_mean_slope():
+    p = GoodputPolicy(exits=(24,), max_draft_len=2, block_costs=[0.1, 0.2, 0.3], batch_costs={6: 0.6})
+    assert p.curve(1) == pytest.approx(0.1) and p.curve(0) == pytest.approx(0.1)
+    assert p.curve(3) == pytest.approx(0.3) and p.curve(5) == pytest.approx(0.5)
+    assert p.curve(11) == pytest.approx(1.1)  # mean slope 0.1 s per row from (1, 0.1) to (6, 0.6)
+    flat = GoodputPolicy(exits=(24,), max_draft_len=2, block_costs=[0.2, 0.2])
+    assert flat.curve(100) == pytest.approx(0.2)
+    assert GoodputPolicy(exits=(24,), max_draft_len=2).curve(5) is None
+    with pytest.raises(ValueError, match="batch_costs"):
+        GoodputPolicy(exits=(24,), max_draft_len=2, batch_costs={0: 0.1})

@@ -69,6 +69,29 @@ def test_rounds_of_explicit_sd_price_the_full_draft_not_the_target_only_step():
         return [d async for d in r.generate(req)]
 
     asyncio.run(run())
-    assert policy.ar_step_s.value is None  # the bug: 0.5 s here as the target-only step
+    assert policy.ar_steps == 0 and 1 not in policy.verify_s  # the bug: 0.5 s here as the target-only step
     assert policy.arms[4].rounds == 2 and policy.arms[2].rounds == 0  # the full draft's arm
     assert policy.verify_time(5) == 0.5
+
+
+def test_auto_is_priced_at_the_requests_running_on_each_replica():
+    """The router plans `auto` at the concurrency its target's actors will see: the requests
+    running there plus this one, per replica (speculation/goodput.py prices the rows)."""
+    from tandem.speculation.goodput import GoodputPolicy
+
+    # a 4-bit CPU target: forward time grows with rows (seconds for 1..9 rows, then batches of 9-row blocks)
+    policy = GoodputPolicy(exits=(4,), max_draft_len=8, overlapped=True, explore_every=0,
+                           block_costs=[0.035, 0.040, 0.045, 0.049, 0.100, 0.105, 0.110, 0.115, 0.160],
+                           batch_costs={18: 0.30, 36: 0.62, 72: 1.25})
+    for _ in range(3):
+        policy.observe_round(exit=4, drafted=8, accepted=7, draft_s=0.08, verify_s=0.160, step_rows=9)
+        policy.observe_round(exit=None, drafted=0, accepted=0, draft_s=0.0, verify_s=0.035, step_rows=1)
+    rt = route(None)
+    rt.policy = policy
+    r = Router(engine=None, routes={"t": rt})
+    auto = RouteRequest(request_id="r", target="t", prompt_ids=(1, 2), sampling=SamplingParams(), max_new_tokens=4)
+    assert r.plan(rt, auto).spec.method == "pearl"  # alone: speculation pays
+    rt.running = 7
+    assert r.plan(rt, auto).spec.method == "ar"  # 8 sharing each forward: off pays
+    rt.replicas = 4
+    assert r.plan(rt, auto).spec.method == "pearl"  # 2 per replica: it pays again
