@@ -29,9 +29,13 @@ Glossary
   time grows with rows, speculation stops paying as concurrency grows; on a GPU, whose
   forward costs about the same for 1 or 100 rows, it keeps paying.
 
-Exploration: each arm is tried `min_samples` times before it is trusted, and every
-`explore_every`-th choice tries the arm with the fewest samples, so a change in traffic or
-load (which moves d and V) is noticed. Under heavy load measured step times grow (batched
+Exploration: each arm, and speculation off, is tried before it is trusted: a choice hands
+one request to each untried option (a request runs many rounds; `min_samples` of them make
+it tried), deepest exit first, then off. Requests planned while those trials run (many
+arrive at once under load) go to the best tried option, or off while nothing is known: one
+untried arm is never handed to a whole burst of requests. Every `explore_every`-th choice
+tries the option with the fewest samples, so a change in traffic or load (which moves d and
+V) is noticed. Under heavy load measured step times grow (batched
 verification, a busy draft pool), so the chosen draft length shrinks and speculation turns
 itself off once it no longer pays.
 """
@@ -168,6 +172,7 @@ class GoodputPolicy:
         self.verify_s: dict[int, _Ema] = {}
         self.ar_steps = 0  # target-only steps observed
         self._choices = 0
+        self._trials: set[int | None] = set()  # options (None: off) handed to a request to try
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ observations
@@ -244,12 +249,16 @@ class GoodputPolicy:
         request that will run beside `concurrency - 1` others on one target actor."""
         with self._lock:
             self._choices += 1
-            # 1. every arm gets min_samples rounds before it is trusted
-            for e in reversed(self.exits):  # deepest first: most likely useful
-                if self.arms[e].rounds < self.min_samples:
-                    return Choice(exit=e, draft_len=min(4, self.max_draft_len), rate=0.0, exploring=True)
+            # 1. one request to each option not yet tried (deepest exit first, then off), until
+            # min_samples of its rounds are seen; meanwhile the others go to what is known
+            for e in [*reversed(self.exits), None]:
+                seen = self.ar_steps if e is None else self.arms[e].rounds
+                if seen < self.min_samples and e not in self._trials:
+                    self._trials.add(e)
+                    return Choice(exit=e, draft_len=0 if e is None else min(4, self.max_draft_len), rate=0.0,
+                                  exploring=True)
             if self.ar_steps < 1:
-                return Choice(exit=None, draft_len=0, rate=0.0, exploring=True)  # measure the off rate once
+                return Choice(exit=None, draft_len=0, rate=0.0)  # nothing known yet: off, the safe default
             # 2. exploitation, with periodic exploration
             c = max(1, int(concurrency))
             off = self.off_rate(c)

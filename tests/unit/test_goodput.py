@@ -243,3 +243,21 @@ def test_cost_curve_interpolates_and_extends_along_its_mean_slope():
     assert GoodputPolicy(exits=(24,), max_draft_len=2).curve(5) is None
     with pytest.raises(ValueError, match="batch_costs"):
         GoodputPolicy(exits=(24,), max_draft_len=2, batch_costs={0: 0.1})
+
+
+def test_a_burst_of_requests_tries_each_option_once_and_waits_on_the_rest():
+    """8 requests planned at once, before any round is seen (a batch job's start): one tries
+    each exit, one measures off, the rest run off (the safe default) instead of all trying
+    the deepest exit (what happened before: 24 of 24 batch turns explored)."""
+    p = GoodputPolicy(exits=(8, 12, 16, 24), max_draft_len=8, overlapped=True, explore_every=0)
+    burst = [p.choose(8) for _ in range(8)]
+    assert [c.exit for c in burst] == [24, 16, 12, 8, None, None, None, None]
+    assert [c.exploring for c in burst] == [True] * 5 + [False] * 3
+    assert all(c.draft_len == 4 for c in burst[:4]) and all(c.draft_len == 0 for c in burst[4:])
+    # once the trials report, the choice is priced: only the deepest exit is ever accepted
+    feed(p, exit=24, acceptance=0.875, draft_step=0.010, verify=0.021, draft_len=8)
+    for e in (8, 12, 16):
+        feed(p, exit=e, acceptance=0.0, draft_step=0.008, verify=0.021, draft_len=8)
+    warm(p, verify=0.020)
+    c = p.choose(1)
+    assert c.exit == 24 and not c.exploring
