@@ -3,7 +3,7 @@
 # needs the whole machine). Results land in bench/results/; `python -m tandem.bench.scripts.tables`
 # renders them. About 90 minutes on 2 cores, half of it exit training.
 #
-#   STEPS="train report local pack actors grpc batch" bench/scripts/run_all.sh   # the default: all
+#   STEPS="train report local pack actors grpc batch pools" bench/scripts/run_all.sh   # the default: all
 #   STEPS="grpc" bench/scripts/run_all.sh                                   # one step
 #
 # train:  `tandem train-exits` on the 0.5B draft (exits 8,12,16; $TRAIN_MINUTES of training)
@@ -14,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 T=.venv/bin/tandem
 EVAL=${EVAL:-bench/eval}
-STEPS=${STEPS:-train report local pack actors grpc batch}
+STEPS=${STEPS:-train report local pack actors grpc batch pools}
 TRAIN_MINUTES=${TRAIN_MINUTES:-28}
 DRAFT=qwen2.5-coder-0.5b-instruct
 mkdir -p bench/results
@@ -82,6 +82,16 @@ if has batch; then
     rm -f bench/results/batch_$m.jsonl
     $T batch --input $EVAL/spec_bench_dev.jsonl --output bench/results/batch_$m.jsonl --limit 12 \
       --max-new-tokens 64 --method $m --min-actors 1 --max-actors 1 | tail -1 > bench/results/batch_$m.summary.json
+  done
+fi
+if has pools; then
+  echo "== pools: spec_bench_dev through the server's pools and router (--engine pools), off/auto/auto/off"
+  i=0
+  for m in off auto auto off; do
+    i=$((i + 1))
+    rm -f bench/results/batch_pools_${m}_$i.jsonl
+    $T batch --input $EVAL/spec_bench_dev.jsonl --output bench/results/batch_pools_${m}_$i.jsonl --limit 12 \
+      --max-new-tokens 64 --method $m --engine pools | tail -1 > bench/results/batch_pools_${m}_$i.summary.json
   done
 fi
 echo "done"
