@@ -65,6 +65,7 @@ class DraftPoolSpec:
     replicas: int = 1
     threads: int = 1
     placement: Placement = field(default_factory=lambda: Placement(resources={"draft_pool": 1}))
+    kv_budget_bytes: int | None = None  # KV cache per actor; None: from its free memory
 
 
 @dataclass(frozen=True)
@@ -313,7 +314,7 @@ class DraftPool(_Pool):
         spec = self.spec
         pg = _placement_group(spec.placement, 1, timeout_s=timeout_s, what=self.what)
         cls = _remote(DraftWorker, placement=spec.placement, pg=pg, index=0)
-        return _Member(handle=cls.remote(spec.load, threads=spec.threads), pg=pg)
+        return _Member(handle=cls.remote(spec.load, threads=spec.threads, kv_budget_bytes=spec.kv_budget_bytes), pg=pg)
 
 
 def _shutdown(members: list[_Member]) -> None:

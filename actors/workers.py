@@ -102,13 +102,17 @@ class _Worker:
 class DraftWorker(_Worker):
     """Hosts one (multi-exit) draft and drafts for requests of any target at once."""
 
-    def __init__(self, load: ModelLoad, *, threads: int = 1, max_batch: int = 16):
+    def __init__(self, load: ModelLoad, *, threads: int = 1, max_batch: int = 16, kv_budget_bytes: int | None = None):
         apply_default_device_env()
         torch.set_num_threads(threads)
         self.load = load
         self.threads = threads
         self.cancelled = Cancellations()
         self.drafter = Drafter(load.build(), cancelled=self.cancelled)
+        runner = self.drafter.runner
+        # its KV budget (the router reserves draft KV against it, services/admission.py)
+        self.kv_bytes_per_token = runner.kv_bytes_per_token
+        self.kv_budget_bytes = int(kv_budget_bytes) if kv_budget_bytes else default_kv_budget(runner.device)
         self.batcher = MicroBatcher(
             {"draft": self.drafter.draft_batch}, threads=threads, max_batch=max_batch, name="draft", cancelled=self.cancelled
         )
@@ -176,7 +180,14 @@ class DraftWorker(_Worker):
             "batches": self.batcher.batches,
             "batched_items": self.batcher.batched_items,
             "forward_s": r.timings.forward_s,
+            "kv_bytes_per_token": self.kv_bytes_per_token,
+            "kv_budget_bytes": self.kv_budget_bytes,
+            "kv_bytes_used": self.kv_bytes_used(),
         }
+
+    def kv_bytes_used(self) -> int:
+        """KV bytes the drafter's open requests hold now."""
+        return sum(r.seq.kv_bytes() for r in list(self.drafter.requests.values()))
 
 
 class TargetWorker(_Worker):

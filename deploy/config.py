@@ -149,6 +149,11 @@ class DraftPoolConfig(_Strict):
     )
     placement: PoolResources = Field(default_factory=lambda: PoolResources(resources={"draft_pool": 1}))
     load_timeout_s: float = Field(600.0, gt=0, description="Wait this long for room and model loading")
+    kv_budget_bytes: int | None = Field(
+        None, ge=1,
+        description="KV cache bytes per draft actor; a request whose draft KV does not fit runs with speculation off. "
+        "null: half the actor's free device memory once its weights are loaded",
+    )
 
     @model_validator(mode="after")
     def _replica_bounds(self) -> "DraftPoolConfig":

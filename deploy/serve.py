@@ -47,6 +47,7 @@ def pool_specs(cfg: TandemConfig, *, resolve=resolve_model_path) -> tuple[DraftP
         replicas=d.replicas,
         threads=d.threads,
         placement=d.placement.to_placement(),
+        kv_budget_bytes=d.kv_budget_bytes,
     )
     targets = [
         TargetSpec(

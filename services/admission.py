@@ -15,6 +15,11 @@ delay). A request whose reservation exceeds one replica's budget could never run
 refused at once with a ValueError naming the field (INVALID_ARGUMENT). A running request's
 place and reservation are freed when its work on the actors has ended (not merely when its
 client left), so abandoned work counts against admission.
+
+The draft pool serves every target, and its actors hold a KV cache per speculating request
+too: `DraftBudget` reserves it (the draft's bytes per position x the same positions)
+against the draft actors' budget. Drafting is optional, so a request whose draft KV does
+not fit never waits for it: it runs with speculation off, which gives the same output.
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ class Slot:
         self._held = True
         self._since = time.monotonic()
         self.kv_tokens = 0  # what this request adds to the route's kv_tokens (held, not reserved)
+        self._on_release: list[Callable[[], None]] = []
         admission.route.running += 1
 
     def hold_kv(self, tokens: int) -> None:
@@ -74,6 +80,12 @@ class Slot:
         if self._held:
             self._held = False
             self.admission._release(self, time.monotonic() - self._since)
+            for fn in self._on_release:
+                fn()
+
+    def on_release(self, fn: Callable[[], None]) -> None:
+        """Call fn once when the slot is freed (what else the request holds: its draft KV)."""
+        self._on_release.append(fn)
 
 
 class Admission:
@@ -172,3 +184,31 @@ class Admission:
         r.kv_tokens -= slot.kv_tokens
         self.kv_reserved -= slot.kv_bytes
         self._wake()
+
+
+class DraftBudget:
+    """KV reservations on the shared draft pool (see the module docstring): bytes per position
+    and one actor's budget as the draft actors report them, times the serving draft actors.
+    Not thread-safe: used on the router's event loop (a release may come through it)."""
+
+    def __init__(self, *, kv_bytes_per_token: int, kv_budget_bytes: int, replicas: Callable[[], int] = lambda: 1):
+        self.kv_bytes_per_token = int(kv_bytes_per_token)
+        self.kv_budget_bytes = int(kv_budget_bytes)
+        self._replicas = replicas
+        self.kv_reserved = 0
+
+    @property
+    def kv_budget_total(self) -> int:
+        return self.kv_budget_bytes * max(1, int(self._replicas()))
+
+    def try_reserve(self, tokens: int) -> int | None:
+        """Reserve `tokens` positions of draft KV: the bytes reserved, or None when they do not
+        fit now (the request then runs without a draft)."""
+        need = int(tokens) * self.kv_bytes_per_token
+        if need > self.kv_budget_bytes or self.kv_reserved + need > self.kv_budget_total:
+            return None
+        self.kv_reserved += need
+        return need
+
+    def release(self, nbytes: int) -> None:
+        self.kv_reserved -= int(nbytes)

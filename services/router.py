@@ -27,9 +27,9 @@ from typing import Any, AsyncIterator, Callable, Sequence
 
 from tandem.actors.pools import DRAFT_POOL
 from tandem.actors.speculative import GenerationResult, SideUnavailableError
-from tandem.services.admission import Admission, Slot
+from tandem.services.admission import Admission, DraftBudget, Slot
 from tandem.speculation.goodput import GoodputPolicy
-from tandem.speculation.plan import Plan, context_reserve, observe
+from tandem.speculation.plan import Plan, SpecConfig, context_reserve, observe
 from tandem.speculation.plan import plan as plan_request
 from tandem.speculation.sampling import SamplingParams
 from tandem.speculation.sorted_policy import ExitPolicy
@@ -198,11 +198,22 @@ class Router:
         }
         self._ids = itertools.count()
         self._sorted_fallback_logged: set[str] = set()
+        self.draft_budget = self._draft_budget()
+        self.draftless = 0  # requests run with speculation off because the draft KV budget was full
         self._lock = threading.Lock()
         if telemetry is not None:
             telemetry.observe_requests(self.request_states)
             telemetry.observe_kv_tokens(self.kv_tokens)
             telemetry.observe_kv_bytes(self.kv_bytes)
+
+    def _draft_budget(self) -> DraftBudget | None:
+        """The draft pool's KV budget, as its actors report it (None: no draft pool, or an
+        engine that does not report one)."""
+        info = getattr(getattr(self.engine, "draft_pool", None), "info", None) or {}
+        if not (info.get("kv_bytes_per_token") and info.get("kv_budget_bytes")):
+            return None
+        return DraftBudget(kv_bytes_per_token=info["kv_bytes_per_token"], kv_budget_bytes=info["kv_budget_bytes"],
+                           replicas=lambda: self.serving_replicas().get(DRAFT_POOL, 1))
 
     def _replicas_of(self, name: str) -> Callable[[], int]:
         """Serving replicas of a target now (pools scale with traffic), for its KV budget."""
@@ -240,9 +251,10 @@ class Router:
     def kv_bytes(self) -> dict[str, tuple[int, int]]:
         """{target: (KV bytes reserved by running requests, KV budget of its serving replicas)}
         for targets whose KV size is known."""
-        return {
-            name: (a.kv_reserved, a.kv_budget_total) for name, a in self.admission.items() if a.route.kv_bytes_per_token
-        }
+        out = {name: (a.kv_reserved, a.kv_budget_total) for name, a in self.admission.items() if a.route.kv_bytes_per_token}
+        if self.draft_budget is not None:
+            out[DRAFT_POOL] = (self.draft_budget.kv_reserved, self.draft_budget.kv_budget_total)
+        return out
 
     def queue_depths(self) -> dict[str, int]:
         return {name: r.running + r.waiting for name, r in self.routes.items()}
@@ -276,6 +288,14 @@ class Router:
                         route.name, req.method, p.fallback, p.method_name)
         return p
 
+    def _without_draft(self, route: TargetRoute, req: RouteRequest) -> Plan:
+        self.draftless += 1
+        reason = "the draft pool's KV budget is full"
+        (log.warning if self.draftless == 1 else log.debug)(
+            "target %s: request %s runs with speculation off: %s (draft_pool.kv_budget_bytes; %d so far)",
+            route.name, req.request_id, reason, self.draftless)
+        return Plan(SpecConfig(method="ar", draft_len=1), req.method, observes=route.policy is not None, fallback=reason)
+
     # ------------------------------------------------------------------ generation
     async def generate(self, req: RouteRequest, *, cancelled: Callable[[], bool] = lambda: False) -> AsyncIterator[Delta]:
         """Admit, run and stream one request. Raises UnknownTargetError, QueueFullError,
@@ -287,6 +307,14 @@ class Router:
         tokens = len(req.prompt_ids) + req.max_new_tokens + context_reserve(plan.spec.draft_len)
         slot = await self.admission[route.name].admit(tokens)
         try:
+            if plan.spec.method != "ar" and self.draft_budget is not None:
+                # the draft actors hold as many positions; drafting is optional, so a request
+                # whose draft KV does not fit now runs without a draft instead of waiting
+                reserved = self.draft_budget.try_reserve(tokens)
+                if reserved is None:
+                    plan = self._without_draft(route, req)
+                else:
+                    slot.on_release(lambda: self.draft_budget.release(reserved))
             async for delta in self._run(route, req, plan, cancelled, slot, arrived=arrived):
                 yield delta
         finally:

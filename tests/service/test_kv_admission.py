@@ -21,12 +21,15 @@ PROMPT_IDS = [5, 6, 7, 8, 9, 10]
 BUDGET = 64 * 1024  # bytes: a few hundred positions of the tiny float32 target
 # method off plans the target alone as SpecConfig("ar", draft_len=1) (speculation/plan.py)
 RESERVE = context_reserve(1)
+DRAFT_BUDGET = 48 * 1024  # bytes of the tiny draft's KV per draft actor
+SD_LEN = 4  # the draft length of the sd requests below
 
 
 @pytest.fixture(scope="module")
 def srv(ray_local, tiny_service_models):
     cfg = service_config(tiny_service_models, max_concurrent=4, queue_size=4, metrics_port=0)
     cfg["targets"][0]["kv_budget_bytes"] = BUDGET
+    cfg["draft_pool"]["kv_budget_bytes"] = DRAFT_BUDGET
     s = ServerThread(cfg)
     yield s
     s.stop()
@@ -74,10 +77,10 @@ def call(address, max_new, out, key, timeout=120):
             out[key] = exc
 
 
-def scraped(srv, name: str) -> float:
+def scraped(srv, name: str, target: str = "small") -> float:
     port = srv.app.telemetry.metrics_port
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    (line,) = [ln for ln in body.splitlines() if ln.startswith(name + "{") and 'target="small"' in ln]
+    (line,) = [ln for ln in body.splitlines() if ln.startswith(name + "{") and f'target="{target}"' in ln]
     return float(line.rsplit(" ", 1)[1])
 
 
@@ -173,4 +176,75 @@ def test_the_actor_holds_what_admission_reserved_and_frees_it(srv):
         used = ray.get(handle.info.remote())["kv_bytes_used"]
         stream.cancel()
     assert used == (len(PROMPT_IDS) + big + RESERVE) * route.kv_bytes_per_token
+    wait_for(lambda: ray.get(handle.info.remote())["kv_bytes_used"] == 0)
+
+
+# ------------------------------------------------------------------ the draft pool's KV budget
+
+
+def sd_call(address, max_new, out, key):
+    with TandemClient(address) as c:
+        out[key] = c.generate(target="small", prompt_token_ids=PROMPT_IDS, max_new_tokens=max_new, ignore_eos=True,
+                              method="sd", max_draft_len=SD_LEN, timeout=120)
+
+
+def draft_positions(srv) -> int:
+    return DRAFT_BUDGET // srv.app.router.draft_budget.kv_bytes_per_token
+
+
+def test_a_request_whose_draft_kv_does_not_fit_runs_without_a_draft(srv, monkeypatch):
+    """The draft pool serves every target; a speculating request reserves its KV there too.
+    Two sd requests at 0.6 of the draft budget each: the first drafts, the second runs with
+    speculation off at once (it does not wait: drafting is optional), and both give the
+    target's own greedy output."""
+    budget = srv.app.router.draft_budget
+    assert budget.kv_budget_bytes == DRAFT_BUDGET and scraped(srv, "tandem_kv_budget_bytes", "draft") == DRAFT_BUDGET
+    n = int(draft_positions(srv) * 0.6) - len(PROMPT_IDS) - context_reserve(SD_LEN)
+    assert (len(PROMPT_IDS) + n + context_reserve(SD_LEN)) * srv.app.router.routes["small"].kv_bytes_per_token < BUDGET / 2
+    ref: dict = {}
+    call(srv.address, n, ref, "off")
+    gate = Gate(srv, monkeypatch)
+    out: dict = {}
+    a = threading.Thread(target=sd_call, args=(srv.address, n, out, "a"))
+    a.start()
+    wait_for(lambda: gate.calls == 1)
+    need = (len(PROMPT_IDS) + n + context_reserve(SD_LEN)) * budget.kv_bytes_per_token
+    assert budget.kv_reserved == need and scraped(srv, "tandem_kv_reserved_bytes", "draft") == need
+    b = threading.Thread(target=sd_call, args=(srv.address, n, out, "b"))
+    b.start()
+    wait_for(lambda: gate.calls == 2)  # b was not held back
+    gate.open.set()
+    a.join(120)
+    b.join(120)
+    assert out["a"].stats["method"] == "sd" and out["b"].stats["method"] == "off"
+    assert out["a"].token_ids == out["b"].token_ids == ref["off"].token_ids
+    assert budget.kv_reserved == 0 and srv.app.router.draftless >= 1
+
+
+def test_requests_whose_draft_kv_fits_together_both_draft(srv, monkeypatch):
+    """The control: the same two sd requests at 0.4 of the draft budget each both draft."""
+    n = int(draft_positions(srv) * 0.4) - len(PROMPT_IDS) - context_reserve(SD_LEN)
+    gate = Gate(srv, monkeypatch)
+    out: dict = {}
+    threads = [threading.Thread(target=sd_call, args=(srv.address, n, out, k)) for k in "ab"]
+    for t in threads:
+        t.start()
+    wait_for(lambda: gate.calls == 2)
+    gate.open.set()
+    for t in threads:
+        t.join(120)
+    assert [out[k].stats["method"] for k in "ab"] == ["sd", "sd"]
+
+
+def test_the_draft_actor_holds_what_was_reserved_and_frees_it(srv):
+    handle = srv.engine.draft_pool.handles()[0]
+    n = int(draft_positions(srv) * 0.9) - len(PROMPT_IDS) - context_reserve(SD_LEN)
+    with TandemClient(srv.address) as c:
+        stream = c.generate_stream(target="small", prompt_token_ids=PROMPT_IDS, max_new_tokens=n, ignore_eos=True,
+                                   method="sd", max_draft_len=SD_LEN, timeout=120)
+        next(stream)
+        info = ray.get(handle.info.remote())
+        stream.cancel()
+    assert info["kv_budget_bytes"] == DRAFT_BUDGET
+    assert info["kv_bytes_used"] == (len(PROMPT_IDS) + n + context_reserve(SD_LEN)) * info["kv_bytes_per_token"]
     wait_for(lambda: ray.get(handle.info.remote())["kv_bytes_used"] == 0)

@@ -133,3 +133,19 @@ def test_without_a_known_kv_size_admission_counts_requests_only():
         y.release()
 
     run(main())
+
+
+def test_draft_budget_reserves_what_fits_and_refuses_without_waiting():
+    from tandem.services.admission import DraftBudget
+
+    replicas = [1]
+    b = DraftBudget(kv_bytes_per_token=100, kv_budget_bytes=1000, replicas=lambda: replicas[0])
+    first = b.try_reserve(6)
+    assert first == 600 and b.kv_reserved == 600
+    assert b.try_reserve(5) is None and b.kv_reserved == 600  # 1100 > 1000: refused at once, nothing held
+    assert b.try_reserve(4) == 400  # the control: what fits is reserved
+    b.release(first)
+    assert b.kv_reserved == 400
+    replicas[0] = 3  # three draft actors hold three budgets ...
+    assert b.kv_budget_total == 3000 and b.try_reserve(10) == 1000
+    assert b.try_reserve(11) is None  # ... but one request's KV lives on one actor
