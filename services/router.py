@@ -360,6 +360,7 @@ class Router:
                     emitted=info["emitted"],
                     exits=info["exits"],
                     exit_seq=info.get("exit_seq"),
+                    step_rows=info.get("step_rows", 0),
                 )
             observe(route, plan, info)  # the goodput policy learns from the rounds the plan says it may
 

@@ -152,6 +152,8 @@ TTFT_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 TPOT_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 E2E_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 QUEUE_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# rows of a target forward: 1 (one request, no draft) up to max_batch requests x long blocks
+STEP_ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 METRIC_NAMES = (
     "tandem_requests_total",
@@ -172,6 +174,7 @@ METRIC_NAMES = (
     "tandem_kv_cache_tokens",
     "tandem_kv_reserved_bytes",
     "tandem_kv_budget_bytes",
+    "tandem_target_step_rows",
 )
 
 
@@ -297,6 +300,12 @@ class Telemetry:
         )
         self.queue_time = histogram(
             "tandem_request_queue_time_seconds", "Time a request waited for its target's admission slot.", QUEUE_BUCKETS_S
+        )
+        self.step_rows = meter.create_histogram(
+            "tandem_target_step_rows", unit="{row}", explicit_bucket_boundaries_advisory=STEP_ROWS_BUCKETS,
+            description="Rows of the target forward each speculation round ran in: every request batched into it, "
+            "padded to its longest block (continuous batching at work; one observation per round, so a forward "
+            "shared by n requests counts n times).",
         )
         self.running = meter.create_observable_gauge(
             "tandem_num_requests_running",
@@ -619,10 +628,12 @@ class RequestTrace:
         exits: Mapping[int, int],
         accepted_exits: Mapping[int, int] | None = None,
         exit_seq: Sequence[int] | None = None,
+        step_rows: int = 0,
     ) -> None:
         """Record one speculation round. start_ns / end_ns are wall-clock epoch nanoseconds
         (time.time_ns()). exits = {draft exit depth: draft tokens it produced this round};
-        exit_seq = the exit of each draft token in order, when known.
+        exit_seq = the exit of each draft token in order, when known; step_rows = the rows of
+        the target forward it ran in (0: unknown, not recorded).
 
         Counters always count (module docstring): one draft (round) and `emitted` tokens
         under the round's exit; draft tokens per exit from exit_seq, else `exits` (any
@@ -659,6 +670,8 @@ class RequestTrace:
             self._emit([r for r in pending if r.start_ns < start_ns], self.context)
             span.end(end_time=int(end_ns))
         round_exit = _round_exit(exits, drafted)
+        if step_rows > 0:
+            telemetry.step_rows.record(int(step_rows), {"target": self.target})
         telemetry.num_drafts.add(1, {**base, "exit": round_exit})
         telemetry.num_emitted_tokens.add(emitted, {**base, "exit": round_exit})
         if exit_seq is not None and len(exit_seq) == drafted:

@@ -64,7 +64,8 @@ def run_request(telemetry: Telemetry, *, request_id: str = "r-1", rounds: int = 
         for i in range(rounds):
             start, end = base + i * 1_000_000, base + i * 1_000_000 + 500_000
             times.append((start, end))
-            trace.round(index=i, start_ns=start, end_ns=end, drafted=4, accepted=3, emitted=4, exits={2: 3, 4: 1}, accepted_exits={2: 3})
+            trace.round(index=i, start_ns=start, end_ns=end, drafted=4, accepted=3, emitted=4, exits={2: 3, 4: 1}, accepted_exits={2: 3},
+                        step_rows=5 * (i + 1))  # batched beside i others' blocks of 5 rows
             if i == 0:
                 trace.first_token()
         trace.finish(finish_reason="eos", completion_tokens=4 * rounds, method="pearl", draft_len=4)
@@ -266,6 +267,7 @@ def test_prometheus_endpoint_serves_the_metric_names():
         assert types["tandem_e2e_request_latency_seconds"] == types["tandem_request_queue_time_seconds"] == "histogram"
         assert set(METRIC_NAMES) <= set(types)
         assert types["tandem_kv_reserved_bytes"] == types["tandem_kv_budget_bytes"] == "gauge"
+        assert types["tandem_target_step_rows"] == "histogram"
 
         samples = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line and not line.startswith("#")}
         assert samples['tandem_requests_total{finish_reason="eos",method="pearl",target="big"}'] == 1
@@ -283,6 +285,10 @@ def test_prometheus_endpoint_serves_the_metric_names():
         assert samples['tandem_kv_cache_tokens{target="big"}'] == 37 and types["tandem_kv_cache_tokens"] == "gauge"
         assert samples['tandem_kv_reserved_bytes{target="big"}'] == 4096
         assert samples['tandem_kv_budget_bytes{target="big"}'] == 65536
+        # the two rounds ran in forwards of 5 and 10 rows
+        assert samples['tandem_target_step_rows_count{target="big"}'] == 2
+        assert samples['tandem_target_step_rows_sum{target="big"}'] == 15
+        assert samples['tandem_target_step_rows_bucket{le="8",target="big"}'] == 1
         for doubled in ("_total_total", "_seconds_seconds", "_bytes_bytes", "otel_scope_name"):
             assert doubled not in text
         assert "tandem_requests_total" not in scrape(second.metrics_port)
