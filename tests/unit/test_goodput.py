@@ -261,3 +261,20 @@ def test_a_burst_of_requests_tries_each_option_once_and_waits_on_the_rest():
     warm(p, verify=0.020)
     c = p.choose(1)
     assert c.exit == 24 and not c.exploring
+
+
+@pytest.mark.parametrize("verify, off_wins", [(0.190, True), (0.170, False)])
+def test_speculation_must_be_predicted_clearly_faster_than_off(verify, off_wins):
+    """MIN_GAIN: predicted 1.05x off runs off; 1.18x drafts. Every draft accepted at
+    draft_len 1 (the bound): 2 tokens per round of max(d, V(2)) against 1 per V(1) = 0.1 s."""
+    def policy(min_gain=None):
+        kw = {} if min_gain is None else {"min_gain": min_gain}
+        p = GoodputPolicy(exits=(24,), max_draft_len=1, overlapped=True, explore_every=0, **kw)
+        feed(p, exit=24, acceptance=1.0, draft_step=0.010, verify=verify, draft_len=1)
+        warm(p, verify=0.100)
+        return p
+
+    p = policy()
+    assert p.rate(24, 1) == pytest.approx(2 / verify)
+    assert (p.choose().exit is None) is off_wins
+    assert policy(min_gain=0.0).choose().exit == 24  # the control: without the margin both draft
