@@ -7,7 +7,9 @@ request's target (its goodput policy, speculation/goodput.py), runs the speculat
 actor pools on a worker thread, and streams deltas back to the asyncio side. Deadlines,
 client cancellation and stop strings end the loop at the next round, and reach the actors
 too (their queued and running work for the request is dropped); the loop then frees the
-request's KV on every actor it touched, and only then its admission slot.
+request's KV on every actor it touched, and only then its admission slot. A speculating
+request also reserves its KV on the shared draft pool (services/admission.py DraftBudget);
+when that does not fit it runs with speculation off instead of waiting.
 
 Past ~400 lines because admission and the streaming loop share one request's state (slots,
 stop watcher, trace, logprobs alignment); planning lives in speculation/plan.py.
