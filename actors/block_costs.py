@@ -57,6 +57,7 @@ def measure_batch_costs(runner, block_rows: int, batches, *, reps: int = 1) -> d
         for _ in range(batches[-1]):
             seqs.append(runner.new_sequence(CONTEXT + block_rows + 1))
             runner.prefill(seqs[-1], ids[:CONTEXT])
+
         def run(b: int) -> float:
             t0 = time.perf_counter()
             runner.extend_batch(seqs[:b], [ids[CONTEXT:]] * b)
@@ -66,8 +67,7 @@ def measure_batch_costs(runner, block_rows: int, batches, *, reps: int = 1) -> d
             return dt
 
         run(batches[0])  # warm-up
-        costs = {b * block_rows: min(run(b) for _ in range(reps)) for b in batches}
-        return costs
+        return {b * block_rows: min(run(b) for _ in range(reps)) for b in batches}
     finally:
         for s in seqs:
             runner.release(s)

@@ -192,7 +192,7 @@ class GoodputPolicy:
         with self._lock:
             if drafted > 0 and exit not in self.arms:  # a round drafted elsewhere (unknown exit): it prices nothing here
                 return
-            rows = int(step_rows) if step_rows and step_rows > 0 else drafted + 1
+            rows = int(step_rows) if step_rows > 0 else drafted + 1
             self.verify_s.setdefault(rows, _Ema(self._alpha)).add(verify_s)
             if drafted == 0:  # a target-only step
                 self.ar_steps += 1
