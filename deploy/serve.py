@@ -23,6 +23,7 @@ from tandem.deploy.packs import resolve_model_path
 from tandem.services.router import Router, TargetRoute
 from tandem.services.server import RunningServer, start_server
 from tandem.speculation.goodput import GoodputPolicy
+from tandem.speculation.plan import per_replica
 from tandem.speculation.sorted_policy import ExitPolicy
 
 log = logging.getLogger("tandem.serve")
@@ -157,7 +158,7 @@ def build_routes(cfg: TandemConfig, engine: ActorEngine) -> dict[str, TargetRout
             # the target's verification cost per block size prices each draft length (goodput.py)
             # and, for concurrent requests sharing its forwards, per batch of such blocks
             costs = ray.get(handle.block_costs.remote(t.max_draft_len + 1))
-            batches = concurrency_points(-(-cfg.server.max_concurrent // max(1, t.replicas)))  # per replica
+            batches = concurrency_points(per_replica(cfg.server.max_concurrent, t.replicas))
             batch_costs = ray.get(handle.batch_costs.remote(t.max_draft_len + 1, batches)) if batches else {}
             policy = GoodputPolicy(exits=draft_exits, max_draft_len=t.max_draft_len, overlapped=True, block_costs=costs,
                                    batch_costs=batch_costs)

@@ -31,7 +31,7 @@ from tandem.actors.pools import DRAFT_POOL
 from tandem.actors.speculative import GenerationResult, SideUnavailableError
 from tandem.services.admission import Admission, DraftBudget, Slot
 from tandem.speculation.goodput import GoodputPolicy
-from tandem.speculation.plan import Plan, SpecConfig, context_reserve, observe
+from tandem.speculation.plan import Plan, SpecConfig, context_reserve, observe, per_replica
 from tandem.speculation.plan import plan as plan_request
 from tandem.speculation.sampling import SamplingParams
 from tandem.speculation.sorted_policy import ExitPolicy
@@ -281,7 +281,7 @@ class Router:
         """Method, exit and draft length for one request: the planner's (speculation/plan.py),
         with a fallback (sorted on a draft without exits) logged once per target."""
         # it will share a target actor's forwards with the requests running there (per replica)
-        concurrency = -(-(route.running + 1) // max(1, route.replicas))
+        concurrency = per_replica(route.running + 1, route.replicas)
         p = plan_request(route, req.method, max_draft_len=req.max_draft_len, draft_lens=route.draft_lens,
                          concurrency=concurrency)
         if p.fallback and route.name not in self._sorted_fallback_logged:

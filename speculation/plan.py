@@ -44,6 +44,11 @@ def context_reserve(draft_len: int) -> int:
     return 2 * int(draft_len) + 8
 
 
+def per_replica(requests: int, replicas: int) -> int:
+    """Requests one of `replicas` actors serves when they are spread evenly (rounded up)."""
+    return -(-int(requests) // max(1, int(replicas)))
+
+
 def check_context(prompt_len: int, max_new_tokens: int, max_context: int, *, draft_len: int, target: str = "") -> None:
     """ValueError naming the field when a request cannot fit the target's context with
     draft_len draft tokens in flight (0: the target alone)."""
