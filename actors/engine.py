@@ -96,9 +96,10 @@ class ActorEngine:
         request_id: str | None = None,
         tracing=None,
         on_logprobs: Callable[[list[TokenLogprob]], None] | None = None,
+        round_draft_len: Callable[[], int] | None = None,
     ) -> GenerationResult:
         """tracing: for a traced request, where its actor calls' spans go (RaySide's `tracing`).
-        on_logprobs: as run_request's (sampling.logprobs set), over every attempt."""
+        on_logprobs, round_draft_len: as run_request's (sampling.logprobs set), over every attempt."""
         if target not in self.targets:
             raise KeyError(f"target {target!r} is not served; targets: {', '.join(sorted(self.targets))}")
         pool = self.targets[target]
@@ -150,6 +151,7 @@ class ActorEngine:
                         on_round=on_round,
                         on_logprobs=track_logprobs if emitted_lp is not None else None,
                         prompt_len=len(prompt),  # penalties count what was emitted as output
+                        round_draft_len=round_draft_len,
                     )
                 )
                 reason = parts[-1].finish_reason

@@ -219,8 +219,10 @@ class LocalEngine:
         on_round: Callable[[dict], None] | None = None,
         on_logprobs: Callable[[list], None] | None = None,
         request_id: str | None = None,
+        round_draft_len: Callable[[], int] | None = None,
     ) -> GenerationResult:
-        """Run one planned request (no planning, no learning: the caller's on_round does that)."""
+        """Run one planned request (no planning, no learning: the caller's on_round does that;
+        round_draft_len: the caller's per-round re-plan, as run_request's)."""
         if spec.method != "ar" and self.drafter is None:
             raise ValueError(f"method {spec.method!r} needs a draft model; only 'ar' runs without one")
         if spec.policy is not None and self.drafter is not None:
@@ -240,6 +242,7 @@ class LocalEngine:
             should_stop=should_stop,
             on_logprobs=on_logprobs,
             on_round=on_round,
+            round_draft_len=round_draft_len,
         )
 
 
@@ -254,7 +257,7 @@ class InProcessEngine:
 
     def generate(self, target: str, prompt: Sequence[int], *, tracing=None, **kwargs) -> GenerationResult:
         """ActorEngine.generate's keywords (spec, sampling, max_new_tokens, stop_ids, on_tokens,
-        should_stop, on_round, request_id, on_logprobs), run by the target's LocalEngine.run;
+        should_stop, on_round, request_id, on_logprobs, round_draft_len), run by the target's LocalEngine.run;
         tracing (actor call spans) has nothing to trace here."""
         if target not in self.engines:
             raise KeyError(f"target {target!r} is not served; targets: {', '.join(sorted(self.engines))}")

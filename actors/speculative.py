@@ -187,6 +187,7 @@ def run_request(
     on_round: Callable[[dict], None] | None = None,
     on_logprobs: Callable[[list[TokenLogprob]], None] | None = None,
     prompt_len: int | None = None,
+    round_draft_len: Callable[[], int] | None = None,
 ) -> GenerationResult:
     """Generate for one request. Opens and always closes the request on both sides.
 
@@ -200,6 +201,9 @@ def run_request(
     prompt_len: how many leading tokens of `prompt` are the request's own prompt (a resumed
     request passes its prompt plus what it already emitted; penalties count the latter as
     output); None: all of `prompt`.
+    round_draft_len: called before each round's drafting: draft tokens for that round, re-planned
+    at the load of the moment (0: a target-only step; capped at spec.draft_len, which sized the
+    caches); None: spec.draft_len every round.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -254,6 +258,7 @@ def run_request(
             result=result,
             should_stop=should_stop,
             t_start=t_start,
+            want=_wanted(spec, round_draft_len),
         )
     except RequestCancelledError:
         # the caller asked a side to drop this request's work (cancel or deadline)
@@ -275,6 +280,13 @@ def run_request(
     result.finish_reason = progress.finish_reason or result.finish_reason
     result.total_s = time.perf_counter() - t_start
     return result
+
+
+def _wanted(spec: SpecConfig, round_draft_len: Callable[[], int] | None) -> Callable[[], int]:
+    """Draft tokens the next round may take (0: target only), from the re-plan hook."""
+    if round_draft_len is None:
+        return lambda: spec.draft_len
+    return lambda: max(0, min(spec.draft_len, int(round_draft_len())))
 
 
 def _first_token_time(result: GenerationResult, progress: _Progress, t_start: float) -> None:
@@ -335,11 +347,13 @@ def _record(
         )
 
 
-def _loop_sd(*, draft, target, request_id, spec, progress, stats, result, should_stop, t_start) -> None:
-    """ar / sd / sorted: draft a block, then verify it; strictly one after the other."""
+def _loop_sd(*, draft, target, request_id, spec, progress, stats, result, should_stop, t_start, want) -> None:
+    """ar / sd / sorted: draft a block, then verify it; strictly one after the other. A
+    round re-planned to 0 drafts is a target-only step; the draft catches up on the tokens
+    it missed at its next block (it is handed everything committed)."""
     while not _stop_requested(progress, should_stop):
         t_round = time.perf_counter()
-        draft_len = min(spec.draft_len, max(progress.remaining - 1, 0))
+        draft_len = min(want() if draft is not None else 0, max(progress.remaining - 1, 0))
         block = None
         if draft is not None and draft_len > 0:
             block = _draft_or_none(
@@ -356,11 +370,11 @@ def _loop_sd(*, draft, target, request_id, spec, progress, stats, result, should
         _record(stats, result, outcome, block, t_round, critical_s=outcome.target_s + draft_s, progress=progress, draft_s=draft_s)
 
 
-def _loop_spectr(*, draft, target, request_id, spec, progress, stats, result, should_stop, t_start) -> None:
+def _loop_spectr(*, draft, target, request_id, spec, progress, stats, result, should_stop, t_start, want) -> None:
     """SpecTr: k branches drafted as one batch, verified as one batch."""
     while not _stop_requested(progress, should_stop):
         t_round = time.perf_counter()
-        draft_len = min(spec.draft_len, max(progress.remaining - 1, 0))
+        draft_len = min(want() if draft is not None else 0, max(progress.remaining - 1, 0))
         branches = None
         if draft is not None and draft_len > 0:
             branches = _draft_or_none(
@@ -380,14 +394,16 @@ def _loop_spectr(*, draft, target, request_id, spec, progress, stats, result, sh
         _record(stats, result, outcome, None, t_round, critical_s=outcome.target_s + draft_s, progress=progress, draft_s=draft_s)
 
 
-def _loop_pearl(*, draft, target, request_id, spec, progress, stats, result, should_stop, t_start) -> None:
+def _loop_pearl(*, draft, target, request_id, spec, progress, stats, result, should_stop, t_start, want) -> None:
     """PEARL: verification of block i overlaps drafting of block i + 1 (post-verify); after
-    a rejection the next block is one token long (pre-verify)."""
+    a rejection the next block is one token long (pre-verify). A round re-planned to 0
+    drafts drafts nothing ahead, and the round after it is a target-only step."""
     block = None  # drafted, not yet verified; continues progress.committed
     next_draft_len = 1 if spec.pre_verify else spec.draft_len
     while not _stop_requested(progress, should_stop):
         t_round = time.perf_counter()
-        if draft is None:
+        wanted = want() if draft is not None and block is None else 1
+        if draft is None or wanted == 0:
             outcome = target.call("verify", request_id, None, bonus=True).result()
             progress.commit(outcome.tokens, outcome.logprobs)
             _first_token_time(result, progress, t_start)
@@ -395,7 +411,7 @@ def _loop_pearl(*, draft, target, request_id, spec, progress, stats, result, sho
             continue
         sequential_draft_s = 0.0
         if block is None:  # nothing in flight: draft the first block of a run
-            draft_len = max(1, min(next_draft_len, progress.remaining))
+            draft_len = max(1, min(next_draft_len, wanted, progress.remaining))
             block = _draft_or_none(draft.call("draft", request_id, progress.committed, draft_len=draft_len, policy=spec.policy), result)
             if block is None:
                 draft = None
@@ -406,9 +422,10 @@ def _loop_pearl(*, draft, target, request_id, spec, progress, stats, result, sho
         v_fut = target.call("verify", request_id, block, bonus=False)
         ahead = progress.remaining - len(block.tokens)
         d_fut = None
-        if ahead > 0:
+        ahead_len = min(want(), ahead) if ahead > 0 else 0
+        if ahead_len > 0:
             assumed = progress.committed + block.tokens
-            d_fut = draft.call("draft", request_id, assumed, draft_len=min(spec.draft_len, ahead), policy=spec.policy)
+            d_fut = draft.call("draft", request_id, assumed, draft_len=ahead_len, policy=spec.policy)
         outcome = v_fut.result()
         nxt = _draft_or_none(d_fut, result)
         if d_fut is not None and nxt is None:

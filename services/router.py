@@ -31,7 +31,7 @@ from tandem.actors.pools import DRAFT_POOL
 from tandem.actors.speculative import GenerationResult, SideUnavailableError
 from tandem.services.admission import Admission, DraftBudget, Slot
 from tandem.speculation.goodput import GoodputPolicy
-from tandem.speculation.plan import Plan, SpecConfig, context_reserve, observe, per_replica
+from tandem.speculation.plan import Plan, SpecConfig, context_reserve, observe, per_replica, round_draft_len
 from tandem.speculation.plan import plan as plan_request
 from tandem.speculation.sampling import SamplingParams
 from tandem.speculation.sorted_policy import ExitPolicy
@@ -375,6 +375,13 @@ class Router:
                 return "deadline"
             return None
 
+        def replan() -> int:
+            # each round at the load of the moment: a burst's first requests, planned alone,
+            # stop drafting while the others run beside them, and draft again once they leave
+            return round_draft_len(route, plan, per_replica(route.running, route.replicas))
+
+        replans = plan.choice is not None and spec.method != "ar"
+
         def work() -> GenerationResult:
             return self.engine.generate(
                 route.name,
@@ -389,6 +396,7 @@ class Router:
                 request_id=state_key,
                 **({"on_logprobs": on_logprobs} if req.sampling.logprobs is not None else {}),
                 **({"tracing": tracing} if tracing is not None else {}),
+                **({"round_draft_len": replan} if replans else {}),
             )
 
         fut = loop.run_in_executor(self._pools[route.name], work)

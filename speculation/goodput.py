@@ -284,6 +284,25 @@ class GoodputPolicy:
                 return Choice(exit=None, draft_len=0, rate=off)
             return Choice(exit=exit, draft_len=draft_len, rate=rate)
 
+    def round_draft_len(self, exit: int, planned: int, concurrency: int = 1) -> int:
+        """Re-planning one round of a request already speculating on `exit` with up to
+        `planned` drafts (its KV was sized for that): the best draft length at the load of
+        this round (`concurrency` requests per target actor, itself included), or 0 (a
+        target-only step) when speculation is not predicted MIN_GAIN faster than off there.
+        A request planned alone keeps drafting when others join only while it pays, and
+        drafts again when they leave. Until the arm and off are both known (the request may
+        be an arm's trial), the plan stands."""
+        with self._lock:
+            arm = self.arms.get(exit)
+            if arm is None or arm.rounds < self.min_samples or not self.ar_steps:
+                return planned
+            c = max(1, int(concurrency))
+            off = self.off_rate(c)
+            best = max(range(1, max(1, planned) + 1), key=lambda g: self.rate(exit, g, c))
+            if not off or self.rate(exit, best, c) > off * (1 + self.min_gain):
+                return best
+            return 0
+
     def snapshot(self) -> dict:
         with self._lock:
             return {

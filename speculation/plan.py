@@ -199,6 +199,17 @@ def plan(
                 observes=True, observed_exit=choice.exit)
 
 
+def round_draft_len(target: PlanTarget, plan_: Plan, concurrency: int) -> int:
+    """Draft tokens for a request's next round, re-planned at that round's load
+    (`concurrency`: requests per target actor now, itself included); 0: a target-only step.
+    Only `auto` requests the goodput policy planned onto an exit are re-planned; any other
+    plan keeps its draft length (an explicit method runs as asked). Never above the plan's
+    draft length: the request's KV was sized for it."""
+    if target.policy is None or plan_.choice is None or plan_.observed_exit is None or plan_.spec.method == "ar":
+        return plan_.spec.draft_len
+    return target.policy.round_draft_len(plan_.observed_exit, plan_.spec.draft_len, concurrency)
+
+
 def observe(target: PlanTarget, plan_: Plan, info: Mapping) -> None:
     """Teach the target's goodput policy one round of a request planned by `plan`
     (`info`: run_request's on_round dict)."""

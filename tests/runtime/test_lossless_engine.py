@@ -248,3 +248,68 @@ def test_calibrated_split_and_planned_length_share_one_cost_curve(tiny_paths, ru
             assert len(curve) == MAX_WINDOW + 1 and 2 <= eng.split.window <= MAX_WINDOW
             eng.default_draft_len("sd")
             assert eng.block_costs() is curve and list(eng.length_policy.block_costs) == curve[:9]  # measured once
+
+
+# ---------------------------------------------------------------- per-round re-planning
+# The router re-plans each round of an auto request at the load of the moment
+# (round_draft_len: 0 = a target-only step). Output must not depend on it.
+
+def _schedule(seed: int):
+    """A re-plan hook drawing 0, 1 or 2 draft tokens per round (seeded, independent of the
+    tokens), and the draws it made."""
+    import random
+
+    rng, drawn = random.Random(seed), []
+
+    def next_len() -> int:
+        drawn.append(rng.choice([0, 1, 2]))
+        return drawn[-1]
+
+    return next_len, drawn
+
+
+def _run_replanned(engine, method: str, prompt, *, sampling=None, max_new_tokens: int, seed: int):
+    from tandem.speculation.plan import SpecConfig
+
+    hook, drawn = _schedule(seed)
+    rounds: list[int] = []
+    spec = SpecConfig(method=method, draft_len=2, policy=policy_for(method), k=2)
+    out = engine.run(prompt, spec=spec, sampling=sampling, max_new_tokens=max_new_tokens,
+                     round_draft_len=hook, on_round=lambda info: rounds.append(info["drafted"]))
+    return out, rounds, drawn
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_greedy_with_rounds_replanned_equals_target_only(engine, method):
+    target_only = drafting = 0
+    for seed, prompt in enumerate(([0, 1, 2], [5, 4], [3, 3, 3, 1, 0, 2, 4])):
+        ref = engine.generate(prompt, method="ar", max_new_tokens=40).tokens
+        out, rounds, drawn = _run_replanned(engine, method, prompt, max_new_tokens=40, seed=seed)
+        assert out.tokens == ref, (method, prompt)
+        assert max(rounds) <= 2 and out.stats.emitted == 39
+        target_only += rounds.count(0)
+        drafting += len(rounds) - rounds.count(0)
+    # the hook was obeyed: about a third of the rounds were target-only steps; a loop that
+    # ignores it steps target-only at most once per request (its last token)
+    assert target_only > 2 * 3 and drafting > 0, (target_only, drafting)
+    assert engine.verifier.live_requests() == [] and engine.drafter.live_requests() == []
+
+
+@pytest.mark.parametrize("method", ["sd", "pearl"])
+def test_sampled_with_rounds_replanned_follows_target_distribution(engine, method, stat_tools):
+    """Sampled output with a random draft length per round (0 included) still follows the
+    target: the rounds' lengths are drawn independently of the tokens, so the joint law of
+    the first three tokens must be the target's (same statistic and N as above)."""
+    params = SamplingParams(temperature=1.0)
+    exact = exact_joint(engine.target, params, 3)
+    vocab = engine.target.vocab_size
+    counts = np.zeros(vocab**3, dtype=np.int64)
+    for i in range(N):
+        sp = SamplingParams(temperature=1.0, seed=20_000 + i)
+        out, _, _ = _run_replanned(engine, method, PROMPT, sampling=sp, max_new_tokens=3, seed=i)
+        idx = 0
+        for t in out.tokens:
+            idx = idx * vocab + t
+        counts[idx] += 1
+    fit = stat_tools.chi_square_test(counts, exact)
+    assert fit.passes, f"{method}: {fit}"

@@ -278,3 +278,26 @@ def test_speculation_must_be_predicted_clearly_faster_than_off(verify, off_wins)
     assert p.rate(24, 1) == pytest.approx(2 / verify)
     assert (p.choose().exit is None) is off_wins
     assert policy(min_gain=0.0).choose().exit == 24  # the control: without the margin both draft
+
+
+def test_a_round_is_replanned_at_the_load_it_runs_at():
+    """round_draft_len: a request planned alone onto an exit drafts while it runs alone,
+    steps target-only (0) while 8 share the CPU target's forwards, and drafts again when
+    they leave; a GPU-like curve keeps drafting at 8 (the control)."""
+    cpu = live([t / 1000 for t in TILED], LINEAR_BATCH, verify=0.160, ar=0.035)
+    gpu = live(GPU_BLOCK, GPU_BATCH, verify=0.021, ar=0.020)
+    alone, _ = cpu.best_draft_len(24, 1)
+    assert cpu.round_draft_len(24, planned=8, concurrency=1) == alone > 0
+    assert cpu.round_draft_len(24, planned=8, concurrency=8) == 0  # as choose(8) would decide
+    assert cpu.choose(8).exit is None
+    assert cpu.round_draft_len(24, planned=8, concurrency=1) == alone
+    assert gpu.round_draft_len(24, planned=8, concurrency=8) > 0
+    # never past the planned length (the request's KV was sized for it)
+    assert 1 <= cpu.round_draft_len(24, planned=2, concurrency=1) <= 2
+    # the plan stands while the arm or off is not known yet (an arm's trial)
+    fresh = GoodputPolicy(exits=(24,), max_draft_len=8, block_costs=[t / 1000 for t in TILED], batch_costs=LINEAR_BATCH)
+    assert fresh.round_draft_len(24, planned=4, concurrency=8) == 4
+    feed(fresh, exit=24, acceptance=0.875, draft_step=0.010, verify=0.160, draft_len=8)
+    assert fresh.round_draft_len(24, planned=4, concurrency=8) == 4  # off not seen yet
+    warm(fresh, verify=0.035)
+    assert fresh.round_draft_len(24, planned=4, concurrency=8) == 0

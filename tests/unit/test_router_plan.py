@@ -95,3 +95,60 @@ def test_auto_is_priced_at_the_requests_running_on_each_replica():
     assert r.plan(rt, auto).spec.method == "ar"  # 8 sharing each forward: off pays
     rt.replicas = 4
     assert r.plan(rt, auto).spec.method == "pearl"  # 2 per replica: it pays again
+
+
+def test_auto_rounds_are_replanned_at_the_load_of_each_round():
+    """A request planned alone keeps its plan for life no more: the router hands the engine a
+    per-round re-plan (round_draft_len) that reads the target's running requests at each
+    round; an explicit method gets none and runs as asked."""
+    import asyncio
+
+    from tandem.actors.speculative import GenerationResult
+    from tandem.speculation.goodput import GoodputPolicy
+    from tandem.speculation.stats import SpecStats
+
+    policy = GoodputPolicy(exits=(4,), max_draft_len=8, overlapped=True, explore_every=0,
+                           block_costs=[0.035, 0.040, 0.045, 0.049, 0.100, 0.105, 0.110, 0.115, 0.160],
+                           batch_costs={18: 0.30, 36: 0.62, 72: 1.25})
+    for _ in range(3):
+        policy.observe_round(exit=4, drafted=8, accepted=7, draft_s=0.08, verify_s=0.160, step_rows=9)
+        policy.observe_round(exit=None, drafted=0, accepted=0, draft_s=0.0, verify_s=0.035, step_rows=1)
+    rt = route(None)
+    rt.policy = policy
+
+    class Tokenizer:
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(map(str, ids))
+
+    rt.tokenizer = Tokenizer()
+    seen: dict[str, list] = {}
+
+    class Engine:  # the engine asks before each round; the test moves the load between rounds
+        def generate(self, target, prompt, *, spec, on_tokens, round_draft_len=None, **kw):
+            seen["method"], seen["hook"] = spec.method, round_draft_len
+            lens = []
+            if round_draft_len is not None:
+                for others in (0, 7, 7, 0):  # others running beside it on the one replica
+                    rt.running = 1 + others
+                    lens.append(round_draft_len())
+                rt.running = 1
+            seen["lens"] = lens
+            on_tokens([5])
+            return GenerationResult(tokens=[5], finish_reason="length", stats=SpecStats(), prompt_tokens=2)
+
+    r = Router(engine=Engine(), routes={"t": rt})
+
+    def run(method):
+        req = RouteRequest(request_id="r", target="t", prompt_ids=(1, 2), sampling=SamplingParams(), max_new_tokens=1,
+                           method=method)
+
+        async def go():
+            return [d async for d in r.generate(req)]
+
+        asyncio.run(go())
+
+    run("auto")
+    first, busy, busy2, last = seen["lens"]
+    assert seen["method"] == "pearl" and first > 0 and last == first and busy == busy2 == 0
+    run("pearl")  # explicit: as asked, every round
+    assert seen["method"] == "pearl" and seen["hook"] is None
