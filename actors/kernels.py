@@ -9,8 +9,12 @@ Which kernel, and why (`linear_kernel`):
   bf16 here. These are private ops; torchao's CPU int4 weight-only path dispatches to the
   same op, so using it directly saves a dependency and a tensor-subclass layer per call
   (the per-layer dispatch overhead is what the draft's step is short of; issue 10).
-  The packed kernels are slow for many rows, so a block of more than QUANT_MAX_ROWS rows
-  (a prefill) uses the dense weight.
+  The packed kernels are slow for many rows, so a block of more than `max_rows` rows (a
+  prefill) uses the dense weight. Where the two cross depends on the CPU: with avx512_bf16 a
+  dense bf16 matmul of 9+ rows beats the packed kernel; without it (an AVX2-only host) bf16
+  is emulated and the packed kernel stays faster to 100+ rows. So each runner measures the
+  crossover at load (`measure_quant_max_rows`) instead of assuming it; it only ever raises
+  the bound above QUANT_MAX_ROWS (see choose_quant_max_rows).
 - CUDA: dense in the compute dtype (bf16) for every linear, quantize or not. On a GPU the
   draft's step is launch-bound, not weight-bandwidth-bound, at these sizes; an int4/int8
   GPU kernel is not used until it is measured faster on one (no GPU was lent to measure it;
@@ -56,10 +60,11 @@ class DenseLinear:
 class QuantLinear:
     """Weight-only quantized linear on the CPU: int8 (per output channel) or int4 (groups of
     32 along the input, scale and zero per group); the dense weight serves blocks of more
-    than QUANT_MAX_ROWS rows."""
+    than `max_rows` rows (QUANT_MAX_ROWS until the runner measured its own crossover)."""
 
     QUANT_MAX_ROWS = 8
     INT4_GROUP = 32
+    max_rows = QUANT_MAX_ROWS
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, kind: str, dtype: torch.dtype):
         if weight.device.type != "cpu":
@@ -121,8 +126,14 @@ class QuantLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if x2.shape[0] > self.QUANT_MAX_ROWS:
+        if x2.shape[0] > self.max_rows:
             return self.dense(x)
+        return self.quantized(x)
+
+    def quantized(self, x: torch.Tensor) -> torch.Tensor:
+        """The quantized kernel whatever the rows (what __call__ runs up to max_rows)."""
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
         if self.kind == "int8":
             y = torch._weight_int8pack_mm(x2, self.qweight, self.scale)
         else:
@@ -196,3 +207,44 @@ def open_pack_grid(model_path: str) -> PackGrid:
             "(packs get it from tandem on first use; other models take none, int8 or int4)"
         )
     return PackGrid(str(path))
+
+
+CROSSOVER_ROWS = (16, 32, 64, 128, 256)  # row counts tried by measure_quant_max_rows
+
+
+def choose_quant_max_rows(quant_s: dict[int, float], dense_s: dict[int, float]) -> int:
+    """The most rows up to which the quantized kernel was measured no slower than the dense
+    weight at every row count tried, and never fewer than QUANT_MAX_ROWS: verification
+    blocks of up to that many rows run the kernel a single-row step runs, so a verified
+    block computes what the target's own one-token steps compute (lossless w.r.t. the
+    target as served; the two kernels round differently)."""
+    best = QuantLinear.QUANT_MAX_ROWS
+    for rows in sorted(quant_s):
+        if quant_s[rows] > dense_s[rows]:
+            break
+        best = rows
+    return best
+
+
+def measure_quant_max_rows(linear: "QuantLinear", *, rows=CROSSOVER_ROWS, reps: int = 2) -> int:
+    """Time `linear`'s quantized kernel against its dense weight for blocks of `rows` rows
+    (fastest of `reps`, after a warm-up), stopping at the first row count the dense weight
+    wins; the crossover as choose_quant_max_rows reads it."""
+    import time
+
+    quant_s: dict[int, float] = {}
+    dense_s: dict[int, float] = {}
+    in_f = linear.weight.shape[1]
+    for r in rows:
+        x = torch.full((r, in_f), 0.01, dtype=linear.weight.dtype, device=linear.weight.device)
+        for name, fn, out in (("quant", linear.quantized, quant_s), ("dense", linear.dense, dense_s)):
+            fn(x)  # warm-up
+            best = float("inf")
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                fn(x)
+                best = min(best, time.perf_counter() - t0)
+            out[r] = best
+        if quant_s[r] > dense_s[r]:
+            break
+    return choose_quant_max_rows(quant_s, dense_s)

@@ -36,7 +36,15 @@ import torch.nn.functional as F
 
 from tandem.actors.devices import resolve_device
 from tandem.actors.kv_cache import KVLayout, SequenceState
-from tandem.actors.kernels import ConcatLinear, DenseLinear, QuantLinear, linear_kernel, make_linear, open_pack_grid
+from tandem.actors.kernels import (
+    ConcatLinear,
+    DenseLinear,
+    QuantLinear,
+    linear_kernel,
+    make_linear,
+    measure_quant_max_rows,
+    open_pack_grid,
+)
 from tandem.actors.loading import SUPPORTED_MODEL_TYPES, load_causal_lm, parse_dtype
 
 @dataclass
@@ -145,6 +153,8 @@ class ModelRunner:
         window = getattr(cfg, "sliding_window", None)
         if cfg.model_type == "mistral" and window and window < self.max_context:
             self.max_context = int(window)  # beyond the window we would attend differently
+        # several sequences in one forward run packed, not padded to the longest (_run_layers)
+        self.packed = True
         exits_sorted = sorted({int(e) for e in exits} | {self.num_layers})
         for e in exits_sorted:
             if not 1 <= e <= self.num_layers:
@@ -192,8 +202,32 @@ class ModelRunner:
         self.attention_bias = self.layers[0].qkv.bias is not None
         self._grid = None  # read during conversion only
         del model  # the runner keeps only the converted weights
+        # rows up to which the quantized kernels beat the dense weight here (None: no quantized
+        # linear); measured once on a layer's largest linear, applied to all (actors/kernels.py)
+        self.quant_max_rows = self._calibrate_quant_rows()
 
     # ------------------------------------------------------------------ conversion
+    def _quant_linears(self, layers=None):
+        """The QuantLinear objects of `layers` (all, and the heads, when None)."""
+        mods = []
+        for layer in self.layers if layers is None else layers:
+            mods += [layer.qkv, layer.o, layer.gate_up, layer.down]
+        if layers is None:
+            mods += [self.head, self.full_head]
+        for m in mods:
+            for part in getattr(m, "parts", [m]):
+                if isinstance(part, QuantLinear):
+                    yield part
+
+    def _calibrate_quant_rows(self) -> int | None:
+        sample = list(self._quant_linears(self.layers[:1]))
+        if not sample:
+            return None
+        rows = measure_quant_max_rows(max(sample, key=lambda lin: lin.weight.numel()))
+        for lin in self._quant_linears():
+            lin.max_rows = rows
+        return rows
+
     def _place(self, t: torch.Tensor) -> torch.Tensor:
         return t.detach().to(device=self.device, dtype=self.dtype)
 
@@ -281,6 +315,14 @@ class ModelRunner:
         if len(tokens) == 0:
             raise ValueError("prompt must hold at least one token")
         return self.extend(seq, tokens, all_logits=False)[-1]
+
+    def forward_rows(self, lengths: Sequence[int]) -> int:
+        """Rows a batched forward over blocks of these lengths computes: their total when
+        packed (several sequences), else sequences x the longest."""
+        lengths = [int(n) for n in lengths if n]
+        if len(lengths) > 1 and not self.packed:
+            return len(lengths) * max(lengths)
+        return sum(lengths)
 
     @torch.inference_mode()
     def extend_batch(
@@ -416,6 +458,69 @@ class ModelRunner:
         return x * cos + rotated * sin
 
     def _run_layers(self, rows: list[_Row], lo: int, hi: int) -> None:
+        """Run layers [lo, hi) for every row; updates rows in place. Rows of different lengths
+        run packed (_run_layers_packed): none is padded to the longest. Rows of one length
+        (nothing to pad: a batch of decode steps) run as one padded batch, whose single
+        attention call beat the packed path's call per row there (bench/packed_rows.py)."""
+        if len(rows) > 1 and self.packed and len({r.hidden.shape[0] for r in rows}) > 1:
+            return self._run_layers_packed(rows, lo, hi)
+        return self._run_layers_padded(rows, lo, hi)
+
+    def _run_layers_packed(self, rows: list[_Row], lo: int, hi: int) -> None:
+        """Every row's tokens concatenated into one [1, T, hidden] batch for the linear layers
+        (T = the rows' total, not rows x the longest), attention per row against its own
+        cache (no copy of the caches into one padded tensor). Measured on the 1.5B pack,
+        2 cores: see bench/results/packed_rows.json."""
+        ns = [r.hidden.shape[0] for r in rows]
+        offs = [0]
+        for n in ns:
+            offs.append(offs[-1] + n)
+        H, hd, kvh, g = self.num_heads, self.head_dim, self.num_kv_heads, self.groups
+        dev = self.device
+        x = torch.cat([r.hidden for r in rows])[None]  # [1, T, hidden]
+        starts = [r.start for r in rows]
+        pos = torch.cat([torch.arange(s, s + n, device=dev) for s, n in zip(starts, ns)]).clamp(max=self.max_context)
+        cos = self.cos[pos][:, None]  # [T, 1, head_dim]
+        sin = self.sin[pos][:, None]
+        for r, s, n in zip(rows, starts, ns):
+            self._ensure_capacity(r.seq, min(s + n, self.max_context))
+        # per row with more than one query: [1, 1, g * n, s + n], query j sees keys <= s + j
+        masks: list[torch.Tensor | None] = []
+        for s, n in zip(starts, ns):
+            if n == 1:
+                masks.append(None)  # a single query sees every cached key
+                continue
+            m = torch.arange(s + n, device=dev)[None, :] <= torch.arange(s, s + n, device=dev)[:, None]
+            masks.append((m.repeat(g, 1) if g > 1 else m)[None, None])
+        T = offs[-1]
+        for li in range(lo, hi):
+            layer = self.layers[li]
+            h = self._rms(x, layer.input_norm)
+            qkv = layer.qkv(h)[0]  # [T, (H + 2 kvh) * hd]
+            q = self._rope(qkv[:, : H * hd].view(T, H, hd), cos, sin)
+            k = self._rope(qkv[:, H * hd : (H + kvh) * hd].view(T, kvh, hd), cos, sin)
+            v = qkv[:, (H + kvh) * hd :].view(T, kvh, hd)
+            att = torch.empty(T, H * hd, dtype=x.dtype, device=dev)
+            for i, r in enumerate(rows):
+                s, n, o = starts[i], ns[i], offs[i]
+                r.seq.keys[li][:, s : s + n] = k[o : o + n].transpose(0, 1)
+                r.seq.values[li][:, s : s + n] = v[o : o + n].transpose(0, 1)
+                keys = r.seq.keys[li][None, :, : s + n]  # [1, kvh, L, hd]
+                vals = r.seq.values[li][None, :, : s + n]
+                # GQA packed into the query dimension: [1, kvh, g * n, hd]
+                qp = q[o : o + n].transpose(0, 1).reshape(1, kvh, g * n, hd)
+                a = F.scaled_dot_product_attention(qp, keys, vals, attn_mask=masks[i])
+                att[o : o + n] = a.reshape(H, n, hd).transpose(0, 1).reshape(n, H * hd)
+            x = x + layer.o(att[None])
+            h = self._rms(x, layer.post_norm)
+            gu = layer.gate_up(h)
+            inter = gu.shape[-1] // 2
+            x = x + layer.down(F.silu(gu[..., :inter]) * gu[..., inter:])
+        for i, r in enumerate(rows):
+            r.hidden = x[0, offs[i] : offs[i + 1]]
+            r.seq.filled[lo:hi] = [r.start + ns[i]] * (hi - lo)
+
+    def _run_layers_padded(self, rows: list[_Row], lo: int, hi: int) -> None:
         """Run layers [lo, hi) for every row (padded to one batch); updates rows in place."""
         B = len(rows)
         ns = [r.hidden.shape[0] for r in rows]

@@ -49,8 +49,8 @@ class VerifyOutcome:
     tokens: list[int]  # newly committed tokens (accepted, then recovered/bonus unless skipped)
     drafted: int  # draft tokens that were checked
     target_s: float = 0.0  # wall time of the call
-    # rows of the target forward it ran in: every sequence of that batch, padded to its longest
-    # block (0: no forward, or unknown); the goodput policy prices forwards by their rows
+    # rows of the target forward it ran in: every sequence of that batch, packed (the runner's
+    # forward_rows; 0: no forward, or unknown); the goodput policy prices forwards by their rows
     step_rows: int = 0
     branch: int | None = None  # SpecTr: the branch whose prefix was accepted
     # sampling.logprobs set: one per token, from the raw logits of the row it was chosen at
@@ -189,7 +189,7 @@ class Verifier:
             for i, lg in zip(fed_idx, logits):
                 outs[i] = lg
         dt = time.perf_counter() - t0
-        step_rows = len(fed_idx) * max((len(feeds[i]) for i in fed_idx), default=0)
+        step_rows = self.runner.forward_rows([len(feeds[i]) for i in fed_idx])
         for i, req in enumerate(reqs):
             if req is None:
                 continue

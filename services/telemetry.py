@@ -304,7 +304,7 @@ class Telemetry:
         self.step_rows = meter.create_histogram(
             "tandem_target_step_rows", unit="{row}", explicit_bucket_boundaries_advisory=STEP_ROWS_BUCKETS,
             description="Rows of the target forward each speculation round ran in: every request batched into it, "
-            "padded to its longest block (continuous batching at work; one observation per round, so a forward "
+            "packed (continuous batching at work; one observation per round, so a forward "
             "shared by n requests counts n times).",
         )
         self.running = meter.create_observable_gauge(

@@ -65,9 +65,13 @@ def test_common_prefix_rollback(ref, runner_device):
     assert s.length == 4
 
 
-def test_batched_verification_with_different_lengths(ref, runner_device):
+@pytest.mark.parametrize("packed", [True, False])
+def test_batched_verification_with_different_lengths(ref, runner_device, packed):
+    """Both layouts of a batched forward (packed rows, the default; padded to the longest)
+    match the reference."""
     path, _, tokens, logits, _ = ref
     r = ModelRunner(path, dtype="float32", device=runner_device)
+    r.packed = packed
     seqs = [r.new_sequence() for _ in range(3)]
     prefixes = [3, 9, 6]
     for s, p in zip(seqs, prefixes):
@@ -76,6 +80,25 @@ def test_batched_verification_with_different_lengths(ref, runner_device):
     outs = r.extend_batch(seqs, blocks)
     for out, p, b in zip(outs, prefixes, blocks):
         assert close(out, logits[p : p + len(b)], atol=TOL_BATCH)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_batched_forward_fills_lazy_kv_beside_other_sequences(ref, runner_device, packed):
+    """A sequence whose last tokens left at a shallow exit joins a batch at full depth beside
+    another one: its lazy tokens ride along (rows of different lengths), both layouts."""
+    path, _, tokens, logits, _ = ref
+    r = ModelRunner(path, dtype="float32", exits=(2,), device=runner_device)
+    r.packed = packed
+    a, b = r.new_sequence(), r.new_sequence()
+    r.extend(a, tokens[:4])
+    for i in (4, 5):
+        r.forward_to_depth([a], [[tokens[i]]], depth=2)  # lazy at layers 2..3
+    r.extend(b, tokens[:9])
+    # a: 2 lazy tokens + 1 new = 3 rows from layer 2 on; b: 4 rows (lengths differ: packed)
+    ha, hb = r.forward_to_depth([a, b], [[tokens[6]], tokens[9:13]], depth=4)
+    assert close(r.logits_at_exit(ha, 4), logits[6:7], atol=TOL_BATCH)
+    assert close(r.logits_at_exit(hb, 4), logits[9:13], atol=TOL_BATCH)
+    assert a.filled == [7] * 4 and b.filled == [13] * 4
 
 
 def test_exit_logits_and_lazy_deeper_kv(ref, runner_device):
@@ -143,12 +166,30 @@ def test_quantized_kernels_compute_the_quantized_weights(tiny_service_models, ki
     for layer in r.layers:
         for lin in (layer.qkv, layer.o, layer.gate_up, layer.down):
             x = torch.randn(rows, lin.weight.shape[1], device="cpu")
-            want = x @ _dequantized(lin.weight, kind).t()
+            want = x @ (_dequantized(lin.weight, kind) if rows <= lin.max_rows else lin.weight).t()
             if lin.bias is not None:
                 want = want + lin.bias
             assert close(lin(x), want, atol=1e-4, rtol=1e-4)
-            many = torch.randn(lin.QUANT_MAX_ROWS + 1, lin.weight.shape[1], device="cpu")
+            assert lin.max_rows == r.quant_max_rows  # the runner's measured crossover, on every linear
+            many = torch.randn(lin.max_rows + 1, lin.weight.shape[1], device="cpu")
             assert close(lin(many), many @ lin.weight.t() + (lin.bias if lin.bias is not None else 0), atol=1e-4)
+            up_to = torch.randn(lin.max_rows, lin.weight.shape[1], device="cpu")
+            assert close(lin(up_to), up_to @ _dequantized(lin.weight, kind).t() + (lin.bias if lin.bias is not None else 0),
+                         atol=1e-4, rtol=1e-4)
+
+
+def test_quantized_kernel_serves_blocks_up_to_the_measured_crossover():
+    """choose_quant_max_rows: the quantized kernel serves every row count up to the first one
+    at which the dense weight measured faster (an AVX2-only host, where bf16 is emulated,
+    keeps it for long blocks; an avx512_bf16 host hands 9+ rows to the dense weight)."""
+    from tandem.actors.kernels import QuantLinear, choose_quant_max_rows
+
+    avx512 = choose_quant_max_rows({16: 2.6}, {16: 1.7})
+    avx2 = choose_quant_max_rows({16: 2.6, 32: 5.0, 64: 9.0}, {16: 10.0, 32: 11.0, 64: 8.5})
+    assert (avx512, avx2) == (8, 32)
+    # never below 8 rows, whatever was measured: blocks a verification sends run the kernel a
+    # single-row step runs (the pack test below fails greedy equality without this floor)
+    assert choose_quant_max_rows({16: 2.0}, {16: 1.0}) == 8 == QuantLinear.QUANT_MAX_ROWS
 
 
 def test_restricted_head_maps_columns_to_token_ids(tiny_paths, runner_device):
@@ -308,8 +349,8 @@ def test_batch_costs_time_batches_of_blocks(ref, runner_device):
 
 
 def test_verification_reports_the_rows_of_the_forward_it_ran_in(ref, runner_device):
-    """Each outcome of a batched verification carries the forward's rows (sequences x the
-    longest block): what the goodput policy prices concurrent requests by."""
+    """Each outcome of a batched verification carries the forward's rows (every sequence's
+    block, packed): what the goodput policy prices concurrent requests by."""
     from tandem.actors.drafter import DraftBlock
     from tandem.actors.verifier import Verifier
     from tandem.speculation.sampling import SamplingParams
@@ -320,9 +361,12 @@ def test_verification_reports_the_rows_of_the_forward_it_ran_in(ref, runner_devi
     block = DraftBlock(tokens=[1, 2, 3], q=None, exits=[0, 0, 0])
     outs = v.verify_batch(["a", "b", "c"], [block, None, DraftBlock(tokens=[1], q=None, exits=[0])])
     # right after prefill each request holds its next-token logits, so a block of n drafts
-    # feeds n rows and an empty block none: a's 3 and c's 1 ran as 2 sequences x 3 rows; b,
-    # served from its held logits, waited for that forward and reports it too
-    assert [o.step_rows for o in outs] == [2 * 3] * 3
+    # feeds n rows and an empty block none: a's 3 and c's 1 ran packed as 4 rows; b, served
+    # from its held logits, waited for that forward and reports it too
+    assert [o.step_rows for o in outs] == [3 + 1] * 3
     assert v.verify("a", None).step_rows == 1  # alone, its last committed token: one row
     outs = v.verify_batch(["a", "b"], [DraftBlock(tokens=[1, 2], q=None, exits=[0, 0]), None])
-    assert [o.step_rows for o in outs] == [2 * 3] * 2  # a: last token + 2 drafts; b: its last token, padded
+    assert [o.step_rows for o in outs] == [3 + 1] * 2  # a: last token + 2 drafts; b: its last token
+    v.runner.packed = False  # the padded layout computes 2 sequences x 3 rows
+    outs = v.verify_batch(["a", "b"], [DraftBlock(tokens=[1, 2], q=None, exits=[0, 0]), None])
+    assert [o.step_rows for o in outs] == [2 * 3] * 2
