@@ -144,6 +144,12 @@ class PipelineRunner:
     def new_sequence(self, capacity: int = 256) -> RemoteSequence:
         return RemoteSequence(key=f"{self._name}-{next(self._ids)}")
 
+    @staticmethod
+    def forward_rows(lengths: Sequence[int]) -> int:
+        """Rows a batched forward over blocks of these lengths computes on each stage: their
+        total (the stages' runners pack rows of different lengths; ModelRunner.forward_rows)."""
+        return sum(int(n) for n in lengths)
+
     def extend_batch(self, seqs: Sequence[RemoteSequence], blocks: Sequence[Sequence[int]], *, all_logits: bool = True) -> list[torch.Tensor]:
         for s, b in zip(seqs, blocks):
             if s.length + len(b) > self.max_context:
