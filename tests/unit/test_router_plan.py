@@ -21,6 +21,25 @@ def request():
                         method="sorted")
 
 
+def cpu_policy():
+    """A PEARL policy over a 4-bit CPU target whose forward time grows with rows (seconds for
+    1..9 rows, then batches of 9-row blocks), after rounds at one request: 7 of 8 drafts accepted."""
+    from tandem.speculation.goodput import GoodputPolicy
+
+    policy = GoodputPolicy(exits=(4,), max_draft_len=8, overlapped=True, explore_every=0,
+                           block_costs=[0.035, 0.040, 0.045, 0.049, 0.100, 0.105, 0.110, 0.115, 0.160],
+                           batch_costs={18: 0.30, 36: 0.62, 72: 1.25})
+    for _ in range(3):
+        policy.observe_round(exit=4, drafted=8, accepted=7, draft_s=0.08, verify_s=0.160, step_rows=9)
+        policy.observe_round(exit=None, drafted=0, accepted=0, draft_s=0.0, verify_s=0.035, step_rows=1)
+    return policy
+
+
+class Tokenizer:
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
 def test_sorted_with_exits_runs_sorted():
     policy = ExitPolicy(exits=(2, 4), thresholds=(0.8,))
     r = Router(engine=None, routes={"t": route(policy)})
@@ -55,10 +74,6 @@ def test_rounds_of_explicit_sd_price_the_full_draft_not_the_target_only_step():
                 on_tokens([5, 6, 7, 8])
             return GenerationResult(tokens=[5, 6, 7, 8] * 2, finish_reason="length", stats=SpecStats(), prompt_tokens=2)
 
-    class Tokenizer:
-        def decode(self, ids, skip_special_tokens=True):
-            return " ".join(map(str, ids))
-
     policy = GoodputPolicy(exits=(2, 4), max_draft_len=8)
     rt = route(None)
     rt.policy, rt.tokenizer = policy, Tokenizer()
@@ -77,17 +92,8 @@ def test_rounds_of_explicit_sd_price_the_full_draft_not_the_target_only_step():
 def test_auto_is_priced_at_the_requests_running_on_each_replica():
     """The router plans `auto` at the concurrency its target's actors will see: the requests
     running there plus this one, per replica (speculation/goodput.py prices the rows)."""
-    from tandem.speculation.goodput import GoodputPolicy
-
-    # a 4-bit CPU target: forward time grows with rows (seconds for 1..9 rows, then batches of 9-row blocks)
-    policy = GoodputPolicy(exits=(4,), max_draft_len=8, overlapped=True, explore_every=0,
-                           block_costs=[0.035, 0.040, 0.045, 0.049, 0.100, 0.105, 0.110, 0.115, 0.160],
-                           batch_costs={18: 0.30, 36: 0.62, 72: 1.25})
-    for _ in range(3):
-        policy.observe_round(exit=4, drafted=8, accepted=7, draft_s=0.08, verify_s=0.160, step_rows=9)
-        policy.observe_round(exit=None, drafted=0, accepted=0, draft_s=0.0, verify_s=0.035, step_rows=1)
     rt = route(None)
-    rt.policy = policy
+    rt.policy = cpu_policy()
     r = Router(engine=None, routes={"t": rt})
     auto = RouteRequest(request_id="r", target="t", prompt_ids=(1, 2), sampling=SamplingParams(), max_new_tokens=4)
     assert r.plan(rt, auto).spec.method == "pearl"  # alone: speculation pays
@@ -104,21 +110,10 @@ def test_auto_rounds_are_replanned_at_the_load_of_each_round():
     import asyncio
 
     from tandem.actors.speculative import GenerationResult
-    from tandem.speculation.goodput import GoodputPolicy
     from tandem.speculation.stats import SpecStats
 
-    policy = GoodputPolicy(exits=(4,), max_draft_len=8, overlapped=True, explore_every=0,
-                           block_costs=[0.035, 0.040, 0.045, 0.049, 0.100, 0.105, 0.110, 0.115, 0.160],
-                           batch_costs={18: 0.30, 36: 0.62, 72: 1.25})
-    for _ in range(3):
-        policy.observe_round(exit=4, drafted=8, accepted=7, draft_s=0.08, verify_s=0.160, step_rows=9)
-        policy.observe_round(exit=None, drafted=0, accepted=0, draft_s=0.0, verify_s=0.035, step_rows=1)
     rt = route(None)
-    rt.policy = policy
-
-    class Tokenizer:
-        def decode(self, ids, skip_special_tokens=True):
-            return " ".join(map(str, ids))
+    rt.policy = cpu_policy()
 
     rt.tokenizer = Tokenizer()
     seen: dict[str, list] = {}
