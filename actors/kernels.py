@@ -124,11 +124,8 @@ class QuantLinear:
         return self.dense.out_features
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        if x2.shape[0] > self.max_rows:
-            return self.dense(x)
-        return self.quantized(x)
+        rows = x.numel() // x.shape[-1]
+        return self.dense(x) if rows > self.max_rows else self.quantized(x)
 
     def quantized(self, x: torch.Tensor) -> torch.Tensor:
         """The quantized kernel whatever the rows (what __call__ runs up to max_rows)."""
@@ -237,7 +234,7 @@ def measure_quant_max_rows(linear: "QuantLinear", *, rows=CROSSOVER_ROWS, reps: 
     in_f = linear.weight.shape[1]
     for r in rows:
         x = torch.full((r, in_f), 0.01, dtype=linear.weight.dtype, device=linear.weight.device)
-        for name, fn, out in (("quant", linear.quantized, quant_s), ("dense", linear.dense, dense_s)):
+        for fn, out in ((linear.quantized, quant_s), (linear.dense, dense_s)):
             fn(x)  # warm-up
             best = float("inf")
             for _ in range(reps):
