@@ -150,7 +150,9 @@ class PipelineRunner:
         total (the stages' runners pack rows of different lengths; ModelRunner.forward_rows)."""
         return sum(int(n) for n in lengths)
 
-    def extend_batch(self, seqs: Sequence[RemoteSequence], blocks: Sequence[Sequence[int]], *, all_logits: bool = True) -> list[torch.Tensor]:
+    def extend_batch(
+        self, seqs: Sequence[RemoteSequence], blocks: Sequence[Sequence[int]], *, all_logits: bool | Sequence[bool] = True
+    ) -> list[torch.Tensor]:
         for s, b in zip(seqs, blocks):
             if s.length + len(b) > self.max_context:
                 from tandem.actors.kv_cache import ContextLengthError
@@ -165,7 +167,8 @@ class PipelineRunner:
         for s, b in zip(seqs, blocks):
             s.length += len(b)
             s.tokens.extend(int(t) for t in b)
-        return logits if all_logits else [lg[-1:] for lg in logits]
+        flags = [all_logits] * len(logits) if isinstance(all_logits, bool) else list(all_logits)
+        return [lg if every_row else lg[-1:] for lg, every_row in zip(logits, flags)]
 
     def extend(self, seq: RemoteSequence, tokens: Sequence[int], *, all_logits: bool = True) -> torch.Tensor:
         return self.extend_batch([seq], [tokens], all_logits=all_logits)[0]

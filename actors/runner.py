@@ -326,14 +326,16 @@ class ModelRunner:
 
     @torch.inference_mode()
     def extend_batch(
-        self, seqs: Sequence[SequenceState], blocks: Sequence[Sequence[int]], *, all_logits: bool = True
+        self, seqs: Sequence[SequenceState], blocks: Sequence[Sequence[int]], *, all_logits: bool | Sequence[bool] = True
     ) -> list[torch.Tensor]:
         """Batched verification: feed blocks[i] to seqs[i] in one forward through all layers.
-        Returns per sequence logits [n_i, head] (or [1, head] when all_logits is False)."""
+        Returns per sequence logits [n_i, head] (or [1, head] where all_logits, one flag or one
+        per sequence, is False: a prefill chunk mixed into verification needs its last row)."""
         hidden = self.forward_to_depth(seqs, blocks, depth=self.num_layers)
+        flags = [all_logits] * len(hidden) if isinstance(all_logits, bool) else list(all_logits)
         out = []
-        for h in hidden:
-            h = h if all_logits else h[-1:]
+        for h, every_row in zip(hidden, flags):
+            h = h if every_row else h[-1:]
             out.append(self.logits_at_exit(h, self.num_layers))
         return out
 

@@ -67,9 +67,14 @@ class _TargetRequest:
     last_used: float = field(default_factory=time.monotonic)
     prompt_len: int = 0  # committed[:prompt_len] is the prompt, the rest output (penalties)
     prompt_counts: torch.Tensor | None = None  # token_counts of the prompt, made at first use
+    prefilling: bool = False  # opened, prompt not yet all fed (chunked prefill, Verifier.step)
 
 
-PREFILL_CHUNK = 512  # prompt tokens per prefill forward; a cancelled request stops between chunks
+# Prompt tokens per prefill chunk. Each chunk rides in one batched forward with the other
+# requests' verification blocks (Verifier.step), so it bounds how long a long prompt stalls
+# them: 128 rows cost a 1.5B target about as much as 5-10 verification steps on CPU, and
+# 512 (the old single-forward size) about 4x that. A cancelled request stops between chunks.
+PREFILL_CHUNK = 128
 
 
 class Verifier:
@@ -82,38 +87,51 @@ class Verifier:
         self.prefill_chunk = prefill_chunk
 
     # ------------------------------------------------------------------ lifecycle
-    def open(
+    def begin(
         self, request_id: str, prompt: Sequence[int], *, sampling: SamplingParams, prompt_len: int | None = None,
         capacity: int | None = None,
-    ) -> float:
-        """Prefill the prompt; returns the prefill wall time. prompt_len: how many leading
-        tokens of `prompt` are the request's prompt (a resumed request re-prefills its
-        output too, which penalties still count as output); None: all of them. capacity:
-        KV positions to allocate at once (what admission reserved for the request), so the
-        cache never grows; None: the prompt plus 128, grown by doubling."""
-        t0 = time.perf_counter()
+    ) -> None:
+        """Open a request without running the model: its prompt is fed later, a chunk per
+        step() (prefills=[request_id]), mixed into other requests' verification forwards.
+        prompt_len: how many leading tokens of `prompt` are the request's prompt (a resumed
+        request re-prefills its output too, which penalties still count as output); None:
+        all of them. capacity: KV positions to allocate at once (what admission reserved for
+        the request), so the cache never grows; None: the prompt plus 128, grown by doubling."""
         if len(prompt) == 0:
             raise ValueError("prompt must hold at least one token")
         if request_id in self.requests:
             raise RequestAlreadyOpenError(f"request_id {request_id!r} is already open on this target")
+        if len(prompt) > self.runner.max_context:
+            raise ContextLengthError(
+                f"a prompt of {len(prompt)} tokens exceeds the target's context of {self.runner.max_context} tokens"
+            )
         seq = self.runner.new_sequence(max(int(capacity), len(prompt) + 1) if capacity else len(prompt) + 128)
-        pending = None
-        try:
-            # in chunks: work for a request cancelled meanwhile stops at the next chunk
-            for start in range(0, len(prompt), self.prefill_chunk):
-                self.cancelled.check(request_id)
-                pending = self.runner.prefill(seq, prompt[start : start + self.prefill_chunk])
-        except BaseException:
-            self.runner.release(seq)
-            raise
         self.requests[request_id] = _TargetRequest(
             seq=seq,
             sampling=sampling,
             generator=make_generator(sampling.seed, self.runner.device),  # p lives on the runner's device
             committed=[int(t) for t in prompt],
-            pending=pending,
             prompt_len=len(prompt) if prompt_len is None else max(0, min(int(prompt_len), len(prompt))),
+            prefilling=True,
         )
+
+    def open(
+        self, request_id: str, prompt: Sequence[int], *, sampling: SamplingParams, prompt_len: int | None = None,
+        capacity: int | None = None,
+    ) -> float:
+        """begin() then prefill the whole prompt, chunk by chunk, alone; returns the wall
+        time. A request cancelled meanwhile stops at the next chunk and is freed."""
+        t0 = time.perf_counter()
+        self.begin(request_id, prompt, sampling=sampling, prompt_len=prompt_len, capacity=capacity)
+        try:
+            left = len(prompt)
+            while left:
+                _, (left,) = self.step([], [], prefills=[request_id])
+                if isinstance(left, BaseException):
+                    raise left
+        except BaseException:
+            self.drop(request_id)
+            raise
         return time.perf_counter() - t0
 
     def close(self, request_id: str) -> bool:
@@ -122,6 +140,13 @@ class Verifier:
         if req is not None:
             self.runner.release(req.seq)
         return req is not None
+
+    def drop(self, request_id: str) -> None:
+        """Free a request whose open failed or was cancelled; unlike close, a cancel mark
+        stays, so work still queued for it keeps failing fast."""
+        req = self.requests.pop(request_id, None)
+        if req is not None:
+            self.runner.release(req.seq)
 
     def live_requests(self) -> list[str]:
         return list(self.requests)
@@ -140,6 +165,8 @@ class Verifier:
     # ------------------------------------------------------------------ verification
     def _rows_for(self, req: _TargetRequest, draft_tokens: list[int]) -> tuple[list[int], int]:
         """Tokens to feed (unfed committed + draft) and how many leading output rows to drop."""
+        if req.prefilling:
+            raise RuntimeError("the request is still prefilling; verify after its open returns")
         unfed = req.committed[req.seq.length :]
         if req.pending is not None:
             assert not unfed
@@ -162,6 +189,22 @@ class Verifier:
         """Verify one block per request in a single batched target forward. A request that
         cannot be verified (unknown id, context full, malformed block) gets its exception in
         its slot and is left untouched; the others go ahead."""
+        return self.step(request_ids, blocks, bonus=bonus)[0]
+
+    def step(
+        self,
+        request_ids: Sequence[str],
+        blocks: Sequence[DraftBlock | None],
+        *,
+        bonus: Sequence[bool] | None = None,
+        prefills: Sequence[str] = (),
+    ) -> tuple[list[VerifyOutcome | Exception], list[int | Exception]]:
+        """One batched target forward: a verification block for each of request_ids (as
+        verify_batch) and the next prompt chunk (prefill_chunk tokens) of each request in
+        `prefills` (opened with begin). Chunk rows need only their last row's logits, kept
+        as the request's pending logits once its prompt is all fed. Returns the
+        verification outcomes and, per prefill, the prompt tokens still to feed (0: done) or
+        its exception (cancelled, unknown); a failure stays in its own slot."""
         t0 = time.perf_counter()
         bonus = list(bonus) if bonus is not None else [True] * len(request_ids)
         n = len(request_ids)
@@ -182,14 +225,35 @@ class Verifier:
                 results[i] = exc
                 continue
             reqs[i], feeds[i], drops[i] = req, feed, drop
+        lefts: list[int | Exception] = [0] * len(prefills)
+        chunks: list[tuple[int, _TargetRequest, list[int]]] = []
+        for j, rid in enumerate(prefills):
+            try:
+                self.cancelled.check(rid)
+                req = self._request(rid)
+                if not req.prefilling:
+                    raise RuntimeError(f"request {rid!r} has no prompt left to prefill")
+            except Exception as exc:  # noqa: BLE001 - this request only
+                lefts[j] = exc
+                continue
+            start = req.seq.length
+            chunks.append((j, req, req.committed[start : start + self.prefill_chunk]))
         fed_idx = [i for i in range(n) if reqs[i] is not None and feeds[i]]
         outs: list[torch.Tensor | None] = [None] * n
-        if fed_idx:
-            logits = self.runner.extend_batch([reqs[i].seq for i in fed_idx], [feeds[i] for i in fed_idx])
+        if fed_idx or chunks:
+            seqs = [reqs[i].seq for i in fed_idx] + [req.seq for _, req, _ in chunks]
+            rows_in = [feeds[i] for i in fed_idx] + [chunk for _, _, chunk in chunks]
+            all_logits = [True] * len(fed_idx) + [False] * len(chunks)
+            logits = self.runner.extend_batch(seqs, rows_in, all_logits=all_logits)
             for i, lg in zip(fed_idx, logits):
                 outs[i] = lg
+            for (j, req, _), lg in zip(chunks, logits[len(fed_idx) :]):
+                left = len(req.committed) - req.seq.length
+                if left == 0:
+                    req.prefilling, req.pending = False, lg[-1]
+                lefts[j] = left
         dt = time.perf_counter() - t0
-        step_rows = self.runner.forward_rows([len(feeds[i]) for i in fed_idx])
+        step_rows = self.runner.forward_rows([len(r) for r in ([feeds[i] for i in fed_idx] + [c for _, _, c in chunks])])
         for i, req in enumerate(reqs):
             if req is None:
                 continue
@@ -203,7 +267,7 @@ class Verifier:
             except Exception as exc:  # noqa: BLE001 - e.g. a malformed q from a bad draft
                 self.runner.rollback(req.seq, min(req.seq.length, len(req.committed)))
                 results[i] = exc
-        return results  # type: ignore[return-value]
+        return results, lefts  # type: ignore[return-value]
 
     def _scores(self, req: _TargetRequest, rows: torch.Tensor, draft: Sequence[int]) -> torch.Tensor:
         """[draft_len + 1, vocab] raw rows along `draft` -> the target's processed logits there:
@@ -255,6 +319,8 @@ class Verifier:
         """SpecTr: verify k branches in one batched forward (k rows) and commit the winner."""
         t0 = time.perf_counter()
         req = self._request(request_id)
+        if req.prefilling:
+            raise RuntimeError("the request is still prefilling; verify after its open returns")
         runner = self.runner
         k = len(branches.branches)
         draft_len = len(branches.branches[0])

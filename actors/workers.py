@@ -22,7 +22,7 @@ from tandem.actors.devices import apply_default_device_env, assigned_resources, 
 from tandem.actors.drafter import DraftBlock, DraftBranches, Drafter
 from tandem.actors.runner import ModelRunner
 from tandem.actors.tracing import Traced, call_record
-from tandem.actors.verifier import Verifier, VerifyOutcome
+from tandem.actors.verifier import PREFILL_CHUNK, Verifier, VerifyOutcome
 from tandem.speculation.sampling import SamplingParams
 from tandem.speculation.sorted_policy import ExitPolicy
 
@@ -202,6 +202,7 @@ class TargetWorker(_Worker):
         stages: Sequence[Any] | None = None,
         max_batch: int = 16,
         kv_budget_bytes: int | None = None,
+        prefill_chunk: int = PREFILL_CHUNK,
     ):
         apply_default_device_env()
         torch.set_num_threads(threads)
@@ -229,15 +230,18 @@ class TargetWorker(_Worker):
             self.kv_budget_bytes = int(kv_budget_bytes) if kv_budget_bytes else default_kv_budget(runner.device)
         self.runner = runner
         self.cancelled = Cancellations()
-        self.verifier = Verifier(runner, cancelled=self.cancelled)
+        self.verifier = Verifier(runner, cancelled=self.cancelled, prefill_chunk=prefill_chunk)
+        # one batch kind, "step": verification blocks and prefill chunks queued meanwhile
+        # share a forward (chunked prefill: a long prompt never stalls the others' steps)
         self.batcher = MicroBatcher(
-            {"verify": self._verify_batch},
+            {"step": self._step_batch},
             threads=threads,
             workers=workers,
             max_batch=max_batch,
-            name="verify",
+            name="target",
             cancelled=self.cancelled,
         )
+        self.mixed_steps = 0  # forwards that carried both verification blocks and prefill chunks
         self.stats = WorkerStats()
 
     def block_costs(self, max_rows: int) -> list[float]:
@@ -251,10 +255,26 @@ class TargetWorker(_Worker):
         keyed by rows (actors/block_costs.py): what concurrent requests' blocks cost together."""
         return self.batcher.call(lambda: measure_batch_costs(self.runner, block_rows, batches)).result()
 
-    def _verify_batch(self, items: list[tuple[str, DraftBlock | None, bool]]) -> list[VerifyOutcome | Exception]:
-        # per-request failures come back in their slots; the batch itself never retries,
-        # since a forward has already advanced the other requests' caches
-        return self.verifier.verify_batch([i[0] for i in items], [i[1] for i in items], bonus=[i[2] for i in items])
+    def _step_batch(self, items: list[tuple]) -> list[VerifyOutcome | int | Exception]:
+        """items: ("verify", request_id, block, bonus) or ("prefill", request_id); one
+        Verifier.step for all. Per-request failures come back in their slots; the batch
+        itself never retries, since a forward has already advanced the other requests' caches."""
+        verify = [i for i, it in enumerate(items) if it[0] == "verify"]
+        prefill = [i for i, it in enumerate(items) if it[0] == "prefill"]
+        outcomes, lefts = self.verifier.step(
+            [items[i][1] for i in verify],
+            [items[i][2] for i in verify],
+            bonus=[items[i][3] for i in verify],
+            prefills=[items[i][1] for i in prefill],
+        )
+        if verify and prefill:
+            self.mixed_steps += 1
+        results: list[VerifyOutcome | int | Exception] = [0] * len(items)
+        for i, out in zip(verify, outcomes):
+            results[i] = out
+        for i, left in zip(prefill, lefts):
+            results[i] = left
+        return results
 
     # trace=: as DraftWorker's (actors/tracing.py)
 
@@ -262,18 +282,38 @@ class TargetWorker(_Worker):
         self, request_id: str, prompt: Sequence[int], *, sampling: SamplingParams, trace: dict | None = None,
         prompt_len: int | None = None, capacity: int | None = None,
     ) -> float:
-        arrived, timing = time.time_ns(), ({} if trace is not None else None)
-        work = lambda: self.verifier.open(request_id, list(prompt), sampling=sampling, prompt_len=prompt_len, capacity=capacity)  # noqa: E731
-        value = self.batcher.call(work, request_id=request_id, timing=timing).result()
+        """Prefill the prompt, a chunk per step, each riding in the forward of whatever
+        verification is queued meanwhile; returns the prefill wall time. Cancelled or
+        failed: the request is freed and the error raised."""
+        arrived, t0 = time.time_ns(), time.perf_counter()
+        self.verifier.begin(request_id, list(prompt), sampling=sampling, prompt_len=prompt_len, capacity=capacity)
+        first: dict | None = None
+        timing: dict | None = None
+        chunks = 0
+        try:
+            left = len(prompt)
+            while left:
+                timing = {} if trace is not None else None
+                left = self.batcher.submit("step", ("prefill", request_id), request_id=request_id, timing=timing).result()
+                if isinstance(left, BaseException):
+                    raise left
+                first = first if first is not None else timing
+                chunks += 1
+        except BaseException:
+            self.verifier.drop(request_id)
+            raise
+        value = time.perf_counter() - t0
         if trace is None:
             return value
-        attrs = {"tandem.prefill.tokens": len(prompt)}
-        return Traced(value, [call_record("tandem.actor.prefill", role="target", arrived_ns=arrived, timing=timing, attributes=attrs)])
+        # one span for the whole prefill: from the first chunk's start to the last one's end
+        span = {**(first or {}), "finished_ns": (timing or {}).get("finished_ns")} if first else None
+        attrs = {"tandem.prefill.tokens": len(prompt), "tandem.prefill.chunks": chunks}
+        return Traced(value, [call_record("tandem.actor.prefill", role="target", arrived_ns=arrived, timing=span, attributes=attrs)])
 
     def verify(self, request_id: str, block: DraftBlock | None, *, bonus: bool = True, trace: dict | None = None) -> VerifyOutcome:
         self.stats.calls += 1
         arrived, timing = time.time_ns(), ({} if trace is not None else None)
-        outcome = self.batcher.submit("verify", (request_id, block, bonus), request_id=request_id, timing=timing).result()
+        outcome = self.batcher.submit("step", ("verify", request_id, block, bonus), request_id=request_id, timing=timing).result()
         if trace is None:
             return outcome
         return Traced(outcome, [self._verify_record(arrived, timing, outcome, block)])
@@ -350,5 +390,6 @@ class TargetWorker(_Worker):
             "kv_bytes_used": self.kv_bytes_used(),
             "batches": self.batcher.batches,
             "batched_items": self.batcher.batched_items,
+            "mixed_steps": self.mixed_steps,
             "forward_s": timings.forward_s if timings else None,
         }
