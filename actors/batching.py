@@ -17,6 +17,16 @@ from tandem.actors.devices import thread_initializer
 from tandem.actors.speculative import RequestCancelledError
 
 
+# Prompt tokens per prefill chunk, on targets and drafts alike. A target's chunk rides in one
+# batched forward with the other requests' verification blocks (Verifier.step); a draft's
+# catch-up over a long prompt runs a chunk per batch between the other requests' drafts
+# (DraftWorker.draft). So it bounds how long a long prompt stalls the others: on the 1.5B pack
+# (AVX2, 2 threads) a 128-row chunk cost 4.8 s against 33 s for a whole 256-token prompt, and
+# the prompt itself prefilled fastest at 128 (docs/deploy.md, bench/chunked_prefill.py). A
+# cancelled request stops between chunks.
+PREFILL_CHUNK = 128
+
+
 class Cancellations:
     """Request keys whose work an actor drops: queued calls fail with RequestCancelledError
     before they run, and a long prefill stops between chunks. Thread-safe. A key stays

@@ -25,7 +25,7 @@ from typing import Sequence
 
 import torch
 
-from tandem.actors.batching import Cancellations
+from tandem.actors.batching import PREFILL_CHUNK, Cancellations
 from tandem.actors.kv_cache import SequenceState
 from tandem.actors.runner import ModelRunner
 from tandem.actors.speculative import RequestAlreadyOpenError, RequestCancelledError, RequestStateLostError
@@ -40,7 +40,6 @@ from tandem.speculation.sampling import (
 )
 from tandem.speculation.sorted_policy import ExitPolicy, should_emit
 
-PREFILL_CHUNK = 512  # backlog tokens per forward when a draft catches up (see _catch_up)
 SPARSE_Q_TOP = 64  # entries of q shipped per draft token (exact: the draft samples from them)
 
 
@@ -128,6 +127,39 @@ class Drafter:
             self.runner.extend(req.seq, feed[: self.prefill_chunk], all_logits=False)
             feed = feed[self.prefill_chunk :]
         return feed
+
+    def unfed(self, request_id: str, sequence: Sequence[int]) -> int:
+        """At least how many tokens of `sequence` a draft call would have to feed first (the
+        tokens past what the request's cache holds; more when they differ earlier). Read
+        without the model thread: cheap, and only this request's own calls change it."""
+        return len(sequence) - len(self._request(request_id).seq.tokens)
+
+    def catch_up_batch(self, calls: Sequence[dict]) -> list[int | Exception]:
+        """One chunk (prefill_chunk tokens) of each call's backlog, every call's in one
+        forward through all layers; a call is {request_id, sequence}. Returns per call the
+        tokens still unfed after it (a draft call feeds the last few itself: at least one is
+        always left) or its exception (cancelled, not open)."""
+        out: list[int | Exception] = [0] * len(calls)
+        seqs, chunks, fed = [], [], []
+        for i, c in enumerate(calls):
+            try:
+                self.cancelled.check(c["request_id"])
+                req = self._request(c["request_id"])
+            except Exception as exc:  # noqa: BLE001 - that request only
+                out[i] = exc
+                continue
+            sequence = [int(t) for t in c["sequence"]]
+            common = self.runner.truncate_to_common_prefix(req.seq, sequence)
+            n = min(self.prefill_chunk, len(sequence) - common - 1)
+            if n > 0:
+                seqs.append(req.seq)
+                chunks.append(sequence[common : common + n])
+            fed.append((i, len(sequence) - common - max(n, 0)))
+        if seqs:
+            self.runner.forward_to_depth(seqs, chunks, depth=self.runner.num_layers)
+        for i, left in fed:
+            out[i] = left
+        return out
 
     # ------------------------------------------------------------------ one token
     def _penalized(self, req: _DraftRequest, logits: torch.Tensor, depth: int, history: Sequence[int]) -> torch.Tensor:

@@ -22,7 +22,7 @@ from typing import Sequence
 
 import torch
 
-from tandem.actors.batching import Cancellations
+from tandem.actors.batching import PREFILL_CHUNK, Cancellations
 from tandem.actors.drafter import DraftBlock, DraftBranches
 from tandem.actors.kv_cache import ContextLengthError, SequenceState
 from tandem.actors.runner import ModelRunner
@@ -68,13 +68,6 @@ class _TargetRequest:
     prompt_len: int = 0  # committed[:prompt_len] is the prompt, the rest output (penalties)
     prompt_counts: torch.Tensor | None = None  # token_counts of the prompt, made at first use
     prefilling: bool = False  # opened, prompt not yet all fed (chunked prefill, Verifier.step)
-
-
-# Prompt tokens per prefill chunk. Each chunk rides in one batched forward with the other
-# requests' verification blocks (Verifier.step), so it bounds how long a long prompt stalls
-# them: 128 rows cost a 1.5B target about as much as 5-10 verification steps on CPU, and
-# 512 (the old single-forward size) about 4x that. A cancelled request stops between chunks.
-PREFILL_CHUNK = 128
 
 
 class Verifier:

@@ -16,13 +16,13 @@ from typing import Any, Sequence
 
 import torch
 
-from tandem.actors.batching import Cancellations, MicroBatcher
+from tandem.actors.batching import PREFILL_CHUNK, Cancellations, MicroBatcher
 from tandem.actors.block_costs import measure_batch_costs, measure_block_costs
 from tandem.actors.devices import apply_default_device_env, assigned_resources, default_kv_budget
 from tandem.actors.drafter import DraftBlock, DraftBranches, Drafter
 from tandem.actors.runner import ModelRunner
 from tandem.actors.tracing import Traced, call_record
-from tandem.actors.verifier import PREFILL_CHUNK, Verifier, VerifyOutcome
+from tandem.actors.verifier import Verifier, VerifyOutcome
 from tandem.speculation.sampling import SamplingParams
 from tandem.speculation.sorted_policy import ExitPolicy
 
@@ -102,19 +102,23 @@ class _Worker:
 class DraftWorker(_Worker):
     """Hosts one (multi-exit) draft and drafts for requests of any target at once."""
 
-    def __init__(self, load: ModelLoad, *, threads: int = 1, max_batch: int = 16, kv_budget_bytes: int | None = None):
+    def __init__(
+        self, load: ModelLoad, *, threads: int = 1, max_batch: int = 16, kv_budget_bytes: int | None = None,
+        prefill_chunk: int = PREFILL_CHUNK,
+    ):
         apply_default_device_env()
         torch.set_num_threads(threads)
         self.load = load
         self.threads = threads
         self.cancelled = Cancellations()
-        self.drafter = Drafter(load.build(), cancelled=self.cancelled)
+        self.drafter = Drafter(load.build(), cancelled=self.cancelled, prefill_chunk=prefill_chunk)
         runner = self.drafter.runner
         # its KV budget (the router reserves draft KV against it, services/admission.py)
         self.kv_bytes_per_token = runner.kv_bytes_per_token
         self.kv_budget_bytes = int(kv_budget_bytes) if kv_budget_bytes else default_kv_budget(runner.device)
         self.batcher = MicroBatcher(
-            {"draft": self.drafter.draft_batch}, threads=threads, max_batch=max_batch, name="draft", cancelled=self.cancelled
+            {"draft": self.drafter.draft_batch, "catch_up": self.drafter.catch_up_batch},
+            threads=threads, max_batch=max_batch, name="draft", cancelled=self.cancelled,
         )
         self.stats = WorkerStats()
 
@@ -135,16 +139,30 @@ class DraftWorker(_Worker):
     ) -> DraftBlock:
         self.stats.calls += 1
         arrived, timing = time.time_ns(), ({} if trace is not None else None)
-        call = {"request_id": request_id, "sequence": list(sequence), "draft_len": draft_len, "policy": policy}
+        sequence = list(sequence)
+        self._catch_up(request_id, sequence)
+        call = {"request_id": request_id, "sequence": sequence, "draft_len": draft_len, "policy": policy}
         block = self.batcher.submit("draft", call, request_id=request_id, timing=timing).result()
         if trace is None:
             return block
         attrs = {"tandem.draft.draft_len": int(draft_len), "tandem.draft.tokens": len(block.tokens)}
         return Traced(block, [call_record("tandem.actor.draft", role="draft", arrived_ns=arrived, timing=timing, attributes=attrs)])
 
+    def _catch_up(self, request_id: str, sequence: list[int]) -> None:
+        """A long backlog (the prompt, at a request's first draft) is fed a chunk per batch,
+        so the other requests' drafts run between its chunks instead of waiting for all of it."""
+        while self.drafter.unfed(request_id, sequence) > self.drafter.prefill_chunk:
+            left = self.batcher.submit("catch_up", {"request_id": request_id, "sequence": sequence}, request_id=request_id).result()
+            if isinstance(left, BaseException):
+                raise left
+            if left <= self.drafter.prefill_chunk:
+                return
+
     def draft_branches(self, request_id: str, sequence: Sequence[int], *, draft_len: int, k: int, trace: dict | None = None) -> DraftBranches:
         self.stats.calls += 1
         arrived, timing = time.time_ns(), ({} if trace is not None else None)
+        sequence = list(sequence)
+        self._catch_up(request_id, sequence)
         work = lambda: self.drafter.draft_branches(request_id, sequence, draft_len=draft_len, k=k)  # noqa: E731
         branches = self.batcher.call(work, request_id=request_id, timing=timing).result()
         if trace is None:

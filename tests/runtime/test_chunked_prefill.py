@@ -1,5 +1,6 @@
 """Chunked prefill (issue 12): a target feeds a prompt a chunk per step, inside the batched
-forward that verifies the other requests, so a long prompt never stalls their decoding.
+forward that verifies the other requests, so a long prompt never stalls their decoding; a
+draft catches up on a long prompt a chunk per batch, between the other requests' drafts.
 
 Checked on the tiny float32 target: mixing chunks into verification changes no result
 (greedy tokens, the prompt's next-token logits); a worker's decoders keep stepping while a
@@ -19,7 +20,7 @@ from tandem.actors.kv_cache import ContextLengthError
 from tandem.actors.speculative import RequestCancelledError
 from tandem.actors.tracing import Traced
 from tandem.actors.verifier import Verifier
-from tandem.actors.workers import ModelLoad, TargetWorker
+from tandem.actors.workers import DraftWorker, ModelLoad, TargetWorker
 from tandem.speculation.sampling import SamplingParams
 
 GREEDY = SamplingParams()
@@ -141,3 +142,53 @@ def test_a_cancel_before_open_runs_no_forward_and_leaves_nothing(tiny_paths):
         w.open("x", LONG, sampling=GREEDY)
     assert w.verifier.requests == {} and w.kv_bytes_used() == 0
     assert w.batcher.batches == batches
+
+
+def _draft_during_catch_up(path: str, chunk: int) -> tuple[int, list[int]]:
+    """One request drafts in a loop on a draft worker while another's first draft call
+    catches up on a 40-token prompt; returns the loop's drafts finished during that call
+    and the long request's drafted tokens."""
+    w = DraftWorker(ModelLoad(path=path, dtype="float32"), prefill_chunk=chunk)
+    for key in ("d", "p"):
+        w.open(key, sampling=GREEDY)
+    stop, done = threading.Event(), []
+
+    def drafting():
+        for _ in range(400):
+            if stop.is_set():
+                return
+            w.draft("d", [0, 1, 2, 3], draft_len=2)
+            done.append(time.perf_counter())
+
+    t = threading.Thread(target=drafting, daemon=True)
+    t.start()
+    while len(done) < 3:
+        time.sleep(0.001)
+    t0 = time.perf_counter()
+    block = w.draft("p", LONG, draft_len=3)
+    t1 = time.perf_counter()
+    stop.set()
+    t.join(30)
+    assert w.live_requests() == ["d", "p"]
+    return sum(t0 <= x <= t1 for x in done), block.tokens
+
+
+def test_a_draft_catches_up_on_a_long_prompt_between_other_drafts(tiny_paths):
+    steps, chunked = _draft_during_catch_up(tiny_paths[1], chunk=4)
+    assert steps >= 4, f"only {steps} drafts of the other request during a 10-chunk catch-up"
+    # negative control: the prompt fed in the draft call itself holds the other request
+    steps, whole = _draft_during_catch_up(tiny_paths[1], chunk=len(LONG))
+    assert steps <= 3, steps
+    assert chunked == whole  # the same draft either way
+
+
+def test_a_cancelled_catch_up_stops_between_chunks(tiny_paths):
+    w = DraftWorker(ModelLoad(path=tiny_paths[1], dtype="float32"), prefill_chunk=4)
+    w.open("p", sampling=GREEDY)
+    assert w.drafter.catch_up_batch([{"request_id": "p", "sequence": LONG}]) == [36]
+    w.cancel("p")
+    fed = len(w.drafter.requests["p"].seq.tokens)
+    (err,) = w.drafter.catch_up_batch([{"request_id": "p", "sequence": LONG}])
+    assert isinstance(err, RequestCancelledError) and len(w.drafter.requests["p"].seq.tokens) == fed
+    with pytest.raises(RequestCancelledError):
+        w.draft("p", LONG, draft_len=2)
