@@ -28,7 +28,7 @@ import torch
 from tandem.actors.batching import PREFILL_CHUNK, Cancellations
 from tandem.actors.kv_cache import SequenceState
 from tandem.actors.runner import ModelRunner
-from tandem.actors.speculative import RequestAlreadyOpenError, RequestCancelledError, RequestStateLostError
+from tandem.actors.speculative import RequestAlreadyOpenError, RequestStateLostError
 from tandem.speculation.sampling import (
     SamplingParams,
     SparseDist,
@@ -190,114 +190,85 @@ class Drafter:
         ids = sparse.ids if cols is None else cols[sparse.ids]
         return int(ids[j]), SparseDist(ids=ids, probs=sparse.probs)
 
-    def _step(
-        self, req: _DraftRequest, feed: list[int], policy: ExitPolicy, history: Sequence[int] = ()
-    ) -> tuple[int, SparseDist | None, int]:
-        """Feed tokens, run exits in depth order until one emits; return (token, q, exit)."""
-        runner = self.runner
-        hidden = runner.forward_to_depth([req.seq], [feed], depth=policy.exits[0])[0]  # [n, hidden]
-        depth = policy.exits[0]
-        for i, exit_depth in enumerate(policy.exits):
-            if i > 0:
-                hidden = runner.continue_to_depth(req.seq, hidden, from_depth=depth, depth=exit_depth)
-                depth = exit_depth
-            logits = runner.logits_at_exit(hidden[-1:], exit_depth)[0]  # [head]
-            last = i == len(policy.exits) - 1
-            if last or should_emit(policy, i, float(torch.softmax(logits, dim=-1).max())):
-                token, q = self._emit(req, logits, exit_depth, history)
-                return token, q, exit_depth
-        raise AssertionError("the last exit always emits")
-
     # ------------------------------------------------------------------ public
     def draft(
         self, request_id: str, sequence: Sequence[int], *, draft_len: int, policy: ExitPolicy | None = None
     ) -> DraftBlock:
         """Propose `draft_len` tokens continuing `sequence` (committed tokens, possibly plus an
         unverified block)."""
-        t0 = time.perf_counter()
-        req = self._request(request_id)
-        policy = policy or ExitPolicy.single(self.runner.num_layers)
-        self.check_policy(policy)
-        feed = self._catch_up(req, sequence, request_id)
-        tokens: list[int] = []
-        qs: list[SparseDist] = []
-        exits: list[int] = []
-        history = _history(req, sequence)
-        for _ in range(draft_len):
-            token, q, exit_depth = self._step(req, feed, policy, history)
-            if history:
-                history.append(token)
-            tokens.append(token)
-            exits.append(exit_depth)
-            if q is not None:
-                qs.append(q)
-            feed = [token]
-        return DraftBlock(
-            tokens=tokens, q=None if req.sampling.greedy else qs, exits=exits, draft_s=time.perf_counter() - t0
-        )
+        call = {"request_id": request_id, "sequence": sequence, "draft_len": draft_len, "policy": policy}
+        block = self.draft_batch([call])[0]
+        if isinstance(block, BaseException):
+            raise block
+        return block
 
     def draft_batch(self, calls: Sequence[dict]) -> list[DraftBlock | Exception]:
-        """Draft for several requests at once. Each call is the keyword arguments of `draft`
-        plus request_id and sequence. Single-exit calls of the same depth run in lockstep,
-        one batched forward per draft position; multi-exit (sorted) calls run one by one,
-        since their rows leave at different depths."""
-        results: list[DraftBlock | Exception | None] = [None] * len(calls)
-        groups: dict[int, list[int]] = {}
+        """Draft for several requests at once, in lockstep: one batched forward per draft
+        position and exit depth. Each call is the keyword arguments of `draft` plus request_id
+        and sequence; its policy may be single-exit or sorted (several exits, any mix). At each
+        position every row still drafting goes down the exits in depth order together: at each
+        exit the rows whose policy has it are scored in one head matmul, those that emit leave,
+        the rest continue deeper in one forward (a row passing an exit its policy lacks only
+        pauses there: same layers, same result). A call's failure (not open, cancelled, a bad
+        exit) is returned in its slot; the others go on."""
+        t0 = time.perf_counter()
+        n = len(calls)
+        failed: dict[int, Exception] = {}
+        reqs: list[_DraftRequest | None] = [None] * n
+        policies: list[ExitPolicy] = []
+        feeds: list[list[int]] = [[] for _ in calls]
         for i, c in enumerate(calls):
             policy = c.get("policy") or ExitPolicy.single(self.runner.num_layers)
-            if len(policy.exits) == 1:
-                groups.setdefault(policy.exits[0], []).append(i)
-            else:
-                try:
-                    results[i] = self.draft(c["request_id"], c["sequence"], draft_len=c["draft_len"], policy=policy)
-                except Exception as exc:  # noqa: BLE001 - reported to that caller only
-                    results[i] = exc
-        for depth, idxs in groups.items():
+            policies.append(policy)
             try:
-                blocks = self._draft_lockstep([calls[i] for i in idxs], depth)
-            except Exception as exc:  # noqa: BLE001
-                blocks = [exc] * len(idxs)
-            for i, b in zip(idxs, blocks):
-                results[i] = b
-        return results  # type: ignore[return-value]
-
-    def _draft_lockstep(self, calls: Sequence[dict], depth: int) -> list[DraftBlock | Exception]:
-        t0 = time.perf_counter()
-        self.check_policy(ExitPolicy.single(depth))
-        reqs = [self._request(c["request_id"]) for c in calls]
-        remaining = [int(c["draft_len"]) for c in calls]
-        feeds: list[list[int]] = []
-        failed: dict[int, Exception] = {}
-        for i, (req, c) in enumerate(zip(reqs, calls)):
-            try:
-                feeds.append(self._catch_up(req, c["sequence"], c["request_id"]))
-            except RequestCancelledError as exc:  # that request only; the others go on
-                failed[i], remaining[i] = exc, 0
-                feeds.append([])
+                self.check_policy(policy)
+                reqs[i] = self._request(c["request_id"])
+                feeds[i] = self._catch_up(reqs[i], c["sequence"], c["request_id"])
+            except Exception as exc:  # noqa: BLE001 - that request only; the others go on
+                failed[i] = exc
+        remaining = [0 if i in failed else int(c["draft_len"]) for i, c in enumerate(calls)]
         tokens: list[list[int]] = [[] for _ in calls]
+        exits: list[list[int]] = [[] for _ in calls]
         qs: list[list[SparseDist]] = [[] for _ in calls]
-        histories = [_history(req, c["sequence"]) for req, c in zip(reqs, calls)]
+        histories = [[] if i in failed else _history(reqs[i], c["sequence"]) for i, c in enumerate(calls)]
+        levels = sorted({e for i, p in enumerate(policies) if i not in failed for e in p.exits})
         while True:
-            active = [i for i, r in enumerate(remaining) if r > 0]
-            if not active:
+            pending = [i for i in range(n) if remaining[i] > 0]  # rows drafting this position
+            depth, hidden = 0, {}
+            for level in levels:
+                if not pending:
+                    break
+                seqs = [reqs[i].seq for i in pending]
+                if depth == 0:
+                    out = self.runner.forward_to_depth(seqs, [feeds[i] for i in pending], depth=level)
+                else:
+                    out = self.runner.continue_batch(seqs, [hidden[i] for i in pending], from_depth=depth, depth=level)
+                hidden, depth = dict(zip(pending, out)), level
+                scored = [i for i in pending if level in policies[i].exits]
+                if not scored:
+                    continue
+                logits = self.runner.logits_at_exit(torch.cat([hidden[i][-1:] for i in scored]), level)  # [rows, head]
+                for row, i in zip(logits, scored):
+                    k = policies[i].exits.index(level)
+                    if k < len(policies[i].exits) - 1 and not should_emit(policies[i], k, float(torch.softmax(row, dim=-1).max())):
+                        continue
+                    token, q = self._emit(reqs[i], row, level, histories[i])
+                    if histories[i]:
+                        histories[i].append(token)
+                    tokens[i].append(token)
+                    exits[i].append(level)
+                    if q is not None:
+                        qs[i].append(q)
+                    feeds[i] = [token]
+                    remaining[i] -= 1
+                    pending.remove(i)
+            if depth == 0:  # nothing drafted this position: every call is done
                 break
-            hidden = self.runner.forward_to_depth([reqs[i].seq for i in active], [feeds[i] for i in active], depth=depth)
-            last = torch.cat([h[-1:] for h in hidden])  # [active, hidden]
-            logits = self.runner.logits_at_exit(last, depth)  # [active, head]: one head matmul
-            for row, i in enumerate(active):
-                token, q = self._emit(reqs[i], logits[row], depth, histories[i])
-                if histories[i]:
-                    histories[i].append(token)
-                tokens[i].append(token)
-                if q is not None:
-                    qs[i].append(q)
-                feeds[i] = [token]
-                remaining[i] -= 1
         dt = time.perf_counter() - t0
         return [
             failed[i] if i in failed else
-            DraftBlock(tokens=tokens[i], q=None if reqs[i].sampling.greedy else qs[i], exits=[depth] * len(tokens[i]), draft_s=dt)
-            for i in range(len(calls))
+            DraftBlock(tokens=tokens[i], q=None if reqs[i].sampling.greedy else qs[i], exits=exits[i], draft_s=dt)
+            for i in range(n)
         ]
 
     def draft_branches(self, request_id: str, sequence: Sequence[int], *, draft_len: int, k: int) -> DraftBranches:

@@ -366,14 +366,24 @@ class ModelRunner:
     def continue_to_depth(self, seq: SequenceState, hidden: torch.Tensor, *, from_depth: int, depth: int) -> torch.Tensor:
         """Take the last `hidden.shape[0]` tokens of seq, currently at from_depth, deeper to
         `depth` (S2D: the token did not pass its exit's threshold). hidden: [n, hidden]."""
+        return self.continue_batch([seq], [hidden], from_depth=from_depth, depth=depth)[0]
+
+    @torch.inference_mode()
+    def continue_batch(
+        self, seqs: Sequence[SequenceState], hiddens: Sequence[torch.Tensor], *, from_depth: int, depth: int
+    ) -> list[torch.Tensor]:
+        """continue_to_depth for several sequences in one forward (sorted drafting batched
+        across requests: the rows no exit emitted go deeper together)."""
         if from_depth not in self.exits or depth not in self.exits or depth <= from_depth:
             raise ValueError(f"bad exit step {from_depth} -> {depth} for exits {self.exits}")
-        n = hidden.shape[0]
-        start = seq.length - n
-        if seq.filled[from_depth - 1] != seq.length or seq.filled[from_depth] > start:
-            raise RuntimeError("continue_to_depth: the tokens are not the newest at that depth")
-        row = _Row(seq=seq, start=start, hidden=hidden, n_new=n)
-        return self._run_to([row], lo=from_depth, depth=depth)[0]
+        rows = []
+        for seq, hidden in zip(seqs, hiddens):
+            n = hidden.shape[0]
+            start = seq.length - n
+            if seq.filled[from_depth - 1] != seq.length or seq.filled[from_depth] > start:
+                raise RuntimeError("continue_to_depth: the tokens are not the newest at that depth")
+            rows.append(_Row(seq=seq, start=start, hidden=hidden, n_new=n))
+        return self._run_to(rows, lo=from_depth, depth=depth)
 
     def head_columns(self, depth: int) -> torch.Tensor | None:
         """Token id of each logit column at exit `depth` (None: column == token id)."""
