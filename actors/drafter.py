@@ -274,45 +274,75 @@ class Drafter:
     def draft_branches(self, request_id: str, sequence: Sequence[int], *, draft_len: int, k: int) -> DraftBranches:
         """k sequences of draft_len tokens continuing `sequence`, drafted as one batch of k rows
         (on a memory-bound CPU or GPU, k rows cost about one). The full draft depth is used."""
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+        out = self.branches_batch([{"request_id": request_id, "sequence": sequence, "draft_len": draft_len, "k": k}])[0]
+        if isinstance(out, BaseException):
+            raise out
+        return out
+
+    def branches_batch(self, calls: Sequence[dict]) -> list[DraftBranches | Exception]:
+        """SpecTr branches for several requests at once: every call's new tokens in one forward
+        through all layers, then each draft position's next token of every branch of every
+        call in one batched forward. A call is the keyword arguments of draft_branches plus
+        request_id and sequence; its failure (not open, cancelled, k < 1) stays in its slot."""
         t0 = time.perf_counter()
-        req = self._request(request_id)
         runner = self.runner
-        feed = self._catch_up(req, sequence, request_id)
         depth = runner.num_layers
-        logits = runner.logits_at_exit(runner.forward_to_depth([req.seq], [feed], depth=depth)[0][-1:], depth)[0]
-        # Every branch starts from a copy of the shared prefix cache.
-        branch_seqs = [req.seq] + [runner.fork(req.seq) for _ in range(k - 1)]
-        branches: list[list[int]] = [[] for _ in range(k)]
-        qs: list[list[SparseDist]] = [[] for _ in range(k)]
-        history = _history(req, sequence)
-        if req.sampling.greedy:
-            scores = self._penalized(req, logits, depth, history)
-            top = torch.topk(scores, min(k, scores.shape[-1])).indices.tolist()
-            top += [top[0]] * (k - len(top))
-            cols = self._columns[depth]
-            firsts = [c if cols is None else int(cols[c]) for c in top]
-        else:
-            firsts = []
-            for b in range(k):
-                token, q = self._emit(req, logits, depth, history)
-                firsts.append(token)
-                qs[b].append(q)
-        for b in range(k):
-            branches[b].append(firsts[b])
-        for _ in range(draft_len - 1):
-            rows = runner.extend_batch(branch_seqs, [[br[-1]] for br in branches], all_logits=False)
-            for b in range(k):
-                token, q = self._emit(req, rows[b][-1], depth, history + branches[b] if history else ())
-                branches[b].append(token)
+        n = len(calls)
+        failed: dict[int, Exception] = {}
+        reqs: list[_DraftRequest | None] = [None] * n
+        feeds: list[list[int]] = [[] for _ in calls]
+        for i, c in enumerate(calls):
+            try:
+                if int(c["k"]) < 1:
+                    raise ValueError(f"k must be >= 1, got {c['k']}")
+                reqs[i] = self._request(c["request_id"])
+                feeds[i] = self._catch_up(reqs[i], c["sequence"], c["request_id"])
+            except Exception as exc:  # noqa: BLE001 - that request only; the others go on
+                failed[i] = exc
+        live = [i for i in range(n) if i not in failed]
+        branches: dict[int, list[list[int]]] = {i: [[] for _ in range(int(calls[i]["k"]))] for i in live}
+        qs: dict[int, list[list[SparseDist]]] = {i: [[] for _ in range(int(calls[i]["k"]))] for i in live}
+        histories = {i: _history(reqs[i], calls[i]["sequence"]) for i in live}
+        seqs: dict[int, list[SequenceState]] = {}
+        if live:
+            hidden = runner.forward_to_depth([reqs[i].seq for i in live], [feeds[i] for i in live], depth=depth)
+            firsts_logits = runner.logits_at_exit(torch.cat([h[-1:] for h in hidden]), depth)  # [calls, head]
+            for logits, i in zip(firsts_logits, live):
+                req, k = reqs[i], len(branches[i])
+                if req.sampling.greedy:
+                    scores = self._penalized(req, logits, depth, histories[i])
+                    top = torch.topk(scores, min(k, scores.shape[-1])).indices.tolist()
+                    top += [top[0]] * (k - len(top))
+                    cols = self._columns[depth]
+                    for b, col in enumerate(top):
+                        branches[i][b].append(col if cols is None else int(cols[col]))
+                else:
+                    for b in range(k):
+                        token, q = self._emit(req, logits, depth, histories[i])
+                        branches[i][b].append(token)
+                        qs[i][b].append(q)
+                # every branch starts from a copy of the shared prefix cache
+                seqs[i] = [req.seq] + [runner.fork(req.seq) for _ in range(k - 1)]
+        for step in range(1, max((int(calls[i]["draft_len"]) for i in live), default=0)):
+            rows = [(i, b) for i in live if int(calls[i]["draft_len"]) > step for b in range(len(branches[i]))]
+            if not rows:
+                break
+            out = runner.extend_batch([seqs[i][b] for i, b in rows], [[branches[i][b][-1]] for i, b in rows], all_logits=False)
+            for (i, b), logits in zip(rows, out):
+                history = histories[i] + branches[i][b] if histories[i] else ()
+                token, q = self._emit(reqs[i], logits[-1], depth, history)
+                branches[i][b].append(token)
                 if q is not None:
-                    qs[b].append(q)
-        for extra in branch_seqs[1:]:
-            del extra  # forks are dropped; the request keeps branch 0's cache
-        return DraftBranches(
-            branches=branches, q=None if req.sampling.greedy else qs, draft_s=time.perf_counter() - t0
-        )
+                    qs[i][b].append(q)
+        for i in live:
+            for extra in seqs[i][1:]:
+                runner.release(extra)  # the request keeps branch 0's cache
+        dt = time.perf_counter() - t0
+        return [
+            failed[i] if i in failed else
+            DraftBranches(branches=branches[i], q=None if reqs[i].sampling.greedy else qs[i], draft_s=dt)
+            for i in range(n)
+        ]
 
     def check_policy(self, policy: ExitPolicy) -> None:
         for e in policy.exits:

@@ -187,30 +187,36 @@ class Verifier:
     def step(
         self,
         request_ids: Sequence[str],
-        blocks: Sequence[DraftBlock | None],
+        blocks: Sequence[DraftBlock | DraftBranches | None],
         *,
         bonus: Sequence[bool] | None = None,
         prefills: Sequence[str] = (),
     ) -> tuple[list[VerifyOutcome | Exception], list[int | Exception]]:
         """One batched target forward: a verification block for each of request_ids (as
-        verify_batch) and the next prompt chunk (prefill_chunk tokens) of each request in
-        `prefills` (opened with begin). Chunk rows need only their last row's logits, kept
-        as the request's pending logits once its prompt is all fed. Returns the
-        verification outcomes and, per prefill, the prompt tokens still to feed (0: done) or
-        its exception (cancelled, unknown); a failure stays in its own slot."""
+        verify_batch; DraftBranches: SpecTr's k branches, k rows of the forward on copies of
+        the request's cache, as verify_branches) and the next prompt chunk (prefill_chunk
+        tokens) of each request in `prefills` (opened with begin). Chunk rows need only
+        their last row's logits, kept as the request's pending logits once its prompt is all
+        fed. Returns the verification outcomes and, per prefill, the prompt tokens still to
+        feed (0: done) or its exception (cancelled, unknown); a failure stays in its own slot."""
         t0 = time.perf_counter()
         bonus = list(bonus) if bonus is not None else [True] * len(request_ids)
         n = len(request_ids)
         results: list[VerifyOutcome | Exception | None] = [None] * n
         reqs: list[_TargetRequest | None] = [None] * n
-        drafts = [list(b.tokens) if b is not None else [] for b in blocks]
-        feeds: list[list[int]] = [[] for _ in range(n)]
+        # a request's draft(s): one block, or SpecTr's branches (each on its own copy of the cache)
+        drafts = [b.branches if isinstance(b, DraftBranches) else [list(b.tokens) if b is not None else []] for b in blocks]
+        feeds: list[list[list[int]]] = [[] for _ in range(n)]  # per request, per branch
+        seqs_of: list[list[SequenceState]] = [[] for _ in range(n)]
         drops = [0] * n
         for i, rid in enumerate(request_ids):
             try:
                 req = self._request(rid)
-                feed, drop = self._rows_for(req, drafts[i])
-                if req.seq.length + len(feed) > self.runner.max_context:
+                feed = []
+                for d in drafts[i]:
+                    f, drop = self._rows_for(req, list(d))
+                    feed.append(f)
+                if req.seq.length + max(len(f) for f in feed) > self.runner.max_context:
                     raise ContextLengthError(
                         f"request {rid!r} would exceed the target's context of {self.runner.max_context} tokens"
                     )
@@ -218,6 +224,7 @@ class Verifier:
                 results[i] = exc
                 continue
             reqs[i], feeds[i], drops[i] = req, feed, drop
+            seqs_of[i] = [req.seq] + [self.runner.fork(req.seq) for _ in feed[1:]]
         lefts: list[int | Exception] = [0] * len(prefills)
         chunks: list[tuple[int, _TargetRequest, list[int]]] = []
         for j, rid in enumerate(prefills):
@@ -231,33 +238,41 @@ class Verifier:
                 continue
             start = req.seq.length
             chunks.append((j, req, req.committed[start : start + self.prefill_chunk]))
-        fed_idx = [i for i in range(n) if reqs[i] is not None and feeds[i]]
-        outs: list[torch.Tensor | None] = [None] * n
-        if fed_idx or chunks:
-            seqs = [reqs[i].seq for i in fed_idx] + [req.seq for _, req, _ in chunks]
-            rows_in = [feeds[i] for i in fed_idx] + [chunk for _, _, chunk in chunks]
-            all_logits = [True] * len(fed_idx) + [False] * len(chunks)
+        fed = [(i, b) for i in range(n) if reqs[i] is not None for b, f in enumerate(feeds[i]) if f]
+        outs: list[list[torch.Tensor | None]] = [[None] * len(f) for f in feeds]
+        if fed or chunks:
+            seqs = [seqs_of[i][b] for i, b in fed] + [req.seq for _, req, _ in chunks]
+            rows_in = [feeds[i][b] for i, b in fed] + [chunk for _, _, chunk in chunks]
+            all_logits = [True] * len(fed) + [False] * len(chunks)
             logits = self.runner.extend_batch(seqs, rows_in, all_logits=all_logits)
-            for i, lg in zip(fed_idx, logits):
-                outs[i] = lg
-            for (j, req, _), lg in zip(chunks, logits[len(fed_idx) :]):
+            for (i, b), lg in zip(fed, logits):
+                outs[i][b] = lg
+            for (j, req, _), lg in zip(chunks, logits[len(fed) :]):
                 left = len(req.committed) - req.seq.length
                 if left == 0:
                     req.prefilling, req.pending = False, lg[-1]
                 lefts[j] = left
         dt = time.perf_counter() - t0
-        step_rows = self.runner.forward_rows([len(r) for r in ([feeds[i] for i in fed_idx] + [c for _, _, c in chunks])])
+        step_rows = self.runner.forward_rows([len(r) for r in ([feeds[i][b] for i, b in fed] + [c for _, _, c in chunks])])
         for i, req in enumerate(reqs):
             if req is None:
                 continue
-            rows = outs[i][drops[i] :] if outs[i] is not None else None  # [draft_len (+1), vocab]
-            if req.pending is not None:
-                rows = req.pending[None] if rows is None else torch.cat([req.pending[None], rows])
-            # rows: [draft_len + 1, vocab]: the target's logits at each draft position + the next
+            per_branch = []
+            for out in outs[i]:
+                rows = out[drops[i] :] if out is not None else None  # [draft_len (+1), vocab]
+                if req.pending is not None:
+                    rows = req.pending[None] if rows is None else torch.cat([req.pending[None], rows])
+                per_branch.append(rows)  # [draft_len + 1, vocab]: the target's logits at each draft position + the next
             try:
-                out = self._commit(req, drafts[i], blocks[i], rows, bonus[i])
+                if isinstance(blocks[i], DraftBranches):
+                    out = self._commit_branches(req, blocks[i], seqs_of[i], per_branch)
+                else:
+                    out = self._commit(req, drafts[i][0], blocks[i], per_branch[0], bonus[i])
                 results[i] = VerifyOutcome(**{**out.__dict__, "target_s": dt, "step_rows": step_rows})
             except Exception as exc:  # noqa: BLE001 - e.g. a malformed q from a bad draft
+                for extra in seqs_of[i][1:]:
+                    if extra is not req.seq:
+                        self.runner.release(extra)
                 self.runner.rollback(req.seq, min(req.seq.length, len(req.committed)))
                 results[i] = exc
         return results, lefts  # type: ignore[return-value]
@@ -310,25 +325,16 @@ class Verifier:
 
     def verify_branches(self, request_id: str, branches: DraftBranches) -> VerifyOutcome:
         """SpecTr: verify k branches in one batched forward (k rows) and commit the winner."""
-        t0 = time.perf_counter()
-        req = self._request(request_id)
-        if req.prefilling:
-            raise RuntimeError("the request is still prefilling; verify after its open returns")
-        runner = self.runner
-        k = len(branches.branches)
-        draft_len = len(branches.branches[0])
-        base = len(req.committed)
-        unfed = req.committed[req.seq.length :]
-        seqs = [req.seq] + [runner.fork(req.seq) for _ in range(k - 1)]
-        feeds = [unfed + br for br in branches.branches]
-        logits = runner.extend_batch(seqs, feeds)
-        drop = max(len(unfed) - 1, 0)
-        rows = []
-        for lg in logits:
-            r = lg[drop:]
-            if req.pending is not None:
-                r = torch.cat([req.pending[None], r])
-            rows.append(r)  # [draft_len + 1, vocab] along each branch
+        out = self.step([request_id], [branches])[0][0]
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+    def _commit_branches(
+        self, req: _TargetRequest, branches: DraftBranches, seqs: list[SequenceState], rows: list[torch.Tensor]
+    ) -> VerifyOutcome:
+        """rows: per branch [draft_len + 1, vocab] along it; seqs: the request's cache (branch
+        0) and its copies, each fed its branch. Keeps the winner's cache, frees the others."""
         scores = [self._scores(req, r, br) for r, br in zip(rows, branches.branches)]  # penalized along each branch
         if req.sampling.greedy:
             res = verify_kseq_greedy(drafts=branches.branches, target_argmax=[s.argmax(-1).tolist() for s in scores])
@@ -338,20 +344,20 @@ class Verifier:
             p = [logits_to_probs(s, req.sampling) for s in scores]
             res = verify_kseq(drafts=branches.branches, q=q, p=p, generator=req.generator)
         winner = res.source_draft if res.source_draft is not None else 0
+        base = len(req.committed)
         req.seq = seqs[winner]  # keep the winning branch's cache
         for i, s in enumerate(seqs):
             if i != winner:
-                runner.release(s)
+                self.runner.release(s)
         req.pending = None
         # the committed tokens lie along the winner (row 0, the shared prefix's, if none won)
         logprobs = self._logprobs(req, rows[winner], list(res.tokens))
         req.committed.extend(res.tokens)
-        runner.rollback(req.seq, min(req.seq.length, base + res.accepted_len))
+        self.runner.rollback(req.seq, min(req.seq.length, base + res.accepted_len))
         return VerifyOutcome(
             accepted_len=res.accepted_len,
             tokens=list(res.tokens),
-            drafted=draft_len,
-            target_s=time.perf_counter() - t0,
+            drafted=len(branches.branches[0]),
             branch=res.source_draft,
             logprobs=logprobs,
         )

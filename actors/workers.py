@@ -117,7 +117,7 @@ class DraftWorker(_Worker):
         self.kv_bytes_per_token = runner.kv_bytes_per_token
         self.kv_budget_bytes = int(kv_budget_bytes) if kv_budget_bytes else default_kv_budget(runner.device)
         self.batcher = MicroBatcher(
-            {"draft": self.drafter.draft_batch, "catch_up": self.drafter.catch_up_batch},
+            {"draft": self.drafter.draft_batch, "branches": self.drafter.branches_batch, "catch_up": self.drafter.catch_up_batch},
             threads=threads, max_batch=max_batch, name="draft", cancelled=self.cancelled,
         )
         self.stats = WorkerStats()
@@ -163,8 +163,8 @@ class DraftWorker(_Worker):
         arrived, timing = time.time_ns(), ({} if trace is not None else None)
         sequence = list(sequence)
         self._catch_up(request_id, sequence)
-        work = lambda: self.drafter.draft_branches(request_id, sequence, draft_len=draft_len, k=k)  # noqa: E731
-        branches = self.batcher.call(work, request_id=request_id, timing=timing).result()
+        call = {"request_id": request_id, "sequence": sequence, "draft_len": draft_len, "k": k}
+        branches = self.batcher.submit("branches", call, request_id=request_id, timing=timing).result()
         if trace is None:
             return branches
         attrs = {"tandem.draft.draft_len": int(draft_len), "tandem.draft.branches": int(k)}
@@ -339,8 +339,7 @@ class TargetWorker(_Worker):
     def verify_branches(self, request_id: str, branches: DraftBranches, *, trace: dict | None = None) -> VerifyOutcome:
         self.stats.calls += 1
         arrived, timing = time.time_ns(), ({} if trace is not None else None)
-        work = lambda: self.verifier.verify_branches(request_id, branches)  # noqa: E731
-        outcome = self.batcher.call(work, request_id=request_id, timing=timing).result()
+        outcome = self.batcher.submit("step", ("verify", request_id, branches, True), request_id=request_id, timing=timing).result()
         if trace is None:
             return outcome
         return Traced(outcome, [self._verify_record(arrived, timing, outcome, None)])
