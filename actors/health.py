@@ -8,6 +8,8 @@ import threading
 import time
 from typing import Any, Sequence
 
+from tandem.actors.remote import control_call
+
 log = logging.getLogger("tandem.health")
 
 
@@ -50,7 +52,7 @@ class HealthMonitor:
                 if m.retired:  # scaled down: its actors are gone on purpose
                     continue
                 for h in [m.handle, *m.shards]:
-                    pings.append((m, h, h.ping.remote()))
+                    pings.append((m, h, control_call(h, "ping")))
         ready = set(ray.wait([r for _, _, r in pings], num_returns=len(pings), timeout=self.timeout_s)[0])
         silent: dict[int, list] = {}  # member -> its actors that gave no answer
         failed: set[int] = set()  # members with an actor that answered with an error

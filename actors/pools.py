@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from tandem.actors.remote import actor_class
 from tandem.actors.workers import DraftWorker, ModelLoad, TargetWorker
 
 log = logging.getLogger("tandem.pools")
@@ -97,7 +98,6 @@ def pool_resources(draft: DraftPoolSpec | None, targets: Sequence[TargetSpec]) -
 
 
 def _remote(cls, *, placement: Placement, pg, index: int, name: str | None = None, restarts: int = -1):
-    import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     opts: dict[str, Any] = {
@@ -113,7 +113,7 @@ def _remote(cls, *, placement: Placement, pg, index: int, name: str | None = Non
     }
     if name:
         opts["name"] = name
-    return ray.remote(cls).options(**opts)
+    return actor_class(cls).options(**opts)
 
 
 def _placement_group(placement: Placement, count: int, *, timeout_s: float, what: str):
@@ -343,8 +343,6 @@ class TargetPool(_Pool):
         self._start(spec.replicas, timeout_s=timeout_s)
 
     def _launch(self, *, timeout_s: float) -> _Member:
-        import ray
-
         from tandem.actors.pipeline import TargetShard
 
         spec = self.spec
@@ -368,7 +366,7 @@ class TargetPool(_Pool):
             )
         # the front holds no model: request state and verification only; restartable like
         # the stages (it is rebuilt over the same stage handles)
-        front = ray.remote(TargetWorker).options(
+        front = actor_class(TargetWorker).options(
             num_cpus=0, max_restarts=spec.max_restarts, max_concurrency=64, enable_task_events=False
         )
         return _Member(handle=front.remote(None, threads=1, stages=stages), shards=stages, pg=pg)

@@ -19,6 +19,28 @@ from tandem.actors.tracing import TRACED_METHODS, Traced
 
 ACTOR_ERRORS: tuple[type[BaseException], ...] = ()
 
+# Heartbeats and cancels run in a thread group of their own on every pool actor, so an actor
+# whose call threads all wait on queued model work still answers them: a ping that times
+# out means a stopped process, not a busy one, and a cancel reaches the work it stops.
+# Measured (bench/pressure_check.py, its control): 64 long requests at once on one target
+# actor (max_concurrency 64) left no thread for the heartbeat; the replica was killed as
+# hung and all 64 streams failed. Calling a group the actor did not declare kills the
+# actor, so every pool actor is made by actor_class.
+CONTROL_GROUP = "control"
+CONTROL_THREADS = 2
+
+
+def actor_class(cls):
+    """`ray.remote(cls)` with the control group declared (see CONTROL_GROUP)."""
+    import ray
+
+    return ray.remote(concurrency_groups={CONTROL_GROUP: CONTROL_THREADS})(cls)
+
+
+def control_call(handle, method: str, *args):
+    """An actor call answered in the control group (ping, cancel): an ObjectRef."""
+    return getattr(handle, method).options(concurrency_group=CONTROL_GROUP).remote(*args)
+
 
 def _actor_errors() -> tuple[type[BaseException], ...]:
     global ACTOR_ERRORS
@@ -123,7 +145,7 @@ class _RayFuture:
                 self._fail("stopped answering its heartbeat")
             if cancelled_at is None and watch.should_stop is not None and watch.should_stop():
                 cancelled_at = now
-                side.handle.cancel.remote(watch.key)  # fire and forget: the actor drops the work
+                control_call(side.handle, "cancel", watch.key)  # fire and forget: the actor drops the work
             if cancelled_at is not None and now - cancelled_at > CANCEL_GRACE_S:
                 self._fail(f"did not drop a cancelled request within {CANCEL_GRACE_S:.0f}s")
             if now - started > watch.max_call_s:

@@ -93,9 +93,10 @@ class _Worker:
         self.cancelled.cancel(request_id)
 
     def ping(self) -> int:
-        """Heartbeat: answered on the actor's call threads even while a forward runs, so a
-        ping that times out means a stopped or hung process, not a busy one. A pipeline
-        front answers for itself only; each TargetShard answers its own ping."""
+        """Heartbeat: answered in the actor's control thread group (actors/remote.py,
+        CONTROL_GROUP) even while a forward runs and every call thread waits, so a ping
+        that times out means a stopped or hung process, not a busy one. A pipeline front
+        answers for itself only; each TargetShard answers its own ping."""
         return os.getpid()
 
 
