@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
-from tandem.actors.devices import apply_default_device_env, assigned_resources, default_kv_budget
+from tandem.actors.devices import apply_default_device_env, assigned_resources, default_kv_budget, return_freed_host_memory
 from tandem.actors.runner import ModelRunner
 from tandem.actors.speculative import RequestStateLostError
 
@@ -87,7 +87,9 @@ class TargetShard:
         self.sequences[new_key] = self.runner.fork(seq)
 
     def release(self, keys: Sequence[str]) -> int:
-        return sum(self.sequences.pop(k, None) is not None for k in keys)
+        released = sum(self.sequences.pop(k, None) is not None for k in keys)
+        return_freed_host_memory()
+        return released
 
     def ping(self) -> int:
         """Heartbeat (see DraftWorker.ping)."""

@@ -18,7 +18,7 @@ import torch
 
 from tandem.actors.batching import PREFILL_CHUNK, Cancellations, MicroBatcher
 from tandem.actors.block_costs import measure_batch_costs, measure_block_costs
-from tandem.actors.devices import apply_default_device_env, assigned_resources, default_kv_budget
+from tandem.actors.devices import apply_default_device_env, assigned_resources, default_kv_budget, return_freed_host_memory
 from tandem.actors.drafter import DraftBlock, DraftBranches, Drafter
 from tandem.actors.runner import ModelRunner
 from tandem.actors.tracing import Traced, call_record
@@ -172,7 +172,9 @@ class DraftWorker(_Worker):
         return Traced(branches, [call_record("tandem.actor.draft", role="draft", arrived_ns=arrived, timing=timing, attributes=attrs)])
 
     def close(self, request_id: str) -> bool:
-        return self.drafter.close(request_id)
+        closed = self.drafter.close(request_id)
+        return_freed_host_memory()
+        return closed
 
 
     def live_requests(self) -> list[str]:
@@ -355,7 +357,9 @@ class TargetWorker(_Worker):
         return call_record("tandem.actor.verify", role="target", arrived_ns=arrived, timing=timing, attributes=attrs)
 
     def close(self, request_id: str) -> bool:
-        return self.verifier.close(request_id)
+        closed = self.verifier.close(request_id)
+        return_freed_host_memory()
+        return closed
 
 
     def live_requests(self) -> list[str]:
