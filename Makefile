@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.stamp-setup
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup serve test test-fast bench peer soak scale-check cluster-check gpu-check proto lint clean
+.PHONY: setup serve test test-fast bench peer soak scale-check cluster-check pressure-check gpu-check proto lint clean
 
 # Set-up: a venv with the CPU build of torch (from this machine's disk; an unpinned torch would
 # pull a multi-GB CUDA build), tandem in editable mode with its server extra, and the model packs
@@ -55,6 +55,14 @@ soak: setup
 # version is tests/service/test_scaling.py). Summary: bench/results/scale_check.json.
 scale-check: setup
 	$(BIN)/python -m tandem.bench.scale_check --output bench/results/scale_check.json
+
+# A target's KV budget under a flood of long requests through gRPC (loopback, tiny models with
+# a large KV per position, 64 requests at once, bounded): its actor's memory stays within idle
+# + budget (+10%), no restart, every request completed or refused before its first token; a
+# negative control without the budget passes the bound. Not part of `make test` (its short
+# version is tests/service/test_memory_pressure.py). Summary: bench/results/pressure_check.json.
+pressure-check: setup
+	$(BIN)/python -m tandem.bench.pressure_check --output bench/results/pressure_check.json
 
 # tandem's pools on a multi-node Ray cluster on this machine (ray.cluster_utils: a head, a
 # draft node, target nodes): placement per node, growth onto another node, a target node
