@@ -60,3 +60,18 @@ def _device_discipline(runner_device):
 def discipline():
     """device_discipline, for module fixtures that build runners and engines."""
     return device_discipline
+
+
+def count_forwards(runner) -> list[int]:
+    """Counts a runner's forwards from here on ([count], updated in place): first passes
+    (forward_to_depth, which extend_batch goes through) and exit continuations."""
+    calls = [0]
+    for name in ("forward_to_depth", "continue_batch"):
+        inner = getattr(runner, name)
+
+        def counted(*a, _inner=inner, **k):
+            calls[0] += 1
+            return _inner(*a, **k)
+
+        setattr(runner, name, counted)
+    return calls

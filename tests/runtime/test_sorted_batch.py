@@ -19,6 +19,7 @@ from tandem.actors.runner import ModelRunner
 from tandem.actors.speculative import RequestStateLostError
 from tandem.speculation.sampling import SamplingParams
 from tandem.speculation.sorted_policy import ExitPolicy
+from tests.runtime.conftest import count_forwards
 
 EXITS = (1, 2)  # plus the full depth, 4
 
@@ -43,21 +44,6 @@ def _drafter(path: str, device: str) -> Drafter:
     return Drafter(ModelRunner(path, dtype="float32", exits=EXITS, device=device))
 
 
-def _counting(drafter: Drafter) -> list[int]:
-    """Counts the drafter's forwards (first exit and continuations)."""
-    calls = [0]
-    runner = drafter.runner
-    for name in ("forward_to_depth", "continue_batch"):
-        inner = getattr(runner, name)
-
-        def counted(*a, _inner=inner, **k):
-            calls[0] += 1
-            return _inner(*a, **k)
-
-        setattr(runner, name, counted)
-    return calls
-
-
 def _open(drafter: Drafter) -> list[dict]:
     calls = []
     for i, (sampling, policy, sequence, draft_len) in enumerate(CALLS):
@@ -78,7 +64,7 @@ def test_sorted_calls_batched_draft_what_they_draft_alone(draft_path, runner_dev
     alone, batched = _drafter(draft_path, runner_device), _drafter(draft_path, runner_device)
     calls = _open(alone)
     _open(batched)
-    n_alone, n_batched = _counting(alone), _counting(batched)
+    n_alone, n_batched = count_forwards(alone.runner), count_forwards(batched.runner)
     used: set[int] = set()
     for _ in range(2):  # the second round continues after one accepted token: rollback, lazy fill
         want = [alone.draft(c["request_id"], c["sequence"], draft_len=c["draft_len"], policy=c["policy"]) for c in calls]

@@ -17,6 +17,7 @@ from tandem.actors.runner import ModelRunner
 from tandem.actors.speculative import RequestStateLostError
 from tandem.actors.verifier import Verifier
 from tandem.speculation.sampling import SamplingParams
+from tests.runtime.conftest import count_forwards
 
 GREEDY = SamplingParams()
 # (sampling, sequence, draft_len, k)
@@ -30,19 +31,6 @@ CALLS = [
 
 def _drafter(path: str, device: str) -> Drafter:
     return Drafter(ModelRunner(path, dtype="float32", device=device))
-
-
-def _counting(runner) -> list[int]:
-    """Counts the runner's forwards (extend_batch goes through forward_to_depth)."""
-    calls = [0]
-    inner = runner.forward_to_depth
-
-    def counted(*a, **k):
-        calls[0] += 1
-        return inner(*a, **k)
-
-    runner.forward_to_depth = counted
-    return calls
 
 
 def _same_branches(a, b) -> None:
@@ -66,7 +54,7 @@ def test_branches_batched_draft_what_they_draft_alone(tiny_paths, runner_device)
     alone, batched = _drafter(tiny_paths[1], runner_device), _drafter(tiny_paths[1], runner_device)
     calls = _open_drafts(alone)
     _open_drafts(batched)
-    n_alone, n_batched = _counting(alone.runner), _counting(batched.runner)
+    n_alone, n_batched = count_forwards(alone.runner), count_forwards(batched.runner)
     for _ in range(2):  # the second round continues from a branch: rollback
         want = [alone.draft_branches(c["request_id"], c["sequence"], draft_len=c["draft_len"], k=c["k"]) for c in calls]
         got = batched.branches_batch(calls)
@@ -103,7 +91,7 @@ def test_branches_verified_in_one_step_beside_blocks(tiny_paths, runner_device):
     alone, mixed = verifier(), verifier()
     ids = [f"r{i}" for i in range(len(CALLS))] + ["sd", "ar"]
     blocks = list(branches) + [block, None]
-    rows = _counting(mixed.runner)
+    rows = count_forwards(mixed.runner)
     won = set()
     for _ in range(3):  # the same drafts again after each commit: the winners' caches carry on
         want = [alone.verify_branches(r, b) if b is not None and hasattr(b, "branches") else alone.verify(r, b)
