@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -190,6 +190,24 @@ class Drafter:
         ids = sparse.ids if cols is None else cols[sparse.ids]
         return int(ids[j]), SparseDist(ids=ids, probs=sparse.probs)
 
+    def _begin_calls(
+        self, calls: Sequence[dict], checks: Sequence[Callable[[], None]]
+    ) -> tuple[list[_DraftRequest | None], list[list[int]], dict[int, Exception]]:
+        """Per call of a batch: its check (raises for a bad call), its request, and the tokens
+        still to feed (_catch_up). A call that fails any of them keeps its exception in
+        `failed` (by index); the others go on."""
+        reqs: list[_DraftRequest | None] = [None] * len(calls)
+        feeds: list[list[int]] = [[] for _ in calls]
+        failed: dict[int, Exception] = {}
+        for i, (c, check) in enumerate(zip(calls, checks)):
+            try:
+                check()
+                reqs[i] = self._request(c["request_id"])
+                feeds[i] = self._catch_up(reqs[i], c["sequence"], c["request_id"])
+            except Exception as exc:  # noqa: BLE001 - that request only; the others go on
+                failed[i] = exc
+        return reqs, feeds, failed
+
     # ------------------------------------------------------------------ public
     def draft(
         self, request_id: str, sequence: Sequence[int], *, draft_len: int, policy: ExitPolicy | None = None
@@ -213,19 +231,8 @@ class Drafter:
         exit) is returned in its slot; the others go on."""
         t0 = time.perf_counter()
         n = len(calls)
-        failed: dict[int, Exception] = {}
-        reqs: list[_DraftRequest | None] = [None] * n
-        policies: list[ExitPolicy] = []
-        feeds: list[list[int]] = [[] for _ in calls]
-        for i, c in enumerate(calls):
-            policy = c.get("policy") or ExitPolicy.single(self.runner.num_layers)
-            policies.append(policy)
-            try:
-                self.check_policy(policy)
-                reqs[i] = self._request(c["request_id"])
-                feeds[i] = self._catch_up(reqs[i], c["sequence"], c["request_id"])
-            except Exception as exc:  # noqa: BLE001 - that request only; the others go on
-                failed[i] = exc
+        policies = [c.get("policy") or ExitPolicy.single(self.runner.num_layers) for c in calls]
+        reqs, feeds, failed = self._begin_calls(calls, [lambda p=p: self.check_policy(p) for p in policies])
         remaining = [0 if i in failed else int(c["draft_len"]) for i, c in enumerate(calls)]
         tokens: list[list[int]] = [[] for _ in calls]
         exits: list[list[int]] = [[] for _ in calls]
@@ -288,17 +295,7 @@ class Drafter:
         runner = self.runner
         depth = runner.num_layers
         n = len(calls)
-        failed: dict[int, Exception] = {}
-        reqs: list[_DraftRequest | None] = [None] * n
-        feeds: list[list[int]] = [[] for _ in calls]
-        for i, c in enumerate(calls):
-            try:
-                if int(c["k"]) < 1:
-                    raise ValueError(f"k must be >= 1, got {c['k']}")
-                reqs[i] = self._request(c["request_id"])
-                feeds[i] = self._catch_up(reqs[i], c["sequence"], c["request_id"])
-            except Exception as exc:  # noqa: BLE001 - that request only; the others go on
-                failed[i] = exc
+        reqs, feeds, failed = self._begin_calls(calls, [lambda c=c: _check_k(c["k"]) for c in calls])
         live = [i for i in range(n) if i not in failed]
         branches: dict[int, list[list[int]]] = {i: [[] for _ in range(int(calls[i]["k"]))] for i in live}
         qs: dict[int, list[list[SparseDist]]] = {i: [[] for _ in range(int(calls[i]["k"]))] for i in live}
@@ -348,6 +345,11 @@ class Drafter:
         for e in policy.exits:
             if e not in self.runner.exits:
                 raise ValueError(f"exit {e} is not an exit of the draft (exits: {list(self.runner.exits)})")
+
+
+def _check_k(k) -> None:
+    if int(k) < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
 
 
 def _history(req: _DraftRequest, sequence: Sequence[int]) -> list[int]:
