@@ -121,6 +121,9 @@ class PoolAutoscaler:
         return float(s.pool.load() + queued)
 
     def step(self, s: _Scaled, now: float) -> None:
+        if not s.pool.may_scale():  # a shared pool another router scales (actors/directory.py)
+            s.above_since = s.below_since = None
+            return
         demand = self.demand(s)
         size = s.pool.size + (1 if s.adding else 0)
         desired = s.policy.desired(demand)
@@ -146,7 +149,7 @@ class PoolAutoscaler:
             s.adding = False
 
     def _retire(self, s: _Scaled, member: Any, demand: float) -> None:
-        while member.inflight > 0 and not self._stop.is_set():
+        while not s.pool.idle(member) and not self._stop.is_set():
             time.sleep(0.1)
         s.pool.retire(member)
         self._emit(ScaleEvent(s.name, "down", s.pool.size, demand))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+import uuid
 from dataclasses import replace
 from typing import Callable, Sequence
 
@@ -40,6 +41,10 @@ class ActorEngine:
         self.draft_pool = draft_pool
         self.targets = target_pools
         self._ids = itertools.count()
+        # a shared pool's router prefixes its requests' keys on the actors with its owner id,
+        # so that the others can close what it leaves behind if it dies (actors/directory.py)
+        self.key_prefix = next((f"{p.shared.owner}/" for p in [draft_pool, *target_pools.values()]
+                                if p is not None and getattr(p, "shared", None) is not None), "")
         self.monitor = None
         self.autoscaler: PoolAutoscaler | None = None
         if heartbeat_s:
@@ -104,7 +109,7 @@ class ActorEngine:
             raise KeyError(f"target {target!r} is not served; targets: {', '.join(sorted(self.targets))}")
         pool = self.targets[target]
         sampling = sampling or SamplingParams()
-        key = request_id or f"r{next(self._ids)}-{time.monotonic_ns()}"
+        key = self.key_prefix + (request_id or f"r{next(self._ids)}-{uuid.uuid4().hex[:12]}")
         prompt = [int(t) for t in prompt]
         emitted: list[int] = []  # tokens already handed to on_tokens, over every attempt
         emitted_lp: list[TokenLogprob] | None = [] if sampling.logprobs is not None else None

@@ -46,6 +46,12 @@ class HealthMonitor:
     def check(self) -> None:
         import ray
 
+        for pool in self.pools:  # a shared pool: the directory's view, and dead routers' leftovers
+            try:
+                pool.sync()
+                pool.close_orphans()
+            except Exception:  # noqa: BLE001 - the directory did not answer: ping what is known
+                log.exception("%s: no view from the pool directory", getattr(pool, "what", "pool"))
         pings = []  # (member, actor handle, ref)
         for pool in self.pools:
             for m in list(pool.members):

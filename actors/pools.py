@@ -12,6 +12,14 @@ actors (each in its own bundle) behind a light TargetWorker front.
 A replica record (_Member) carries what the engine's failover, the heartbeat
 (actors/health.py) and scaling read and mark: requests in flight, failures, hung, draining,
 retired.
+
+A pool given a SharedPool (actors/directory.py) is shared by several routers: its actors and
+placement groups are detached and named, listed in the cluster's pool directory, attached to
+by the routers that start after the first, and left running when a router exits.
+
+Why past ~400 lines: the replica record, the least-loaded choice, the pools and the Ray
+plumbing that starts their actors change together; what sharing adds lives in
+actors/directory.py.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from tandem.actors.directory import Shareable, SharedPool, attach_or_create
 from tandem.actors.remote import actor_class
 from tandem.actors.workers import DraftWorker, ModelLoad, TargetWorker
 
@@ -98,6 +107,7 @@ def pool_resources(draft: DraftPoolSpec | None, targets: Sequence[TargetSpec]) -
 
 
 def _remote(cls, *, placement: Placement, pg, index: int, name: str | None = None, restarts: int = -1):
+    """Options for one pool actor; a named one (a shared pool's) is also detached."""
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     opts: dict[str, Any] = {
@@ -112,15 +122,20 @@ def _remote(cls, *, placement: Placement, pg, index: int, name: str | None = Non
         "scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=index),
     }
     if name:
-        opts["name"] = name
+        # Ray warns that a restartable detached actor in a placement group cannot restart once
+        # its group is removed: a shared pool removes a replica's group only when it retires the
+        # replica, after ending its actors on purpose (_shutdown), so the warning does not apply.
+        opts.update(name=name, lifetime="detached")
     return actor_class(cls).options(**opts)
 
 
-def _placement_group(placement: Placement, count: int, *, timeout_s: float, what: str):
+def _placement_group(placement: Placement, count: int, *, timeout_s: float, what: str, name: str | None = None):
     import ray
     from ray.util.placement_group import placement_group
 
-    pg = placement_group([placement.bundle() for _ in range(count)], strategy="PACK")
+    # a named group (a shared pool's) is detached: it outlives the router that made it
+    pg = placement_group([placement.bundle() for _ in range(count)], strategy="PACK", name=name or "",
+                         lifetime="detached" if name else None)
     if not pg.wait(timeout_seconds=timeout_s):
         ray.util.remove_placement_group(pg)
         raise RuntimeError(
@@ -150,6 +165,10 @@ class _Member:
     pg: Any = None  # its placement group (one bundle per actor)
     draining: bool = False  # scale-down: takes no new request, retires when idle
     retired: bool = False  # scaled down: actors ended, slot reusable
+    name: str | None = None  # a shared pool's: the front actor's name (shards: name-s<i>)
+    shard_names: tuple = ()
+    pg_name: str | None = None
+    draining_since: float = 0.0
 
     @property
     def serving(self) -> bool:
@@ -208,46 +227,75 @@ class _LeastLoaded:
                 return None
             member = min(serving, key=lambda x: x[:3])[3]
             member.draining = True
+            member.draining_since = time.monotonic()
             return member
 
     def place(self, member: _Member) -> int:
-        """Put a new replica in a retired slot (nobody holds a retired slot's index) or at the end."""
+        """Put a new replica in a retired slot nobody holds (a shared pool's replica retired
+        by another router may still have this router's requests ending on it) or at the end."""
         with self._lock:
             for i, m in enumerate(self.members):
-                if m.retired:
+                if m.retired and m.inflight == 0:
                     self.members[i] = member
                     return i
             self.members.append(member)
             return len(self.members) - 1
 
 
-class _Pool:
+class _Pool(Shareable):
     """Replicas of one model behind a least-loaded choice; they can be added and drained
     while requests run (actors/autoscale.py decides when)."""
 
     what = "pool"
     members: list[_Member]
     chooser: _LeastLoaded
+    shared: SharedPool | None = None
+
+    member_type = _Member
+
+    @staticmethod
+    def end(members: list[_Member]) -> None:
+        _shutdown(members)
 
     def _launch(self, *, timeout_s: float) -> _Member:
         """Reserve room for one replica and start its actors (not waiting for them to load)."""
         raise NotImplementedError
 
     def _start(self, count: int, *, timeout_s: float) -> None:
-        """The pool's first `count` replicas, loading side by side; `info` is the first's."""
+        """The pool's first `count` replicas, loading side by side (a shared pool: the ones
+        the directory lists, or these when this router creates it); `info` is the first's."""
+        import ray
+
+        if self.shared is not None:
+            members, created = attach_or_create(self, self.shared, self.spec, count, timeout_s=timeout_s)
+            log.info("%s: %s shared pool %s (%d replicas)", self.what, "created" if created else "attached to",
+                     self.shared.key, len(members))
+        else:
+            members = self.launch_loaded(count, timeout_s=timeout_s)
+        self.members = members
+        self.chooser = _LeastLoaded(members)
+        self.info = ray.get(members[0].handle.info.remote(), timeout=timeout_s)
+
+    def launch_loaded(self, count: int, *, timeout_s: float) -> list[_Member]:
+        """Start `count` replicas side by side and wait for their models (ended on failure)."""
         import ray
 
         members: list[_Member] = []
         try:
             for _ in range(count):
                 members.append(self._launch(timeout_s=timeout_s))
-            infos = ray.get([m.handle.info.remote() for m in members], timeout=timeout_s)
+            ray.get([m.handle.info.remote() for m in members], timeout=timeout_s)
         except BaseException:
             _shutdown(members)
             raise
-        self.members = members
-        self.chooser = _LeastLoaded(members)
-        self.info = infos[0]
+        return members
+
+    def _names(self) -> tuple[str | None, str | None]:
+        """(actor name, placement group name) for a new replica: named only when shared."""
+        if self.shared is None:
+            return None, None
+        name = self.shared.actor_name()
+        return name, f"{name}-pg"
 
     @property
     def size(self) -> int:
@@ -255,8 +303,9 @@ class _Pool:
         return sum(1 for m in self.members if m.serving)
 
     def load(self) -> int:
-        """Requests in flight on the pool's replicas."""
-        return self.chooser.load()
+        """Requests in flight on the pool's replicas (a shared pool: every router's, as its
+        actors hold them; this router's count where an actor does not answer)."""
+        return self.chooser.load() if self.shared is None else self.shared_load()
 
     def add_replica(self, *, timeout_s: float) -> int:
         """Start one more replica and put it in rotation once loaded; its index. Raises
@@ -267,16 +316,23 @@ class _Pool:
         member = self._launch(timeout_s=timeout_s)
         try:
             ray.get(member.handle.info.remote(), timeout=timeout_s)
+            if self.shared is not None:
+                self.shared.call("add", self.shared.key, self.record(member))
         except BaseException:
             _shutdown([member])
             raise
         return self.chooser.place(member)
 
     def start_draining(self) -> _Member | None:
-        return self.chooser.start_draining()
+        member = self.chooser.start_draining()
+        if member is not None and self.shared is not None:
+            self.shared.call("mark_draining", self.shared.key, member.name)
+        return member
 
     def retire(self, member: _Member) -> None:
         """End a drained replica's actors and free its room."""
+        if self.shared is not None:
+            self.shared.call("remove", self.shared.key, member.name)
         _shutdown([member])
         member.retired = True
 
@@ -298,6 +354,14 @@ class _Pool:
         return [m.handle for m in self.members if not m.retired]
 
     def shutdown(self) -> None:
+        """End the pool's actors; a shared pool's stay for the other routers (detached)."""
+        if self.shared is not None:
+            log.info("%s: leaving shared pool %s running (tandem pools-down ends it)", self.what, self.shared.key)
+            try:  # another router takes over its scaling now, not when the lease lapses
+                self.shared.call("release", f"scale:{self.shared.key}", self.shared.owner, timeout_s=5.0)
+            except Exception:  # noqa: BLE001 - the directory is gone: nothing to hand over
+                pass
+            return
         _shutdown([m for m in self.members if not m.retired])
 
 
@@ -306,15 +370,18 @@ class DraftPool(_Pool):
 
     what = "draft pool"
 
-    def __init__(self, spec: DraftPoolSpec, *, timeout_s: float = 300.0):
+    def __init__(self, spec: DraftPoolSpec, *, timeout_s: float = 300.0, shared: SharedPool | None = None):
         self.spec = spec
+        self.shared = shared
         self._start(spec.replicas, timeout_s=timeout_s)
 
     def _launch(self, *, timeout_s: float) -> _Member:
         spec = self.spec
-        pg = _placement_group(spec.placement, 1, timeout_s=timeout_s, what=self.what)
-        cls = _remote(DraftWorker, placement=spec.placement, pg=pg, index=0)
-        return _Member(handle=cls.remote(spec.load, threads=spec.threads, kv_budget_bytes=spec.kv_budget_bytes), pg=pg)
+        name, pg_name = self._names()
+        pg = _placement_group(spec.placement, 1, timeout_s=timeout_s, what=self.what, name=pg_name)
+        cls = _remote(DraftWorker, placement=spec.placement, pg=pg, index=0, name=name)
+        return _Member(handle=cls.remote(spec.load, threads=spec.threads, kv_budget_bytes=spec.kv_budget_bytes), pg=pg,
+                       name=name, pg_name=pg_name)
 
 
 def _shutdown(members: list[_Member]) -> None:
@@ -337,22 +404,27 @@ class TargetPool(_Pool):
     """Replicas of one target; each replica is one TargetWorker, or a TargetWorker front
     over `shards` TargetShard pipeline stages."""
 
-    def __init__(self, spec: TargetSpec, *, timeout_s: float = 300.0):
+    def __init__(self, spec: TargetSpec, *, timeout_s: float = 300.0, shared: SharedPool | None = None):
         self.spec = spec
         self.what = f"target {spec.name!r}"
+        self.shared = shared
         self._start(spec.replicas, timeout_s=timeout_s)
 
     def _launch(self, *, timeout_s: float) -> _Member:
         from tandem.actors.pipeline import TargetShard
 
         spec = self.spec
-        pg = _placement_group(spec.placement, spec.shards, timeout_s=timeout_s, what=self.what)
+        name, pg_name = self._names()
+        pg = _placement_group(spec.placement, spec.shards, timeout_s=timeout_s, what=self.what, name=pg_name)
         if spec.shards == 1:
-            cls = _remote(TargetWorker, placement=spec.placement, pg=pg, index=0, restarts=spec.max_restarts)
-            return _Member(handle=cls.remote(spec.load, threads=spec.threads, kv_budget_bytes=spec.kv_budget_bytes), pg=pg)
+            cls = _remote(TargetWorker, placement=spec.placement, pg=pg, index=0, restarts=spec.max_restarts, name=name)
+            return _Member(handle=cls.remote(spec.load, threads=spec.threads, kv_budget_bytes=spec.kv_budget_bytes), pg=pg,
+                           name=name, pg_name=pg_name)
         stages = []
+        shard_names = tuple(f"{name}-s{i}" for i in range(spec.shards)) if name else ()
         for index in range(spec.shards):
-            cls = _remote(TargetShard, placement=spec.placement, pg=pg, index=index, restarts=spec.max_restarts)
+            cls = _remote(TargetShard, placement=spec.placement, pg=pg, index=index, restarts=spec.max_restarts,
+                          name=shard_names[index] if name else None)
             stages.append(
                 cls.remote(
                     spec.load.path,
@@ -367,6 +439,8 @@ class TargetPool(_Pool):
         # the front holds no model: request state and verification only; restartable like
         # the stages (it is rebuilt over the same stage handles)
         front = actor_class(TargetWorker).options(
-            num_cpus=0, max_restarts=spec.max_restarts, max_concurrency=64, enable_task_events=False
+            num_cpus=0, max_restarts=spec.max_restarts, max_concurrency=64, enable_task_events=False,
+            **({"name": name, "lifetime": "detached"} if name else {}),
         )
-        return _Member(handle=front.remote(None, threads=1, stages=stages), shards=stages, pg=pg)
+        return _Member(handle=front.remote(None, threads=1, stages=stages), shards=stages, pg=pg,
+                       name=name, shard_names=shard_names, pg_name=pg_name)

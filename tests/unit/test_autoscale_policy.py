@@ -26,6 +26,13 @@ class FakePool:
     members: list = field(default_factory=lambda: [FakeMember()])
     inflight: int = 0
     added: threading.Event = field(default_factory=threading.Event)
+    lease: bool = True  # a shared pool: whether this router holds its scaling lease
+
+    def may_scale(self):
+        return self.lease
+
+    def idle(self, m):
+        return m.inflight == 0
 
     @property
     def size(self):
@@ -107,3 +114,20 @@ def test_up_only_after_the_delay_down_only_after_the_delay_and_drain_waits_for_i
     assert wait(lambda: drained.retired)
     assert wait(lambda: [e.kind for e in scaler.events] == ["up", "up", "drain", "down"])
     scaler.stop()
+
+
+def test_a_shared_pool_is_scaled_only_by_the_lease_holder():
+    """Routers sharing a pool (actors/directory.py): one without the pool's scaling lease
+    neither adds nor drains, however long the demand stays; it scales once it holds it."""
+    pool = FakePool(lease=False)
+    scaler = PoolAutoscaler(interval_s=0.01)
+    scaler.add("t", pool, ScalePolicy(min_replicas=1, max_replicas=3, target_ongoing_requests=1.0,
+                                      upscale_delay_s=0.0, downscale_delay_s=0.0))
+    s = scaler._pools[0]
+    pool.inflight = 5
+    for _ in range(20):
+        scaler.step(s, time.monotonic())
+    assert pool.size == 1 and not pool.added.is_set() and s.above_since is None
+    pool.lease = True  # control: the same demand scales once the lease is held
+    scaler.step(s, time.monotonic())
+    assert wait(pool.added.is_set) and pool.size == 2
