@@ -150,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default=None, help="bind address (overrides server.host)")
     serve.add_argument("--port", type=int, default=None, help="gRPC port (overrides server.port)")
     serve.add_argument("--log-level", default="INFO")
+
+    down = sub.add_parser("pools-down", help="end the shared pools (ray.shared_pools) a Ray cluster runs")
+    down.add_argument("--config", default=None, help="YAML config (its ray.namespace and ray.address)")
+    down.add_argument("--address", default=None, help='the Ray cluster ("auto", "ray://host:10001"; default: RAY_ADDRESS)')
     return parser
 
 
@@ -399,6 +403,20 @@ def cmd_serve(args) -> int:
     return asyncio.run(serve_forever(cfg))
 
 
+def cmd_pools_down(args) -> int:
+    from tandem.actors.directory import pools_down
+    from tandem.actors.remote import ensure_ray, join_address
+    from tandem.deploy.config import load_config
+
+    cfg = load_config(args.config, overrides=_flag_overrides(ray={"address": args.address}))
+    if not join_address(cfg.ray.address):
+        raise ValueError("address: name the Ray cluster whose shared pools to end (--address or RAY_ADDRESS)")
+    ensure_ray(address=cfg.ray.address, namespace=cfg.ray.namespace)
+    ended = pools_down()
+    print(json.dumps({"namespace": cfg.ray.namespace, "ended": ended}))
+    return 0
+
+
 def cmd_batch(args) -> int:
     from tandem.deploy.batch import run_batch
     from tandem.deploy.config import load_config
@@ -452,6 +470,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_serve(args)
         if args.command == "batch":
             return cmd_batch(args)
+        if args.command == "pools-down":
+            return cmd_pools_down(args)
     except ModuleNotFoundError as exc:
         if (exc.name or "tandem").split(".")[0] == "tandem":
             raise  # a bug of ours, not a missing extra

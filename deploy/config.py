@@ -99,6 +99,16 @@ class RayConfig(_Strict):
     address: str | None = Field(None, description='null: embedded local Ray; "auto" or "ray://host:10001": join')
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded local Ray (default: all)")
     namespace: str = Field("tandem", description="Ray namespace for tandem's named actors")
+    shared_pools: bool = Field(
+        False,
+        description="Pools that several routers on one Ray cluster share: detached named actors the first "
+        "router starts and later ones attach to, outliving any router (`tandem pools-down` ends them); needs "
+        "a cluster to join (address or RAY_ADDRESS)",
+    )
+    router_lease_s: float = Field(
+        30.0, ge=1.0, description="ray.shared_pools: a router unheard of this long is taken as gone, and the "
+        "other routers close its requests' state on the actors",
+    )
 
 
 class PoolResources(_Strict):

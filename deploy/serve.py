@@ -95,6 +95,9 @@ class ServeApp:
 
 
 def build_engine(cfg: TandemConfig, *, resolve=resolve_model_path) -> ActorEngine:
+    if cfg.ray.shared_pools and not join_address(cfg.ray.address):
+        raise ValueError("ray.shared_pools: needs a Ray cluster to join (ray.address, --address or RAY_ADDRESS); "
+                         "an embedded Ray ends with its router, and its pools with it")
     draft_spec, target_specs = pool_specs(cfg, resolve=resolve)
     if join_address(cfg.ray.address):
         say(f"joining Ray at {join_address(cfg.ray.address)}")
@@ -111,9 +114,10 @@ def build_engine(cfg: TandemConfig, *, resolve=resolve_model_path) -> ActorEngin
         namespace=cfg.ray.namespace,
     )
     timeout = cfg.draft_pool.load_timeout_s
+    shared = shared_pools(cfg)
     t0 = time.time()
-    say(f"loading the draft pool: {cfg.draft_pool.model} x{cfg.draft_pool.replicas} ({cfg.draft_pool.quantize})")
-    draft = DraftPool(draft_spec, timeout_s=timeout)
+    say(f"{'shared' if shared else 'loading the'} draft pool: {cfg.draft_pool.model} x{cfg.draft_pool.replicas} ({cfg.draft_pool.quantize})")
+    draft = DraftPool(draft_spec, timeout_s=timeout, shared=shared(DRAFT_POOL) if shared else None)
     adapters = draft_spec.load.exit_adapters
     say(f"draft pool ready in {time.time() - t0:.0f}s, exits {draft.info['exits']}; "
         + (f"trained exits from {adapters}" if adapters else
@@ -123,7 +127,7 @@ def build_engine(cfg: TandemConfig, *, resolve=resolve_model_path) -> ActorEngin
         t1 = time.time()
         say(f"loading target {spec.name!r}: {spec.load.path} x{spec.replicas}" + (f", {spec.shards} shards" if spec.shards > 1 else "")
             + (f" ({spec.load.quantize})" if spec.load.quantize else ""))
-        pools[spec.name] = TargetPool(spec, timeout_s=timeout)
+        pools[spec.name] = TargetPool(spec, timeout_s=timeout, shared=shared(f"target:{spec.name}") if shared else None)
         say(f"target {spec.name!r} ready in {time.time() - t1:.0f}s")
     return ActorEngine(
         draft,
@@ -132,6 +136,18 @@ def build_engine(cfg: TandemConfig, *, resolve=resolve_model_path) -> ActorEngin
         heartbeat_timeout_s=cfg.server.heartbeat_timeout_s,
         restart_grace_s=cfg.draft_pool.load_timeout_s,
     )
+
+
+def shared_pools(cfg: TandemConfig):
+    """With ray.shared_pools: pool key -> this router's SharedPool tie (actors/directory.py);
+    None otherwise. A draining replica settles two heartbeats so every router sees it."""
+    if not cfg.ray.shared_pools:
+        return None
+    from tandem.actors.directory import SharedPool, router_id
+
+    owner = router_id()
+    settle = 2 * (cfg.server.heartbeat_s or 2.0)
+    return lambda key: SharedPool(key=key, owner=owner, settle_s=settle, router_lease_s=cfg.ray.router_lease_s)
 
 
 def concurrency_points(max_concurrent: int) -> list[int]:

@@ -3,6 +3,7 @@ errors that name the field and where it came from, and `tandem --version` / flag
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -109,3 +110,18 @@ def test_version_and_one_flag_name_per_concept(capsys):
 def test_version_runs_from_the_console_script():
     done = subprocess.run([sys.executable, "-m", "tandem.deploy.cli", "--version"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.startswith("tandem ")
+
+
+def test_shared_pools_need_a_cluster_to_join(clean_env, tmp_path):
+    """ray.shared_pools on an embedded Ray would end the pools with their router: refused
+    before anything starts, naming the field; the CLI says it as an error, not a trace."""
+    from tandem.deploy.serve import build_engine
+
+    clean_env.delenv("RAY_ADDRESS", raising=False)
+    cfg = load_config(write(tmp_path, "ray: {shared_pools: true}\n"))
+    assert cfg.ray.shared_pools
+    with pytest.raises(ValueError, match="ray.shared_pools: needs a Ray cluster to join"):
+        build_engine(cfg)
+    out = subprocess.run([sys.executable, "-m", "tandem.deploy.cli", "pools-down"], capture_output=True, text=True,
+                         env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, timeout=120)
+    assert out.returncode == 2 and "tandem pools-down: error: address:" in out.stderr and "Traceback" not in out.stderr
