@@ -25,6 +25,9 @@ Conventions
 - Calls refused before any response (UNAVAILABLE, RESOURCE_EXHAUSTED) are retried by gRPC
   itself (`retries=`, default 3), after the delay the server asks for; a stream that already
   sent tokens is never retried.
+- Several routers (ray.shared_pools): give an address that resolves to all of them (a
+  headless Service's DNS name, or "ipv4:host1:port,host2:port"): calls go round-robin, and a
+  call refused by a router that is stopping or gone is retried on another.
 - The bearer token travels as per-call metadata ("authorization", "Bearer <token>"), so it also
   works over plaintext channels (gRPC call credentials would require TLS).
 - Tracing is opt-in: with trace_context=True (and `pip install "tandem[tracing]"`) each call
@@ -157,17 +160,26 @@ MAX_RETRIES = 4  # gRPC caps maxAttempts at 5
 # defaults answers idle pings with GOAWAY "too_many_pings": pass keepalive=None for those.
 KEEPALIVE_S = 30.0
 KEEPALIVE_TIMEOUT_S = 10.0
+# How soon a channel tries a router again after losing it. gRPC's default backoff grows to
+# 120 s, so a router that restarts (a rolling upgrade) would stay out of a client's rotation
+# long after it serves again, and stopping the next router would leave none; measured in
+# bench/ha_check.py: requests failed "connections to all backends failing" with the default.
+RECONNECT_BACKOFF_S = (0.25, 2.0)  # first, most
 
 
 def service_config(retries: int) -> dict[str, Any]:
-    """The channel's service config: up to `retries` retries of the Tandem RPCs on
-    UNAVAILABLE and RESOURCE_EXHAUSTED, exponential backoff from 0.25 s to 5 s (jittered)
-    unless the server pushes back; {} for retries=0."""
+    """The channel's service config: calls spread round-robin over every address the
+    target resolves to (several routers behind one DNS name, or a list such as
+    "ipv4:10.0.0.1:50051,10.0.0.2:50051"; a router that goes away leaves the rotation), and
+    up to `retries` retries of the Tandem RPCs on UNAVAILABLE and RESOURCE_EXHAUSTED,
+    exponential backoff from 0.25 s to 5 s (jittered) unless the server pushes back."""
     _check_int("retries", retries, low=0, high=MAX_RETRIES)
+    balanced: dict[str, Any] = {"loadBalancingConfig": [{"round_robin": {}}]}
     if retries == 0:
-        return {}
+        return balanced
     service = tandem_pb2.DESCRIPTOR.services_by_name["Tandem"].full_name
     return {
+        **balanced,
         "methodConfig": [
             {
                 "name": [{"service": service, "method": m} for m in RETRIED_METHODS],
@@ -191,10 +203,13 @@ def _channel_options(
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
     ]
-    config = service_config(retries)
-    if config:
-        options.append(("grpc.service_config", json.dumps(config)))
-    else:
+    options.append(("grpc.service_config", json.dumps(service_config(retries))))
+    options += [
+        ("grpc.initial_reconnect_backoff_ms", int(RECONNECT_BACKOFF_S[0] * 1000)),
+        ("grpc.min_reconnect_backoff_ms", int(RECONNECT_BACKOFF_S[0] * 1000)),
+        ("grpc.max_reconnect_backoff_ms", int(RECONNECT_BACKOFF_S[1] * 1000)),
+    ]
+    if retries == 0:
         options.append(("grpc.enable_retries", 0))
     if keepalive is not None:
         if not _check_float("keepalive", keepalive) > 0:

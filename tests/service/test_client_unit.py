@@ -336,7 +336,9 @@ def test_service_config_retries_tandem_rpcs_on_transient_codes():
 
     from tandem.services.client import MAX_RETRIES, _channel_options, service_config
 
-    assert service_config(0) == {}
+    balanced = {"loadBalancingConfig": [{"round_robin": {}}]}  # several routers: every call picks the next
+    assert service_config(0) == balanced
+    assert service_config(3)["loadBalancingConfig"] == balanced["loadBalancingConfig"]
     (method,) = service_config(3)["methodConfig"]
     assert method["retryPolicy"]["maxAttempts"] == 4
     assert set(method["retryPolicy"]["retryableStatusCodes"]) == {"UNAVAILABLE", "RESOURCE_EXHAUSTED"}
@@ -700,3 +702,46 @@ def test_async_task_cancellation_propagates_and_cancels_the_call(fake):
             return await asyncio.to_thread(fake.servicer.cancelled["async-task"].wait, 5)
 
     assert asyncio.run(scenario())
+
+
+def test_one_client_spreads_calls_over_several_routers_and_skips_one_that_is_gone():
+    """Two real gRPC servers on loopback (the health service, counting calls) behind one
+    address list, as several routers behind a headless Service: calls alternate between
+    them; with one stopped, every call still succeeds on the other. Control: a client of the
+    stopped one alone fails."""
+    from concurrent import futures
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    from tandem.services.errors import TandemError
+
+    counts = [0, 0]
+    servers, ports = [], []
+    for i in range(2):
+        class Counting(health.HealthServicer):
+            def Check(self, request, context, i=i):
+                counts[i] += 1
+                return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        health_pb2_grpc.add_HealthServicer_to_server(Counting(), server)
+        ports.append(server.add_insecure_port("127.0.0.1:0"))
+        server.start()
+        servers.append(server)
+    try:
+        with TandemClient(f"ipv4:127.0.0.1:{ports[0]},127.0.0.1:{ports[1]}", timeout=10) as client:
+            for _ in range(20):
+                assert client.health() == "SERVING"
+            assert counts[0] >= 5 and counts[1] >= 5, counts  # round-robin, not pick-first
+            servers[0].stop(None).wait()
+            before = counts[1]
+            for _ in range(10):
+                assert client.health() == "SERVING"
+            assert counts[1] == before + 10
+        with TandemClient(f"127.0.0.1:{ports[0]}", timeout=5, retries=0) as alone:
+            with pytest.raises(TandemError):
+                alone.health()
+    finally:
+        for server in servers:
+            server.stop(None)
