@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.stamp-setup
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup serve test test-fast bench peer soak scale-check cluster-check pressure-check gpu-check proto lint clean
+.PHONY: setup serve test test-fast bench peer soak scale-check cluster-check ha-check pressure-check gpu-check proto lint clean
 
 # Set-up: a venv with the CPU build of torch (from this machine's disk; an unpinned torch would
 # pull a multi-GB CUDA build), tandem in editable mode with its server extra, and the model packs
@@ -63,6 +63,14 @@ scale-check: setup
 # version is tests/service/test_memory_pressure.py). Summary: bench/results/pressure_check.json.
 pressure-check: setup
 	$(BIN)/python -m tandem.bench.pressure_check --output bench/results/pressure_check.json
+
+# Two routers sharing one set of pools (ray.shared_pools), as k8s/overlays/ha runs them: real
+# `tandem serve` processes over a Ray cluster on this machine (tiny models, loopback, bounded
+# load); one killed mid-load, restarted, the other stopped gracefully and restarted; not part
+# of `make test` (its short version is tests/service/test_router_failover.py).
+# Summary: bench/results/ha_check.json.
+ha-check: setup
+	$(BIN)/python -m tandem.bench.ha_check --output bench/results/ha_check.json
 
 # tandem's pools on a multi-node Ray cluster on this machine (ray.cluster_utils: a head, a
 # draft node, target nodes): placement per node, growth onto another node, a target node
