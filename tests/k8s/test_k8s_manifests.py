@@ -49,7 +49,9 @@ KUSTOMIZATIONS = sorted(p.parent.relative_to(K8S).as_posix() for p in K8S.rglob(
 STANDALONE = {"base/secret.example.yaml", "batch/data-loader.yaml", "overlays/gpu/models-loader.yaml"}
 POOL_GROUPS = {"draft-pool": "draft_pool", "target-pool": "target_pool"}
 SERVE_ARGV = ["tandem", "serve", "--config", "/etc/tandem/config.yaml", "--address", "auto"]
-ROUTER = "router"  # the head pod's second container: `tandem serve`
+ROUTER = "router"  # the second container of the head pod (or of a routers pod): `tandem serve`
+ROUTER_GROUP = "routers"  # overlays/ha: the worker group whose pods run the routers
+CONFIG_DIR = "/etc/tandem"
 RAY_SESSION = ("ray-logs", "/tmp/ray")  # KubeRay's own volume name and path for the Ray session dir
 OVERWRITE_CMD = "ray.io/overwrite-container-cmd"
 AUTH_SECRET = ("tandem-auth", "token")
@@ -187,15 +189,29 @@ def fits(capacity: dict[str, float], demand: dict[str, float]) -> bool:
     return all(capacity.get(k, 0) >= v for k, v in demand.items())
 
 
+def router_group(spec: Obj) -> tuple[str, Obj]:
+    """(group name, group) of the pods that run the router: the head, or (overlays/ha) the
+    routers worker group; exactly one group."""
+    (found,) = [(n, g) for n, g in group_templates(spec) if any(c["name"] == ROUTER for c in g["template"]["spec"]["containers"])]
+    return found
+
+
 def router_container(spec: Obj) -> Obj:
-    (router,) = [c for c in spec["headGroupSpec"]["template"]["spec"]["containers"] if c["name"] == ROUTER]
+    (router,) = [c for c in router_group(spec)[1]["template"]["spec"]["containers"] if c["name"] == ROUTER]
     return router
+
+
+def config_group(spec: Obj) -> Obj:
+    """The group whose pods mount tandem's config: the router's, or a RayJob's head."""
+    (group,) = [g for _, g in group_templates(spec)
+                if any(m["mountPath"] == CONFIG_DIR for c in g["template"]["spec"]["containers"] for m in c.get("volumeMounts", []))]
+    return group
 
 
 def service_objects(objects) -> tuple[Obj, Obj, TandemConfig]:
     """The RayCluster of the online service, its router container, and its parsed config."""
     (cluster,) = find(objects, "RayCluster")
-    return cluster, router_container(cluster["spec"]), mounted_config(objects, cluster["spec"]["headGroupSpec"], "/etc/tandem/config.yaml")
+    return cluster, router_container(cluster["spec"]), mounted_config(objects, config_group(cluster["spec"]), "/etc/tandem/config.yaml")
 
 
 def mounted_config(objects, group: Obj, path: str) -> TandemConfig:
@@ -284,7 +300,7 @@ def test_ray_version_and_image_tags_agree(name):
     specs = list(cluster_specs(render(name)))
     assert specs
     for owner, spec in specs:
-        config = mounted_config(render(name), spec["headGroupSpec"], "/etc/tandem/config.yaml")
+        config = mounted_config(render(name), config_group(spec), "/etc/tandem/config.yaml")
         assert image_errors(spec, config, (cpu_tag, gpu_tag, packs_tag)) == [], owner["metadata"]["name"]
         assert spec["rayVersion"] == version, owner["metadata"]["name"]
 
@@ -321,7 +337,7 @@ def test_image_check_fires():
     tags = (f"{version}-{python_tag}", f"{version}-{python_tag}-gpu", f"{version}-{python_tag}-packs")
     objects = render("base")
     spec = copy.deepcopy(find(objects, "RayCluster")[0]["spec"])
-    config = mounted_config(objects, spec["headGroupSpec"], "/etc/tandem/config.yaml")
+    config = mounted_config(objects, config_group(spec), "/etc/tandem/config.yaml")
     assert config_packs(config) and image_errors(spec, config, tags) == []
     for _, group in group_templates(spec):
         ray_container(group)["image"] = f"tandem:{tags[0]}"
@@ -430,8 +446,14 @@ def test_head_runs_no_model_work_and_groups_autoscale(name):
         assert head["CPU"] == 0 and "GPU" not in head
         assert not set(head) & set(POOL_GROUPS.values())
         assert spec["enableInTreeAutoscaling"] is True
-        assert [g["groupName"] for g in spec["workerGroupSpecs"]] == list(POOL_GROUPS)
-        for group in spec["workerGroupSpecs"]:
+        pools = [g for g in spec["workerGroupSpecs"] if g["groupName"] != ROUTER_GROUP]
+        assert [g["groupName"] for g in pools] == list(POOL_GROUPS)
+        for group in [g for g in spec["workerGroupSpecs"] if g["groupName"] == ROUTER_GROUP]:
+            # overlays/ha: router pods run no model work either, and there are several
+            assert group["rayStartParams"]["num-cpus"] == "0" and types[ROUTER_GROUP]["CPU"] == 0
+            assert not set(types[ROUTER_GROUP]) & set(POOL_GROUPS.values())
+            assert 2 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+        for group in pools:
             assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"], group["groupName"]
             assert group["maxReplicas"] >= 1
             # each pool group advertises its own pool resource and not the other's
@@ -453,7 +475,7 @@ def placement_errors(objects, owner: Obj, spec: Obj) -> list[str]:
     autoscaler's view of the groups (Ray's own code reads the groups' `resources`); the group's
     maxReplicas pods hold them all; GPU types agree with the groups' node selectors."""
     errors = []
-    config = mounted_config(objects, spec["headGroupSpec"], "/etc/tandem/config.yaml")
+    config = mounted_config(objects, config_group(spec), "/etc/tandem/config.yaml")
     types = node_types(spec)
     groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
     # pools that scale with traffic may reach max_replicas: their pods must fit then too
@@ -531,6 +553,9 @@ def test_groups_declare_structured_ray_resources(name):
     for owner, spec in cluster_specs(render(name)):
         assert group_resource_errors(spec) == [], owner["metadata"]["name"]
         for group in spec["workerGroupSpecs"]:
+            if group["groupName"] == ROUTER_GROUP:  # overlays/ha: routers host no pool actor
+                assert not set(group.get("resources", {})) & set(POOL_GROUPS.values())
+                continue
             assert set(group["resources"]) & set(POOL_GROUPS.values()), group["groupName"]
 
 
@@ -557,7 +582,8 @@ def test_router_config_matches_service_probes_and_secret(name):
     cluster, router, config = service_objects(objects)
     assert config.server.host == "0.0.0.0"
     assert config.ray.address == "auto"
-    pod_ports = {p["name"]: p["containerPort"] for c in cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"] for p in c.get("ports", [])}
+    group_name, group = router_group(cluster["spec"])
+    pod_ports = {p["name"]: p["containerPort"] for c in group["template"]["spec"]["containers"] for p in c.get("ports", [])}
     ports = {p["name"]: p["containerPort"] for p in router["ports"]}
     assert ports == {"grpc": config.server.port, "tandem-metrics": config.server.metrics_port}
     assert config.server.port == 50051
@@ -566,8 +592,9 @@ def test_router_config_matches_service_probes_and_secret(name):
     assert router["livenessProbe"]["tcpSocket"]["port"] == config.server.port
 
     (service,) = find(objects, "Service", "tandem")
-    assert service["spec"]["selector"] == {"ray.io/cluster": cluster["metadata"]["name"], "ray.io/node-type": "head"}
-    assert [g for _, g, labels in pod_templates(objects) if selects({"matchLabels": service["spec"]["selector"]}, labels)] == [_HEAD_GROUP_NAME]
+    pods = {"ray.io/node-type": "head"} if group_name == _HEAD_GROUP_NAME else {"ray.io/group": group_name}
+    assert service["spec"]["selector"] == {"ray.io/cluster": cluster["metadata"]["name"], **pods}
+    assert [g for _, g, labels in pod_templates(objects) if selects({"matchLabels": service["spec"]["selector"]}, labels)] == [group_name]
     by_port = {p["port"]: p for p in service["spec"]["ports"]}
     assert pod_ports[by_port[50051]["targetPort"]] == 50051
     assert pod_ports[by_port[config.server.metrics_port]["targetPort"]] == config.server.metrics_port
@@ -678,7 +705,8 @@ def pdb_errors(objects) -> list[str]:
 @pytest.mark.parametrize("name", SERVICE_RENDERS)
 def test_every_group_has_one_disruption_budget(name):
     objects = render(name)
-    assert len(find(objects, "PodDisruptionBudget")) == 3
+    (cluster,) = find(objects, "RayCluster")
+    assert len(find(objects, "PodDisruptionBudget")) == len(list(group_templates(cluster["spec"])))
     assert pdb_errors(objects) == []
 
 
@@ -709,6 +737,83 @@ def test_disruption_budget_check_fires():
         assert any(expected in e for e in errors), (what, errors)
     without = [o for o in objects if not (o["kind"] == "PodDisruptionBudget" and o["metadata"]["name"] == "tandem-target-pool")]
     assert any("target-pool: 0 PodDisruptionBudgets" in e for e in pdb_errors(without))
+
+
+# ---------------------------------------------------------------- several routers (overlays/ha)
+
+
+def router_ha_errors(objects) -> list[str]:
+    """A service with more than one router pod shares its pools (ray.shared_pools: else each
+    router would start pools of its own), runs no router in the head pod, and keeps the GCS in
+    an external Redis (gcsFaultToleranceOptions, password from a Secret) so a head restart
+    keeps the actors; a headless Service lists exactly the router pods. With one router
+    (the head's), pools are not shared."""
+    errors = []
+    cluster, _, config = service_objects(objects)
+    spec = cluster["spec"]
+    group_name, group = router_group(spec)
+    routers = 1 if group_name == _HEAD_GROUP_NAME else group["minReplicas"]
+    if routers < 2:
+        if config.ray.shared_pools:
+            errors.append("one router sharing pools")
+        return errors
+    if not config.ray.shared_pools:
+        errors.append(f"{routers} routers without ray.shared_pools")
+    if any(c["name"] == ROUTER for c in spec["headGroupSpec"]["template"]["spec"]["containers"]):
+        errors.append("a router in the head pod")
+    ft = spec.get("gcsFaultToleranceOptions", {})
+    if not ft.get("redisAddress") or "value" in ft.get("redisPassword", {}) or "secretKeyRef" not in ft.get("redisPassword", {}).get("valueFrom", {}):
+        errors.append(f"GCS fault tolerance needs redisAddress and a password from a Secret, got {ft}")
+    headless = [svc for svc in find(objects, "Service") if svc["spec"].get("clusterIP") == "None"]
+    chosen = [[g for _, g, labels in pod_templates(objects) if selects({"matchLabels": svc["spec"]["selector"]}, labels)] for svc in headless]
+    if chosen != [[group_name]]:
+        errors.append(f"headless Services select {chosen}, expected [[{group_name!r}]]")
+    return errors
+
+
+@pytest.mark.parametrize("name", SERVICE_RENDERS)
+def test_several_routers_share_pools_and_keep_the_gcs_in_redis(name):
+    assert router_ha_errors(render(name)) == []
+
+
+def test_the_ha_overlay_runs_two_routers_beside_the_pools():
+    objects = render("overlays/ha")
+    cluster, router, config = service_objects(objects)
+    assert router_group(cluster["spec"])[0] == ROUTER_GROUP and config.ray.shared_pools
+    assert router == router_container(find(render("base"), "RayCluster")[0]["spec"])  # the same router, moved
+    # only the ha overlay shares pools
+    assert [n for n in SERVICE_RENDERS if service_objects(render(n))[2].ray.shared_pools] == ["overlays/ha"]
+
+
+def test_router_ha_check_fires():
+    """Negative controls: two routers without shared pools; no Redis; a literal password; the
+    headless Service selecting the head; one router sharing pools."""
+    objects = list(render("overlays/ha"))
+
+    def mutated(mutate) -> list[Obj]:
+        copies = copy.deepcopy(objects)
+        mutate(copies)
+        return copies
+
+    def config_map(objs) -> Obj:
+        return find(objs, "ConfigMap", "tandem-config")[0]
+
+    broken = {
+        "not shared": (lambda o: config_map(o)["data"].update({"config.yaml": config_map(o)["data"]["config.yaml"].replace(
+            "shared_pools: true", "shared_pools: false")}), "without ray.shared_pools"),
+        "no redis": (lambda o: find(o, "RayCluster")[0]["spec"].pop("gcsFaultToleranceOptions"), "GCS fault tolerance"),
+        "literal password": (lambda o: find(o, "RayCluster")[0]["spec"]["gcsFaultToleranceOptions"].update(
+            redisPassword={"value": "hunter2"}), "GCS fault tolerance"),
+        "headless on the head": (lambda o: find(o, "Service", "tandem-routers")[0]["spec"].update(
+            selector={"ray.io/cluster": "tandem", "ray.io/node-type": "head"}), "headless Services select"),
+    }
+    for what, (mutate, expected) in broken.items():
+        errors = router_ha_errors(mutated(mutate))
+        assert any(expected in e for e in errors), (what, errors)
+    base = list(copy.deepcopy(render("base")))
+    cm = find(base, "ConfigMap", "tandem-config")[0]
+    cm["data"]["config.yaml"] = cm["data"]["config.yaml"].replace("\nray:\n", "\nray:\n  shared_pools: true\n")
+    assert any("one router sharing pools" in e for e in router_ha_errors(base))
 
 
 # ---------------------------------------------------------------- metrics scraped
@@ -834,16 +939,17 @@ def test_router_is_a_second_container_sharing_the_ray_session(name):
     the Ray session directory from one emptyDir, named as KubeRay names it (so the autoscaler
     sidecar KubeRay adds mounts the same one), and run the same image."""
     (cluster,) = find(render(name), "RayCluster")
-    pod = cluster["spec"]["headGroupSpec"]["template"]["spec"]
+    group_name, group = router_group(cluster["spec"])
+    pod = group["template"]["spec"]
     names = [c["name"] for c in pod["containers"]]
-    assert names == ["ray-head", ROUTER]
+    assert names == ["ray-head" if group_name == _HEAD_GROUP_NAME else "ray-worker", ROUTER]
     volume_name, path = RAY_SESSION
     for container in pod["containers"]:
         (mount,) = [m for m in container.get("volumeMounts", []) if m["mountPath"] == path]
         assert mount["name"] == volume_name and not mount.get("readOnly"), container["name"]
     (volume,) = [v for v in pod["volumes"] if v["name"] == volume_name]
     assert set(volume) == {"name", "emptyDir"}
-    assert {c["image"] for c in pod["containers"]} == {ray_container(cluster["spec"]["headGroupSpec"])["image"]}
+    assert {c["image"] for c in pod["containers"]} == {ray_container(group)["image"]}
     assert not any(c.get("envFrom") != pod["containers"][0].get("envFrom") for c in pod["containers"])
 
 
