@@ -4,7 +4,8 @@ One `Admission` per target. A request runs when both hold:
 - fewer than `max_concurrent` requests of the target run (each still holds a worker thread
   while its loop runs on the actors), and
 - its KV reservation fits the target's KV budget: `kv_bytes_per_token` x (prompt +
-  max_new_tokens + the planner's context_reserve) against the budget of every serving
+  max_new_tokens + the planner's context_reserve) x the copies of its cache a round holds
+  (plan.kv_copies: SpecTr's k branches, else 1) against the budget of every serving
   replica together (`kv_budget_bytes` each, reported by the target actors: configured, else
   a share of their device's free memory). The verifier allocates a request's cache at that
   reservation once (actors/speculative.py), so what is admitted is what the actors hold.
@@ -117,7 +118,7 @@ class Admission:
         budget = int(self.route.kv_budget_bytes)
         if budget and need > budget:
             raise ValueError(
-                f"sampling.max_new_tokens: prompt + max_new_tokens + draft blocks need {tokens} KV positions "
+                f"sampling.max_new_tokens: prompt + max_new_tokens + draft blocks (x SpecTr's branches) need {tokens} KV positions "
                 f"({mib(need)}); a replica of {self.route.name!r} holds at most {budget // self.route.kv_bytes_per_token} "
                 f"({mib(budget)} KV budget)"
             )

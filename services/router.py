@@ -31,7 +31,7 @@ from tandem.actors.pools import DRAFT_POOL
 from tandem.actors.speculative import GenerationResult, SideUnavailableError
 from tandem.services.admission import Admission, DraftBudget, Slot
 from tandem.speculation.goodput import GoodputPolicy
-from tandem.speculation.plan import Plan, SpecConfig, context_reserve, observe, per_replica, round_draft_len
+from tandem.speculation.plan import Plan, SpecConfig, context_reserve, kv_copies, observe, per_replica, round_draft_len
 from tandem.speculation.plan import plan as plan_request
 from tandem.speculation.sampling import SamplingParams
 from tandem.speculation.sorted_policy import ExitPolicy
@@ -305,8 +305,9 @@ class Router:
         arrived = time.monotonic()  # telemetry: queue time, and TTFT / latency from arrival
         route = self.route(req.target)
         plan = self.plan(route, req)
-        # the KV positions the actors allocate for it (actors/speculative.py sizes the caches so)
-        tokens = len(req.prompt_ids) + req.max_new_tokens + context_reserve(plan.spec.draft_len)
+        # the KV positions the actors allocate for it (actors/speculative.py sizes the caches so),
+        # times the copies of its cache a round holds (SpecTr's branches)
+        tokens = (len(req.prompt_ids) + req.max_new_tokens + context_reserve(plan.spec.draft_len)) * kv_copies(plan.spec)
         slot = await self.admission[route.name].admit(tokens)
         try:
             if plan.spec.method != "ar" and self.draft_budget is not None:

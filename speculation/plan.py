@@ -44,6 +44,14 @@ def context_reserve(draft_len: int) -> int:
     return 2 * int(draft_len) + 8
 
 
+def kv_copies(spec: SpecConfig) -> int:
+    """Caches of one request an actor holds at once: SpecTr drafts and verifies each of its k
+    branches on its own copy of the request's cache (Drafter.branches_batch, Verifier.step:
+    runner.fork, at the cache's full capacity), so a round holds k; any other method one.
+    Admission reserves KV for that many (services/router.py)."""
+    return spec.k if spec.method == "spectr" else 1
+
+
 def per_replica(requests: int, replicas: int) -> int:
     """Requests one of `replicas` actors serves when they are spread evenly (rounded up)."""
     return -(-int(requests) // max(1, int(replicas)))

@@ -108,3 +108,39 @@ def test_branches_verified_in_one_step_beside_blocks(tiny_paths, runner_device):
         seq, committed = mixed.requests[r].seq, mixed.committed(r)
         assert seq.length == len(seq.tokens) and list(seq.tokens) == committed[: seq.length], r
     assert won - {None, 0}, f"a branch other than the first should win somewhere (its cache is kept): {won}"
+
+
+def test_a_spectr_round_holds_as_many_caches_as_admission_reserves(tiny_paths, runner_device):
+    """What admission reserves per request (plan.kv_copies: k caches for SpecTr, 1 otherwise)
+    covers what a round allocates: on the draft and on the target, a SpecTr round forks the
+    request's cache once for every branch but the first, at the cache's full capacity; an sd
+    round forks nothing (the control)."""
+    from tandem.speculation.plan import SpecConfig, kv_copies
+
+    target_path, draft_path = tiny_paths
+    drafter = _drafter(draft_path, runner_device)
+    verifier = Verifier(ModelRunner(target_path, dtype="float32", device=runner_device))
+    capacity, k = 96, 3
+    drafter.open("s", sampling=GREEDY, capacity=capacity)
+    verifier.open("s", [0, 1, 2], sampling=GREEDY, capacity=capacity)
+    verifier.open("d", [0, 1, 2], sampling=GREEDY, capacity=capacity)
+    allocated: list[int] = []  # capacity of every copy of a cache made during the round
+    for runner in (drafter.runner, verifier.runner):
+        real = runner.fork
+
+        def spy(seq, real=real):
+            child = real(seq)
+            allocated.append(child.capacity)
+            return child
+
+        runner.fork = spy
+    branches = drafter.branches_batch([{"request_id": "s", "sequence": [0, 1, 2], "draft_len": 3, "k": k}])[0]
+    drafted = list(allocated)
+    verifier.step(["s"], [branches])
+    verified = allocated[len(drafted):]
+    for caches in (drafted, verified):  # besides the request's own cache
+        assert caches == [capacity] * (k - 1), caches
+    assert 1 + len(verified) == kv_copies(SpecConfig(method="spectr", draft_len=3, k=k)) == k
+    allocated.clear()
+    verifier.step(["d"], [DraftBlock(tokens=[1, 2], q=None, exits=[4, 4])])
+    assert allocated == [] and kv_copies(SpecConfig(method="sd", draft_len=2)) == 1

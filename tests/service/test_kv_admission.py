@@ -179,6 +179,37 @@ def test_the_actor_holds_what_admission_reserved_and_frees_it(srv):
     wait_for(lambda: ray.get(handle.info.remote())["kv_bytes_used"] == 0)
 
 
+def test_a_spectr_request_reserves_a_cache_for_each_branch(srv, monkeypatch):
+    """SpecTr forks the request's cache for each branch every round, on the target and the
+    draft (tests/runtime/test_spectr_batch.py counts the copies): its reservation is k times
+    that of the same request with sd, on both budgets (the sd request is the control)."""
+    from tandem.speculation.plan import SPECTR_BRANCHES
+
+    admission, draft = srv.app.router.admission["small"], srv.app.router.draft_budget
+    reserved = {}
+    for method in ("sd", "spectr"):
+        gate = Gate(srv, monkeypatch)
+        out: dict = {}
+
+        def one(method=method):
+            with TandemClient(srv.address) as c:
+                out[method] = c.generate(target="small", prompt_token_ids=PROMPT_IDS, max_new_tokens=20, ignore_eos=True,
+                                         method=method, max_draft_len=SD_LEN, timeout=120)
+
+        t = threading.Thread(target=one)
+        t.start()
+        wait_for(lambda: gate.calls == 1)
+        reserved[method] = (admission.kv_reserved, draft.kv_reserved)
+        gate.open.set()
+        t.join(120)
+        assert out[method].stats["method"] == method
+        monkeypatch.undo()
+    target_sd, draft_sd = reserved["sd"]
+    assert target_sd > 0 and draft_sd > 0
+    assert reserved["spectr"] == (SPECTR_BRANCHES * target_sd, SPECTR_BRANCHES * draft_sd)
+    assert admission.kv_reserved == 0 and draft.kv_reserved == 0
+
+
 # ------------------------------------------------------------------ the draft pool's KV budget
 
 
