@@ -210,7 +210,15 @@ class Shareable:
             return
         by_name = {rec["name"]: rec for rec in listed["members"]}
         known = {m.name for m in self.members if not m.retired}
-        new = [self.member_from(rec) for name, rec in by_name.items() if name not in known]
+        new, missing = [], []
+        for name, rec in by_name.items():
+            if name not in known:
+                try:
+                    new.append(self.member_from(rec))
+                except ValueError:  # listed, but no such actor (ended outside tandem): skipped
+                    missing.append(name)
+        if missing:
+            log.warning("%s: the directory lists replicas with no actor, skipped: %s", shared.key, ", ".join(missing))
         with self.chooser._lock:
             for m in self.members:
                 if m.retired:
@@ -221,7 +229,7 @@ class Shareable:
                     m.draining, m.draining_since = True, time.monotonic()
         for m in new:
             self.chooser.place(m)
-        shared.version = listed["version"]
+        shared.version = listed["version"] if not missing else -1  # look again next time
 
     def close_orphans(self) -> int:
         """A shared pool: close the state other routers left on its actors once their lease
@@ -330,7 +338,11 @@ def attach_or_create(pool: Any, shared: SharedPool, spec: Any, count: int, *, ti
                     f"(or stop the old pools: tandem pools-down)"
                 )
             shared.version = listed["version"]
-            return [pool.member_from(rec) for rec in listed["members"]], False
+            try:
+                return [pool.member_from(rec) for rec in listed["members"]], False
+            except ValueError as exc:
+                raise ValueError(f"ray.shared_pools: pool {shared.key!r} lists a replica whose actor is gone ({exc}); "
+                                 f"end the pools with `tandem pools-down` and start again") from None
         if shared.call("claim", f"create:{shared.key}", shared.owner, timeout_s + 30.0):
             members = pool.launch_loaded(count, timeout_s=timeout_s)
             if not shared.call("create", shared.key, fingerprint, [pool.record(m) for m in members]):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tandem.actors.directory import DIRECTORY_NAME, SharedPool, pools_down
+from tandem.actors.directory import DIRECTORY_NAME, SharedPool, attach_or_create, pools_down, spec_fingerprint
 from tandem.actors.engine import ActorEngine
 from tandem.actors.pools import DraftPool, DraftPoolSpec, TargetPool, TargetSpec
 from tandem.actors.remote import control_call
@@ -160,6 +160,17 @@ def test_a_pool_grown_drained_and_retired_by_one_router_is_followed_by_the_other
         pb.sync()
         assert pb.members[1].retired and pb.size == 1
         assert gone(newest)
+        # a listed replica whose actor is gone is skipped (logged), the rest still followed;
+        # a router attaching to a pool listing only such replicas gets a clear error
+        ghost = {"name": "tandem-target-t-ghost", "shards": [], "pg": None, "draining": False}
+        pa.shared.call("add", "target:t", ghost)
+        pb.sync()
+        assert [m.name for m in pb.members if not m.retired] == [pa.members[0].name]
+        pa.shared.call("remove", "target:t", ghost["name"])
+        pa.shared.call("create", "target:ghosts", spec_fingerprint(pa.spec), [ghost])
+        with pytest.raises(ValueError, match="ray.shared_pools: pool 'target:ghosts' lists a replica whose actor is gone"):
+            attach_or_create(pa, SharedPool(key="target:ghosts", owner="router-c"), pa.spec, 1, timeout_s=5)
+        pa.shared.call("drop", "target:ghosts")
         # the lease passes on when its holder stops renewing it
         pa.shared.call("release", "scale:target:t", "router-a")
         assert pb.may_scale() and not pa.may_scale()
