@@ -314,8 +314,12 @@ def keep_router_lease(shared: SharedPool) -> None:
             time.sleep(ttl / 6)
             try:  # the directory as it is now (it may have restarted), never a new one
                 handle = ray.get_actor(DIRECTORY_NAME)
+            except ValueError:  # ended (tandem pools-down): no pools left to hold a lease on
+                _router_leases.pop(owner, None)
+                return
+            try:
                 ray.get(handle.claim.remote(f"router:{owner}", owner, ttl), timeout=10.0)
-            except Exception:  # noqa: BLE001 - restarting or gone: try again next round
+            except Exception:  # noqa: BLE001 - restarting: try again next round
                 log.warning("router lease: no answer from the pool directory")
 
     _router_leases[owner] = thread = threading.Thread(target=renew, name="router-lease", daemon=True)

@@ -556,8 +556,13 @@ def test_client_keepalive_pings_stay_within_the_servers_policy():
     # scaled down for time (gRPC pings at most once a second): a client pinging every 1 s,
     # idle, against a server accepting pings every 0.5 s stays connected; the negative
     # control, a server accepting one per 10 s, answers the third early ping (after its 2
-    # strikes) with GOAWAY "too_many_pings", and the channel drops
+    # strikes) with GOAWAY "too_many_pings", and the connection drops (the client's round-robin
+    # channel then connects again: READY -> CONNECTING -> READY; a pick-first one went IDLE)
     states = _pinged_channel_states({"within": 0.5, "stricter": 10.0}, keepalive_s=1.0, idle_s=4.5)
     within, stricter = states["within"], states["stricter"]
-    assert within[-1] == "READY" and "IDLE" not in within[within.index("READY"):], within
-    assert "READY" in stricter and "IDLE" in stricter[stricter.index("READY"):], stricter
+
+    def dropped(seen: list[str]) -> bool:
+        return any(s != "READY" for s in seen[seen.index("READY"):])
+
+    assert within[-1] == "READY" and not dropped(within), within
+    assert "READY" in stricter and dropped(stricter), stricter
