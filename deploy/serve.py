@@ -98,6 +98,9 @@ def build_engine(cfg: TandemConfig, *, resolve=resolve_model_path) -> ActorEngin
     if cfg.ray.shared_pools and not join_address(cfg.ray.address):
         raise ValueError("ray.shared_pools: needs a Ray cluster to join (ray.address, --address or RAY_ADDRESS); "
                          "an embedded Ray ends with its router, and its pools with it")
+    if cfg.ray.shared_pools and not cfg.server.heartbeat_s:
+        raise ValueError("ray.shared_pools: needs server.heartbeat_s; on each heartbeat a router takes the other "
+                         "routers' pool changes and closes what a dead router left on the actors")
     draft_spec, target_specs = pool_specs(cfg, resolve=resolve)
     if join_address(cfg.ray.address):
         say(f"joining Ray at {join_address(cfg.ray.address)}")

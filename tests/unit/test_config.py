@@ -122,6 +122,9 @@ def test_shared_pools_need_a_cluster_to_join(clean_env, tmp_path):
     assert cfg.ray.shared_pools
     with pytest.raises(ValueError, match="ray.shared_pools: needs a Ray cluster to join"):
         build_engine(cfg)
+    no_heartbeat = load_config(write(tmp_path, "ray: {shared_pools: true, address: 'ray://nowhere:1'}\nserver: {heartbeat_s: null}\n"))
+    with pytest.raises(ValueError, match="ray.shared_pools: needs server.heartbeat_s"):
+        build_engine(no_heartbeat)  # refused before joining anything
     out = subprocess.run([sys.executable, "-m", "tandem.deploy.cli", "pools-down"], capture_output=True, text=True,
                          env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, timeout=120)
     assert out.returncode == 2 and "tandem pools-down: error: address:" in out.stderr and "Traceback" not in out.stderr
