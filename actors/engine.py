@@ -44,7 +44,7 @@ class ActorEngine:
         # a shared pool's router prefixes its requests' keys on the actors with its owner id,
         # so that the others can close what it leaves behind if it dies (actors/directory.py)
         self.key_prefix = next((f"{p.shared.owner}/" for p in [draft_pool, *target_pools.values()]
-                                if p is not None and getattr(p, "shared", None) is not None), "")
+                                if p is not None and p.shared is not None), "")
         self.monitor = None
         self.autoscaler: PoolAutoscaler | None = None
         if heartbeat_s:
