@@ -132,8 +132,14 @@ def spec_fingerprint(spec: Any) -> str:
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 
+def router_prefix(pid: int) -> str:
+    """How the ids of the routers a process runs begin (host:pid:): what its request keys on
+    the actors start with."""
+    return f"{socket.gethostname()}:{pid}:"
+
+
 def router_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+    return f"{router_prefix(os.getpid())}{uuid.uuid4().hex[:6]}"
 
 
 @dataclass

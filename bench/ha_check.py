@@ -279,8 +279,10 @@ def run_ha_check(address: str, root: Path, *, namespace: str, clients: int = 3, 
 
 
 def owner_prefix(router: Router) -> str:
-    """The prefix a router's requests carry on the actors (its owner id: host:pid:...)."""
-    return f"{socket.gethostname()}:{router.proc.pid}:"
+    """The prefix a router's requests carry on the actors (its owner id)."""
+    from tandem.actors.directory import router_prefix
+
+    return router_prefix(router.proc.pid)
 
 
 def main(argv=None) -> int:
