@@ -23,7 +23,8 @@ from tandem.actors.autoscale import PoolAutoscaler, ScaleEvent, ScalePolicy
 from tandem.actors.health import HealthMonitor
 from tandem.actors.pools import DRAFT_POOL, DraftPool, TargetPool
 from tandem.actors.remote import POLL_S, CallWatch, RaySide
-from tandem.actors.speculative import GenerationResult, SideUnavailableError, SpecConfig, run_request
+from tandem.actors.speculative import GenerationResult, SideUnavailableError, SpecConfig, request_steps
+from tandem.actors.steps import Sleep, Steps, drive, drive_async
 from tandem.speculation.sampling import SamplingParams, TokenLogprob
 from tandem.speculation.stats import SpecStats
 
@@ -72,7 +73,7 @@ class ActorEngine:
         """Per target: whether some replica can take a request now."""
         return {name: pool.healthy for name, pool in self.targets.items()}
 
-    def _wait_for_replica(self, pool: TargetPool, should_stop, *, name: str):
+    def _wait_for_replica(self, pool: TargetPool, should_stop, *, name: str) -> Steps:
         """A healthy replica, waiting (a restart) while the request may; None when the
         request stopped (deadline, cancel) meanwhile."""
         waited_from = time.monotonic()
@@ -84,9 +85,18 @@ class ActorEngine:
                 return None
             if time.monotonic() - waited_from > REPLICA_WAIT_S:
                 raise SideUnavailableError(f"target {name!r}: no healthy replica within {REPLICA_WAIT_S:.0f}s", role="target")
-            time.sleep(POLL_S)
+            yield Sleep(POLL_S)
 
-    def generate(
+    def generate(self, target: str, prompt: Sequence[int], **kwargs) -> GenerationResult:
+        """One request on this thread (it blocks on the actors' answers): steps()'s arguments."""
+        return drive(self.steps(target, prompt, **kwargs))
+
+    async def agenerate(self, target: str, prompt: Sequence[int], **kwargs) -> GenerationResult:
+        """One request on the running event loop, holding no thread while it waits on the
+        actors (the router's way): steps()'s arguments; the callbacks run on the loop."""
+        return await drive_async(self.steps(target, prompt, **kwargs))
+
+    def steps(
         self,
         target: str,
         prompt: Sequence[int],
@@ -102,8 +112,9 @@ class ActorEngine:
         tracing=None,
         on_logprobs: Callable[[list[TokenLogprob]], None] | None = None,
         round_draft_len: Callable[[], int] | None = None,
-    ) -> GenerationResult:
-        """tracing: for a traced request, where its actor calls' spans go (RaySide's `tracing`).
+    ) -> Steps:
+        """One request as a step generator (actors/steps.py) returning its GenerationResult.
+        tracing: for a traced request, where its actor calls' spans go (RaySide's `tracing`).
         on_logprobs, round_draft_len: as run_request's (sampling.logprobs set), over every attempt."""
         if target not in self.targets:
             raise KeyError(f"target {target!r} is not served; targets: {', '.join(sorted(self.targets))}")
@@ -128,7 +139,7 @@ class ActorEngine:
         parts: list[GenerationResult] = []
         reason = None  # set by the attempt that finishes
         for attempt in range(1, MAX_TARGET_ATTEMPTS + 1):
-            picked = self._wait_for_replica(pool, should_stop, name=target)
+            picked = yield from self._wait_for_replica(pool, should_stop, name=target)
             if picked is None:
                 break  # stopped while waiting: finish with what was emitted
             ti, member = picked
@@ -142,7 +153,7 @@ class ActorEngine:
                     draft_side = RaySide(draft_pick[1].handle, role="draft", watch=watch, member=draft_pick[1], on_failure=lambda i=di: self.draft_pool.mark_failed(i), tracing=tracing)
                 target_side = RaySide(member.handle, role="target", watch=watch, member=member, on_failure=lambda i=ti: pool.mark_failed(i), tracing=tracing)
                 parts.append(
-                    run_request(
+                    (yield from request_steps(
                         draft=draft_side,
                         target=target_side,
                         request_id=attempt_key,
@@ -157,7 +168,7 @@ class ActorEngine:
                         on_logprobs=track_logprobs if emitted_lp is not None else None,
                         prompt_len=len(prompt),  # penalties count what was emitted as output
                         round_draft_len=round_draft_len,
-                    )
+                    ))
                 )
                 reason = parts[-1].finish_reason
                 break

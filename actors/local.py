@@ -20,7 +20,8 @@ import torch
 from tandem.actors.block_costs import measure_block_costs
 from tandem.actors.drafter import Drafter
 from tandem.actors.runner import ModelRunner
-from tandem.actors.speculative import GenerationResult, LocalSide, run_request
+from tandem.actors.speculative import GenerationResult, LocalSide, request_steps
+from tandem.actors.steps import Steps, drive, drive_async
 from tandem.speculation.plan import SpecConfig
 from tandem.actors.verifier import Verifier
 from tandem.speculation.goodput import PRIOR_ACCEPTANCE, GoodputPolicy, planned_draft_len, round_rate
@@ -222,14 +223,34 @@ class LocalEngine:
         round_draft_len: Callable[[], int] | None = None,
     ) -> GenerationResult:
         """Run one planned request (no planning, no learning: the caller's on_round does that;
-        round_draft_len: the caller's per-round re-plan, as run_request's)."""
+        round_draft_len: the caller's per-round re-plan, as request_steps'), on this thread."""
+        return drive(self.run_steps(prompt, spec=spec, sampling=sampling, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
+                                    on_tokens=on_tokens, should_stop=should_stop, on_round=on_round,
+                                    on_logprobs=on_logprobs, request_id=request_id, round_draft_len=round_draft_len))
+
+    def run_steps(
+        self,
+        prompt: Sequence[int],
+        *,
+        spec: SpecConfig,
+        sampling: SamplingParams | None = None,
+        max_new_tokens: int = 128,
+        stop_ids: Sequence[int] = (),
+        on_tokens: Callable[[list[int]], None] | None = None,
+        should_stop: Callable[[], str | None] | None = None,
+        on_round: Callable[[dict], None] | None = None,
+        on_logprobs: Callable[[list], None] | None = None,
+        request_id: str | None = None,
+        round_draft_len: Callable[[], int] | None = None,
+    ) -> Steps:
+        """run()'s request as a step generator (actors/steps.py); the checks run at once."""
         if spec.method != "ar" and self.drafter is None:
             raise ValueError(f"method {spec.method!r} needs a draft model; only 'ar' runs without one")
         if spec.policy is not None and self.drafter is not None:
             self.drafter.check_policy(spec.policy)
         check_context(len(prompt), max_new_tokens, self.target.max_context, draft_len=spec.draft_len if spec.method != "ar" else 0)
         target, draft = self._pair("parallel" if spec.method == "pearl" else "sequential")
-        return run_request(
+        return request_steps(
             draft=draft if spec.method != "ar" else None,
             target=target,
             request_id=request_id or f"local-{next(self._ids)}",
@@ -259,9 +280,17 @@ class InProcessEngine:
         """ActorEngine.generate's keywords (spec, sampling, max_new_tokens, stop_ids, on_tokens,
         should_stop, on_round, request_id, on_logprobs, round_draft_len), run by the target's LocalEngine.run;
         tracing (actor call spans) has nothing to trace here."""
+        return drive(self._steps(target, prompt, **kwargs))
+
+    async def agenerate(self, target: str, prompt: Sequence[int], *, tracing=None, **kwargs) -> GenerationResult:
+        """generate() on the running event loop: the models run on their side threads, the
+        request holds none of its own (the router's way, as ActorEngine.agenerate)."""
+        return await drive_async(self._steps(target, prompt, **kwargs))
+
+    def _steps(self, target: str, prompt: Sequence[int], **kwargs) -> Steps:
         if target not in self.engines:
             raise KeyError(f"target {target!r} is not served; targets: {', '.join(sorted(self.engines))}")
-        return self.engines[target].run(prompt, **kwargs)
+        return self.engines[target].run_steps(prompt, **kwargs)
 
     def shutdown(self) -> None:
         for engine in self.engines.values():

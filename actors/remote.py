@@ -121,35 +121,60 @@ class CallWatch:
 
 
 class _RayFuture:
+    """One actor call's answer: `result()` waits on this thread, `wait()` on the event loop
+    (actors/steps.py); both keep checking the call's watch while they wait."""
+
     def __init__(self, ref, side: "RaySide"):
         self.ref = ref
         self.side = side
+        self._started = time.monotonic()
+        self._cancelled_at: float | None = None
 
     def result(self):
         import ray
         from ray.exceptions import GetTimeoutError
 
-        side, watch = self.side, self.side.watch
-        started = time.monotonic()
-        cancelled_at = None
         while True:
             try:
-                return side.unwrap(ray.get(self.ref, timeout=POLL_S))  # one round trip when the answer is quick
+                return self.side.unwrap(ray.get(self.ref, timeout=POLL_S))  # one round trip when the answer is quick
             except GetTimeoutError:
                 pass
             except _actor_errors() + (RequestStateLostError,) as exc:
                 # a dead actor, or a restarted one that lost the request: the side is gone
                 self._fail(type(exc).__name__, cause=exc)
-            now = time.monotonic()
-            if side.member is not None and side.member.hung:
-                self._fail("stopped answering its heartbeat")
-            if cancelled_at is None and watch.should_stop is not None and watch.should_stop():
-                cancelled_at = now
-                control_call(side.handle, "cancel", watch.key)  # fire and forget: the actor drops the work
-            if cancelled_at is not None and now - cancelled_at > CANCEL_GRACE_S:
-                self._fail(f"did not drop a cancelled request within {CANCEL_GRACE_S:.0f}s")
-            if now - started > watch.max_call_s:
-                self._fail(f"gave no answer within {watch.max_call_s:.0f}s")
+            self._check()
+
+    async def wait(self):
+        import asyncio
+
+        answer = asyncio.wrap_future(self.ref.future())  # no thread: Ray completes it
+        try:
+            while True:
+                done, _ = await asyncio.wait({answer}, timeout=POLL_S)
+                if done:
+                    try:
+                        return self.side.unwrap(answer.result())
+                    except _actor_errors() + (RequestStateLostError,) as exc:
+                        self._fail(type(exc).__name__, cause=exc)
+                self._check()
+        finally:
+            answer.cancel()  # a call given up on (failed, cancelled): its late answer is not wanted
+
+    def _check(self) -> None:
+        """Between polls: a hung actor fails the call; a stopped request is cancelled on the
+        actor (fire and forget), which gets CANCEL_GRACE_S to drop it; no call outlives
+        its watch's max_call_s."""
+        side, watch = self.side, self.side.watch
+        now = time.monotonic()
+        if side.member is not None and side.member.hung:
+            self._fail("stopped answering its heartbeat")
+        if self._cancelled_at is None and watch.should_stop is not None and watch.should_stop():
+            self._cancelled_at = now
+            control_call(side.handle, "cancel", watch.key)  # fire and forget: the actor drops the work
+        if self._cancelled_at is not None and now - self._cancelled_at > CANCEL_GRACE_S:
+            self._fail(f"did not drop a cancelled request within {CANCEL_GRACE_S:.0f}s")
+        if now - self._started > watch.max_call_s:
+            self._fail(f"gave no answer within {watch.max_call_s:.0f}s")
 
     def _fail(self, why: str, cause: BaseException | None = None):
         self.side.failed_once()
@@ -216,5 +241,10 @@ class _CloseFuture:
         import ray
 
         return ray.get(self.ref, timeout=CLOSE_WAIT_S)
+
+    async def wait(self):
+        import asyncio
+
+        return await asyncio.wait_for(asyncio.wrap_future(self.ref.future()), CLOSE_WAIT_S)
 
 

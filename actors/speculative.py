@@ -16,10 +16,12 @@ Glossary
     forward.
 
 The loop talks to the two sides through *handles* whose calls return futures, so the same
-code drives plain objects on threads (in-process) and Ray actors (actors/pools.py, actors/engine.py). Only
+code drives plain objects on threads (in-process) and Ray actors (actors/pools.py, actors/engine.py).
+It is a step generator (actors/steps.py): it yields each future it waits on, so it runs on a
+thread (run_request) or on an event loop with no thread of its own (drive_async). Only
 token ids, sparse q and small dataclasses (logprobs: a token's value and its top N) cross a
 handle. Past 400 lines on purpose: the five loops share one open / commit / close protocol
-(_Progress, _record, run_request), which splitting them apart would repeat.
+(_Progress, _record, request_steps), which splitting them apart would repeat.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 
 from tandem.actors.devices import thread_initializer
+from tandem.actors.steps import Steps, drive
 from tandem.speculation.plan import SpecConfig, context_reserve
 from tandem.speculation.sampling import SamplingParams, TokenLogprob
 from tandem.speculation.stats import SpecStats
@@ -172,7 +175,7 @@ class _Progress:
             self.on_tokens(new)
 
 
-def run_request(
+def request_steps(
     *,
     draft: SideHandle | None,
     target: SideHandle,
@@ -188,8 +191,10 @@ def run_request(
     on_logprobs: Callable[[list[TokenLogprob]], None] | None = None,
     prompt_len: int | None = None,
     round_draft_len: Callable[[], int] | None = None,
-) -> GenerationResult:
-    """Generate for one request. Opens and always closes the request on both sides.
+) -> Steps:
+    """Generate for one request, as a step generator (actors/steps.py: drive it on a thread,
+    or drive_async on an event loop); returns the GenerationResult. Opens and always closes
+    the request on both sides.
 
     on_tokens: called with each commit's tokens (streaming).
     should_stop: polled once per round; returns a finish reason ("cancelled", "deadline",
@@ -230,14 +235,14 @@ def run_request(
             draft_open = draft.call("open", request_id, sampling=sampling, capacity=capacity, prompt_len=prompt_len)
         # the target's cache is allocated once at what the router's admission reserved
         prefill = target.call("open", request_id, progress.prompt, sampling=sampling, prompt_len=prompt_len, capacity=capacity)
-        prefill.result()
+        yield prefill
         # The prefill's logits give the first token for free: stream it before any drafting.
-        first = target.call("verify", request_id, None, bonus=True).result()
+        first = yield target.call("verify", request_id, None, bonus=True)
         progress.commit(first.tokens, first.logprobs)
         _first_token_time(result, progress, t_start)
         if draft_open is not None:
             try:
-                draft_open.result()
+                yield draft_open
             except Exception:  # noqa: BLE001 - a broken draft never fails the request
                 use_draft = False
                 result.draft_failed = True
@@ -248,7 +253,7 @@ def run_request(
             "pearl": _loop_pearl,
             "spectr": _loop_spectr,
         }[spec.method]
-        loop(
+        yield from loop(
             draft=draft if use_draft else None,
             target=target,
             request_id=request_id,
@@ -274,12 +279,18 @@ def run_request(
             closes.append(draft.call("close", request_id))
         for c in closes:
             try:
-                c.result()
+                yield c
             except Exception:  # noqa: BLE001 - closing a dead side is not an error
                 pass
     result.finish_reason = progress.finish_reason or result.finish_reason
     result.total_s = time.perf_counter() - t_start
     return result
+
+
+def run_request(**kwargs: Any) -> GenerationResult:
+    """request_steps' keywords -> its GenerationResult, driven on this thread (each call's
+    answer waited for here)."""
+    return drive(request_steps(**kwargs))
 
 
 def _wanted(spec: SpecConfig, round_draft_len: Callable[[], int] | None) -> Callable[[], int]:
@@ -305,12 +316,12 @@ def _stop_requested(progress: _Progress, should_stop) -> bool:
     return False
 
 
-def _draft_or_none(fut: CallFuture | None, result: GenerationResult):
+def _draft_or_none(fut: CallFuture | None, result: GenerationResult) -> Steps:
     """Resolve a draft future; a failed draft turns the request target-only."""
     if fut is None:
         return None
     try:
-        return fut.result()
+        return (yield fut)
     except Exception:  # noqa: BLE001 - any draft failure: finish without the draft
         result.draft_failed = True
         return None
@@ -356,14 +367,14 @@ def _loop_sd(*, draft, target, request_id, spec, progress, stats, result, should
         draft_len = min(want() if draft is not None else 0, max(progress.remaining - 1, 0))
         block = None
         if draft is not None and draft_len > 0:
-            block = _draft_or_none(
+            block = yield from _draft_or_none(
                 draft.call("draft", request_id, progress.committed, draft_len=draft_len, policy=spec.policy), result
             )
             if block is None:
                 draft = None  # the draft died: target-only from here, nothing lost
             else:
                 result.draft_s += block.draft_s
-        outcome = target.call("verify", request_id, block, bonus=True).result()
+        outcome = yield target.call("verify", request_id, block, bonus=True)
         progress.commit(outcome.tokens, outcome.logprobs)
         _first_token_time(result, progress, t_start)
         draft_s = block.draft_s if block else 0.0
@@ -377,7 +388,7 @@ def _loop_spectr(*, draft, target, request_id, spec, progress, stats, result, sh
         draft_len = min(want() if draft is not None else 0, max(progress.remaining - 1, 0))
         branches = None
         if draft is not None and draft_len > 0:
-            branches = _draft_or_none(
+            branches = yield from _draft_or_none(
                 draft.call("draft_branches", request_id, progress.committed, draft_len=draft_len, k=spec.k), result
             )
             if branches is None:
@@ -385,9 +396,9 @@ def _loop_spectr(*, draft, target, request_id, spec, progress, stats, result, sh
             else:
                 result.draft_s += branches.draft_s
         if branches is None:
-            outcome = target.call("verify", request_id, None, bonus=True).result()
+            outcome = yield target.call("verify", request_id, None, bonus=True)
         else:
-            outcome = target.call("verify_branches", request_id, branches).result()
+            outcome = yield target.call("verify_branches", request_id, branches)
         progress.commit(outcome.tokens, outcome.logprobs)
         _first_token_time(result, progress, t_start)
         draft_s = branches.draft_s if branches else 0.0
@@ -404,7 +415,7 @@ def _loop_pearl(*, draft, target, request_id, spec, progress, stats, result, sho
         t_round = time.perf_counter()
         wanted = want() if draft is not None and block is None else 1
         if draft is None or wanted == 0:
-            outcome = target.call("verify", request_id, None, bonus=True).result()
+            outcome = yield target.call("verify", request_id, None, bonus=True)
             progress.commit(outcome.tokens, outcome.logprobs)
             _first_token_time(result, progress, t_start)
             _record(stats, result, outcome, None, t_round, critical_s=outcome.target_s, progress=progress)
@@ -412,7 +423,7 @@ def _loop_pearl(*, draft, target, request_id, spec, progress, stats, result, sho
         sequential_draft_s = 0.0
         if block is None:  # nothing in flight: draft the first block of a run
             draft_len = max(1, min(next_draft_len, wanted, progress.remaining))
-            block = _draft_or_none(draft.call("draft", request_id, progress.committed, draft_len=draft_len, policy=spec.policy), result)
+            block = yield from _draft_or_none(draft.call("draft", request_id, progress.committed, draft_len=draft_len, policy=spec.policy), result)
             if block is None:
                 draft = None
                 continue
@@ -426,8 +437,8 @@ def _loop_pearl(*, draft, target, request_id, spec, progress, stats, result, sho
         if ahead_len > 0:
             assumed = progress.committed + block.tokens
             d_fut = draft.call("draft", request_id, assumed, draft_len=ahead_len, policy=spec.policy)
-        outcome = v_fut.result()
-        nxt = _draft_or_none(d_fut, result)
+        outcome = yield v_fut
+        nxt = yield from _draft_or_none(d_fut, result)
         if d_fut is not None and nxt is None:
             draft = None
         progress.commit(outcome.tokens, outcome.logprobs)
