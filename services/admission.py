@@ -1,8 +1,9 @@
 """Admission: which requests a target runs now, which wait, and which are refused.
 
 One `Admission` per target. A request runs when both hold:
-- fewer than `max_concurrent` requests of the target run (each still holds a worker thread
-  while its loop runs on the actors), and
+- fewer than `max_concurrent` requests of the target run (a running request is a task on
+  the event loop, no thread; the bound keeps each actor's batch and the router's work
+  per target in check), and
 - its KV reservation fits the target's KV budget: `kv_bytes_per_token` x (prompt +
   max_new_tokens + the planner's context_reserve) x the copies of its cache a round holds
   (plan.kv_copies: SpecTr's k branches, else 1) against the budget of every serving
@@ -91,7 +92,7 @@ class Slot:
 
 class Admission:
     """Admission of one target's requests (see the module docstring). Runs on the event loop;
-    `Slot.release` may come from a worker thread's done callback through the loop."""
+    `Slot.release` comes from the request task's done callback, on the same loop."""
 
     def __init__(self, route, *, max_concurrent: int, queue_size: int, replicas: Callable[[], int] | None = None):
         self.route = route

@@ -1,10 +1,13 @@
 """The router: several targets behind one endpoint, one shared draft pool for all of them.
 
 Per request it validates limits, admits the request by its KV reservation through its
-target's bounded queue (services/admission.py; each target has its own admission and
-threads, so one target's hung actors cannot hold up another's requests), has the planner (speculation/plan.py) pick the method, draft exit and draft length for the
-request's target (its goodput policy, speculation/goodput.py), runs the speculation loop across the
-actor pools on a worker thread, and streams deltas back to the asyncio side. Deadlines,
+target's bounded queue (services/admission.py; each target has its own admission, so one
+target's hung actors cannot hold up another's requests), has the planner
+(speculation/plan.py) pick the method, draft exit and draft length for the request's target
+(its goodput policy, speculation/goodput.py), runs the speculation loop across the actor
+pools as a task on the server's event loop (engine.agenerate: a step generator that awaits
+the actors' answers, so no request holds a thread; actors/steps.py), and streams deltas
+back. Deadlines,
 client cancellation and stop strings end the loop at the next round, and reach the actors
 too (their queued and running work for the request is dropped); the loop then frees the
 request's KV on every actor it touched, and only then its admission slot. A speculating
@@ -23,7 +26,6 @@ import logging
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Sequence
 
@@ -187,13 +189,11 @@ class Router:
         self.max_concurrent = max_concurrent
         self.telemetry = telemetry
         self.draft_exits = tuple(draft_exits)
-        # Per target: its own slots and worker threads, so a target whose actors hang can
-        # fill only its own (isolation). A slot is held until the request's work on the
-        # actors has ended, not merely until its client left, so abandoned work counts
-        # against admission.
-        self._pools = {
-            name: ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix=f"request-{name}") for name in routes
-        }
+        # Per target: its own slots, so a target whose actors hang can fill only its own
+        # (isolation). A slot is held until the request's work on the actors has ended, not
+        # merely until its client left, so abandoned work counts against admission. The work
+        # itself is a task on the server's event loop (engine.agenerate): no thread a request.
+        self._tasks: set[asyncio.Task] = set()
         self.admission = {
             name: Admission(route, max_concurrent=max_concurrent, queue_size=queue_size, replicas=self._replicas_of(name))
             for name, route in routes.items()
@@ -202,7 +202,6 @@ class Router:
         self._sorted_fallback_logged: set[str] = set()
         self.draft_budget = self._draft_budget()
         self.draftless = 0  # requests run with speculation off because the draft KV budget was full
-        self._lock = threading.Lock()
         if telemetry is not None:
             telemetry.observe_requests(self.request_states)
             telemetry.observe_kv_tokens(self.kv_tokens)
@@ -346,11 +345,12 @@ class Router:
             trace.__enter__()
         tracing = trace.actor_tracing() if trace is not None else None  # None unless rounds are sampled
         state_key = self.new_state_key()
+        # the engine's callbacks run on this event loop (engine.agenerate)
         def on_tokens(tokens: list[int]) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, ("tokens", list(tokens)))
+            queue.put_nowait(("tokens", list(tokens)))
 
         def on_logprobs(logprobs: list) -> None:  # queued just before the same commit's tokens
-            loop.call_soon_threadsafe(queue.put_nowait, ("logprobs", list(logprobs)))
+            queue.put_nowait(("logprobs", list(logprobs)))
 
         def on_round(info: dict) -> None:
             if trace is not None:
@@ -383,8 +383,8 @@ class Router:
 
         replans = plan.choice is not None and spec.method != "ar"
 
-        def work() -> GenerationResult:
-            return self.engine.generate(
+        async def work() -> GenerationResult:
+            return await self.engine.agenerate(
                 route.name,
                 list(req.prompt_ids),
                 spec=spec,
@@ -400,10 +400,11 @@ class Router:
                 **({"round_draft_len": replan} if replans else {}),
             )
 
-        fut = loop.run_in_executor(self._pools[route.name], work)
+        fut = loop.create_task(work(), name=f"request-{route.name}-{state_key}")
+        self._tasks.add(fut)
         slot.handed_over = True  # from here the slot frees when the work ends, not when the client leaves
         slot.hold_kv(len(req.prompt_ids))
-        fut.add_done_callback(lambda f: (queue.put_nowait(("done", None)), slot.release()))
+        fut.add_done_callback(lambda f: self._work_done(f, queue, slot))
         sent_tokens = 0
         pending_logprobs: list = []  # logprobs of tokens not yet taken from the queue
         first_sent = False
@@ -435,7 +436,11 @@ class Router:
                 # done
                 finished = True
                 try:
-                    result = fut.result()
+                    try:
+                        result = fut.result()
+                    except asyncio.CancelledError:  # Router.shutdown: the work closed on the actors, then stopped
+                        raise SideUnavailableError(f"target {route.name!r}: the server shut down while the request ran",
+                                                   role="target", emitted=sent_tokens) from None
                 except SideUnavailableError as exc:
                     if trace is not None:
                         trace.finish(finish_reason="error", completion_tokens=sent_tokens, method=method_name, draft_len=spec.draft_len, error=str(exc))
@@ -485,6 +490,22 @@ class Router:
             "exits_used": dict(s.exits_used),
         }
 
+    def _work_done(self, task: asyncio.Task, queue: asyncio.Queue, slot: Slot) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled():
+            task.exception()  # read by the stream when its client is still there; never logged as lost
+        queue.put_nowait(("done", None))
+        slot.release()
+
+    @property
+    def live_work(self) -> int:
+        """Requests whose work is running on the engine (clients gone or not)."""
+        return len(self._tasks)
+
     def shutdown(self) -> None:
-        for pool in self._pools.values():
-            pool.shutdown(wait=False, cancel_futures=True)
+        """Cancel the work still running (each closes its request on the actors first).
+        Thread-safe; a no-op for work whose event loop has stopped."""
+        for task in list(self._tasks):
+            task_loop = task.get_loop()
+            if task_loop.is_running() and not task_loop.is_closed():
+                task_loop.call_soon_threadsafe(task.cancel)

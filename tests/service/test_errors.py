@@ -263,7 +263,7 @@ def test_unauthenticated_carries_error_info(srv):
 
 
 class Gate:
-    """Holds every request at the engine until opened; counts engine.generate calls and the
+    """Holds every request at the engine until opened; counts engine.agenerate calls and the
     server's refusals (Admission.retry_after_s runs once per QueueFullError)."""
 
     def __init__(self, srv, monkeypatch):
@@ -273,18 +273,22 @@ class Gate:
         self.route = srv.app.router.routes["small"]
         engine, router = srv.engine, srv.app.router
         admission = router.admission["small"]
-        real_generate, real_retry_after = engine.generate, admission.retry_after_s
+        real_generate, real_retry_after = engine.agenerate, admission.retry_after_s
 
-        def generate(*args, **kwargs):
+        async def agenerate(*args, **kwargs):
             self.calls += 1
-            assert self.open.wait(60), "gate never opened"
-            return real_generate(*args, **kwargs)
+            for _ in range(6000):  # on the event loop: poll, holding no thread
+                if self.open.is_set():
+                    break
+                await asyncio.sleep(0.01)
+            assert self.open.is_set(), "gate never opened"
+            return await real_generate(*args, **kwargs)
 
         def retry_after_s():
             self.refusals += 1
             return real_retry_after()
 
-        monkeypatch.setattr(engine, "generate", generate)
+        monkeypatch.setattr(engine, "agenerate", agenerate)
         monkeypatch.setattr(admission, "retry_after_s", retry_after_s)
 
     @staticmethod
@@ -404,16 +408,16 @@ def test_a_refused_call_is_retried_and_admitted_once_the_queue_has_room(srv, ful
 
 @pytest.fixture
 def failing_target(srv, monkeypatch):
-    """engine.generate fails with SideUnavailableError, after sending `tokens` (if any)."""
+    """engine.agenerate fails with SideUnavailableError, after sending `tokens` (if any)."""
     state = {"calls": 0, "tokens": []}
 
-    def generate(target, prompt, *, on_tokens=None, **kwargs):
+    async def agenerate(target, prompt, *, on_tokens=None, **kwargs):
         state["calls"] += 1
         if state["tokens"]:
             on_tokens(list(state["tokens"]))
         raise SideUnavailableError(f"target {target!r}: replica died (injected)", role="target", emitted=len(state["tokens"]))
 
-    monkeypatch.setattr(srv.engine, "generate", generate)
+    monkeypatch.setattr(srv.engine, "agenerate", agenerate)
     return state
 
 

@@ -4,6 +4,7 @@ refuses what never could, and the actors hold what admission reserved."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 import urllib.request
@@ -46,19 +47,23 @@ def max_new_for(srv, share: float) -> int:
 
 
 class Gate:
-    """Holds requests at the engine until opened; counts engine.generate calls."""
+    """Holds requests at the engine until opened; counts engine.agenerate calls."""
 
     def __init__(self, srv, monkeypatch):
         self.open = threading.Event()
         self.calls = 0
-        real = srv.engine.generate
+        real = srv.engine.agenerate
 
-        def generate(*args, **kwargs):
+        async def agenerate(*args, **kwargs):
             self.calls += 1
-            assert self.open.wait(60), "gate never opened"
-            return real(*args, **kwargs)
+            for _ in range(6000):  # on the event loop: poll, holding no thread
+                if self.open.is_set():
+                    break
+                await asyncio.sleep(0.01)
+            assert self.open.is_set(), "gate never opened"
+            return await real(*args, **kwargs)
 
-        monkeypatch.setattr(srv.engine, "generate", generate)
+        monkeypatch.setattr(srv.engine, "agenerate", agenerate)
 
 
 def wait_for(pred, timeout=30.0):

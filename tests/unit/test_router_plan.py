@@ -67,7 +67,7 @@ def test_rounds_of_explicit_sd_price_the_full_draft_not_the_target_only_step():
     from tandem.speculation.stats import SpecStats
 
     class Engine:  # one layer under test: the router; the engine reports two rounds
-        def generate(self, target, prompt, *, spec, on_round, on_tokens, **kw):
+        async def agenerate(self, target, prompt, *, spec, on_round, on_tokens, **kw):
             for i in range(2):
                 on_round({"index": i, "start_ns": 0, "end_ns": 1, "drafted": 4, "accepted": 3, "emitted": 4,
                           "exits": [], "draft_s": 0.04, "verify_s": 0.5})
@@ -119,7 +119,7 @@ def test_auto_rounds_are_replanned_at_the_load_of_each_round():
     seen: dict[str, list] = {}
 
     class Engine:  # the engine asks before each round; the test moves the load between rounds
-        def generate(self, target, prompt, *, spec, on_tokens, round_draft_len=None, **kw):
+        async def agenerate(self, target, prompt, *, spec, on_tokens, round_draft_len=None, **kw):
             seen["method"], seen["hook"] = spec.method, round_draft_len
             lens = []
             if round_draft_len is not None:
