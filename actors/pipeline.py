@@ -28,6 +28,7 @@ class RemoteSequence:
     key: str
     length: int = 0
     tokens: list[int] = field(default_factory=list)
+    capacity: int = 256  # KV positions each stage allocates for it at its first forward
 
 
 class TargetShard:
@@ -63,19 +64,25 @@ class TargetShard:
         self.sequences: dict[str, Any] = {}
         self.kv_budget_bytes = int(kv_budget_bytes) if kv_budget_bytes else default_kv_budget(self.runner.device)
 
-    def forward(self, keys: Sequence[str], starts: Sequence[int], inputs: Sequence) -> list[torch.Tensor]:
+    def forward(
+        self, keys: Sequence[str], starts: Sequence[int], inputs: Sequence, capacities: Sequence[int] | None = None
+    ) -> list[torch.Tensor]:
+        """capacities: per sequence, the KV positions to allocate at its first forward (what
+        admission reserved for the request, as an unsharded target allocates), else its first
+        block + 128, grown on demand."""
         self.default_device = apply_default_device_env()  # Ray runs this on its own threads
         if self.threads:
             torch.set_num_threads(self.threads)
         seqs = []
-        for key, start, x in zip(keys, starts, inputs):
+        for i, (key, start, x) in enumerate(zip(keys, starts, inputs)):
             seq = self.sequences.get(key)
             if seq is None:
                 if start > 0:
                     # this stage lost the sequence (it restarted): the request must be
                     # re-prefilled elsewhere, like a restarted target
                     raise RequestStateLostError(f"sequence {key!r} is not held by this stage (restarted?)")
-                seq = self.sequences[key] = self.runner.new_sequence(len(x) + 128)
+                capacity = max(int(capacities[i]), len(x)) if capacities else len(x) + 128
+                seq = self.sequences[key] = self.runner.new_sequence(capacity)
             seqs.append(seq)
         # hidden states and logits leave the stage on the CPU (the next stage or the front
         # may sit on another node, or have no GPU)
@@ -144,7 +151,8 @@ class PipelineRunner:
         self._name = name
 
     def new_sequence(self, capacity: int = 256) -> RemoteSequence:
-        return RemoteSequence(key=f"{self._name}-{next(self._ids)}")
+        """A sequence whose stages allocate `capacity` positions at its first forward."""
+        return RemoteSequence(key=f"{self._name}-{next(self._ids)}", capacity=int(capacity))
 
     @staticmethod
     def forward_rows(lengths: Sequence[int]) -> int:
@@ -162,9 +170,10 @@ class PipelineRunner:
                 raise ContextLengthError(f"sequence of {s.length + len(b)} tokens exceeds the model's context of {self.max_context}")
         keys = [s.key for s in seqs]
         starts = [s.length for s in seqs]
-        ref = self.stages[0].forward.remote(keys, starts, [list(b) for b in blocks])
+        capacities = [s.capacity for s in seqs]
+        ref = self.stages[0].forward.remote(keys, starts, [list(b) for b in blocks], capacities)
         for stage in self.stages[1:]:
-            ref = stage.forward.remote(keys, starts, ref)  # hidden states go stage to stage
+            ref = stage.forward.remote(keys, starts, ref, capacities)  # hidden states go stage to stage
         logits = self._ray.get(ref)
         for s, b in zip(seqs, blocks):
             s.length += len(b)
@@ -187,7 +196,7 @@ class PipelineRunner:
         del seq.tokens[seq.length :]
 
     def fork(self, seq: RemoteSequence) -> RemoteSequence:
-        child = RemoteSequence(key=f"{self._name}-{next(self._ids)}", length=seq.length, tokens=list(seq.tokens))
+        child = RemoteSequence(key=f"{self._name}-{next(self._ids)}", length=seq.length, tokens=list(seq.tokens), capacity=seq.capacity)
         self._ray.get([st.fork.remote(seq.key, child.key, seq.length) for st in self.stages])
         return child
 

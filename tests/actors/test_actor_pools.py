@@ -5,6 +5,7 @@ requests, placement on the pool resources, and sharded logits against unsharded 
 from __future__ import annotations
 
 import itertools
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -185,3 +186,37 @@ def test_logprobs_and_penalties_through_actors(engine, tiny_paths, target):
     for i, (t, lp) in enumerate(zip(out.tokens, out.logprobs)):
         assert abs(lp.logprob - full[i, t].item()) < 1e-5, i
         assert [x for x, _ in lp.top] == torch.topk(full[i], 2).indices.tolist(), i
+
+
+def test_sharded_stages_allocate_the_requests_capacity(ray_local, tiny_paths):
+    """Issue 12: each stage allocates a request's KV at the capacity admission reserved for it
+    (the Verifier's capacity, as an unsharded target does), so what the stages hold is what
+    was reserved. Control: a sequence opened without one starts at its first block + 128 and
+    grows by doubling, past the same length's reservation."""
+    import ray
+
+    path = tiny_paths[1]
+    full = ModelRunner(path, dtype="float32")
+    stages = [ray.remote(TargetShard).remote(path, layer_range=r, dtype="float32") for r in split_layers(4, 2)]
+    try:
+        pipe = PipelineRunner(stages, vocab_size=full.vocab_size, max_context=full.max_context)
+        per_token = [ray.get(st.info.remote())["kv_bytes_per_token"] for st in stages]
+        capacity = min(300, full.max_context)
+
+        def fill(seq) -> list[int]:
+            for start in range(0, capacity, 25):  # decode-sized blocks up to the reserved length
+                pipe.extend(seq, [(start + j) % full.vocab_size for j in range(min(25, capacity - start))])
+            used = ray.get([st.kv_bytes_used.remote() for st in stages])
+            pipe.release(seq)
+            deadline = time.monotonic() + 30
+            while any(ray.get([st.kv_bytes_used.remote() for st in stages])):
+                assert time.monotonic() < deadline, "stages kept the sequence"
+                time.sleep(0.05)
+            return used
+
+        assert fill(pipe.new_sequence(capacity)) == [capacity * b for b in per_token]
+        grown = fill(pipe.new_sequence())  # control: no capacity given
+        assert all(g > capacity * b for g, b in zip(grown, per_token)), (grown, per_token)
+    finally:
+        for st in stages:
+            ray.kill(st)
