@@ -207,26 +207,10 @@ class LocalEngine:
         result.plan = p
         return result
 
-    def run(
-        self,
-        prompt: Sequence[int],
-        *,
-        spec: SpecConfig,
-        sampling: SamplingParams | None = None,
-        max_new_tokens: int = 128,
-        stop_ids: Sequence[int] = (),
-        on_tokens: Callable[[list[int]], None] | None = None,
-        should_stop: Callable[[], str | None] | None = None,
-        on_round: Callable[[dict], None] | None = None,
-        on_logprobs: Callable[[list], None] | None = None,
-        request_id: str | None = None,
-        round_draft_len: Callable[[], int] | None = None,
-    ) -> GenerationResult:
-        """Run one planned request (no planning, no learning: the caller's on_round does that;
-        round_draft_len: the caller's per-round re-plan, as request_steps'), on this thread."""
-        return drive(self.run_steps(prompt, spec=spec, sampling=sampling, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
-                                    on_tokens=on_tokens, should_stop=should_stop, on_round=on_round,
-                                    on_logprobs=on_logprobs, request_id=request_id, round_draft_len=round_draft_len))
+    def run(self, prompt: Sequence[int], **kwargs) -> GenerationResult:
+        """Run one planned request on this thread: run_steps()'s arguments (no planning, no
+        learning: the caller's on_round does that)."""
+        return drive(self.run_steps(prompt, **kwargs))
 
     def run_steps(
         self,
@@ -243,7 +227,9 @@ class LocalEngine:
         request_id: str | None = None,
         round_draft_len: Callable[[], int] | None = None,
     ) -> Steps:
-        """run()'s request as a step generator (actors/steps.py); the checks run at once."""
+        """One planned request as a step generator (actors/steps.py; run() drives it here,
+        InProcessEngine.agenerate on an event loop); round_draft_len is the caller's per-round
+        re-plan, as request_steps'. The checks run at once."""
         if spec.method != "ar" and self.drafter is None:
             raise ValueError(f"method {spec.method!r} needs a draft model; only 'ar' runs without one")
         if spec.policy is not None and self.drafter is not None:

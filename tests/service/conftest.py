@@ -4,6 +4,9 @@ word-level tokenizer."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
+
 import pytest
 
 from tandem.deploy.config import parse_config
@@ -15,6 +18,27 @@ class ServerThread(BackgroundServer):
 
     def __init__(self, config_dict: dict, engine=None, resolve=None):
         super().__init__(parse_config(config_dict), engine=engine, resolve=resolve)
+
+
+class EngineGate:
+    """Holds every request at the engine until `open` is set (engine.agenerate, polled on the
+    server's event loop, so a held request holds no thread); counts the calls."""
+
+    def __init__(self, engine, monkeypatch):
+        self.open = threading.Event()
+        self.calls = 0
+        real = engine.agenerate
+
+        async def agenerate(*args, **kwargs):
+            self.calls += 1
+            for _ in range(6000):
+                if self.open.is_set():
+                    break
+                await asyncio.sleep(0.01)
+            assert self.open.is_set(), "gate never opened"
+            return await real(*args, **kwargs)
+
+        monkeypatch.setattr(engine, "agenerate", agenerate)
 
 
 def service_config(models: dict, **server) -> dict:

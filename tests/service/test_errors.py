@@ -44,7 +44,7 @@ from tandem.services.admission import RETRY_MAX_S, RETRY_MIN_S, RETRY_PRIOR_S
 from tandem.services.servicer import MAX_STOP_STRINGS, MAX_TOP_LOGPROBS
 from tandem.v1 import tandem_pb2 as pb
 from tandem.v1 import tandem_pb2_grpc as pb_grpc
-from tests.service.conftest import ServerThread, service_config
+from tests.service.conftest import EngineGate, ServerThread, service_config
 from tests.service.test_grpc_service import BAD_CLIENT_ARGS
 from tests.service.test_hostile import BAD as UNDECODABLE
 
@@ -262,33 +262,21 @@ def test_unauthenticated_carries_error_info(srv):
 # ------------------------------------------------------------------ a full queue
 
 
-class Gate:
+class Gate(EngineGate):
     """Holds every request at the engine until opened; counts engine.agenerate calls and the
     server's refusals (Admission.retry_after_s runs once per QueueFullError)."""
 
     def __init__(self, srv, monkeypatch):
-        self.open = threading.Event()
-        self.calls = 0
+        super().__init__(srv.engine, monkeypatch)
         self.refusals = 0
         self.route = srv.app.router.routes["small"]
-        engine, router = srv.engine, srv.app.router
-        admission = router.admission["small"]
-        real_generate, real_retry_after = engine.agenerate, admission.retry_after_s
-
-        async def agenerate(*args, **kwargs):
-            self.calls += 1
-            for _ in range(6000):  # on the event loop: poll, holding no thread
-                if self.open.is_set():
-                    break
-                await asyncio.sleep(0.01)
-            assert self.open.is_set(), "gate never opened"
-            return await real_generate(*args, **kwargs)
+        admission = srv.app.router.admission["small"]
+        real_retry_after = admission.retry_after_s
 
         def retry_after_s():
             self.refusals += 1
             return real_retry_after()
 
-        monkeypatch.setattr(engine, "agenerate", agenerate)
         monkeypatch.setattr(admission, "retry_after_s", retry_after_s)
 
     @staticmethod

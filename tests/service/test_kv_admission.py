@@ -4,7 +4,6 @@ refuses what never could, and the actors hold what admission reserved."""
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 import urllib.request
@@ -14,7 +13,7 @@ import pytest
 import ray
 from transformers import AutoConfig
 
-from tests.service.conftest import ServerThread, service_config
+from tests.service.conftest import EngineGate, ServerThread, service_config
 from tandem.services.client import TandemClient, TandemError
 from tandem.speculation.plan import context_reserve
 
@@ -46,24 +45,11 @@ def max_new_for(srv, share: float) -> int:
     return int(positions(srv) * share) - len(PROMPT_IDS) - RESERVE
 
 
-class Gate:
+class Gate(EngineGate):
     """Holds requests at the engine until opened; counts engine.agenerate calls."""
 
     def __init__(self, srv, monkeypatch):
-        self.open = threading.Event()
-        self.calls = 0
-        real = srv.engine.agenerate
-
-        async def agenerate(*args, **kwargs):
-            self.calls += 1
-            for _ in range(6000):  # on the event loop: poll, holding no thread
-                if self.open.is_set():
-                    break
-                await asyncio.sleep(0.01)
-            assert self.open.is_set(), "gate never opened"
-            return await real(*args, **kwargs)
-
-        monkeypatch.setattr(srv.engine, "agenerate", agenerate)
+        super().__init__(srv.engine, monkeypatch)
 
 
 def wait_for(pred, timeout=30.0):
