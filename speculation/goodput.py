@@ -33,7 +33,11 @@ Exploration: each arm, and speculation off, is tried before it is trusted: a cho
 one request to each untried option (a request runs many rounds; `min_samples` of them make
 it tried), deepest exit first, then off. Requests planned while those trials run (many
 arrive at once under load) go to the best tried option, or off while nothing is known: one
-untried arm is never handed to a whole burst of requests. Every `explore_every`-th choice
+untried arm is never handed to a whole burst of requests. A request planned off is on
+standby (Choice.standby: the deepest tried exit, or the best one at its load): it runs a
+drafting loop whose rounds are target-only steps until a re-plan (round_draft_len) says
+drafting pays at that round's load, so a burst planned before the trials reported, or off
+at a load that later drops, drafts once it should instead of running off for life. Every `explore_every`-th choice
 tries the option with the fewest samples, so a change in traffic or load (which moves d and
 V) is noticed. Under heavy load measured step times grow (batched
 verification, a busy draft pool), so the chosen draft length shrinks and speculation turns
@@ -134,6 +138,9 @@ class Choice:
     draft_len: int  # 0 when off
     rate: float  # predicted tokens per second
     exploring: bool = False
+    # with exit None: the exit a request planned off may draft from once a round's re-plan
+    # says it pays (round_draft_len(..., standby=True)); None: it stays off (off's own trials)
+    standby: int | None = None
 
 
 class GoodputPolicy:
@@ -265,10 +272,14 @@ class GoodputPolicy:
                     self._trials.add(e)
                     return Choice(exit=e, draft_len=0 if e is None else min(4, self.max_draft_len), rate=0.0,
                                   exploring=True)
-            if self.ar_steps < 1:
-                return Choice(exit=None, draft_len=0, rate=0.0)  # nothing known yet: off, the safe default
-            # 2. exploitation, with periodic exploration
             c = max(1, int(concurrency))
+            tried = [e for e in self.exits if self.arms[e].rounds >= self.min_samples]
+            if self.ar_steps < 1 or not tried:
+                # nothing known yet: off, the safe default, on standby for the deepest tried exit
+                # (else the deepest): its rounds draft once the trials show drafting pays
+                best = max(tried, key=lambda e: self.best_draft_len(e, c)[1]) if tried and self.ar_steps else None
+                return Choice(exit=None, draft_len=0, rate=0.0, standby=best if best is not None else self.exits[-1])
+            # 2. exploitation, with periodic exploration
             off = self.off_rate(c)
             scored = [(self.best_draft_len(e, c), e) for e in self.exits]
             (draft_len, rate), exit = max(scored, key=lambda item: item[0][1])
@@ -281,21 +292,22 @@ class GoodputPolicy:
                 g, r = self.best_draft_len(least, c)
                 return Choice(exit=least, draft_len=g, rate=r, exploring=True)
             if rate <= off * (1 + self.min_gain):
-                return Choice(exit=None, draft_len=0, rate=off)
+                return Choice(exit=None, draft_len=0, rate=off, standby=exit)
             return Choice(exit=exit, draft_len=draft_len, rate=rate)
 
-    def round_draft_len(self, exit: int, planned: int, concurrency: int = 1) -> int:
+    def round_draft_len(self, exit: int, planned: int, concurrency: int = 1, *, standby: bool = False) -> int:
         """Re-planning one round of a request already speculating on `exit` with up to
         `planned` drafts (its KV was sized for that): the best draft length at the load of
         this round (`concurrency` requests per target actor, itself included), or 0 (a
         target-only step) when speculation is not predicted MIN_GAIN faster than off there.
         A request planned alone keeps drafting when others join only while it pays, and
-        drafts again when they leave. Until the arm and off are both known (the request may
-        be an arm's trial), the plan stands."""
+        drafts again when they leave. Until the arm and off are both known the plan stands
+        (the request may be an arm's trial); a `standby` request (planned off, Choice.standby)
+        stays off until then."""
         with self._lock:
             arm = self.arms.get(exit)
             if arm is None or arm.rounds < self.min_samples or not self.ar_steps:
-                return planned
+                return 0 if standby else planned
             c = max(1, int(concurrency))
             off = self.off_rate(c)
             best = max(range(1, max(1, planned) + 1), key=lambda g: self.rate(exit, g, c))

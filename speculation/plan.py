@@ -121,6 +121,13 @@ class Plan:
     fallback: str = ""
 
     @property
+    def standby(self) -> bool:
+        """Planned off by the goodput policy but run by a drafting loop whose rounds are
+        target-only steps until a re-plan says drafting from `observed_exit` pays (a burst
+        planned before anything was measured, or off at the load it joined)."""
+        return self.choice is not None and self.choice.exit is None and self.spec.method != "ar"
+
+    @property
     def method_name(self) -> str:
         """The method as the response reports it (the loop "ar" is "off")."""
         return "off" if self.spec.method == "ar" else self.spec.method
@@ -200,6 +207,12 @@ def plan(
     if target.policy is None:
         return Plan(SpecConfig(method=base, draft_len=length(base)), asked)
     choice = target.policy.choose(concurrency)
+    if choice.exit is None and choice.standby is not None and draft_len is None:
+        # off for now, on standby: its rounds draft (up to the cap) once a re-plan at that
+        # round's load says it pays; the rest are target-only steps, as off's are
+        return Plan(SpecConfig(method=base, draft_len=max(1, min(cap, target.policy.max_draft_len)),
+                               policy=ExitPolicy.single(choice.standby)),
+                    asked, choice=choice, observes=True, observed_exit=choice.standby)
     if choice.exit is None:
         return Plan(SpecConfig(method="ar", draft_len=1), asked, choice=choice, observes=True)
     n = int(draft_len) if draft_len is not None else max(1, min(cap, choice.draft_len))
@@ -215,7 +228,7 @@ def round_draft_len(target: PlanTarget, plan_: Plan, concurrency: int) -> int:
     draft length: the request's KV was sized for it."""
     if target.policy is None or plan_.choice is None or plan_.observed_exit is None or plan_.spec.method == "ar":
         return plan_.spec.draft_len
-    return target.policy.round_draft_len(plan_.observed_exit, plan_.spec.draft_len, concurrency)
+    return target.policy.round_draft_len(plan_.observed_exit, plan_.spec.draft_len, concurrency, standby=plan_.standby)
 
 
 def observe(target: PlanTarget, plan_: Plan, info: Mapping) -> None:

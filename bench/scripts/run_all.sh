@@ -85,13 +85,18 @@ if has batch; then
   done
 fi
 if has pools; then
-  echo "== pools: spec_bench_dev through the server's pools and router (--engine pools), off/auto/auto/off"
-  i=0
-  for m in off auto auto off; do
-    i=$((i + 1))
-    rm -f bench/results/batch_pools_${m}_$i.jsonl
-    $T batch --input $EVAL/spec_bench_dev.jsonl --output bench/results/batch_pools_${m}_$i.jsonl --limit 12 \
-      --max-new-tokens 64 --method $m --engine pools | tail -1 > bench/results/batch_pools_${m}_$i.summary.json
+  # chat: 12 Spec-Bench records (2 turns each); code: the 20 code_dev records; fresh pools per run
+  echo "== pools: chat and code records through the server's pools and router (--engine pools), off/auto/auto/off"
+  for set in chat:spec_bench_dev:12 code:code_dev:20; do
+    IFS=: read -r name file n <<< "$set"
+    i=0
+    for m in off auto auto off; do
+      i=$((i + 1))
+      out=bench/results/batch_pools_${name}_${m}_$i
+      rm -f $out.jsonl
+      $T batch --input $EVAL/$file.jsonl --output $out.jsonl --limit $n \
+        --max-new-tokens 64 --method $m --engine pools | tail -1 > $out.summary.json
+    done
   done
 fi
 echo "done"

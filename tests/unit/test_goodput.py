@@ -263,6 +263,35 @@ def test_a_burst_of_requests_tries_each_option_once_and_waits_on_the_rest():
     assert c.exit == 24 and not c.exploring
 
 
+def test_requests_planned_off_in_a_burst_draft_once_the_trials_show_it_pays():
+    """The burst's waiting requests (planned off before anything was measured) are on standby
+    for the deepest exit: their rounds are target-only steps while that arm is untried, and
+    draft once its trial and off's steps show drafting pays. Before, they ran off for life
+    (a fresh batch on code: 10 of 16 requests off, auto 0.94x off; warm, 1.34x). Controls:
+    an arm's own trial keeps its plan while untried (standby=False); off's trial and an
+    exploration of off are not on standby (they measure off)."""
+    p = GoodputPolicy(exits=(8, 24), max_draft_len=8, overlapped=True, explore_every=0)
+    burst = [p.choose(8) for _ in range(5)]
+    assert [c.exit for c in burst] == [24, 8, None, None, None]
+    assert burst[2].exploring and burst[2].standby is None  # off's trial measures off
+    assert [c.standby for c in burst[3:]] == [24, 24]  # the rest wait on the deepest exit
+    assert p.round_draft_len(24, planned=8, concurrency=1, standby=True) == 0  # untried: off
+    assert p.round_draft_len(24, planned=8, concurrency=1) == 8  # control: a trial's plan stands
+    feed(p, exit=24, acceptance=0.875, draft_step=0.010, verify=0.021, draft_len=8)
+    feed(p, exit=8, acceptance=0.0, draft_step=0.008, verify=0.021, draft_len=8)
+    assert p.round_draft_len(24, planned=8, concurrency=1, standby=True) == 0  # off not measured yet
+    warm(p, verify=0.020)
+    assert p.round_draft_len(24, planned=8, concurrency=1, standby=True) == p.best_draft_len(24, 1)[0] > 0
+    # measured off (a slow draft, little accepted): still on standby, for the best arm
+    slow = GoodputPolicy(exits=(8, 24), max_draft_len=8, overlapped=True, explore_every=0, min_samples=1)
+    feed(slow, exit=24, acceptance=0.125, draft_step=0.050, verify=0.050, draft_len=8)
+    feed(slow, exit=8, acceptance=0.0, draft_step=0.050, verify=0.050, draft_len=8)
+    warm(slow, verify=0.020)
+    c = slow.choose(1)
+    assert c.exit is None and not c.exploring and c.standby == 24
+    assert slow.round_draft_len(24, planned=8, concurrency=1, standby=True) == 0
+
+
 @pytest.mark.parametrize("verify, off_wins", [(0.190, True), (0.170, False)])
 def test_speculation_must_be_predicted_clearly_faster_than_off(verify, off_wins):
     """MIN_GAIN: predicted 1.05x off runs off; 1.18x drafts. Every draft accepted at

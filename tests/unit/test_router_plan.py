@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 
 from tandem.services.router import RouteRequest, Router, TargetRoute
+from tandem.speculation.plan import round_draft_len
 from tandem.speculation.sampling import SamplingParams
 from tandem.speculation.sorted_policy import ExitPolicy
 
@@ -96,11 +97,16 @@ def test_auto_is_priced_at_the_requests_running_on_each_replica():
     rt.policy = cpu_policy()
     r = Router(engine=None, routes={"t": rt})
     auto = RouteRequest(request_id="r", target="t", prompt_ids=(1, 2), sampling=SamplingParams(), max_new_tokens=4)
-    assert r.plan(rt, auto).spec.method == "pearl"  # alone: speculation pays
+    alone = r.plan(rt, auto)
+    assert alone.spec.method == "pearl" and alone.choice.exit == 4 and not alone.standby  # alone: speculation pays
     rt.running = 7
-    assert r.plan(rt, auto).spec.method == "ar"  # 8 sharing each forward: off pays
+    loaded = r.plan(rt, auto)  # 8 sharing each forward: off pays, on standby for the exit
+    assert loaded.choice.exit is None and loaded.standby and loaded.observed_exit == 4
+    assert round_draft_len(rt, loaded, 8) == 0  # its rounds are target-only steps at that load
+    assert round_draft_len(rt, loaded, 1) > 0  # and draft once it runs alone
     rt.replicas = 4
-    assert r.plan(rt, auto).spec.method == "pearl"  # 2 per replica: it pays again
+    again = r.plan(rt, auto)
+    assert again.choice.exit == 4 and not again.standby  # 2 per replica: it pays again
 
 
 def test_auto_rounds_are_replanned_at_the_load_of_each_round():
