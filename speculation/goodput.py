@@ -34,7 +34,7 @@ one request to each untried option (a request runs many rounds; `min_samples` of
 it tried), deepest exit first, then off. Requests planned while those trials run (many
 arrive at once under load) go to the best tried option, or off while nothing is known: one
 untried arm is never handed to a whole burst of requests. A request planned off is on
-standby (Choice.standby: the deepest tried exit, or the best one at its load): it runs a
+standby (Choice.standby: the best tried exit at its load, else the deepest): it runs a
 drafting loop whose rounds are target-only steps until a re-plan (round_draft_len) says
 drafting pays at that round's load, so a burst planned before the trials reported, or off
 at a load that later drops, drafts once it should instead of running off for life. Every `explore_every`-th choice
