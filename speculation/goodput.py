@@ -34,10 +34,11 @@ one request to each untried option (a request runs many rounds; `min_samples` of
 it tried), deepest exit first, then off. Requests planned while those trials run (many
 arrive at once under load) go to the best tried option, or off while nothing is known: one
 untried arm is never handed to a whole burst of requests. A request planned off is on
-standby (Choice.standby: the best tried exit at its load, else the deepest): it runs a
-drafting loop whose rounds are target-only steps until a re-plan (round_draft_len) says
-drafting pays at that round's load, so a burst planned before the trials reported, or off
-at a load that later drops, drafts once it should instead of running off for life. Every `explore_every`-th choice
+standby (Choice.standby: the deepest exit while nothing is known, else the best one at its
+load): it runs a drafting loop whose rounds are target-only steps until a re-plan
+(round_draft_len) says drafting pays at that round's load, so a burst planned before the
+trials reported, or off at a load that later drops, drafts once it should instead of
+running off for life. Every `explore_every`-th choice
 tries the option with the fewest samples, so a change in traffic or load (which moves d and
 V) is noticed. Under heavy load measured step times grow (batched
 verification, a busy draft pool), so the chosen draft length shrinks and speculation turns
@@ -275,10 +276,9 @@ class GoodputPolicy:
             c = max(1, int(concurrency))
             tried = [e for e in self.exits if self.arms[e].rounds >= self.min_samples]
             if self.ar_steps < 1 or not tried:
-                # nothing known yet: off, the safe default, on standby for the deepest tried exit
-                # (else the deepest): its rounds draft once the trials show drafting pays
-                best = max(tried, key=lambda e: self.best_draft_len(e, c)[1]) if tried and self.ar_steps else None
-                return Choice(exit=None, draft_len=0, rate=0.0, standby=best if best is not None else self.exits[-1])
+                # nothing known yet: off, the safe default, on standby for the deepest exit: its
+                # rounds draft once the trials show drafting pays
+                return Choice(exit=None, draft_len=0, rate=0.0, standby=self.exits[-1])
             # 2. exploitation, with periodic exploration
             off = self.off_rate(c)
             scored = [(self.best_draft_len(e, c), e) for e in self.exits]

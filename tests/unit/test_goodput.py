@@ -267,7 +267,7 @@ def test_requests_planned_off_in_a_burst_draft_once_the_trials_show_it_pays():
     """The burst's waiting requests (planned off before anything was measured) are on standby
     for the deepest exit: their rounds are target-only steps while that arm is untried, and
     draft once its trial and off's steps show drafting pays. Before, they ran off for life
-    (a fresh batch on code: 10 of 16 requests off, auto 0.94x off; warm, 1.34x). Controls:
+    (a fresh batch on code: 10 of 16 requests off, auto 0.94-0.96x off; warm, 1.34x). Controls:
     an arm's own trial keeps its plan while untried (standby=False); off's trial and an
     exploration of off are not on standby (they measure off)."""
     p = GoodputPolicy(exits=(8, 24), max_draft_len=8, overlapped=True, explore_every=0)
