@@ -11,8 +11,8 @@ Sleep(seconds). Nothing in a loop blocks.
 - `drive_async(steps)`: on an asyncio event loop; each future is awaited (`wait()` of the
   Ray futures in actors/remote.py, or a concurrent.futures.Future wrapped). Waiting
   requests take no thread each (tested with 64 loops, and 16 gRPC streams): the router runs
-  every request of every target this way on
-  the server's one event loop (issue 12: requests do not hold a thread each).
+  every request of every target this way on the server's one event loop (issue 12:
+  requests do not hold a thread each).
 """
 
 from __future__ import annotations
