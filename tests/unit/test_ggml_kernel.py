@@ -1,0 +1,159 @@
+"""ggml's quantized matmul (actors/ggml_kernel.py, actors/csrc/ggml_linear.cpp): what it
+computes against the weights ggml itself de-quantizes, within the error its 8-bit activations
+allow (a bound derived below, with a negative control); rows computed alike whatever the
+block size; GGUF Q4_K decoding equal to the pack grid's; builds for another CPU refused.
+Runs where `make kernels` built ggml (make test builds it first); the build-status tests run
+everywhere."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tandem.actors import ggml_kernel
+
+needs_ggml = pytest.mark.skipif(ggml_kernel.load() is None, reason=f"ggml kernels: {ggml_kernel.build_status()[1]}")
+BLOCK = {"Q4_K": 256, "Q8_0": 32}  # activation block of each weight type's vec_dot type (Q8_K, Q8_0)
+
+
+def activation_bound(x: torch.Tensor, w: torch.Tensor, block: int) -> torch.Tensor:
+    """|y - x @ w^T| per output, when ggml quantizes each row of x in blocks of `block` to
+    8 bits: a block's scale is amax / 127 and every element is rounded to the nearest step, so
+    it moves by at most amax / 254; an output moves by at most the sum over blocks of that
+    times the block's |w|, plus float32 accumulation error (1e-5 of sum |x| |w|)."""
+    rows, k = x.shape
+    step = x.abs().view(rows, k // block, block).amax(-1) / 254  # [rows, blocks]
+    wabs = w.abs().view(w.shape[0], k // block, block).sum(-1)  # [out, blocks]
+    return step @ wabs.t() + 1e-5 * (x.abs() @ w.abs().t())
+
+
+def check(y, x, w, block) -> bool:
+    return bool(((y - x @ w.t()).abs() <= activation_bound(x, w, block)).all())
+
+
+@needs_ggml
+@pytest.mark.parametrize("ggml_type,out_f,in_f", [("Q4_K", 64, 512), ("Q4_K", 12, 256), ("Q8_0", 40, 96)])
+def test_matmul_within_the_activation_bound(ggml_type, out_f, in_f):
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(out_f, in_f, generator=g) * 0.05
+    rows = ggml_kernel.quantize_rows(w0, ggml_type)
+    w = ggml_kernel.dequantize_rows(rows, ggml_type, in_f)  # the weights as served
+    lin = ggml_kernel.GgmlLinear(rows, ggml_type, in_f)
+    assert lin.out_features == out_f
+    x = torch.randn(5, in_f, generator=g)
+    y = lin(x)
+    assert y.shape == (5, out_f) and y.dtype == torch.float32
+    assert check(y, x, w, BLOCK[ggml_type])
+    assert lin(x.bfloat16()).dtype == torch.bfloat16
+    # control: the same check fires on a layout error (two rows of the interleave swapped, or
+    # the halves of each block swapped, as a wrong nibble order would)
+    assert not check(y, x, w[[1, 0, *range(2, out_f)]], BLOCK[ggml_type])
+    half = w.view(out_f, -1, 2, 16)[:, :, [1, 0]].reshape(out_f, in_f)
+    assert not check(y, x, half, BLOCK[ggml_type])
+
+
+@needs_ggml
+def test_q4k_rows_are_repacked_where_ggml_interleaves_them():
+    """8-row interleaved layout (AVX2): a row count divisible by 8 is repacked, 12 is not, and
+    both compute the same as the plain layout."""
+    has_avx2 = "avx2" in Path("/proc/cpuinfo").read_text()
+    g = torch.Generator().manual_seed(1)
+    for out_f, want in ((64, has_avx2), (12, False)):
+        rows = ggml_kernel.quantize_rows(torch.randn(out_f, 256, generator=g), "Q4_K")
+        assert ggml_kernel.GgmlLinear(rows, "Q4_K", 256).repacked == want
+
+
+@needs_ggml
+@pytest.mark.parametrize("ggml_type", ["Q4_K", "Q8_0"])
+def test_a_row_computes_alike_in_any_block(ggml_type):
+    """A verification block of n rows computes each row as a one-row step does, up to float
+    summation order (one row runs ggml's gemv, four its gemm): far below a bf16 step (2^-8)."""
+    g = torch.Generator().manual_seed(2)
+    rows = ggml_kernel.quantize_rows(torch.randn(256, 512, generator=g) * 0.05, ggml_type)
+    lin = ggml_kernel.GgmlLinear(rows, ggml_type, 512)
+    x = torch.randn(9, 512, generator=g)
+    block = lin(x)
+    one_by_one = torch.cat([lin(x[i : i + 1]) for i in range(9)])
+    scale = block.abs().max()
+    assert (block - one_by_one).abs().max() <= 1e-5 * scale
+    # control: another row order is not what one-row steps compute
+    assert (block[[1, 0, *range(2, 9)]] - one_by_one).abs().max() > 1e-3 * scale
+
+
+@needs_ggml
+def test_q4k_decoding_equals_the_pack_grid():
+    """ggml's Q4_K de-quantization of GGUF rows equals deploy/pack_grid.py's codes, scales and
+    minimums (what the int4 kernel serves) to float32 rounding."""
+    from tests.unit.test_pack_grid import random_q4k_rows
+
+    from tandem.deploy.pack_grid import q4k_grid
+
+    rng = np.random.default_rng(3)
+    raw = random_q4k_rows(rng, 8, 512)
+    codes, scale, minimum = q4k_grid(raw, 8, 512)
+    grid_w = (codes.reshape(8, -1, 32) * scale[..., None] - minimum[..., None]).reshape(8, 512)
+    ggml_w = ggml_kernel.dequantize_rows(torch.from_numpy(raw), "Q4_K", 512).numpy()
+    assert np.allclose(ggml_w, grid_w, rtol=1e-6, atol=1e-7 * np.abs(grid_w).max())
+    # control: rows of another tensor decode to something else
+    other = random_q4k_rows(rng, 8, 512)
+    assert not np.allclose(ggml_kernel.dequantize_rows(torch.from_numpy(other), "Q4_K", 512).numpy(), grid_w, rtol=1e-3)
+
+
+def test_a_build_for_another_cpu_is_not_loaded_and_packs_use_ggml_only_when_switched_on(monkeypatch, tmp_path):
+    monkeypatch.setattr(ggml_kernel, "install_dir", lambda: tmp_path)
+    assert ggml_kernel.build_status() == (False, "not built (`make kernels`)")
+    (tmp_path / ggml_kernel.BUILD_INFO).write_text(json.dumps({"cpu_key": "another"}))
+    ok, why = ggml_kernel.build_status()
+    assert not ok and "another CPU" in why
+    (tmp_path / ggml_kernel.BUILD_INFO).write_text(json.dumps({"cpu_key": ggml_kernel.cpu_key()}))
+    assert ggml_kernel.build_status() == (True, str(tmp_path))  # control: the matching key passes
+    for value, on in (("", False), ("off", False), ("on", True), ("1", True)):
+        monkeypatch.setenv(ggml_kernel.ENV_SWITCH, value)
+        assert ggml_kernel.switched_on() is on
+    monkeypatch.setenv(ggml_kernel.ENV_SWITCH, "on")
+    monkeypatch.setattr(ggml_kernel, "load", lambda: None)
+    assert not ggml_kernel.available()  # switched on, not built: torch's kernels
+
+
+def test_unknown_type_is_refused_by_name():
+    with pytest.raises(ValueError, match="ggml_type must be one of"):
+        ggml_kernel.GgmlLinear(torch.zeros(8, 144, dtype=torch.uint8), "Q3_X", 256)
+
+
+@needs_ggml
+def test_make_kernels_keeps_a_matching_build(capsys):
+    from tandem.deploy.ggml_build import main
+
+    assert main([]) == 0
+    assert "up to date" in capsys.readouterr().err
+
+
+@needs_ggml
+def test_torch_runs_at_one_thread_while_ggml_has_the_threads():
+    """torch_at_one_thread: torch's ops at one thread, ggml's matmuls at the count torch had;
+    restored after, also on an error; nested uses keep the outer count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with ggml_kernel.torch_at_one_thread():
+            assert torch.get_num_threads() == 1 and ggml_kernel._calls.threads == 2
+            with ggml_kernel.torch_at_one_thread():
+                assert torch.get_num_threads() == 1 and ggml_kernel._calls.threads == 2
+            assert ggml_kernel._calls.threads == 2
+        assert torch.get_num_threads() == 2 and not ggml_kernel._calls.threads
+        with pytest.raises(KeyError):
+            with ggml_kernel.torch_at_one_thread():
+                raise KeyError("boom")
+        assert torch.get_num_threads() == 2 and not ggml_kernel._calls.threads
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_one_llama_cpp_version_for_the_peer_and_the_kernels():
+    """`make peer`'s shell default names the sdist actors/ggml_kernel.py builds ggml from."""
+    script = (Path(__file__).resolve().parents[2] / "bench" / "build_llamacpp.sh").read_text()
+    assert f"VERSION=${{LLAMACPP_BIN_VERSION:-{ggml_kernel.SDIST_VERSION}}}" in script
