@@ -528,6 +528,7 @@ def main(args) -> int:
             "draft": args.draft,
             "draft_quantize": args.draft_quantize,
             "target_quantize": args.target_quantize,
+            "target_kernel": getattr(served_target, "kernel", None),  # "pack-ggml", "pack", "dense" (in-process runs)
             "greedy_reference": "ar" if target_quantize(args.target, args.target_quantize) == "pack" else "hf-ar",
             "dtype": dtype,
             "temperature": args.temperature,
