@@ -15,10 +15,11 @@ Which kernel, and why (`linear_kernel`):
   is emulated and the packed kernel stays faster to 100+ rows. So each runner measures the
   crossover at load (`measure_quant_max_rows`) instead of assuming it; it only ever raises
   the bound above QUANT_MAX_ROWS (see choose_quant_max_rows).
-- CPU, quantize pack with ggml built (`make kernels`; actors/ggml_kernel.py): the pack's Q4_K
-  linears run on ggml's own kernel straight from the GGUF's rows (8-bit activations, 8-row
-  interleaved weights), its other linears as ggml Q8_0; the runner reports "pack-ggml".
-  Without the build, the grid runs on torch's int4 kernel and the rest int8 ("pack").
+- CPU, with ggml built (`make kernels`) and switched on (TANDEM_GGML=on; off by default, see
+  actors/ggml_kernel.py for why): quantize pack runs the pack's Q4_K linears on ggml's own
+  kernel straight from the GGUF's rows (8-bit activations, 8-row interleaved weights) and
+  its other linears as ggml Q8_0 ("pack-ggml"); int4 runs the layers as ggml Q4_0
+  ("int4-ggml"). Otherwise the grid runs on torch's int4 kernel and the rest int8 ("pack").
 - CUDA: dense in the compute dtype (bf16) for every linear, quantize or not. On a GPU the
   draft's step is launch-bound, not weight-bandwidth-bound, at these sizes; an int4/int8
   GPU kernel is not used until it is measured faster on one (no GPU was lent to measure it;
@@ -37,8 +38,8 @@ QUANTIZE_CHOICES = ("none", "int8", "int4", "pack")
 
 def linear_kernel(device: torch.device, quantize: str | None) -> str:
     """The kernel a runner on `device` uses for `quantize`: "dense", "int8", "int4" or
-    "pack" (the model folder's own 4-bit grid, deploy/pack_grid.py: on ggml's kernel where it
-    is built, else torch's int4 kernel; its other linears ggml Q8_0, else int8)."""
+    "pack" (the model folder's own 4-bit grid, deploy/pack_grid.py: on ggml's kernel where
+    ggml serves packs, else torch's int4 kernel; its other linears ggml Q8_0, else int8)."""
     if quantize in (None, "none"):
         return "dense"
     if quantize not in QUANTIZE_CHOICES:
@@ -102,8 +103,9 @@ class QuantLinear:
         """int4 from a given group-32 affine grid (w = scale * q - minimum per group; codes
         [out, in] in 0..15, scale and minimum [out, in / 32]) instead of quantizing a dense
         weight: a pack's own Q4_K grid is served as stored, up to the scales' rounding to the
-        compute dtype. With the GGUF's Q4_K `rows` and ggml built here, ggml's kernel serves
-        them as stored instead (kind "ggml", actors/ggml_kernel.py). `dense` is the same grid
+        compute dtype. With the GGUF's Q4_K `rows` where ggml serves packs (built and switched
+        on, actors/ggml_kernel.available), ggml's kernel serves them as stored instead (kind
+        "ggml"). `dense` is the same grid
         dequantized, for blocks of many rows."""
         from tandem.actors import ggml_kernel
 
