@@ -68,6 +68,8 @@ struct CallState {
   ggml_backend_t backend = nullptr;
   ggml_threadpool_t single = nullptr;  // a pool of this thread alone (no workers): ggml makes a
                                        // throw-away pool per call without one
+  ggml_threadpool_t current = nullptr;  // the pool the backend has now
+  SharedPool* current_shared = nullptr;
   std::vector<uint8_t> meta;
   CallState() {
     init_once();
@@ -172,9 +174,17 @@ struct Linear {
     TORCH_CHECK(st.backend, "ggml: no CPU backend");
     int threads = (int)std::min<int64_t>(std::max<int64_t>(1, n_threads), GGML_MAX_N_THREADS);
     SharedPool* shared = threads > 1 ? shared_pool(threads) : nullptr;
-    std::unique_lock<std::mutex> hold;
+    ggml_threadpool_t want = shared ? shared->pool : st.single;
+    if (st.current != want) {
+      // ggml pauses the pool a backend leaves: never while another thread computes on it
+      std::unique_lock<std::mutex> leaving;
+      if (st.current_shared) leaving = std::unique_lock<std::mutex>(st.current_shared->mu);
+      ggml_backend_cpu_set_threadpool(st.backend, want);
+      st.current = want;
+      st.current_shared = shared;
+    }
+    std::unique_lock<std::mutex> hold;  // taken after `leaving` is released: one mutex at a time
     if (shared) hold = std::unique_lock<std::mutex>(shared->mu);
-    ggml_backend_cpu_set_threadpool(st.backend, shared ? shared->pool : st.single);
     ggml_backend_cpu_set_n_threads(st.backend, shared ? threads : 1);
     ggml_init_params p = {st.meta.size(), st.meta.data(), true};
     ggml_context* c = ggml_init(p);

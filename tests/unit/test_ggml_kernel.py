@@ -157,3 +157,35 @@ def test_one_llama_cpp_version_for_the_peer_and_the_kernels():
     """`make peer`'s shell default names the sdist actors/ggml_kernel.py builds ggml from."""
     script = (Path(__file__).resolve().parents[2] / "bench" / "build_llamacpp.sh").read_text()
     assert f"VERSION=${{LLAMACPP_BIN_VERSION:-{ggml_kernel.SDIST_VERSION}}}" in script
+
+
+@needs_ggml
+def test_threads_computing_at_once_on_the_shared_pool():
+    """Two threads at once, one on the shared 2-thread pool and one switching between it and
+    its own one-thread pool (ggml pauses a pool a backend leaves, so the switch waits for the
+    pool's user): every result equals the one-thread result and both threads finish. A use
+    check of the locking, not a proof: a race need not show in 120 calls."""
+    import threading
+
+    g = torch.Generator().manual_seed(4)
+    rows = ggml_kernel.quantize_rows(torch.randn(256, 512, generator=g) * 0.05, "Q4_K")
+    lin = ggml_kernel.GgmlLinear(rows, "Q4_K", 512)
+    x = torch.randn(3, 512, generator=g)
+    want = lin.impl.forward(x, 1)
+    errors = []
+
+    def work(counts):
+        try:
+            for n in counts:
+                got = lin.impl.forward(x, n)
+                if not torch.allclose(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item()):
+                    errors.append(n)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=([2] * 60,)), threading.Thread(target=work, args=([1, 2] * 30,))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads) and not errors
