@@ -56,12 +56,9 @@ EXTENSION = "tandem_ggml_linear"
 BUILD_INFO = "BUILD.json"
 ENV_SWITCH = "TANDEM_GGML"  # "on" serves packs on ggml where it is built (off by default)
 
-# ggml type ids (ggml.h, enum ggml_type) of the GGUF formats a pack's linears use
-GGML_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q8_0": 8, "Q4_K": 12, "Q6_K": 14}
-
-
-SOURCE_DIGEST = hashlib.sha256((Path(__file__).parent / "csrc" / "ggml_linear.cpp").read_bytes()).hexdigest()[:12] if (
-    Path(__file__).parent / "csrc" / "ggml_linear.cpp").is_file() else "none"
+# ggml type ids (ggml.h, enum ggml_type) of the formats tandem serves on ggml
+GGML_TYPES = {"Q4_0": 2, "Q8_0": 8, "Q4_K": 12}
+SOURCE = Path(__file__).parent / "csrc" / "ggml_linear.cpp"  # the extension deploy/ggml_build.py compiles
 
 
 def _cpu_flags() -> str:
@@ -80,11 +77,12 @@ def ggml_key() -> str:
     return hashlib.sha256("|".join([platform.machine(), _cpu_flags(), SDIST_VERSION]).encode()).hexdigest()[:16]
 
 
-def cpu_key() -> str:
+def build_key() -> str:
     """What a build of the extension depends on: ggml_key, the torch and Python versions and
     the extension's source. A build is loaded only where its key matches (`make kernels`
     rebuilds otherwise)."""
-    text = "|".join([ggml_key(), torch.__version__, sys.version.split()[0], SOURCE_DIGEST])
+    source = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12] if SOURCE.is_file() else "none"
+    text = "|".join([ggml_key(), torch.__version__, sys.version.split()[0], source])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -105,7 +103,7 @@ def build_status() -> tuple[bool, str]:
         info = json.loads(info_path.read_text())
     except (OSError, ValueError):
         return False, f"unreadable {info_path}"
-    if info.get("cpu_key") != cpu_key():
+    if info.get("build_key") != build_key():
         return False, "built for another CPU or torch (`make kernels` rebuilds)"
     return True, str(folder)
 

@@ -33,6 +33,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tandem.actors import ggml_kernel
+
 QUANTIZE_CHOICES = ("none", "int8", "int4", "pack")
 
 
@@ -107,8 +109,6 @@ class QuantLinear:
         on, actors/ggml_kernel.available), ggml's kernel serves them as stored instead (kind
         "ggml"). `dense` is the same grid
         dequantized, for blocks of many rows."""
-        from tandem.actors import ggml_kernel
-
         out_f, in_f = codes.shape
         if scale.shape != (out_f, in_f // cls.INT4_GROUP) or minimum.shape != scale.shape:
             raise ValueError(f"grid scale/minimum must be [{out_f}, {in_f // cls.INT4_GROUP}], got {tuple(scale.shape)}")
@@ -126,13 +126,11 @@ class QuantLinear:
         """Rows in a GGUF format (`ggml_type`, uint8 [out, row bytes]) on ggml's kernel (kind
         "ggml", actors/ggml_kernel.py); `dense`, the same weights de-quantized, serves blocks of
         more than max_rows rows."""
-        from tandem.actors.ggml_kernel import GgmlLinear
-
         self = cls.__new__(cls)
         self.dense = DenseLinear(dense.to(dtype), bias)
         self.bias = bias
         self.kind = "ggml"
-        self.ggml = GgmlLinear(rows, ggml_type, dense.shape[1])
+        self.ggml = ggml_kernel.GgmlLinear(rows, ggml_type, dense.shape[1])
         return self
 
     def _pack_int4(self, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, dtype: torch.dtype) -> None:
@@ -193,8 +191,6 @@ def make_linear(weight, bias, *, kernel: str, dtype: torch.dtype, device: torch.
     ("pack" here: a linear that is not in the grid (Q6_K in the GGUF, the LM head), served as
     ggml's Q8_0 where ggml serves packs, else int8 per channel; "int4" there: ggml's Q4_0,
     but for the LM head, `head`)."""
-    from tandem.actors import ggml_kernel
-
     if (kernel == "pack" or (kernel == "int4" and not head)) and ggml_kernel.available():
         # pack: Q8_0 (a scale per 32 weights) measured no slower than torch's int8 at 1-8 rows
         # and faster than ggml's own Q6_K from 2 rows on; int4: Q4_0 (8-row interleaved) beat

