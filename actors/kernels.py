@@ -190,15 +190,19 @@ def make_linear(weight, bias, *, kernel: str, dtype: torch.dtype, device: torch.
     """A linear layer on `device` from (CPU) weights with the kernel `linear_kernel` chose
     ("pack" here: a linear that is not in the grid (Q6_K in the GGUF, the LM head), served as
     ggml's Q8_0 where ggml serves packs, else int8 per channel; "int4" there: ggml's Q4_0,
-    but for the LM head, `head`)."""
-    if (kernel == "pack" or (kernel == "int4" and not head)) and ggml_kernel.available():
+    for the LM head (`head`) only in ggml's AMX layout)."""
+    if kernel in ("pack", "int4") and ggml_kernel.available():
         # pack: Q8_0 (a scale per 32 weights) measured no slower than torch's int8 at 1-8 rows
-        # and faster than ggml's own Q6_K from 2 rows on; int4: Q4_0 (8-row interleaved) beat
-        # torch's int4 on the 0.5B draft's layers (0.29 against 0.44 ms for 9728 x 896) but not
-        # on its LM head (10.9 against 7.5 ms for 151936 x 896), which stays on torch's int4
+        # and faster than ggml's own Q6_K from 2 rows on (on AMX too: 7.9 against 16.1 ms for
+        # the 1.5B's 151936 x 1536 head at 1 row); int4: Q4_0, which beat torch's int4 on the
+        # 0.5B draft's layers (0.29 against 0.44 ms for 9728 x 896) everywhere, but on its LM
+        # head (151936 x 896) only in ggml's AMX layout (1.6 against 3.4 ms at 1 row, 2
+        # threads; 10.9 against 7.5 without AMX), so an int4 head stays on torch's int4 elsewhere
         ggml_type = "Q8_0" if kernel == "pack" else "Q4_0"
         rows = ggml_kernel.quantize_rows(weight.detach(), ggml_type)
-        return QuantLinear.on_ggml(rows, ggml_type, bias.detach().to(dtype) if bias is not None else None, dense=weight.detach(), dtype=dtype)
+        linear = QuantLinear.on_ggml(rows, ggml_type, bias.detach().to(dtype) if bias is not None else None, dense=weight.detach(), dtype=dtype)
+        if kernel == "pack" or not head or linear.ggml.layout == "AMX":
+            return linear
     weight = weight.detach().to(device=device, dtype=dtype)
     bias = bias.detach().to(device=device, dtype=dtype) if bias is not None else None
     if kernel == "dense":

@@ -23,7 +23,7 @@ import tarfile
 import time
 from pathlib import Path
 
-from tandem.actors.ggml_kernel import BUILD_INFO, EXTENSION, SDIST_VERSION, SOURCE, build_key, build_status, ggml_key, install_dir
+from tandem.actors.ggml_kernel import BUILD_INFO, EXTENSION, GGML_PATCH, SDIST_VERSION, SOURCE, build_key, build_status, ggml_key, install_dir
 from tandem.deploy.packs import cache_root
 
 # ggml's own thread pool, not OpenMP: torch's OpenMP threads and ggml's would otherwise share
@@ -60,12 +60,44 @@ def sdist_dir() -> Path:
     return folder
 
 
+# ggml's AMX kernels (Intel AMX-INT8: multi-row matmuls on tile registers, a VNNI kernel for
+# one row) crash as b11434 builds them with GCC 12 (this project's hosts): GCC 12's
+# _tile_loadconfig declares an 8-byte memory operand, so the compiler drops the stores that
+# fill the rest of the 64-byte tile configuration (gdb: rows and columns left as stack
+# garbage; ldtilecfg faults, and tilezero traps on threads without a configuration). ggml also
+# loads the configuration once per thread, which anything else that releases the tiles on
+# that thread (oneDNN's AMX kernels in torch) would undo. Both fixed here: the configuration
+# is passed whole, and loaded at each use (one instruction per matmul and thread).
+_AMX_FILE = Path("ggml/src/ggml-cpu/amx/mmq.cpp")
+_AMX_EDITS = (
+    ("    static thread_local bool done = false;\n\n    if (done) {\n        return;\n    }\n",
+     f"    // tandem {GGML_PATCH}: loaded at each use (deploy/ggml_build.py)\n"),
+    ("    _tile_loadconfig(&tc);\n    done = true;\n",
+     '    __asm__ volatile("ldtilecfg %0" :: "m"(tc));  // the whole 64 bytes (GCC 12\'s intrinsic: 8)\n'),
+)
+
+
+def patch_amx(src: Path) -> None:
+    """Apply the AMX fixes above to the unpacked sdist (idempotent; fails loudly when the
+    source is not the one the edits were written for)."""
+    path = src / _AMX_FILE
+    text = path.read_text()
+    if f"tandem {GGML_PATCH}" in text:
+        return
+    for old, new in _AMX_EDITS:
+        if text.count(old) != 1:
+            raise RuntimeError(f"{path}: the AMX tile-configuration code is not the one {GGML_PATCH} patches")
+        text = text.replace(old, new)
+    path.write_text(text)
+
+
 def build_ggml(src: Path, key: str) -> Path:
     """ggml's base and CPU libraries (shared, native), built in the sdist; their folder."""
     build = src / f"build-ggml-{key}-{GGML_FLAVOUR}"
     libs = build / "bin"
     if (libs / "libggml-cpu.so").exists():
         return libs
+    patch_amx(src)
     for tool in ("cmake", "c++"):
         if shutil.which(tool) is None:
             raise RuntimeError(f"{tool} is needed to build ggml")

