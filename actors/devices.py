@@ -86,6 +86,25 @@ def apply_default_device_env() -> torch.device:
     return torch.get_default_device()
 
 
+def node_placement() -> dict:
+    """Where this process runs: its Ray node ("node_id", None outside Ray) and the cores it may
+    use there ("node_cpus"), for the router's choice whether drafting and verification overlap
+    (deploy/serve.py overlap_pays)."""
+    node_id = None
+    try:
+        import ray
+
+        if ray.is_initialized():
+            node_id = ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - informational only
+        pass
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        cpus = os.cpu_count() or 1
+    return {"node_id": node_id, "node_cpus": cpus}
+
+
 def assigned_resources() -> dict:
     """Ray resources this actor holds (empty outside Ray): its GPUs among them."""
     try:

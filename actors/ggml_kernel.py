@@ -55,7 +55,9 @@ GGML_PATCH = "amx-tilecfg-1"  # tandem's fix to ggml's AMX kernels (deploy/ggml_
 PACKAGE = "tandem_ggml"  # the folder in the venv's site-packages that `make kernels` fills
 EXTENSION = "tandem_ggml_linear"
 BUILD_INFO = "BUILD.json"
-ENV_SWITCH = "TANDEM_GGML"  # "on" serves packs on ggml where it is built (off by default)
+ENV_SWITCH = "TANDEM_GGML"  # auto (the default), on or off: see mode()
+MODES = ("auto", "on", "off")
+_MODE_ALIASES = {"": "auto", "1": "on", "true": "on", "yes": "on", "0": "off", "false": "off", "no": "off"}
 
 # ggml type ids (ggml.h, enum ggml_type) of the formats tandem serves on ggml
 GGML_TYPES = {"Q4_0": 2, "Q8_0": 8, "Q4_K": 12}
@@ -109,9 +111,15 @@ def build_status() -> tuple[bool, str]:
     return True, str(folder)
 
 
-def switched_on() -> bool:
-    """TANDEM_GGML=on: runners serve packs on ggml (off by default; see the module docstring)."""
-    return os.environ.get(ENV_SWITCH, "").strip().lower() in ("1", "on", "true", "yes")
+def mode() -> str:
+    """TANDEM_GGML, read at each call: "auto" (the default) serves packs on ggml where ggml has
+    its AMX layout on this CPU, where every method measured faster on it; "on" wherever ggml is
+    built; "off" never (see the module docstring for the measurements)."""
+    raw = os.environ.get(ENV_SWITCH, "").strip().lower()
+    value = _MODE_ALIASES.get(raw, raw)
+    if value not in MODES:
+        raise ValueError(f"{ENV_SWITCH} must be one of {', '.join(MODES)}, got {raw!r}")
+    return value
 
 
 @lru_cache(maxsize=1)
@@ -130,9 +138,15 @@ def load():
 
 
 def available() -> bool:
-    """Whether runners serve packs on ggml in this process now: switched on (TANDEM_GGML is
-    read at each call) and built for this CPU."""
-    return switched_on() and load() is not None
+    """Whether runners serve packs on ggml in this process now: built for this CPU, and the
+    mode (TANDEM_GGML) "on", or "auto" where ggml has its AMX layout."""
+    chosen = mode()
+    if chosen == "off":
+        return False
+    ext = load()
+    if ext is None:
+        return False
+    return chosen == "on" or bool(ext.has_amx())
 
 
 def _ext():
@@ -171,6 +185,9 @@ def torch_at_one_thread():
     finally:
         torch.set_num_threads(n)
         _calls.threads = None
+        ext = load()
+        if ext is not None:
+            ext.pause_pools()  # no ggml worker spins past the forward (actors/csrc/ggml_linear.cpp)
 
 
 class GgmlLinear:

@@ -18,7 +18,7 @@ import torch
 
 from tandem.actors.batching import PREFILL_CHUNK, Cancellations, MicroBatcher
 from tandem.actors.block_costs import measure_batch_costs, measure_block_costs
-from tandem.actors.devices import apply_default_device_env, assigned_resources, default_kv_budget, return_freed_host_memory
+from tandem.actors.devices import apply_default_device_env, assigned_resources, default_kv_budget, node_placement, return_freed_host_memory
 from tandem.actors.drafter import DraftBlock, DraftBranches, Drafter
 from tandem.actors.runner import ModelRunner
 from tandem.actors.tracing import Traced, call_record
@@ -188,6 +188,7 @@ class DraftWorker(_Worker):
         return {
             "pid": os.getpid(),
             "resources": assigned_resources(),
+            **node_placement(),
             "model": self.load.path,
             "exits": list(r.exits),
             "num_layers": r.num_layers,
@@ -399,6 +400,7 @@ class TargetWorker(_Worker):
         return {
             "pid": os.getpid(),
             "resources": assigned_resources(),
+            **node_placement(),
             "model": self.load.path if self.load else "pipeline",
             "vocab_size": r.vocab_size,
             "max_context": r.max_context,

@@ -63,6 +63,20 @@ SharedPool* shared_pool(int n) {
   return slot->pool ? slot.get() : nullptr;
 }
 
+// Puts every shared pool's workers to sleep (the next compute wakes them). Between two graphs
+// ggml's workers spin for new work (poll 50: up to ~10^7 pause instructions), which is what
+// keeps one forward's ~140 matmuls quick, but after a forward they would spin on cores that
+// another process wants: a draft actor beside a target actor on 2 cores (actors/runner.py
+// calls this when a forward ends). Takes each pool's mutex: never pauses a pool in use.
+void pause_pools() {
+  std::lock_guard<std::mutex> lock(g_pools_mu);
+  for (auto& slot : g_pools) {
+    if (!slot || !slot->pool) continue;
+    std::lock_guard<std::mutex> hold(slot->mu);
+    ggml_threadpool_pause(slot->pool);
+  }
+}
+
 // One CPU backend (its work buffer holds the quantized activations) and the metadata arena of
 // one graph, per calling thread.
 struct CallState {
@@ -247,6 +261,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readonly("layout", &Linear::layout)
       .def_readonly("in_features", &Linear::in_features)
       .def_readonly("out_features", &Linear::out_features);
+  m.def("pause_pools", &pause_pools, pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("has_amx", [] { return extra_buft("AMX") != nullptr; });  // ggml offers its AMX layout here
   m.def("quantize_rows", &quantize_rows);
   m.def("dequantize_rows", &dequantize_rows);
 }

@@ -118,6 +118,9 @@ def test_pools_sit_on_their_own_resources(engine):
     assert d["threads"] == 1
     t = ray.get(engine.targets["plain"].members[0].handle.info.remote())
     assert t["resources"].get("target_pool") == 1 and "draft_pool" not in t["resources"]
+    # where they run, for the router's overlap choice (deploy/serve.py overlap_pays): one node here
+    assert d["node_id"] == t["node_id"] == ray.get_runtime_context().get_node_id()
+    assert d["node_cpus"] == t["node_cpus"] >= 1
     for shard in engine.targets["sharded"].members[0].shards:
         info = ray.get(shard.info.remote())
         assert info["resources"].get("target_pool") == 1

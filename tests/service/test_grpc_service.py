@@ -75,6 +75,21 @@ def test_two_targets_at_once(server):
     assert ref["small"] != ref["other"]  # really two different models
 
 
+def test_auto_overlaps_only_where_draft_and_target_do_not_share_cores(server):
+    """The router's `auto` loop follows overlap_pays on its actors' placement: this server's
+    one-thread draft and target actors share a node of >= 2 cores, so PEARL (overlapped)."""
+    import ray
+
+    from tandem.deploy.serve import overlap_pays
+
+    engine = server.app.engine
+    d = engine.draft_pool.info
+    t = ray.get(engine.targets["small"].members[0].handle.info.remote())
+    assert d["node_id"] == t["node_id"] and d["threads"] == t["threads"] == 1
+    policy = server.app.router.routes["small"].policy
+    assert policy.overlapped is overlap_pays(d, t) is (t["node_cpus"] >= 2)
+
+
 def test_goodput_policy_prices_forwards_by_their_rows(server):
     """Issue 12: the target measured its cost for batches of blocks at start (max_concurrent 4:
     2 and 4 blocks of max_draft_len + 1 = 7 rows), and target-only steps of requests running

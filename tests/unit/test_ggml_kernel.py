@@ -193,7 +193,7 @@ def test_q4k_decoding_equals_the_pack_grid():
     assert not np.allclose(ggml_kernel.dequantize_rows(torch.from_numpy(other), "Q4_K", 512).numpy(), grid_w, rtol=1e-3)
 
 
-def test_a_build_for_another_cpu_is_not_loaded_and_packs_use_ggml_only_when_switched_on(monkeypatch, tmp_path):
+def test_a_build_for_another_cpu_is_not_loaded_and_the_mode_decides_where_packs_use_ggml(monkeypatch, tmp_path):
     monkeypatch.setattr(ggml_kernel, "install_dir", lambda: tmp_path)
     assert ggml_kernel.build_status() == (False, "not built (`make kernels`)")
     (tmp_path / ggml_kernel.BUILD_INFO).write_text(json.dumps({"build_key": "another"}))
@@ -201,9 +201,25 @@ def test_a_build_for_another_cpu_is_not_loaded_and_packs_use_ggml_only_when_swit
     assert not ok and "another CPU" in why
     (tmp_path / ggml_kernel.BUILD_INFO).write_text(json.dumps({"build_key": ggml_kernel.build_key()}))
     assert ggml_kernel.build_status() == (True, str(tmp_path))  # control: the matching key passes
-    for value, on in (("", False), ("off", False), ("on", True), ("1", True)):
+    for value, want in (("", "auto"), ("off", "off"), ("on", "on"), ("1", "on"), (" Auto ", "auto"), ("no", "off")):
         monkeypatch.setenv(ggml_kernel.ENV_SWITCH, value)
-        assert ggml_kernel.switched_on() is on
+        assert ggml_kernel.mode() == want
+    monkeypatch.setenv(ggml_kernel.ENV_SWITCH, "sometimes")
+    with pytest.raises(ValueError, match="TANDEM_GGML must be one of auto, on, off"):
+        ggml_kernel.mode()
+
+    class Ext:
+        amx = False
+
+        def has_amx(self):
+            return self.amx
+
+    ext = Ext()
+    monkeypatch.setattr(ggml_kernel, "load", lambda: ext)
+    for value, amx, want in (("auto", False, False), ("auto", True, True), ("on", False, True), ("off", True, False)):
+        monkeypatch.setenv(ggml_kernel.ENV_SWITCH, value)
+        ext.amx = amx
+        assert ggml_kernel.available() is want, (value, amx)
     monkeypatch.setenv(ggml_kernel.ENV_SWITCH, "on")
     monkeypatch.setattr(ggml_kernel, "load", lambda: None)
     assert not ggml_kernel.available()  # switched on, not built: torch's kernels
