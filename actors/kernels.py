@@ -15,11 +15,11 @@ Which kernel, and why (`linear_kernel`):
   is emulated and the packed kernel stays faster to 100+ rows. So each runner measures the
   crossover at load (`measure_quant_max_rows`) instead of assuming it; it only ever raises
   the bound above QUANT_MAX_ROWS (see choose_quant_max_rows).
-- CPU, with ggml built (`make kernels`) and switched on (TANDEM_GGML=on; off by default, see
-  actors/ggml_kernel.py for why): quantize pack runs the pack's Q4_K linears on ggml's own
-  kernel straight from the GGUF's rows (8-bit activations, 8-row interleaved weights) and
-  its other linears as ggml Q8_0 ("pack-ggml"); int4 runs the layers as ggml Q4_0
-  ("int4-ggml"). Otherwise the grid runs on torch's int4 kernel and the rest int8 ("pack").
+- CPU, with ggml built (`make kernels`) and serving (TANDEM_GGML: by default where ggml has
+  its AMX layout, see actors/ggml_kernel.py): quantize pack runs the pack's Q4_K linears on
+  ggml's own kernel straight from the GGUF's rows (8-bit activations) and its other linears as
+  ggml Q8_0 ("pack-ggml"); int4 runs the layers as ggml Q4_0, and the LM head too in the AMX
+  layout ("int4-ggml"). Otherwise the grid runs on torch's int4 kernel and the rest int8 ("pack").
 - CUDA: dense in the compute dtype (bf16) for every linear, quantize or not. On a GPU the
   draft's step is launch-bound, not weight-bandwidth-bound, at these sizes; an int4/int8
   GPU kernel is not used until it is measured faster on one (no GPU was lent to measure it;
@@ -105,8 +105,8 @@ class QuantLinear:
         """int4 from a given group-32 affine grid (w = scale * q - minimum per group; codes
         [out, in] in 0..15, scale and minimum [out, in / 32]) instead of quantizing a dense
         weight: a pack's own Q4_K grid is served as stored, up to the scales' rounding to the
-        compute dtype. With the GGUF's Q4_K `rows` where ggml serves packs (built and switched
-        on, actors/ggml_kernel.available), ggml's kernel serves them as stored instead (kind
+        compute dtype. With the GGUF's Q4_K `rows` where ggml serves packs (built and chosen
+        by TANDEM_GGML, actors/ggml_kernel.available), ggml's kernel serves them as stored instead (kind
         "ggml"). `dense` is the same grid
         dequantized, for blocks of many rows."""
         out_f, in_f = codes.shape

