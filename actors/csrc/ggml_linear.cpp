@@ -66,8 +66,9 @@ SharedPool* shared_pool(int n) {
 // Puts every shared pool's workers to sleep (the next compute wakes them). Between two graphs
 // ggml's workers spin for new work (poll 50: up to ~10^7 pause instructions), which is what
 // keeps one forward's ~140 matmuls quick, but after a forward they would spin on cores that
-// another process wants: a draft actor beside a target actor on 2 cores (actors/runner.py
-// calls this when a forward ends). Takes each pool's mutex: never pauses a pool in use.
+// another process wants: a draft actor beside a target actor on 2 cores (actors/ggml_kernel.py
+// torch_at_one_thread calls this when a forward ends). Takes each pool's mutex: never pauses a
+// pool in use.
 void pause_pools() {
   std::lock_guard<std::mutex> lock(g_pools_mu);
   for (auto& slot : g_pools) {

@@ -8,6 +8,7 @@ everywhere."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -106,7 +107,7 @@ def test_amx_matmuls_run_after_torch_released_the_tiles():
     import sys
 
     proc = subprocess.run([sys.executable, "-c", AMX_AFTER_ONEDNN], capture_output=True, text=True, timeout=120,
-                          env={**__import__("os").environ, ggml_kernel.ENV_SWITCH: "on"})
+                          env={**os.environ, ggml_kernel.ENV_SWITCH: "on"})
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", (proc.returncode, proc.stderr[-2000:])
 
 
