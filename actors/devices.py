@@ -86,6 +86,14 @@ def apply_default_device_env() -> torch.device:
     return torch.get_default_device()
 
 
+def available_threads() -> int:
+    """The cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def node_placement() -> dict:
     """Where this process runs: its Ray node ("node_id", None outside Ray) and the cores it may
     use there ("node_cpus"), for the router's choice whether drafting and verification overlap
@@ -98,11 +106,7 @@ def node_placement() -> dict:
             node_id = ray.get_runtime_context().get_node_id()
     except Exception:  # noqa: BLE001 - informational only
         pass
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not on Linux
-        cpus = os.cpu_count() or 1
-    return {"node_id": node_id, "node_cpus": cpus}
+    return {"node_id": node_id, "node_cpus": available_threads()}
 
 
 def assigned_resources() -> dict:

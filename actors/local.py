@@ -10,7 +10,6 @@ one with the best predicted rate (on 2 cores that is 1 + 1).
 from __future__ import annotations
 
 import itertools
-import os
 import time
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
@@ -18,6 +17,7 @@ from typing import Callable, Sequence
 import torch
 
 from tandem.actors.block_costs import measure_block_costs
+from tandem.actors.devices import available_threads
 from tandem.actors.drafter import Drafter
 from tandem.actors.runner import ModelRunner
 from tandem.actors.speculative import GenerationResult, LocalSide, request_steps
@@ -52,13 +52,6 @@ class ThreadSplit:
         if self.draft_step_s <= 0:
             return DEFAULT_DRAFT_LEN["pearl"]
         return int(max(2, min(MAX_WINDOW, round(self.target_step_s / self.draft_step_s))))
-
-
-def available_threads() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 class LocalEngine:

@@ -403,7 +403,7 @@ def main(args) -> int:
     """Run the benchmark described by parsed CLI `args` (see deploy/cli.py)."""
     from tqdm import tqdm
 
-    from tandem.actors.local import available_threads
+    from tandem.actors.devices import available_threads
     from tandem.actors.loading import parse_dtype
     from tandem.deploy.models import encode_prompt, load_causal_lm, sorted_thresholds, stop_ids_for, tokenizer_for
     from tandem.deploy.packs import resolve_model_path

@@ -309,7 +309,8 @@ def _log(msg: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from tandem.actors.exit_adapters import check_runner_matches, load_exit_adapters, read_manifest
-    from tandem.actors.local import LocalEngine, available_threads
+    from tandem.actors.devices import available_threads
+    from tandem.actors.local import LocalEngine
     from tandem.actors.loading import load_causal_lm
     from tandem.actors.runner import ModelRunner
     from tandem.deploy.models import encode_prompt, stop_ids_for, tokenizer_for
