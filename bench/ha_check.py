@@ -143,6 +143,37 @@ class Load:
                     self.records.append((t0, time.monotonic(), kind, sent))
 
 
+HELD_TOKENS = 2000  # a stream this long outlives the kill by far (tiny models, context 8192)
+
+
+class HeldStream:
+    """One long greedy stream straight to one router, in a thread; `started` is set once its
+    first chunk arrived (its request state is then on the actors)."""
+
+    def __init__(self, endpoint: str, max_new_tokens: int):
+        self.started = threading.Event()
+        self.outcome = "running"
+        self._thread = threading.Thread(target=self._run, args=(endpoint, max_new_tokens), daemon=True)
+        self._thread.start()
+
+    def _run(self, endpoint: str, max_new_tokens: int) -> None:
+        try:
+            with TandemClient(endpoint, retries=0) as client, client.generate_stream(
+                    target=TARGET, prompt=PROMPT, max_new_tokens=max_new_tokens, ignore_eos=True, method="sd",
+                    timeout=300) as stream:
+                for _ in stream:
+                    self.started.set()
+            self.outcome = "completed"
+        except TandemError as exc:
+            self.outcome = f"error:{exc.code.name}"
+        finally:
+            self.started.set()  # never leave the waiter hanging (a failed start shows in outcome)
+
+    def finish(self, timeout_s: float = 30.0) -> str:
+        self._thread.join(timeout_s)
+        return self.outcome
+
+
 def pool_processes(namespace: str) -> dict[str, list]:
     """Per shared pool: (actor name, pid) of each listed replica, from the directory."""
     import ray
@@ -200,11 +231,13 @@ def run_ha_check(address: str, root: Path, *, namespace: str, clients: int = 3, 
         def orphans() -> list[str]:
             return [k for keys in live_on_actors(namespace).values() for k in keys if not k.startswith(owner_prefix(b))]
 
-        # kill a while it carries streams: once the actors hold a request of its
-        deadline = time.monotonic() + 30.0
-        while time.monotonic() < deadline and not any(
-                k.startswith(owner_prefix(a)) for keys in live_on_actors(namespace).values() for k in keys):
-            time.sleep(0.02)
+        # kill a while it surely carries a stream: one long request straight to a, killed once
+        # its first tokens arrived (the load's short streams may all sit between requests at
+        # the instant of the kill on a slow machine, and then no state would be left to close)
+        held = HeldStream(a.endpoint, HELD_TOKENS)
+        if not held.started.wait(60.0):
+            raise TimeoutError(f"router a sent no token of a {HELD_TOKENS}-token stream within 60s")
+        summary["held_stream_running_at_kill"] = held.outcome == "running"
         t_kill = time.monotonic()
         a.kill()
         summary["orphans_seen"] = len(orphans())  # state a's streams left on the actors
@@ -221,6 +254,7 @@ def run_ha_check(address: str, root: Path, *, namespace: str, clients: int = 3, 
             elif time.monotonic() - t_kill >= phase_s:
                 break
         summary["orphans_left"] = len(left)
+        summary["held_stream_outcome"] = held.finish()
         after_kill = pool_processes(namespace)
 
         summary["a_restart_s"] = round(a.start(), 2)
@@ -262,7 +296,8 @@ def run_ha_check(address: str, root: Path, *, namespace: str, clients: int = 3, 
         checks["rolling_restart_failed_nothing"] = all(r[2] == "completed" for r in rolling) and len(rolling) > 0
         checks["restart_attaches_faster_than_first_start"] = summary["a_restart_s"] < summary["a_first_start_s"]
         # orphans_seen is the control: a's streams left state behind (else nothing was shown)
-        checks["dead_router_requests_closed_on_actors"] = summary["orphans_left"] == 0 and summary["orphans_seen"] > 0
+        checks["dead_router_requests_closed_on_actors"] = (summary["orphans_left"] == 0 and summary["orphans_seen"] > 0
+                                                           and summary["held_stream_running_at_kill"])
         checks["no_wrong_text"] = outcomes.get("wrong_text", 0) == 0
         checks["both_routers_serve_at_the_end"] = all(direct.values())
         summary["passed"] = all(checks.values())
