@@ -62,7 +62,9 @@ _MODE_ALIASES = {"": "auto", "1": "on", "true": "on", "yes": "on", "0": "off", "
 
 # ggml type ids (ggml.h, enum ggml_type) of the formats tandem serves on ggml
 GGML_TYPES = {"Q4_0": 2, "Q8_0": 8, "Q4_K": 12}
-SOURCE = Path(__file__).parent / "csrc" / "ggml_linear.cpp"  # the extension deploy/ggml_build.py compiles
+# the extension deploy/ggml_build.py compiles: ggml's matmul, and the small per-layer ops of
+# the runner on ggml's kernels (actors/layer_ops.py)
+SOURCES = (Path(__file__).parent / "csrc" / "ggml_linear.cpp", Path(__file__).parent / "csrc" / "layer_ops.cpp")
 
 
 def _cpu_flags() -> str:
@@ -85,7 +87,10 @@ def build_key() -> str:
     """What a build of the extension depends on: ggml_key, the torch and Python versions and
     the extension's source. A build is loaded only where its key matches (`make kernels`
     rebuilds otherwise)."""
-    source = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12] if SOURCE.is_file() else "none"
+    digest = hashlib.sha256()
+    for path in SOURCES:
+        digest.update(path.read_bytes() if path.is_file() else b"none")
+    source = digest.hexdigest()[:12]
     text = "|".join([ggml_key(), torch.__version__, sys.version.split()[0], source])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -218,5 +223,7 @@ class GgmlLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         threads = getattr(_calls, "threads", None) or torch.get_num_threads()
-        y = self.impl.forward(x.reshape(-1, shape[-1]), threads).to(x.dtype)
+        y = self.impl.forward(x.reshape(-1, shape[-1]), threads)  # bf16 in, bf16 out; else float32
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
         return y.reshape(*shape[:-1], -1)

@@ -35,6 +35,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from tandem.actors import layer_ops
 from tandem.actors.devices import resolve_device
 from tandem.actors.kv_cache import KVLayout, SequenceState
 from tandem.actors.kernels import (
@@ -207,6 +208,8 @@ class ModelRunner:
         # linear); measured once on a layer's largest linear, applied to all (actors/kernels.py)
         if any(lin.kind == "ggml" for lin in self._quant_linears()):
             self.kernel += "-ggml"  # "pack-ggml", "int4-ggml": on ggml's kernels (actors/ggml_kernel.py)
+        # norms, rotary and the SiLU gate: one C++ call each on ggml's kernels in bf16, else torch
+        self.ops = layer_ops.for_runner(self.kernel, self.dtype, self.device, self.eps)
         with self._threads():  # measured with the threads it serves with
             self.quant_max_rows = self._calibrate_quant_rows()
 
@@ -478,16 +481,15 @@ class ModelRunner:
             row.start = f
 
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        # float32 statistics, as the reference RMSNorm does; scale in the compute dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return weight * x32.to(x.dtype)
+        return self.ops.rms(x, weight)  # float32 statistics, scaled in the compute dtype
 
-    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        # x: [B, heads, n, head_dim]; cos/sin: [B, 1, n, head_dim]
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
+    def _add_down(self, x: torch.Tensor, layer: _Layer, h: torch.Tensor, li: int, hi: int):
+        """The MLP of layer li on its normed input h, added to x; with the next layer's input
+        norm when one follows in this run (x, that norm), else (x, None)."""
+        delta = layer.down(self.ops.silu_mul(layer.gate_up(h)))
+        if li + 1 < hi:
+            return self.ops.add_rms(x, delta, self.layers[li + 1].input_norm)
+        return x + delta, None
 
     def _run_layers(self, rows: list[_Row], lo: int, hi: int) -> None:
         """Run layers [lo, hi) for every row; updates rows in place. Rows of different lengths
@@ -512,8 +514,7 @@ class ModelRunner:
         x = torch.cat([r.hidden for r in rows])[None]  # [1, T, hidden]
         starts = [r.start for r in rows]
         pos = torch.cat([torch.arange(s, s + n, device=dev) for s, n in zip(starts, ns)]).clamp(max=self.max_context)
-        cos = self.cos[pos][:, None]  # [T, 1, head_dim]
-        sin = self.sin[pos][:, None]
+        rope = self.ops.rope_tables(self.cos, self.sin, pos)
         for r, s, n in zip(rows, starts, ns):
             self._ensure_capacity(r.seq, min(s + n, self.max_context))
         # per row with more than one query: [1, 1, g * n, s + n], query j sees keys <= s + j
@@ -525,12 +526,12 @@ class ModelRunner:
             m = torch.arange(s + n, device=dev)[None, :] <= torch.arange(s, s + n, device=dev)[:, None]
             masks.append((m.repeat(g, 1) if g > 1 else m)[None, None])
         T = offs[-1]
+        ops = self.ops
+        h = ops.rms(x, self.layers[lo].input_norm)
         for li in range(lo, hi):
             layer = self.layers[li]
-            h = self._rms(x, layer.input_norm)
             qkv = layer.qkv(h)[0]  # [T, (H + 2 kvh) * hd]
-            q = self._rope(qkv[:, : H * hd].view(T, H, hd), cos, sin)
-            k = self._rope(qkv[:, H * hd : (H + kvh) * hd].view(T, kvh, hd), cos, sin)
+            q, k = ops.rope_qk(qkv, rope, H, kvh, hd)  # [T, H, hd], [T, kvh, hd]
             v = qkv[:, (H + kvh) * hd :].view(T, kvh, hd)
             att = torch.empty(T, H * hd, dtype=x.dtype, device=dev)
             for i, r in enumerate(rows):
@@ -543,11 +544,8 @@ class ModelRunner:
                 qp = q[o : o + n].transpose(0, 1).reshape(1, kvh, g * n, hd)
                 a = F.scaled_dot_product_attention(qp, keys, vals, attn_mask=masks[i])
                 att[o : o + n] = a.reshape(H, n, hd).transpose(0, 1).reshape(n, H * hd)
-            x = x + layer.o(att[None])
-            h = self._rms(x, layer.post_norm)
-            gu = layer.gate_up(h)
-            inter = gu.shape[-1] // 2
-            x = x + layer.down(F.silu(gu[..., :inter]) * gu[..., inter:])
+            x, h = ops.add_rms(x, layer.o(att[None]), layer.post_norm)
+            x, h = self._add_down(x, layer, h, li, hi)
         for i, r in enumerate(rows):
             r.hidden = x[0, offs[i] : offs[i + 1]]
             r.seq.filled[lo:hi] = [r.start + ns[i]] * (hi - lo)
@@ -569,8 +567,7 @@ class ModelRunner:
         dev = self.device
         pos = torch.tensor(starts, device=dev)[:, None] + torch.arange(nmax, device=dev)[None, :]
         pos = pos.clamp(max=self.max_context)
-        cos = self.cos[pos][:, None]  # [B, 1, nmax, head_dim]
-        sin = self.sin[pos][:, None]
+        rope = self.ops.rope_tables(self.cos, self.sin, pos)
         kv_len = min(max(s + nmax for s in starts), self.max_context)
         for r in rows:
             self._ensure_capacity(r.seq, kv_len)
@@ -581,15 +578,14 @@ class ModelRunner:
             key_pos = torch.arange(kv_len, device=dev)[None, None, :]  # [1, 1, kv_len]
             mask = key_pos <= pos[:, :, None]  # [B, nmax, kv_len]
             mask = mask[:, None].repeat(1, 1, g, 1) if g > 1 else mask[:, None]
+        ops = self.ops
+        h = ops.rms(x, self.layers[lo].input_norm)
         for li in range(lo, hi):
             layer = self.layers[li]
-            h = self._rms(x, layer.input_norm)
             qkv = layer.qkv(h)  # [B, n, (H + 2 kvh) * hd]
-            q = qkv[..., : H * hd].view(B, nmax, H, hd).transpose(1, 2)
-            k = qkv[..., H * hd : (H + kvh) * hd].view(B, nmax, kvh, hd).transpose(1, 2)
+            q, k = ops.rope_qk(qkv, rope, H, kvh, hd)  # [B, n, H, hd], [B, n, kvh, hd]
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
             v = qkv[..., (H + kvh) * hd :].view(B, nmax, kvh, hd).transpose(1, 2)
-            q = self._rope(q, cos, sin)
-            k = self._rope(k, cos, sin)
             if B == 1:
                 seq, s, n = rows[0].seq, starts[0], ns[0]
                 seq.keys[li][:, s : s + n] = k[0, :, :n]
@@ -609,11 +605,8 @@ class ModelRunner:
             qp = q.reshape(B, kvh, g * nmax, hd)
             att = F.scaled_dot_product_attention(qp, keys, vals, attn_mask=m)
             att = att.reshape(B, H, nmax, hd).transpose(1, 2).reshape(B, nmax, H * hd)
-            x = x + layer.o(att)
-            h = self._rms(x, layer.post_norm)
-            gu = layer.gate_up(h)
-            inter = gu.shape[-1] // 2
-            x = x + layer.down(F.silu(gu[..., :inter]) * gu[..., inter:])
+            x, h = ops.add_rms(x, layer.o(att), layer.post_norm)
+            x, h = self._add_down(x, layer, h, li, hi)
         for i, r in enumerate(rows):
             r.hidden = x[i, : ns[i]]
             r.seq.filled[lo:hi] = [r.start + ns[i]] * (hi - lo)

@@ -23,7 +23,7 @@ import tarfile
 import time
 from pathlib import Path
 
-from tandem.actors.ggml_kernel import BUILD_INFO, EXTENSION, GGML_PATCH, SDIST_VERSION, SOURCE, build_key, build_status, ggml_key, install_dir
+from tandem.actors.ggml_kernel import BUILD_INFO, EXTENSION, GGML_PATCH, SDIST_VERSION, SOURCES, build_key, build_status, ggml_key, install_dir
 from tandem.deploy.packs import cache_root
 
 # ggml's own thread pool, not OpenMP: torch's OpenMP threads and ggml's would otherwise share
@@ -112,17 +112,19 @@ def build_ggml(src: Path, key: str) -> Path:
 
 
 def build_extension(src: Path, libs: Path, dest: Path) -> Path:
-    """actors/csrc/ggml_linear.cpp compiled against torch and the ggml in `dest`."""
+    """actors/csrc/ggml_linear.cpp and layer_ops.cpp compiled against torch and the ggml in `dest`."""
     import torch
     from torch.utils import cpp_extension
 
     out = dest / f"{EXTENSION}{sysconfig.get_config_var('EXT_SUFFIX')}"
     includes = [*cpp_extension.include_paths(), sysconfig.get_paths()["include"], str(src / "ggml" / "include")]
     torch_libs = cpp_extension.library_paths()
-    cmd = ["c++", "-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-fopenmp",
+    # -march=native like ggml itself (GGML_NATIVE): the build is for this CPU (ggml_key);
+    # -fno-trapping-math lets GCC vectorise layer_ops.cpp's clamps (nothing here traps on FP)
+    cmd = ["c++", "-O3", "-march=native", "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-fopenmp",
            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
            f"-DTORCH_EXTENSION_NAME={EXTENSION}", "-DTORCH_API_INCLUDE_EXTENSION_H",
-           *[f"-I{p}" for p in includes], str(SOURCE), "-o", str(out),
+           *[f"-I{p}" for p in includes], *[str(p) for p in SOURCES], "-o", str(out),
            f"-L{dest}", "-lggml-cpu", "-lggml-base", "-Wl,-rpath,$ORIGIN",
            *[f"-L{p}" for p in torch_libs], "-lc10", "-ltorch", "-ltorch_cpu", "-ltorch_python"]
     _log(f"compiling the torch extension (log: {dest}/compile.log)")

@@ -1,0 +1,103 @@
+"""The small per-layer ops of the runner's forward (RMSNorm, residual add + RMSNorm, rotary
+embedding of q and k, SiLU gate): torch's, or one C++ call each (actors/csrc/layer_ops.cpp,
+built with ggml's extension by `make kernels`).
+
+The C++ ops serve runners on ggml's kernels in bf16 on the CPU (`for_runner`): there the
+forward is ggml's matmuls plus these, each a dozen torch ops dispatched from Python at
+2-5 us apiece, about 10.5 of a 67 ms one-token step of the 1.5B pack (2 threads, Xeon with
+AMX). They round to bf16 where torch's ops do, so both give the same values except where a
+float sum runs in another order (the RMS mean) or exp differs by an ulp (SiLU); every method
+of a runner uses the same ops, so its greedy output still equals its own `ar`. Other runners
+(bf16 or float32 torch kernels, CUDA) keep torch's ops unchanged."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class TorchLayerOps:
+    """The ops in torch (any device and dtype). RMSNorm takes float32 statistics and scales
+    in the compute dtype, as the reference model does."""
+
+    name = "torch"
+
+    def __init__(self, eps: float):
+        self.eps = eps
+
+    def rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return weight * x32.to(x.dtype)
+
+    def add_rms(self, x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, rms(x + delta) * weight): a residual add and the next norm."""
+        s = x + delta
+        return s, self.rms(s, weight)
+
+    def rope_tables(self, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor) -> tuple:
+        """The rotary rows for positions `pos` (any shape), as rope_qk takes them."""
+        return cos[pos].unsqueeze(-2), sin[pos].unsqueeze(-2)
+
+    def rope_qk(self, qkv: torch.Tensor, tables: tuple, heads: int, kv_heads: int, head_dim: int):
+        """q [..., heads, head_dim] and k [..., kv_heads, head_dim], rotated, from a fused
+        projection qkv [..., (heads + 2 kv_heads) * head_dim] (q, k, v side by side)."""
+        cos, sin = tables
+        lead = qkv.shape[:-1]
+        q = qkv[..., : heads * head_dim].view(*lead, heads, head_dim)
+        k = qkv[..., heads * head_dim : (heads + kv_heads) * head_dim].view(*lead, kv_heads, head_dim)
+        return self._rope(q, cos, sin), self._rope(k, cos, sin)
+
+    @staticmethod
+    def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up from a fused projection [..., 2 * inter] (gate, then up)."""
+        inter = gate_up.shape[-1] // 2
+        return F.silu(gate_up[..., :inter]) * gate_up[..., inter:]
+
+
+class FusedLayerOps(TorchLayerOps):
+    """The same ops as single C++ calls (bf16, CPU); see the module docstring."""
+
+    name = "fused"
+
+    def __init__(self, eps: float, ext):
+        super().__init__(eps)
+        self.ext = ext
+
+    def rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return self.ext.rms_norm(x.contiguous(), weight, self.eps)
+
+    def add_rms(self, x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s, y = self.ext.add_rms_norm(x.contiguous(), delta.contiguous(), weight, self.eps)
+        return s, y
+
+    def rope_tables(self, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor) -> tuple:
+        return cos[pos.reshape(-1)], sin[pos.reshape(-1)]  # [positions, head_dim], row per position
+
+    def rope_qk(self, qkv: torch.Tensor, tables: tuple, heads: int, kv_heads: int, head_dim: int):
+        qkv = qkv.contiguous()
+        lead = qkv.shape[:-1]
+        self.ext.rope_(qkv.view(-1, qkv.shape[-1]), tables[0], tables[1], heads + kv_heads, head_dim)
+        q = qkv[..., : heads * head_dim].view(*lead, heads, head_dim)
+        k = qkv[..., heads * head_dim : (heads + kv_heads) * head_dim].view(*lead, kv_heads, head_dim)
+        return q, k
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        return self.ext.silu_mul(gate_up.contiguous())
+
+
+def for_runner(kernel: str, dtype: torch.dtype, device: torch.device, eps: float) -> TorchLayerOps:
+    """The fused ops for a bf16 CPU runner on ggml's kernels (kernel "...-ggml") where the
+    extension has them, else torch's."""
+    if kernel.endswith("-ggml") and dtype == torch.bfloat16 and device.type == "cpu":
+        from tandem.actors import ggml_kernel
+
+        ext = ggml_kernel.load()
+        if ext is not None and hasattr(ext, "rms_norm"):
+            return FusedLayerOps(eps, ext)
+    return TorchLayerOps(eps)
