@@ -73,7 +73,7 @@ class Placement:
 class DraftPoolSpec:
     load: ModelLoad
     replicas: int = 1
-    threads: int = 1
+    threads: int | None = 1  # torch threads per actor; None: the cores of its node
     placement: Placement = field(default_factory=lambda: Placement(resources={"draft_pool": 1}))
     kv_budget_bytes: int | None = None  # KV cache per actor; None: from its free memory
 
@@ -84,7 +84,7 @@ class TargetSpec:
     load: ModelLoad
     replicas: int = 1
     shards: int = 1
-    threads: int = 1
+    threads: int | None = 1  # torch threads per actor (each shard); None: the cores of its node
     placement: Placement = field(default_factory=lambda: Placement(resources={"target_pool": 1}))
     max_restarts: int = -1  # Ray restarts a dead target actor (its requests are lost)
     kv_budget_bytes: int | None = None  # KV cache per actor (each shard); None: from its free memory

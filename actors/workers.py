@@ -18,7 +18,7 @@ import torch
 
 from tandem.actors.batching import PREFILL_CHUNK, Cancellations, MicroBatcher
 from tandem.actors.block_costs import measure_batch_costs, measure_block_costs
-from tandem.actors.devices import apply_default_device_env, assigned_resources, default_kv_budget, node_placement, return_freed_host_memory
+from tandem.actors.devices import apply_default_device_env, assigned_resources, available_threads, default_kv_budget, node_placement, return_freed_host_memory
 from tandem.actors.drafter import DraftBlock, DraftBranches, Drafter
 from tandem.actors.runner import ModelRunner
 from tandem.actors.tracing import Traced, call_record
@@ -104,10 +104,11 @@ class DraftWorker(_Worker):
     """Hosts one (multi-exit) draft and drafts for requests of any target at once."""
 
     def __init__(
-        self, load: ModelLoad, *, threads: int = 1, max_batch: int = 16, kv_budget_bytes: int | None = None,
+        self, load: ModelLoad, *, threads: int | None = 1, max_batch: int = 16, kv_budget_bytes: int | None = None,
         prefill_chunk: int = PREFILL_CHUNK,
     ):
         apply_default_device_env()
+        threads = threads or available_threads()  # None: every core of this node it may use
         torch.set_num_threads(threads)
         self.load = load
         self.threads = threads
@@ -220,13 +221,14 @@ class TargetWorker(_Worker):
         self,
         load: ModelLoad | None = None,
         *,
-        threads: int = 1,
+        threads: int | None = 1,
         stages: Sequence[Any] | None = None,
         max_batch: int = 16,
         kv_budget_bytes: int | None = None,
         prefill_chunk: int = PREFILL_CHUNK,
     ):
         apply_default_device_env()
+        threads = threads or available_threads()  # None: every core of this node it may use
         torch.set_num_threads(threads)
         self.load = load
         self.threads = threads

@@ -77,7 +77,9 @@ def test_two_targets_at_once(server):
 
 def test_auto_overlaps_only_where_draft_and_target_do_not_share_cores(server):
     """The router's `auto` loop follows overlap_pays on its actors' placement: this server's
-    one-thread draft and target actors share a node of >= 2 cores, so PEARL (overlapped)."""
+    draft and target actors (threads left at the default: every core of the node) share one
+    node, each with all its cores, so they draft and verify in turn (sd), not overlapped; the
+    overlapped side of the rule: tests/unit/test_overlap_rule.py."""
     import ray
 
     from tandem.deploy.serve import overlap_pays
@@ -85,9 +87,9 @@ def test_auto_overlaps_only_where_draft_and_target_do_not_share_cores(server):
     engine = server.app.engine
     d = engine.draft_pool.info
     t = ray.get(engine.targets["small"].members[0].handle.info.remote())
-    assert d["node_id"] == t["node_id"] and d["threads"] == t["threads"] == 1
+    assert d["node_id"] == t["node_id"] and d["threads"] == t["threads"] == t["node_cpus"] >= 1
     policy = server.app.router.routes["small"].policy
-    assert policy.overlapped is overlap_pays(d, t) is (t["node_cpus"] >= 2)
+    assert policy.overlapped is overlap_pays(d, t) is False
 
 
 def test_goodput_policy_prices_forwards_by_their_rows(server):

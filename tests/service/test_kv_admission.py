@@ -30,6 +30,12 @@ def srv(ray_local, tiny_service_models):
     cfg = service_config(tiny_service_models, max_concurrent=4, queue_size=4, metrics_port=0)
     cfg["targets"][0]["kv_budget_bytes"] = BUDGET
     cfg["draft_pool"]["kv_budget_bytes"] = DRAFT_BUDGET
+    # one thread per actor: the draft and the target then overlap (deploy/serve.py
+    # overlap_pays), where an explicit sd request drafts its max_draft_len (SD_LEN), which the
+    # reservations below count; in turn the policy would pick a learned length instead
+    cfg["draft_pool"]["threads"] = 1
+    for t in cfg["targets"]:
+        t["threads"] = 1
     s = ServerThread(cfg)
     yield s
     s.stop()
