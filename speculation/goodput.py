@@ -188,6 +188,7 @@ class GoodputPolicy:
         self.verify_s: dict[int, _Ema] = {}
         self.ar_steps = 0  # target-only steps observed
         self._choices = 0
+        self._explorations = 0
         self._trials: set[int | None] = set()  # options (None: off) handed to a request to try
         self._lock = threading.Lock()
 
@@ -284,6 +285,14 @@ class GoodputPolicy:
             scored = [(self.best_draft_len(e, c), e) for e in self.exits]
             (draft_len, rate), exit = max(scored, key=lambda item: item[0][1])
             if self.explore_every and self._choices % self.explore_every == 0:
+                self._explorations += 1
+                if rate <= off * (1 + self.min_gain) and self._explorations % 2:
+                    # while speculation is off, every other exploration re-measures the arm it
+                    # would use: its EMAs forget within ~5 rounds, so a short run of bad rounds
+                    # (a hard stretch of text, a slow moment of the draft actor) could otherwise
+                    # keep a target off for good, the least seen arms being the others (seen
+                    # through gRPC: `auto` off for a whole 5-request run after its warm-up)
+                    return Choice(exit=exit, draft_len=draft_len, rate=rate, exploring=True)
                 # the least observed option, speculation off included
                 options = [(self.arms[e].rounds, e) for e in self.exits] + [(self.ar_steps, -1)]
                 _, least = min(options)

@@ -98,6 +98,31 @@ def test_periodic_exploration_revisits_the_least_seen_option():
     assert any(not c.exploring and c.exit == 24 for c in picks)
 
 
+def test_an_arm_that_turned_off_is_measured_again():
+    """A run of bad rounds on the best arm (acceptance 0 for a while) turns speculation off;
+    while off, periodic exploration re-measures that arm (every other exploration), so the
+    target drafts again once its rounds are good again. The least seen arm (8) is explored
+    too. Without the re-measure the deep arm, the most seen, would never be picked again."""
+    p = GoodputPolicy(exits=(8, 24), max_draft_len=4, overlapped=False, explore_every=4)
+    feed(p, exit=8, acceptance=0.0, draft_step=0.01, verify=0.2, rounds=3)
+    feed(p, exit=24, acceptance=1.0, draft_step=0.01, verify=0.2, rounds=50)
+    feed(p, exit=24, acceptance=0.0, draft_step=0.01, verify=0.2, rounds=20, draft_len=4)  # a hard stretch
+    warm(p)
+    assert p.choose().exit is None  # off now
+    picks = []
+    for _ in range(16):
+        c = p.choose()
+        picks.append(c)
+        good = c.exit == 24  # the text is easy again: the deep arm's drafts are all accepted
+        p.observe_round(exit=c.exit, drafted=c.draft_len, accepted=c.draft_len if good else 0,
+                        draft_s=0.01 * c.draft_len, verify_s=0.2)
+    retests = [i for i, c in enumerate(picks) if c.exploring and c.exit == 24]
+    assert retests, [(c.exit, c.exploring) for c in picks]
+    assert any(c.exploring and c.exit == 8 for c in picks)
+    # after the re-measure the policy exploits the deep arm again
+    assert any(not c.exploring and c.exit == 24 for c in picks[retests[0] + 1:])
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="exits"):
         GoodputPolicy(exits=(), max_draft_len=4)
