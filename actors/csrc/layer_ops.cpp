@@ -163,8 +163,13 @@ torch::Tensor silu_mul(torch::Tensor gu) {
   auto y = torch::empty(sizes, gu.options());
   const uint16_t* gp = reinterpret_cast<const uint16_t*>(gu.data_ptr<bf16>());
   uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr<bf16>());
-  std::vector<float> g(inter), u(inter), act(inter);
-  std::vector<uint16_t> act16(inter);
+  // the thread's own buffers, grown once (not allocated and zeroed per call)
+  thread_local std::vector<float> g, u, act;
+  thread_local std::vector<uint16_t> act16;
+  g.resize(inter);
+  u.resize(inter);
+  act.resize(inter);
+  act16.resize(inter);
   for (int64_t r = 0; r < rows; r++) {
     bf16_to_float(gp + r * width, g.data(), inter);
     bf16_to_float(gp + r * width + inter, u.data(), inter);
