@@ -65,6 +65,10 @@ GGML_TYPES = {"Q4_0": 2, "Q8_0": 8, "Q4_K": 12}
 # the extension deploy/ggml_build.py compiles: ggml's matmul, and the small per-layer ops of
 # the runner on ggml's kernels (actors/layer_ops.py)
 SOURCES = (Path(__file__).parent / "csrc" / "ggml_linear.cpp", Path(__file__).parent / "csrc" / "layer_ops.cpp")
+# its compiler flags (part of build_key): -march=native like ggml itself (GGML_NATIVE), the
+# build being for this CPU (ggml_key); -fno-trapping-math lets GCC vectorise layer_ops.cpp's
+# clamps (nothing in it traps on floating point)
+CXX_FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-std=c++17")
 
 
 def _cpu_flags() -> str:
@@ -85,13 +89,13 @@ def ggml_key() -> str:
 
 def build_key() -> str:
     """What a build of the extension depends on: ggml_key, the torch and Python versions and
-    the extension's source. A build is loaded only where its key matches (`make kernels`
+    the extension's source and flags. A build is loaded only where its key matches (`make kernels`
     rebuilds otherwise)."""
     digest = hashlib.sha256()
     for path in SOURCES:
         digest.update(path.read_bytes() if path.is_file() else b"none")
     source = digest.hexdigest()[:12]
-    text = "|".join([ggml_key(), torch.__version__, sys.version.split()[0], source])
+    text = "|".join([ggml_key(), torch.__version__, sys.version.split()[0], source, " ".join(CXX_FLAGS)])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

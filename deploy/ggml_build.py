@@ -23,7 +23,7 @@ import tarfile
 import time
 from pathlib import Path
 
-from tandem.actors.ggml_kernel import BUILD_INFO, EXTENSION, GGML_PATCH, SDIST_VERSION, SOURCES, build_key, build_status, ggml_key, install_dir
+from tandem.actors.ggml_kernel import BUILD_INFO, CXX_FLAGS, EXTENSION, GGML_PATCH, SDIST_VERSION, SOURCES, build_key, build_status, ggml_key, install_dir
 from tandem.deploy.packs import cache_root
 
 # ggml's own thread pool, not OpenMP: torch's OpenMP threads and ggml's would otherwise share
@@ -119,9 +119,7 @@ def build_extension(src: Path, libs: Path, dest: Path) -> Path:
     out = dest / f"{EXTENSION}{sysconfig.get_config_var('EXT_SUFFIX')}"
     includes = [*cpp_extension.include_paths(), sysconfig.get_paths()["include"], str(src / "ggml" / "include")]
     torch_libs = cpp_extension.library_paths()
-    # -march=native like ggml itself (GGML_NATIVE): the build is for this CPU (ggml_key);
-    # -fno-trapping-math lets GCC vectorise layer_ops.cpp's clamps (nothing here traps on FP)
-    cmd = ["c++", "-O3", "-march=native", "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-fopenmp",
+    cmd = ["c++", *CXX_FLAGS, "-shared", "-fPIC", "-fvisibility=hidden", "-fopenmp",
            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
            f"-DTORCH_EXTENSION_NAME={EXTENSION}", "-DTORCH_API_INCLUDE_EXTENSION_H",
            *[f"-I{p}" for p in includes], *[str(p) for p in SOURCES], "-o", str(out),
