@@ -94,6 +94,14 @@ def available_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def use_threads(threads: int | None) -> int:
+    """An actor's torch threads for its calling thread: `threads`, or with None every core
+    this process may use on its node (the config's default); returns the count."""
+    n = int(threads or available_threads())
+    torch.set_num_threads(n)
+    return n
+
+
 def node_placement() -> dict:
     """Where this process runs: its Ray node ("node_id", None outside Ray) and the cores it may
     use there ("node_cpus"), for the router's choice whether drafting and verification overlap

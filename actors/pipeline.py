@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
-from tandem.actors.devices import apply_default_device_env, assigned_resources, available_threads, default_kv_budget, return_freed_host_memory
+from tandem.actors.devices import apply_default_device_env, assigned_resources, default_kv_budget, return_freed_host_memory, use_threads
 from tandem.actors.runner import ModelRunner
 from tandem.actors.speculative import RequestStateLostError
 
@@ -49,8 +49,7 @@ class TargetShard:
         """Give either layer_range=(lo, hi) or stage=(index, count): stage `index` of `count`
         near-equal contiguous ranges (worked out here, where the model files are)."""
         apply_default_device_env()
-        threads = threads or available_threads()  # None: every core of this node it may use
-        torch.set_num_threads(threads)
+        threads = use_threads(threads)  # None: every core of this node it may use
         self.threads = threads
         self.model_path = resolve(model_path) if resolve is not None else model_path
         if layer_range is None:

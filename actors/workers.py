@@ -14,11 +14,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-import torch
-
 from tandem.actors.batching import PREFILL_CHUNK, Cancellations, MicroBatcher
 from tandem.actors.block_costs import measure_batch_costs, measure_block_costs
-from tandem.actors.devices import apply_default_device_env, assigned_resources, available_threads, default_kv_budget, node_placement, return_freed_host_memory
+from tandem.actors.devices import apply_default_device_env, assigned_resources, default_kv_budget, node_placement, return_freed_host_memory, use_threads
 from tandem.actors.drafter import DraftBlock, DraftBranches, Drafter
 from tandem.actors.runner import ModelRunner
 from tandem.actors.tracing import Traced, call_record
@@ -108,8 +106,7 @@ class DraftWorker(_Worker):
         prefill_chunk: int = PREFILL_CHUNK,
     ):
         apply_default_device_env()
-        threads = threads or available_threads()  # None: every core of this node it may use
-        torch.set_num_threads(threads)
+        threads = use_threads(threads)  # None: every core of this node it may use
         self.load = load
         self.threads = threads
         self.cancelled = Cancellations()
@@ -228,8 +225,7 @@ class TargetWorker(_Worker):
         prefill_chunk: int = PREFILL_CHUNK,
     ):
         apply_default_device_env()
-        threads = threads or available_threads()  # None: every core of this node it may use
-        torch.set_num_threads(threads)
+        threads = use_threads(threads)  # None: every core of this node it may use
         self.load = load
         self.threads = threads
         if stages:
