@@ -25,6 +25,7 @@ from tandem.actors.pools import DRAFT_POOL, DraftPool, TargetPool
 from tandem.actors.remote import POLL_S, CallWatch, RaySide
 from tandem.actors.speculative import GenerationResult, SideUnavailableError, SpecConfig, request_steps
 from tandem.actors.steps import Sleep, Steps, drive, drive_async
+from tandem.speculation.plan import RoundPlan
 from tandem.speculation.sampling import SamplingParams, TokenLogprob
 from tandem.speculation.stats import SpecStats
 
@@ -111,11 +112,11 @@ class ActorEngine:
         request_id: str | None = None,
         tracing=None,
         on_logprobs: Callable[[list[TokenLogprob]], None] | None = None,
-        round_draft_len: Callable[[], int] | None = None,
+        round_plan: Callable[[], RoundPlan] | None = None,
     ) -> Steps:
         """One request as a step generator (actors/steps.py) returning its GenerationResult.
         tracing: for a traced request, where its actor calls' spans go (RaySide's `tracing`).
-        on_logprobs, round_draft_len: as run_request's (sampling.logprobs set), over every attempt."""
+        on_logprobs, round_plan: as run_request's (sampling.logprobs set), over every attempt."""
         if target not in self.targets:
             raise KeyError(f"target {target!r} is not served; targets: {', '.join(sorted(self.targets))}")
         pool = self.targets[target]
@@ -167,7 +168,7 @@ class ActorEngine:
                         on_round=on_round,
                         on_logprobs=track_logprobs if emitted_lp is not None else None,
                         prompt_len=len(prompt),  # penalties count what was emitted as output
-                        round_draft_len=round_draft_len,
+                        round_plan=round_plan,
                     ))
                 )
                 reason = parts[-1].finish_reason

@@ -22,10 +22,9 @@ from tandem.actors.drafter import Drafter
 from tandem.actors.runner import ModelRunner
 from tandem.actors.speculative import GenerationResult, LocalSide, request_steps
 from tandem.actors.steps import Steps, drive, drive_async
-from tandem.speculation.plan import SpecConfig
 from tandem.actors.verifier import Verifier
 from tandem.speculation.goodput import PRIOR_ACCEPTANCE, GoodputPolicy, planned_draft_len, round_rate
-from tandem.speculation.plan import DEFAULT_DRAFT_LEN, DEFAULT_MAX_DRAFT_LEN, Plan, check_context, observe
+from tandem.speculation.plan import DEFAULT_DRAFT_LEN, DEFAULT_MAX_DRAFT_LEN, Plan, RoundPlan, RoundPlanner, SpecConfig, check_context
 from tandem.speculation.plan import plan as plan_request
 from tandem.speculation.sampling import SamplingParams
 from tandem.speculation.sorted_policy import ExitPolicy
@@ -194,9 +193,11 @@ class LocalEngine:
         p = self.plan(method, draft_len=draft_len, policy=policy, max_draft_len=max_draft_len, k=k)
         view = _PlanView(name="local", default_method="auto", max_draft_len=DEFAULT_MAX_DRAFT_LEN,
                          policy=self._length_policy, sorted_policy=None)
-        on_round = (lambda info: observe(view, p, info)) if p.observes and self._length_policy is not None else None
+        rounds = RoundPlanner(view, p)  # auto re-plans each round, as the router's requests do
+        on_round = rounds.observe if p.observes and self._length_policy is not None else None
         result = self.run(prompt, spec=p.spec, sampling=sampling, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
-                          on_tokens=on_tokens, on_logprobs=on_logprobs, on_round=on_round)
+                          on_tokens=on_tokens, on_logprobs=on_logprobs, on_round=on_round,
+                          round_plan=(lambda: rounds.next(1)) if rounds.replans else None)
         result.plan = p
         return result
 
@@ -218,10 +219,10 @@ class LocalEngine:
         on_round: Callable[[dict], None] | None = None,
         on_logprobs: Callable[[list], None] | None = None,
         request_id: str | None = None,
-        round_draft_len: Callable[[], int] | None = None,
+        round_plan: Callable[[], RoundPlan] | None = None,
     ) -> Steps:
         """One planned request as a step generator (actors/steps.py; run() drives it here,
-        InProcessEngine.agenerate on an event loop); round_draft_len is the caller's per-round
+        InProcessEngine.agenerate on an event loop); round_plan is the caller's per-round
         re-plan, as request_steps'. The checks run at once."""
         if spec.method != "ar" and self.drafter is None:
             raise ValueError(f"method {spec.method!r} needs a draft model; only 'ar' runs without one")
@@ -242,7 +243,7 @@ class LocalEngine:
             should_stop=should_stop,
             on_logprobs=on_logprobs,
             on_round=on_round,
-            round_draft_len=round_draft_len,
+            round_plan=round_plan,
         )
 
 
@@ -257,7 +258,7 @@ class InProcessEngine:
 
     def generate(self, target: str, prompt: Sequence[int], *, tracing=None, **kwargs) -> GenerationResult:
         """ActorEngine.generate's keywords (spec, sampling, max_new_tokens, stop_ids, on_tokens,
-        should_stop, on_round, request_id, on_logprobs, round_draft_len), run by the target's LocalEngine.run;
+        should_stop, on_round, request_id, on_logprobs, round_plan), run by the target's LocalEngine.run;
         tracing (actor call spans) has nothing to trace here."""
         return drive(self._steps(target, prompt, **kwargs))
 

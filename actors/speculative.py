@@ -34,7 +34,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 from tandem.actors.devices import thread_initializer
 from tandem.actors.steps import Steps, drive
-from tandem.speculation.plan import SpecConfig, context_reserve
+from tandem.speculation.plan import RoundPlan, SpecConfig, context_reserve
 from tandem.speculation.sampling import SamplingParams, TokenLogprob
 from tandem.speculation.stats import SpecStats
 
@@ -190,7 +190,7 @@ def request_steps(
     on_round: Callable[[dict], None] | None = None,
     on_logprobs: Callable[[list[TokenLogprob]], None] | None = None,
     prompt_len: int | None = None,
-    round_draft_len: Callable[[], int] | None = None,
+    round_plan: Callable[[], RoundPlan] | None = None,
 ) -> Steps:
     """Generate for one request, as a step generator (actors/steps.py: drive it on a thread,
     or drive_async on an event loop); returns the GenerationResult. Opens and always closes
@@ -206,9 +206,10 @@ def request_steps(
     prompt_len: how many leading tokens of `prompt` are the request's own prompt (a resumed
     request passes its prompt plus what it already emitted; penalties count the latter as
     output); None: all of `prompt`.
-    round_draft_len: called before each round's drafting: draft tokens for that round, re-planned
-    at the load of the moment (0: a target-only step; capped at spec.draft_len, which sized the
-    caches); None: spec.draft_len every round.
+    round_plan: called before each round's drafting: that round's draft tokens and exits,
+    re-planned at the load of the moment (RoundPlan; draft_len 0: a target-only step; capped
+    at spec.draft_len, which sized the caches); None: spec.draft_len and spec.policy every
+    round.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -263,7 +264,7 @@ def request_steps(
             result=result,
             should_stop=should_stop,
             t_start=t_start,
-            want=_wanted(spec, round_draft_len),
+            want=_wanted(spec, round_plan),
         )
     except RequestCancelledError:
         # the caller asked a side to drop this request's work (cancel or deadline)
@@ -293,11 +294,17 @@ def run_request(**kwargs: Any) -> GenerationResult:
     return drive(request_steps(**kwargs))
 
 
-def _wanted(spec: SpecConfig, round_draft_len: Callable[[], int] | None) -> Callable[[], int]:
-    """Draft tokens the next round may take (0: target only), from the re-plan hook."""
-    if round_draft_len is None:
-        return lambda: spec.draft_len
-    return lambda: max(0, min(spec.draft_len, int(round_draft_len())))
+def _wanted(spec: SpecConfig, round_plan: Callable[[], RoundPlan] | None) -> Callable[[], RoundPlan]:
+    """The next round's draft tokens (0: target only, never above spec.draft_len) and exits
+    (the request's own where the re-plan hook names none)."""
+    if round_plan is None:
+        return lambda: RoundPlan(spec.draft_len, spec.policy)
+
+    def want() -> RoundPlan:
+        r = round_plan()
+        return RoundPlan(max(0, min(spec.draft_len, int(r.draft_len))), r.policy or spec.policy)
+
+    return want
 
 
 def _first_token_time(result: GenerationResult, progress: _Progress, t_start: float) -> None:
@@ -364,11 +371,12 @@ def _loop_sd(*, draft, target, request_id, spec, progress, stats, result, should
     it missed at its next block (it is handed everything committed)."""
     while not _stop_requested(progress, should_stop):
         t_round = time.perf_counter()
-        draft_len = min(want() if draft is not None else 0, max(progress.remaining - 1, 0))
+        rp = want() if draft is not None else RoundPlan(0)
+        draft_len = min(rp.draft_len, max(progress.remaining - 1, 0))
         block = None
         if draft is not None and draft_len > 0:
             block = yield from _draft_or_none(
-                draft.call("draft", request_id, progress.committed, draft_len=draft_len, policy=spec.policy), result
+                draft.call("draft", request_id, progress.committed, draft_len=draft_len, policy=rp.policy), result
             )
             if block is None:
                 draft = None  # the draft died: target-only from here, nothing lost
@@ -385,7 +393,7 @@ def _loop_spectr(*, draft, target, request_id, spec, progress, stats, result, sh
     """SpecTr: k branches drafted as one batch, verified as one batch."""
     while not _stop_requested(progress, should_stop):
         t_round = time.perf_counter()
-        draft_len = min(want() if draft is not None else 0, max(progress.remaining - 1, 0))
+        draft_len = min(want().draft_len if draft is not None else 0, max(progress.remaining - 1, 0))
         branches = None
         if draft is not None and draft_len > 0:
             branches = yield from _draft_or_none(
@@ -413,7 +421,8 @@ def _loop_pearl(*, draft, target, request_id, spec, progress, stats, result, sho
     next_draft_len = 1 if spec.pre_verify else spec.draft_len
     while not _stop_requested(progress, should_stop):
         t_round = time.perf_counter()
-        wanted = want() if draft is not None and block is None else 1
+        rp = want() if draft is not None else RoundPlan(0)
+        wanted = rp.draft_len if block is None else 1
         if draft is None or wanted == 0:
             outcome = yield target.call("verify", request_id, None, bonus=True)
             progress.commit(outcome.tokens, outcome.logprobs)
@@ -423,7 +432,7 @@ def _loop_pearl(*, draft, target, request_id, spec, progress, stats, result, sho
         sequential_draft_s = 0.0
         if block is None:  # nothing in flight: draft the first block of a run
             draft_len = max(1, min(next_draft_len, wanted, progress.remaining))
-            block = yield from _draft_or_none(draft.call("draft", request_id, progress.committed, draft_len=draft_len, policy=spec.policy), result)
+            block = yield from _draft_or_none(draft.call("draft", request_id, progress.committed, draft_len=draft_len, policy=rp.policy), result)
             if block is None:
                 draft = None
                 continue
@@ -433,10 +442,10 @@ def _loop_pearl(*, draft, target, request_id, spec, progress, stats, result, sho
         v_fut = target.call("verify", request_id, block, bonus=False)
         ahead = progress.remaining - len(block.tokens)
         d_fut = None
-        ahead_len = min(want(), ahead) if ahead > 0 else 0
+        ahead_len = min(rp.draft_len, ahead) if ahead > 0 else 0
         if ahead_len > 0:
             assumed = progress.committed + block.tokens
-            d_fut = draft.call("draft", request_id, assumed, draft_len=ahead_len, policy=spec.policy)
+            d_fut = draft.call("draft", request_id, assumed, draft_len=ahead_len, policy=rp.policy)
         outcome = yield v_fut
         nxt = yield from _draft_or_none(d_fut, result)
         if d_fut is not None and nxt is None:

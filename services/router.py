@@ -33,7 +33,7 @@ from tandem.actors.pools import DRAFT_POOL
 from tandem.actors.speculative import GenerationResult, SideUnavailableError
 from tandem.services.admission import Admission, DraftBudget, Slot
 from tandem.speculation.goodput import GoodputPolicy
-from tandem.speculation.plan import Plan, SpecConfig, context_reserve, kv_copies, observe, per_replica, round_draft_len
+from tandem.speculation.plan import Plan, RoundPlan, RoundPlanner, SpecConfig, context_reserve, kv_copies, per_replica
 from tandem.speculation.plan import plan as plan_request
 from tandem.speculation.sampling import SamplingParams
 from tandem.speculation.sorted_policy import ExitPolicy
@@ -345,6 +345,7 @@ class Router:
             trace.__enter__()
         tracing = trace.actor_tracing() if trace is not None else None  # None unless rounds are sampled
         state_key = self.new_state_key()
+        rounds = RoundPlanner(route, plan)
         # the engine's callbacks run on this event loop (engine.agenerate)
         def on_tokens(tokens: list[int]) -> None:
             queue.put_nowait(("tokens", list(tokens)))
@@ -365,7 +366,7 @@ class Router:
                     exit_seq=info.get("exit_seq"),
                     step_rows=info.get("step_rows", 0),
                 )
-            observe(route, plan, info)  # the goodput policy learns from the rounds the plan says it may
+            rounds.observe(info)  # the goodput policy learns from the rounds the plan says it may
 
         def should_stop() -> str | None:
             if cancel_flag.is_set():
@@ -376,12 +377,12 @@ class Router:
                 return "deadline"
             return None
 
-        def replan() -> int:
+        def replan() -> RoundPlan:
             # each round at the load of the moment: a burst's first requests, planned alone,
             # stop drafting while the others run beside them, and draft again once they leave
-            return round_draft_len(route, plan, per_replica(route.running, route.replicas))
+            return rounds.next(per_replica(route.running, route.replicas))
 
-        replans = plan.choice is not None and spec.method != "ar"
+        replans = rounds.replans
 
         async def work() -> GenerationResult:
             return await self.engine.agenerate(
@@ -397,7 +398,7 @@ class Router:
                 request_id=state_key,
                 **({"on_logprobs": on_logprobs} if req.sampling.logprobs is not None else {}),
                 **({"tracing": tracing} if tracing is not None else {}),
-                **({"round_draft_len": replan} if replans else {}),
+                **({"round_plan": replan} if replans else {}),
             )
 
         fut = loop.create_task(work(), name=f"request-{route.name}-{state_key}")

@@ -36,7 +36,7 @@ arrive at once under load) go to the best tried option, or off while nothing is 
 untried arm is never handed to a whole burst of requests. A request planned off is on
 standby (Choice.standby: the deepest exit while nothing is known, else the best one at its
 load): it runs a drafting loop whose rounds are target-only steps until a re-plan
-(round_draft_len) says drafting pays at that round's load, so a burst planned before the
+(round_choice) says drafting pays at that round's load, so a burst planned before the
 trials reported, or off at a load that later drops, drafts once it should instead of
 running off for life. Every `explore_every`-th choice
 tries the option with the fewest samples, so a change in traffic or load (which moves d and
@@ -79,7 +79,13 @@ class ArmStats:
     def observe(self, *, drafted: int, accepted: int, draft_s: float) -> None:
         self.rounds += 1
         while len(self.accept) < drafted:
-            self.accept.append(_Ema(self.alpha))
+            # a position past the first starts from what was predicted of it (acceptance():
+            # the last seen position's value), so that one rejection there does not read as
+            # acceptance 0 at it and at every position past it, which then would never be
+            # drafted again to correct it (seen through gRPC: a 0.0 at position 7 capped the
+            # draft length at 6 where 95% were accepted)
+            seen = [e.value for e in self.accept if e.value is not None]
+            self.accept.append(_Ema(self.alpha, value=seen[-1] if seen else None))
         for i in range(min(accepted + 1, drafted)):
             self.accept[i].add(1.0 if i < accepted else 0.0)  # position i reached; accepted?
         if drafted > 0:
@@ -140,7 +146,7 @@ class Choice:
     rate: float  # predicted tokens per second
     exploring: bool = False
     # with exit None: the exit a request planned off may draft from once a round's re-plan
-    # says it pays (round_draft_len(..., standby=True)); None: it stays off (off's own trials)
+    # says it pays (round_choice(..., standby=True)); None: it stays off (off's own trials)
     standby: int | None = None
 
 
@@ -304,25 +310,36 @@ class GoodputPolicy:
                 return Choice(exit=None, draft_len=0, rate=off, standby=exit)
             return Choice(exit=exit, draft_len=draft_len, rate=rate)
 
-    def round_draft_len(self, exit: int, planned: int, concurrency: int = 1, *, standby: bool = False) -> int:
-        """Re-planning one round of a request already speculating on `exit` with up to
-        `planned` drafts (its KV was sized for that): the best draft length at the load of
-        this round (`concurrency` requests per target actor, itself included), or 0 (a
-        target-only step) when speculation is not predicted MIN_GAIN faster than off there.
-        A request planned alone keeps drafting when others join only while it pays, and
-        drafts again when they leave. Until the arm and off are both known the plan stands
-        (the request may be an arm's trial); a `standby` request (planned off, Choice.standby)
-        stays off until then."""
+    def round_choice(
+        self, exit: int, planned: int, concurrency: int = 1, *, standby: bool = False, move: bool = False,
+    ) -> tuple[int, int]:
+        """(exit, draft tokens) for the next round of a request planned onto `exit` with up to
+        `planned` drafts (its KV was sized for that), re-planned at the load of this round
+        (`concurrency` requests per target actor, itself included): its best draft length
+        there, or (exit, 0), a target-only step, when speculation is not predicted MIN_GAIN
+        faster than off. So one planned alone keeps drafting when others join only while it
+        pays, and drafts again when they leave. With `move`, every tried arm is priced and the
+        best one is returned: a request whose trial (or exploration) of an arm has ended moves
+        to the best arm instead of running the rest of its tokens on that arm or off (seen
+        through gRPC: each exploring request of a 5-request run went off after 3 rounds, at
+        0.7x of the others). A request moves once (RoundPlanner): each move to a deeper exit
+        makes the draft run its deeper layers over the tokens it skipped, a cost this round
+        model does not price (moving every round ran at half of off). Until its arm is
+        known the plan stands (the request may be that arm's trial); until off is known too,
+        drafting is not weighed against off, and a `standby` request (planned off,
+        Choice.standby) stays off."""
         with self._lock:
             arm = self.arms.get(exit)
-            if arm is None or arm.rounds < self.min_samples or not self.ar_steps:
-                return 0 if standby else planned
+            if arm is None or arm.rounds < self.min_samples or (standby and not self.ar_steps):
+                return exit, (0 if standby else planned)
             c = max(1, int(concurrency))
-            off = self.off_rate(c)
-            best = max(range(1, max(1, planned) + 1), key=lambda g: self.rate(exit, g, c))
-            if not off or self.rate(exit, best, c) > off * (1 + self.min_gain):
-                return best
-            return 0
+            off = self.off_rate(c) if self.ar_steps else 0.0
+            lengths = range(1, max(1, planned) + 1)
+            arms = [e for e in self.exits if self.arms[e].rounds >= self.min_samples] if move else [exit]
+            rate, g, best = max((self.rate(e, g, c), -g, e) for e in arms for g in lengths)
+            if not off or rate > off * (1 + self.min_gain):
+                return best, -g
+            return exit, 0
 
     def snapshot(self) -> dict:
         with self._lock:

@@ -215,20 +215,64 @@ def plan(
                     asked, choice=choice, observes=True, observed_exit=choice.standby)
     if choice.exit is None:
         return Plan(SpecConfig(method="ar", draft_len=1), asked, choice=choice, observes=True)
-    n = int(draft_len) if draft_len is not None else max(1, min(cap, choice.draft_len))
+    # sized for the cap: its rounds re-plan the length (and the arm) up to it (RoundPlanner),
+    # a trial's rounds at the choice's own
+    n = int(draft_len) if draft_len is not None else max(1, min(cap, target.policy.max_draft_len))
     return Plan(SpecConfig(method=base, draft_len=n, policy=ExitPolicy.single(choice.exit)), asked, choice=choice,
                 observes=True, observed_exit=choice.exit)
 
 
-def round_draft_len(target: PlanTarget, plan_: Plan, concurrency: int) -> int:
-    """Draft tokens for a request's next round, re-planned at that round's load
-    (`concurrency`: requests per target actor now, itself included); 0: a target-only step.
-    Only `auto` requests the goodput policy planned onto an exit are re-planned; any other
-    plan keeps its draft length (an explicit method runs as asked). Never above the plan's
-    draft length: the request's KV was sized for it."""
-    if target.policy is None or plan_.choice is None or plan_.observed_exit is None or plan_.spec.method == "ar":
-        return plan_.spec.draft_len
-    return target.policy.round_draft_len(plan_.observed_exit, plan_.spec.draft_len, concurrency, standby=plan_.standby)
+@dataclass(frozen=True)
+class RoundPlan:
+    """One round of a request, re-planned: its draft tokens (0: a target-only step) and the
+    exits to draft them from (None: the request's own SpecConfig.policy)."""
+
+    draft_len: int
+    policy: ExitPolicy | None = None
+
+
+class RoundPlanner:
+    """Re-plans each round of one request at the load of that round (`next(concurrency)`:
+    requests per target actor now, itself included) and teaches the target's goodput policy
+    from its rounds (`observe`). Only `auto` requests the goodput policy planned onto an exit
+    are re-planned (`replans`); any other plan keeps its draft length (an explicit method
+    runs as asked). A request planned to try an arm (Choice.exploring) stays on it for the
+    policy's min_samples drafting rounds, then moves once to the best arm at that round's load
+    (GoodputPolicy.round_choice); its draft length never exceeds the plan's (its KV was
+    sized for that)."""
+
+    def __init__(self, target: PlanTarget, plan_: Plan):
+        self.target = target
+        self.plan = plan_
+        self.exit = plan_.observed_exit  # the arm this request's rounds draft from
+        self.trial_rounds = 0  # its drafting rounds so far (a trial lasts min_samples of them)
+        self.moved = False  # a trial's request moves to the best arm once (round_choice)
+
+    @property
+    def replans(self) -> bool:
+        p = self.plan
+        return (self.target.policy is not None and p.choice is not None and p.observed_exit is not None
+                and p.spec.method != "ar")
+
+    def next(self, concurrency: int) -> RoundPlan:
+        spec, choice, policy = self.plan.spec, self.plan.choice, self.target.policy
+        if not self.replans:
+            return RoundPlan(spec.draft_len)
+        trial = choice.exploring and choice.exit is not None
+        if trial and self.trial_rounds < policy.min_samples:
+            return RoundPlan(max(1, min(spec.draft_len, choice.draft_len)))
+        move = trial and not self.moved
+        exit, n = policy.round_choice(self.exit, spec.draft_len, concurrency, standby=self.plan.standby, move=move)
+        if move and n > 0:
+            self.exit, self.moved = exit, True
+        return RoundPlan(n, ExitPolicy.single(self.exit) if self.exit != self.plan.observed_exit else None)
+
+    def observe(self, info: Mapping) -> None:
+        """Teach the target's goodput policy one round (`info`: run_request's on_round dict),
+        under the exit that drafted it."""
+        observe(self.target, self.plan, info)
+        if info["drafted"] > 0:
+            self.trial_rounds += 1
 
 
 def observe(target: PlanTarget, plan_: Plan, info: Mapping) -> None:
@@ -236,8 +280,9 @@ def observe(target: PlanTarget, plan_: Plan, info: Mapping) -> None:
     (`info`: run_request's on_round dict)."""
     if target.policy is None or not plan_.observes:
         return
+    exits = list(info.get("exits") or ())  # the exits that drafted it (a re-plan may move a request's)
     target.policy.observe_round(
-        exit=plan_.observed_exit if plan_.spec.method != "ar" else None,
+        exit=(exits[0] if len(exits) == 1 else plan_.observed_exit) if plan_.spec.method != "ar" else None,
         drafted=info["drafted"],
         accepted=info["accepted"],
         draft_s=info["draft_s"],

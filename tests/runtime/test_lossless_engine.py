@@ -251,31 +251,35 @@ def test_calibrated_split_and_planned_length_share_one_cost_curve(tiny_paths, ru
 
 
 # ---------------------------------------------------------------- per-round re-planning
-# The router re-plans each round of an auto request at the load of the moment
-# (round_draft_len: 0 = a target-only step). Output must not depend on it.
+# The router re-plans each round of an auto request at the load of the moment (round_plan:
+# draft tokens, 0 = a target-only step, and the exit to draft from). Output must not depend on it.
 
-def _schedule(seed: int):
-    """A re-plan hook drawing 0, 1 or 2 draft tokens per round (seeded, independent of the
-    tokens), and the draws it made."""
+def _schedule(seed: int, method: str):
+    """A re-plan hook drawing 0, 1 or 2 draft tokens per round and, for sd and pearl, the
+    exit to draft them from (the draft's exit 2 or its full depth 4; seeded, independent of
+    the tokens), and the lengths it drew."""
     import random
+
+    from tandem.speculation.plan import RoundPlan
 
     rng, drawn = random.Random(seed), []
 
-    def next_len() -> int:
+    def next_round() -> RoundPlan:
         drawn.append(rng.choice([0, 1, 2]))
-        return drawn[-1]
+        exit = rng.choice([2, 4])
+        return RoundPlan(drawn[-1], ExitPolicy.single(exit) if method in ("sd", "pearl") else None)
 
-    return next_len, drawn
+    return next_round, drawn
 
 
 def _run_replanned(engine, method: str, prompt, *, sampling=None, max_new_tokens: int, seed: int):
     from tandem.speculation.plan import SpecConfig
 
-    hook, drawn = _schedule(seed)
+    hook, drawn = _schedule(seed, method)
     rounds: list[int] = []
     spec = SpecConfig(method=method, draft_len=2, policy=policy_for(method), k=2)
     out = engine.run(prompt, spec=spec, sampling=sampling, max_new_tokens=max_new_tokens,
-                     round_draft_len=hook, on_round=lambda info: rounds.append(info["drafted"]))
+                     round_plan=hook, on_round=lambda info: rounds.append(info["drafted"]))
     return out, rounds, drawn
 
 

@@ -300,13 +300,13 @@ def test_requests_planned_off_in_a_burst_draft_once_the_trials_show_it_pays():
     assert [c.exit for c in burst] == [24, 8, None, None, None]
     assert burst[2].exploring and burst[2].standby is None  # off's trial measures off
     assert [c.standby for c in burst[3:]] == [24, 24]  # the rest wait on the deepest exit
-    assert p.round_draft_len(24, planned=8, concurrency=1, standby=True) == 0  # untried: off
-    assert p.round_draft_len(24, planned=8, concurrency=1) == 8  # control: a trial's plan stands
+    assert p.round_choice(24, planned=8, concurrency=1, standby=True)[1] == 0  # untried: off
+    assert p.round_choice(24, planned=8, concurrency=1)[1] == 8  # control: a trial's plan stands
     feed(p, exit=24, acceptance=0.875, draft_step=0.010, verify=0.021, draft_len=8)
     feed(p, exit=8, acceptance=0.0, draft_step=0.008, verify=0.021, draft_len=8)
-    assert p.round_draft_len(24, planned=8, concurrency=1, standby=True) == 0  # off not measured yet
+    assert p.round_choice(24, planned=8, concurrency=1, standby=True)[1] == 0  # off not measured yet
     warm(p, verify=0.020)
-    assert p.round_draft_len(24, planned=8, concurrency=1, standby=True) == p.best_draft_len(24, 1)[0] > 0
+    assert p.round_choice(24, planned=8, concurrency=1, standby=True)[1] == p.best_draft_len(24, 1)[0] > 0
     # measured off (a slow draft, little accepted): still on standby, for the best arm
     slow = GoodputPolicy(exits=(8, 24), max_draft_len=8, overlapped=True, explore_every=0, min_samples=1)
     feed(slow, exit=24, acceptance=0.125, draft_step=0.050, verify=0.050, draft_len=8)
@@ -314,7 +314,7 @@ def test_requests_planned_off_in_a_burst_draft_once_the_trials_show_it_pays():
     warm(slow, verify=0.020)
     c = slow.choose(1)
     assert c.exit is None and not c.exploring and c.standby == 24
-    assert slow.round_draft_len(24, planned=8, concurrency=1, standby=True) == 0
+    assert slow.round_choice(24, planned=8, concurrency=1, standby=True)[1] == 0
 
 
 @pytest.mark.parametrize("verify, off_wins", [(0.190, True), (0.170, False)])
@@ -335,23 +335,65 @@ def test_speculation_must_be_predicted_clearly_faster_than_off(verify, off_wins)
 
 
 def test_a_round_is_replanned_at_the_load_it_runs_at():
-    """round_draft_len: a request planned alone onto an exit drafts while it runs alone,
+    """round_choice: a request planned alone onto an exit drafts while it runs alone,
     steps target-only (0) while 8 share the CPU target's forwards, and drafts again when
     they leave; a GPU-like curve keeps drafting at 8 (the control)."""
     cpu = live([t / 1000 for t in TILED], LINEAR_BATCH, verify=0.160, ar=0.035)
     gpu = live(GPU_BLOCK, GPU_BATCH, verify=0.021, ar=0.020)
     alone, _ = cpu.best_draft_len(24, 1)
-    assert cpu.round_draft_len(24, planned=8, concurrency=1) == alone > 0
-    assert cpu.round_draft_len(24, planned=8, concurrency=8) == 0  # as choose(8) would decide
+    assert cpu.round_choice(24, planned=8, concurrency=1)[1] == alone > 0
+    assert cpu.round_choice(24, planned=8, concurrency=8)[1] == 0  # as choose(8) would decide
     assert cpu.choose(8).exit is None
-    assert cpu.round_draft_len(24, planned=8, concurrency=1) == alone
-    assert gpu.round_draft_len(24, planned=8, concurrency=8) > 0
+    assert cpu.round_choice(24, planned=8, concurrency=1)[1] == alone
+    assert gpu.round_choice(24, planned=8, concurrency=8)[1] > 0
     # never past the planned length (the request's KV was sized for it)
-    assert 1 <= cpu.round_draft_len(24, planned=2, concurrency=1) <= 2
-    # the plan stands while the arm or off is not known yet (an arm's trial)
+    assert 1 <= cpu.round_choice(24, planned=2, concurrency=1)[1] <= 2
+    # the plan stands while the arm is not known yet (its trial)
     fresh = GoodputPolicy(exits=(24,), max_draft_len=8, block_costs=[t / 1000 for t in TILED], batch_costs=LINEAR_BATCH)
-    assert fresh.round_draft_len(24, planned=4, concurrency=8) == 4
+    assert fresh.round_choice(24, planned=4, concurrency=8)[1] == 4
     feed(fresh, exit=24, acceptance=0.875, draft_step=0.010, verify=0.160, draft_len=8)
-    assert fresh.round_draft_len(24, planned=4, concurrency=8) == 4  # off not seen yet
+    # off not seen yet: the arm's best length up to the plan, not weighed against off
+    assert fresh.round_choice(24, planned=4, concurrency=8) == (24, max(range(1, 5), key=lambda g: fresh.rate(24, g, 8)))
     warm(fresh, verify=0.035)
-    assert fresh.round_draft_len(24, planned=4, concurrency=8) == 0
+    assert fresh.round_choice(24, planned=4, concurrency=8)[1] == 0
+
+
+def test_a_round_moves_a_request_from_an_explored_arm_to_the_best_one():
+    """round_choice(move=True) prices every tried arm, not only the request's own: a request
+    whose trial (or exploration) of a shallow exit ended drafts its later rounds from the
+    best one. Before, its own arm was the only option, so it went target-only (draft length
+    0) for the rest of its tokens, which is what it still does without `move` (the control;
+    a request moves once). Controls: where its own arm is the best it stays; where no arm
+    pays, 0."""
+    p = GoodputPolicy(exits=(8, 24), max_draft_len=8, overlapped=False, explore_every=0)
+    feed(p, exit=24, acceptance=0.875, draft_step=0.010, verify=0.060)
+    feed(p, exit=8, acceptance=0.0, draft_step=0.004, verify=0.040)
+    warm(p, verify=0.040)
+    exit, n = p.round_choice(8, planned=8, move=True)
+    assert exit == 24 and n == p.best_draft_len(24)[0] > 0
+    assert p.round_choice(8, planned=8) == (8, 0)  # not moving: its own arm steps target-only
+    assert p.rate(8, 1) < p.off_rate() < p.rate(24, n)
+    assert p.round_choice(24, planned=8, move=True) == (24, n)  # control: the best arm keeps it
+    assert p.round_choice(8, planned=2, move=True)[1] <= 2  # never past its plan (its KV)
+    none = GoodputPolicy(exits=(8, 24), max_draft_len=8, overlapped=False, explore_every=0)
+    feed(none, exit=24, acceptance=0.0, draft_step=0.050, verify=0.060)
+    feed(none, exit=8, acceptance=0.0, draft_step=0.040, verify=0.060)
+    warm(none, verify=0.040)
+    assert none.round_choice(8, planned=8, move=True) == (8, 0)  # control: nothing pays, a target-only step
+
+
+def test_one_rejection_at_a_position_first_reached_does_not_zero_it():
+    """A position reached for the first time starts from what was predicted of it (the last
+    seen position's acceptance), so a single rejection there is one EMA step, not 0.0 for
+    it and every position past it (which capped the draft length below where drafts kept
+    being accepted). Control: rejections that keep coming still drive it down."""
+    p = GoodputPolicy(exits=(24,), max_draft_len=8, overlapped=False, explore_every=0, alpha=0.2)
+    feed(p, exit=24, acceptance=1.0, draft_step=0.010, verify=0.050, draft_len=6)
+    warm(p, verify=0.040)
+    p.observe_round(exit=24, drafted=8, accepted=6, draft_s=0.080, verify_s=0.050)
+    a = p.arms[24].acceptance(8, p.prior)
+    assert a[:6] == [1.0] * 6 and a[6] == pytest.approx(0.8) and a[7] == 1.0
+    assert p.best_draft_len(24)[0] == 8  # verification is flat here: drafts 95% accepted are worth it
+    for _ in range(10):
+        p.observe_round(exit=24, drafted=8, accepted=6, draft_s=0.080, verify_s=0.050)
+    assert p.arms[24].acceptance(8, p.prior)[6] < 0.1

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 
 from tandem.services.router import RouteRequest, Router, TargetRoute
-from tandem.speculation.plan import round_draft_len
+from tandem.speculation.plan import RoundPlanner
 from tandem.speculation.sampling import SamplingParams
 from tandem.speculation.sorted_policy import ExitPolicy
 
@@ -102,8 +102,8 @@ def test_auto_is_priced_at_the_requests_running_on_each_replica():
     rt.running = 7
     loaded = r.plan(rt, auto)  # 8 sharing each forward: off pays, on standby for the exit
     assert loaded.choice.exit is None and loaded.standby and loaded.observed_exit == 4
-    assert round_draft_len(rt, loaded, 8) == 0  # its rounds are target-only steps at that load
-    assert round_draft_len(rt, loaded, 1) > 0  # and draft once it runs alone
+    assert RoundPlanner(rt, loaded).next(8).draft_len == 0  # its rounds are target-only steps at that load
+    assert RoundPlanner(rt, loaded).next(1).draft_len > 0  # and draft once it runs alone
     rt.replicas = 4
     again = r.plan(rt, auto)
     assert again.choice.exit == 4 and not again.standby  # 2 per replica: it pays again
@@ -111,7 +111,7 @@ def test_auto_is_priced_at_the_requests_running_on_each_replica():
 
 def test_auto_rounds_are_replanned_at_the_load_of_each_round():
     """A request planned alone keeps its plan for life no more: the router hands the engine a
-    per-round re-plan (round_draft_len) that reads the target's running requests at each
+    per-round re-plan (round_plan) that reads the target's running requests at each
     round; an explicit method gets none and runs as asked."""
     import asyncio
 
@@ -125,13 +125,13 @@ def test_auto_rounds_are_replanned_at_the_load_of_each_round():
     seen: dict[str, list] = {}
 
     class Engine:  # the engine asks before each round; the test moves the load between rounds
-        async def agenerate(self, target, prompt, *, spec, on_tokens, round_draft_len=None, **kw):
-            seen["method"], seen["hook"] = spec.method, round_draft_len
+        async def agenerate(self, target, prompt, *, spec, on_tokens, round_plan=None, **kw):
+            seen["method"], seen["hook"] = spec.method, round_plan
             lens = []
-            if round_draft_len is not None:
+            if round_plan is not None:
                 for others in (0, 7, 7, 0):  # others running beside it on the one replica
                     rt.running = 1 + others
-                    lens.append(round_draft_len())
+                    lens.append(round_plan().draft_len)
                 rt.running = 1
             seen["lens"] = lens
             on_tokens([5])
@@ -153,3 +153,40 @@ def test_auto_rounds_are_replanned_at_the_load_of_each_round():
     assert seen["method"] == "pearl" and first > 0 and last == first and busy == busy2 == 0
     run("pearl")  # explicit: as asked, every round
     assert seen["method"] == "pearl" and seen["hook"] is None
+
+
+def test_a_trial_lasts_its_rounds_then_the_request_drafts_from_the_best_arm():
+    """An arm's trial (or a periodic exploration) costs the policy's min_samples rounds, not
+    a whole request: RoundPlanner keeps the request on the explored arm, at the trial's
+    length, for that many drafting rounds, then re-plans it onto the best arm; each round
+    teaches the arm that drafted it. Before, an exploring request drafted from its arm for
+    life or went target-only (seen through gRPC at 0.7x of the others)."""
+    from tandem.speculation.goodput import GoodputPolicy
+
+    policy = GoodputPolicy(exits=(2, 4), max_draft_len=8, overlapped=False, explore_every=0)
+    for _ in range(3):
+        policy.observe_round(exit=4, drafted=8, accepted=7, draft_s=0.08, verify_s=0.060)
+        policy.observe_round(exit=None, drafted=0, accepted=0, draft_s=0.0, verify_s=0.035)
+    rt = route(None)
+    rt.default_method, rt.policy = "sd", policy
+    auto = RouteRequest(request_id="r", target="t", prompt_ids=(1, 2), sampling=SamplingParams(), max_new_tokens=4,
+                        method="auto")
+    plan = Router(engine=None, routes={"t": rt}).plan(rt, auto)
+    assert plan.choice.exit == 2 and plan.choice.exploring  # exit 2 is untried: its trial
+    assert plan.spec.draft_len == 8  # sized for the cap: later rounds may draft more
+    rounds = RoundPlanner(rt, plan)
+    for _ in range(policy.min_samples):
+        r = rounds.next(1)
+        assert r.draft_len == plan.choice.draft_len and r.policy is None  # the plan's own exit
+        rounds.observe({"drafted": r.draft_len, "accepted": 0, "draft_s": 0.004 * r.draft_len, "verify_s": 0.05,
+                        "exits": {2: r.draft_len}})
+    assert policy.arms[2].rounds == policy.min_samples
+    r = rounds.next(1)
+    assert r.policy == ExitPolicy.single(4) and r.draft_len == policy.best_draft_len(4)[0]
+    rounds.observe({"drafted": r.draft_len, "accepted": r.draft_len, "draft_s": 0.01 * r.draft_len, "verify_s": 0.06,
+                    "exits": {4: r.draft_len}})
+    assert policy.arms[4].rounds == 4 and policy.arms[2].rounds == 3  # taught under the exit that drafted it
+    # it moves once: from here its own (new) arm is re-planned, as any request's
+    for _ in range(20):  # exit 2 turns out the best arm
+        policy.observe_round(exit=2, drafted=8, accepted=8, draft_s=0.0008, verify_s=0.06)
+    assert policy.round_choice(4, 8, move=True)[0] == 2 and rounds.next(1).policy == ExitPolicy.single(4)
