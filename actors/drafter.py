@@ -51,6 +51,9 @@ class DraftBlock:
     q: list[SparseDist] | None  # None: greedy request (q is one-hot on `tokens`)
     exits: list[int]  # exit depth that emitted each token
     draft_s: float = 0.0  # wall time of the call
+    # tokens of the sequence the call fed before drafting (its cache lacked them): 1 after a
+    # round of its own, more after target-only steps (their draft_s is mostly that catch-up)
+    caught_up: int = 0
 
 
 @dataclass(frozen=True)
@@ -192,21 +195,23 @@ class Drafter:
 
     def _begin_calls(
         self, calls: Sequence[dict], checks: Sequence[Callable[[], None]]
-    ) -> tuple[list[_DraftRequest | None], list[list[int]], dict[int, Exception]]:
-        """Per call of a batch: its check (raises for a bad call), its request, and the tokens
-        still to feed (_catch_up). A call that fails any of them keeps its exception in
-        `failed` (by index); the others go on."""
+    ) -> tuple[list[_DraftRequest | None], list[list[int]], dict[int, Exception], list[int]]:
+        """Per call of a batch: its check (raises for a bad call), its request, the tokens
+        still to feed (_catch_up) and how many it lacked in all. A call that fails any of them
+        keeps its exception in `failed` (by index); the others go on."""
         reqs: list[_DraftRequest | None] = [None] * len(calls)
         feeds: list[list[int]] = [[] for _ in calls]
         failed: dict[int, Exception] = {}
+        lacked = [0] * len(calls)
         for i, (c, check) in enumerate(zip(calls, checks)):
             try:
                 check()
                 reqs[i] = self._request(c["request_id"])
+                lacked[i] = max(1, self.unfed(c["request_id"], c["sequence"]))
                 feeds[i] = self._catch_up(reqs[i], c["sequence"], c["request_id"])
             except Exception as exc:  # noqa: BLE001 - that request only; the others go on
                 failed[i] = exc
-        return reqs, feeds, failed
+        return reqs, feeds, failed, lacked
 
     # ------------------------------------------------------------------ public
     def draft(
@@ -232,7 +237,7 @@ class Drafter:
         t0 = time.perf_counter()
         n = len(calls)
         policies = [c.get("policy") or ExitPolicy.single(self.runner.num_layers) for c in calls]
-        reqs, feeds, failed = self._begin_calls(calls, [lambda p=p: self.check_policy(p) for p in policies])
+        reqs, feeds, failed, lacked = self._begin_calls(calls, [lambda p=p: self.check_policy(p) for p in policies])
         remaining = [0 if i in failed else int(c["draft_len"]) for i, c in enumerate(calls)]
         tokens: list[list[int]] = [[] for _ in calls]
         exits: list[list[int]] = [[] for _ in calls]
@@ -274,7 +279,8 @@ class Drafter:
         dt = time.perf_counter() - t0
         return [
             failed[i] if i in failed else
-            DraftBlock(tokens=tokens[i], q=None if reqs[i].sampling.greedy else qs[i], exits=exits[i], draft_s=dt)
+            DraftBlock(tokens=tokens[i], q=None if reqs[i].sampling.greedy else qs[i], exits=exits[i], draft_s=dt,
+                       caught_up=lacked[i])
             for i in range(n)
         ]
 
@@ -295,7 +301,7 @@ class Drafter:
         runner = self.runner
         depth = runner.num_layers
         n = len(calls)
-        reqs, feeds, failed = self._begin_calls(calls, [lambda c=c: _check_k(c["k"]) for c in calls])
+        reqs, feeds, failed, _ = self._begin_calls(calls, [lambda c=c: _check_k(c["k"]) for c in calls])
         live = [i for i in range(n) if i not in failed]
         branches: dict[int, list[list[int]]] = {i: [[] for _ in range(int(calls[i]["k"]))] for i in live}
         qs: dict[int, list[list[SparseDist]]] = {i: [[] for _ in range(int(calls[i]["k"]))] for i in live}

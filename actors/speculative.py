@@ -200,7 +200,7 @@ def request_steps(
     should_stop: polled once per round; returns a finish reason ("cancelled", "deadline",
     "stop") to stop, or None to go on.
     on_round: called after each round with {index, start_ns, end_ns, drafted, accepted,
-    emitted, exits, exit_seq, draft_s, verify_s, step_rows} (telemetry, the router's policy).
+    emitted, exits, exit_seq, draft_s, caught_up, verify_s, step_rows} (telemetry, the router's policy).
     on_logprobs: with sampling.logprobs set, called with each commit's TokenLogprob list just
     before on_tokens gets its tokens (result.logprobs holds them all).
     prompt_len: how many leading tokens of `prompt` are the request's own prompt (a resumed
@@ -359,6 +359,7 @@ def _record(
                 "exits": used,
                 "exit_seq": exits,  # the exit of each draft token, in order (accepted ones first)
                 "draft_s": draft_s,
+                "caught_up": getattr(block, "caught_up", 0),  # tokens the draft fed before drafting them
                 "verify_s": outcome.target_s,
                 "step_rows": outcome.step_rows,  # rows of the target forward it ran in
             }

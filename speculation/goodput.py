@@ -71,12 +71,13 @@ class ArmStats:
     accept: list[_Ema] = field(default_factory=list)  # per draft position
     draft_step_s: _Ema | None = None
     rounds: int = 0
+    seen_at: int = 0  # the policy's target-only steps (ar_steps) at this arm's last round
 
     def __post_init__(self) -> None:
         if self.draft_step_s is None:
             self.draft_step_s = _Ema(self.alpha)
 
-    def observe(self, *, drafted: int, accepted: int, draft_s: float) -> None:
+    def observe(self, *, drafted: int, accepted: int, draft_s: float, caught_up: int = 0) -> None:
         self.rounds += 1
         while len(self.accept) < drafted:
             # a position past the first starts from what was predicted of it (acceptance():
@@ -88,7 +89,10 @@ class ArmStats:
             self.accept.append(_Ema(self.alpha, value=seen[-1] if seen else None))
         for i in range(min(accepted + 1, drafted)):
             self.accept[i].add(1.0 if i < accepted else 0.0)  # position i reached; accepted?
-        if drafted > 0:
+        if drafted > 0 and caught_up <= CAUGHT_UP_PRICED:
+            # a call that first caught up on tokens the draft missed (target-only steps before
+            # it) is mostly that catch-up: priced per draft token it read 52 ms for 25 and kept
+            # a target off (seen through gRPC); such rounds teach acceptance only
             self.draft_step_s.add(draft_s / drafted)
 
     def acceptance(self, draft_len: int, prior: float) -> list[float]:
@@ -105,6 +109,19 @@ class ArmStats:
 MIN_GAIN = 0.1
 
 PRIOR_ACCEPTANCE = 0.8  # per-position acceptance assumed before any round of a request is seen
+# A drafting round after a round of its own feeds the draft 1-2 tokens (the correction or
+# bonus, and the last draft token); one that fed more is not timed as a draft step.
+CAUGHT_UP_PRICED = 2
+# While a round's re-plan says off, an arm not seen for this many target-only steps drafts one
+# round anyway: its EMAs would otherwise keep a short bad stretch for good (seen through gRPC:
+# acceptance at position 1 read 0.64 after two rejections where 95% were accepted, and a
+# target ran off from then on). About 1% of off's steps; the round's own draft catches up.
+REFRESH_STEPS = 48
+# Every this many rounds of an arm, a re-planned round drafts one token past its best length:
+# positions past it are reached by no other round, so one bad stretch there would cap the
+# draft length for good (seen through gRPC: 0.55 at position 4, stale, held an arm whose
+# first three positions were 97-99% accepted at 3 drafts a round).
+LENGTH_PROBE_EVERY = 8
 
 
 def round_rate(acceptance: Sequence[float], *, draft_step_s: float, verify_s: float, overlapped: bool) -> float:
@@ -201,9 +218,11 @@ class GoodputPolicy:
     # ------------------------------------------------------------------ observations
     def observe_round(
         self, *, exit: int | None, drafted: int, accepted: int, draft_s: float, verify_s: float, step_rows: int = 0,
+        caught_up: int = 0,
     ) -> None:
         """One round: `verify_s` the target forward's time, `step_rows` the rows in that forward
-        (all its sequences, padded; 0: unknown, taken as this round's block of drafted + 1)."""
+        (all its sequences, padded; 0: unknown, taken as this round's block of drafted + 1);
+        `caught_up` the tokens its draft call fed before drafting (DraftBlock.caught_up)."""
         with self._lock:
             if drafted > 0 and exit not in self.arms:  # a round drafted elsewhere (unknown exit): it prices nothing here
                 return
@@ -212,7 +231,8 @@ class GoodputPolicy:
             if drafted == 0:  # a target-only step
                 self.ar_steps += 1
                 return
-            self.arms[exit].observe(drafted=drafted, accepted=accepted, draft_s=draft_s)
+            self.arms[exit].observe(drafted=drafted, accepted=accepted, draft_s=draft_s, caught_up=caught_up)
+            self.arms[exit].seen_at = self.ar_steps
 
     # ------------------------------------------------------------------ prediction
     def curve(self, rows: int) -> float | None:
@@ -319,7 +339,8 @@ class GoodputPolicy:
         there, or (exit, 0), a target-only step, when speculation is not predicted MIN_GAIN
         faster than off. So one planned alone keeps drafting when others join only while it
         pays, and drafts again when they leave. With `move`, every tried arm is priced and the
-        best one is returned: a request whose trial (or exploration) of an arm has ended moves
+        best one is returned: a request whose trial (or exploration) of an arm has ended, or
+        whose arm turned out worse than it looked (a shallow arm after a lucky trial), moves
         to the best arm instead of running the rest of its tokens on that arm or off (seen
         through gRPC: each exploring request of a 5-request run went off after 3 rounds, at
         0.7x of the others). A request moves once (RoundPlanner): each move to a deeper exit
@@ -327,7 +348,9 @@ class GoodputPolicy:
         model does not price (moving every round ran at half of off). Until its arm is
         known the plan stands (the request may be that arm's trial); until off is known too,
         drafting is not weighed against off, and a `standby` request (planned off,
-        Choice.standby) stays off."""
+        Choice.standby) stays off. Where off wins, an arm unseen for REFRESH_STEPS
+        target-only steps drafts one round (refreshing its estimates); where drafting wins,
+        every LENGTH_PROBE_EVERY-th round of the arm drafts one token more than its best."""
         with self._lock:
             arm = self.arms.get(exit)
             if arm is None or arm.rounds < self.min_samples or (standby and not self.ar_steps):
@@ -338,7 +361,12 @@ class GoodputPolicy:
             arms = [e for e in self.exits if self.arms[e].rounds >= self.min_samples] if move else [exit]
             rate, g, best = max((self.rate(e, g, c), -g, e) for e in arms for g in lengths)
             if not off or rate > off * (1 + self.min_gain):
+                if -g < planned and self.arms[best].rounds % LENGTH_PROBE_EVERY == LENGTH_PROBE_EVERY - 1:
+                    return best, -g + 1  # one position past the best, to keep its estimate current
                 return best, -g
+            if self.ar_steps - arm.seen_at >= REFRESH_STEPS:
+                arm.seen_at = self.ar_steps  # one refresh round per REFRESH_STEPS, whoever asks
+                return exit, max(lengths, key=lambda n: self.rate(exit, n, c))
             return exit, 0
 
     def snapshot(self) -> dict:

@@ -237,16 +237,17 @@ class RoundPlanner:
     from its rounds (`observe`). Only `auto` requests the goodput policy planned onto an exit
     are re-planned (`replans`); any other plan keeps its draft length (an explicit method
     runs as asked). A request planned to try an arm (Choice.exploring) stays on it for the
-    policy's min_samples drafting rounds, then moves once to the best arm at that round's load
-    (GoodputPolicy.round_choice); its draft length never exceeds the plan's (its KV was
-    sized for that)."""
+    policy's min_samples drafting rounds. Any request moves, once, to the arm that is best at
+    a round's load once its own is not (GoodputPolicy.round_choice: a shallow arm trusted
+    after a lucky trial, or a trial that ended); its draft length never exceeds the plan's
+    (its KV was sized for that)."""
 
     def __init__(self, target: PlanTarget, plan_: Plan):
         self.target = target
         self.plan = plan_
         self.exit = plan_.observed_exit  # the arm this request's rounds draft from
         self.trial_rounds = 0  # its drafting rounds so far (a trial lasts min_samples of them)
-        self.moved = False  # a trial's request moves to the best arm once (round_choice)
+        self.moved = False  # a request moves to another arm once (round_choice)
 
     @property
     def replans(self) -> bool:
@@ -258,12 +259,11 @@ class RoundPlanner:
         spec, choice, policy = self.plan.spec, self.plan.choice, self.target.policy
         if not self.replans:
             return RoundPlan(spec.draft_len)
-        trial = choice.exploring and choice.exit is not None
-        if trial and self.trial_rounds < policy.min_samples:
+        if choice.exploring and choice.exit is not None and self.trial_rounds < policy.min_samples:
             return RoundPlan(max(1, min(spec.draft_len, choice.draft_len)))
-        move = trial and not self.moved
-        exit, n = policy.round_choice(self.exit, spec.draft_len, concurrency, standby=self.plan.standby, move=move)
-        if move and n > 0:
+        exit, n = policy.round_choice(self.exit, spec.draft_len, concurrency, standby=self.plan.standby,
+                                      move=not self.moved)
+        if n > 0 and exit != self.exit:
             self.exit, self.moved = exit, True
         return RoundPlan(n, ExitPolicy.single(self.exit) if self.exit != self.plan.observed_exit else None)
 
@@ -286,6 +286,7 @@ def observe(target: PlanTarget, plan_: Plan, info: Mapping) -> None:
         drafted=info["drafted"],
         accepted=info["accepted"],
         draft_s=info["draft_s"],
+        caught_up=info.get("caught_up", 0),
         verify_s=info["verify_s"],
         step_rows=info.get("step_rows", 0),
     )

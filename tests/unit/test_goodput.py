@@ -397,3 +397,54 @@ def test_one_rejection_at_a_position_first_reached_does_not_zero_it():
     for _ in range(10):
         p.observe_round(exit=24, drafted=8, accepted=6, draft_s=0.080, verify_s=0.050)
     assert p.arms[24].acceptance(8, p.prior)[6] < 0.1
+
+
+def test_a_round_that_caught_the_draft_up_does_not_price_its_step():
+    """A draft call that first fed tokens the draft missed (target-only steps before it) is
+    mostly that catch-up; its time per draft token is not the draft's step. It still
+    teaches acceptance. Control: an ordinary round (1-2 tokens fed) is priced."""
+    from tandem.speculation.goodput import CAUGHT_UP_PRICED
+
+    p = GoodputPolicy(exits=(24,), max_draft_len=8, overlapped=False, explore_every=0)
+    feed(p, exit=24, acceptance=1.0, draft_step=0.025, verify=0.1, draft_len=4)
+    before = p.arms[24].draft_step_s.value
+    p.observe_round(exit=24, drafted=2, accepted=1, draft_s=0.2, verify_s=0.1, caught_up=65)
+    assert p.arms[24].draft_step_s.value == before and p.arms[24].rounds == 41
+    assert p.arms[24].accept[1].value < 1.0  # its rejection counted
+    p.observe_round(exit=24, drafted=2, accepted=2, draft_s=0.2, verify_s=0.1, caught_up=CAUGHT_UP_PRICED)
+    assert p.arms[24].draft_step_s.value > before  # control: priced
+
+
+def test_an_arm_off_for_a_while_drafts_one_round_to_refresh_it():
+    """Where off wins, the arm is re-measured by one drafting round every REFRESH_STEPS
+    target-only steps (whichever request asks first), so a short bad stretch does not keep
+    a target off for good. Controls: the next ask steps off again; before the steps pass, off."""
+    from tandem.speculation.goodput import REFRESH_STEPS
+
+    p = GoodputPolicy(exits=(24,), max_draft_len=8, overlapped=False, explore_every=0)
+    feed(p, exit=24, acceptance=0.125, draft_step=0.2, verify=0.1)  # 2 tokens per 0.3 s at best; off: 1 per 0.1
+    warm(p, verify=0.1)
+    assert p.round_choice(24, planned=8, standby=True) == (24, 0)
+    for _ in range(REFRESH_STEPS - 4):
+        p.observe_round(exit=None, drafted=0, accepted=0, draft_s=0.0, verify_s=0.1)
+    assert p.round_choice(24, planned=8, standby=True) == (24, 0)  # not yet
+    p.observe_round(exit=None, drafted=0, accepted=0, draft_s=0.0, verify_s=0.1)
+    exit, n = p.round_choice(24, planned=8, standby=True)
+    assert exit == 24 and n > 0  # one refresh round
+    assert p.round_choice(24, planned=8, standby=True) == (24, 0)  # and off again
+
+
+def test_every_few_rounds_an_arm_drafts_one_token_past_its_best_length():
+    """Positions past an arm's best length are reached by no round of it, so a stale low
+    estimate there would cap its length for good; every LENGTH_PROBE_EVERY-th round drafts
+    one more. Controls: the other rounds draft the best length; never past the plan."""
+    from tandem.speculation.goodput import LENGTH_PROBE_EVERY
+
+    p = GoodputPolicy(exits=(24,), max_draft_len=8, overlapped=False, explore_every=0)
+    feed(p, exit=24, acceptance=0.5, draft_step=0.010, verify=0.1, rounds=LENGTH_PROBE_EVERY - 1)
+    warm(p, verify=0.1)
+    best = max(range(1, 9), key=lambda g: p.rate(24, g))
+    assert best < 8 and p.round_choice(24, planned=8) == (24, best + 1)  # the arm's 8th round: a probe
+    assert p.round_choice(24, planned=best) == (24, best)  # never past the plan
+    p.observe_round(exit=24, drafted=8, accepted=4, draft_s=0.08, verify_s=0.1)
+    assert p.round_choice(24, planned=8) == (24, max(range(1, 9), key=lambda g: p.rate(24, g)))  # control

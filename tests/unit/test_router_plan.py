@@ -190,3 +190,32 @@ def test_a_trial_lasts_its_rounds_then_the_request_drafts_from_the_best_arm():
     for _ in range(20):  # exit 2 turns out the best arm
         policy.observe_round(exit=2, drafted=8, accepted=8, draft_s=0.0008, verify_s=0.06)
     assert policy.round_choice(4, 8, move=True)[0] == 2 and rounds.next(1).policy == ExitPolicy.single(4)
+
+
+def test_a_request_whose_arm_turns_out_worse_moves_once():
+    """A shallow arm trusted after a lucky trial: a request planned onto it moves to the arm
+    that is best at a round once its own is not, and only once (each move to a deeper exit
+    makes the draft catch its deeper layers up). Control: while its arm stays best it stays."""
+    from tandem.speculation.goodput import GoodputPolicy
+
+    policy = GoodputPolicy(exits=(2, 4), max_draft_len=8, overlapped=False, explore_every=0)
+    for _ in range(3):
+        policy.observe_round(exit=4, drafted=4, accepted=3, draft_s=0.08, verify_s=0.060)
+        policy.observe_round(exit=2, drafted=4, accepted=4, draft_s=0.004, verify_s=0.060)
+        policy.observe_round(exit=None, drafted=0, accepted=0, draft_s=0.0, verify_s=0.035)
+    rt = route(None)
+    rt.default_method, rt.policy = "sd", policy
+    auto = RouteRequest(request_id="r", target="t", prompt_ids=(1, 2), sampling=SamplingParams(), max_new_tokens=4,
+                        method="auto")
+    plan = Router(engine=None, routes={"t": rt}).plan(rt, auto)
+    assert plan.choice.exit == 2 and not plan.choice.exploring
+    rounds = RoundPlanner(rt, plan)
+    assert rounds.next(1).policy is None  # control: its arm is the best, it stays
+    for _ in range(10):  # exit 2's drafts stop being accepted
+        rounds.observe({"drafted": 4, "accepted": 0, "draft_s": 0.004, "verify_s": 0.06, "exits": {2: 4}})
+    r = rounds.next(1)
+    assert r.policy == ExitPolicy.single(4) and r.draft_len > 0 and rounds.moved
+    for _ in range(10):  # now exit 4's go bad and exit 2's recover: it stays where it moved
+        policy.observe_round(exit=2, drafted=4, accepted=4, draft_s=0.004, verify_s=0.060)
+        rounds.observe({"drafted": 4, "accepted": 0, "draft_s": 0.08, "verify_s": 0.06, "exits": {4: 4}})
+    assert rounds.next(1).policy == ExitPolicy.single(4)
