@@ -72,6 +72,7 @@ class ArmStats:
     draft_step_s: _Ema | None = None
     rounds: int = 0
     seen_at: int = 0  # the policy's target-only steps (ar_steps) at this arm's last round
+    refresh_steps: int = 0  # target-only steps between its refresh rounds now (0: REFRESH_STEPS)
 
     def __post_init__(self) -> None:
         if self.draft_step_s is None:
@@ -113,10 +114,16 @@ PRIOR_ACCEPTANCE = 0.8  # per-position acceptance assumed before any round of a 
 # bonus, and the last draft token); one that fed more is not timed as a draft step.
 CAUGHT_UP_PRICED = 2
 # While a round's re-plan says off, an arm not seen for this many target-only steps drafts one
-# round anyway: its EMAs would otherwise keep a short bad stretch for good (seen through gRPC:
+# round anyway (at least REFRESH_LEN tokens, so that more than its first position is
+# re-measured): its EMAs would otherwise keep a short bad stretch for good (seen through gRPC:
 # acceptance at position 1 read 0.64 after two rejections where 95% were accepted, and a
-# target ran off from then on). About 1% of off's steps; the round's own draft catches up.
-REFRESH_STEPS = 48
+# target ran off from then on). Each refresh that still finds off doubles the arm's interval
+# up to MAX_REFRESH_STEPS (a refresh round, its draft catching up on the steps it missed,
+# cost ~4% of off at every 48 steps on chat prompts, where off is right, and ~3% still with
+# the doubling from 48); a round that finds drafting pays resets it.
+REFRESH_STEPS = 96
+MAX_REFRESH_STEPS = 1536
+REFRESH_LEN = 4
 # Every this many rounds of an arm, a re-planned round drafts one token past its best length:
 # positions past it are reached by no other round, so one bad stretch there would cap the
 # draft length for good (seen through gRPC: 0.55 at position 4, stale, held an arm whose
@@ -348,8 +355,9 @@ class GoodputPolicy:
         model does not price (moving every round ran at half of off). Until its arm is
         known the plan stands (the request may be that arm's trial); until off is known too,
         drafting is not weighed against off, and a `standby` request (planned off,
-        Choice.standby) stays off. Where off wins, an arm unseen for REFRESH_STEPS
-        target-only steps drafts one round (refreshing its estimates); where drafting wins,
+        Choice.standby) stays off. Where off wins, an arm unseen for REFRESH_STEPS (doubling
+        while off keeps winning) target-only steps drafts one round of at least REFRESH_LEN
+        (refreshing its estimates); where drafting wins,
         every LENGTH_PROBE_EVERY-th round of the arm drafts one token more than its best."""
         with self._lock:
             arm = self.arms.get(exit)
@@ -361,12 +369,15 @@ class GoodputPolicy:
             arms = [e for e in self.exits if self.arms[e].rounds >= self.min_samples] if move else [exit]
             rate, g, best = max((self.rate(e, g, c), -g, e) for e in arms for g in lengths)
             if not off or rate > off * (1 + self.min_gain):
+                self.arms[best].refresh_steps = REFRESH_STEPS
                 if -g < planned and self.arms[best].rounds % LENGTH_PROBE_EVERY == LENGTH_PROBE_EVERY - 1:
                     return best, -g + 1  # one position past the best, to keep its estimate current
                 return best, -g
-            if self.ar_steps - arm.seen_at >= REFRESH_STEPS:
-                arm.seen_at = self.ar_steps  # one refresh round per REFRESH_STEPS, whoever asks
-                return exit, max(lengths, key=lambda n: self.rate(exit, n, c))
+            interval = arm.refresh_steps or REFRESH_STEPS
+            if self.ar_steps - arm.seen_at >= interval:
+                arm.seen_at = self.ar_steps  # one refresh round per interval, whoever asks
+                arm.refresh_steps = min(MAX_REFRESH_STEPS, 2 * interval)
+                return exit, min(planned, max(REFRESH_LEN, max(lengths, key=lambda n: self.rate(exit, n, c))))
             return exit, 0
 
     def snapshot(self) -> dict:

@@ -418,7 +418,8 @@ def test_a_round_that_caught_the_draft_up_does_not_price_its_step():
 def test_an_arm_off_for_a_while_drafts_one_round_to_refresh_it():
     """Where off wins, the arm is re-measured by one drafting round every REFRESH_STEPS
     target-only steps (whichever request asks first), so a short bad stretch does not keep
-    a target off for good. Controls: the next ask steps off again; before the steps pass, off."""
+    a target off for good; while off keeps winning the interval doubles. Controls: the next
+    ask steps off again; before the steps pass, off."""
     from tandem.speculation.goodput import REFRESH_STEPS
 
     p = GoodputPolicy(exits=(24,), max_draft_len=8, overlapped=False, explore_every=0)
@@ -430,8 +431,15 @@ def test_an_arm_off_for_a_while_drafts_one_round_to_refresh_it():
     assert p.round_choice(24, planned=8, standby=True) == (24, 0)  # not yet
     p.observe_round(exit=None, drafted=0, accepted=0, draft_s=0.0, verify_s=0.1)
     exit, n = p.round_choice(24, planned=8, standby=True)
-    assert exit == 24 and n > 0  # one refresh round
+    assert exit == 24 and n >= 4  # one refresh round, long enough to see past position 1
     assert p.round_choice(24, planned=8, standby=True) == (24, 0)  # and off again
+    # it still found off: the next refresh waits twice as long
+    p.observe_round(exit=24, drafted=n, accepted=0, draft_s=0.2 * n, verify_s=0.1)
+    for _ in range(2 * REFRESH_STEPS - 1):
+        p.observe_round(exit=None, drafted=0, accepted=0, draft_s=0.0, verify_s=0.1)
+    assert p.round_choice(24, planned=8, standby=True) == (24, 0)
+    p.observe_round(exit=None, drafted=0, accepted=0, draft_s=0.0, verify_s=0.1)
+    assert p.round_choice(24, planned=8, standby=True)[1] >= 4
 
 
 def test_every_few_rounds_an_arm_drafts_one_token_past_its_best_length():
