@@ -36,6 +36,15 @@ def cpu_policy():
     return policy
 
 
+def auto_plan(policy):
+    """A route whose `auto` runs sd under `policy`, and the router's plan for one request."""
+    rt = route(None)
+    rt.default_method, rt.policy = "sd", policy
+    auto = RouteRequest(request_id="r", target="t", prompt_ids=(1, 2), sampling=SamplingParams(), max_new_tokens=4,
+                        method="auto")
+    return rt, Router(engine=None, routes={"t": rt}).plan(rt, auto)
+
+
 class Tokenizer:
     def decode(self, ids, skip_special_tokens=True):
         return " ".join(map(str, ids))
@@ -167,11 +176,7 @@ def test_a_trial_lasts_its_rounds_then_the_request_drafts_from_the_best_arm():
     for _ in range(3):
         policy.observe_round(exit=4, drafted=8, accepted=7, draft_s=0.08, verify_s=0.060)
         policy.observe_round(exit=None, drafted=0, accepted=0, draft_s=0.0, verify_s=0.035)
-    rt = route(None)
-    rt.default_method, rt.policy = "sd", policy
-    auto = RouteRequest(request_id="r", target="t", prompt_ids=(1, 2), sampling=SamplingParams(), max_new_tokens=4,
-                        method="auto")
-    plan = Router(engine=None, routes={"t": rt}).plan(rt, auto)
+    rt, plan = auto_plan(policy)
     assert plan.choice.exit == 2 and plan.choice.exploring  # exit 2 is untried: its trial
     assert plan.spec.draft_len == 8  # sized for the cap: later rounds may draft more
     rounds = RoundPlanner(rt, plan)
@@ -203,11 +208,7 @@ def test_a_request_whose_arm_turns_out_worse_moves_once():
         policy.observe_round(exit=4, drafted=4, accepted=3, draft_s=0.08, verify_s=0.060)
         policy.observe_round(exit=2, drafted=4, accepted=4, draft_s=0.004, verify_s=0.060)
         policy.observe_round(exit=None, drafted=0, accepted=0, draft_s=0.0, verify_s=0.035)
-    rt = route(None)
-    rt.default_method, rt.policy = "sd", policy
-    auto = RouteRequest(request_id="r", target="t", prompt_ids=(1, 2), sampling=SamplingParams(), max_new_tokens=4,
-                        method="auto")
-    plan = Router(engine=None, routes={"t": rt}).plan(rt, auto)
+    rt, plan = auto_plan(policy)
     assert plan.choice.exit == 2 and not plan.choice.exploring
     rounds = RoundPlanner(rt, plan)
     assert rounds.next(1).policy is None  # control: its arm is the best, it stays
