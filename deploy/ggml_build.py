@@ -23,7 +23,7 @@ import tarfile
 import time
 from pathlib import Path
 
-from tandem.actors.ggml_kernel import BUILD_INFO, CXX_FLAGS, EXTENSION, GGML_PATCH, SDIST_VERSION, SOURCES, build_key, build_status, ggml_key, install_dir
+from tandem.actors.ggml_kernel import BUILD_INFO, CXX_FLAGS, EXTENSION, GGML_PATCH, SDIST_VERSION, SOURCES, VNNI_ROWS, build_key, build_status, ggml_key, install_dir
 from tandem.deploy.packs import cache_root
 
 # ggml's own thread pool, not OpenMP: torch's OpenMP threads and ggml's would otherwise share
@@ -75,20 +75,71 @@ _AMX_EDITS = (
     ("    _tile_loadconfig(&tc);\n    done = true;\n",
      '    __asm__ volatile("ldtilecfg %0" :: "m"(tc));  // the whole 64 bytes (GCC 12\'s intrinsic: 8)\n'),
 )
+# And a few rows (a verification block) of Q4_K and Q8_0 weights go to tandem's multi-row VNNI
+# kernel instead of the AMX tiles (actors/csrc/ggml_vnni_rows.inc says why and what it
+# measured): the kernel goes in before ggml's matmul, and the matmul sends those rows to it.
+_ROWS_ANCHOR = "// ne2 is passed explicitly to help compiler optimize repeated calls\n"
+_ROWS_BRANCH_ANCHOR = "    if (M == 1) {\n        // MB = 1 and handle 8 tiles in each block\n"
+_ROWS_BRANCH = """    // tandem: 2..tandem_rows::max_rows(TYPE) rows of Q4_K and Q8_0 on VNNI (ggml_vnni_rows.inc)
+    if (M > 1 && M <= tandem_rows::max_rows(TYPE) && n_batch == 1) {
+        constexpr int kTilesN = 4;
+        constexpr int BLOCK_N = TILE_N * kTilesN;
+        const int NB = div_up(N, BLOCK_N);
+        parallel_for_ggml(params, NB, [&](int begin, int end) {
+            for (int nb = begin; nb < end; ++nb) {
+                const int nb_start = nb * BLOCK_N;
+                const int tiles = std::min(BLOCK_N, N - nb_start) / TILE_N;
+                float * c = (float *)dst->data + nb_start;
+                if (TYPE == GGML_TYPE_Q4_K) {
+                    const int KB = K / QK_K;
+                    const char * b = (const char *)src0->data + PACKED_INDEX(nb * kTilesN, 0, KB, get_tile_size<block_q4_K>());
+                    tandem_rows::rows_tiles<block_q8_K, tandem_rows::Q4K>(M, tiles, KB, (const block_q8_K *)wdata, b, c, ldc, 2);
+                } else {
+                    const int KB = K / QK8_0;
+                    const char * b = (const char *)src0->data + PACKED_INDEX(nb * kTilesN, 0, KB, get_tile_size<block_q8_0>());
+                    tandem_rows::rows_tiles<block_q8_0, tandem_rows::Q80>(M, tiles, KB, (const block_q8_0 *)wdata, b, c, ldc, 4);
+                }
+            }
+        });
+        return;
+    }
+
+"""
+
+
+def patched_amx_source(original: str) -> str:
+    """ggml's mmq.cpp as released -> with the fixes and the rows kernel above; fails loudly
+    when the source is not the one the edits were written for."""
+    text = original
+    for old, new in _AMX_EDITS:
+        if text.count(old) != 1:
+            raise RuntimeError(f"{_AMX_FILE}: the AMX tile-configuration code is not the one {GGML_PATCH} patches")
+        text = text.replace(old, new)
+    for anchor in (_ROWS_ANCHOR, _ROWS_BRANCH_ANCHOR):
+        if text.count(anchor) != 1:
+            raise RuntimeError(f"{_AMX_FILE}: the AMX matmul is not the one {GGML_PATCH} patches")
+    text = text.replace(_ROWS_ANCHOR, VNNI_ROWS.read_text() + "\n" + _ROWS_ANCHOR)
+    return text.replace(_ROWS_BRANCH_ANCHOR, _ROWS_BRANCH + _ROWS_BRANCH_ANCHOR)
 
 
 def patch_amx(src: Path) -> None:
-    """Apply the AMX fixes above to the unpacked sdist (idempotent; fails loudly when the
-    source is not the one the edits were written for)."""
+    """Apply the AMX edits above to the unpacked sdist. Idempotent; an older tandem patch is
+    replaced (the pristine file is kept beside it as mmq.cpp.orig)."""
     path = src / _AMX_FILE
-    text = path.read_text()
-    if f"tandem {GGML_PATCH}" in text:
-        return
-    for old, new in _AMX_EDITS:
-        if text.count(old) != 1:
-            raise RuntimeError(f"{path}: the AMX tile-configuration code is not the one {GGML_PATCH} patches")
-        text = text.replace(old, new)
-    path.write_text(text)
+    pristine = path.with_name(path.name + ".orig")
+    if not pristine.is_file():
+        text = path.read_text()
+        if "// tandem " in text:  # patched by a tandem before the .orig copy: the archive has the original
+            archive = src.parent.parent / f"{src.parent.name}.tar.gz"
+            member = f"{src.parent.name}/{src.name}/{_AMX_FILE.as_posix()}"
+            if not archive.is_file():
+                raise RuntimeError(f"{path} carries an older tandem patch and {archive} is gone: delete {src.parent} to re-download")
+            with tarfile.open(archive) as tar:
+                text = tar.extractfile(member).read().decode()
+        pristine.write_text(text)
+    want = patched_amx_source(pristine.read_text())
+    if path.read_text() != want:
+        path.write_text(want)
 
 
 def build_ggml(src: Path, key: str) -> Path:

@@ -121,21 +121,60 @@ def test_a_crashed_child_fails_the_amx_check():
     assert proc.returncode != 0 and proc.stdout.strip() != "ok"
 
 
-def test_the_amx_patch_applies_once_and_refuses_other_source(tmp_path):
-    from tandem.deploy.ggml_build import _AMX_EDITS, _AMX_FILE, patch_amx
+def _released_amx_source() -> str:
+    """A stand-in for ggml's mmq.cpp as released: the parts patch_amx edits, in order."""
+    from tandem.deploy.ggml_build import _AMX_EDITS, _ROWS_ANCHOR, _ROWS_BRANCH_ANCHOR
 
-    path = tmp_path / _AMX_FILE
+    return ("inline void ggml_tile_config_init(void) {\n" + "".join(old for old, _ in _AMX_EDITS) + "}\n"
+            + _ROWS_ANCHOR + "void ggml_backend_amx_mul_mat() {\n" + _ROWS_BRANCH_ANCHOR + "    }\n}\n")
+
+
+def test_the_amx_patch_applies_once_and_refuses_other_source(tmp_path):
+    from tandem.deploy.ggml_build import _AMX_EDITS, _AMX_FILE, _ROWS_BRANCH, patch_amx
+    from tandem.actors.ggml_kernel import VNNI_ROWS
+
+    path = tmp_path / "sdist" / "llama.cpp" / _AMX_FILE
     path.parent.mkdir(parents=True)
-    original = "inline void ggml_tile_config_init(void) {\n" + "".join(old for old, _ in _AMX_EDITS) + "}\n"
+    original = _released_amx_source()
     path.write_text(original)
-    patch_amx(tmp_path)
+    src = tmp_path / "sdist" / "llama.cpp"
+    patch_amx(src)
     once = path.read_text()
     assert all(old not in once and new in once for old, new in _AMX_EDITS)
-    patch_amx(tmp_path)
+    assert VNNI_ROWS.read_text() in once and once.index("namespace tandem_rows") < once.index(_ROWS_BRANCH)
+    assert path.with_name(path.name + ".orig").read_text() == original  # kept for the next patch version
+    patch_amx(src)
     assert path.read_text() == once  # idempotent
-    path.write_text("inline void ggml_tile_config_init(void) { /* another version */ }\n")
+    # a file an older tandem patched, with no pristine copy and no sdist archive to take it from
+    path.with_name(path.name + ".orig").unlink()
+    with pytest.raises(RuntimeError, match="older tandem patch"):
+        patch_amx(src)
+    path.with_name(path.name + ".orig").write_text("inline void ggml_tile_config_init(void) { /* another version */ }\n")
     with pytest.raises(RuntimeError, match="not the one"):
-        patch_amx(tmp_path)
+        patch_amx(src)
+
+
+@needs_ggml
+@pytest.mark.skipif(not cpu_has("amx_int8"), reason="no AMX-INT8 on this CPU")
+@pytest.mark.parametrize("ggml_type,out_f,in_f", [("Q4_K", 96, 512), ("Q4_K", 160, 256), ("Q8_0", 96, 96), ("Q8_0", 32, 1536)])
+def test_a_few_rows_compute_each_row_as_one_row_does(ggml_type, out_f, in_f):
+    """2..9 rows at once (tandem's multi-row VNNI kernel up to its max_rows, 3 for Q4_K and 8
+    for Q8_0, ggml's AMX tiles past it; 96 and 160 outputs leave a part-filled last block of tiles): every row's output equals,
+    bit for bit, that row computed alone on ggml's one-row kernel, and stays within the
+    activation bound of the served weights. Control: the rows computed alone in another order
+    differ, so the equality is not one that any output meets."""
+    g = torch.Generator().manual_seed(3)
+    rows = ggml_kernel.quantize_rows(torch.randn(out_f, in_f, generator=g) * 0.05, ggml_type)
+    w = ggml_kernel.dequantize_rows(rows, ggml_type, in_f)
+    lin = ggml_kernel.GgmlLinear(rows, ggml_type, in_f)
+    assert lin.layout == "AMX"
+    for m in range(2, 10):
+        x = torch.randn(m, in_f, generator=g)
+        y = lin(x)
+        alone = torch.cat([lin(x[r:r + 1]) for r in range(m)])
+        assert torch.equal(y, alone), (m, (y - alone).abs().max().item())
+        assert check(y, x, w, BLOCK[ggml_type])
+        assert not torch.equal(y, alone.flip(0))
 
 
 @needs_ggml
