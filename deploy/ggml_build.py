@@ -75,12 +75,12 @@ _AMX_EDITS = (
     ("    _tile_loadconfig(&tc);\n    done = true;\n",
      '    __asm__ volatile("ldtilecfg %0" :: "m"(tc));  // the whole 64 bytes (GCC 12\'s intrinsic: 8)\n'),
 )
-# And a few rows (a verification block) of Q4_K and Q8_0 weights go to tandem's multi-row VNNI
+# And a few rows (a verification block, a draft call's feed) of Q4_K, Q8_0 and Q4_0 weights go to tandem's multi-row VNNI
 # kernel instead of the AMX tiles (actors/csrc/ggml_vnni_rows.inc says why and what it
 # measured): the kernel goes in before ggml's matmul, and the matmul sends those rows to it.
 _ROWS_ANCHOR = "// ne2 is passed explicitly to help compiler optimize repeated calls\n"
 _ROWS_BRANCH_ANCHOR = "    if (M == 1) {\n        // MB = 1 and handle 8 tiles in each block\n"
-_ROWS_BRANCH = """    // tandem: 2..tandem_rows::max_rows(TYPE) rows of Q4_K and Q8_0 on VNNI (ggml_vnni_rows.inc)
+_ROWS_BRANCH = """    // tandem: 2..tandem_rows::max_rows(TYPE) rows of Q4_K, Q8_0 and Q4_0 on VNNI (ggml_vnni_rows.inc)
     if (M > 1 && M <= tandem_rows::max_rows(TYPE) && n_batch == 1) {
         constexpr int kTilesN = 4;
         constexpr int BLOCK_N = TILE_N * kTilesN;
@@ -94,6 +94,10 @@ _ROWS_BRANCH = """    // tandem: 2..tandem_rows::max_rows(TYPE) rows of Q4_K and
                     const int KB = K / QK_K;
                     const char * b = (const char *)src0->data + PACKED_INDEX(nb * kTilesN, 0, KB, get_tile_size<block_q4_K>());
                     tandem_rows::rows_tiles<block_q8_K, tandem_rows::Q4K>(M, tiles, KB, (const block_q8_K *)wdata, b, c, ldc, 2);
+                } else if (TYPE == GGML_TYPE_Q4_0) {
+                    const int KB = K / QK4_0;
+                    const char * b = (const char *)src0->data + PACKED_INDEX(nb * kTilesN, 0, KB, get_tile_size<block_q4_0>());
+                    tandem_rows::rows_tiles<block_q8_0, tandem_rows::Q40>(M, tiles, KB, (const block_q8_0 *)wdata, b, c, ldc, 4);
                 } else {
                     const int KB = K / QK8_0;
                     const char * b = (const char *)src0->data + PACKED_INDEX(nb * kTilesN, 0, KB, get_tile_size<block_q8_0>());

@@ -18,7 +18,7 @@ import torch
 from tandem.actors import ggml_kernel
 
 needs_ggml = pytest.mark.skipif(ggml_kernel.load() is None, reason=f"ggml kernels: {ggml_kernel.build_status()[1]}")
-BLOCK = {"Q4_K": 256, "Q8_0": 32}  # activation block of each weight type's vec_dot type (Q8_K, Q8_0)
+BLOCK = {"Q4_K": 256, "Q8_0": 32, "Q4_0": 32}  # activation block of each weight type's vec_dot type (Q8_K, Q8_0, Q8_0)
 
 
 def activation_bound(x: torch.Tensor, w: torch.Tensor, block: int) -> torch.Tensor:
@@ -156,12 +156,12 @@ def test_the_amx_patch_applies_once_and_refuses_other_source(tmp_path):
 
 @needs_ggml
 @pytest.mark.skipif(not cpu_has("amx_int8"), reason="no AMX-INT8 on this CPU")
-@pytest.mark.parametrize("ggml_type,out_f,in_f", [("Q4_K", 96, 512), ("Q4_K", 160, 256), ("Q8_0", 96, 96), ("Q8_0", 32, 1536)])
+@pytest.mark.parametrize("ggml_type,out_f,in_f", [("Q4_K", 96, 512), ("Q4_K", 160, 256), ("Q8_0", 96, 96), ("Q8_0", 32, 1536), ("Q4_0", 96, 896)])
 def test_a_few_rows_compute_each_row_as_one_row_does(ggml_type, out_f, in_f):
     """2..9 rows at once (tandem's multi-row VNNI kernel up to its max_rows, 3 for Q4_K and 8
-    for Q8_0, ggml's AMX tiles past it; 96 and 160 outputs leave a part-filled last block of tiles): every row's output equals,
-    bit for bit, that row computed alone on ggml's one-row kernel, and stays within the
-    activation bound of the served weights. Control: the rows computed alone in another order
+    for Q8_0 and Q4_0, ggml's AMX tiles past it; 96 and 160 outputs leave a part-filled last
+    block of tiles): every row's output equals, bit for bit, that row computed alone on ggml's
+    one-row kernel, and stays within the activation bound of the served weights. Control: the rows computed alone in another order
     differ, so the equality is not one that any output meets."""
     g = torch.Generator().manual_seed(3)
     rows = ggml_kernel.quantize_rows(torch.randn(out_f, in_f, generator=g) * 0.05, ggml_type)
