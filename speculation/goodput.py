@@ -2,6 +2,10 @@
 off) that maximise expected committed tokens per second, from live acceptance and step
 times (SmartSpec, Liu et al., arXiv 2406.14066).
 
+Past ~400 lines on purpose: the round model, the live estimates it reads and the rules that
+act on them (trials, moves, refreshes, probes) are one unit, each constant beside the
+measurement that set it; split, each half would need the other's internals.
+
 Glossary
 - arm: one draft exit (a depth of the shared sorted draft) for one target.
 - acceptance by position: a_i = P(draft position i accepted | positions < i accepted), an
@@ -96,11 +100,34 @@ class ArmStats:
             # a target off (seen through gRPC); such rounds teach acceptance only
             self.draft_step_s.add(draft_s / drafted)
 
-    def acceptance(self, draft_len: int, prior: float) -> list[float]:
-        """a_1..a_draft_len; unseen positions repeat the last seen one (or the prior)."""
+    def acceptance(self, draft_len: int, prior: float, own: RequestAcceptance | None = None) -> list[float]:
+        """a_1..a_draft_len; unseen positions repeat the last seen one (or the prior). With
+        `own`, one request's rounds on this arm: at each position it reached, its own counts
+        weighed against the arm's estimate taken as OWN_PRIOR_ROUNDS rounds of evidence."""
         seen = [e.value for e in self.accept if e.value is not None]
         last = seen[-1] if seen else prior
-        return [(seen[i] if i < len(seen) else last) for i in range(draft_len)]
+        values = [(seen[i] if i < len(seen) else last) for i in range(draft_len)]
+        if own is not None:
+            for i in range(min(draft_len, len(own.reached))):
+                values[i] = (values[i] * OWN_PRIOR_ROUNDS + own.accepted[i]) / (OWN_PRIOR_ROUNDS + own.reached[i])
+        return values
+
+
+@dataclass
+class RequestAcceptance:
+    """One request's own rounds on one arm: per draft position, the rounds that reached it and
+    those that accepted it (RoundPlanner keeps one per arm a request drafts from)."""
+
+    reached: list[int] = field(default_factory=list)
+    accepted: list[int] = field(default_factory=list)
+
+    def add(self, *, drafted: int, accepted: int) -> None:
+        while len(self.reached) < drafted:
+            self.reached.append(0)
+            self.accepted.append(0)
+        for i in range(min(accepted + 1, drafted)):
+            self.reached[i] += 1
+            self.accepted[i] += int(i < accepted)
 
 
 # Speculation is chosen only when predicted at least this much faster than off: the round
@@ -124,6 +151,21 @@ CAUGHT_UP_PRICED = 2
 REFRESH_STEPS = 96
 MAX_REFRESH_STEPS = 1536
 REFRESH_LEN = 4
+# A request's own rounds decide its next ones, its arm's estimate (the EMAs above, taught by
+# every request) counting as this many rounds of its own: acceptance differs per prompt far
+# more than within one (seen through gRPC on code prompts: one prompt at ~50% at position 1
+# pulled the shared EMAs from 0.97 to 0.51, and the next two prompts, at ~97%, ran off at
+# 0.6x of their first pass).
+OWN_PRIOR_ROUNDS = 3
+# A request's first round drafts (at least REFRESH_LEN tokens from its arm) even where its
+# arm's estimate says off, when at most this many requests share the target: its own
+# acceptance is then known from its first round (above) at the cost of one round.
+PROBE_MAX_CONCURRENCY = 2
+# A request moves to a shallower arm than its own only once that arm has this many rounds
+# (a deeper one: min_samples): a shallow arm's 3-round trial can be lucky (0.84-1.0 at a 9 ms
+# step where its later rounds found ~0.3), and a request that moved there moves no more
+# (seen through gRPC: a code request moved from the full draft, then ran off).
+SHALLOW_MOVE_ROUNDS = 8
 # Every this many rounds of an arm, a re-planned round drafts one token past its best length:
 # positions past it are reached by no other round, so one bad stretch there would cap the
 # draft length for good (seen through gRPC: 0.55 at position 4, stale, held an arm whose
@@ -272,16 +314,17 @@ class GoodputPolicy:
         near = min(seen, key=lambda k: (abs(k - rows), k))
         return seen[near] * self._relative_cost(rows, near)
 
-    def rate(self, exit: int, draft_len: int, concurrency: int = 1) -> float:
+    def rate(self, exit: int, draft_len: int, concurrency: int = 1, own: RequestAcceptance | None = None) -> float:
         """Predicted tokens/s of one request on an arm with draft_len drafts while
         `concurrency` requests (itself included) share the target's forwards, all drafting
-        so (0.0 when nothing is known)."""
+        so (0.0 when nothing is known); with `own`, at that request's own acceptance on the
+        arm (ArmStats.acceptance)."""
         arm = self.arms[exit]
         d = arm.draft_step_s.value
         v = self.verify_time(max(1, concurrency) * (draft_len + 1))
         if d is None or v is None:
             return 0.0
-        return round_rate(arm.acceptance(draft_len, self.prior), draft_step_s=d, verify_s=v, overlapped=self.overlapped)
+        return round_rate(arm.acceptance(draft_len, self.prior, own), draft_step_s=d, verify_s=v, overlapped=self.overlapped)
 
     def best_draft_len(self, exit: int, concurrency: int = 1) -> tuple[int, float]:
         best = max(range(1, self.max_draft_len + 1), key=lambda g: self.rate(exit, g, concurrency))
@@ -339,6 +382,7 @@ class GoodputPolicy:
 
     def round_choice(
         self, exit: int, planned: int, concurrency: int = 1, *, standby: bool = False, move: bool = False,
+        own: Mapping[int, RequestAcceptance] | None = None, first: bool = False,
     ) -> tuple[int, int]:
         """(exit, draft tokens) for the next round of a request planned onto `exit` with up to
         `planned` drafts (its KV was sized for that), re-planned at the load of this round
@@ -348,7 +392,8 @@ class GoodputPolicy:
         pays, and drafts again when they leave. With `move`, every tried arm is priced and the
         best one is returned: a request whose trial (or exploration) of an arm has ended, or
         whose arm turned out worse than it looked (a shallow arm after a lucky trial), moves
-        to the best arm instead of running the rest of its tokens on that arm or off (seen
+        to the best arm (a shallower one only once it has SHALLOW_MOVE_ROUNDS rounds)
+        instead of running the rest of its tokens on that arm or off (seen
         through gRPC: each exploring request of a 5-request run went off after 3 rounds, at
         0.7x of the others). A request moves once (RoundPlanner): each move to a deeper exit
         makes the draft run its deeper layers over the tokens it skipped, a cost this round
@@ -358,7 +403,10 @@ class GoodputPolicy:
         Choice.standby) stays off. Where off wins, an arm unseen for REFRESH_STEPS (doubling
         while off keeps winning) target-only steps drafts one round of at least REFRESH_LEN
         (refreshing its estimates); where drafting wins,
-        every LENGTH_PROBE_EVERY-th round of the arm drafts one token more than its best."""
+        every LENGTH_PROBE_EVERY-th round of the arm drafts one token more than its best.
+        `own`: the request's own rounds per arm (RequestAcceptance), which weigh in its
+        arms' acceptance (OWN_PRIOR_ROUNDS); `first`: it has drafted no round yet, and then
+        drafts one where off wins too, at a load of at most PROBE_MAX_CONCURRENCY."""
         with self._lock:
             arm = self.arms.get(exit)
             if arm is None or arm.rounds < self.min_samples or (standby and not self.ar_steps):
@@ -366,18 +414,23 @@ class GoodputPolicy:
             c = max(1, int(concurrency))
             off = self.off_rate(c) if self.ar_steps else 0.0
             lengths = range(1, max(1, planned) + 1)
-            arms = [e for e in self.exits if self.arms[e].rounds >= self.min_samples] if move else [exit]
-            rate, g, best = max((self.rate(e, g, c), -g, e) for e in arms for g in lengths)
+            arms = [e for e in self.exits if self.arms[e].rounds >= (self.min_samples if e >= exit else SHALLOW_MOVE_ROUNDS)
+                    or e == exit] if move else [exit]
+            own = own or {}
+            rate, g, best = max((self.rate(e, g, c, own.get(e)), -g, e) for e in arms for g in lengths)
             if not off or rate > off * (1 + self.min_gain):
                 self.arms[best].refresh_steps = REFRESH_STEPS
                 if -g < planned and self.arms[best].rounds % LENGTH_PROBE_EVERY == LENGTH_PROBE_EVERY - 1:
                     return best, -g + 1  # one position past the best, to keep its estimate current
                 return best, -g
+            probe = min(planned, max(REFRESH_LEN, max(lengths, key=lambda n: self.rate(exit, n, c, own.get(exit)))))
+            if first and c <= PROBE_MAX_CONCURRENCY:
+                return exit, probe  # the request's own first round: its own acceptance decides the rest
             interval = arm.refresh_steps or REFRESH_STEPS
             if self.ar_steps - arm.seen_at >= interval:
                 arm.seen_at = self.ar_steps  # one refresh round per interval, whoever asks
                 arm.refresh_steps = min(MAX_REFRESH_STEPS, 2 * interval)
-                return exit, min(planned, max(REFRESH_LEN, max(lengths, key=lambda n: self.rate(exit, n, c))))
+                return exit, probe
             return exit, 0
 
     def snapshot(self) -> dict:

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Protocol
 
-from tandem.speculation.goodput import Choice, GoodputPolicy
+from tandem.speculation.goodput import Choice, GoodputPolicy, RequestAcceptance
 from tandem.speculation.sorted_policy import ExitPolicy
 
 # What a request names (tandem.v1 SpeculationMethod, lower-cased; services/wire.py derives the
@@ -240,7 +240,9 @@ class RoundPlanner:
     policy's min_samples drafting rounds. Any request moves, once, to the arm that is best at
     a round's load once its own is not (GoodputPolicy.round_choice: a shallow arm trusted
     after a lucky trial, or a trial that ended); its draft length never exceeds the plan's
-    (its KV was sized for that)."""
+    (its KV was sized for that). Its own rounds' acceptance (`own`, per arm) weighs in its
+    re-plans beside the arm's shared estimate, and its first re-planned round drafts even
+    where that estimate says off (round_choice's `own` and `first`)."""
 
     def __init__(self, target: PlanTarget, plan_: Plan):
         self.target = target
@@ -248,6 +250,7 @@ class RoundPlanner:
         self.exit = plan_.observed_exit  # the arm this request's rounds draft from
         self.trial_rounds = 0  # its drafting rounds so far (a trial lasts min_samples of them)
         self.moved = False  # a request moves to another arm once (round_choice)
+        self.own: dict[int, RequestAcceptance] = {}  # this request's rounds per arm that drafted them
 
     @property
     def replans(self) -> bool:
@@ -262,7 +265,7 @@ class RoundPlanner:
         if choice.exploring and choice.exit is not None and self.trial_rounds < policy.min_samples:
             return RoundPlan(max(1, min(spec.draft_len, choice.draft_len)))
         exit, n = policy.round_choice(self.exit, spec.draft_len, concurrency, standby=self.plan.standby,
-                                      move=not self.moved)
+                                      move=not self.moved, own=self.own, first=self.trial_rounds == 0)
         if n > 0 and exit != self.exit:
             self.exit, self.moved = exit, True
         return RoundPlan(n, ExitPolicy.single(self.exit) if self.exit != self.plan.observed_exit else None)
@@ -273,6 +276,9 @@ class RoundPlanner:
         observe(self.target, self.plan, info)
         if info["drafted"] > 0:
             self.trial_rounds += 1
+            exits = list(info.get("exits") or ())
+            if len(exits) == 1 and exits[0] is not None:
+                self.own.setdefault(exits[0], RequestAcceptance()).add(drafted=info["drafted"], accepted=info["accepted"])
 
 
 def observe(target: PlanTarget, plan_: Plan, info: Mapping) -> None:

@@ -456,3 +456,70 @@ def test_every_few_rounds_an_arm_drafts_one_token_past_its_best_length():
     assert p.round_choice(24, planned=best) == (24, best)  # never past the plan
     p.observe_round(exit=24, drafted=8, accepted=4, draft_s=0.08, verify_s=0.1)
     assert p.round_choice(24, planned=8) == (24, max(range(1, 9), key=lambda g: p.rate(24, g)))  # control
+
+
+def test_a_requests_own_rounds_weigh_in_its_replans():
+    """OWN_PRIOR_ROUNDS, at one draft token (a 0.02 s draft step, 0.08 s to verify 2 rows, off
+    0.077 s a step, so drafting needs acceptance above ~0.57 to clear MIN_GAIN): the arm's
+    shared estimate was pulled to 0 by a hard prompt, so a request without rounds of its own
+    stays off (control); one whose own 5 rounds were all accepted drafts (blend 5/8); and on
+    an arm whose shared estimate is 1, a request whose own 5 rounds were rejected stops
+    (blend 3/8), where one without rounds drafts (control)."""
+    from tandem.speculation.goodput import OWN_PRIOR_ROUNDS, RequestAcceptance
+
+    def policy(acceptance):
+        p = GoodputPolicy(exits=(24,), max_draft_len=1, overlapped=False, explore_every=0)
+        feed(p, exit=24, acceptance=acceptance, draft_step=0.020, verify=0.080, draft_len=1, rounds=10)
+        warm(p, verify=0.077)
+        p.arms[24].seen_at = p.ar_steps  # no refresh round due
+        return p
+
+    def own(accepted):
+        mine = RequestAcceptance()
+        for _ in range(5):
+            mine.add(drafted=1, accepted=accepted)
+        return mine
+
+    hard, easy = policy(0.0), policy(1.0)
+    assert hard.round_choice(24, planned=1, standby=True)[1] == 0
+    assert hard.round_choice(24, planned=1, standby=True, own={24: own(1)})[1] == 1
+    assert hard.arms[24].acceptance(1, hard.prior, own(1))[0] == pytest.approx(5 / (OWN_PRIOR_ROUNDS + 5))
+    assert easy.round_choice(24, planned=1)[1] == 1
+    assert easy.round_choice(24, planned=1, own={24: own(0)})[1] == 0
+    assert easy.arms[24].acceptance(1, easy.prior, own(0))[0] == pytest.approx(OWN_PRIOR_ROUNDS / (OWN_PRIOR_ROUNDS + 5))
+    mixed = RequestAcceptance()
+    mixed.add(drafted=4, accepted=2)  # positions 1-3 reached, 1-2 accepted
+    assert mixed.reached == [1, 1, 1, 0] and mixed.accepted == [1, 1, 0, 0]
+
+
+def test_a_requests_first_round_drafts_where_off_wins():
+    """PROBE_MAX_CONCURRENCY: where its arm's estimate says off, a request's first round still
+    drafts (at least REFRESH_LEN tokens), so that its own acceptance is known; later rounds
+    (first=False) and a first round under a heavier load stay off (the controls)."""
+    from tandem.speculation.goodput import PROBE_MAX_CONCURRENCY, REFRESH_LEN
+
+    p = GoodputPolicy(exits=(24,), max_draft_len=8, overlapped=False, explore_every=0)
+    feed(p, exit=24, acceptance=0.0, draft_step=0.020, verify=0.100, draft_len=4, rounds=10)
+    warm(p, verify=0.077)
+    p.arms[24].seen_at = p.ar_steps  # no refresh round due
+    assert p.round_choice(24, planned=8, standby=True)[1] == 0
+    assert p.round_choice(24, planned=8, standby=True, first=True)[1] >= REFRESH_LEN
+    assert p.round_choice(24, planned=2, standby=True, first=True)[1] == 2  # never past the plan
+    assert p.round_choice(24, 8, PROBE_MAX_CONCURRENCY + 1, standby=True, first=True)[1] == 0
+
+
+def test_a_request_moves_to_a_shallower_arm_only_once_it_is_well_seen():
+    """SHALLOW_MOVE_ROUNDS: exit 8's 3-round trial was lucky (every draft accepted at a quarter
+    of the full draft's step), so it prices best; a request on exit 24 does not move there on
+    3 rounds, and does once exit 8 has SHALLOW_MOVE_ROUNDS (the control)."""
+    from tandem.speculation.goodput import SHALLOW_MOVE_ROUNDS
+
+    p = GoodputPolicy(exits=(8, 24), max_draft_len=8, overlapped=False, explore_every=0)
+    feed(p, exit=24, acceptance=0.75, draft_step=0.020, verify=0.100, draft_len=4, rounds=20)
+    feed(p, exit=8, acceptance=1.0, draft_step=0.005, verify=0.100, draft_len=4, rounds=3)
+    warm(p, verify=0.077)
+    assert p.rate(8, 4) > p.rate(24, 4)
+    assert p.round_choice(24, planned=8, move=True)[0] == 24
+    feed(p, exit=8, acceptance=1.0, draft_step=0.005, verify=0.100, draft_len=4, rounds=SHALLOW_MOVE_ROUNDS - 3)
+    assert p.round_choice(24, planned=8, move=True)[0] == 8
+    assert p.round_choice(8, planned=8, move=True)[0] == 8  # from a shallow arm, deeper ones need min_samples only

@@ -220,3 +220,32 @@ def test_a_request_whose_arm_turns_out_worse_moves_once():
         policy.observe_round(exit=2, drafted=4, accepted=4, draft_s=0.004, verify_s=0.060)
         rounds.observe({"drafted": 4, "accepted": 0, "draft_s": 0.08, "verify_s": 0.06, "exits": {4: 4}})
     assert rounds.next(1).policy == ExitPolicy.single(4)
+
+
+def test_a_request_probes_its_first_round_and_follows_its_own_acceptance():
+    """A request planned off (standby) because its arm's shared estimate was pulled down by
+    another prompt: its first round drafts (REFRESH_LEN tokens), and its own rounds, all
+    accepted, keep it drafting. A
+    second request whose own rounds are rejected goes back to target-only steps, while the
+    first keeps drafting (its own acceptance, not the other's, decides)."""
+    from tandem.speculation.goodput import REFRESH_LEN, GoodputPolicy
+
+    policy = GoodputPolicy(exits=(4,), max_draft_len=8, overlapped=False, explore_every=0)
+    for _ in range(10):
+        policy.observe_round(exit=4, drafted=4, accepted=0, draft_s=0.08, verify_s=0.080)
+    for _ in range(3):
+        policy.observe_round(exit=None, drafted=0, accepted=0, draft_s=0.0, verify_s=0.077)
+    policy.arms[4].seen_at = policy.ar_steps  # no refresh round due
+    rt, plan = auto_plan(policy)
+    assert plan.standby and plan.observed_exit == 4
+    easy, hard = RoundPlanner(rt, plan), RoundPlanner(rt, auto_plan(policy)[1])
+    first = easy.next(1)
+    assert first.draft_len == REFRESH_LEN and hard.next(1).draft_len == REFRESH_LEN
+    for _ in range(4):
+        easy.observe({"drafted": REFRESH_LEN, "accepted": REFRESH_LEN, "draft_s": 0.02 * REFRESH_LEN,
+                      "verify_s": 0.08, "exits": {4: REFRESH_LEN}})
+        hard.observe({"drafted": REFRESH_LEN, "accepted": 0, "draft_s": 0.02 * REFRESH_LEN,
+                      "verify_s": 0.08, "exits": {4: REFRESH_LEN}})
+    assert hard.next(1).draft_len == 0
+    assert easy.next(1).draft_len > 0
+    assert easy.own[4].reached[:2] == [4, 4] and hard.own[4].reached[:2] == [4, 0]
