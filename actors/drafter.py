@@ -131,11 +131,17 @@ class Drafter:
             feed = feed[self.prefill_chunk :]
         return feed
 
-    def unfed(self, request_id: str, sequence: Sequence[int]) -> int:
+    def unfed(self, request_id: str, sequence: Sequence[int], depth: int | None = None) -> int:
         """At least how many tokens of `sequence` a draft call would have to feed first (the
-        tokens past what the request's cache holds; more when they differ earlier). Read
-        without the model thread: cheap, and only this request's own calls change it."""
-        return len(sequence) - len(self._request(request_id).seq.tokens)
+        tokens past what the request's cache holds; more when they differ earlier); with
+        `depth` (an exit), also those whose KV its layers lack (fed earlier only down to a
+        shallower exit). Read without the model thread: cheap, and only this request's own
+        calls change it."""
+        seq = self._request(request_id).seq
+        have = len(seq.tokens)
+        if depth is not None:
+            have = min(have, seq.filled[max(1, min(int(depth), len(seq.filled))) - 1])
+        return len(sequence) - have
 
     def catch_up_batch(self, calls: Sequence[dict]) -> list[int | Exception]:
         """One chunk (prefill_chunk tokens) of each call's backlog, every call's in one
@@ -194,11 +200,13 @@ class Drafter:
         return int(ids[j]), SparseDist(ids=ids, probs=sparse.probs)
 
     def _begin_calls(
-        self, calls: Sequence[dict], checks: Sequence[Callable[[], None]]
+        self, calls: Sequence[dict], checks: Sequence[Callable[[], None]], depths: Sequence[int] | None = None,
     ) -> tuple[list[_DraftRequest | None], list[list[int]], dict[int, Exception], list[int]]:
         """Per call of a batch: its check (raises for a bad call), its request, the tokens
-        still to feed (_catch_up) and how many it lacked in all. A call that fails any of them
-        keeps its exception in `failed` (by index); the others go on."""
+        still to feed (_catch_up) and how many it lacked in all down to its deepest exit
+        (`depths`, per call; the full depth without), counting tokens an earlier shallower
+        exit left out of deeper layers (the runner fills those lazily in this call). A call
+        that fails any of them keeps its exception in `failed` (by index); the others go on."""
         reqs: list[_DraftRequest | None] = [None] * len(calls)
         feeds: list[list[int]] = [[] for _ in calls]
         failed: dict[int, Exception] = {}
@@ -207,7 +215,7 @@ class Drafter:
             try:
                 check()
                 reqs[i] = self._request(c["request_id"])
-                lacked[i] = max(1, self.unfed(c["request_id"], c["sequence"]))
+                lacked[i] = max(1, self.unfed(c["request_id"], c["sequence"], depth=depths[i] if depths else None))
                 feeds[i] = self._catch_up(reqs[i], c["sequence"], c["request_id"])
             except Exception as exc:  # noqa: BLE001 - that request only; the others go on
                 failed[i] = exc
@@ -237,7 +245,8 @@ class Drafter:
         t0 = time.perf_counter()
         n = len(calls)
         policies = [c.get("policy") or ExitPolicy.single(self.runner.num_layers) for c in calls]
-        reqs, feeds, failed, lacked = self._begin_calls(calls, [lambda p=p: self.check_policy(p) for p in policies])
+        reqs, feeds, failed, lacked = self._begin_calls(calls, [lambda p=p: self.check_policy(p) for p in policies],
+                                                        [max(p.exits) for p in policies])
         remaining = [0 if i in failed else int(c["draft_len"]) for i, c in enumerate(calls)]
         tokens: list[list[int]] = [[] for _ in calls]
         exits: list[list[int]] = [[] for _ in calls]

@@ -161,11 +161,13 @@ OWN_PRIOR_ROUNDS = 3
 # arm's estimate says off, when at most this many requests share the target: its own
 # acceptance is then known from its first round (above) at the cost of one round.
 PROBE_MAX_CONCURRENCY = 2
-# A request moves to a shallower arm than its own only once that arm has this many rounds
-# (a deeper one: min_samples): a shallow arm's 3-round trial can be lucky (0.84-1.0 at a 9 ms
-# step where its later rounds found ~0.3), and a request that moved there moves no more
-# (seen through gRPC: a code request moved from the full draft, then ran off).
-SHALLOW_MOVE_ROUNDS = 8
+# A request is planned onto an arm shallower than the full draft, or moves to one shallower
+# than its own, only once that arm has this many rounds (the full draft, or a deeper arm:
+# min_samples): a shallow arm's 3-round trial can be lucky (0.84-1.0 at a 9 ms step where
+# its later rounds found ~0.3), and a request that moved there moves no more (seen through
+# gRPC: code requests planned onto exit 8 after its trial, and one moved there from the full
+# draft, ran off at ~0.7x of the others).
+SHALLOW_ARM_ROUNDS = 8
 # Every this many rounds of an arm, a re-planned round drafts one token past its best length:
 # positions past it are reached by no other round, so one bad stretch there would cap the
 # draft length for good (seen through gRPC: 0.55 at position 4, stale, held an arm whose
@@ -358,7 +360,8 @@ class GoodputPolicy:
                 return Choice(exit=None, draft_len=0, rate=0.0, standby=self.exits[-1])
             # 2. exploitation, with periodic exploration
             off = self.off_rate(c)
-            scored = [(self.best_draft_len(e, c), e) for e in self.exits]
+            trusted = [e for e in tried if e == self.exits[-1] or self.arms[e].rounds >= SHALLOW_ARM_ROUNDS] or tried
+            scored = [(self.best_draft_len(e, c), e) for e in trusted]
             (draft_len, rate), exit = max(scored, key=lambda item: item[0][1])
             if self.explore_every and self._choices % self.explore_every == 0:
                 self._explorations += 1
@@ -392,7 +395,7 @@ class GoodputPolicy:
         pays, and drafts again when they leave. With `move`, every tried arm is priced and the
         best one is returned: a request whose trial (or exploration) of an arm has ended, or
         whose arm turned out worse than it looked (a shallow arm after a lucky trial), moves
-        to the best arm (a shallower one only once it has SHALLOW_MOVE_ROUNDS rounds)
+        to the best arm (a shallower one only once it has SHALLOW_ARM_ROUNDS rounds)
         instead of running the rest of its tokens on that arm or off (seen
         through gRPC: each exploring request of a 5-request run went off after 3 rounds, at
         0.7x of the others). A request moves once (RoundPlanner): each move to a deeper exit
@@ -414,7 +417,7 @@ class GoodputPolicy:
             c = max(1, int(concurrency))
             off = self.off_rate(c) if self.ar_steps else 0.0
             lengths = range(1, max(1, planned) + 1)
-            arms = [e for e in self.exits if self.arms[e].rounds >= (self.min_samples if e >= exit else SHALLOW_MOVE_ROUNDS)
+            arms = [e for e in self.exits if self.arms[e].rounds >= (self.min_samples if e >= exit else SHALLOW_ARM_ROUNDS)
                     or e == exit] if move else [exit]
             own = own or {}
             rate, g, best = max((self.rate(e, g, c, own.get(e)), -g, e) for e in arms for g in lengths)

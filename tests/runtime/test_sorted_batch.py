@@ -95,3 +95,23 @@ def test_a_failing_call_fails_alone(draft_path, runner_device):
         _same(alone.draft(c["request_id"], c["sequence"], draft_len=c["draft_len"], policy=c["policy"]), g)
     with pytest.raises(ValueError, match="exit 3"):  # alone, the same failure raises
         batched.draft("r3", [1, 2], draft_len=2, policy=bad_exit["policy"])
+
+
+def test_a_call_that_fills_deeper_layers_reports_them_caught_up(draft_path):
+    """DraftBlock.caught_up counts the tokens a call fed before drafting down to its deepest
+    exit, including those an earlier shallower exit left out of the deeper layers (the runner
+    fills them lazily): the goodput policy does not price such a round as draft steps (seen
+    through gRPC: a request moved from exit 8 to the full draft read 47 ms a draft token, where
+    a step takes ~23, and ran off). Control: a second full-depth call lacks only its new token."""
+    d = _drafter(draft_path, "cpu")
+    d.open("r", sampling=SamplingParams())
+    seq = [0, 1, 2, 3, 4, 5]
+    shallow = d.draft("r", seq, draft_len=4, policy=ExitPolicy.single(1))
+    assert shallow.caught_up == len(seq)  # a fresh request: its prompt
+    seq = seq + shallow.tokens + [1]  # all four accepted, plus the target's token
+    assert d.unfed("r", seq) == 2 and d.unfed("r", seq, depth=1) == 2  # the last draft token and the target's
+    assert d.unfed("r", seq, depth=4) == len(seq)  # nothing went past layer 1 so far
+    deep = d.draft("r", seq, draft_len=2, policy=None)
+    assert deep.caught_up == len(seq)
+    seq = seq + deep.tokens + [2]
+    assert d.draft("r", seq, draft_len=1, policy=None).caught_up == 2

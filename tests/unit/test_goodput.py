@@ -508,11 +508,12 @@ def test_a_requests_first_round_drafts_where_off_wins():
     assert p.round_choice(24, 8, PROBE_MAX_CONCURRENCY + 1, standby=True, first=True)[1] == 0
 
 
-def test_a_request_moves_to_a_shallower_arm_only_once_it_is_well_seen():
-    """SHALLOW_MOVE_ROUNDS: exit 8's 3-round trial was lucky (every draft accepted at a quarter
-    of the full draft's step), so it prices best; a request on exit 24 does not move there on
-    3 rounds, and does once exit 8 has SHALLOW_MOVE_ROUNDS (the control)."""
-    from tandem.speculation.goodput import SHALLOW_MOVE_ROUNDS
+def test_a_shallower_arm_is_planned_and_moved_to_only_once_it_is_well_seen():
+    """SHALLOW_ARM_ROUNDS: exit 8's 3-round trial was lucky (every draft accepted at a quarter
+    of the full draft's step), so it prices best; on 3 rounds no request is planned onto it
+    and a request on exit 24 does not move there; once exit 8 has SHALLOW_ARM_ROUNDS both do
+    (the control)."""
+    from tandem.speculation.goodput import SHALLOW_ARM_ROUNDS
 
     p = GoodputPolicy(exits=(8, 24), max_draft_len=8, overlapped=False, explore_every=0)
     feed(p, exit=24, acceptance=0.75, draft_step=0.020, verify=0.100, draft_len=4, rounds=20)
@@ -520,6 +521,8 @@ def test_a_request_moves_to_a_shallower_arm_only_once_it_is_well_seen():
     warm(p, verify=0.077)
     assert p.rate(8, 4) > p.rate(24, 4)
     assert p.round_choice(24, planned=8, move=True)[0] == 24
-    feed(p, exit=8, acceptance=1.0, draft_step=0.005, verify=0.100, draft_len=4, rounds=SHALLOW_MOVE_ROUNDS - 3)
+    assert p.choose().exit == 24  # nor is a request planned onto it
+    feed(p, exit=8, acceptance=1.0, draft_step=0.005, verify=0.100, draft_len=4, rounds=SHALLOW_ARM_ROUNDS - 3)
     assert p.round_choice(24, planned=8, move=True)[0] == 8
+    assert p.choose().exit == 8
     assert p.round_choice(8, planned=8, move=True)[0] == 8  # from a shallow arm, deeper ones need min_samples only

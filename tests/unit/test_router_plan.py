@@ -203,11 +203,14 @@ def test_a_request_whose_arm_turns_out_worse_moves_once():
     makes the draft catch its deeper layers up). Control: while its arm stays best it stays."""
     from tandem.speculation.goodput import GoodputPolicy
 
+    from tandem.speculation.goodput import SHALLOW_ARM_ROUNDS
+
     policy = GoodputPolicy(exits=(2, 4), max_draft_len=8, overlapped=False, explore_every=0)
     for _ in range(3):
         policy.observe_round(exit=4, drafted=4, accepted=3, draft_s=0.08, verify_s=0.060)
-        policy.observe_round(exit=2, drafted=4, accepted=4, draft_s=0.004, verify_s=0.060)
         policy.observe_round(exit=None, drafted=0, accepted=0, draft_s=0.0, verify_s=0.035)
+    for _ in range(SHALLOW_ARM_ROUNDS):  # a shallow arm is planned onto once this well seen
+        policy.observe_round(exit=2, drafted=4, accepted=4, draft_s=0.004, verify_s=0.060)
     rt, plan = auto_plan(policy)
     assert plan.choice.exit == 2 and not plan.choice.exploring
     rounds = RoundPlanner(rt, plan)
