@@ -161,6 +161,12 @@ OWN_PRIOR_ROUNDS = 3
 # arm's estimate says off, when at most this many requests share the target: its own
 # acceptance is then known from its first round (above) at the cost of one round.
 PROBE_MAX_CONCURRENCY = 2
+# A request that its own rounds turned off, on an arm whose shared estimate says drafting
+# pays, drafts one round again after this many of its target-only steps (at most
+# PROBE_MAX_CONCURRENCY requests per target): a few rejected rounds are a hard stretch of
+# that prompt, not all of it (seen through gRPC: a code request off for its last 86 tokens
+# after 3 rounds, where the same prompt had run 1.2x off drafting short blocks).
+OWN_REPROBE_STEPS = 16
 # A request is planned onto an arm shallower than the full draft, or moves to one shallower
 # than its own, only once that arm has this many rounds (the full draft, or a deeper arm:
 # min_samples): a shallow arm's 3-round trial can be lucky (0.84-1.0 at a 9 ms step where
@@ -385,7 +391,7 @@ class GoodputPolicy:
 
     def round_choice(
         self, exit: int, planned: int, concurrency: int = 1, *, standby: bool = False, move: bool = False,
-        own: Mapping[int, RequestAcceptance] | None = None, first: bool = False,
+        own: Mapping[int, RequestAcceptance] | None = None, first: bool = False, idle: int = 0,
     ) -> tuple[int, int]:
         """(exit, draft tokens) for the next round of a request planned onto `exit` with up to
         `planned` drafts (its KV was sized for that), re-planned at the load of this round
@@ -409,7 +415,9 @@ class GoodputPolicy:
         every LENGTH_PROBE_EVERY-th round of the arm drafts one token more than its best.
         `own`: the request's own rounds per arm (RequestAcceptance), which weigh in its
         arms' acceptance (OWN_PRIOR_ROUNDS); `first`: it has drafted no round yet, and then
-        drafts one where off wins too, at a load of at most PROBE_MAX_CONCURRENCY."""
+        drafts one where off wins too, at a load of at most PROBE_MAX_CONCURRENCY; `idle`:
+        its target-only steps since its last drafting round, after OWN_REPROBE_STEPS of
+        which it drafts one again where only its own rounds say off."""
         with self._lock:
             arm = self.arms.get(exit)
             if arm is None or arm.rounds < self.min_samples or (standby and not self.ar_steps):
@@ -427,8 +435,12 @@ class GoodputPolicy:
                     return best, -g + 1  # one position past the best, to keep its estimate current
                 return best, -g
             probe = min(planned, max(REFRESH_LEN, max(lengths, key=lambda n: self.rate(exit, n, c, own.get(exit)))))
-            if first and c <= PROBE_MAX_CONCURRENCY:
-                return exit, probe  # the request's own first round: its own acceptance decides the rest
+            if c <= PROBE_MAX_CONCURRENCY and (first or (
+                    idle >= OWN_REPROBE_STEPS and own.get(exit) is not None
+                    and max(self.rate(exit, n, c) for n in lengths) > off * (1 + self.min_gain))):
+                # the request's own first round (its own acceptance decides the rest), or a
+                # request its own rounds turned off where the arm's shared estimate drafts
+                return exit, probe
             interval = arm.refresh_steps or REFRESH_STEPS
             if self.ar_steps - arm.seen_at >= interval:
                 arm.seen_at = self.ar_steps  # one refresh round per interval, whoever asks

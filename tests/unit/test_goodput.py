@@ -526,3 +526,28 @@ def test_a_shallower_arm_is_planned_and_moved_to_only_once_it_is_well_seen():
     assert p.round_choice(24, planned=8, move=True)[0] == 8
     assert p.choose().exit == 8
     assert p.round_choice(8, planned=8, move=True)[0] == 8  # from a shallow arm, deeper ones need min_samples only
+
+
+def test_a_request_its_own_rounds_turned_off_drafts_again_after_a_while():
+    """OWN_REPROBE_STEPS: on an arm whose shared estimate drafts, a request whose own rounds
+    were rejected steps target-only, and drafts one round again after that many steps of its
+    own; where the shared estimate says off too (chat-like), it does not (control), nor
+    under a heavier load."""
+    from tandem.speculation.goodput import OWN_REPROBE_STEPS, PROBE_MAX_CONCURRENCY, REFRESH_LEN, RequestAcceptance
+
+    def policy(acceptance):
+        p = GoodputPolicy(exits=(24,), max_draft_len=8, overlapped=False, explore_every=0)
+        feed(p, exit=24, acceptance=acceptance, draft_step=0.020, verify=0.080, draft_len=4, rounds=10)
+        warm(p, verify=0.077)
+        p.arms[24].seen_at = p.ar_steps  # no refresh round due
+        return p
+
+    rejected = RequestAcceptance()
+    for _ in range(20):
+        rejected.add(drafted=4, accepted=0)
+    good, bad = policy(1.0), policy(0.0)
+    kw = {"planned": 8, "own": {24: rejected}}
+    assert good.round_choice(24, **kw, idle=OWN_REPROBE_STEPS - 1)[1] == 0
+    assert good.round_choice(24, **kw, idle=OWN_REPROBE_STEPS)[1] >= REFRESH_LEN
+    assert good.round_choice(24, concurrency=PROBE_MAX_CONCURRENCY + 1, **kw, idle=OWN_REPROBE_STEPS)[1] == 0
+    assert bad.round_choice(24, **kw, idle=OWN_REPROBE_STEPS)[1] == 0
