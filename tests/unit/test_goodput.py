@@ -458,6 +458,16 @@ def test_every_few_rounds_an_arm_drafts_one_token_past_its_best_length():
     assert p.round_choice(24, planned=8) == (24, max(range(1, 9), key=lambda g: p.rate(24, g)))  # control
 
 
+def settled(acceptance, *, max_draft_len, draft_len):
+    """One arm (exit 24) after 10 rounds at `acceptance` (0.02 s a draft step, 0.08 s to
+    verify), off measured at 0.077 s a step, no refresh round due."""
+    p = GoodputPolicy(exits=(24,), max_draft_len=max_draft_len, overlapped=False, explore_every=0)
+    feed(p, exit=24, acceptance=acceptance, draft_step=0.020, verify=0.080, draft_len=draft_len, rounds=10)
+    warm(p, verify=0.077)
+    p.arms[24].seen_at = p.ar_steps
+    return p
+
+
 def test_a_requests_own_rounds_weigh_in_its_replans():
     """OWN_PRIOR_ROUNDS, at one draft token (a 0.02 s draft step, 0.08 s to verify 2 rows, off
     0.077 s a step, so drafting needs acceptance above ~0.57 to clear MIN_GAIN): the arm's
@@ -467,20 +477,13 @@ def test_a_requests_own_rounds_weigh_in_its_replans():
     (blend 3/8), where one without rounds drafts (control)."""
     from tandem.speculation.goodput import OWN_PRIOR_ROUNDS, RequestAcceptance
 
-    def policy(acceptance):
-        p = GoodputPolicy(exits=(24,), max_draft_len=1, overlapped=False, explore_every=0)
-        feed(p, exit=24, acceptance=acceptance, draft_step=0.020, verify=0.080, draft_len=1, rounds=10)
-        warm(p, verify=0.077)
-        p.arms[24].seen_at = p.ar_steps  # no refresh round due
-        return p
-
     def own(accepted):
         mine = RequestAcceptance()
         for _ in range(5):
             mine.add(drafted=1, accepted=accepted)
         return mine
 
-    hard, easy = policy(0.0), policy(1.0)
+    hard, easy = settled(0.0, max_draft_len=1, draft_len=1), settled(1.0, max_draft_len=1, draft_len=1)
     assert hard.round_choice(24, planned=1, standby=True)[1] == 0
     assert hard.round_choice(24, planned=1, standby=True, own={24: own(1)})[1] == 1
     assert hard.arms[24].acceptance(1, hard.prior, own(1))[0] == pytest.approx(5 / (OWN_PRIOR_ROUNDS + 5))
@@ -535,17 +538,10 @@ def test_a_request_its_own_rounds_turned_off_drafts_again_after_a_while():
     under a heavier load."""
     from tandem.speculation.goodput import OWN_REPROBE_STEPS, PROBE_MAX_CONCURRENCY, REFRESH_LEN, RequestAcceptance
 
-    def policy(acceptance):
-        p = GoodputPolicy(exits=(24,), max_draft_len=8, overlapped=False, explore_every=0)
-        feed(p, exit=24, acceptance=acceptance, draft_step=0.020, verify=0.080, draft_len=4, rounds=10)
-        warm(p, verify=0.077)
-        p.arms[24].seen_at = p.ar_steps  # no refresh round due
-        return p
-
     rejected = RequestAcceptance()
     for _ in range(20):
         rejected.add(drafted=4, accepted=0)
-    good, bad = policy(1.0), policy(0.0)
+    good, bad = settled(1.0, max_draft_len=8, draft_len=4), settled(0.0, max_draft_len=8, draft_len=4)
     kw = {"planned": 8, "own": {24: rejected}}
     assert good.round_choice(24, **kw, idle=OWN_REPROBE_STEPS - 1)[1] == 0
     assert good.round_choice(24, **kw, idle=OWN_REPROBE_STEPS)[1] >= REFRESH_LEN
