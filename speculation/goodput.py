@@ -67,6 +67,12 @@ class _Ema:
         self.count += 1
 
 
+def reached_positions(drafted: int, accepted: int) -> list[bool]:
+    """Per draft position a round reached (every earlier one accepted): whether it was
+    accepted. What a_i counts, for an arm (ArmStats) and for one request (RequestAcceptance)."""
+    return [i < accepted for i in range(min(accepted + 1, drafted))]
+
+
 @dataclass
 class ArmStats:
     """Live statistics of one exit for one target."""
@@ -92,8 +98,8 @@ class ArmStats:
             # draft length at 6 where 95% were accepted)
             seen = [e.value for e in self.accept if e.value is not None]
             self.accept.append(_Ema(self.alpha, value=seen[-1] if seen else None))
-        for i in range(min(accepted + 1, drafted)):
-            self.accept[i].add(1.0 if i < accepted else 0.0)  # position i reached; accepted?
+        for i, ok in enumerate(reached_positions(drafted, accepted)):
+            self.accept[i].add(1.0 if ok else 0.0)
         if drafted > 0 and caught_up <= CAUGHT_UP_PRICED:
             # a call that first caught up on tokens the draft missed (target-only steps before
             # it) is mostly that catch-up: priced per draft token it read 52 ms for 25 and kept
@@ -125,9 +131,9 @@ class RequestAcceptance:
         while len(self.reached) < drafted:
             self.reached.append(0)
             self.accepted.append(0)
-        for i in range(min(accepted + 1, drafted)):
+        for i, ok in enumerate(reached_positions(drafted, accepted)):
             self.reached[i] += 1
-            self.accepted[i] += int(i < accepted)
+            self.accepted[i] += int(ok)
 
 
 # Speculation is chosen only when predicted at least this much faster than off: the round
@@ -345,6 +351,11 @@ class GoodputPolicy:
         return 1.0 / v if v else 0.0
 
     # ------------------------------------------------------------------ decision
+    def _trusted(self, exit: int, *, than: int) -> bool:
+        """Whether a request on arm `than` may be planned onto or moved to `exit`: min_samples
+        rounds for an arm at least as deep, SHALLOW_ARM_ROUNDS for a shallower one."""
+        return self.arms[exit].rounds >= (self.min_samples if exit >= than else SHALLOW_ARM_ROUNDS)
+
     def choose(self, concurrency: int = 1) -> Choice:
         """The exit and draft length (exit None: off) with the best predicted rate for a
         request that will run beside `concurrency - 1` others on one target actor."""
@@ -366,7 +377,7 @@ class GoodputPolicy:
                 return Choice(exit=None, draft_len=0, rate=0.0, standby=self.exits[-1])
             # 2. exploitation, with periodic exploration
             off = self.off_rate(c)
-            trusted = [e for e in tried if e == self.exits[-1] or self.arms[e].rounds >= SHALLOW_ARM_ROUNDS] or tried
+            trusted = [e for e in tried if self._trusted(e, than=self.exits[-1])] or tried
             scored = [(self.best_draft_len(e, c), e) for e in trusted]
             (draft_len, rate), exit = max(scored, key=lambda item: item[0][1])
             if self.explore_every and self._choices % self.explore_every == 0:
@@ -425,8 +436,7 @@ class GoodputPolicy:
             c = max(1, int(concurrency))
             off = self.off_rate(c) if self.ar_steps else 0.0
             lengths = range(1, max(1, planned) + 1)
-            arms = [e for e in self.exits if self.arms[e].rounds >= (self.min_samples if e >= exit else SHALLOW_ARM_ROUNDS)
-                    or e == exit] if move else [exit]
+            arms = [e for e in self.exits if e == exit or self._trusted(e, than=exit)] if move else [exit]
             own = own or {}
             rate, g, best = max((self.rate(e, g, c, own.get(e)), -g, e) for e in arms for g in lengths)
             if not off or rate > off * (1 + self.min_gain):
