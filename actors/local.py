@@ -195,9 +195,12 @@ class LocalEngine:
                          policy=self._length_policy, sorted_policy=None)
         rounds = RoundPlanner(view, p)  # auto re-plans each round, as the router's requests do
         on_round = rounds.observe if p.observes and self._length_policy is not None else None
-        result = self.run(prompt, spec=p.spec, sampling=sampling, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
-                          on_tokens=on_tokens, on_logprobs=on_logprobs, on_round=on_round,
-                          round_plan=(lambda: rounds.next(1)) if rounds.replans else None)
+        try:
+            result = self.run(prompt, spec=p.spec, sampling=sampling, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
+                              on_tokens=on_tokens, on_logprobs=on_logprobs, on_round=on_round,
+                              round_plan=(lambda: rounds.next(1)) if rounds.replans else None)
+        finally:
+            rounds.close()
         result.plan = p
         return result
 

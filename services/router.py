@@ -385,21 +385,24 @@ class Router:
         replans = rounds.replans
 
         async def work() -> GenerationResult:
-            return await self.engine.agenerate(
-                route.name,
-                list(req.prompt_ids),
-                spec=spec,
-                sampling=req.sampling,
-                max_new_tokens=req.max_new_tokens,
-                stop_ids=sorted(stop_ids),
-                on_tokens=on_tokens,
-                should_stop=should_stop,
-                on_round=on_round,
-                request_id=state_key,
-                **({"on_logprobs": on_logprobs} if req.sampling.logprobs is not None else {}),
-                **({"tracing": tracing} if tracing is not None else {}),
-                **({"round_plan": replan} if replans else {}),
-            )
+            try:
+                return await self.engine.agenerate(
+                    route.name,
+                    list(req.prompt_ids),
+                    spec=spec,
+                    sampling=req.sampling,
+                    max_new_tokens=req.max_new_tokens,
+                    stop_ids=sorted(stop_ids),
+                    on_tokens=on_tokens,
+                    should_stop=should_stop,
+                    on_round=on_round,
+                    request_id=state_key,
+                    **({"on_logprobs": on_logprobs} if req.sampling.logprobs is not None else {}),
+                    **({"tracing": tracing} if tracing is not None else {}),
+                    **({"round_plan": replan} if replans else {}),
+                )
+            finally:
+                rounds.close()  # an arm this request was to try gets another trial where it saw too few rounds
 
         fut = loop.create_task(work(), name=f"request-{route.name}-{state_key}")
         self._tasks.add(fut)

@@ -350,6 +350,16 @@ class GoodputPolicy:
         v = self.verify_time(max(1, concurrency)) if self.ar_steps else None
         return 1.0 / v if v else 0.0
 
+    def end_trial(self, option: int | None) -> None:
+        """The request trying `option` (an exit; None: off) ended. A trial that saw fewer than
+        min_samples of its rounds goes to the next request: otherwise the option stays untried
+        for good (seen through gRPC: an 8-token first request held the full draft's trial for
+        2 rounds; auto then never drafted from it and ran 0.65x of sd on code)."""
+        with self._lock:
+            seen = self.ar_steps if option is None else self.arms[option].rounds if option in self.arms else None
+            if seen is not None and seen < self.min_samples:
+                self._trials.discard(option)
+
     # ------------------------------------------------------------------ decision
     def _trusted(self, exit: int, *, than: int) -> bool:
         """Whether a request on arm `than` may be planned onto or moved to `exit`: min_samples

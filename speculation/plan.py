@@ -272,6 +272,13 @@ class RoundPlanner:
             self.exit, self.moved = exit, True
         return RoundPlan(n, ExitPolicy.single(self.exit) if self.exit != self.plan.observed_exit else None)
 
+    def close(self) -> None:
+        """The request ended: an arm (or off) it was planned to try gets another trial where
+        this one saw too few rounds (GoodputPolicy.end_trial)."""
+        choice, policy = self.plan.choice, self.target.policy
+        if policy is not None and choice is not None and choice.exploring:
+            policy.end_trial(choice.exit)
+
     def observe(self, info: Mapping) -> None:
         """Teach the target's goodput policy one round (`info`: run_request's on_round dict),
         under the exit that drafted it."""

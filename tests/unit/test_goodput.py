@@ -317,6 +317,28 @@ def test_requests_planned_off_in_a_burst_draft_once_the_trials_show_it_pays():
     assert slow.round_choice(24, planned=8, concurrency=1, standby=True)[1] == 0
 
 
+def test_a_trial_that_ended_with_too_few_rounds_goes_to_the_next_request():
+    """A request handed an arm's trial that ends before min_samples rounds (a short request)
+    gives the trial back (end_trial): the next request tries the arm. Before, the arm stayed
+    untried for good (seen through gRPC: an 8-token first request held the full draft's trial
+    for 2 rounds, and auto drafted from shallower exits only, at 0.65x of sd). Controls:
+    without end_trial the arm is not tried again; a trial that saw min_samples rounds is not
+    handed out again."""
+    p = GoodputPolicy(exits=(8, 24), max_draft_len=8, overlapped=True, explore_every=0)
+    assert (p.choose().exit, p.choose().exit) == (24, 8)  # the trials: deepest first
+    feed(p, exit=24, acceptance=1.0, draft_step=0.010, verify=0.060, rounds=p.min_samples - 1, draft_len=4)
+    feed(p, exit=8, acceptance=0.25, draft_step=0.004, verify=0.060, rounds=p.min_samples, draft_len=4)
+    held = p.choose()
+    assert held.exit is None and held.exploring  # control: off's trial; the full draft's stays held
+    p.end_trial(24)
+    again = p.choose()
+    assert again.exit == 24 and again.exploring  # the full draft's trial, given back, goes on
+    feed(p, exit=24, acceptance=1.0, draft_step=0.010, verify=0.060, rounds=1, draft_len=4)
+    p.end_trial(24)  # it has min_samples rounds now: its trial is over
+    warm(p, verify=0.060)
+    assert not p.choose().exploring
+
+
 @pytest.mark.parametrize("verify, off_wins", [(0.190, True), (0.170, False)])
 def test_speculation_must_be_predicted_clearly_faster_than_off(verify, off_wins):
     """MIN_GAIN: predicted 1.05x off runs off; 1.18x drafts. Every draft accepted at

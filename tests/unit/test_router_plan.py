@@ -197,6 +197,31 @@ def test_a_trial_lasts_its_rounds_then_the_request_drafts_from_the_best_arm():
     assert policy.round_choice(4, 8, move=True)[0] == 2 and rounds.next(1).policy == ExitPolicy.single(4)
 
 
+def test_a_request_that_ends_during_its_trial_gives_the_trial_back():
+    """RoundPlanner.close (the router and the in-process engine call it when a request ends):
+    a trial that saw fewer than min_samples rounds goes to the next request's plan. Control:
+    a request that did not close holds it, and the next request is planned elsewhere."""
+    from tandem.speculation.goodput import GoodputPolicy
+
+    def policy():
+        p = GoodputPolicy(exits=(2, 4), max_draft_len=8, overlapped=False, explore_every=0)
+        for _ in range(3):
+            p.observe_round(exit=None, drafted=0, accepted=0, draft_s=0.0, verify_s=0.035)
+        return p
+
+    for closes in (True, False):
+        p = policy()
+        rt, plan = auto_plan(p)
+        assert plan.choice.exit == 4 and plan.choice.exploring  # the deepest arm's trial
+        rounds = RoundPlanner(rt, plan)
+        r = rounds.next(1)
+        rounds.observe({"drafted": r.draft_len, "accepted": r.draft_len, "draft_s": 0.01, "verify_s": 0.06, "exits": {4: r.draft_len}})
+        if closes:
+            rounds.close()  # it ended after one round
+        _, nxt = auto_plan(p)
+        assert (nxt.choice.exit, nxt.choice.exploring) == ((4, True) if closes else (2, True))
+
+
 def test_a_request_whose_arm_turns_out_worse_moves_once():
     """A shallow arm trusted after a lucky trial: a request planned onto it moves to the arm
     that is best at a round once its own is not, and only once (each move to a deeper exit
