@@ -356,8 +356,8 @@ class GoodputPolicy:
         for good (seen through gRPC: an 8-token first request held the full draft's trial for
         2 rounds; auto then never drafted from it and ran 0.65x of sd on code)."""
         with self._lock:
-            seen = self.ar_steps if option is None else self.arms[option].rounds if option in self.arms else None
-            if seen is not None and seen < self.min_samples:
+            seen = self.ar_steps if option is None else self.arms[option].rounds  # choose() hands out only these
+            if seen < self.min_samples:
                 self._trials.discard(option)
 
     # ------------------------------------------------------------------ decision
