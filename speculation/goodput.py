@@ -346,9 +346,16 @@ class GoodputPolicy:
 
     def off_rate(self, concurrency: int = 1) -> float:
         """Predicted tokens/s of one request with speculation off, `concurrency` requests
-        stepping the target together (one row each)."""
-        v = self.verify_time(max(1, concurrency)) if self.ar_steps else None
+        stepping the target together (one row each); 0.0 while unknown (off_known)."""
+        v = self.verify_time(max(1, concurrency)) if self.off_known() else None
         return 1.0 / v if v else 0.0
+
+    def off_known(self) -> bool:
+        """Whether off's rate can be predicted: from target-only steps seen, or from the measured
+        cost curve (a forward of any rows seen, scaled along it: verify_time). With a curve, off
+        needs no trial of its own: that trial ran a whole request off (seen through gRPC: the
+        5th request after start at 13.9 tok/s where the others drafted at 18-20)."""
+        return self.ar_steps > 0 or bool(self._points)
 
     def end_trial(self, option: int | None) -> None:
         """The request trying `option` (an exit; None: off) ended. A trial that saw fewer than
@@ -371,9 +378,10 @@ class GoodputPolicy:
         request that will run beside `concurrency - 1` others on one target actor."""
         with self._lock:
             self._choices += 1
-            # 1. one request to each option not yet tried (deepest exit first, then off), until
-            # min_samples of its rounds are seen; meanwhile the others go to what is known
-            for e in [*reversed(self.exits), None]:
+            # 1. one request to each option not yet tried (deepest exit first, then off where no
+            # cost curve prices it), until min_samples of its rounds are seen; meanwhile the
+            # others go to what is known
+            for e in [*reversed(self.exits)] + ([] if self._points else [None]):
                 seen = self.ar_steps if e is None else self.arms[e].rounds
                 if seen < self.min_samples and e not in self._trials:
                     self._trials.add(e)
@@ -381,7 +389,7 @@ class GoodputPolicy:
                                   exploring=True)
             c = max(1, int(concurrency))
             tried = [e for e in self.exits if self.arms[e].rounds >= self.min_samples]
-            if self.ar_steps < 1 or not tried:
+            if not tried or not self.off_rate(c):
                 # nothing known yet: off, the safe default, on standby for the deepest exit: its
                 # rounds draft once the trials show drafting pays
                 return Choice(exit=None, draft_len=0, rate=0.0, standby=self.exits[-1])
@@ -399,8 +407,8 @@ class GoodputPolicy:
                     # keep a target off for good, the least seen arms being the others (seen
                     # through gRPC: `auto` off for a whole 5-request run after its warm-up)
                     return Choice(exit=exit, draft_len=draft_len, rate=rate, exploring=True)
-                # the least observed option, speculation off included
-                options = [(self.arms[e].rounds, e) for e in self.exits] + [(self.ar_steps, -1)]
+                # the least observed option, speculation off included where no cost curve prices it
+                options = [(self.arms[e].rounds, e) for e in self.exits] + ([] if self._points else [(self.ar_steps, -1)])
                 _, least = min(options)
                 if least == -1:
                     return Choice(exit=None, draft_len=0, rate=off, exploring=True)
@@ -441,10 +449,10 @@ class GoodputPolicy:
         which it drafts one again where only its own rounds say off."""
         with self._lock:
             arm = self.arms.get(exit)
-            if arm is None or arm.rounds < self.min_samples or (standby and not self.ar_steps):
+            if arm is None or arm.rounds < self.min_samples or (standby and not self.off_known()):
                 return exit, (0 if standby else planned)
             c = max(1, int(concurrency))
-            off = self.off_rate(c) if self.ar_steps else 0.0
+            off = self.off_rate(c)
             lengths = range(1, max(1, planned) + 1)
             arms = [e for e in self.exits if e == exit or self._trusted(e, than=exit)] if move else [exit]
             own = own or {}

@@ -339,6 +339,26 @@ def test_a_trial_that_ended_with_too_few_rounds_goes_to_the_next_request():
     assert not p.choose().exploring
 
 
+def test_with_a_cost_curve_off_needs_no_trial_of_its_own():
+    """A policy with the target's measured cost curve prices off from any forward it has seen,
+    scaled along the curve (off_known): no request is handed off's trial, which ran a whole
+    request off (seen through gRPC: the 5th request after start at 13.9 tok/s where the others
+    drafted at 18-20). Control: without a curve, off's trial follows the exits'."""
+    curve = GoodputPolicy(exits=(8, 24), max_draft_len=8, overlapped=True, explore_every=0,
+                          block_costs=[0.060, 0.070, 0.080, 0.090, 0.100])
+    bare = GoodputPolicy(exits=(8, 24), max_draft_len=8, overlapped=True, explore_every=0)
+    for p in (curve, bare):
+        assert [p.choose().exit for _ in range(2)] == [24, 8]  # the exits' trials
+        feed(p, exit=24, acceptance=1.0, draft_step=0.010, verify=0.090, draft_len=4)
+        feed(p, exit=8, acceptance=0.25, draft_step=0.004, verify=0.090, draft_len=4)
+    assert curve.ar_steps == 0 and curve.off_rate() == pytest.approx(1 / (0.090 * 0.060 / 0.100))  # 5 rows -> 1
+    c = curve.choose()
+    assert c.exit == 24 and not c.exploring
+    assert bare.off_rate() == 0.0
+    b = bare.choose()
+    assert b.exit is None and b.exploring  # control: off's own trial, a whole request off
+
+
 @pytest.mark.parametrize("verify, off_wins", [(0.190, True), (0.170, False)])
 def test_speculation_must_be_predicted_clearly_faster_than_off(verify, off_wins):
     """MIN_GAIN: predicted 1.05x off runs off; 1.18x drafts. Every draft accepted at
@@ -374,10 +394,14 @@ def test_a_round_is_replanned_at_the_load_it_runs_at():
     fresh = GoodputPolicy(exits=(24,), max_draft_len=8, block_costs=[t / 1000 for t in TILED], batch_costs=LINEAR_BATCH)
     assert fresh.round_choice(24, planned=4, concurrency=8)[1] == 4
     feed(fresh, exit=24, acceptance=0.875, draft_step=0.010, verify=0.160, draft_len=8)
-    # off not seen yet: the arm's best length up to the plan, not weighed against off
-    assert fresh.round_choice(24, planned=4, concurrency=8) == (24, max(range(1, 5), key=lambda g: fresh.rate(24, g, 8)))
+    # no target-only step seen yet: off is priced along the cost curve, and wins at 8
+    assert fresh.ar_steps == 0 and fresh.round_choice(24, planned=4, concurrency=8)[1] == 0
     warm(fresh, verify=0.035)
     assert fresh.round_choice(24, planned=4, concurrency=8)[1] == 0
+    # control: without a curve, off unseen is not weighed: the arm's best length up to the plan
+    bare = GoodputPolicy(exits=(24,), max_draft_len=8)
+    feed(bare, exit=24, acceptance=0.875, draft_step=0.010, verify=0.160, draft_len=8)
+    assert bare.round_choice(24, planned=4, concurrency=8) == (24, max(range(1, 5), key=lambda g: bare.rate(24, g, 8)))
 
 
 def test_a_round_moves_a_request_from_an_explored_arm_to_the_best_one():
