@@ -35,7 +35,8 @@ Glossary
 
 Exploration: each arm, and speculation off, is tried before it is trusted: a choice hands
 one request to each untried option (a request runs many rounds; `min_samples` of them make
-it tried), deepest exit first, then off. Requests planned while those trials run (many
+it tried), deepest exit first, then off (only where no cost curve prices off from the
+forwards seen: off_known). Requests planned while those trials run (many
 arrive at once under load) go to the best tried option, or off while nothing is known: one
 untried arm is never handed to a whole burst of requests. A request planned off is on
 standby (Choice.standby: the deepest exit while nothing is known, else the best one at its
@@ -436,7 +437,7 @@ class GoodputPolicy:
         0.7x of the others). A request moves once (RoundPlanner): each move to a deeper exit
         makes the draft run its deeper layers over the tokens it skipped, a cost this round
         model does not price (moving every round ran at half of off). Until its arm is
-        known the plan stands (the request may be that arm's trial); until off is known too,
+        known the plan stands (the request may be that arm's trial); until off is known too (off_known),
         drafting is not weighed against off, and a `standby` request (planned off,
         Choice.standby) stays off. Where off wins, an arm unseen for REFRESH_STEPS (doubling
         while off keeps winning) target-only steps drafts one round of at least REFRESH_LEN
