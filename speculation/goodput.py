@@ -356,7 +356,11 @@ class GoodputPolicy:
         cost curve (a forward of any rows seen, scaled along it: verify_time). With a curve, off
         needs no trial of its own: that trial ran a whole request off (seen through gRPC: the
         5th request after start at 13.9 tok/s where the others drafted at 18-20)."""
-        return self.ar_steps > 0 or bool(self._points)
+        return self.ar_steps > 0 or not self._off_needs_trial()
+
+    def _off_needs_trial(self) -> bool:
+        """Off is tried and explored as an option of its own only where no cost curve prices it."""
+        return not self._points
 
     def end_trial(self, option: int | None) -> None:
         """The request trying `option` (an exit; None: off) ended. A trial that saw fewer than
@@ -382,7 +386,7 @@ class GoodputPolicy:
             # 1. one request to each option not yet tried (deepest exit first, then off where no
             # cost curve prices it), until min_samples of its rounds are seen; meanwhile the
             # others go to what is known
-            for e in [*reversed(self.exits)] + ([] if self._points else [None]):
+            for e in [*reversed(self.exits)] + ([None] if self._off_needs_trial() else []):
                 seen = self.ar_steps if e is None else self.arms[e].rounds
                 if seen < self.min_samples and e not in self._trials:
                     self._trials.add(e)
@@ -409,7 +413,7 @@ class GoodputPolicy:
                     # through gRPC: `auto` off for a whole 5-request run after its warm-up)
                     return Choice(exit=exit, draft_len=draft_len, rate=rate, exploring=True)
                 # the least observed option, speculation off included where no cost curve prices it
-                options = [(self.arms[e].rounds, e) for e in self.exits] + ([] if self._points else [(self.ar_steps, -1)])
+                options = [(self.arms[e].rounds, e) for e in self.exits] + ([(self.ar_steps, -1)] if self._off_needs_trial() else [])
                 _, least = min(options)
                 if least == -1:
                     return Choice(exit=None, draft_len=0, rate=off, exploring=True)
