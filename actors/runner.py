@@ -343,11 +343,14 @@ class ModelRunner:
         per sequence, is False: a prefill chunk mixed into verification needs its last row)."""
         hidden = self.forward_to_depth(seqs, blocks, depth=self.num_layers)
         flags = [all_logits] * len(hidden) if isinstance(all_logits, bool) else list(all_logits)
-        out = []
-        for h, every_row in zip(hidden, flags):
-            h = h if every_row else h[-1:]
-            out.append(self.logits_at_exit(h, self.num_layers))
-        return out
+        picked = [h if every_row else h[-1:] for h, every_row in zip(hidden, flags)]
+        if len(picked) == 1:
+            return [self.logits_at_exit(picked[0], self.num_layers)]
+        # one head call for every sequence's rows: the head streams its whole weight (the
+        # 1.5B pack's 151936 x 1536 Q8_0) once whatever the rows, so 8 one-row sequences cost
+        # 16 ms where a call each cost 70 (2-core AMX host; docs/deploy.md "Gathering a batch")
+        logits = self.logits_at_exit(torch.cat(picked), self.num_layers)
+        return list(logits.split([h.shape[0] for h in picked]))
 
     @torch.inference_mode()
     def forward_to_depth(
@@ -448,7 +451,9 @@ class ModelRunner:
         self._run_layers(rows, 0, self.num_layers)
         self.timings.add(time.perf_counter() - t0)
         if self.is_last:
-            return [self.head(self._rms(r.hidden, self.final_norm)).float() for r in rows]
+            # one head call for all rows (as extend_batch's), split per sequence
+            logits = self.head(self._rms(torch.cat([r.hidden for r in rows]), self.final_norm)).float()
+            return list(logits.split([r.hidden.shape[0] for r in rows]))
         return [r.hidden for r in rows]
 
     # ------------------------------------------------------------------ internals

@@ -122,6 +122,44 @@ def test_exit_logits_and_lazy_deeper_kv(ref, runner_device):
     assert close(r.extend(s, tokens[8:]), logits[8:], atol=TOL)
 
 
+class _CountingHead:
+    """A head that counts its calls and the rows it was given."""
+
+    def __init__(self, head):
+        self.head, self.calls, self.rows = head, 0, 0
+
+    def __call__(self, x):
+        self.calls += 1
+        self.rows += x.shape[0]
+        return self.head(x)
+
+
+def test_a_batched_forward_runs_the_head_once(ref, runner_device):
+    """The head streams its whole weight per call, so a forward over several sequences gives
+    it every sequence's rows at once (one call), on a full runner and on a pipeline's last
+    stage; each sequence still gets its own logits (checked against the reference)."""
+    path, _, tokens, logits, _ = ref
+    r = ModelRunner(path, dtype="float32", device=runner_device)
+    assert r.full_head is None  # the head logits_at_exit uses at full depth is r.head
+    seqs = [r.new_sequence() for _ in range(3)]
+    for s, p in zip(seqs, (3, 9, 6)):
+        r.extend(s, tokens[:p])
+    r.head = counting = _CountingHead(r.head)
+    outs = r.extend_batch(seqs, [tokens[3:4], tokens[9:12], tokens[6:7]], all_logits=[True, False, True])
+    assert (counting.calls, counting.rows) == (1, 3)  # 1 + the last of 3 + 1 rows
+    for out, want in zip(outs, (logits[3:4], logits[11:12], logits[6:7])):
+        assert close(out, want, atol=TOL_BATCH)
+
+    stages = [ModelRunner(path, dtype="float32", layer_range=rng, device=runner_device) for rng in ((0, 2), (2, 4))]
+    stages[-1].head = counting = _CountingHead(stages[-1].head)
+    pairs = [(st.new_sequence(), st.new_sequence()) for st in stages]
+    x = [tokens[:5], tokens[:9]]
+    for st, ss in zip(stages, pairs):
+        x = st.forward_stage(list(ss), [0, 0], x)
+    assert counting.calls == 1 and [t.shape[0] for t in x] == [5, 9]
+    assert close(x[0], logits[:5], atol=TOL_BATCH) and close(x[1], logits[:9], atol=TOL_BATCH)
+
+
 def test_pipeline_stages_chain_to_the_full_model(ref, runner_device):
     path, _, tokens, logits, _ = ref
     stages = [ModelRunner(path, dtype="float32", layer_range=rng, device=runner_device) for rng in ((0, 1), (1, 3), (3, 4))]
