@@ -1,9 +1,13 @@
 """Micro-batching for actors that serve many requests: calls arriving while the model is
-busy are merged into one batched forward when it frees up (no waiting window: an idle
-model starts at once, a busy one batches whatever queued up meanwhile)."""
+busy are merged into one batched forward when it frees up. An idle model starts at once,
+unless requests of its last batch are still live and not yet back: then it gathers them
+for a short window first (`gather`, below)."""
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import os
 import queue
 import threading
 import time
@@ -67,12 +71,44 @@ class _Job:
     timing: dict | None = None  # traced calls: filled with started_ns, finished_ns, batch (actors/tracing.py)
 
 
+# The gather window, as a fraction of the last batch's own run time. The requests of a batch
+# come back one by one (each answer crosses Ray to the router, which streams it and sends the
+# next call), so an idle model that started on the first to return would run it alone and
+# batch the rest one forward later: a forward of 1 row and one of 7 where one of 8 would do.
+# Measured through gRPC on the 2-core AMX host (1.5B pack, 8 requests in flight, off): the
+# forward of 8 one-row requests costs 165 ms and of one 58 ms, and without the window the
+# target split its batches so that tokens came at 27 tok/s where 8/0.165 s is 48
+# (docs/deploy.md, "Gathering a batch"). Waiting is bounded by this fraction of the batch
+# that ran, so it never costs more than that share of a step.
+GATHER_FRACTION = 0.25
+GATHER_MAX_S = 0.05  # and never longer than this (after a long prefill chunk, say)
+
+
+def gather_fraction() -> float:
+    """GATHER_FRACTION, or TANDEM_GATHER from the environment (0 turns the window off)."""
+    raw = os.environ.get("TANDEM_GATHER")
+    if raw is None or raw == "":
+        return GATHER_FRACTION
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"TANDEM_GATHER must be a number >= 0, got {raw!r}") from None
+    if value < 0:
+        raise ValueError(f"TANDEM_GATHER must be a number >= 0, got {raw!r}")
+    return value
+
+
 class MicroBatcher:
     """Runs jobs on `workers` threads, each with `threads` torch threads.
 
     batch_fns: {kind: fn(list of payloads) -> list of results}; jobs of one kind queued
     together run as one batch (up to max_batch). Any other work goes through `call`, alone.
     With several workers (a pipeline front), several batches are in flight at once.
+
+    gather: with one worker, before a batch runs it waits up to `gather` x the last batch's
+    run time (at most gather_max_s) for the requests of that batch that are still live
+    (`live(request_id)`), not cancelled and not queued yet; 0 runs at once. A request that ended, or any not in the last batch, is never
+    waited for, so one request alone never waits.
     """
 
     def __init__(
@@ -84,8 +120,22 @@ class MicroBatcher:
         max_batch: int = 16,
         name: str = "batcher",
         cancelled: Cancellations | None = None,
+        gather: float = 0.0,
+        live: Callable[[str], bool] | None = None,
+        gather_max_s: float = GATHER_MAX_S,
+        turns: Any = None,
     ):
+        if gather < 0:
+            raise ValueError(f"gather must be >= 0, got {gather}")
         self.batch_fns = batch_fns
+        self.gather = gather if workers == 1 and live is not None else 0.0
+        self._live = live
+        self.turns = turns  # a CoreTurns (actors/core_turns.py): each batch runs in the node's turn
+        self._one_worker = workers == 1
+        self.gather_max_s = gather_max_s
+        self._held: collections.deque[_Job | None] = collections.deque()  # taken while gathering, run next
+        self._last: tuple[str, set[str], float] | None = None  # the last batch: kind, requests, run seconds
+        self.gathered = 0  # jobs a batch took in while gathering (they would have run a forward later)
         self.cancelled = cancelled if cancelled is not None else Cancellations()
         self.max_batch = max_batch
         self._queue: queue.Queue[_Job | None] = queue.Queue()
@@ -118,12 +168,24 @@ class MicroBatcher:
         for _ in self._threads:
             self._queue.put(None)
 
+    def _next(self, timeout: float | None = None) -> _Job | None:
+        """The next job: one held back while gathering first, else from the queue (blocking;
+        with `timeout`, queue.Empty after it; 0: without waiting)."""
+        if self._held:
+            return self._held.popleft()
+        if timeout is None:
+            return self._queue.get()
+        if timeout <= 0:
+            return self._queue.get_nowait()
+        return self._queue.get(timeout=timeout)
+
     def _take_more(self, first: _Job) -> list[_Job]:
-        """The first job plus queued jobs of the same kind (others are put back in order)."""
+        """The first job plus queued jobs of the same kind; the first of another kind that
+        ends the run is put back (with one worker, ahead of the queue: nothing is reordered)."""
         jobs, others = [first], []
         while len(jobs) < self.max_batch:
             try:
-                job = self._queue.get_nowait()
+                job = self._next(0)
             except queue.Empty:
                 break
             if job is None or job.kind != first.kind:
@@ -131,13 +193,44 @@ class MicroBatcher:
                 break  # keep order: stop at the first job of another kind
             jobs.append(job)
         for job in others:
-            self._queue.put(job)
+            if self._one_worker:
+                self._held.appendleft(job)  # it runs next, before anything queued after it
+            else:
+                self._queue.put(job)  # an idle worker may take it now
+        return jobs
+
+    def _gather(self, jobs: list[_Job]) -> list[_Job]:
+        """Add to `jobs` the last batch's requests that are still live and come back within the
+        window; a job of another kind (or the stop sentinel) arriving meanwhile ends the wait
+        and runs after this batch."""
+        if not self.gather or self._held or self._last is None or self._last[0] != jobs[0].kind:
+            return jobs  # (held: other work is due next, so nothing waits)
+        kind, members, run_s = self._last
+        have = {j.request_id for j in jobs}
+        waiting = {r for r in members if r not in have and r not in self.cancelled and self._live(r)}
+        deadline = time.monotonic() + min(self.gather * run_s, self.gather_max_s)
+        while waiting and len(jobs) < self.max_batch:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                job = self._next(left)
+            except queue.Empty:
+                break
+            if job is None or job.kind != kind:
+                self._held.append(job)
+                break
+            if self._drop_if_cancelled(job):
+                continue
+            jobs.append(job)
+            self.gathered += 1
+            waiting.discard(job.request_id)
         return jobs
 
     def _run(self, init: Callable[[], None]) -> None:
         init()
         while True:
-            job = self._queue.get()
+            job = self._next()
             if job is None:
                 return
             if self._drop_if_cancelled(job):
@@ -146,10 +239,15 @@ class MicroBatcher:
                 self._finish([job], lambda payloads: [payloads[0]()])
                 continue
             jobs = [j for j in self._take_more(job) if not self._drop_if_cancelled(j)]
+            if not jobs:
+                continue
+            jobs = self._gather(jobs)
             with self._lock:
                 self.batches += 1
                 self.batched_items += len(jobs)
-            self._finish(jobs, self.batch_fns[job.kind])
+            run_s = self._finish(jobs, self.batch_fns[job.kind])
+            if self.gather:
+                self._last = (job.kind, {j.request_id for j in jobs if j.request_id is not None}, run_s)
 
     def _drop_if_cancelled(self, job: _Job) -> bool:
         """Fail a queued job of a cancelled request instead of running it."""
@@ -158,15 +256,18 @@ class MicroBatcher:
         job.future.set_exception(RequestCancelledError(f"request {job.request_id!r} was cancelled"))
         return True
 
-    @staticmethod
-    def _finish(jobs: list[_Job], fn) -> None:
-        started = time.time_ns()
+    def _finish(self, jobs: list[_Job], fn) -> float:
+        """Run fn over the jobs' payloads (in the node's turn, with turns) and resolve their
+        futures; returns the seconds fn ran (not counting the wait for the turn)."""
         try:
-            results = fn([j.payload for j in jobs])
+            with self.turns.turn() if self.turns is not None else contextlib.nullcontext():
+                started, t0 = time.time_ns(), time.perf_counter()
+                results = fn([j.payload for j in jobs])
+                run_s = time.perf_counter() - t0
         except BaseException as exc:  # noqa: BLE001 - every caller gets the failure
             for j in jobs:
                 j.future.set_exception(exc)
-            return
+            return 0.0
         finished = time.time_ns()
         for j in jobs:
             if j.timing is not None:
@@ -176,3 +277,4 @@ class MicroBatcher:
                 j.future.set_exception(r)
             else:
                 j.future.set_result(r)
+        return run_s

@@ -14,8 +14,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from tandem.actors.batching import PREFILL_CHUNK, Cancellations, MicroBatcher
+from tandem.actors.batching import PREFILL_CHUNK, Cancellations, MicroBatcher, gather_fraction
 from tandem.actors.block_costs import measure_batch_costs, measure_block_costs
+from tandem.actors.core_turns import node_turns
 from tandem.actors.devices import apply_default_device_env, assigned_resources, default_kv_budget, node_placement, return_freed_host_memory, use_threads
 from tandem.actors.drafter import DraftBlock, DraftBranches, Drafter
 from tandem.actors.runner import ModelRunner
@@ -118,6 +119,8 @@ class DraftWorker(_Worker):
         self.batcher = MicroBatcher(
             {"draft": self.drafter.draft_batch, "branches": self.drafter.branches_batch, "catch_up": self.drafter.catch_up_batch},
             threads=threads, max_batch=max_batch, name="draft", cancelled=self.cancelled,
+            gather=gather_fraction(), live=self.drafter.requests.__contains__,
+            turns=node_turns(runner.device.type, threads),
         )
         self.stats = WorkerStats()
 
@@ -197,6 +200,8 @@ class DraftWorker(_Worker):
             "kernel": r.kernel,
             "threads": self.threads,
             "live_requests": len(self.drafter.requests),
+            "gathered": self.batcher.gathered,
+            "core_turns": self.batcher.turns is not None,
             "batches": self.batcher.batches,
             "batched_items": self.batcher.batched_items,
             "forward_s": r.timings.forward_s,
@@ -260,6 +265,8 @@ class TargetWorker(_Worker):
             max_batch=max_batch,
             name="target",
             cancelled=self.cancelled,
+            gather=gather_fraction(), live=self.verifier.requests.__contains__,
+            turns=None if stages else node_turns(runner.device.type, threads),
         )
         self.mixed_steps = 0  # forwards that carried both verification blocks and prefill chunks
         self.stats = WorkerStats()
@@ -412,6 +419,8 @@ class TargetWorker(_Worker):
             "kv_bytes_used": self.kv_bytes_used(),
             "batches": self.batcher.batches,
             "batched_items": self.batcher.batched_items,
+            "gathered": self.batcher.gathered,  # calls a batch waited for (actors/batching.py gather)
+            "core_turns": self.batcher.turns is not None,  # takes turns on the node's cores (actors/core_turns.py)
             "mixed_steps": self.mixed_steps,
             "forward_s": timings.forward_s if timings else None,
         }
