@@ -32,6 +32,14 @@ Glossary
   measured once) extends the curve past one request's block. On a 4-bit CPU target, whose
   time grows with rows, speculation stops paying as concurrency grows; on a GPU, whose
   forward costs about the same for 1 or 100 rows, it keeps paying.
+- In turn under load (not overlapped, c > 1): the draft and the target share the node's cores
+  and take turns on them (actors/core_turns.py), so while one request drafts every request
+  on the node waits. A round is then priced as one request drafting beside c - 1 target-only
+  steps: the node commits (c - 1) + E(draft_len) tokens in draft_len * d + V(c + draft_len),
+  a request's share 1/c of that, against 1 / V(c) off. Measured through gRPC on the 2-core
+  AMX host (8 code requests in flight, 1.5B pack): the all-drafting model kept exploring
+  shallow exits at one draft a round (predicted 1.1x off), and `auto` ran 33 tok/s against
+  off's 43; `sd` for all 8 ran 31.
 
 Exploration: each arm, and speculation off, is tried before it is trusted: a choice hands
 one request to each untried option (a request runs many rounds; `min_samples` of them make
@@ -331,15 +339,24 @@ class GoodputPolicy:
 
     def rate(self, exit: int, draft_len: int, concurrency: int = 1, own: RequestAcceptance | None = None) -> float:
         """Predicted tokens/s of one request on an arm with draft_len drafts while
-        `concurrency` requests (itself included) share the target's forwards, all drafting
-        so (0.0 when nothing is known); with `own`, at that request's own acceptance on the
-        arm (ArmStats.acceptance)."""
+        `concurrency` requests (itself included) share the target's forwards: all drafting
+        so where drafting overlaps verification, one drafting beside the others' target-only
+        steps where they take turns on shared cores (module docstring); 0.0 when nothing is
+        known. With `own`, at that request's own acceptance on the arm (ArmStats.acceptance)."""
         arm = self.arms[exit]
         d = arm.draft_step_s.value
-        v = self.verify_time(max(1, concurrency) * (draft_len + 1))
+        c = max(1, concurrency)
+        if self.overlapped or c == 1:
+            v = self.verify_time(c * (draft_len + 1))
+            if d is None or v is None:
+                return 0.0
+            return round_rate(arm.acceptance(draft_len, self.prior, own), draft_step_s=d, verify_s=v, overlapped=self.overlapped)
+        # in turn under load: one request drafts while the other c - 1 step (module docstring)
+        v = self.verify_time(c + draft_len)
         if d is None or v is None:
             return 0.0
-        return round_rate(arm.acceptance(draft_len, self.prior, own), draft_step_s=d, verify_s=v, overlapped=self.overlapped)
+        tokens = c - 1 + expected_tokens(arm.acceptance(draft_len, self.prior, own))
+        return tokens / (c * (draft_len * d + v))
 
     def best_draft_len(self, exit: int, concurrency: int = 1) -> tuple[int, float]:
         best = max(range(1, self.max_draft_len + 1), key=lambda g: self.rate(exit, g, concurrency))

@@ -593,3 +593,31 @@ def test_a_request_its_own_rounds_turned_off_drafts_again_after_a_while():
     assert good.round_choice(24, **kw, idle=OWN_REPROBE_STEPS)[1] >= REFRESH_LEN
     assert good.round_choice(24, concurrency=PROBE_MAX_CONCURRENCY + 1, **kw, idle=OWN_REPROBE_STEPS)[1] == 0
     assert bad.round_choice(24, **kw, idle=OWN_REPROBE_STEPS)[1] == 0
+
+
+def test_in_turn_under_load_a_draft_round_is_priced_as_the_whole_node_waiting():
+    """Draft and target in turn on shared cores: while a request drafts, every request on
+    the target waits. The 1.5B pack's measured curve, a shallow arm accepted 60% at one
+    draft a round (d = 14 ms): alone it pays (1.6 tokens in 14 + 72 ms against one in 63 ms,
+    1.17x); with 8 requests it is priced as 7 target-only steps and one draft round,
+    7 + 1.6 tokens in 8 x (14 + V(9) = 123 ms), below off's 8 in V(8) = 117 ms: off. The
+    control: the same numbers overlapped (separate cores, the draft hides behind V(16))
+    draft at 8, as every request drafting at once was priced before."""
+    curve = [0.063, 0.072, 0.087, 0.094, 0.099, 0.106, 0.114, 0.117, 0.123]
+    batch = {18: 0.168, 36: 0.43, 72: 0.70}
+
+    def policy(overlapped):
+        p = GoodputPolicy(exits=(24,), max_draft_len=1, overlapped=overlapped, explore_every=0, block_costs=curve,
+                          batch_costs=batch, alpha=0.05)
+        for i in range(60):  # 3 of 5 rounds accepted: the EMA ends within 0.6 +- 0.05
+            p.observe_round(exit=24, drafted=1, accepted=int(i % 5 < 3), draft_s=0.014, verify_s=0.072)
+        warm(p, verify=0.063)
+        return p
+
+    in_turn, overlapped = policy(False), policy(True)
+    assert in_turn.arms[24].acceptance(1, in_turn.prior)[0] == pytest.approx(0.6, abs=0.05)
+    assert in_turn.round_choice(24, planned=1, concurrency=1)[1] == 1  # alone it pays
+    assert in_turn.rate(24, 1, 8) < in_turn.off_rate(8)
+    assert in_turn.round_choice(24, planned=1, concurrency=8)[1] == 0
+    assert in_turn.choose(8).exit is None
+    assert overlapped.round_choice(24, planned=1, concurrency=8)[1] == 1  # the control
