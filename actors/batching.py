@@ -76,9 +76,9 @@ class _Job:
 # next call), so an idle model that started on the first to return would run it alone and
 # batch the rest one forward later: a forward of 1 row and one of 7 where one of 8 would do.
 # Measured through gRPC on the 2-core AMX host (1.5B pack, 8 requests in flight, off): the
-# forward of 8 one-row requests costs 165 ms and of one 58 ms, and without the window the
-# target split its batches so that tokens came at 27 tok/s where 8/0.165 s is 48
-# (docs/deploy.md, "Gathering a batch"). Waiting is bounded by this fraction of the batch
+# forward of 8 one-row requests cost 165 ms and of one 58 ms, and without the window the
+# target split its batches (4.6 rows a forward, rows-weighted) so that tokens came at 27 tok/s
+# where 8/0.165 s is 48; with it, 7.4 rows and 34 tok/s (docs/deploy.md, "Gathering a batch"). Waiting is bounded by this fraction of the batch
 # that ran, so it never costs more than that share of a step.
 GATHER_FRACTION = 0.25
 GATHER_MAX_S = 0.05  # and never longer than this (after a long prefill chunk, say)
