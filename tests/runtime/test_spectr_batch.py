@@ -39,7 +39,9 @@ def _same_branches(a, b) -> None:
     for qa, qb in zip(a.q or [], b.q or []):
         for x, y in zip(qa, qb):
             assert list(x.ids) == list(y.ids)
-            np.testing.assert_allclose(x.probs, y.probs, rtol=1e-5, atol=1e-6)
+            # the head runs once over all the calls' rows in a batch and over one call's alone,
+            # so its float32 matmul is blocked differently: up to ~1.3e-5 apart (test_runner's TOL_BATCH)
+            np.testing.assert_allclose(x.probs, y.probs, rtol=1e-4, atol=1e-6)
 
 
 def _open_drafts(drafter: Drafter) -> list[dict]:
