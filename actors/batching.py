@@ -13,12 +13,15 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
 from tandem.actors.devices import thread_initializer
 from tandem.actors.speculative import RequestCancelledError
+
+if TYPE_CHECKING:
+    from tandem.actors.core_turns import CoreTurns
 
 
 # Prompt tokens per prefill chunk, on targets and drafts alike. A target's chunk rides in one
@@ -77,23 +80,24 @@ class _Job:
 # batch the rest one forward later: a forward of 1 row and one of 7 where one of 8 would do.
 # Measured through gRPC on the 2-core AMX host (1.5B pack, 8 requests in flight, off): the
 # forward of 8 one-row requests cost 165 ms and of one 58 ms, and without the window the
-# target split its batches (4.6 rows a forward, rows-weighted) so that tokens came at 27 tok/s
-# where 8/0.165 s is 48; with it, 7.4 rows and 34 tok/s (docs/deploy.md, "Gathering a batch"). Waiting is bounded by this fraction of the batch
-# that ran, so it never costs more than that share of a step.
+# target split its batches (4.6 rows a forward, rows-weighted), so tokens came at 27 tok/s
+# where 8/0.165 s is 48; with it, 7.4 rows and 34 tok/s (docs/deploy.md, "Gathering a
+# batch"). Bounded by this fraction of the batch that ran, a wait never costs more than that
+# share of a step.
 GATHER_FRACTION = 0.25
 GATHER_MAX_S = 0.05  # and never longer than this (after a long prefill chunk, say)
 
 
 def gather_fraction() -> float:
     """GATHER_FRACTION, or TANDEM_GATHER from the environment (0 turns the window off)."""
-    raw = os.environ.get("TANDEM_GATHER")
-    if raw is None or raw == "":
+    raw = os.environ.get("TANDEM_GATHER") or ""
+    if not raw:
         return GATHER_FRACTION
     try:
         value = float(raw)
     except ValueError:
-        raise ValueError(f"TANDEM_GATHER must be a number >= 0, got {raw!r}") from None
-    if value < 0:
+        value = -1.0
+    if not value >= 0:  # also NaN
         raise ValueError(f"TANDEM_GATHER must be a number >= 0, got {raw!r}")
     return value
 
@@ -107,8 +111,9 @@ class MicroBatcher:
 
     gather: with one worker, before a batch runs it waits up to `gather` x the last batch's
     run time (at most gather_max_s) for the requests of that batch that are still live
-    (`live(request_id)`), not cancelled and not queued yet; 0 runs at once. A request that ended, or any not in the last batch, is never
-    waited for, so one request alone never waits.
+    (`live(request_id)`), not cancelled and not queued yet; 0 runs at once. A request that
+    ended, or any not in the last batch, is never waited for, so one request alone never
+    waits. turns: a CoreTurns (actors/core_turns.py); each batch then runs in its turn.
     """
 
     def __init__(
@@ -123,14 +128,14 @@ class MicroBatcher:
         gather: float = 0.0,
         live: Callable[[str], bool] | None = None,
         gather_max_s: float = GATHER_MAX_S,
-        turns: Any = None,
+        turns: CoreTurns | None = None,
     ):
         if gather < 0:
             raise ValueError(f"gather must be >= 0, got {gather}")
         self.batch_fns = batch_fns
         self.gather = gather if workers == 1 and live is not None else 0.0
         self._live = live
-        self.turns = turns  # a CoreTurns (actors/core_turns.py): each batch runs in the node's turn
+        self.turns = turns
         self._one_worker = workers == 1
         self.gather_max_s = gather_max_s
         self._held: collections.deque[_Job | None] = collections.deque()  # taken while gathering, run next

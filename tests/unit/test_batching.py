@@ -131,3 +131,17 @@ def test_gather_needs_one_worker_and_a_liveness_check():
         b.close()
     with pytest.raises(ValueError, match="gather"):
         MicroBatcher({"step": model.step}, threads=1, gather=-1.0)
+
+
+def test_the_window_comes_from_the_environment_or_the_default(monkeypatch):
+    from tandem.actors.batching import GATHER_FRACTION, gather_fraction
+
+    monkeypatch.delenv("TANDEM_GATHER", raising=False)
+    assert gather_fraction() == GATHER_FRACTION
+    for raw, want in (("", GATHER_FRACTION), ("0", 0.0), ("0.5", 0.5)):
+        monkeypatch.setenv("TANDEM_GATHER", raw)
+        assert gather_fraction() == want
+    for raw in ("-1", "nan", "soon"):
+        monkeypatch.setenv("TANDEM_GATHER", raw)
+        with pytest.raises(ValueError, match="TANDEM_GATHER must be a number >= 0"):
+            gather_fraction()
