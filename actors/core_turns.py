@@ -32,26 +32,20 @@ class CoreTurns:
     def __init__(self, node: str, *, directory: str | None = None):
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", node)[:64]
         self.path = os.path.join(directory or tempfile.gettempdir(), f"tandem-cores-{safe}.lock")
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        self.turns = 0
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)  # held for the process's life
 
     @contextlib.contextmanager
     def turn(self) -> Iterator[None]:
         """Hold the node's cores for the block (one thread per process may use this)."""
         fcntl.flock(self._fd, fcntl.LOCK_EX)
-        self.turns += 1
         try:
             yield
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
 
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self._fd)
-
 
 def node_turns(device_type: str, threads: int) -> CoreTurns | None:
-    """The turnstile for a pool actor on this node: where it computes on the CPU with every
+    """The turns for a pool actor on this node: where it computes on the CPU with every
     core the node gives it (threads >= available cores) inside Ray, else None (it shares
     nothing: a GPU, cores split by `threads`, or a process outside Ray)."""
     from tandem.actors.devices import available_threads, node_placement
