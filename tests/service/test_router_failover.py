@@ -21,7 +21,10 @@ def test_a_killed_router_fails_only_its_streams_and_the_pools_live_on(ray_local,
     finally:
         pools_down()
     failed = [k for k, ok in summary["checks"].items() if not ok]
-    assert summary["passed"], (failed, {k: v for k, v in summary.items() if k not in ("checks", "pools_before", "pools_end")})
+    # the failed checks and the load's own errors first: a long dict is cut short in pytest's report
+    assert summary["passed"], (f"failed checks {failed}; outcomes {summary.get('outcomes')}; "
+                               f"problems {summary.get('problems')}; "
+                               f"{ {k: v for k, v in summary.items() if k not in ('checks', 'pools_before', 'pools_end', 'problems')} }")
     assert summary["started_after_kill"] > 0 and summary["during_rolling_restart"] > 0
     print({k: summary[k] for k in ("a_first_start_s", "b_start_s", "a_restart_s", "b_restart_s", "requests", "outcomes",
                                    "in_flight_at_kill", "failed_in_flight_at_kill")})
