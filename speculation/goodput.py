@@ -346,17 +346,14 @@ class GoodputPolicy:
         arm = self.arms[exit]
         d = arm.draft_step_s.value
         c = max(1, concurrency)
-        if self.overlapped or c == 1:
-            v = self.verify_time(c * (draft_len + 1))
-            if d is None or v is None:
-                return 0.0
-            return round_rate(arm.acceptance(draft_len, self.prior, own), draft_step_s=d, verify_s=v, overlapped=self.overlapped)
-        # in turn under load: one request drafts while the other c - 1 step (module docstring)
-        v = self.verify_time(c + draft_len)
+        all_draft = self.overlapped or c == 1  # else in turn under load: one drafts while c - 1 step
+        v = self.verify_time(c * (draft_len + 1) if all_draft else c + draft_len)
         if d is None or v is None:
             return 0.0
-        tokens = c - 1 + expected_tokens(arm.acceptance(draft_len, self.prior, own))
-        return tokens / (c * (draft_len * d + v))
+        acceptance = arm.acceptance(draft_len, self.prior, own)
+        if all_draft:
+            return round_rate(acceptance, draft_step_s=d, verify_s=v, overlapped=self.overlapped)
+        return (c - 1 + expected_tokens(acceptance)) / (c * (draft_len * d + v))  # module docstring
 
     def best_draft_len(self, exit: int, concurrency: int = 1) -> tuple[int, float]:
         best = max(range(1, self.max_draft_len + 1), key=lambda g: self.rate(exit, g, concurrency))
