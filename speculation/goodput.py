@@ -276,7 +276,16 @@ class GoodputPolicy:
         # the cost curve's points (rows -> seconds): block_costs for 1..n rows, batch_costs beyond
         points = dict(enumerate(self.block_costs or (), start=1))
         points.update({int(k): float(v) for k, v in (batch_costs or {}).items()})
-        self._points = sorted(points.items())
+        # a forward of fewer rows never costs more than one of more (it could be padded to
+        # them): a point above a later one is noise, so each is capped by every later one (seen
+        # on `tandem serve` start-up, 2-core host: 229 ms for 3 rows between 77 ms for 2 and 96
+        # for 4; that server's `auto` ran 0.95x off on code prompts, where servers with a rising
+        # curve ran 1.37-1.55x)
+        capped, cap = [], float("inf")
+        for rows, cost in sorted(points.items(), reverse=True):
+            cap = min(cap, cost)
+            capped.append((rows, cap))
+        self._points = sorted(capped)
         self._alpha = alpha
         # rows in the target forward a verification ran in -> its time. Rows: the target's
         # step_rows when it reports them (every sequence in that forward), else the block's own

@@ -270,6 +270,25 @@ def test_cost_curve_interpolates_and_extends_along_its_mean_slope():
         GoodputPolicy(exits=(24,), max_draft_len=2, batch_costs={0: 0.1})
 
 
+def test_a_cost_point_above_a_later_one_is_capped_by_it():
+    """The curve `tandem serve` measured at one start-up (ms per block of 1..9 rows, then per
+    batch): 3 rows read 229 ms between 77 for 2 and 96 for 4, and 36 rows 511. A forward of
+    fewer rows never costs more than one of more, so 3 rows prices at 96 ms and the best
+    draft length is not pushed off 2 drafts by the outlier. Control: a rising curve with the
+    4-bit tile's jump (1.5B pack: 35/40/49/115 ms for 1/2/4/8 rows) is kept as measured."""
+    noisy = [0.066, 0.077, 0.229, 0.096, 0.100, 0.106, 0.118, 0.123, 0.123]
+    p = GoodputPolicy(exits=(24,), max_draft_len=8, block_costs=noisy, batch_costs={18: 0.166, 36: 0.511, 72: 0.738})
+    assert p.curve(2) == pytest.approx(0.077) and p.curve(3) == pytest.approx(0.096) and p.curve(4) == pytest.approx(0.096)
+    assert p.curve(36) == pytest.approx(0.511) and p.curve(72) == pytest.approx(0.738)
+    assert p.block_costs == tuple(noisy)  # as measured, for the snapshot
+    tiles = GoodputPolicy(exits=(24,), max_draft_len=8, block_costs=[0.035, 0.040, 0.045, 0.049, 0.090, 0.100, 0.108, 0.115])
+    assert [tiles.curve(k) for k in range(1, 9)] == pytest.approx([0.035, 0.040, 0.045, 0.049, 0.090, 0.100, 0.108, 0.115])
+    # priced on the live step alone (1 row, 66 ms), a 2-draft round at 90% is not a 229 ms verification
+    p.observe_round(exit=None, drafted=0, accepted=0, draft_s=0.0, verify_s=0.066)
+    p.observe_round(exit=24, drafted=1, accepted=1, draft_s=0.02, verify_s=0.077)
+    assert p.verify_time(3) == pytest.approx(0.096)
+
+
 def test_a_burst_of_requests_tries_each_option_once_and_waits_on_the_rest():
     """8 requests planned at once, before any round is seen (a batch job's start): one tries
     each exit, one measures off, the rest run off (the safe default) instead of all trying
