@@ -10,6 +10,11 @@ Glossary
 - arm: one draft exit (a depth of the shared sorted draft) for one target.
 - acceptance by position: a_i = P(draft position i accepted | positions < i accepted), an
   exponential moving average per arm over observed rounds.
+- a request's own acceptance (RequestAcceptance): its rounds per arm, which its re-plans weigh
+  against the arm's long-run estimate (an EMA at LONG_RUN_ALPHA, over many requests) taken as
+  OWN_PRIOR_ROUNDS rounds, and aged by the target-only steps it ran since (half-life
+  OWN_HALF_LIFE_STEPS): a hard stretch turns one request off, and it drafts again once that
+  stretch is behind it, later the more rounds said off.
 - expected tokens per round with draft_len drafts: E(draft_len) = 1 + sum_{i<=draft_len} prod_{j<=i} a_j
   (accepted drafts plus the one token the target always commits).
 - round time: sequential (sd) draft_len * d + V(draft_len + 1); overlapped (pearl)
@@ -88,6 +93,9 @@ class ArmStats:
 
     alpha: float
     accept: list[_Ema] = field(default_factory=list)  # per draft position
+    # the same per position over many requests (LONG_RUN_ALPHA): what a request's own rounds
+    # are weighed against (acceptance(own=...))
+    long_run: list[_Ema] = field(default_factory=list)
     draft_step_s: _Ema | None = None
     rounds: int = 0
     seen_at: int = 0  # the policy's target-only steps (ar_steps) at this arm's last round
@@ -99,16 +107,17 @@ class ArmStats:
 
     def observe(self, *, drafted: int, accepted: int, draft_s: float, caught_up: int = 0) -> None:
         self.rounds += 1
-        while len(self.accept) < drafted:
-            # a position past the first starts from what was predicted of it (acceptance():
-            # the last seen position's value), so that one rejection there does not read as
-            # acceptance 0 at it and at every position past it, which then would never be
-            # drafted again to correct it (seen through gRPC: a 0.0 at position 7 capped the
-            # draft length at 6 where 95% were accepted)
-            seen = [e.value for e in self.accept if e.value is not None]
-            self.accept.append(_Ema(self.alpha, value=seen[-1] if seen else None))
-        for i, ok in enumerate(reached_positions(drafted, accepted)):
-            self.accept[i].add(1.0 if ok else 0.0)
+        for emas, alpha in ((self.accept, self.alpha), (self.long_run, LONG_RUN_ALPHA)):
+            while len(emas) < drafted:
+                # a position past the first starts from what was predicted of it (acceptance():
+                # the last seen position's value), so that one rejection there does not read as
+                # acceptance 0 at it and at every position past it, which then would never be
+                # drafted again to correct it (seen through gRPC: a 0.0 at position 7 capped the
+                # draft length at 6 where 95% were accepted)
+                seen = [e.value for e in emas if e.value is not None]
+                emas.append(_Ema(alpha, value=seen[-1] if seen else None))
+            for i, ok in enumerate(reached_positions(drafted, accepted)):
+                emas[i].add(1.0 if ok else 0.0)
         if drafted > 0 and caught_up <= CAUGHT_UP_PRICED:
             # a call that first caught up on tokens the draft missed (target-only steps before
             # it) is mostly that catch-up: priced per draft token it read 52 ms for 25 and kept
@@ -118,8 +127,9 @@ class ArmStats:
     def acceptance(self, draft_len: int, prior: float, own: RequestAcceptance | None = None) -> list[float]:
         """a_1..a_draft_len; unseen positions repeat the last seen one (or the prior). With
         `own`, one request's rounds on this arm: at each position it reached, its own counts
-        weighed against the arm's estimate taken as OWN_PRIOR_ROUNDS rounds of evidence."""
-        seen = [e.value for e in self.accept if e.value is not None]
+        weighed against the arm's long-run estimate taken as OWN_PRIOR_ROUNDS rounds of
+        evidence (the recent one, at one request at a time, is mostly those same rounds)."""
+        seen = [e.value for e in (self.accept if own is None else self.long_run) if e.value is not None]
         last = seen[-1] if seen else prior
         values = [(seen[i] if i < len(seen) else last) for i in range(draft_len)]
         if own is not None:
@@ -133,8 +143,8 @@ class RequestAcceptance:
     """One request's own rounds on one arm: per draft position, the rounds that reached it and
     those that accepted it (RoundPlanner keeps one per arm a request drafts from)."""
 
-    reached: list[int] = field(default_factory=list)
-    accepted: list[int] = field(default_factory=list)
+    reached: list[float] = field(default_factory=list)
+    accepted: list[float] = field(default_factory=list)
 
     def add(self, *, drafted: int, accepted: int) -> None:
         while len(self.reached) < drafted:
@@ -143,6 +153,15 @@ class RequestAcceptance:
         for i, ok in enumerate(reached_positions(drafted, accepted)):
             self.reached[i] += 1
             self.accepted[i] += int(ok)
+
+    def aged(self, steps: int) -> RequestAcceptance:
+        """These rounds weighed as `steps` target-only steps after them: halved every
+        OWN_HALF_LIFE_STEPS, so a hard stretch that turned the request off fades back to its
+        arm's long-run estimate and the request drafts again, later the more rounds said off."""
+        if steps <= 0:
+            return self
+        w = 0.5 ** (steps / OWN_HALF_LIFE_STEPS)
+        return RequestAcceptance(reached=[r * w for r in self.reached], accepted=[a * w for a in self.accepted])
 
 
 # Speculation is chosen only when predicted at least this much faster than off: the round
@@ -166,22 +185,27 @@ CAUGHT_UP_PRICED = 2
 REFRESH_STEPS = 96
 MAX_REFRESH_STEPS = 1536
 REFRESH_LEN = 4
-# A request's own rounds decide its next ones, its arm's estimate (the EMAs above, taught by
-# every request) counting as this many rounds of its own: acceptance differs per prompt far
-# more than within one (seen through gRPC on code prompts: one prompt at ~50% at position 1
-# pulled the shared EMAs from 0.97 to 0.51, and the next two prompts, at ~97%, ran off at
-# 0.6x of their first pass).
+# A request's own rounds decide its next ones, its arm's long-run estimate (EMAs at
+# LONG_RUN_ALPHA, taught by every request) counting as this many rounds of its own:
+# acceptance differs per prompt far more than within one (seen through gRPC on code prompts:
+# one prompt at ~50% at position 1 pulled the shared EMAs from 0.97 to 0.51, and the next two
+# prompts, at ~97%, ran off at 0.6x of their first pass).
 OWN_PRIOR_ROUNDS = 3
+# The long-run estimate's EMA weight: ~50 rounds, about two code requests at one request at a
+# time, so that one request's hard stretch barely moves what its own rounds are weighed
+# against (at alpha 0.2, the recent estimate is those same rounds: seen through gRPC, a code
+# request whose first 5 rounds were rejected ran off for its last 60 tokens, 0.64x of `sd`,
+# because its own rounds and the shared estimate both said off).
+LONG_RUN_ALPHA = 0.02
+# A request's own rounds weigh half as much after this many of its target-only steps: what
+# turned it off was a stretch of its text that many tokens behind (same request: accepted
+# again from ~token 20; before, a code request ran off for its last 86 tokens after 3
+# rejected rounds, where the same prompt had run 1.2x off drafting short blocks).
+OWN_HALF_LIFE_STEPS = 16
 # A request's first round drafts (at least REFRESH_LEN tokens from its arm) even where its
 # arm's estimate says off, when at most this many requests share the target: its own
 # acceptance is then known from its first round (above) at the cost of one round.
 PROBE_MAX_CONCURRENCY = 2
-# A request that its own rounds turned off, on an arm whose shared estimate says drafting
-# pays, drafts one round again after this many of its target-only steps (at most
-# PROBE_MAX_CONCURRENCY requests per target): a few rejected rounds are a hard stretch of
-# that prompt, not all of it (seen through gRPC: a code request off for its last 86 tokens
-# after 3 rounds, where the same prompt had run 1.2x off drafting short blocks).
-OWN_REPROBE_STEPS = 16
 # A request is planned onto an arm shallower than the full draft, or moves to one shallower
 # than its own, only once that arm has this many rounds (the full draft, or a deeper arm:
 # min_samples): a shallow arm's 3-round trial can be lucky (0.84-1.0 at a 9 ms step where
@@ -448,7 +472,7 @@ class GoodputPolicy:
 
     def round_choice(
         self, exit: int, planned: int, concurrency: int = 1, *, standby: bool = False, move: bool = False,
-        own: Mapping[int, RequestAcceptance] | None = None, first: bool = False, idle: int = 0,
+        own: Mapping[int, RequestAcceptance] | None = None, first: bool = False,
     ) -> tuple[int, int]:
         """(exit, draft tokens) for the next round of a request planned onto `exit` with up to
         `planned` drafts (its KV was sized for that), re-planned at the load of this round
@@ -470,11 +494,10 @@ class GoodputPolicy:
         while off keeps winning) target-only steps drafts one round of at least REFRESH_LEN
         (refreshing its estimates); where drafting wins,
         every LENGTH_PROBE_EVERY-th round of the arm drafts one token more than its best.
-        `own`: the request's own rounds per arm (RequestAcceptance), which weigh in its
-        arms' acceptance (OWN_PRIOR_ROUNDS); `first`: it has drafted no round yet, and then
-        drafts one where off wins too, at a load of at most PROBE_MAX_CONCURRENCY; `idle`:
-        its target-only steps since its last drafting round, after OWN_REPROBE_STEPS of
-        which it drafts one again where only its own rounds say off."""
+        `own`: the request's own rounds per arm (RequestAcceptance, aged by its target-only
+        steps since), which weigh in its arms' acceptance against their long-run estimates
+        (OWN_PRIOR_ROUNDS); `first`: it has drafted no round yet, and then drafts one where
+        off wins too, at a load of at most PROBE_MAX_CONCURRENCY."""
         with self._lock:
             arm = self.arms.get(exit)
             if arm is None or arm.rounds < self.min_samples or (standby and not self.off_known()):
@@ -491,12 +514,8 @@ class GoodputPolicy:
                     return best, -g + 1  # one position past the best, to keep its estimate current
                 return best, -g
             probe = min(planned, max(REFRESH_LEN, max(lengths, key=lambda n: self.rate(exit, n, c, own.get(exit)))))
-            if c <= PROBE_MAX_CONCURRENCY and (first or (
-                    idle >= OWN_REPROBE_STEPS and own.get(exit) is not None
-                    and max(self.rate(exit, n, c) for n in lengths) > off * (1 + self.min_gain))):
-                # the request's own first round (its own acceptance decides the rest), or a
-                # request its own rounds turned off where the arm's shared estimate drafts
-                return exit, probe
+            if c <= PROBE_MAX_CONCURRENCY and first:
+                return exit, probe  # the request's own first round: its own acceptance decides the rest
             interval = arm.refresh_steps or REFRESH_STEPS
             if self.ar_steps - arm.seen_at >= interval:
                 arm.seen_at = self.ar_steps  # one refresh round per interval, whoever asks

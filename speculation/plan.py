@@ -241,9 +241,9 @@ class RoundPlanner:
     a round's load once its own is not (GoodputPolicy.round_choice: a shallow arm trusted
     after a lucky trial, or a trial that ended); its draft length never exceeds the plan's
     (its KV was sized for that). Its own rounds' acceptance (`own`, per arm) weighs in its
-    re-plans beside the arm's shared estimate, its first re-planned round drafts even where
-    that estimate says off, and so does one every OWN_REPROBE_STEPS target-only steps where
-    only its own rounds say off (round_choice's `own`, `first` and `idle`)."""
+    re-plans beside the arm's long-run estimate, less the more target-only steps it ran
+    since (RequestAcceptance.aged), and its first re-planned round drafts even where that
+    estimate says off (round_choice's `own` and `first`)."""
 
     def __init__(self, target: PlanTarget, plan_: Plan):
         self.target = target
@@ -266,8 +266,9 @@ class RoundPlanner:
             return RoundPlan(spec.draft_len)
         if choice.exploring and choice.exit is not None and self.trial_rounds < policy.min_samples:
             return RoundPlan(max(1, min(spec.draft_len, choice.draft_len)))
+        own = {e: a.aged(self.idle) for e, a in self.own.items()}
         exit, n = policy.round_choice(self.exit, spec.draft_len, concurrency, standby=self.plan.standby,
-                                      move=not self.moved, own=self.own, first=self.trial_rounds == 0, idle=self.idle)
+                                      move=not self.moved, own=own, first=self.trial_rounds == 0)
         if n > 0 and exit != self.exit:
             self.exit, self.moved = exit, True
         return RoundPlan(n, ExitPolicy.single(self.exit) if self.exit != self.plan.observed_exit else None)
@@ -283,8 +284,11 @@ class RoundPlanner:
         """Teach the target's goodput policy one round (`info`: run_request's on_round dict),
         under the exit that drafted it."""
         observe(self.target, self.plan, info)
-        self.idle = 0 if info["drafted"] > 0 else self.idle + 1
-        if info["drafted"] > 0:
+        if info["drafted"] == 0:
+            self.idle += 1
+        else:
+            self.own = {e: a.aged(self.idle) for e, a in self.own.items()}  # as its re-plan weighed them
+            self.idle = 0
             self.trial_rounds += 1
             exits = list(info.get("exits") or ())
             if len(exits) == 1 and exits[0] is not None:

@@ -597,21 +597,38 @@ def test_a_shallower_arm_is_planned_and_moved_to_only_once_it_is_well_seen():
 
 
 def test_a_request_its_own_rounds_turned_off_drafts_again_after_a_while():
-    """OWN_REPROBE_STEPS: on an arm whose shared estimate drafts, a request whose own rounds
-    were rejected steps target-only, and drafts one round again after that many steps of its
-    own; where the shared estimate says off too (chat-like), it does not (control), nor
-    under a heavier load."""
-    from tandem.speculation.goodput import OWN_REPROBE_STEPS, PROBE_MAX_CONCURRENCY, REFRESH_LEN, RequestAcceptance
+    """OWN_HALF_LIFE_STEPS and LONG_RUN_ALPHA, at one request at a time: an arm accepted in
+    full for 10 rounds, then one request's 10 rounds rejected at position 1, taught to the arm
+    too (as the router does). Position 1 then reads 0.8^10 = 0.11 recently (control: priced on
+    that, the request stays off) and 0.98^10 = 0.82 in the long run. At 0.02 s a draft token,
+    0.080 s to verify and 0.077 s a target-only step, drafting 8 (positions 2-8 accepted)
+    clears MIN_GAIN over off where a_1 > (1.1 / 0.077 * 0.24 - 1) / 8 = 0.304. The request's
+    a_1 is 3 * 0.82 / (3 + 10 w), w = 0.5 ** (idle / OWN_HALF_LIFE_STEPS): 0.19 at once and
+    0.24 half a half-life later (off), 0.45 after two half-lives (drafts); the edge is at
+    w = 0.51, about one half-life. On a chat-like arm (long run 0) it stays off however long
+    it idles (control)."""
+    from tandem.speculation.goodput import OWN_HALF_LIFE_STEPS, RequestAcceptance
 
-    rejected = RequestAcceptance()
-    for _ in range(20):
-        rejected.add(drafted=4, accepted=0)
     good, bad = settled(1.0, max_draft_len=8, draft_len=4), settled(0.0, max_draft_len=8, draft_len=4)
-    kw = {"planned": 8, "own": {24: rejected}}
-    assert good.round_choice(24, **kw, idle=OWN_REPROBE_STEPS - 1)[1] == 0
-    assert good.round_choice(24, **kw, idle=OWN_REPROBE_STEPS)[1] >= REFRESH_LEN
-    assert good.round_choice(24, concurrency=PROBE_MAX_CONCURRENCY + 1, **kw, idle=OWN_REPROBE_STEPS)[1] == 0
-    assert bad.round_choice(24, **kw, idle=OWN_REPROBE_STEPS)[1] == 0
+    rejected = RequestAcceptance()
+    for _ in range(10):
+        rejected.add(drafted=4, accepted=0)
+        for p in (good, bad):
+            p.observe_round(exit=24, drafted=4, accepted=0, draft_s=0.08, verify_s=0.080)
+    for p in (good, bad):
+        p.arms[24].seen_at = p.ar_steps  # no refresh round due
+    assert good.arms[24].acceptance(1, good.prior)[0] == pytest.approx(0.8**10)
+    assert good.arms[24].acceptance(1, good.prior, RequestAcceptance())[0] == pytest.approx(0.98**10)
+    assert good.round_choice(24, planned=8, standby=True)[1] == 0  # control: the recent estimate says off
+
+    def replan(policy, idle):
+        return policy.round_choice(24, planned=8, own={24: rejected.aged(idle)})[1]
+
+    assert replan(good, 0) == 0
+    assert replan(good, OWN_HALF_LIFE_STEPS // 2) == 0
+    assert replan(good, 2 * OWN_HALF_LIFE_STEPS) > 0
+    assert replan(bad, 1000) == 0
+    assert rejected.aged(OWN_HALF_LIFE_STEPS).reached[0] == pytest.approx(5.0) and rejected.aged(0) is rejected
 
 
 def test_in_turn_under_load_a_draft_round_is_priced_as_the_whole_node_waiting():

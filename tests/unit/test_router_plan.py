@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 
+import pytest
+
 from tandem.services.router import RouteRequest, Router, TargetRoute
 from tandem.speculation.plan import RoundPlanner
 from tandem.speculation.sampling import SamplingParams
@@ -277,3 +279,36 @@ def test_a_request_probes_its_first_round_and_follows_its_own_acceptance():
     assert hard.next(1).draft_len == 0
     assert easy.next(1).draft_len > 0
     assert easy.own[4].reached[:2] == [4, 4] and hard.own[4].reached[:2] == [4, 0]
+
+
+def test_a_request_off_after_a_hard_stretch_drafts_again_after_its_target_only_steps():
+    """A request whose first rounds are all rejected goes off; each target-only step it runs
+    ages those rounds (OWN_HALF_LIFE_STEPS), and once they weigh little against the arm's
+    long-run estimate (other requests, all accepted) it drafts again, its re-plan pricing its
+    rounds as aged. Control: the same request re-planned with no steps in between stays off.
+    Numbers as in test_goodput's test_a_request_its_own_rounds_turned_off_drafts_again_after_a_while
+    (drafting clears MIN_GAIN where a_1 > 0.304): after its 12 rejected rounds the arm's long
+    run reads 0.98^12 = 0.78 at position 1, the request's a_1 = 3 * 0.78 / (3 + 12 w), so it
+    drafts again once w < 0.39: after about 1.35 half-lives (22 steps)."""
+    from tandem.speculation.goodput import OWN_HALF_LIFE_STEPS, GoodputPolicy
+
+    policy = GoodputPolicy(exits=(4,), max_draft_len=8, overlapped=False, explore_every=0)
+    for _ in range(20):
+        policy.observe_round(exit=4, drafted=4, accepted=4, draft_s=0.08, verify_s=0.080)
+    for _ in range(3):
+        policy.observe_round(exit=None, drafted=0, accepted=0, draft_s=0.0, verify_s=0.077)
+    rt, plan = auto_plan(policy)
+    assert not plan.standby
+    hard = RoundPlanner(rt, plan)
+    assert hard.next(1).draft_len > 0
+    for _ in range(12):
+        hard.observe({"drafted": 4, "accepted": 0, "draft_s": 0.08, "verify_s": 0.08, "exits": {4: 4}})
+    policy.arms[4].seen_at = policy.ar_steps + 10**6  # no refresh round in this test
+    assert hard.next(1).draft_len == 0 and hard.next(1).draft_len == 0  # control: no steps, still off
+    steps = 0
+    while hard.next(1).draft_len == 0 and steps < 10 * OWN_HALF_LIFE_STEPS:
+        hard.observe({"drafted": 0, "accepted": 0, "draft_s": 0.0, "verify_s": 0.077, "exits": {}})
+        steps += 1
+    assert OWN_HALF_LIFE_STEPS < steps < 2 * OWN_HALF_LIFE_STEPS
+    hard.observe({"drafted": 4, "accepted": 4, "draft_s": 0.08, "verify_s": 0.08, "exits": {4: 4}})
+    assert hard.idle == 0 and hard.own[4].reached[0] == pytest.approx(12 * 0.5 ** (steps / OWN_HALF_LIFE_STEPS) + 1)
