@@ -266,12 +266,15 @@ class RoundPlanner:
             return RoundPlan(spec.draft_len)
         if choice.exploring and choice.exit is not None and self.trial_rounds < policy.min_samples:
             return RoundPlan(max(1, min(spec.draft_len, choice.draft_len)))
-        own = {e: a.aged(self.idle) for e, a in self.own.items()}
         exit, n = policy.round_choice(self.exit, spec.draft_len, concurrency, standby=self.plan.standby,
-                                      move=not self.moved, own=own, first=self.trial_rounds == 0)
+                                      move=not self.moved, own=self._own_now(), first=self.trial_rounds == 0)
         if n > 0 and exit != self.exit:
             self.exit, self.moved = exit, True
         return RoundPlan(n, ExitPolicy.single(self.exit) if self.exit != self.plan.observed_exit else None)
+
+    def _own_now(self) -> dict[int, RequestAcceptance]:
+        """Its own rounds per arm, aged by the target-only steps it ran since the last."""
+        return {e: a.aged(self.idle) for e, a in self.own.items()}
 
     def close(self) -> None:
         """The request ended: an arm (or off) it was planned to try gets another trial where
@@ -287,7 +290,7 @@ class RoundPlanner:
         if info["drafted"] == 0:
             self.idle += 1
         else:
-            self.own = {e: a.aged(self.idle) for e, a in self.own.items()}  # as its re-plan weighed them
+            self.own = self._own_now()  # as its re-plan weighed them
             self.idle = 0
             self.trial_rounds += 1
             exits = list(info.get("exits") or ())
