@@ -58,7 +58,10 @@ load): it runs a drafting loop whose rounds are target-only steps until a re-pla
 trials reported, or off at a load that later drops, drafts once it should instead of
 running off for life. Every `explore_every`-th choice
 tries the option with the fewest samples, so a change in traffic or load (which moves d and
-V) is noticed. Under heavy load measured step times grow (batched
+V) is noticed. A trial, exploration or probe of an arm runs only at a load where a round of
+it could pay were every draft accepted (could_pay): where none could, no acceptance it might
+measure would change the choice there, and in turn under load each of its rounds is a wait
+for every request on the node, so it waits for a lighter load. Under heavy load measured step times grow (batched
 verification, a busy draft pool), so the chosen draft length shrinks and speculation turns
 itself off once it no longer pays.
 """
@@ -378,15 +381,57 @@ class GoodputPolicy:
         known. With `own`, at that request's own acceptance on the arm (ArmStats.acceptance)."""
         arm = self.arms[exit]
         d = arm.draft_step_s.value
-        c = max(1, concurrency)
+        if d is None:
+            return 0.0
+        return self._rate_at(arm.acceptance(draft_len, self.prior, own), d, concurrency)
+
+    def _rate_at(self, acceptance: Sequence[float], d: float, concurrency: int) -> float:
+        """rate() of rounds drafting len(acceptance) tokens at draft step d (0.0 while V is unknown)."""
+        draft_len, c = len(acceptance), max(1, concurrency)
         all_draft = self.overlapped or c == 1  # else in turn under load: one drafts while c - 1 step
         v = self.verify_time(c * (draft_len + 1) if all_draft else c + draft_len)
-        if d is None or v is None:
+        if v is None:
             return 0.0
-        acceptance = arm.acceptance(draft_len, self.prior, own)
         if all_draft:
             return round_rate(acceptance, draft_step_s=d, verify_s=v, overlapped=self.overlapped)
         return (c - 1 + expected_tokens(acceptance)) / (c * (draft_len * d + v))  # module docstring
+
+    def _draft_step_floor(self, exit: int) -> float | None:
+        """A lower bound on arm `exit`'s draft step: its own as measured; else the largest of
+        the measured arms' steps, a deeper arm's scaled down by depth (a draft step is a fixed
+        part, the head, plus one per layer, so scaling it by depth under-estimates it), a
+        shallower arm's as is; None while no arm's step is measured."""
+        own = self.arms[exit].draft_step_s.value
+        if own is not None:
+            return own
+        seen = [(e, a.draft_step_s.value) for e, a in self.arms.items() if a.draft_step_s.value is not None]
+        return max((d * min(1.0, exit / e) for e, d in seen), default=None)
+
+    def could_pay(self, exit: int, concurrency: int = 1) -> bool:
+        """Whether a round drafting from `exit` could pay (MIN_GAIN over off) at this load were
+        every draft token accepted, at the lowest draft step the arm may have
+        (_draft_step_floor). Where it could not, no acceptance a trial, exploration or probe
+        might measure would make drafting pay at this load, so those wait for a lighter one
+        (seen with `tandem batch --engine pools`, 8 records in flight on the 2-core AMX host:
+        ~25 trial, exploration and probe rounds per run, each a wait for every record on the
+        node, ran `auto` at 0.86-0.90x of off; measured there, a draft step of ~20 ms at any
+        exit, so that 4 drafts all accepted at 8 in flight commit 6.9 tokens/s a request
+        against off's 8.3). While no draft step is measured (or off's or V's time), it could
+        pay where its round stalls at most PROBE_MAX_CONCURRENCY - 1 others (or none:
+        overlapped); in turn at a higher load it waits (the first rounds of a trial also feed
+        the draft its prompt, ~0.2 s there while every other record waited)."""
+        with self._lock:
+            return self._could_pay(exit, max(1, int(concurrency)))
+
+    def _could_pay(self, exit: int, c: int) -> bool:
+        off = self.off_rate(c)
+        d = self._draft_step_floor(exit)
+        if not off or d is None:
+            return self.overlapped or c <= PROBE_MAX_CONCURRENCY
+        best = max(self._rate_at([1.0] * g, d, c) for g in range(1, self.max_draft_len + 1))
+        if not best:  # V unknown
+            return self.overlapped or c <= PROBE_MAX_CONCURRENCY
+        return best > off * (1 + self.min_gain)
 
     def best_draft_len(self, exit: int, concurrency: int = 1) -> tuple[int, float]:
         best = max(range(1, self.max_draft_len + 1), key=lambda g: self.rate(exit, g, concurrency))
@@ -430,16 +475,17 @@ class GoodputPolicy:
         request that will run beside `concurrency - 1` others on one target actor."""
         with self._lock:
             self._choices += 1
+            c = max(1, int(concurrency))
             # 1. one request to each option not yet tried (deepest exit first, then off where no
             # cost curve prices it), until min_samples of its rounds are seen; meanwhile the
-            # others go to what is known
+            # others go to what is known. An arm that could not pay at this load even with every
+            # draft accepted (_could_pay) waits for a lighter one.
             for e in [*reversed(self.exits)] + ([None] if self._off_needs_trial() else []):
                 seen = self.ar_steps if e is None else self.arms[e].rounds
-                if seen < self.min_samples and e not in self._trials:
+                if seen < self.min_samples and e not in self._trials and (e is None or self._could_pay(e, c)):
                     self._trials.add(e)
                     return Choice(exit=e, draft_len=0 if e is None else min(4, self.max_draft_len), rate=0.0,
                                   exploring=True)
-            c = max(1, int(concurrency))
             tried = [e for e in self.exits if self.arms[e].rounds >= self.min_samples]
             if not tried or not self.off_rate(c):
                 # nothing known yet: off, the safe default, on standby for the deepest exit: its
@@ -452,6 +498,9 @@ class GoodputPolicy:
             (draft_len, rate), exit = max(scored, key=lambda item: item[0][1])
             if self.explore_every and self._choices % self.explore_every == 0:
                 self._explorations += 1
+                if rate <= off * (1 + self.min_gain) and not self._could_pay(exit, c):
+                    # no re-measure could make drafting pay at this load: off, on standby
+                    return Choice(exit=None, draft_len=0, rate=off, standby=exit)
                 if rate <= off * (1 + self.min_gain) and self._explorations % 2:
                     # while speculation is off, every other exploration re-measures the arm it
                     # would use: its EMAs forget within ~5 rounds, so a short run of bad rounds
@@ -464,8 +513,9 @@ class GoodputPolicy:
                 _, least = min(options)
                 if least == -1:
                     return Choice(exit=None, draft_len=0, rate=off, exploring=True)
-                g, r = self.best_draft_len(least, c)
-                return Choice(exit=least, draft_len=g, rate=r, exploring=True)
+                if self._could_pay(least, c):
+                    g, r = self.best_draft_len(least, c)
+                    return Choice(exit=least, draft_len=g, rate=r, exploring=True)
             if rate <= off * (1 + self.min_gain):
                 return Choice(exit=None, draft_len=0, rate=off, standby=exit)
             return Choice(exit=exit, draft_len=draft_len, rate=rate)
@@ -513,6 +563,8 @@ class GoodputPolicy:
                 if -g < planned and self.arms[best].rounds % LENGTH_PROBE_EVERY == LENGTH_PROBE_EVERY - 1:
                     return best, -g + 1  # one position past the best, to keep its estimate current
                 return best, -g
+            if not self._could_pay(exit, c):
+                return exit, 0  # no acceptance a probe could find would pay at this load
             probe = min(planned, max(REFRESH_LEN, max(lengths, key=lambda n: self.rate(exit, n, c, own.get(exit)))))
             if c <= PROBE_MAX_CONCURRENCY and first:
                 return exit, probe  # the request's own first round: its own acceptance decides the rest

@@ -488,7 +488,8 @@ def test_an_arm_off_for_a_while_drafts_one_round_to_refresh_it():
     from tandem.speculation.goodput import REFRESH_STEPS
 
     p = GoodputPolicy(exits=(24,), max_draft_len=8, overlapped=False, explore_every=0)
-    feed(p, exit=24, acceptance=0.125, draft_step=0.2, verify=0.1)  # 2 tokens per 0.3 s at best; off: 1 per 0.1
+    # 1 token per 0.11 s at best, off 1 per 0.1; all accepted, 8 drafts would pay (9 per 0.18 s)
+    feed(p, exit=24, acceptance=0.0, draft_step=0.01, verify=0.1)
     warm(p, verify=0.1)
     assert p.round_choice(24, planned=8, standby=True) == (24, 0)
     for _ in range(REFRESH_STEPS - 4):
@@ -499,7 +500,7 @@ def test_an_arm_off_for_a_while_drafts_one_round_to_refresh_it():
     assert exit == 24 and n >= 4  # one refresh round, long enough to see past position 1
     assert p.round_choice(24, planned=8, standby=True) == (24, 0)  # and off again
     # it still found off: the next refresh waits twice as long
-    p.observe_round(exit=24, drafted=n, accepted=0, draft_s=0.2 * n, verify_s=0.1)
+    p.observe_round(exit=24, drafted=n, accepted=0, draft_s=0.01 * n, verify_s=0.1)
     for _ in range(2 * REFRESH_STEPS - 1):
         p.observe_round(exit=None, drafted=0, accepted=0, draft_s=0.0, verify_s=0.1)
     assert p.round_choice(24, planned=8, standby=True) == (24, 0)
@@ -657,3 +658,73 @@ def test_in_turn_under_load_a_draft_round_is_priced_as_the_whole_node_waiting():
     assert in_turn.round_choice(24, planned=1, concurrency=8)[1] == 0
     assert in_turn.choose(8).exit is None
     assert overlapped.round_choice(24, planned=1, concurrency=8)[1] == 1  # the control
+
+
+# The 1.5B pack's measured cost curve on the 2-core AMX host (seconds for 1..9 rows, batches)
+PACK_CURVE = [0.063, 0.072, 0.087, 0.094, 0.099, 0.106, 0.114, 0.117, 0.123]
+PACK_BATCHES = {18: 0.168, 36: 0.43, 72: 0.70}
+
+
+def test_trials_wait_for_a_load_at_which_an_all_accepted_round_could_pay():
+    """In turn on shared cores a draft round stalls every other request on the node. With the
+    pack's curve and a 24 ms draft step at full depth, exit 16's step is at least 16 ms
+    (scaled by depth, a lower bound); at 8 in flight, every draft accepted, its best round (one
+    draft) commits 7 + 2 tokens in 8 x (16 ms + V(9) = 123 ms), 8.1 tokens/s a request (8
+    drafts: 7.0), against off's 1 / V(8) = 8.5 (9.4 with MIN_GAIN): no trial of exit 16 there,
+    the request goes off on standby. Controls: alone (5 tokens in 4 x 16 + V(5) = 163 ms, 31/s against off's 16) and
+    overlapped at 8 (9 tokens in max(128 ms, V(72) = 0.70 s), 12.9/s) exit 16 gets its trial."""
+
+    def policy(overlapped):
+        p = GoodputPolicy(exits=(16, 24), max_draft_len=8, overlapped=overlapped, explore_every=0,
+                          block_costs=PACK_CURVE, batch_costs=PACK_BATCHES)
+        for _ in range(3):  # the full draft's trial: every draft accepted
+            p.observe_round(exit=24, drafted=4, accepted=4, draft_s=4 * 0.024, verify_s=0.099, step_rows=5)
+        warm(p, verify=0.063)
+        return p
+
+    p = policy(False)
+    assert p._draft_step_floor(16) == pytest.approx(0.016)
+    assert not p.could_pay(16, 8) and p.could_pay(16, 1)
+    c8 = p.choose(8)
+    assert (c8.exit, c8.exploring, c8.standby) == (None, False, 24)
+    c1 = p.choose(1)
+    assert (c1.exit, c1.exploring) == (16, True)  # control: alone, the trial runs
+    overlapped = policy(True)
+    assert overlapped.could_pay(16, 8) and overlapped.choose(8).exit == 16  # control: separate cores
+
+
+def test_nothing_measured_a_trial_waits_for_a_light_load_in_turn():
+    """Before any draft step is measured nothing bounds a round's cost, and the first rounds of
+    a trial also feed the draft its prompt (~0.2 s on the 2-core host, every record on the node
+    waiting): in turn, a trial is handed out only at up to PROBE_MAX_CONCURRENCY requests.
+    Controls: at that load, and overlapped at 8, the deepest exit gets it."""
+    from tandem.speculation.goodput import PROBE_MAX_CONCURRENCY
+
+    def policy(overlapped):
+        return GoodputPolicy(exits=(16, 24), max_draft_len=8, overlapped=overlapped, explore_every=0,
+                             block_costs=PACK_CURVE, batch_costs=PACK_BATCHES)
+
+    p = policy(False)
+    heavy = p.choose(PROBE_MAX_CONCURRENCY + 1)
+    assert (heavy.exit, heavy.exploring, heavy.standby) == (None, False, 24)
+    assert p.round_choice(24, planned=8, concurrency=8, standby=True) == (24, 0)  # and stays off
+    light = p.choose(PROBE_MAX_CONCURRENCY)
+    assert (light.exit, light.exploring) == (24, True)
+    assert policy(True).choose(8).exit == 24
+
+
+def test_no_probe_or_refresh_round_where_an_all_accepted_round_could_not_pay():
+    """A draft step of 0.2 s against 0.1 s to verify: 8 drafts all accepted commit 9 tokens in
+    1.7 s, 5.3/s against off's 10, so no acceptance could make this arm pay even alone: its
+    refresh rounds (REFRESH_STEPS) and a request's first-round probe do not run. The control,
+    a 0.01 s step, is test_an_arm_off_for_a_while_drafts_one_round_to_refresh_it."""
+    from tandem.speculation.goodput import REFRESH_STEPS
+
+    p = GoodputPolicy(exits=(24,), max_draft_len=8, overlapped=False, explore_every=0)
+    feed(p, exit=24, acceptance=0.0, draft_step=0.2, verify=0.1)
+    warm(p, verify=0.1)
+    assert not p.could_pay(24, 1)
+    for _ in range(4 * REFRESH_STEPS):
+        p.observe_round(exit=None, drafted=0, accepted=0, draft_s=0.0, verify_s=0.1)
+        assert p.round_choice(24, planned=8, standby=True) == (24, 0)
+    assert p.round_choice(24, planned=8, standby=True, first=True) == (24, 0)

@@ -312,3 +312,31 @@ def test_a_request_off_after_a_hard_stretch_drafts_again_after_its_target_only_s
     assert OWN_HALF_LIFE_STEPS < steps < 2 * OWN_HALF_LIFE_STEPS
     hard.observe({"drafted": 4, "accepted": 4, "draft_s": 0.08, "verify_s": 0.08, "exits": {4: 4}})
     assert hard.idle == 0 and hard.own[4].reached[0] == pytest.approx(12 * 0.5 ** (steps / OWN_HALF_LIFE_STEPS) + 1)
+
+
+def test_a_trial_round_waits_while_its_arm_could_not_pay_at_that_rounds_load():
+    """A request planned onto exit 16's trial alone; 7 others join before its rounds: at 8 in
+    flight in turn, even an all-accepted round of exit 16 could not pay (test_goodput's
+    test_trials_wait_for_a_load_at_which_an_all_accepted_round_could_pay), so its trial rounds
+    are target-only steps until the load falls, and then draft its trial's rounds. Control: at
+    one request they draft at once."""
+    from tandem.speculation.goodput import GoodputPolicy
+
+    curve = [0.063, 0.072, 0.087, 0.094, 0.099, 0.106, 0.114, 0.117, 0.123]
+    policy = GoodputPolicy(exits=(16, 24), max_draft_len=8, overlapped=False, explore_every=0, block_costs=curve,
+                           batch_costs={18: 0.168, 36: 0.43, 72: 0.70})
+    for _ in range(3):
+        policy.observe_round(exit=24, drafted=4, accepted=4, draft_s=0.096, verify_s=0.099, step_rows=5)
+        policy.observe_round(exit=None, drafted=0, accepted=0, draft_s=0.0, verify_s=0.063, step_rows=1)
+    rt, plan = auto_plan(policy)
+    assert (plan.choice.exit, plan.choice.exploring) == (16, True)
+    rounds = RoundPlanner(rt, plan)
+    for _ in range(5):
+        assert rounds.next(8).draft_len == 0
+        rounds.observe({"drafted": 0, "accepted": 0, "draft_s": 0.0, "verify_s": 0.117, "step_rows": 8, "exits": {}})
+    for _ in range(policy.min_samples):
+        r = rounds.next(1)
+        assert r.draft_len == plan.choice.draft_len
+        rounds.observe({"drafted": r.draft_len, "accepted": r.draft_len, "draft_s": 0.016 * r.draft_len,
+                        "verify_s": 0.099, "step_rows": 5, "exits": {16: r.draft_len}})
+    assert policy.arms[16].rounds == policy.min_samples
