@@ -396,36 +396,28 @@ class GoodputPolicy:
             return round_rate(acceptance, draft_step_s=d, verify_s=v, overlapped=self.overlapped)
         return (c - 1 + expected_tokens(acceptance)) / (c * (draft_len * d + v))  # module docstring
 
-    def _draft_step_floor(self, exit: int) -> float | None:
-        """A lower bound on arm `exit`'s draft step: its own as measured; else the largest of
-        the measured arms' steps, a deeper arm's scaled down by depth (a draft step is a fixed
-        part, the head, plus one per layer, so scaling it by depth under-estimates it), a
-        shallower arm's as is; None while no arm's step is measured."""
-        own = self.arms[exit].draft_step_s.value
-        if own is not None:
-            return own
-        seen = [(e, a.draft_step_s.value) for e, a in self.arms.items() if a.draft_step_s.value is not None]
-        return max((d * min(1.0, exit / e) for e, d in seen), default=None)
-
     def could_pay(self, exit: int, concurrency: int = 1) -> bool:
         """Whether a round drafting from `exit` could pay (MIN_GAIN over off) at this load were
-        every draft token accepted, at the lowest draft step the arm may have
-        (_draft_step_floor). Where it could not, no acceptance a trial, exploration or probe
-        might measure would make drafting pay at this load, so those wait for a lighter one
-        (seen with `tandem batch --engine pools`, 8 records in flight on the 2-core AMX host:
-        ~25 trial, exploration and probe rounds per run, each a wait for every record on the
-        node, ran `auto` at 0.86-0.90x of off; measured there, a draft step of ~20 ms at any
-        exit, so that 4 drafts all accepted at 8 in flight commit 6.9 tokens/s a request
-        against off's 8.3). While no draft step is measured (or off's or V's time), it could
-        pay where its round stalls at most PROBE_MAX_CONCURRENCY - 1 others (or none:
-        overlapped); in turn at a higher load it waits (the first rounds of a trial also feed
-        the draft its prompt, ~0.2 s there while every other record waited)."""
+        every draft token accepted, at the arm's measured draft step. Where it could not, no
+        acceptance a trial, exploration or probe might measure would make drafting pay at
+        this load, so those wait for a lighter one (seen with `tandem batch --engine pools`, 8
+        records in flight on the 2-core AMX host: ~25 trial, exploration and probe rounds per
+        run, each a wait for every record on the node, ran `auto` at 0.86-0.90x of off; a
+        draft step measured ~20 ms there, so that 4 drafts all accepted at 8 in flight commit
+        6.9 tokens/s a request against off's 8.3). While the arm's step (or off's or V's time)
+        is not measured, it could pay where its round stalls at most PROBE_MAX_CONCURRENCY - 1
+        others (or none: overlapped); in turn at a higher load it waits: the first rounds of a
+        trial also feed the draft its prompt (~0.2 s there while every other record waited),
+        and another arm's step bounds it poorly (a draft step is mostly a fixed cost: exit 8's
+        measured ~19 ms a token in a pools run where exit 24's did ~21; bounded by exit 24's
+        scaled by depth, 7 ms, exit 8 drafted at 8 in flight through gRPC, `auto` at 0.91x of
+        off)."""
         with self._lock:
             return self._could_pay(exit, max(1, int(concurrency)))
 
     def _could_pay(self, exit: int, c: int) -> bool:
         off = self.off_rate(c)
-        d = self._draft_step_floor(exit)
+        d = self.arms[exit].draft_step_s.value
         if not off or d is None:
             return self.overlapped or c <= PROBE_MAX_CONCURRENCY
         best = max(self._rate_at([1.0] * g, d, c) for g in range(1, self.max_draft_len + 1))

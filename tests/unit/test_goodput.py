@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tandem.speculation.goodput import GoodputPolicy, expected_tokens
+from tandem.speculation.goodput import Choice, GoodputPolicy, expected_tokens
 
 
 def test_expected_tokens_closed_form():
@@ -665,14 +665,40 @@ PACK_CURVE = [0.063, 0.072, 0.087, 0.094, 0.099, 0.106, 0.114, 0.117, 0.123]
 PACK_BATCHES = {18: 0.168, 36: 0.43, 72: 0.70}
 
 
-def test_trials_wait_for_a_load_at_which_an_all_accepted_round_could_pay():
+def test_no_exploration_where_an_all_accepted_round_could_not_pay_at_that_load():
     """In turn on shared cores a draft round stalls every other request on the node. With the
-    pack's curve and a 24 ms draft step at full depth, exit 16's step is at least 16 ms
-    (scaled by depth, a lower bound); at 8 in flight, every draft accepted, its best round (one
-    draft) commits 7 + 2 tokens in 8 x (16 ms + V(9) = 123 ms), 8.1 tokens/s a request (8
-    drafts: 7.0), against off's 1 / V(8) = 8.5 (9.4 with MIN_GAIN): no trial of exit 16 there,
-    the request goes off on standby. Controls: alone (5 tokens in 4 x 16 + V(5) = 163 ms, 31/s against off's 16) and
-    overlapped at 8 (9 tokens in max(128 ms, V(72) = 0.70 s), 12.9/s) exit 16 gets its trial."""
+    pack's curve and a 24 ms draft step, at 8 in flight, every draft accepted, the best round
+    (one draft) commits 7 + 2 tokens in 8 x (24 ms + V(9) = 123 ms), 7.7 tokens/s a request,
+    against off's 1 / V(8) = 8.5 (9.4 with MIN_GAIN): an exploration (here every choice) of the
+    arm, off since its drafts were rejected, does not run there. Controls: alone (8 drafts, 9
+    tokens in 8 x 24 ms + V(9) = 315 ms, 29/s against off's 16) and overlapped at 8 (9 tokens
+    in max(192 ms, V(72) = 0.70 s), 12.9/s) it runs."""
+
+    def policy(overlapped):
+        p = GoodputPolicy(exits=(24,), max_draft_len=8, overlapped=overlapped, explore_every=1,
+                          block_costs=PACK_CURVE, batch_costs=PACK_BATCHES)
+        for _ in range(3):  # every draft rejected: off wins at any load
+            p.observe_round(exit=24, drafted=4, accepted=0, draft_s=4 * 0.024, verify_s=0.099, step_rows=5)
+        warm(p, verify=0.063)
+        return p
+
+    p = policy(False)
+    assert not p.could_pay(24, 8) and p.could_pay(24, 1)
+    c8 = p.choose(8)
+    assert (c8.exit, c8.exploring, c8.standby) == (None, False, 24)
+    c1 = p.choose(1)
+    assert (c1.exit, c1.exploring) == (24, True)  # control: alone, the exploration runs
+    overlapped = policy(True)
+    assert overlapped.could_pay(24, 8) and overlapped.choose(8).exit == 24  # control: separate cores
+
+
+def test_an_arm_whose_step_is_unmeasured_gets_its_trial_only_at_a_light_load_in_turn():
+    """Exit 16 unmeasured beside a measured full draft: another arm's step bounds its own
+    poorly (a draft step is mostly fixed cost), and a trial's first round feeds the draft the
+    prompt while every request on the node waits, so in turn its trial is handed out only at
+    up to PROBE_MAX_CONCURRENCY requests; meanwhile requests go to what is known (off on
+    standby at 8). Controls: at that load, and overlapped at 8, exit 16 gets its trial."""
+    from tandem.speculation.goodput import PROBE_MAX_CONCURRENCY
 
     def policy(overlapped):
         p = GoodputPolicy(exits=(16, 24), max_draft_len=8, overlapped=overlapped, explore_every=0,
@@ -683,14 +709,12 @@ def test_trials_wait_for_a_load_at_which_an_all_accepted_round_could_pay():
         return p
 
     p = policy(False)
-    assert p._draft_step_floor(16) == pytest.approx(0.016)
-    assert not p.could_pay(16, 8) and p.could_pay(16, 1)
-    c8 = p.choose(8)
-    assert (c8.exit, c8.exploring, c8.standby) == (None, False, 24)
-    c1 = p.choose(1)
-    assert (c1.exit, c1.exploring) == (16, True)  # control: alone, the trial runs
-    overlapped = policy(True)
-    assert overlapped.could_pay(16, 8) and overlapped.choose(8).exit == 16  # control: separate cores
+    heavy = p.choose(PROBE_MAX_CONCURRENCY + 1)
+    assert heavy.exit != 16 and not heavy.exploring
+    assert p.choose(8) == Choice(exit=None, draft_len=0, rate=p.off_rate(8), standby=24)
+    light = p.choose(PROBE_MAX_CONCURRENCY)
+    assert (light.exit, light.exploring) == (16, True)
+    assert policy(True).choose(8).exit == 16
 
 
 def test_nothing_measured_a_trial_waits_for_a_light_load_in_turn():

@@ -315,11 +315,11 @@ def test_a_request_off_after_a_hard_stretch_drafts_again_after_its_target_only_s
 
 
 def test_a_trial_round_waits_while_its_arm_could_not_pay_at_that_rounds_load():
-    """A request planned onto exit 16's trial alone; 7 others join before its rounds: at 8 in
-    flight in turn, even an all-accepted round of exit 16 could not pay (test_goodput's
-    test_trials_wait_for_a_load_at_which_an_all_accepted_round_could_pay), so its trial rounds
-    are target-only steps until the load falls, and then draft its trial's rounds. Control: at
-    one request they draft at once."""
+    """A request planned onto exit 16's trial alone; 7 others join before its rounds: in turn
+    at 8 in flight, an arm whose step is not yet measured may not draft (test_goodput's
+    test_an_arm_whose_step_is_unmeasured_gets_its_trial_only_at_a_light_load_in_turn), so its
+    trial rounds are target-only steps until the load falls, and then draft its trial's
+    rounds."""
     from tandem.speculation.goodput import GoodputPolicy
 
     curve = [0.063, 0.072, 0.087, 0.094, 0.099, 0.106, 0.114, 0.117, 0.123]
