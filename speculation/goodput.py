@@ -59,9 +59,9 @@ trials reported, or off at a load that later drops, drafts once it should instea
 running off for life. Every `explore_every`-th choice
 tries the option with the fewest samples, so a change in traffic or load (which moves d and
 V) is noticed. A trial, exploration or probe of an arm runs only at a load where a round of
-it could pay were every draft accepted (could_pay): where none could, no acceptance it might
-measure would change the choice there, and in turn under load each of its rounds is a wait
-for every request on the node, so it waits for a lighter load. Under heavy load measured step times grow (batched
+it could pay were every draft accepted, and, in turn, at up to PROBE_MAX_CONCURRENCY in
+flight (may_probe): a round at a higher load is a wait for every request on the node.
+Under heavy load measured step times grow (batched
 verification, a busy draft pool), so the chosen draft length shrinks and speculation turns
 itself off once it no longer pays.
 """
@@ -207,7 +207,9 @@ LONG_RUN_ALPHA = 0.02
 OWN_HALF_LIFE_STEPS = 16
 # A request's first round drafts (at least REFRESH_LEN tokens from its arm) even where its
 # arm's estimate says off, when at most this many requests share the target: its own
-# acceptance is then known from its first round (above) at the cost of one round.
+# acceptance is then known from its first round (above) at the cost of one round. Drafting in
+# turn with the target, trials, explorations and refresh rounds too run only at up to this
+# many in flight (GoodputPolicy.may_probe).
 PROBE_MAX_CONCURRENCY = 2
 # A request is planned onto an arm shallower than the full draft, or moves to one shallower
 # than its own, only once that arm has this many rounds (the full draft, or a deeper arm:
@@ -396,34 +398,35 @@ class GoodputPolicy:
             return round_rate(acceptance, draft_step_s=d, verify_s=v, overlapped=self.overlapped)
         return (c - 1 + expected_tokens(acceptance)) / (c * (draft_len * d + v))  # module docstring
 
-    def could_pay(self, exit: int, concurrency: int = 1) -> bool:
-        """Whether a round drafting from `exit` could pay (MIN_GAIN over off) at this load were
-        every draft token accepted, at the arm's measured draft step. Where it could not, no
-        acceptance a trial, exploration or probe might measure would make drafting pay at
-        this load, so those wait for a lighter one (seen with `tandem batch --engine pools`, 8
-        records in flight on the 2-core AMX host: ~25 trial, exploration and probe rounds per
-        run, each a wait for every record on the node, ran `auto` at 0.86-0.90x of off; a
-        draft step measured ~20 ms there, so that 4 drafts all accepted at 8 in flight commit
-        6.9 tokens/s a request against off's 8.3). While the arm's step (or off's or V's time)
-        is not measured, it could pay where its round stalls at most PROBE_MAX_CONCURRENCY - 1
-        others (or none: overlapped); in turn at a higher load it waits: the first rounds of a
-        trial also feed the draft its prompt (~0.2 s there while every other record waited),
-        and another arm's step bounds it poorly (a draft step is mostly a fixed cost: exit 8's
-        measured ~19 ms a token in a pools run where exit 24's did ~21; bounded by exit 24's
-        scaled by depth, 7 ms, exit 8 drafted at 8 in flight through gRPC, `auto` at 0.91x of
-        off)."""
+    def may_probe(self, exit: int, concurrency: int = 1) -> bool:
+        """Whether a round that measures arm `exit` (a trial's, an exploration's, a refresh, a
+        request's first-round probe) may run at this load: only where a round of it could pay
+        were every draft accepted (_could_pay), and, drafting in turn with the target, only at
+        up to PROBE_MAX_CONCURRENCY in flight. Such a round at a higher load stalls every other
+        request on the node, and its draft first feeds the tokens the request ran without it
+        (its prompt, at a trial's first round), a cost the round model does not price (seen
+        with `tandem batch --engine pools`, 8 records in flight on the 2-core AMX host: ~25
+        trial, exploration and probe rounds per run, their draft calls feeding 45-100 tokens
+        first, ran `auto` at 0.86-0.90x of off; through gRPC, exit 8, 8.4 ms a draft step
+        measured alone, explored at 8 in flight where the bound allowed it: 0.90-0.93x)."""
+        c = max(1, int(concurrency))
         with self._lock:
-            return self._could_pay(exit, max(1, int(concurrency)))
+            return self._may_probe(exit, c)
+
+    def _may_probe(self, exit: int, c: int) -> bool:
+        return (self.overlapped or c <= PROBE_MAX_CONCURRENCY) and self._could_pay(exit, c)
 
     def _could_pay(self, exit: int, c: int) -> bool:
+        """Whether a round drafting from `exit` could pay (MIN_GAIN over off) at load c were
+        every draft token accepted, at the arm's measured draft step: where it could not, no
+        acceptance a round might measure would make drafting pay there (at one request: a
+        draft step of 0.2 s against 0.1 s to verify). True while the step, off or V is unknown."""
         off = self.off_rate(c)
         d = self.arms[exit].draft_step_s.value
         if not off or d is None:
-            return self.overlapped or c <= PROBE_MAX_CONCURRENCY
+            return True
         best = max(self._rate_at([1.0] * g, d, c) for g in range(1, self.max_draft_len + 1))
-        if not best:  # V unknown
-            return self.overlapped or c <= PROBE_MAX_CONCURRENCY
-        return best > off * (1 + self.min_gain)
+        return not best or best > off * (1 + self.min_gain)  # 0.0: V unknown
 
     def best_draft_len(self, exit: int, concurrency: int = 1) -> tuple[int, float]:
         best = max(range(1, self.max_draft_len + 1), key=lambda g: self.rate(exit, g, concurrency))
@@ -470,11 +473,11 @@ class GoodputPolicy:
             c = max(1, int(concurrency))
             # 1. one request to each option not yet tried (deepest exit first, then off where no
             # cost curve prices it), until min_samples of its rounds are seen; meanwhile the
-            # others go to what is known. An arm that could not pay at this load even with every
-            # draft accepted (_could_pay) waits for a lighter one.
+            # others go to what is known. A trial waits for a load at which it may run
+            # (_may_probe).
             for e in [*reversed(self.exits)] + ([None] if self._off_needs_trial() else []):
                 seen = self.ar_steps if e is None else self.arms[e].rounds
-                if seen < self.min_samples and e not in self._trials and (e is None or self._could_pay(e, c)):
+                if seen < self.min_samples and e not in self._trials and (e is None or self._may_probe(e, c)):
                     self._trials.add(e)
                     return Choice(exit=e, draft_len=0 if e is None else min(4, self.max_draft_len), rate=0.0,
                                   exploring=True)
@@ -490,8 +493,8 @@ class GoodputPolicy:
             (draft_len, rate), exit = max(scored, key=lambda item: item[0][1])
             if self.explore_every and self._choices % self.explore_every == 0:
                 self._explorations += 1
-                if rate <= off * (1 + self.min_gain) and not self._could_pay(exit, c):
-                    # no re-measure could make drafting pay at this load: off, on standby
+                if rate <= off * (1 + self.min_gain) and not self._may_probe(exit, c):
+                    # no re-measure at this load (_may_probe): off, on standby
                     return Choice(exit=None, draft_len=0, rate=off, standby=exit)
                 if rate <= off * (1 + self.min_gain) and self._explorations % 2:
                     # while speculation is off, every other exploration re-measures the arm it
@@ -505,7 +508,7 @@ class GoodputPolicy:
                 _, least = min(options)
                 if least == -1:
                     return Choice(exit=None, draft_len=0, rate=off, exploring=True)
-                if self._could_pay(least, c):
+                if self._may_probe(least, c):
                     g, r = self.best_draft_len(least, c)
                     return Choice(exit=least, draft_len=g, rate=r, exploring=True)
             if rate <= off * (1 + self.min_gain):
@@ -555,8 +558,8 @@ class GoodputPolicy:
                 if -g < planned and self.arms[best].rounds % LENGTH_PROBE_EVERY == LENGTH_PROBE_EVERY - 1:
                     return best, -g + 1  # one position past the best, to keep its estimate current
                 return best, -g
-            if not self._could_pay(exit, c):
-                return exit, 0  # no acceptance a probe could find would pay at this load
+            if not self._may_probe(exit, c):
+                return exit, 0  # no probe round at this load
             probe = min(planned, max(REFRESH_LEN, max(lengths, key=lambda n: self.rate(exit, n, c, own.get(exit)))))
             if c <= PROBE_MAX_CONCURRENCY and first:
                 return exit, probe  # the request's own first round: its own acceptance decides the rest

@@ -237,8 +237,8 @@ class RoundPlanner:
     from its rounds (`observe`). Only `auto` requests the goodput policy planned onto an exit
     are re-planned (`replans`); any other plan keeps its draft length (an explicit method
     runs as asked). A request planned to try an arm (Choice.exploring) stays on it for the
-    policy's min_samples drafting rounds, run where the arm could pay at that round's load
-    (GoodputPolicy.could_pay; else they wait as target-only steps). Any request moves, once,
+    policy's min_samples drafting rounds, run at a load where they may (GoodputPolicy.may_probe;
+    else they wait as target-only steps). Any request moves, once,
     to the arm that is best at a round's load once its own is not (GoodputPolicy.round_choice:
     a shallow arm trusted after a lucky trial, or a trial that ended); its draft length never
     exceeds the plan's (its KV was sized for that). Its own rounds' acceptance (`own`, per arm) weighs in its
@@ -266,8 +266,8 @@ class RoundPlanner:
         if not self.replans:
             return RoundPlan(spec.draft_len)
         if choice.exploring and choice.exit is not None and self.trial_rounds < policy.min_samples:
-            if not policy.could_pay(self.exit, concurrency):
-                return RoundPlan(0)  # its trial waits for a load at which the arm could pay
+            if not policy.may_probe(self.exit, concurrency):
+                return RoundPlan(0)  # its trial waits for a load at which it may run
             return RoundPlan(max(1, min(spec.draft_len, choice.draft_len)))
         exit, n = policy.round_choice(self.exit, spec.draft_len, concurrency, standby=self.plan.standby,
                                       move=not self.moved, own=self._own_now(), first=self.trial_rounds == 0)

@@ -665,31 +665,54 @@ PACK_CURVE = [0.063, 0.072, 0.087, 0.094, 0.099, 0.106, 0.114, 0.117, 0.123]
 PACK_BATCHES = {18: 0.168, 36: 0.43, 72: 0.70}
 
 
-def test_no_exploration_where_an_all_accepted_round_could_not_pay_at_that_load():
-    """In turn on shared cores a draft round stalls every other request on the node. With the
-    pack's curve and a 24 ms draft step, at 8 in flight, every draft accepted, the best round
-    (one draft) commits 7 + 2 tokens in 8 x (24 ms + V(9) = 123 ms), 7.7 tokens/s a request,
-    against off's 1 / V(8) = 8.5 (9.4 with MIN_GAIN): an exploration (here every choice) of the
-    arm, off since its drafts were rejected, does not run there. Controls: alone (8 drafts, 9
-    tokens in 8 x 24 ms + V(9) = 315 ms, 29/s against off's 16) and overlapped at 8 (9 tokens
-    in max(192 ms, V(72) = 0.70 s), 12.9/s) it runs."""
+def test_no_exploration_where_an_all_accepted_round_could_not_pay():
+    """Overlapped (draft and target on their own cores), one request, the pack's curve: with a
+    0.2 s draft step even every draft accepted commits at best 2 tokens in max(0.2 s, V(2)),
+    10/s, against off's 1 / V(1) = 15.9 (17.5 with MIN_GAIN), so an exploration (here every
+    choice) of the arm, off since its drafts were rejected, does not run. Control: a 24 ms step
+    (9 tokens in max(192 ms, V(9) = 123 ms), 47/s) explores."""
+
+    def policy(step):
+        p = GoodputPolicy(exits=(24,), max_draft_len=8, overlapped=True, explore_every=1,
+                          block_costs=PACK_CURVE, batch_costs=PACK_BATCHES)
+        for _ in range(3):  # every draft rejected: off wins
+            p.observe_round(exit=24, drafted=4, accepted=0, draft_s=4 * step, verify_s=0.099, step_rows=5)
+        warm(p, verify=0.063)
+        return p
+
+    slow, fast = policy(0.2), policy(0.024)
+    assert not slow.may_probe(24, 1) and fast.may_probe(24, 1)
+    assert slow.choose(1) == Choice(exit=None, draft_len=0, rate=slow.off_rate(1), standby=24)
+    ch = fast.choose(1)
+    assert (ch.exit, ch.exploring) == (24, True)  # control
+
+
+def test_in_turn_no_probe_round_above_probe_max_concurrency():
+    """In turn, a round that measures an arm stalls every request on the node and first feeds
+    the draft what the request ran without it (unpriced): trials, explorations, refresh rounds
+    and first-round probes run only at up to PROBE_MAX_CONCURRENCY in flight, even where the
+    all-accepted bound allows more (a 4 ms draft step: 8 drafts at 8 in flight, 16 tokens in
+    8 x (32 ms + V(16) = 158 ms), 10.5/s against 9.4). Controls: at PROBE_MAX_CONCURRENCY, and
+    overlapped at 8, it explores."""
+    from tandem.speculation.goodput import PROBE_MAX_CONCURRENCY, REFRESH_STEPS
 
     def policy(overlapped):
         p = GoodputPolicy(exits=(24,), max_draft_len=8, overlapped=overlapped, explore_every=1,
                           block_costs=PACK_CURVE, batch_costs=PACK_BATCHES)
-        for _ in range(3):  # every draft rejected: off wins at any load
-            p.observe_round(exit=24, drafted=4, accepted=0, draft_s=4 * 0.024, verify_s=0.099, step_rows=5)
+        for _ in range(3):
+            p.observe_round(exit=24, drafted=4, accepted=0, draft_s=4 * 0.004, verify_s=0.099, step_rows=5)
         warm(p, verify=0.063)
         return p
 
     p = policy(False)
-    assert not p.could_pay(24, 8) and p.could_pay(24, 1)
-    c8 = p.choose(8)
-    assert (c8.exit, c8.exploring, c8.standby) == (None, False, 24)
-    c1 = p.choose(1)
-    assert (c1.exit, c1.exploring) == (24, True)  # control: alone, the exploration runs
-    overlapped = policy(True)
-    assert overlapped.could_pay(24, 8) and overlapped.choose(8).exit == 24  # control: separate cores
+    assert p._could_pay(24, 8) and not p.may_probe(24, PROBE_MAX_CONCURRENCY + 1)
+    assert not p.choose(8).exploring
+    for _ in range(2 * REFRESH_STEPS):
+        p.observe_round(exit=None, drafted=0, accepted=0, draft_s=0.0, verify_s=0.063)
+    assert p.round_choice(24, planned=8, concurrency=8, standby=True, first=True) == (24, 0)
+    assert p.round_choice(24, planned=8, concurrency=PROBE_MAX_CONCURRENCY, standby=True)[1] >= 4  # refresh
+    assert p.choose(PROBE_MAX_CONCURRENCY).exploring
+    assert policy(True).choose(8).exploring
 
 
 def test_an_arm_whose_step_is_unmeasured_gets_its_trial_only_at_a_light_load_in_turn():
@@ -747,7 +770,7 @@ def test_no_probe_or_refresh_round_where_an_all_accepted_round_could_not_pay():
     p = GoodputPolicy(exits=(24,), max_draft_len=8, overlapped=False, explore_every=0)
     feed(p, exit=24, acceptance=0.0, draft_step=0.2, verify=0.1)
     warm(p, verify=0.1)
-    assert not p.could_pay(24, 1)
+    assert not p.may_probe(24, 1)
     for _ in range(4 * REFRESH_STEPS):
         p.observe_round(exit=None, drafted=0, accepted=0, draft_s=0.0, verify_s=0.1)
         assert p.round_choice(24, planned=8, standby=True) == (24, 0)

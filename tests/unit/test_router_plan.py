@@ -314,7 +314,7 @@ def test_a_request_off_after_a_hard_stretch_drafts_again_after_its_target_only_s
     assert hard.idle == 0 and hard.own[4].reached[0] == pytest.approx(12 * 0.5 ** (steps / OWN_HALF_LIFE_STEPS) + 1)
 
 
-def test_a_trial_round_waits_while_its_arm_could_not_pay_at_that_rounds_load():
+def test_a_trial_round_waits_for_a_load_at_which_it_may_run():
     """A request planned onto exit 16's trial alone; 7 others join before its rounds: in turn
     at 8 in flight, an arm whose step is not yet measured may not draft (test_goodput's
     test_an_arm_whose_step_is_unmeasured_gets_its_trial_only_at_a_light_load_in_turn), so its
