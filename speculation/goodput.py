@@ -375,6 +375,20 @@ class GoodputPolicy:
         near = min(seen, key=lambda k: (abs(k - rows), k))
         return seen[near] * self._relative_cost(rows, near)
 
+    def _forward_time(self, sequences: int, rows: int) -> float | None:
+        """Predicted time of a target forward of `sequences` requests' `rows` rows. With more
+        than one request it is anchored at their target-only forward (V(sequences)) and scaled
+        along the cost curve: a forward of 8 requests costs more than one request's block of
+        as many rows (each its own KV cache), so a block of 9 rows timed at one request must
+        not price 8 requests' 9 (seen through gRPC, 8 code requests in flight: one request's
+        9-row block at 123 ms priced a round of 1 draft under 8 requests' target-only step at
+        150 ms, and requests on standby drafted at 8 in flight, `auto` at 0.90x of off)."""
+        if sequences > 1:
+            base = self.verify_time(sequences)
+            if base is not None:
+                return base * self._relative_cost(rows, sequences)
+        return self.verify_time(rows)
+
     def rate(self, exit: int, draft_len: int, concurrency: int = 1, own: RequestAcceptance | None = None) -> float:
         """Predicted tokens/s of one request on an arm with draft_len drafts while
         `concurrency` requests (itself included) share the target's forwards: all drafting
@@ -391,7 +405,7 @@ class GoodputPolicy:
         """rate() of rounds drafting len(acceptance) tokens at draft step d (0.0 while V is unknown)."""
         draft_len, c = len(acceptance), max(1, concurrency)
         all_draft = self.overlapped or c == 1  # else in turn under load: one drafts while c - 1 step
-        v = self.verify_time(c * (draft_len + 1) if all_draft else c + draft_len)
+        v = self._forward_time(c, c * (draft_len + 1) if all_draft else c + draft_len)
         if v is None:
             return 0.0
         if all_draft:
