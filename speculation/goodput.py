@@ -33,6 +33,8 @@ Glossary
   against 1 / V(c) off (the choice is priced as if every running request took it). V is
   learned per number of rows in the forward (`step_rows`, reported by the target), so a
   target-only step that ran beside other requests' draft blocks is priced at its real rows,
+  a forward of c > 1 requests is priced from their own target-only step V(c) scaled along
+  the curve (_forward_time: c requests cost more than one request's block of as many rows),
   and `batch_costs` (the target's forward time for c sequences of draft_len + 1 rows,
   measured once) extends the curve past one request's block. On a 4-bit CPU target, whose
   time grows with rows, speculation stops paying as concurrency grows; on a GPU, whose
@@ -56,14 +58,13 @@ standby (Choice.standby: the deepest exit while nothing is known, else the best 
 load): it runs a drafting loop whose rounds are target-only steps until a re-plan
 (round_choice) says drafting pays at that round's load, so a burst planned before the
 trials reported, or off at a load that later drops, drafts once it should instead of
-running off for life. Every `explore_every`-th choice
-tries the option with the fewest samples, so a change in traffic or load (which moves d and
-V) is noticed. A trial, exploration or probe of an arm runs only at a load where a round of
-it could pay were every draft accepted, and, in turn, at up to PROBE_MAX_CONCURRENCY in
-flight (may_probe): a round at a higher load is a wait for every request on the node.
-Under heavy load measured step times grow (batched
-verification, a busy draft pool), so the chosen draft length shrinks and speculation turns
-itself off once it no longer pays.
+running off for life. Every `explore_every`-th choice tries the option with the fewest
+samples, so a change in traffic or load (which moves d and V) is noticed. A trial,
+exploration or probe of an arm runs only at a load where a round of it could pay were every
+draft accepted, and, in turn, at up to PROBE_MAX_CONCURRENCY in flight (may_probe): a round
+at a higher load is a wait for every request on the node. Under heavy load measured step
+times grow (batched verification, a busy draft pool), so the chosen draft length shrinks and
+speculation turns itself off once it no longer pays.
 """
 
 from __future__ import annotations

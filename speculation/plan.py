@@ -238,10 +238,10 @@ class RoundPlanner:
     are re-planned (`replans`); any other plan keeps its draft length (an explicit method
     runs as asked). A request planned to try an arm (Choice.exploring) stays on it for the
     policy's min_samples drafting rounds, run at a load where they may (GoodputPolicy.may_probe;
-    else they wait as target-only steps). Any request moves, once,
-    to the arm that is best at a round's load once its own is not (GoodputPolicy.round_choice:
-    a shallow arm trusted after a lucky trial, or a trial that ended); its draft length never
-    exceeds the plan's (its KV was sized for that). Its own rounds' acceptance (`own`, per arm) weighs in its
+    else they wait as target-only steps). Any request moves, once, to the arm that is best at
+    a round's load once its own is not (GoodputPolicy.round_choice: a shallow arm trusted
+    after a lucky trial, or a trial that ended); its draft length never exceeds the plan's
+    (its KV was sized for that). Its own rounds' acceptance (`own`, per arm) weighs in its
     re-plans beside the arm's long-run estimate, less the more target-only steps it ran
     since (RequestAcceptance.aged), and its first re-planned round drafts even where that
     estimate says off (round_choice's `own` and `first`)."""
