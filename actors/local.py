@@ -193,7 +193,7 @@ class LocalEngine:
         p = self.plan(method, draft_len=draft_len, policy=policy, max_draft_len=max_draft_len, k=k)
         view = _PlanView(name="local", default_method="auto", max_draft_len=DEFAULT_MAX_DRAFT_LEN,
                          policy=self._length_policy, sorted_policy=None)
-        rounds = RoundPlanner(view, p, prompt_len=len(prompt), max_new_tokens=max_new_tokens)  # auto re-plans each round, as the router's requests do
+        rounds = RoundPlanner(view, p)  # auto re-plans each round, as the router's requests do
         on_round = rounds.observe if p.observes and self._length_policy is not None else None
         try:
             result = self.run(prompt, spec=p.spec, sampling=sampling, max_new_tokens=max_new_tokens, stop_ids=stop_ids,

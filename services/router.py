@@ -345,7 +345,7 @@ class Router:
             trace.__enter__()
         tracing = trace.actor_tracing() if trace is not None else None  # None unless rounds are sampled
         state_key = self.new_state_key()
-        rounds = RoundPlanner(route, plan, prompt_len=len(req.prompt_ids), max_new_tokens=req.max_new_tokens)
+        rounds = RoundPlanner(route, plan)
         # the engine's callbacks run on this event loop (engine.agenerate)
         def on_tokens(tokens: list[int]) -> None:
             queue.put_nowait(("tokens", list(tokens)))

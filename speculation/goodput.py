@@ -27,11 +27,6 @@ Glossary
   drafts are cheap; a 4-bit CPU kernel works in tiles of 4 rows (a block of 5-8 rows costs
   about twice one of 1-4), and the draft length follows that step.
 - rate = E(draft_len) / round time; speculation off has rate 1 / V(1) (one token per step).
-- round overhead: a round's wall time as the request saw it (on_round's start_ns..end_ns)
-  past what the actors timed (draft_s, verify_s): one actor call for a target-only step, two
-  for a drafting round. Learned from rounds whose forward held only that request; one
-  request alone pays the difference on each drafting round (`round_extra_s`), so it is added
-  to that round's time there (under load the node's forwards, not the calls, bound it).
 - Concurrency (continuous batching): with c requests running on one target actor, their
   blocks share each forward, so a step verifies c (draft_len + 1) rows and a target-only
   step c rows. A request's rate is then E(draft_len) / round time with V(c (draft_len + 1)),
@@ -106,9 +101,6 @@ class ArmStats:
     # are weighed against (acceptance(own=...))
     long_run: list[_Ema] = field(default_factory=list)
     draft_step_s: _Ema | None = None
-    # seconds per token a draft call fed before drafting, past CAUGHT_UP_PRICED (the tokens a
-    # request ran without the draft: its prompt at its first round, the steps it ran off)
-    catch_up_s: _Ema | None = None
     rounds: int = 0
     seen_at: int = 0  # the policy's target-only steps (ar_steps) at this arm's last round
     refresh_steps: int = 0  # target-only steps between its refresh rounds now (0: REFRESH_STEPS)
@@ -116,8 +108,6 @@ class ArmStats:
     def __post_init__(self) -> None:
         if self.draft_step_s is None:
             self.draft_step_s = _Ema(self.alpha)
-        if self.catch_up_s is None:
-            self.catch_up_s = _Ema(self.alpha)
 
     def observe(self, *, drafted: int, accepted: int, draft_s: float, caught_up: int = 0) -> None:
         self.rounds += 1
@@ -135,16 +125,8 @@ class ArmStats:
         if drafted > 0 and caught_up <= CAUGHT_UP_PRICED:
             # a call that first caught up on tokens the draft missed (target-only steps before
             # it) is mostly that catch-up: priced per draft token it read 52 ms for 25 and kept
-            # a target off (seen through gRPC); such rounds teach acceptance, and the catch-up
+            # a target off (seen through gRPC); such rounds teach acceptance only
             self.draft_step_s.add(draft_s / drafted)
-        elif drafted > 0 and self.draft_step_s.value is not None:
-            self.catch_up_s.add(max(0.0, draft_s - drafted * self.draft_step_s.value) / caught_up)
-
-    def catch_up_time(self, behind: int) -> float:
-        """Seconds a draft call spends feeding `behind` tokens before it drafts (0.0 at most
-        CAUGHT_UP_PRICED behind, or while no catch-up was measured)."""
-        per = self.catch_up_s.value
-        return per * behind if per is not None and behind > CAUGHT_UP_PRICED else 0.0
 
     def acceptance(self, draft_len: int, prior: float, own: RequestAcceptance | None = None) -> list[float]:
         """a_1..a_draft_len; unseen positions repeat the last seen one (or the prior). With
@@ -338,9 +320,6 @@ class GoodputPolicy:
         # rows in the target forward a verification ran in -> its time. Rows: the target's
         # step_rows when it reports them (every sequence in that forward), else the block's own
         self.verify_s: dict[int, _Ema] = {}
-        # round overhead (module docstring) of target-only steps and of drafting rounds
-        self.step_overhead_s = _Ema(alpha)
-        self.draft_overhead_s = _Ema(alpha)
         self.ar_steps = 0  # target-only steps observed
         self._choices = 0
         self._explorations = 0
@@ -350,20 +329,16 @@ class GoodputPolicy:
     # ------------------------------------------------------------------ observations
     def observe_round(
         self, *, exit: int | None, drafted: int, accepted: int, draft_s: float, verify_s: float, step_rows: int = 0,
-        caught_up: int = 0, wall_s: float | None = None,
+        caught_up: int = 0,
     ) -> None:
         """One round: `verify_s` the target forward's time, `step_rows` the rows in that forward
         (all its sequences, padded; 0: unknown, taken as this round's block of drafted + 1);
-        `caught_up` the tokens its draft call fed before drafting (DraftBlock.caught_up);
-        `wall_s` the round's wall time as the request saw it (None: unknown)."""
+        `caught_up` the tokens its draft call fed before drafting (DraftBlock.caught_up)."""
         with self._lock:
             if drafted > 0 and exit not in self.arms:  # a round drafted elsewhere (unknown exit): it prices nothing here
                 return
             rows = int(step_rows) if step_rows > 0 else drafted + 1
             self.verify_s.setdefault(rows, _Ema(self._alpha)).add(verify_s)
-            if wall_s is not None and rows == drafted + 1 and caught_up <= CAUGHT_UP_PRICED:
-                # its forward held this request alone, and its draft call no catch-up
-                (self.draft_overhead_s if drafted else self.step_overhead_s).add(max(0.0, wall_s - draft_s - verify_s))
             if drafted == 0:  # a target-only step
                 self.ar_steps += 1
                 return
@@ -427,15 +402,6 @@ class GoodputPolicy:
             return 0.0
         return self._rate_at(arm.acceptance(draft_len, self.prior, own), d, concurrency)
 
-    def round_extra_s(self) -> float:
-        """What a drafting round's wall time exceeds the actors' timing by, past a target-only
-        step's (module docstring, round overhead; 0.0 until both were seen). Measured through
-        gRPC on the 2-core AMX host, chat prompts one at a time: 36-40 ms against 14-18 ms
-        (medians), so each drafting round cost ~22 ms more than its draft and verify times
-        said, and `auto` drafted 1-2 tokens a round at 0.91-0.95x of off."""
-        d, o = self.draft_overhead_s.value, self.step_overhead_s.value
-        return max(0.0, d - o) if d is not None and o is not None else 0.0
-
     def _rate_at(self, acceptance: Sequence[float], d: float, concurrency: int) -> float:
         """rate() of rounds drafting len(acceptance) tokens at draft step d (0.0 while V is unknown)."""
         draft_len, c = len(acceptance), max(1, concurrency)
@@ -443,8 +409,6 @@ class GoodputPolicy:
         v = self._forward_time(c, c * (draft_len + 1) if all_draft else c + draft_len)
         if v is None:
             return 0.0
-        if c == 1:
-            v += self.round_extra_s()
         if all_draft:
             return round_rate(acceptance, draft_step_s=d, verify_s=v, overlapped=self.overlapped)
         return (c - 1 + expected_tokens(acceptance)) / (c * (draft_len * d + v))  # module docstring
@@ -568,8 +532,7 @@ class GoodputPolicy:
 
     def round_choice(
         self, exit: int, planned: int, concurrency: int = 1, *, standby: bool = False, move: bool = False,
-        own: Mapping[int, RequestAcceptance] | None = None, first: bool = False, behind: int = 0,
-        left: int | None = None,
+        own: Mapping[int, RequestAcceptance] | None = None, first: bool = False,
     ) -> tuple[int, int]:
         """(exit, draft tokens) for the next round of a request planned onto `exit` with up to
         `planned` drafts (its KV was sized for that), re-planned at the load of this round
@@ -594,12 +557,7 @@ class GoodputPolicy:
         `own`: the request's own rounds per arm (RequestAcceptance, aged by its target-only
         steps since), which weigh in its arms' acceptance against their long-run estimates
         (OWN_PRIOR_ROUNDS); `first`: it has drafted no round yet, and then drafts one where
-        off wins too, at a load of at most PROBE_MAX_CONCURRENCY, where it could turn drafting
-        on (_probe_could_pay). `behind`: tokens its draft has not fed (its prompt before its
-        first round, the steps it ran off since), `left`: tokens it may still emit (None:
-        unknown); with both, a round that starts drafting again pays the draft's catch-up over
-        those tokens (ArmStats.catch_up_time) and drafts only where the rest of the request
-        still gains MIN_GAIN over off with it."""
+        off wins too, at a load of at most PROBE_MAX_CONCURRENCY."""
         with self._lock:
             arm = self.arms.get(exit)
             if arm is None or arm.rounds < self.min_samples or (standby and not self.off_known()):
@@ -610,7 +568,7 @@ class GoodputPolicy:
             arms = [e for e in self.exits if e == exit or self._trusted(e, than=exit)] if move else [exit]
             own = own or {}
             rate, g, best = max((self.rate(e, g, c, own.get(e)), -g, e) for e in arms for g in lengths)
-            if not off or (rate > off * (1 + self.min_gain) and self._repays_catch_up(best, rate, off, behind, left)):
+            if not off or rate > off * (1 + self.min_gain):
                 self.arms[best].refresh_steps = REFRESH_STEPS
                 if -g < planned and self.arms[best].rounds % LENGTH_PROBE_EVERY == LENGTH_PROBE_EVERY - 1:
                     return best, -g + 1  # one position past the best, to keep its estimate current
@@ -618,7 +576,7 @@ class GoodputPolicy:
             if not self._may_probe(exit, c):
                 return exit, 0  # no probe round at this load
             probe = min(planned, max(REFRESH_LEN, max(lengths, key=lambda n: self.rate(exit, n, c, own.get(exit)))))
-            if c <= PROBE_MAX_CONCURRENCY and first and self._probe_could_pay(exit, probe, lengths, c, off, own.get(exit), behind, left):
+            if c <= PROBE_MAX_CONCURRENCY and first:
                 return exit, probe  # the request's own first round: its own acceptance decides the rest
             interval = arm.refresh_steps or REFRESH_STEPS
             if self.ar_steps - arm.seen_at >= interval:
@@ -627,34 +585,6 @@ class GoodputPolicy:
                 return exit, probe
             return exit, 0
 
-    def _repays_catch_up(self, exit: int, rate: float, off: float, behind: int, left: int | None) -> bool:
-        """Whether drafting from `exit` at `rate` over the request's `left` tokens still gains
-        MIN_GAIN over off once its draft has fed the `behind` tokens it missed (seen through
-        gRPC on chat prompts: a first round after a 52-87 token prompt, or a round after 22-44
-        target-only steps, took 0.35-0.6 s of draft time, 4-6 target steps, for 1-4 tokens)."""
-        catch = self.arms[exit].catch_up_time(behind)
-        if not catch or not left:
-            return True
-        return left / (left / rate + catch) > off * (1 + self.min_gain)
-
-    def _probe_could_pay(
-        self, exit: int, probe: int, lengths: range, c: int, off: float, own: RequestAcceptance | None, behind: int,
-        left: int | None,
-    ) -> bool:
-        """Whether a request's first-round probe of `probe` drafts could turn drafting on: were
-        every one of them accepted, its own acceptance (weighed against the arm's long-run
-        estimate, OWN_PRIOR_ROUNDS) would price drafting MIN_GAIN over off, and that rate over
-        the rest of the request would repay the draft's catch-up (_repays_catch_up). Where
-        not even a fully accepted probe would, it only costs (seen through gRPC on chat
-        prompts, 1.5B pack: 5 first-round probes of 5 requests, each catching the draft up on
-        its prompt, ran `auto` at 0.93-0.94x of off). True while the arm's step is unknown."""
-        best_case = RequestAcceptance(reached=list(own.reached), accepted=list(own.accepted)) if own else RequestAcceptance()
-        best_case.add(drafted=probe, accepted=probe)
-        rate = max(self.rate(exit, g, c, best_case) for g in lengths)
-        if not rate:
-            return True
-        return rate > off * (1 + self.min_gain) and self._repays_catch_up(exit, rate, off, behind, left)
-
     def snapshot(self) -> dict:
         with self._lock:
             return {
@@ -662,12 +592,10 @@ class GoodputPolicy:
                 "block_costs": list(self.block_costs) if self.block_costs else None,
                 "cost_curve": dict(self._points),
                 "ar_steps": self.ar_steps,
-                "round_overhead_s": {"target_only": self.step_overhead_s.value, "drafting": self.draft_overhead_s.value},
                 "arms": {
                     e: {
                         "rounds": a.rounds,
                         "draft_step_s": a.draft_step_s.value,
-                        "catch_up_s": a.catch_up_s.value,
                         "acceptance": [round(x.value, 3) for x in a.accept if x.value is not None],
                     }
                     for e, a in self.arms.items()

@@ -244,13 +244,9 @@ class RoundPlanner:
     (its KV was sized for that). Its own rounds' acceptance (`own`, per arm) weighs in its
     re-plans beside the arm's long-run estimate, less the more target-only steps it ran
     since (RequestAcceptance.aged), and its first re-planned round drafts even where that
-    estimate says off (round_choice's `own` and `first`). It counts the tokens its draft has not
-    fed (`behind`: the prompt and first token before its first drafting round, then what each
-    round emitted past its accepted drafts, growing with each target-only step) and those it
-    may still emit (`left`, with `max_new_tokens` given), so that a round that starts the draft
-    again is priced with its catch-up (round_choice's `behind` and `left`)."""
+    estimate says off (round_choice's `own` and `first`)."""
 
-    def __init__(self, target: PlanTarget, plan_: Plan, *, prompt_len: int = 0, max_new_tokens: int | None = None):
+    def __init__(self, target: PlanTarget, plan_: Plan):
         self.target = target
         self.plan = plan_
         self.exit = plan_.observed_exit  # the arm this request's rounds draft from
@@ -258,8 +254,6 @@ class RoundPlanner:
         self.moved = False  # a request moves to another arm once (round_choice)
         self.own: dict[int, RequestAcceptance] = {}  # this request's rounds per arm that drafted them
         self.idle = 0  # its target-only steps since its last drafting round
-        self.behind = int(prompt_len) + 1  # tokens its draft has not fed (the prefill gives the first token)
-        self.left = None if max_new_tokens is None else int(max_new_tokens) - 1  # tokens it may still emit
 
     @property
     def replans(self) -> bool:
@@ -276,8 +270,7 @@ class RoundPlanner:
                 return RoundPlan(0)  # its trial waits for a load at which it may run
             return RoundPlan(max(1, min(spec.draft_len, choice.draft_len)))
         exit, n = policy.round_choice(self.exit, spec.draft_len, concurrency, standby=self.plan.standby,
-                                      move=not self.moved, own=self._own_now(), first=self.trial_rounds == 0,
-                                      behind=self.behind, left=self.left)
+                                      move=not self.moved, own=self._own_now(), first=self.trial_rounds == 0)
         if n > 0 and exit != self.exit:
             self.exit, self.moved = exit, True
         return RoundPlan(n, ExitPolicy.single(self.exit) if self.exit != self.plan.observed_exit else None)
@@ -297,14 +290,9 @@ class RoundPlanner:
         """Teach the target's goodput policy one round (`info`: run_request's on_round dict),
         under the exit that drafted it."""
         observe(self.target, self.plan, info)
-        emitted = int(info.get("emitted", info["accepted"] + 1))
-        if self.left is not None:
-            self.left = max(0, self.left - emitted)
         if info["drafted"] == 0:
             self.idle += 1
-            self.behind += emitted
         else:
-            self.behind = max(0, emitted - int(info["accepted"]))  # the correction or bonus token
             self.own = self._own_now()  # as its re-plan weighed them
             self.idle = 0
             self.trial_rounds += 1
@@ -327,5 +315,4 @@ def observe(target: PlanTarget, plan_: Plan, info: Mapping) -> None:
         caught_up=info.get("caught_up", 0),
         verify_s=info["verify_s"],
         step_rows=info.get("step_rows", 0),
-        wall_s=(info["end_ns"] - info["start_ns"]) / 1e9 if "end_ns" in info and "start_ns" in info else None,
     )

@@ -562,26 +562,15 @@ def test_a_requests_own_rounds_weigh_in_its_replans():
     assert mixed.reached == [1, 1, 1, 0] and mixed.accepted == [1, 1, 0, 0]
 
 
-def pulled_down(*, easy_rounds: int = 20):
-    """Exit 24 (0.02 s a draft step, 0.1 s to verify 5 rows, off 0.077 s a step): `easy_rounds`
-    rounds of 4 drafts all accepted, then 10 all rejected. Its recent estimate says off; its
-    long-run one (LONG_RUN_ALPHA) still reads 0.98^10 = 0.82 after 20 easy rounds, 0 after none."""
-    p = GoodputPolicy(exits=(24,), max_draft_len=8, overlapped=False, explore_every=0)
-    if easy_rounds:
-        feed(p, exit=24, acceptance=1.0, draft_step=0.020, verify=0.100, draft_len=4, rounds=easy_rounds)
-    feed(p, exit=24, acceptance=0.0, draft_step=0.020, verify=0.100, draft_len=4, rounds=10)
-    warm(p, verify=0.077)
-    return p
-
-
 def test_a_requests_first_round_drafts_where_off_wins():
-    """PROBE_MAX_CONCURRENCY: where its arm's estimate says off (a hard prompt pulled it
-    down), a request's first round still drafts (at least REFRESH_LEN tokens), so that its own
-    acceptance is known; later rounds (first=False) and a first round under a heavier load stay
-    off (the controls)."""
+    """PROBE_MAX_CONCURRENCY: where its arm's estimate says off, a request's first round still
+    drafts (at least REFRESH_LEN tokens), so that its own acceptance is known; later rounds
+    (first=False) and a first round under a heavier load stay off (the controls)."""
     from tandem.speculation.goodput import PROBE_MAX_CONCURRENCY, REFRESH_LEN
 
-    p = pulled_down()
+    p = GoodputPolicy(exits=(24,), max_draft_len=8, overlapped=False, explore_every=0)
+    feed(p, exit=24, acceptance=0.0, draft_step=0.020, verify=0.100, draft_len=4, rounds=10)
+    warm(p, verify=0.077)
     p.arms[24].seen_at = p.ar_steps  # no refresh round due
     assert p.round_choice(24, planned=8, standby=True)[1] == 0
     assert p.round_choice(24, planned=8, standby=True, first=True)[1] >= REFRESH_LEN
@@ -815,85 +804,3 @@ def test_a_forward_of_many_requests_is_priced_from_their_own_target_only_step():
     old = policy()
     old._forward_time = lambda sequences, rows: old.verify_time(rows)  # the control: rows alone
     assert old.round_choice(8, planned=1, concurrency=8)[1] == 1
-
-
-def test_a_first_round_probes_only_where_a_fully_accepted_one_could_turn_drafting_on():
-    """_probe_could_pay: an arm whose long-run estimate is 0 (chat prompts, where the draft
-    rarely agrees): even a probe whose 4 drafts were all accepted would blend to
-    1 / (OWN_PRIOR_ROUNDS + 1) = 0.25 per position, below what drafting needs, so the request's
-    first round is a target-only step; where the long run reads 0.82 (a hard prompt pulled only
-    the recent estimate down), the probe runs (the control)."""
-    from tandem.speculation.goodput import REFRESH_LEN
-
-    chat, code = pulled_down(easy_rounds=0), pulled_down()
-    for p in (chat, code):
-        p.arms[24].seen_at = p.ar_steps  # no refresh round due
-        assert p.round_choice(24, planned=8, standby=True)[1] == 0
-    assert chat.round_choice(24, planned=8, standby=True, first=True)[1] == 0
-    assert code.round_choice(24, planned=8, standby=True, first=True)[1] >= REFRESH_LEN
-
-
-def test_the_drafts_catch_up_is_learned_per_token_fed():
-    """ArmStats.catch_up_s: a round whose draft call fed 50 tokens first (its prompt) took 4
-    draft steps + 50 x 5 ms; the catch-up reads 5 ms a token, and its draft step is not
-    touched. Rounds that fed at most CAUGHT_UP_PRICED tokens teach the draft step only, and
-    catch_up_time prices nothing at or below that many tokens behind."""
-    from tandem.speculation.goodput import CAUGHT_UP_PRICED
-
-    p = GoodputPolicy(exits=(24,), max_draft_len=8, overlapped=False, explore_every=0)
-    arm = p.arms[24]
-    p.observe_round(exit=24, drafted=4, accepted=4, draft_s=0.080, verify_s=0.1, caught_up=2)
-    assert arm.draft_step_s.value == pytest.approx(0.020) and arm.catch_up_s.value is None
-    assert arm.catch_up_time(100) == 0.0  # nothing measured yet
-    p.observe_round(exit=24, drafted=4, accepted=4, draft_s=0.080 + 50 * 0.005, verify_s=0.1, caught_up=50)
-    assert arm.catch_up_s.value == pytest.approx(0.005)
-    assert arm.draft_step_s.value == pytest.approx(0.020)
-    assert arm.catch_up_time(100) == pytest.approx(0.5)
-    assert arm.catch_up_time(CAUGHT_UP_PRICED) == 0.0
-
-
-def test_a_round_that_starts_the_draft_again_repays_its_catch_up_over_the_tokens_left():
-    """round_choice's `behind` and `left`: an arm all accepted at one draft (settled: 0.02 s a
-    draft step, 0.08 s to verify, off 0.077 s a step) drafts at 1 / (0.02 + 0.08) x 2 = 20
-    tokens/s against off's 13. With a catch-up of 5 ms a token, a request 100 tokens behind
-    (0.5 s) with 3 tokens left would take 0.15 + 0.5 s where off takes 0.23: it stays off; with
-    200 left (10.5 s against 15.4) it drafts, and one at most CAUGHT_UP_PRICED behind drafts
-    with 3 left (the controls)."""
-    p = settled(1.0, max_draft_len=1, draft_len=1)
-    p.observe_round(exit=24, drafted=1, accepted=1, draft_s=0.020 + 60 * 0.005, verify_s=0.080, caught_up=60)
-    assert p.arms[24].catch_up_s.value == pytest.approx(0.005)
-    assert p.round_choice(24, planned=1)[1] == 1  # nothing said of the request: as before
-    assert p.round_choice(24, planned=1, behind=100, left=3)[1] == 0
-    assert p.round_choice(24, planned=1, behind=100, left=200)[1] == 1
-    assert p.round_choice(24, planned=1, behind=2, left=3)[1] == 1
-
-
-def test_a_drafting_rounds_extra_wall_time_is_priced_at_one_request():
-    """round_extra_s: drafting rounds whose wall time exceeds their draft and verify times by
-    75 ms, where a target-only step's exceeds its verify time by 15 ms (one actor call against
-    two). An arm all accepted at one draft (settled: 2 tokens in 0.02 + 0.08 s, 20 tokens/s
-    against off's 13) drafts while the overheads are unknown or equal (the controls), and not
-    once each drafting round costs 60 ms more: 2 / 0.16 s = 12.5 tokens/s. Rounds whose forward
-    held other requests' rows teach no overhead, and under load (8 in flight, in turn) the
-    extra is not added (the node's forwards bound those rounds)."""
-    p = settled(1.0, max_draft_len=1, draft_len=1)
-    assert p.round_extra_s() == 0.0 and p.round_choice(24, planned=1)[1] == 1
-    for _ in range(5):
-        p.observe_round(exit=None, drafted=0, accepted=0, draft_s=0.0, verify_s=0.077, wall_s=0.077 + 0.015)
-    assert p.round_extra_s() == 0.0  # drafting rounds' overhead not seen yet
-    for _ in range(5):  # beside 7 other requests' rows: not this request's own overhead
-        p.observe_round(exit=24, drafted=1, accepted=1, draft_s=0.02, verify_s=0.08, step_rows=9, wall_s=1.0)
-    assert p.round_extra_s() == 0.0
-    equal = settled(1.0, max_draft_len=1, draft_len=1)
-    for q in (p, equal):
-        for _ in range(20):
-            q.observe_round(exit=24, drafted=1, accepted=1, draft_s=0.02, verify_s=0.08,
-                            wall_s=0.1 + (0.075 if q is p else 0.015))
-            q.observe_round(exit=None, drafted=0, accepted=0, draft_s=0.0, verify_s=0.077, wall_s=0.077 + 0.015)
-    assert p.round_extra_s() == pytest.approx(0.060, abs=1e-3)
-    assert equal.round_extra_s() == pytest.approx(0.0, abs=1e-6)
-    assert p.rate(24, 1) == pytest.approx(2 / 0.16, rel=0.02)
-    assert p.round_choice(24, planned=1)[1] == 0
-    assert equal.round_choice(24, planned=1)[1] == 1
-    v8 = p._forward_time(8, 9)
-    assert p._rate_at([1.0], 0.02, 8) == pytest.approx((7 + 2) / (8 * (0.02 + v8)))

@@ -254,17 +254,14 @@ def test_a_request_whose_arm_turns_out_worse_moves_once():
 
 def test_a_request_probes_its_first_round_and_follows_its_own_acceptance():
     """A request planned off (standby) because its arm's shared estimate was pulled down by
-    other prompts (its long-run estimate at 0.98^50 = 0.36, where a fully accepted probe of 4
-    would blend to 0.52 a position, enough to draft, and 4 rejected ones to 0.14): its first round
-    drafts (REFRESH_LEN tokens), and its own rounds, all accepted, keep it drafting. A
+    another prompt: its first round drafts (REFRESH_LEN tokens), and its own rounds, all
+    accepted, keep it drafting. A
     second request whose own rounds are rejected goes back to target-only steps, while the
     first keeps drafting (its own acceptance, not the other's, decides)."""
     from tandem.speculation.goodput import REFRESH_LEN, GoodputPolicy
 
     policy = GoodputPolicy(exits=(4,), max_draft_len=8, overlapped=False, explore_every=0)
-    for _ in range(20):
-        policy.observe_round(exit=4, drafted=4, accepted=4, draft_s=0.08, verify_s=0.080)
-    for _ in range(50):
+    for _ in range(10):
         policy.observe_round(exit=4, drafted=4, accepted=0, draft_s=0.08, verify_s=0.080)
     for _ in range(3):
         policy.observe_round(exit=None, drafted=0, accepted=0, draft_s=0.0, verify_s=0.077)
@@ -343,32 +340,3 @@ def test_a_trial_round_waits_for_a_load_at_which_it_may_run():
         rounds.observe({"drafted": r.draft_len, "accepted": r.draft_len, "draft_s": 0.016 * r.draft_len,
                         "verify_s": 0.099, "step_rows": 5, "exits": {16: r.draft_len}})
     assert policy.arms[16].rounds == policy.min_samples
-
-
-def test_a_request_counts_the_tokens_its_draft_missed_and_those_left():
-    """RoundPlanner's `behind` and `left`: a 50-token prompt's request, 20 tokens at most,
-    starts 51 behind (its prompt and the prefill's token) with 19 left; each target-only step
-    puts it one further behind; a drafting round leaves only its correction or bonus token
-    unfed. Priced: with the draft's catch-up measured at 5 ms a token, a request on an arm
-    that pays (drafting at 2x off) drafts where it is 1 behind, but not once 400 tokens behind
-    with 3 left (2 s of catch-up for 3 tokens), the control."""
-    from tandem.speculation.goodput import GoodputPolicy
-
-    policy = GoodputPolicy(exits=(4,), max_draft_len=8, overlapped=False, explore_every=0)
-    for _ in range(20):
-        policy.observe_round(exit=4, drafted=4, accepted=4, draft_s=0.08, verify_s=0.080)
-    policy.observe_round(exit=4, drafted=4, accepted=4, draft_s=0.08 + 100 * 0.005, verify_s=0.080, caught_up=100)
-    for _ in range(3):
-        policy.observe_round(exit=None, drafted=0, accepted=0, draft_s=0.0, verify_s=0.077)
-    rt, plan = auto_plan(policy)
-    rounds = RoundPlanner(rt, plan, prompt_len=50, max_new_tokens=20)
-    assert (rounds.behind, rounds.left) == (51, 19)
-    rounds.observe({"drafted": 0, "accepted": 0, "emitted": 1, "draft_s": 0.0, "verify_s": 0.077, "exits": {}})
-    assert (rounds.behind, rounds.left) == (52, 18)
-    rounds.observe({"drafted": 4, "accepted": 2, "emitted": 3, "draft_s": 0.08, "verify_s": 0.08, "exits": {4: 4},
-                    "start_ns": 0, "end_ns": 190_000_000})
-    assert (rounds.behind, rounds.left) == (1, 15)
-    assert policy.draft_overhead_s.value == pytest.approx(0.03)  # its wall past draft and verify (0.19 s)
-    assert rounds.next(1).draft_len > 0
-    rounds.behind, rounds.left = 400, 3
-    assert rounds.next(1).draft_len == 0
