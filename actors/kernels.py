@@ -12,7 +12,8 @@ Which kernel, and why (`linear_kernel`):
   The packed kernels are slow for many rows, so a block of more than `max_rows` rows (a
   prefill) uses the dense weight. Where the two cross depends on the CPU: with avx512_bf16 a
   dense bf16 matmul of 9+ rows beats the packed kernel; without it (an AVX2-only host) bf16
-  is emulated and the packed kernel stays faster to 100+ rows. So each runner measures the
+  is emulated and the packed kernel stays faster to 100+ rows; ggml's kernels (below) stay
+  faster to 64 rows on an AMX-INT8 host with avx512_bf16. So each runner measures the
   crossover at load (`measure_quant_max_rows`) instead of assuming it; it only ever raises
   the bound above QUANT_MAX_ROWS (see choose_quant_max_rows).
 - CPU, with ggml built (`make kernels`) and serving (TANDEM_GGML: by default where ggml has
@@ -29,6 +30,8 @@ sampled from.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -270,25 +273,40 @@ def choose_quant_max_rows(quant_s: dict[int, float], dense_s: dict[int, float]) 
     return best
 
 
-def measure_quant_max_rows(linear: "QuantLinear", *, rows=CROSSOVER_ROWS, reps: int = 2) -> int:
-    """Time `linear`'s quantized kernel against its dense weight for blocks of `rows` rows
-    (fastest of `reps`, after a warm-up), stopping at the first row count the dense weight
-    wins; the crossover as choose_quant_max_rows reads it."""
+def measure_quant_max_rows(
+    forward: Callable[[int], object], set_bound: Callable[[int], None], *, rows=CROSSOVER_ROWS, reps: int = 5
+) -> int:
+    """Time `forward(r)` (r rows through some of a runner's layers) with the quantized kernels
+    serving the r rows (`set_bound(r)`) against the dense weights serving them
+    (`set_bound(QUANT_MAX_ROWS)`), stopping at the first row count the dense weights win; the
+    crossover as choose_quant_max_rows reads it. Leaves the bound wherever it was last set.
+
+    Whole layers, not a linear alone: on ggml's kernels the norms, rotary and gate between the
+    linears run on ggml's threads too, and a dense matmul right after them runs slower than
+    alone (the 0.5B draft's 9728 x 896 linear alone: 0.7 ms at 32 rows in some calls, 7-8 ms
+    in most). Each rep times both sides one right after the other, and each side keeps its
+    median rep, as a runner calibrates while the other actors load beside it. The best of 2
+    reps on the largest linear alone, which this replaced, read 8-16 rows at load on this
+    2-core AMX-INT8 host, where whole forwards of 9-64 rows ran 1.2-2.7x faster on ggml's
+    kernels than on the dense weights (docs/deploy.md, stop 38)."""
+    import statistics
     import time
+
+    def timed(bound: int, r: int) -> float:
+        set_bound(bound)
+        t0 = time.perf_counter()
+        forward(r)
+        return time.perf_counter() - t0
 
     quant_s: dict[int, float] = {}
     dense_s: dict[int, float] = {}
-    in_f = linear.weight.shape[1]
     for r in rows:
-        x = torch.full((r, in_f), 0.01, dtype=linear.weight.dtype, device=linear.weight.device)
-        for fn, out in ((linear.quantized, quant_s), (linear.dense, dense_s)):
-            fn(x)  # warm-up
-            best = float("inf")
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                fn(x)
-                best = min(best, time.perf_counter() - t0)
-            out[r] = best
+        timed(r, r), timed(QuantLinear.QUANT_MAX_ROWS, r)  # warm-up
+        q, d = [], []
+        for _ in range(reps):
+            q.append(timed(r, r))
+            d.append(timed(QuantLinear.QUANT_MAX_ROWS, r))
+        quant_s[r], dense_s[r] = statistics.median(q), statistics.median(d)
         if quant_s[r] > dense_s[r]:
             break
     return choose_quant_max_rows(quant_s, dense_s)

@@ -39,6 +39,7 @@ from tandem.actors import layer_ops
 from tandem.actors.devices import resolve_device
 from tandem.actors.kv_cache import KVLayout, SequenceState
 from tandem.actors.kernels import (
+    CROSSOVER_ROWS,
     ConcatLinear,
     DenseLinear,
     QuantLinear,
@@ -48,6 +49,11 @@ from tandem.actors.kernels import (
     open_pack_grid,
 )
 from tandem.actors.loading import SUPPORTED_MODEL_TYPES, load_causal_lm, parse_dtype
+
+# layers a runner times its quantized kernels' row bound on at load (_calibrate_quant_rows):
+# enough for the ops between linears to count, a small part of a model's load
+CALIBRATION_LAYERS = 2
+
 
 @dataclass
 class _Layer:
@@ -205,7 +211,7 @@ class ModelRunner:
         self._grid = None  # read during conversion only
         del model  # the runner keeps only the converted weights
         # rows up to which the quantized kernels beat the dense weight here (None: no quantized
-        # linear); measured once on a layer's largest linear, applied to all (actors/kernels.py)
+        # linear); measured once on a layer's linears, applied to all (actors/kernels.py)
         if any(lin.kind == "ggml" for lin in self._quant_linears()):
             self.kernel += "-ggml"  # "pack-ggml", "int4-ggml": on ggml's kernels (actors/ggml_kernel.py)
         # norms, rotary and the SiLU gate: one C++ call each on ggml's kernels in bf16, else torch
@@ -227,12 +233,25 @@ class ModelRunner:
                     yield part
 
     def _calibrate_quant_rows(self) -> int | None:
-        sample = list(self._quant_linears(self.layers[:1]))
-        if not sample:
+        """Rows up to which the quantized kernels serve a block, measured on blocks through
+        the first CALIBRATION_LAYERS layers of a scratch sequence (actors/kernels.py)."""
+        if not any(True for _ in self._quant_linears(self.layers[:1])):
             return None
-        rows = measure_quant_max_rows(max(sample, key=lambda lin: lin.weight.numel()))
-        for lin in self._quant_linears():
-            lin.max_rows = rows
+        depth = min(CALIBRATION_LAYERS, self.num_layers)
+        seq = self.new_sequence(max(CROSSOVER_ROWS) + 1)
+
+        def forward(n: int) -> None:
+            ids = torch.arange(n, device=self.device) % self.vocab_size
+            self._run_layers([_Row(seq=seq, start=0, hidden=self.embed[ids], n_new=n)], 0, depth)
+
+        def set_bound(n: int) -> None:
+            for lin in self._quant_linears():
+                lin.max_rows = n
+
+        with torch.inference_mode():
+            rows = measure_quant_max_rows(forward, set_bound)
+        set_bound(rows)
+        self.release(seq)
         return rows
 
     def _place(self, t: torch.Tensor) -> torch.Tensor:

@@ -198,6 +198,7 @@ class DraftWorker(_Worker):
             "device": str(r.device),
             "default_device": str(self.batcher.default_device),  # its model threads'; "meta" under the test discipline
             "kernel": r.kernel,
+            "quant_max_rows": r.quant_max_rows,  # rows up to which its quantized kernels serve a block
             "threads": self.threads,
             "live_requests": len(self.drafter.requests),
             "gathered": self.batcher.gathered,
@@ -412,6 +413,7 @@ class TargetWorker(_Worker):
             "device": str(r.device),
             "default_device": str(self.batcher.default_device),
             "kernel": getattr(r, "kernel", "pipeline"),
+            "quant_max_rows": getattr(r, "quant_max_rows", None),
             "threads": self.threads,
             "live_requests": len(self.verifier.requests),
             "kv_bytes_per_token": self.kv_bytes_per_token,

@@ -123,7 +123,7 @@ def build_engine(cfg: TandemConfig, *, resolve=resolve_model_path) -> ActorEngin
     say(f"{'shared' if shared else 'loading the'} draft pool: {cfg.draft_pool.model} x{cfg.draft_pool.replicas} ({cfg.draft_pool.quantize})")
     draft = DraftPool(draft_spec, timeout_s=timeout, shared=shared(DRAFT_POOL) if shared else None)
     adapters = draft_spec.load.exit_adapters
-    say(f"draft pool ready in {time.time() - t0:.0f}s, exits {draft.info['exits']}; "
+    say(f"draft pool ready in {time.time() - t0:.0f}s, exits {draft.info['exits']}, {kernel_note(draft.info)}; "
         + (f"trained exits from {adapters}" if adapters else
            f"no trained exits (exit_adapters: {cfg.draft_pool.exit_adapters}; see `tandem train-exits`)"))
     pools = {}
@@ -132,7 +132,7 @@ def build_engine(cfg: TandemConfig, *, resolve=resolve_model_path) -> ActorEngin
         say(f"loading target {spec.name!r}: {spec.load.path} x{spec.replicas}" + (f", {spec.shards} shards" if spec.shards > 1 else "")
             + (f" ({spec.load.quantize})" if spec.load.quantize else ""))
         pools[spec.name] = TargetPool(spec, timeout_s=timeout, shared=shared(f"target:{spec.name}") if shared else None)
-        say(f"target {spec.name!r} ready in {time.time() - t1:.0f}s")
+        say(f"target {spec.name!r} ready in {time.time() - t1:.0f}s, {kernel_note(pools[spec.name].info)}")
     return ActorEngine(
         draft,
         pools,
@@ -140,6 +140,13 @@ def build_engine(cfg: TandemConfig, *, resolve=resolve_model_path) -> ActorEngin
         heartbeat_timeout_s=cfg.server.heartbeat_timeout_s,
         restart_grace_s=cfg.draft_pool.load_timeout_s,
     )
+
+
+def kernel_note(info: Mapping) -> str:
+    """An actor's linear kernel for the ready lines, with the rows up to which its quantized
+    kernels serve a block (measured at load, actors/kernels.py)."""
+    rows = info.get("quant_max_rows")
+    return f"kernel {info.get('kernel')}" + (f" (quantized up to {rows} rows)" if rows else "")
 
 
 def shared_pools(cfg: TandemConfig):

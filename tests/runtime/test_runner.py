@@ -234,6 +234,36 @@ def test_quantized_kernel_serves_blocks_up_to_the_measured_crossover():
     assert choose_quant_max_rows({16: 2.0}, {16: 1.0}) == 8 == QuantLinear.QUANT_MAX_ROWS
 
 
+def test_crossover_measurement_keeps_the_median_rep(monkeypatch):
+    """measure_quant_max_rows on a fake clock: forwards whose quantized side costs 2 units a
+    row count up to 64 rows and 20 at 128, the dense side 6. One rep of each row count's
+    quantized side is slowed 40x (another actor loading beside it): the median of 5 reps
+    still reads 64; the same trace read with a single rep (the control) reads 8, stopping at
+    the slowed 16."""
+    import time
+
+    from tandem.actors.kernels import QuantLinear, measure_quant_max_rows
+
+    clock = [0.0]
+    bound = [QuantLinear.QUANT_MAX_ROWS]
+    calls: dict[int, int] = {}
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+
+    def forward(rows: int) -> None:
+        quantized = bound[0] >= rows
+        if quantized:
+            calls[rows] = calls.get(rows, 0) + 1
+        cost = (2.0 if rows <= 64 else 20.0) if quantized else 6.0
+        clock[0] += cost * (40 if quantized and calls[rows] == 2 else 1)  # its first timed rep
+
+    def set_bound(n: int) -> None:
+        bound[0] = n
+
+    assert measure_quant_max_rows(forward, set_bound) == 64
+    calls.clear()
+    assert measure_quant_max_rows(forward, set_bound, reps=1) == QuantLinear.QUANT_MAX_ROWS
+
+
 def test_restricted_head_maps_columns_to_token_ids(tiny_paths, runner_device):
     path = tiny_paths[1]
     full = ModelRunner(path, dtype="float32", device=runner_device)
