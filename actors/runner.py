@@ -238,7 +238,8 @@ class ModelRunner:
         if not any(True for _ in self._quant_linears(self.layers[:1])):
             return None
         depth = min(CALIBRATION_LAYERS, self.num_layers)
-        seq = self.new_sequence(max(CROSSOVER_ROWS) + 1)
+        tried = [r for r in CROSSOVER_ROWS if r <= self.max_context]  # a block past it never runs
+        seq = self.new_sequence(max(tried, default=1) + 1)
 
         def forward(n: int) -> None:
             ids = torch.arange(n, device=self.device) % self.vocab_size
@@ -249,7 +250,7 @@ class ModelRunner:
                 lin.max_rows = n
 
         with torch.inference_mode():
-            rows = measure_quant_max_rows(forward, set_bound)
+            rows = measure_quant_max_rows(forward, set_bound, rows=tried)
         set_bound(rows)
         self.release(seq)
         return rows
