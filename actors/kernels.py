@@ -13,7 +13,7 @@ Which kernel, and why (`linear_kernel`):
   prefill) uses the dense weight. Where the two cross depends on the CPU: with avx512_bf16 a
   dense bf16 matmul of 9+ rows beats the packed kernel; without it (an AVX2-only host) bf16
   is emulated and the packed kernel stays faster to 100+ rows; ggml's kernels (below) stay
-  faster to 64 rows on an AMX-INT8 host with avx512_bf16. So each runner measures the
+  faster to 64 rows on a 2-core AMX-INT8 host at 2 threads. So each runner measures the
   crossover at load (`measure_quant_max_rows`) instead of assuming it; it only ever raises
   the bound above QUANT_MAX_ROWS (see choose_quant_max_rows).
 - CPU, with ggml built (`make kernels`) and serving (TANDEM_GGML: by default where ggml has
@@ -286,9 +286,9 @@ def measure_quant_max_rows(
     alone (the 0.5B draft's 9728 x 896 linear alone: 0.7 ms at 32 rows in some calls, 7-8 ms
     in most). Each rep times both sides one right after the other, and each side keeps its
     median rep, as a runner calibrates while the other actors load beside it. The best of 2
-    reps on the largest linear alone, which this replaced, read 8-16 rows at load on this
-    2-core AMX-INT8 host, where whole forwards of 9-64 rows ran 1.2-2.7x faster on ggml's
-    kernels than on the dense weights (docs/deploy.md, stop 38)."""
+    reps on the largest linear alone, which this replaced, read 8-32 rows on a 2-core AMX-INT8
+    host where blocks of 9-48 rows ran 1.3-3.2x faster on ggml's kernels than on the dense
+    weights (bench/results/packed_rows_amx_*.json; docs/deploy.md, stop 38)."""
     import statistics
     import time
 

@@ -235,7 +235,7 @@ class ModelRunner:
     def _calibrate_quant_rows(self) -> int | None:
         """Rows up to which the quantized kernels serve a block, measured on blocks through
         the first CALIBRATION_LAYERS layers of a scratch sequence (actors/kernels.py)."""
-        if not any(True for _ in self._quant_linears(self.layers[:1])):
+        if next(self._quant_linears(self.layers[:1]), None) is None:
             return None
         depth = min(CALIBRATION_LAYERS, self.num_layers)
         tried = [r for r in CROSSOVER_ROWS if r <= self.max_context]  # a block past it never runs
