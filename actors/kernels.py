@@ -13,7 +13,7 @@ Which kernel, and why (`linear_kernel`):
   prefill) uses the dense weight. Where the two cross depends on the CPU: with avx512_bf16 a
   dense bf16 matmul of 9+ rows beats the packed kernel; without it (an AVX2-only host) bf16
   is emulated and the packed kernel stays faster to 100+ rows; ggml's kernels (below) stay
-  faster to 64 rows on a 2-core AMX-INT8 host at 2 threads. So each runner measures the
+  faster to 32-64 rows on a 2-core AMX-INT8 host at 2 threads. So each runner measures the
   crossover at load (`measure_quant_max_rows`) instead of assuming it; it only ever raises
   the bound above QUANT_MAX_ROWS (see choose_quant_max_rows).
 - CPU, with ggml built (`make kernels`) and serving (TANDEM_GGML: by default where ggml has
