@@ -7,6 +7,10 @@ fidelity is reported per method (prompts equal to hf-ar's output) together with 
 top-1 minus top-2 logit margin at the first differing token, computed on hf-ar's path: in
 bf16 a multi-token forward rounds differently from a one-token step, so outputs may part at
 a near-tie (a margin of one or two bf16 steps); a large margin would be a bug.
+
+Past ~400 lines because it is one command's flow, read top to bottom: the backends it runs
+tandem's methods on, the baselines and peers beside them (llama.cpp's server itself lives in
+bench/llama_peer.py, the `--via grpc` variant in bench/grpc_bench.py), the summary and table.
 """
 
 from __future__ import annotations
@@ -158,9 +162,15 @@ def run_baseline(name, *, hf_target, hf_draft, prompts_ids, max_new_tokens, samp
     return run
 
 
-def run_llama(method, *, binary, pack, draft, prompts_ids, max_new_tokens, sampling, threads, progress) -> MethodRun:
+def run_llama(method, *, binary, pack, draft, prompts_ids, max_new_tokens, sampling, threads, progress,
+              concurrency: int = 1) -> MethodRun:
     """llama.cpp's llama-server on the packs' own GGUF (bench/llama_peer.py), greedy only:
-    llamacpp-ar the target alone, llamacpp-spec with the draft pack as its draft model."""
+    llamacpp-ar the target alone, llamacpp-spec with the draft pack as its draft model. With
+    concurrency C > 1, then C requests in flight on a server with C slots (its continuous
+    batching; one at a time ran on one slot, as llama-server serves a single user), measured
+    as run_concurrent measures tandem's methods."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from tandem.bench.llama_peer import LlamaServer
 
     if not sampling.greedy:
@@ -174,6 +184,17 @@ def run_llama(method, *, binary, pack, draft, prompts_ids, max_new_tokens, sampl
             run.seconds.append(time.perf_counter() - t0)
             progress(method)
     run.extra["weights"] = "the packs' GGUF as stored"
+    if concurrency > 1:
+        n = max(len(prompts_ids), 2 * concurrency)
+        work = [prompts_ids[i % len(prompts_ids)] for i in range(n)]
+        with LlamaServer(binary, pack, threads=threads, parallel=concurrency,
+                         draft=draft if method == "llamacpp-spec" else None) as server:
+            server.generate(prompts_ids[0], max_new_tokens=16)  # warm-up
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(concurrency) as pool:
+                tokens = sum(len(o) for o in pool.map(lambda ids: server.generate(ids, max_new_tokens=max_new_tokens), work))
+            wall = time.perf_counter() - t0
+        run.extra["concurrent"] = {"concurrency": concurrency, "requests": n, "aggregate_tokens_per_s": round(tokens / wall, 3)}
     return run
 
 
@@ -468,7 +489,11 @@ def main(args) -> int:
                     method, binary=llamacpp_binary(getattr(args, "llamacpp_bin", None)), pack=args.target,
                     draft=args.draft, prompts_ids=prompts_ids,
                     max_new_tokens=args.max_new_tokens, sampling=sampling, threads=threads, progress=progress,
+                    concurrency=args.concurrency,
                 )
+                if "concurrent" in run.extra:
+                    conc = run.extra["concurrent"]
+                    conc["gain_vs_one_at_a_time"] = round(conc["aggregate_tokens_per_s"] / max(run.tokens_per_s, 1e-9), 3)
             elif method in BASELINES:
                 run = run_baseline(
                     method,

@@ -4,6 +4,18 @@ the same server with speculation off, measured in the same run.
 
 The router learns per target which exit and draft length pay off; `--warmup` requests per
 target let it settle before anything is measured, and the exits it used are reported.
+
+`--llamacpp`: llama.cpp's `llama-server` (bench/llama_peer.py) runs too, in the same run, on
+each target's model pack GGUF, with the same prompts (the same chat template and token ids as
+the server's), the same threads, as many requests in flight as `--concurrency` (its own
+continuous batching, `-np` slots), streamed and timed like the server's requests; every row
+then gets its ratio to it ("x llamacpp-ar"). The tandem server stays up, idle, meanwhile, and
+on a host with few cores its idle processes (Ray's, and each actor's own wake-ups, ~1,000 a
+second in all, ~8% of a core) slow llama.cpp: on this project's 2-core host it ran 12.88 tok/s
+one at a time beside an idle `make serve` against 14.29 alone (0.90x; at 8 in flight 26.6-27.3
+beside it, 28.2-29.3 alone). So there the ratios favour tandem by up to ~10%; measure the peer
+alone with the server stopped (`tandem bench --methods llamacpp-ar [--concurrency C]`) for
+figures to quote.
 """
 
 from __future__ import annotations
@@ -77,19 +89,7 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def one_request(client, *, target: str, messages: list, method: str, max_new_tokens: int) -> RequestTiming:
-    t0 = time.perf_counter()
-    first = None
-    last = None
-    tokens = 0
-    for chunk in client.generate_stream(target=target, messages=messages, max_new_tokens=max_new_tokens, method=method):
-        if chunk.token_ids and first is None:
-            first = time.perf_counter() - t0
-        tokens += len(chunk.token_ids)
-        last = chunk
-    total = time.perf_counter() - t0
-    first = first if first is not None else total
-    tpot = (total - first) / (tokens - 1) if tokens > 1 else None
-    return RequestTiming(tokens=tokens, seconds=total, ttft=first, tpot=tpot, stats=last.stats if last else None)
+    return timed(client.generate_stream(target=target, messages=messages, max_new_tokens=max_new_tokens, method=method))
 
 
 def run_series(client, *, target: str, method: str, prompts: list, concurrency: int, max_new_tokens: int) -> Series:
@@ -106,11 +106,58 @@ def run_series(client, *, target: str, method: str, prompts: list, concurrency: 
     return series
 
 
+def timed(stream) -> RequestTiming:
+    """Time one streamed request: `stream` yields chunks with `token_ids` (and `stats`, the
+    server's, on its last) or plain lists of token ids (llama-server)."""
+    t0 = time.perf_counter()
+    first = None
+    last = None
+    tokens = 0
+    for chunk in stream:
+        ids = chunk if isinstance(chunk, list) else chunk.token_ids
+        if ids and first is None:
+            first = time.perf_counter() - t0
+        tokens += len(ids)
+        last = chunk
+    total = time.perf_counter() - t0
+    first = first if first is not None else total
+    tpot = (total - first) / (tokens - 1) if tokens > 1 else None
+    stats = getattr(last, "stats", None)
+    return RequestTiming(tokens=tokens, seconds=total, ttft=first, tpot=tpot, stats=stats)
+
+
+def llamacpp_series(target: str, model: str, *, prompts: list, concurrency: int, max_new_tokens: int, threads: int,
+                    binary: str | None) -> Series:
+    """llama-server on `model`'s pack GGUF with `concurrency` slots, the prompts sent
+    `concurrency` at a time as the server's were: greedy, streamed."""
+    from tandem.bench.llama_peer import LlamaServer
+    from tandem.deploy.models import encode_prompt, tokenizer_for
+    from tandem.deploy.packs import PACKS
+
+    if model not in PACKS:
+        raise ValueError(f"llamacpp: target {target!r} serves {model!r}, not a model pack; llama.cpp runs a pack's GGUF "
+                         f"(packs: {', '.join(PACKS)})")
+    tokenizer = tokenizer_for(model)
+    ids = [encode_prompt(tokenizer, messages=p["messages"]) for p in prompts]
+    series = Series(target=target, method="llamacpp-ar")
+    with LlamaServer(binary, model, threads=threads, parallel=concurrency) as server:
+        server.generate(ids[0], max_new_tokens=8)  # warm-up
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(concurrency) as pool:
+            futs = [pool.submit(lambda x: timed(server.generate_stream(x, max_new_tokens=max_new_tokens)), x) for x in ids]
+            series.timings = [f.result() for f in futs]
+        series.wall_s = time.perf_counter() - t0
+    return series
+
+
 def format_table(rows: list[dict]) -> str:
-    head = ["target", "speculation", "tok/s", "x off", "TTFT p50/p95 s", "TPOT p50/p95 s", "mean acc. len", "exits used"]
+    peer = any(r.get("speedup_vs_llamacpp_ar") is not None for r in rows)  # the column only where llama.cpp ran
+    head = ["target", "speculation", "tok/s", "x off"] + (["x llamacpp-ar"] if peer else []) + [
+        "TTFT p50/p95 s", "TPOT p50/p95 s", "mean acc. len", "exits used"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
         tp = f"{r['tpot_p50_s']}/{r['tpot_p95_s']}" if r["tpot_p50_s"] is not None else "-"
+        x_peer = r.get("speedup_vs_llamacpp_ar")
         lines.append(
             "| "
             + " | ".join(
@@ -119,6 +166,7 @@ def format_table(rows: list[dict]) -> str:
                     r["method"],
                     f"{r['tokens_per_s']:.2f}",
                     f"{r.get('speedup_vs_off', 1.0):.2f}",
+                    *([f"{x_peer:.2f}" if x_peer is not None else "-"] if peer else []),
                     f"{r['ttft_p50_s']}/{r['ttft_p95_s']}",
                     tp,
                     str(r["mean_accepted_len"] or "-"),
@@ -137,6 +185,15 @@ def main(args) -> int:
 
     token = args.token or os.environ.get("TANDEM_AUTH_TOKEN")
     prompts = load_prompts(args.prompts, args.limit)
+    binary = None
+    if getattr(args, "llamacpp", False):
+        from tandem.actors.devices import available_threads
+        from tandem.bench.llama_peer import llamacpp_binary
+
+        binary = llamacpp_binary(getattr(args, "llamacpp_bin", None))
+        if binary is None:
+            raise ValueError("llamacpp: no llama-server found (--llamacpp-bin, $TANDEM_LLAMACPP_BIN, PATH, or `make peer`)")
+        threads = getattr(args, "threads", None) or available_threads()
     with TandemClient(args.server, token=token) as client:
         info = client.list_models()
         targets = [t.strip() for t in args.targets.split(",")] if args.targets else [t["name"] for t in info["targets"]]
@@ -153,6 +210,16 @@ def main(args) -> int:
             on["speedup_vs_off"] = round(on["tokens_per_s"] / off["tokens_per_s"], 3) if off["tokens_per_s"] else None
             off["speedup_vs_off"] = 1.0
             rows += [off, on]
+            if binary is not None:
+                model = next((t["model"] for t in info["targets"] if t["name"] == target), target)
+                eprint(f"[bench] {target}: llama.cpp's llama-server on {model}'s GGUF, {args.concurrency} in flight, {threads} threads "
+                       "(beside the idle server: on few cores that slows it; see bench/grpc_bench.py)")
+                peer = llamacpp_series(target, model, prompts=prompts, concurrency=args.concurrency,
+                                       max_new_tokens=args.max_new_tokens, threads=threads, binary=binary).summary()
+                peer["speedup_vs_off"] = round(peer["tokens_per_s"] / off["tokens_per_s"], 3) if off["tokens_per_s"] else None
+                for r in (off, on, peer):
+                    r["speedup_vs_llamacpp_ar"] = round(r["tokens_per_s"] / peer["tokens_per_s"], 3) if peer["tokens_per_s"] else None
+                rows.append(peer)
     table = format_table(rows)
     print(table)
     if args.output:
@@ -168,6 +235,7 @@ def main(args) -> int:
                     "concurrency": args.concurrency,
                     "warmup": args.warmup,
                     "method": args.method,
+                    "llamacpp": binary is not None,  # then measured beside the idle server (see the module's docstring)
                 },
                 "server": info,
             },

@@ -1,6 +1,9 @@
 """llama.cpp as a `tandem bench` peer: its `llama-server` on the very GGUF files the model packs
 carry (the parts joined), greedy, the same prompt token ids, the same threads, one request at a
 time, timed end to end like every other method (prefill included).
+With `parallel` slots (`-np`, llama-server's own continuous batching) it serves that many
+requests at once: `tandem bench --via grpc --llamacpp --concurrency C` (bench/grpc_bench.py)
+runs it at the server's C in flight, streamed, for time to first token and per output token.
 
 - `llamacpp-ar`: the target's GGUF alone (autoregressive).
 - `llamacpp-spec`: llama.cpp's own draft-model speculation, the draft pack's GGUF as its
@@ -41,8 +44,11 @@ class LlamaServer:
     """A llama-server process on loopback for one pack; stopped on exit."""
 
     def __init__(
-        self, binary: str, pack: str, *, threads: int, draft: str | None = None, ctx: int = 4096, start_timeout_s: float = 300.0
+        self, binary: str, pack: str, *, threads: int, draft: str | None = None, ctx: int = 4096, parallel: int = 1,
+        start_timeout_s: float = 300.0,
     ):
+        """ctx: context per slot; parallel: slots, requests served at once (llama-server
+        splits its -c among them, so it gets ctx * parallel)."""
         from tandem.deploy.packs import PACKS
         from tandem.deploy.pack_grid import join_pack_gguf
 
@@ -50,6 +56,8 @@ class LlamaServer:
             raise ValueError(
                 f"llamacpp-bin: no llama-server at {binary!r} (--llamacpp-bin, ${LLAMACPP_BIN_ENV}, PATH, or `make peer`)"
             )
+        if int(parallel) < 1:
+            raise ValueError(f"concurrency: llama-server needs at least 1 slot, got {parallel}")
         for field, name in (("target", pack), ("draft", draft)):
             if name is not None and name not in PACKS:
                 raise ValueError(f"{field}: llama.cpp runs a model pack's GGUF, got {name!r} (packs: {', '.join(PACKS)})")
@@ -57,7 +65,7 @@ class LlamaServer:
         gguf = join_pack_gguf(pack, Path(self._tmp.name) / f"{pack}.gguf")
         self.port = _free_port()
         cmd = [binary, "-m", str(gguf), "--host", "127.0.0.1", "--port", str(self.port), "-t", str(threads),
-               "-tb", str(threads), "-c", str(ctx), "-np", "1", "--no-webui"]
+               "-tb", str(threads), "-c", str(ctx * int(parallel)), "-np", str(int(parallel)), "--no-webui"]
         if draft is not None:
             draft_gguf = join_pack_gguf(draft, Path(self._tmp.name) / f"{draft}.gguf")
             cmd += ["--model-draft", str(draft_gguf), "--threads-draft", str(threads), "--threads-batch-draft", str(threads)]
@@ -84,6 +92,21 @@ class LlamaServer:
         with urllib.request.urlopen(req, timeout=600) as r:
             out = json.loads(r.read())
         return [int(t) for t in out.get("tokens", [])]
+
+    def generate_stream(self, prompt_ids: list[int], *, max_new_tokens: int):
+        """generate(), streamed: yields each chunk's token ids as llama-server sends them."""
+        body = {"prompt": list(prompt_ids), "n_predict": max_new_tokens, "temperature": 0.0, "top_k": 1,
+                "cache_prompt": False, "return_tokens": True, "stream": True}
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/completion", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=600) as r:
+            for line in r:  # server-sent events: "data: {...}" lines, blank lines between
+                if line.startswith(b"data: "):
+                    chunk = json.loads(line[6:])
+                    if chunk.get("tokens"):
+                        yield [int(t) for t in chunk["tokens"]]
+                    if chunk.get("stop"):
+                        return
 
     def close(self) -> None:
         if self.proc.poll() is None:

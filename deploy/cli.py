@@ -112,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=6, help="--via grpc: warm-up requests per target")
     bench.add_argument("--concurrency", type=int, default=1, help="also measure aggregate tokens/s with C requests in flight")
     bench.add_argument(
+        "--llamacpp", action="store_true",
+        help="--via grpc: also run llama.cpp's llama-server on each target's pack GGUF, same prompts, same "
+        "concurrency, in the same run (bench/grpc_bench.py)",
+    )
+    bench.add_argument(
         "--llamacpp-bin", default=None,
         help="llama.cpp's llama-server for the llamacpp-ar/llamacpp-spec peers (default: $TANDEM_LLAMACPP_BIN, "
         "PATH, or `make peer`'s build; bench/llama_peer.py)",
@@ -457,6 +462,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "generate":
             return cmd_generate(args)
         if args.command == "bench":
+            if args.llamacpp and args.via != "grpc":
+                raise ValueError("--llamacpp: for --via grpc; in-process and actor runs name the peer in --methods "
+                                 "(llamacpp-ar, llamacpp-spec)")
             if args.via == "grpc":
                 from tandem.bench.grpc_bench import main as grpc_bench_main
 

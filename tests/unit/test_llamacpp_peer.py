@@ -76,3 +76,51 @@ def test_ratio_column_only_where_llamacpp_ran():
                         sampling=SamplingParams(temperature=0.0), reference="sd")
     assert without[0]["speedup_vs_llamacpp_ar"] is None
     assert "llamacpp" not in format_table(without)
+
+
+# -- beside a running server: `tandem bench --via grpc --llamacpp` (bench/grpc_bench.py) ------------
+
+def test_slots_and_grpc_peer_refusals_name_the_field(tmp_path, capsys):
+    from tandem.bench import grpc_bench
+    from tandem.deploy.cli import main
+
+    binary = _exe(tmp_path / "llama-server")
+    with pytest.raises(ValueError, match="^concurrency: llama-server needs at least 1 slot, got 0"):
+        llama_peer.LlamaServer(binary, "qwen2.5-coder-0.5b-instruct", threads=1, parallel=0)
+    with pytest.raises(ValueError, match="^llamacpp: target 'code' serves 'some/hub-model', not a model pack"):
+        grpc_bench.llamacpp_series("code", "some/hub-model", prompts=[], concurrency=1, max_new_tokens=4, threads=1,
+                                   binary=binary)
+    assert main(["bench", "--llamacpp", "--prompts", "none.jsonl"]) == 2  # in-process: the peer is a --methods name
+    assert "--llamacpp: for --via grpc" in capsys.readouterr().err
+
+
+def test_streamed_requests_are_timed_alike(monkeypatch):
+    """The server's chunks and llama-server's token lists time the same way: time to the
+    first token, then the rest over the tokens after the first."""
+    from types import SimpleNamespace
+
+    from tandem.bench import grpc_bench
+
+    clock = iter([0.0, 0.5, 1.1])  # start, the first token's chunk, the end
+    monkeypatch.setattr(grpc_bench.time, "perf_counter", lambda: next(clock))
+    t = grpc_bench.timed(iter([[5], [6, 7], [8]]))
+    assert (t.tokens, t.ttft, t.seconds, t.stats) == (4, 0.5, 1.1, None)
+    assert t.tpot == pytest.approx((1.1 - 0.5) / 3)
+    clock = iter([0.0, 0.4, 1.0])  # an empty first chunk is not the first token
+    monkeypatch.setattr(grpc_bench.time, "perf_counter", lambda: next(clock))
+    chunks = [SimpleNamespace(token_ids=[], stats=None), SimpleNamespace(token_ids=[3, 4], stats={"rounds": 1})]
+    t = grpc_bench.timed(iter(chunks))
+    assert (t.tokens, t.ttft, t.tpot, t.stats) == (2, 0.4, pytest.approx(0.6), {"rounds": 1})
+
+
+def test_grpc_ratio_column_only_where_llamacpp_ran():
+    from tandem.bench import grpc_bench
+
+    row = {"target": "code", "method": "off", "tokens_per_s": 30.0, "ttft_p50_s": 0.1, "ttft_p95_s": 0.2,
+           "tpot_p50_s": 0.05, "tpot_p95_s": 0.06, "mean_accepted_len": None, "exits_used": {}}
+    assert "llamacpp" not in grpc_bench.format_table([row])
+    table = grpc_bench.format_table([{**row, "speedup_vs_llamacpp_ar": 1.5},
+                                     {**row, "method": "llamacpp-ar", "tokens_per_s": 20.0, "speedup_vs_llamacpp_ar": 1.0}])
+    head, _, off, peer = table.splitlines()
+    assert head.split(" | ")[4] == "x llamacpp-ar"
+    assert off.split(" | ")[4] == "1.50" and peer.split(" | ")[4] == "1.00"
