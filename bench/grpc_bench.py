@@ -5,6 +5,11 @@ the same server with speculation off, measured in the same run.
 The router learns per target which exit and draft length pay off; `--warmup` requests per
 target let it settle before anything is measured, and the exits it used are reported.
 
+`--concurrency C` (C > 1): each series runs one request at a time and then C in flight on the
+same server, and the C rows get their aggregate tokens/s and p50 time per output token over
+their own one-at-a-time row's ("x one at a time", "TPOT x one"): issue 12's check (aggregate
+>= 3x, TPOT <= 2.5x at 8 in flight) read from one run.
+
 `--llamacpp`: llama.cpp's `llama-server` (bench/llama_peer.py) runs too, in the same run, on
 each target's model pack GGUF, with the same prompts (the same chat template and token ids as
 the server's), the same threads, as many requests in flight as `--concurrency` (its own
@@ -150,10 +155,27 @@ def llamacpp_series(target: str, model: str, *, prompts: list, concurrency: int,
     return series
 
 
+def against_one_at_a_time(rows: list[dict]) -> None:
+    """Give each row run with several requests in flight its aggregate tokens/s and p50 time
+    per output token over those of the row of the same target and method run one at a time."""
+    alone = {(r["target"], r["method"]): r for r in rows if r.get("concurrency", 1) == 1}
+    for r in rows:
+        one = alone.get((r["target"], r["method"]))
+        if r.get("concurrency", 1) > 1 and one is not None:
+            r["gain_vs_one_at_a_time"] = round(r["tokens_per_s"] / one["tokens_per_s"], 3) if one["tokens_per_s"] else None
+            r["tpot_p50_vs_one_at_a_time"] = (round(r["tpot_p50_s"] / one["tpot_p50_s"], 3)
+                                              if r["tpot_p50_s"] and one["tpot_p50_s"] else None)
+
+
 def format_table(rows: list[dict]) -> str:
     peer = any(r.get("speedup_vs_llamacpp_ar") is not None for r in rows)  # the column only where llama.cpp ran
-    head = ["target", "speculation", "tok/s", "x off"] + (["x llamacpp-ar"] if peer else []) + [
+    many = any(r.get("concurrency", 1) > 1 for r in rows)  # the load columns only where some ran several in flight
+    head = ["target", "speculation"] + (["in flight"] if many else []) + ["tok/s", "x off"] + (
+        ["x llamacpp-ar"] if peer else []) + (["x one at a time", "TPOT x one"] if many else []) + [
         "TTFT p50/p95 s", "TPOT p50/p95 s", "mean acc. len", "exits used"]
+
+    def ratio(v):
+        return f"{v:.2f}" if v is not None else "-"
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
         tp = f"{r['tpot_p50_s']}/{r['tpot_p95_s']}" if r["tpot_p50_s"] is not None else "-"
@@ -164,9 +186,11 @@ def format_table(rows: list[dict]) -> str:
                 [
                     r["target"],
                     r["method"],
+                    *([str(r.get("concurrency", 1))] if many else []),
                     f"{r['tokens_per_s']:.2f}",
                     f"{r.get('speedup_vs_off', 1.0):.2f}",
-                    *([f"{x_peer:.2f}" if x_peer is not None else "-"] if peer else []),
+                    *([ratio(x_peer)] if peer else []),
+                    *([ratio(r.get("gain_vs_one_at_a_time")), ratio(r.get("tpot_p50_vs_one_at_a_time"))] if many else []),
                     f"{r['ttft_p50_s']}/{r['ttft_p95_s']}",
                     tp,
                     str(r["mean_accepted_len"] or "-"),
@@ -203,23 +227,28 @@ def main(args) -> int:
                 eprint(f"[bench] {target}: {args.warmup} warm-up requests (the router settles its exit and draft length)")
                 warm = (prompts * (args.warmup // len(prompts) + 1))[: args.warmup]
                 run_series(client, target=target, method="auto", prompts=warm, concurrency=1, max_new_tokens=args.max_new_tokens)
-            eprint(f"[bench] {target}: speculation off")
-            off = run_series(client, target=target, method="off", prompts=prompts, concurrency=args.concurrency, max_new_tokens=args.max_new_tokens).summary()
-            eprint(f"[bench] {target}: speculation on ({args.method})")
-            on = run_series(client, target=target, method=args.method, prompts=prompts, concurrency=args.concurrency, max_new_tokens=args.max_new_tokens).summary()
-            on["speedup_vs_off"] = round(on["tokens_per_s"] / off["tokens_per_s"], 3) if off["tokens_per_s"] else None
-            off["speedup_vs_off"] = 1.0
-            rows += [off, on]
-            if binary is not None:
-                model = next((t["model"] for t in info["targets"] if t["name"] == target), target)
-                eprint(f"[bench] {target}: llama.cpp's llama-server on {model}'s GGUF, {args.concurrency} in flight, {threads} threads "
-                       "(beside the idle server: on few cores that slows it; see bench/grpc_bench.py)")
-                peer = llamacpp_series(target, model, prompts=prompts, concurrency=args.concurrency,
-                                       max_new_tokens=args.max_new_tokens, threads=threads, binary=binary).summary()
-                peer["speedup_vs_off"] = round(peer["tokens_per_s"] / off["tokens_per_s"], 3) if off["tokens_per_s"] else None
-                for r in (off, on, peer):
-                    r["speedup_vs_llamacpp_ar"] = round(r["tokens_per_s"] / peer["tokens_per_s"], 3) if peer["tokens_per_s"] else None
-                rows.append(peer)
+            for c in sorted({1, max(1, args.concurrency)}):
+                eprint(f"[bench] {target}: speculation off, {c} in flight")
+                off = run_series(client, target=target, method="off", prompts=prompts, concurrency=c, max_new_tokens=args.max_new_tokens).summary()
+                eprint(f"[bench] {target}: speculation on ({args.method}), {c} in flight")
+                on = run_series(client, target=target, method=args.method, prompts=prompts, concurrency=c, max_new_tokens=args.max_new_tokens).summary()
+                on["speedup_vs_off"] = round(on["tokens_per_s"] / off["tokens_per_s"], 3) if off["tokens_per_s"] else None
+                off["speedup_vs_off"] = 1.0
+                level = [off, on]
+                if binary is not None:
+                    model = next((t["model"] for t in info["targets"] if t["name"] == target), target)
+                    eprint(f"[bench] {target}: llama.cpp's llama-server on {model}'s GGUF, {c} in flight, {threads} threads "
+                           "(beside the idle server: on few cores that slows it; see bench/grpc_bench.py)")
+                    peer = llamacpp_series(target, model, prompts=prompts, concurrency=c,
+                                           max_new_tokens=args.max_new_tokens, threads=threads, binary=binary).summary()
+                    peer["speedup_vs_off"] = round(peer["tokens_per_s"] / off["tokens_per_s"], 3) if off["tokens_per_s"] else None
+                    for r in (off, on, peer):
+                        r["speedup_vs_llamacpp_ar"] = round(r["tokens_per_s"] / peer["tokens_per_s"], 3) if peer["tokens_per_s"] else None
+                    level.append(peer)
+                for r in level:
+                    r["concurrency"] = c
+                rows += level
+    against_one_at_a_time(rows)
     table = format_table(rows)
     print(table)
     if args.output:

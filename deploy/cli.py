@@ -462,6 +462,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "generate":
             return cmd_generate(args)
         if args.command == "bench":
+            if args.concurrency < 1:
+                raise ValueError(f"--concurrency: requests in flight, >= 1; got {args.concurrency}")
             if args.llamacpp and args.via != "grpc":
                 raise ValueError("--llamacpp: for --via grpc; in-process and actor runs name the peer in --methods "
                                  "(llamacpp-ar, llamacpp-spec)")

@@ -124,3 +124,29 @@ def test_grpc_ratio_column_only_where_llamacpp_ran():
     head, _, off, peer = table.splitlines()
     assert head.split(" | ")[4] == "x llamacpp-ar"
     assert off.split(" | ")[4] == "1.50" and peer.split(" | ")[4] == "1.00"
+
+
+def test_grpc_rows_in_flight_against_one_at_a_time(capsys):
+    """--concurrency C: each C row gets its aggregate and p50 time per output token over the
+    one-at-a-time row of its own target and method (issue 12's check, from one run)."""
+    from tandem.bench import grpc_bench
+    from tandem.deploy.cli import main
+
+    def row(target, method, c, tps, tpot):
+        return {"target": target, "method": method, "concurrency": c, "tokens_per_s": tps, "ttft_p50_s": 0.1,
+                "ttft_p95_s": 0.2, "tpot_p50_s": tpot, "tpot_p95_s": tpot, "mean_accepted_len": None, "exits_used": {}}
+
+    rows = [row("a", "off", 1, 12.0, 0.08), row("a", "auto", 1, 18.0, 0.05), row("b", "auto", 1, 30.0, 0.03),
+            row("a", "off", 8, 40.0, 0.17), row("a", "auto", 8, 39.0, 0.175), row("b", "auto", 8, 60.0, 0.12)]
+    grpc_bench.against_one_at_a_time(rows)
+    assert "gain_vs_one_at_a_time" not in rows[0]  # a one-at-a-time row is the reference, not compared
+    assert [(r["gain_vs_one_at_a_time"], r["tpot_p50_vs_one_at_a_time"]) for r in rows[3:]] == [
+        (3.333, 2.125), (2.167, 3.5), (2.0, 4.0)]  # each over its own target's and method's row
+    table = grpc_bench.format_table(rows).splitlines()
+    head = table[0].split(" | ")
+    assert head[2] == "in flight" and "x one at a time" in head and "TPOT x one" in head
+    cells = dict(zip(head, table[6].split(" | ")))
+    assert (cells["in flight"], cells["x one at a time"], cells["TPOT x one"]) == ("8", "2.17", "3.50")
+    assert "in flight" not in grpc_bench.format_table(rows[:3])  # one at a time only: no load columns
+    assert main(["bench", "--via", "grpc", "--concurrency", "0", "--prompts", "none.jsonl"]) == 2
+    assert "--concurrency: requests in flight, >= 1; got 0" in capsys.readouterr().err
