@@ -168,9 +168,7 @@ def run_llama(method, *, binary, pack, draft, prompts_ids, max_new_tokens, sampl
     llamacpp-ar the target alone, llamacpp-spec with the draft pack as its draft model. With
     concurrency C > 1, then C requests in flight on a server with C slots (its continuous
     batching; one at a time ran on one slot, as llama-server serves a single user), measured
-    as run_concurrent measures tandem's methods."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    as tandem's methods are (in_flight)."""
     from tandem.bench.llama_peer import LlamaServer
 
     if not sampling.greedy:
@@ -185,16 +183,11 @@ def run_llama(method, *, binary, pack, draft, prompts_ids, max_new_tokens, sampl
             progress(method)
     run.extra["weights"] = "the packs' GGUF as stored"
     if concurrency > 1:
-        n = max(len(prompts_ids), 2 * concurrency)
-        work = [prompts_ids[i % len(prompts_ids)] for i in range(n)]
         with LlamaServer(binary, pack, threads=threads, parallel=concurrency,
                          draft=draft if method == "llamacpp-spec" else None) as server:
             server.generate(prompts_ids[0], max_new_tokens=16)  # warm-up
-            t0 = time.perf_counter()
-            with ThreadPoolExecutor(concurrency) as pool:
-                tokens = sum(len(o) for o in pool.map(lambda ids: server.generate(ids, max_new_tokens=max_new_tokens), work))
-            wall = time.perf_counter() - t0
-        run.extra["concurrent"] = {"concurrency": concurrency, "requests": n, "aggregate_tokens_per_s": round(tokens / wall, 3)}
+            run.extra["concurrent"] = in_flight(lambda ids: server.generate(ids, max_new_tokens=max_new_tokens),
+                                                prompts_ids=prompts_ids, concurrency=concurrency)
     return run
 
 
@@ -406,18 +399,24 @@ def _quant(args) -> str | None:
     return None if args.draft_quantize == "none" else args.draft_quantize
 
 
-def run_concurrent(name, *, backend, prompts_ids, concurrency: int, max_new_tokens, sampling, call_kwargs) -> dict:
-    """C requests in flight (prompts cycled to at least 2C requests): aggregate tokens/s."""
+def in_flight(generate: Callable[[list[int]], Sequence[int]], *, prompts_ids, concurrency: int) -> dict:
+    """C requests in flight (prompts cycled to at least 2C requests), `generate(ids) -> tokens`
+    each: aggregate tokens/s."""
     from concurrent.futures import ThreadPoolExecutor
 
     n = max(len(prompts_ids), 2 * concurrency)
     work = [prompts_ids[i % len(prompts_ids)] for i in range(n)]
     t0 = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        results = list(pool.map(lambda ids: backend.generate(ids, name, max_new_tokens, sampling, **call_kwargs), work))
+        tokens = sum(len(out) for out in pool.map(generate, work))
     wall = time.perf_counter() - t0
-    tokens = sum(len(r.tokens) for r in results)
     return {"concurrency": concurrency, "requests": n, "aggregate_tokens_per_s": round(tokens / wall, 3)}
+
+
+def run_concurrent(name, *, backend, prompts_ids, concurrency: int, max_new_tokens, sampling, call_kwargs) -> dict:
+    """tandem's method `name` with C requests in flight (in_flight)."""
+    return in_flight(lambda ids: backend.generate(ids, name, max_new_tokens, sampling, **call_kwargs).tokens,
+                     prompts_ids=prompts_ids, concurrency=concurrency)
 
 
 def main(args) -> int:

@@ -93,22 +93,20 @@ def _pct(values: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
-def one_request(client, *, target: str, messages: list, method: str, max_new_tokens: int) -> RequestTiming:
-    return timed(client.generate_stream(target=target, messages=messages, max_new_tokens=max_new_tokens, method=method))
-
-
-def run_series(client, *, target: str, method: str, prompts: list, concurrency: int, max_new_tokens: int) -> Series:
+def timed_series(target: str, method: str, stream, items: list, *, concurrency: int) -> Series:
+    """`stream(item)` for each item, `concurrency` at a time, each request timed (timed())."""
     series = Series(target=target, method=method)
     t0 = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        futs = [
-            pool.submit(one_request, client, target=target, messages=p["messages"], method=method, max_new_tokens=max_new_tokens)
-            for p in prompts
-        ]
-        for f in futs:
-            series.timings.append(f.result())
+        series.timings = list(pool.map(lambda item: timed(stream(item)), items))
     series.wall_s = time.perf_counter() - t0
     return series
+
+
+def run_series(client, *, target: str, method: str, prompts: list, concurrency: int, max_new_tokens: int) -> Series:
+    return timed_series(target, method, lambda p: client.generate_stream(target=target, messages=p["messages"],
+                                                                          max_new_tokens=max_new_tokens, method=method),
+                        prompts, concurrency=concurrency)
 
 
 def timed(stream) -> RequestTiming:
@@ -144,15 +142,10 @@ def llamacpp_series(target: str, model: str, *, prompts: list, concurrency: int,
                          f"(packs: {', '.join(PACKS)})")
     tokenizer = tokenizer_for(model)
     ids = [encode_prompt(tokenizer, messages=p["messages"]) for p in prompts]
-    series = Series(target=target, method="llamacpp-ar")
     with LlamaServer(binary, model, threads=threads, parallel=concurrency) as server:
         server.generate(ids[0], max_new_tokens=8)  # warm-up
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(concurrency) as pool:
-            futs = [pool.submit(lambda x: timed(server.generate_stream(x, max_new_tokens=max_new_tokens)), x) for x in ids]
-            series.timings = [f.result() for f in futs]
-        series.wall_s = time.perf_counter() - t0
-    return series
+        return timed_series(target, "llamacpp-ar", lambda x: server.generate_stream(x, max_new_tokens=max_new_tokens), ids,
+                            concurrency=concurrency)
 
 
 def against_one_at_a_time(rows: list[dict]) -> None:

@@ -83,23 +83,23 @@ class LlamaServer:
         self.close()
         raise RuntimeError(f"llama-server did not become healthy in {start_timeout_s:.0f} s")
 
-    def generate(self, prompt_ids: list[int], *, max_new_tokens: int) -> list[int]:
-        """Greedy continuation of the token ids (stops at the model's end of generation)."""
+    def _completion(self, prompt_ids: list[int], *, max_new_tokens: int, stream: bool):
+        """POST /completion: greedy, the token ids back; the open response."""
         body = {"prompt": list(prompt_ids), "n_predict": max_new_tokens, "temperature": 0.0, "top_k": 1,
-                "cache_prompt": False, "return_tokens": True, "stream": False}
+                "cache_prompt": False, "return_tokens": True, "stream": stream}
         req = urllib.request.Request(f"http://127.0.0.1:{self.port}/completion", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=600) as r:
+        return urllib.request.urlopen(req, timeout=600)
+
+    def generate(self, prompt_ids: list[int], *, max_new_tokens: int) -> list[int]:
+        """Greedy continuation of the token ids (stops at the model's end of generation)."""
+        with self._completion(prompt_ids, max_new_tokens=max_new_tokens, stream=False) as r:
             out = json.loads(r.read())
         return [int(t) for t in out.get("tokens", [])]
 
     def generate_stream(self, prompt_ids: list[int], *, max_new_tokens: int):
         """generate(), streamed: yields each chunk's token ids as llama-server sends them."""
-        body = {"prompt": list(prompt_ids), "n_predict": max_new_tokens, "temperature": 0.0, "top_k": 1,
-                "cache_prompt": False, "return_tokens": True, "stream": True}
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/completion", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=600) as r:
+        with self._completion(prompt_ids, max_new_tokens=max_new_tokens, stream=True) as r:
             for line in r:  # server-sent events: "data: {...}" lines, blank lines between
                 if line.startswith(b"data: "):
                     chunk = json.loads(line[6:])
