@@ -490,9 +490,6 @@ def main(args) -> int:
                     max_new_tokens=args.max_new_tokens, sampling=sampling, threads=threads, progress=progress,
                     concurrency=args.concurrency,
                 )
-                if "concurrent" in run.extra:
-                    conc = run.extra["concurrent"]
-                    conc["gain_vs_one_at_a_time"] = round(conc["aggregate_tokens_per_s"] / max(run.tokens_per_s, 1e-9), 3)
             elif method in BASELINES:
                 run = run_baseline(
                     method,
@@ -519,12 +516,13 @@ def main(args) -> int:
                 if method == "sorted" and len(policy.exits) < 2:
                     run.extra["fallback"] = "sd: no exit below the draft's full depth"
                 if args.concurrency > 1:
-                    conc = run_concurrent(
+                    run.extra["concurrent"] = run_concurrent(
                         method, backend=backend, prompts_ids=prompts_ids, concurrency=args.concurrency,
                         max_new_tokens=args.max_new_tokens, sampling=sampling, call_kwargs=kw,
                     )
-                    conc["gain_vs_one_at_a_time"] = round(conc["aggregate_tokens_per_s"] / max(run.tokens_per_s, 1e-9), 3)
-                    run.extra["concurrent"] = conc
+            if "concurrent" in run.extra:  # tandem's methods and llama.cpp's, measured alike (in_flight)
+                conc = run.extra["concurrent"]
+                conc["gain_vs_one_at_a_time"] = round(conc["aggregate_tokens_per_s"] / max(run.tokens_per_s, 1e-9), 3)
             runs.append(run)
     finally:
         bar.close()

@@ -15,8 +15,8 @@ each target's model pack GGUF, with the same prompts (the same chat template and
 the server's), the same threads, as many requests in flight as `--concurrency` (its own
 continuous batching, `-np` slots), streamed and timed like the server's requests; every row
 then gets its ratio to it ("x llamacpp-ar"). The tandem server stays up, idle, meanwhile, and
-on a host with few cores its idle processes (Ray's, and each actor's own wake-ups, ~1,000 a
-second in all, ~8% of a core) slow llama.cpp: on this project's 2-core host it ran 12.88 tok/s
+on a host with few cores its idle processes (each actor's Ray main thread, the raylet, the
+object store, Ray's agents: ~1,000 wake-ups a second in all, ~8% of a core) slow llama.cpp: on this project's 2-core host it ran 12.88 tok/s
 one at a time beside an idle `make serve` against 14.29 alone (0.90x; at 8 in flight 26.6-27.3
 beside it, 28.2-29.3 alone). So there the ratios favour tandem by up to ~10%; measure the peer
 alone with the server stopped (`tandem bench --methods llamacpp-ar [--concurrency C]`) for
