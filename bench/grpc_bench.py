@@ -148,6 +148,11 @@ def llamacpp_series(target: str, model: str, *, prompts: list, concurrency: int,
                             concurrency=concurrency)
 
 
+def _over(a: float | None, b: float | None) -> float | None:
+    """a / b to 3 places; None where either is missing (or b is 0)."""
+    return round(a / b, 3) if a is not None and b else None
+
+
 def against_one_at_a_time(rows: list[dict]) -> None:
     """Give each row run with several requests in flight its aggregate tokens/s and p50 time
     per output token over those of the row of the same target and method run one at a time."""
@@ -155,9 +160,8 @@ def against_one_at_a_time(rows: list[dict]) -> None:
     for r in rows:
         one = alone.get((r["target"], r["method"]))
         if r.get("concurrency", 1) > 1 and one is not None:
-            r["gain_vs_one_at_a_time"] = round(r["tokens_per_s"] / one["tokens_per_s"], 3) if one["tokens_per_s"] else None
-            r["tpot_p50_vs_one_at_a_time"] = (round(r["tpot_p50_s"] / one["tpot_p50_s"], 3)
-                                              if r["tpot_p50_s"] and one["tpot_p50_s"] else None)
+            r["gain_vs_one_at_a_time"] = _over(r["tokens_per_s"], one["tokens_per_s"])
+            r["tpot_p50_vs_one_at_a_time"] = _over(r["tpot_p50_s"] or None, one["tpot_p50_s"])
 
 
 def format_table(rows: list[dict]) -> str:
@@ -220,12 +224,12 @@ def main(args) -> int:
                 eprint(f"[bench] {target}: {args.warmup} warm-up requests (the router settles its exit and draft length)")
                 warm = (prompts * (args.warmup // len(prompts) + 1))[: args.warmup]
                 run_series(client, target=target, method="auto", prompts=warm, concurrency=1, max_new_tokens=args.max_new_tokens)
-            for c in sorted({1, max(1, args.concurrency)}):
+            for c in sorted({1, args.concurrency}):  # the CLI refuses fewer than 1
                 eprint(f"[bench] {target}: speculation off, {c} in flight")
                 off = run_series(client, target=target, method="off", prompts=prompts, concurrency=c, max_new_tokens=args.max_new_tokens).summary()
                 eprint(f"[bench] {target}: speculation on ({args.method}), {c} in flight")
                 on = run_series(client, target=target, method=args.method, prompts=prompts, concurrency=c, max_new_tokens=args.max_new_tokens).summary()
-                on["speedup_vs_off"] = round(on["tokens_per_s"] / off["tokens_per_s"], 3) if off["tokens_per_s"] else None
+                on["speedup_vs_off"] = _over(on["tokens_per_s"], off["tokens_per_s"])
                 off["speedup_vs_off"] = 1.0
                 level = [off, on]
                 if binary is not None:
@@ -234,9 +238,9 @@ def main(args) -> int:
                            "(beside the idle server: on few cores that slows it; see bench/grpc_bench.py)")
                     peer = llamacpp_series(target, model, prompts=prompts, concurrency=c,
                                            max_new_tokens=args.max_new_tokens, threads=threads, binary=binary).summary()
-                    peer["speedup_vs_off"] = round(peer["tokens_per_s"] / off["tokens_per_s"], 3) if off["tokens_per_s"] else None
+                    peer["speedup_vs_off"] = _over(peer["tokens_per_s"], off["tokens_per_s"])
                     for r in (off, on, peer):
-                        r["speedup_vs_llamacpp_ar"] = round(r["tokens_per_s"] / peer["tokens_per_s"], 3) if peer["tokens_per_s"] else None
+                        r["speedup_vs_llamacpp_ar"] = _over(r["tokens_per_s"], peer["tokens_per_s"])
                     level.append(peer)
                 for r in level:
                     r["concurrency"] = c
