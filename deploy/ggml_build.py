@@ -106,14 +106,14 @@ _ROWS_BRANCH = """    // tandem: 2..tandem_rows::max_rows(TYPE) rows of Q8_0 and
     }
 
     // tandem: 2 or more rows of Q4_K on tandem's AMX kernel (tandem_rows::q4_K_amx, ggml_vnni_rows.inc)
-    if (TYPE == GGML_TYPE_Q4_K && M > 1 && n_batch == 1 && tandem_rows::q4k_amx_own()) {
+    if (TYPE == GGML_TYPE_Q4_K && M > 1 && n_batch == 1 && tandem_rows::amx_own()) {
         const int KB = K / QK_K;
         const int NB = N / (2 * TILE_N);
         const int MB = div_up(M, TILE_M);
         parallel_for_ggml(params, NB, [&](int begin, int end) {
             if (begin >= end) return;
             ggml_tile_config_init();
-            static thread_local std::vector<int8_t> aq;
+            static thread_local std::vector<int8_t> aq;  // the rows' activations as the tiles read them
             aq.resize((size_t)MB * TILE_M * K);
             for (int mb = 0; mb < MB; ++mb)
                 tandem_rows::q8_K_rows(aq.data() + (size_t)mb * TILE_M * K, (const block_q8_K *)wdata, M, mb * TILE_M, KB);

@@ -159,7 +159,7 @@ def test_the_amx_patch_applies_once_and_refuses_other_source(tmp_path):
 @pytest.mark.parametrize("ggml_type,out_f,in_f", [("Q4_K", 96, 512), ("Q4_K", 160, 256), ("Q8_0", 96, 96), ("Q8_0", 32, 1536), ("Q4_0", 96, 896)])
 def test_a_few_rows_compute_each_row_as_one_row_does(ggml_type, out_f, in_f):
     """2..9 rows at once (Q8_0 and Q4_0: tandem's multi-row VNNI kernel up to its max_rows, 8,
-    ggml's AMX tiles past it; Q4_K: tandem's AMX kernel, also for 16, 17 and 33 rows, one, two
+    ggml's AMX kernel past it; Q4_K: tandem's AMX kernel, also for 16, 17 and 33 rows, one, two
     and three blocks of 16 rows; 96 and 160 outputs leave a part-filled last block of 4 tiles):
     every row's output equals, bit for bit, that row computed alone on ggml's one-row kernel,
     and stays within the activation bound of the served weights. Control: the rows computed
