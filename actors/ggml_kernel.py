@@ -67,6 +67,9 @@ GGML_TYPES = {"Q4_0": 2, "Q8_0": 8, "Q4_K": 12}
 SOURCES = (Path(__file__).parent / "csrc" / "ggml_linear.cpp", Path(__file__).parent / "csrc" / "layer_ops.cpp")
 # tandem's multi-row VNNI kernel, built into ggml itself (part of ggml_key)
 VNNI_ROWS = Path(__file__).parent / "csrc" / "ggml_vnni_rows.inc"
+# where ggml's AMX matmul sends those rows: the branch deploy/ggml_build.py inserts into it
+# (part of ggml_key too)
+AMX_BRANCH = Path(__file__).parent / "csrc" / "ggml_amx_branch.inc"
 # its compiler flags (part of build_key): -march=native like ggml itself (GGML_NATIVE), the
 # build being for this CPU (ggml_key); -fno-trapping-math lets GCC vectorise layer_ops.cpp's
 # clamps (nothing in it traps on floating point)
@@ -86,7 +89,10 @@ def _cpu_flags() -> str:
 def ggml_key() -> str:
     """What a native ggml library depends on: the machine, its CPU's instruction-set flags and
     the ggml version with tandem's patch to it."""
-    rows = hashlib.sha256(VNNI_ROWS.read_bytes() if VNNI_ROWS.is_file() else b"none").hexdigest()[:12]
+    digest = hashlib.sha256()
+    for path in (VNNI_ROWS, AMX_BRANCH):
+        digest.update(path.read_bytes() if path.is_file() else b"none")
+    rows = digest.hexdigest()[:12]
     return hashlib.sha256("|".join([platform.machine(), _cpu_flags(), SDIST_VERSION, GGML_PATCH, rows]).encode()).hexdigest()[:16]
 
 

@@ -23,7 +23,7 @@ import tarfile
 import time
 from pathlib import Path
 
-from tandem.actors.ggml_kernel import BUILD_INFO, CXX_FLAGS, EXTENSION, GGML_PATCH, SDIST_VERSION, SOURCES, VNNI_ROWS, build_key, build_status, ggml_key, install_dir
+from tandem.actors.ggml_kernel import AMX_BRANCH, BUILD_INFO, CXX_FLAGS, EXTENSION, GGML_PATCH, SDIST_VERSION, SOURCES, VNNI_ROWS, build_key, build_status, ggml_key, install_dir
 from tandem.deploy.packs import cache_root
 
 # ggml's own thread pool, not OpenMP: torch's OpenMP threads and ggml's would otherwise share
@@ -81,51 +81,7 @@ _AMX_EDITS = (
 # in before ggml's matmul, and the matmul sends those rows to them.
 _ROWS_ANCHOR = "// ne2 is passed explicitly to help compiler optimize repeated calls\n"
 _ROWS_BRANCH_ANCHOR = "    if (M == 1) {\n        // MB = 1 and handle 8 tiles in each block\n"
-_ROWS_BRANCH = """    // tandem: 2..tandem_rows::max_rows(TYPE) rows of Q8_0 and Q4_0 on VNNI (ggml_vnni_rows.inc)
-    if (M > 1 && M <= tandem_rows::max_rows(TYPE) && n_batch == 1) {
-        constexpr int kTilesN = 4;
-        constexpr int BLOCK_N = TILE_N * kTilesN;
-        const int NB = div_up(N, BLOCK_N);
-        parallel_for_ggml(params, NB, [&](int begin, int end) {
-            for (int nb = begin; nb < end; ++nb) {
-                const int nb_start = nb * BLOCK_N;
-                const int tiles = std::min(BLOCK_N, N - nb_start) / TILE_N;
-                float * c = (float *)dst->data + nb_start;
-                if (TYPE == GGML_TYPE_Q4_0) {
-                    const int KB = K / QK4_0;
-                    const char * b = (const char *)src0->data + PACKED_INDEX(nb * kTilesN, 0, KB, get_tile_size<block_q4_0>());
-                    tandem_rows::rows_tiles<block_q8_0, tandem_rows::Q40>(M, tiles, KB, (const block_q8_0 *)wdata, b, c, ldc, 4);
-                } else {
-                    const int KB = K / QK8_0;
-                    const char * b = (const char *)src0->data + PACKED_INDEX(nb * kTilesN, 0, KB, get_tile_size<block_q8_0>());
-                    tandem_rows::rows_tiles<block_q8_0, tandem_rows::Q80>(M, tiles, KB, (const block_q8_0 *)wdata, b, c, ldc, 4);
-                }
-            }
-        });
-        return;
-    }
-
-    // tandem: 2 or more rows of Q4_K on tandem's AMX kernel (tandem_rows::q4_K_amx, ggml_vnni_rows.inc)
-    if (TYPE == GGML_TYPE_Q4_K && M > 1 && n_batch == 1 && tandem_rows::amx_own()) {
-        const int KB = K / QK_K;
-        const int NB = N / (2 * TILE_N);
-        const int MB = div_up(M, TILE_M);
-        parallel_for_ggml(params, NB, [&](int begin, int end) {
-            if (begin >= end) return;
-            ggml_tile_config_init();
-            static thread_local std::vector<int8_t> aq;  // the rows' activations as the tiles read them
-            aq.resize((size_t)MB * TILE_M * K);
-            for (int mb = 0; mb < MB; ++mb)
-                tandem_rows::q8_K_rows(aq.data() + (size_t)mb * TILE_M * K, (const block_q8_K *)wdata, M, mb * TILE_M, KB);
-            for (int nb = begin; nb < end; ++nb) {
-                const char * b = (const char *)src0->data + PACKED_INDEX(nb * 2, 0, KB, get_tile_size<block_q4_K>());
-                tandem_rows::q4_K_amx(M, KB, (const block_q8_K *)wdata, aq.data(), b, (float *)dst->data + nb * 2 * TILE_N, ldc);
-            }
-        });
-        return;
-    }
-
-"""
+_ROWS_BRANCH = AMX_BRANCH.read_text()  # the branch ggml's matmul gains (part of ggml_key, so a change rebuilds)
 
 
 def patched_amx_source(original: str) -> str:

@@ -266,6 +266,22 @@ def test_a_build_for_another_cpu_is_not_loaded_and_the_mode_decides_where_packs_
     assert not ggml_kernel.available()  # switched on, not built: torch's kernels
 
 
+def test_each_file_patched_into_ggml_is_part_of_its_key(monkeypatch, tmp_path):
+    """A build is keyed by the kernels patched into ggml and by the branch that sends rows to
+    them (actors/csrc/ggml_amx_branch.inc), so changing either rebuilds ggml; control: the same
+    texts give the same key."""
+    key = ggml_kernel.ggml_key()
+    for name in ("VNNI_ROWS", "AMX_BRANCH"):
+        copy = tmp_path / f"{name}.inc"
+        copy.write_text(getattr(ggml_kernel, name).read_text())
+        monkeypatch.setattr(ggml_kernel, name, copy)
+        assert ggml_kernel.ggml_key() == key
+        copy.write_text(copy.read_text() + "// changed\n")
+        assert ggml_kernel.ggml_key() != key, name
+        monkeypatch.undo()
+    assert ggml_kernel.ggml_key() == key
+
+
 def test_unknown_type_is_refused_by_name():
     with pytest.raises(ValueError, match="ggml_type must be one of"):
         ggml_kernel.GgmlLinear(torch.zeros(8, 144, dtype=torch.uint8), "Q3_X", 256)
