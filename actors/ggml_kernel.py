@@ -7,7 +7,10 @@ quantizes to 8 bits, in a layout of its own per CPU: AMX (Intel AMX-INT8 tiles f
 rows, a VNNI kernel for one row; rows in multiples of 32), else an interleave of 8 rows (AVX2)
 whose gemm serves 4 rows at once. Measured on the 1.5B pack's 8960 x 1536 (2 threads, this
 project's 2-core Intel Xeon host, 2026-12-05), ms at 1 / 4 / 8 / 16 rows: AMX 0.18 / 0.48 /
-0.56 / 0.71, interleave 0.23 / 0.51 / 0.99 / 1.42, torch's int4 0.31 / 0.62 / 1.18 at 1-8.
+0.56 / 0.71, interleave 0.23 / 0.51 / 0.99 / 1.42, torch's int4 0.31 / 0.62 / 1.18 at 1-8
+(since 2026-12-06 several rows of Q4_K run on tandem's own AMX kernel instead, built into ggml:
+0.45 / 0.50 / 0.69 at 4 / 8 / 16 rows, against ggml's 0.54 / 0.66 / 0.93 in the same run;
+actors/csrc/ggml_vnni_rows.inc).
 Q6_K lost to torch's int8 kernel from 2 rows on without AMX and to Q8_0 with it (LM head
 151936 x 1536 at 1 row: Q6_K 16.1 ms, Q8_0 7.9 on AMX), so a pack's Q6_K linears and its LM
 head are re-quantized to ggml's Q8_0 (a scale per 32 weights, finer than int8's one per row;
