@@ -122,10 +122,13 @@ class CallWatch:
 
 class _RayFuture:
     """One actor call's answer: `result()` waits on this thread, `wait()` on the event loop
-    (actors/steps.py); both keep checking the call's watch while they wait."""
+    (actors/steps.py); both keep checking the call's watch while they wait. A call sent in a
+    group (_Coalescer) has no ref of its own, only `slot`: the event-loop future its answer
+    (or its failure, or the group's) is set on."""
 
-    def __init__(self, ref, side: "RaySide"):
+    def __init__(self, ref, side: "RaySide", slot=None):
         self.ref = ref
+        self.slot = slot
         self.side = side
         self._started = time.monotonic()
         self._cancelled_at: float | None = None
@@ -147,7 +150,7 @@ class _RayFuture:
     async def wait(self):
         import asyncio
 
-        answer = asyncio.wrap_future(self.ref.future())  # no thread: Ray completes it
+        answer = self.slot if self.slot is not None else asyncio.wrap_future(self.ref.future())  # no thread: Ray completes it
         try:
             while True:
                 done, _ = await asyncio.wait({answer}, timeout=POLL_S)
@@ -215,6 +218,10 @@ class RaySide:
     def call(self, method: str, /, *args, **kwargs):
         if self.tracing is not None and method in TRACED_METHODS:
             kwargs["trace"] = self.tracing.carrier
+        if method == "verify" and self.role == "target" and coalescing():
+            loop = _running_loop()
+            if loop is not None:  # on the router's event loop: sent with its neighbours
+                return _RayFuture(None, self, slot=_Coalescer.of(self.handle, loop).add(*args, **kwargs))
         ref = getattr(self.handle, method).remote(*args, **kwargs)
         return _CloseFuture(ref) if method == "close" else _RayFuture(ref, self)
 
@@ -225,6 +232,89 @@ class RaySide:
                 self.tracing.record(answer.spans)
             return answer.value
         return answer
+
+
+def coalescing() -> bool:
+    """Whether the router sends a target's verify calls in groups (_Coalescer): on unless
+    TANDEM_COALESCE=0 (for comparisons)."""
+    return os.environ.get("TANDEM_COALESCE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _running_loop():
+    import asyncio
+
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+class _Coalescer:
+    """The verify calls made for one target actor in one pass of the event loop, sent as one
+    `verify_many` call at the end of that pass (TargetWorker.verify_many), each answered in
+    its own slot.
+
+    Why: with many requests in flight, the answers of one batched forward come back together,
+    and each request sends its next step in the same pass; one Ray call per request costs
+    the router and the actor ~0.5 ms of CPU each (measured on the 2-core host: 8 calls a
+    step 0.55 + 0.47 ms per token, one call of 8 0.12 + 0.09 ms), on the cores the forward
+    runs on. A request alone sends a group of one: the same call as before.
+
+    One per (actor handle, event loop); a request has one verify in flight at a time, so a
+    group never holds two of one request."""
+
+    _all: dict[tuple[int, int], "_Coalescer"] = {}
+
+    def __init__(self, handle, loop):
+        self.handle = handle  # kept: the key's id() stays this handle's while it lives
+        self.loop = loop
+        self.pending: list[tuple[tuple, Any]] = []
+
+    @classmethod
+    def of(cls, handle, loop) -> "_Coalescer":
+        key = (id(handle), id(loop))
+        c = cls._all.get(key)
+        if c is None or c.handle is not handle or c.loop is not loop:
+            for k in [k for k, v in cls._all.items() if v.loop.is_closed()]:
+                del cls._all[k]  # loops that ended (asyncio.run in a script, say)
+            c = cls._all[key] = cls(handle, loop)
+        return c
+
+    def add(self, request_id, block, *, bonus: bool = True, trace: dict | None = None):
+        slot = self.loop.create_future()
+        if not self.pending:
+            self.loop.call_soon(self._send)
+        self.pending.append(((request_id, block, bool(bonus), trace), slot))
+        return slot
+
+    def _send(self) -> None:
+        import asyncio
+
+        calls, self.pending = self.pending, []
+        try:
+            answer = asyncio.wrap_future(self.handle.verify_many.remote([c for c, _ in calls]).future())
+        except Exception as exc:  # noqa: BLE001 - the submit itself failed: every call fails with it
+            self._settle(calls, error=exc)
+            return
+        answer.add_done_callback(lambda f: self._settle(calls, answer=f))
+
+    @staticmethod
+    def _settle(calls, *, answer=None, error: BaseException | None = None) -> None:
+        values = None
+        if error is None:
+            if answer.cancelled():
+                error = RuntimeError("the grouped verify call was cancelled")
+            else:
+                error = answer.exception()
+                values = answer.result() if error is None else None
+        for i, (_, slot) in enumerate(calls):
+            if slot.done():  # its waiter gave up (failed, cancelled)
+                continue
+            value = values[i] if values is not None else error
+            if isinstance(value, BaseException):
+                slot.set_exception(value)
+            else:
+                slot.set_result(value)
 
 
 CLOSE_WAIT_S = 5.0

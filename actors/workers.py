@@ -5,6 +5,9 @@ busy are merged into one batched forward (actors/batching.py).
 Both run as threaded Ray actors (max_concurrency > 1), so a call waits in the batcher
 instead of blocking the actor; the model itself runs on the batcher's thread(s) with the
 configured torch thread count.
+
+(Past ~400 lines: the two workers share the helpers above them and are the whole surface a
+Ray actor exposes; split, each would re-import the same dozen names for one class.)
 """
 
 from __future__ import annotations
@@ -270,6 +273,7 @@ class TargetWorker(_Worker):
             turns=None if stages else node_turns(runner.device.type, threads),
         )
         self.mixed_steps = 0  # forwards that carried both verification blocks and prefill chunks
+        self.verify_groups = 0  # verify_many calls (the router's grouped verify calls)
         self.stats = WorkerStats()
 
     def block_costs(self, max_rows: int) -> list[float]:
@@ -345,6 +349,29 @@ class TargetWorker(_Worker):
         if trace is None:
             return outcome
         return Traced(outcome, [self._verify_record(arrived, timing, outcome, block)])
+
+    def verify_many(self, calls: Sequence[tuple]) -> list[VerifyOutcome | Traced | Exception]:
+        """Several requests' verify calls in one actor call (the router groups the calls one
+        pass of its event loop makes, actors/remote.py _Coalescer): each (request_id, block,
+        bonus, trace) is queued at once, so they share a forward without a gather wait; each
+        answer, or its own failure, comes back in its slot, as verify() would give it."""
+        arrived = time.time_ns()
+        self.verify_groups += 1
+        queued = []
+        for request_id, block, bonus, trace in calls:
+            self.stats.calls += 1
+            timing = {} if trace is not None else None
+            fut = self.batcher.submit("step", ("verify", request_id, block, bonus), request_id=request_id, timing=timing)
+            queued.append((fut, timing, trace, block))
+        out: list[VerifyOutcome | Traced | Exception] = []
+        for fut, timing, trace, block in queued:
+            try:
+                outcome = fut.result()
+            except Exception as exc:  # noqa: BLE001 - this request's failure, in its slot
+                out.append(exc)
+                continue
+            out.append(outcome if trace is None else Traced(outcome, [self._verify_record(arrived, timing, outcome, block)]))
+        return out
 
     def verify_branches(self, request_id: str, branches: DraftBranches, *, trace: dict | None = None) -> VerifyOutcome:
         self.stats.calls += 1
@@ -424,5 +451,7 @@ class TargetWorker(_Worker):
             "gathered": self.batcher.gathered,  # calls a batch waited for (actors/batching.py gather)
             "core_turns": self.batcher.turns is not None,  # takes turns on the node's cores (actors/core_turns.py)
             "mixed_steps": self.mixed_steps,
+            "verify_groups": self.verify_groups,
+            "calls": self.stats.calls,  # verify calls, grouped or not
             "forward_s": timings.forward_s if timings else None,
         }

@@ -102,6 +102,38 @@ def test_concurrent_requests_are_batched_and_correct(engine):
     assert d["batched_items"] > d["batches"]
 
 
+@pytest.mark.parametrize("grouped", ["1", "0"])
+def test_requests_on_one_event_loop_send_their_verify_calls_together(engine, monkeypatch, grouped):
+    """The router's way: many requests as tasks on one event loop (agenerate). The verify
+    calls one pass of the loop makes go to the target as one verify_many call (actors/
+    remote.py _Coalescer), each answered in its own slot: greedy output equals a request
+    run alone, for ar and sd, and the target counts fewer actor calls than verifications.
+    The control (TANDEM_COALESCE=0) sends each verify alone: no group."""
+    import asyncio
+
+    import ray
+
+    monkeypatch.setenv("TANDEM_COALESCE", grouped)
+    handle = engine.targets["plain"].members[0].handle
+    ref = {m: engine.generate("plain", [3, 1], spec=spec_for(m, 3), max_new_tokens=20).tokens for m in ("ar", "sd")}
+    b0 = ray.get(handle.info.remote())
+
+    async def many():
+        runs = [engine.agenerate("plain", [3, 1], spec=spec_for(m, 3), max_new_tokens=20) for m in ("ar", "sd") * 4]
+        return await asyncio.gather(*runs)
+
+    outs = asyncio.run(many())
+    assert [o.tokens for o in outs] == [ref[m] for m in ("ar", "sd") * 4]
+    b1 = ray.get(handle.info.remote())
+    groups, calls = b1["verify_groups"] - b0["verify_groups"], b1["calls"] - b0["calls"]
+    assert calls >= 8 * 10  # every request verified at least ten times (20 tokens, <= 4 a round)
+    if grouped == "1":
+        assert 0 < groups < calls, (groups, calls)  # some groups held several requests
+    else:
+        assert groups == 0
+    assert all(v == [] for v in engine.live_requests().values())
+
+
 def test_every_actor_frees_its_requests(engine):
     for target in TARGETS:
         for method in ["ar"] + METHODS:
