@@ -432,12 +432,17 @@ class ModelRunner:
         head = self.full_head if self._full_vocab_at(depth) else self.head
         # torch at one thread only where ggml computes the head: torch's own int4 head wants
         # every thread (7.2 against 3.4 ms for the 0.5B draft's, at one row)
-        with self._threads() if getattr(head, "kind", None) == "ggml" else contextlib.nullcontext():
+        with self._threads(hidden.shape[0]) if getattr(head, "kind", None) == "ggml" else contextlib.nullcontext():
             return head(self._rms(hidden, self.final_norm)).float()
 
-    def _threads(self):
+    def _threads(self, rows: int | None = None):
         """On ggml's kernels: torch's ops at one thread, ggml's matmuls on the runner's threads
-        (actors/ggml_kernel.py torch_at_one_thread); otherwise nothing changes."""
+        (actors/ggml_kernel.py torch_at_one_thread); otherwise nothing changes. A forward of
+        `rows` past quant_max_rows runs its linears on the dense weights, torch's own
+        matmuls, which want every thread: it keeps them."""
+        bound = getattr(self, "quant_max_rows", None)  # None while it is being measured
+        if rows is not None and bound is not None and rows > bound:
+            return contextlib.nullcontext()
         if self.kernel.endswith("-ggml"):
             from tandem.actors.ggml_kernel import torch_at_one_thread
 
@@ -483,7 +488,7 @@ class ModelRunner:
         for seg_hi in [e for e in self.exits if e > lo and e <= depth]:
             for row in rows:
                 self._prepend_lazy(row, seg_lo)
-            with self._threads():
+            with self._threads(self.forward_rows([r.hidden.shape[0] for r in rows])):
                 self._run_layers(rows, seg_lo, seg_hi)
             seg_lo = seg_hi
         out = []

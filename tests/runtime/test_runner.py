@@ -393,12 +393,24 @@ def test_pack_grid_is_served_as_stored(tiny_service_models, tmp_path, runner_dev
         r._rms = lambda x, w: (seen.append(torch.get_num_threads()), rms(x, w))[1]
         before = torch.get_num_threads()
         torch.set_num_threads(2)
+        bound = r.quant_max_rows
         try:
             r.extend(r.new_sequence(), [1, 2, 3])
             assert seen and set(seen) == {1} and torch.get_num_threads() == 2
+            # past the runner's row bound the linears run on the dense weights, torch's own
+            # matmuls: that forward keeps torch's threads (the one above, within it, is the control)
+            r.quant_max_rows = 2
+            for lin in r._quant_linears():
+                lin.max_rows = 2
+            seen.clear()
+            r.extend(r.new_sequence(), [1, 2, 3])
+            assert seen and set(seen) == {2} and torch.get_num_threads() == 2
         finally:
             torch.set_num_threads(before)
             r._rms = rms
+            r.quant_max_rows = bound
+            for lin in r._quant_linears():
+                lin.max_rows = bound
 
         v = layer.qkv.parts[2]
         served = ggml_kernel.dequantize_rows(ggml_kernel.quantize_rows(v.weight, "Q8_0"), "Q8_0", v.weight.shape[1])
