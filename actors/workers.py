@@ -343,20 +343,21 @@ class TargetWorker(_Worker):
         return Traced(value, [call_record("tandem.actor.prefill", role="target", arrived_ns=arrived, timing=span, attributes=attrs)])
 
     def verify(self, request_id: str, block: DraftBlock | None, *, bonus: bool = True, trace: dict | None = None) -> VerifyOutcome:
-        self.stats.calls += 1
-        arrived, timing = time.time_ns(), ({} if trace is not None else None)
-        outcome = self.batcher.submit("step", ("verify", request_id, block, bonus), request_id=request_id, timing=timing).result()
-        if trace is None:
-            return outcome
-        return Traced(outcome, [self._verify_record(arrived, timing, outcome, block)])
+        (answer,) = self._verify_all([(request_id, block, bonus, trace)])
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
 
     def verify_many(self, calls: Sequence[tuple]) -> list[VerifyOutcome | Traced | Exception]:
         """Several requests' verify calls in one actor call (the router groups the calls one
         pass of its event loop makes, actors/remote.py _Coalescer): each (request_id, block,
         bonus, trace) is queued at once, so they share a forward without a gather wait; each
         answer, or its own failure, comes back in its slot, as verify() would give it."""
-        arrived = time.time_ns()
         self.verify_groups += 1
+        return self._verify_all(calls)
+
+    def _verify_all(self, calls: Sequence[tuple]) -> list[VerifyOutcome | Traced | Exception]:
+        arrived = time.time_ns()
         queued = []
         for request_id, block, bonus, trace in calls:
             self.stats.calls += 1
