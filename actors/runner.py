@@ -216,6 +216,7 @@ class ModelRunner:
             self.kernel += "-ggml"  # "pack-ggml", "int4-ggml": on ggml's kernels (actors/ggml_kernel.py)
         # norms, rotary and the SiLU gate: one C++ call each on ggml's kernels in bf16, else torch
         self.ops = layer_ops.for_runner(self.kernel, self.dtype, self.device, self.eps)
+        self.quant_max_rows: int | None = None  # no bound while it is being measured
         with self._threads():  # measured with the threads it serves with
             self.quant_max_rows = self._calibrate_quant_rows()
 
@@ -440,8 +441,7 @@ class ModelRunner:
         (actors/ggml_kernel.py torch_at_one_thread); otherwise nothing changes. A forward of
         `rows` past quant_max_rows runs its linears on the dense weights, torch's own
         matmuls, which want every thread: it keeps them."""
-        bound = getattr(self, "quant_max_rows", None)  # None while it is being measured
-        if rows is not None and bound is not None and rows > bound:
+        if rows is not None and self.quant_max_rows is not None and rows > self.quant_max_rows:
             return contextlib.nullcontext()
         if self.kernel.endswith("-ggml"):
             from tandem.actors.ggml_kernel import torch_at_one_thread
