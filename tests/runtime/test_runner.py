@@ -405,6 +405,17 @@ def test_pack_grid_is_served_as_stored(tiny_service_models, tmp_path, runner_dev
             seen.clear()
             r.extend(r.new_sequence(), [1, 2, 3])
             assert seen and set(seen) == {2} and torch.get_num_threads() == 2
+            # the row bound is measured with those threads on each side: a forward timed on the
+            # dense weights at torch's, one timed on ggml's kernels with torch's at one
+            sides: dict[bool, set] = {True: set(), False: set()}
+            rope = r.ops.rope_tables
+            r.ops.rope_tables = lambda c, s, pos: (sides[pos.numel() > layer.gate_up.max_rows].add(torch.get_num_threads()),
+                                                    rope(c, s, pos))[1]
+            try:
+                r._calibrate_quant_rows()
+            finally:
+                del r.ops.rope_tables
+            assert sides == {True: {2}, False: {1}}, sides
         finally:
             torch.set_num_threads(before)
             r._rms = rms
