@@ -246,7 +246,7 @@ class ModelRunner:
             # with the threads a forward of n rows serves with (_threads): the dense side at
             # torch's threads, not at the one thread ggml's side leaves torch (at one thread
             # the 1.5B pack's dense weights lost to ggml's kernels up to 256 rows on a 2-core
-            # AVX-512 EPYC, where at 2 threads they win from 64: prefill 65 rows 0.79 -> 0.6 s)
+            # AVX-512 EPYC, where at 2 threads they win from 16: prefill 65 rows 0.79 -> 0.6 s)
             with self._threads(n):
                 self._run_layers([_Row(seq=seq, start=0, hidden=self.embed[ids], n_new=n)], 0, depth)
 
