@@ -216,8 +216,8 @@ class ModelRunner:
             self.kernel += "-ggml"  # "pack-ggml", "int4-ggml": on ggml's kernels (actors/ggml_kernel.py)
         # norms, rotary and the SiLU gate: one C++ call each on ggml's kernels in bf16, else torch
         self.ops = layer_ops.for_runner(self.kernel, self.dtype, self.device, self.eps)
-        self.quant_max_rows: int | None = None  # no bound while it is being measured
-        self.quant_max_rows = self._calibrate_quant_rows()
+        # set by each timed side while it is measured (set_bound), then the crossover found
+        self.quant_max_rows: int | None = self._calibrate_quant_rows()
 
     # ------------------------------------------------------------------ conversion
     def _quant_linears(self, layers=None):
