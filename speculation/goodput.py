@@ -60,9 +60,13 @@ load): it runs a drafting loop whose rounds are target-only steps until a re-pla
 trials reported, or off at a load that later drops, drafts once it should instead of
 running off for life. Every `explore_every`-th choice tries the option with the fewest
 samples, so a change in traffic or load (which moves d and V) is noticed. A trial,
-exploration or probe of an arm runs only at a load where a round of it could pay were every
-draft accepted, and, in turn, at up to PROBE_MAX_CONCURRENCY in flight (may_probe): a round
-at a higher load is a wait for every request on the node. Under heavy load measured step
+exploration or probe of an arm runs only at a load where a round of it could pay at the
+acceptance a request may plausibly reach there (the best of its recent requests' own, every
+draft accepted until a few ended: PLAUSIBLE_REQUESTS), and, in turn, at up to
+PROBE_MAX_CONCURRENCY in flight (may_probe): a round at a higher load is a wait for every
+request on the node. A round that resumes drafting after a request's target-only steps is
+priced with its draft first feeding their tokens (feed_s per token, measured on the rounds
+that did; round_choice's catch_up). Under heavy load measured step
 times grow (batched verification, a busy draft pool), so the chosen draft length shrinks and
 speculation turns itself off once it no longer pays.
 """
@@ -70,6 +74,7 @@ speculation turns itself off once it no longer pays.
 from __future__ import annotations
 
 import threading
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -101,6 +106,11 @@ class ArmStats:
     # are weighed against (acceptance(own=...))
     long_run: list[_Ema] = field(default_factory=list)
     draft_step_s: _Ema | None = None
+    # draft time per token a draft call fed before drafting (DraftBlock.caught_up), from rounds
+    # that fed more than CAUGHT_UP_PRICED: what a round after target-only steps pays first
+    feed_s: _Ema | None = None
+    # recent requests' own acceptance here (GoodputPolicy.end_request): what a probe may hope for
+    requests: deque = field(default_factory=lambda: deque(maxlen=PLAUSIBLE_REQUESTS))
     rounds: int = 0
     seen_at: int = 0  # the policy's target-only steps (ar_steps) at this arm's last round
     refresh_steps: int = 0  # target-only steps between its refresh rounds now (0: REFRESH_STEPS)
@@ -108,6 +118,8 @@ class ArmStats:
     def __post_init__(self) -> None:
         if self.draft_step_s is None:
             self.draft_step_s = _Ema(self.alpha)
+        if self.feed_s is None:
+            self.feed_s = _Ema(self.alpha)
 
     def observe(self, *, drafted: int, accepted: int, draft_s: float, caught_up: int = 0) -> None:
         self.rounds += 1
@@ -122,11 +134,32 @@ class ArmStats:
                 emas.append(_Ema(alpha, value=seen[-1] if seen else None))
             for i, ok in enumerate(reached_positions(drafted, accepted)):
                 emas[i].add(1.0 if ok else 0.0)
+        d = self.draft_step_s.value
+        if drafted > 0 and caught_up > CAUGHT_UP_PRICED and d is not None:
+            self.feed_s.add(max(0.0, draft_s - drafted * d) / caught_up)
         if drafted > 0 and caught_up <= CAUGHT_UP_PRICED:
             # a call that first caught up on tokens the draft missed (target-only steps before
             # it) is mostly that catch-up: priced per draft token it read 52 ms for 25 and kept
-            # a target off (seen through gRPC); such rounds teach acceptance only
+            # a target off (seen through gRPC); such rounds teach acceptance only, and the
+            # feed's time per token (feed_s)
             self.draft_step_s.add(draft_s / drafted)
+
+    def plausible_acceptance(self) -> float:
+        """The acceptance per position a request on this arm may plausibly reach: the best of
+        the last PLAUSIBLE_REQUESTS requests' own (end_request), 1.0 until
+        PLAUSIBLE_MIN_REQUESTS of them ended."""
+        return max(self.requests) if len(self.requests) >= PLAUSIBLE_MIN_REQUESTS else 1.0
+
+    def end_request(self, own: RequestAcceptance, prior: float) -> None:
+        """A request that drafted here ended: its acceptance over the positions it reached, each
+        weighed against the arm's long-run estimate as its re-plans weighed it (acceptance(own=)),
+        kept for plausible_acceptance."""
+        reached = sum(own.reached)
+        if reached <= 0:
+            return
+        seen = [e.value for e in self.long_run if e.value is not None]
+        base = sum(seen) / len(seen) if seen else prior
+        self.requests.append((sum(own.accepted) + OWN_PRIOR_ROUNDS * base) / (reached + OWN_PRIOR_ROUNDS))
 
     def acceptance(self, draft_len: int, prior: float, own: RequestAcceptance | None = None) -> list[float]:
         """a_1..a_draft_len; unseen positions repeat the last seen one (or the prior). With
@@ -188,6 +221,16 @@ CAUGHT_UP_PRICED = 2
 # the doubling from 48); a round that finds drafting pays resets it.
 REFRESH_STEPS = 96
 MAX_REFRESH_STEPS = 1536
+# A probe (a trial, an exploration, a refresh, a request's first round) runs only where a round
+# could pay at the acceptance a request may plausibly reach on its arm: the best of its last
+# PLAUSIBLE_REQUESTS requests' own (each weighed against the arm's long-run estimate as its
+# re-plans weighed it), once PLAUSIBLE_MIN_REQUESTS ended there; before that, every draft
+# accepted. Seen through gRPC on the 2-core EPYC (1.5B pack on ggml, 1 request at a time): a
+# round of exit 12 could pay only were ~all of its drafts accepted (3 drafts in 230 ms against a
+# 65 ms step), its requests reached 0.3-0.75, and each request's first-round probe, its draft
+# first fed the prompt, cost ~0.2 s: `auto` ran 0.78-0.93x of off.
+PLAUSIBLE_REQUESTS = 16
+PLAUSIBLE_MIN_REQUESTS = 3
 REFRESH_LEN = 4
 # A request's own rounds decide its next ones, its arm's long-run estimate (EMAs at
 # LONG_RUN_ALPHA, taught by every request) counting as this many rounds of its own:
@@ -226,11 +269,14 @@ SHALLOW_ARM_ROUNDS = 8
 LENGTH_PROBE_EVERY = 8
 
 
-def round_rate(acceptance: Sequence[float], *, draft_step_s: float, verify_s: float, overlapped: bool) -> float:
+def round_rate(
+    acceptance: Sequence[float], *, draft_step_s: float, verify_s: float, overlapped: bool, feed_s: float = 0.0,
+) -> float:
     """Predicted tokens/s of rounds drafting len(acceptance) tokens: E / round time, the round
-    sequential (draft_len d + V) or overlapped (max(draft_len d, V))."""
-    draft_len = len(acceptance)
-    t = max(draft_len * draft_step_s, verify_s) if overlapped else draft_len * draft_step_s + verify_s
+    sequential (feed + draft_len d + V) or overlapped (max(feed + draft_len d, V)); `feed_s`:
+    the time its draft call first feeds tokens it missed (0: none beyond its last round's)."""
+    drafting = len(acceptance) * draft_step_s + feed_s
+    t = max(drafting, verify_s) if overlapped else drafting + verify_s
     return expected_tokens(acceptance) / t if t > 0 else 0.0
 
 
@@ -390,33 +436,39 @@ class GoodputPolicy:
                 return base * self._relative_cost(rows, sequences)
         return self.verify_time(rows)
 
-    def rate(self, exit: int, draft_len: int, concurrency: int = 1, own: RequestAcceptance | None = None) -> float:
+    def rate(
+        self, exit: int, draft_len: int, concurrency: int = 1, own: RequestAcceptance | None = None, catch_up: int = 0,
+    ) -> float:
         """Predicted tokens/s of one request on an arm with draft_len drafts while
         `concurrency` requests (itself included) share the target's forwards: all drafting
         so where drafting overlaps verification, one drafting beside the others' target-only
         steps where they take turns on shared cores (module docstring); 0.0 when nothing is
-        known. With `own`, at that request's own acceptance on the arm (ArmStats.acceptance)."""
+        known. With `own`, at that request's own acceptance on the arm (ArmStats.acceptance);
+        with `catch_up`, for a round whose draft first feeds that many tokens it missed (the
+        request's target-only steps since its last round), at the arm's measured feed_s."""
         arm = self.arms[exit]
         d = arm.draft_step_s.value
         if d is None:
             return 0.0
-        return self._rate_at(arm.acceptance(draft_len, self.prior, own), d, concurrency)
+        feed = catch_up * (arm.feed_s.value or 0.0)
+        return self._rate_at(arm.acceptance(draft_len, self.prior, own), d, concurrency, feed)
 
-    def _rate_at(self, acceptance: Sequence[float], d: float, concurrency: int) -> float:
-        """rate() of rounds drafting len(acceptance) tokens at draft step d (0.0 while V is unknown)."""
+    def _rate_at(self, acceptance: Sequence[float], d: float, concurrency: int, feed_s: float = 0.0) -> float:
+        """rate() of rounds drafting len(acceptance) tokens at draft step d, their draft first
+        feeding for feed_s (0.0 while V is unknown)."""
         draft_len, c = len(acceptance), max(1, concurrency)
         all_draft = self.overlapped or c == 1  # else in turn under load: one drafts while c - 1 step
         v = self._forward_time(c, c * (draft_len + 1) if all_draft else c + draft_len)
         if v is None:
             return 0.0
         if all_draft:
-            return round_rate(acceptance, draft_step_s=d, verify_s=v, overlapped=self.overlapped)
-        return (c - 1 + expected_tokens(acceptance)) / (c * (draft_len * d + v))  # module docstring
+            return round_rate(acceptance, draft_step_s=d, verify_s=v, overlapped=self.overlapped, feed_s=feed_s)
+        return (c - 1 + expected_tokens(acceptance)) / (c * (draft_len * d + feed_s + v))  # module docstring
 
     def may_probe(self, exit: int, concurrency: int = 1) -> bool:
         """Whether a round that measures arm `exit` (a trial's, an exploration's, a refresh, a
         request's first-round probe) may run at this load: only where a round of it could pay
-        were every draft accepted (_could_pay), and, drafting in turn with the target, only at
+        at the acceptance a request may plausibly reach there (_could_pay), and, drafting in turn with the target, only at
         up to PROBE_MAX_CONCURRENCY in flight. Such a round at a higher load stalls every other
         request on the node, and its draft first feeds the tokens the request ran without it
         (its prompt, at a trial's first round), a cost the round model does not price (seen
@@ -432,15 +484,20 @@ class GoodputPolicy:
         return (self.overlapped or c <= PROBE_MAX_CONCURRENCY) and self._could_pay(exit, c)
 
     def _could_pay(self, exit: int, c: int) -> bool:
-        """Whether a round drafting from `exit` could pay (MIN_GAIN over off) at load c were
-        every draft token accepted, at the arm's measured draft step: where it could not, no
-        acceptance a round might measure would make drafting pay there (at one request: a
-        draft step of 0.2 s against 0.1 s to verify). True while the step, off or V is unknown."""
+        """Whether a round drafting from `exit` could pay (MIN_GAIN over off) at load c at the
+        acceptance a request may plausibly reach there (ArmStats.plausible_acceptance: every
+        draft accepted until PLAUSIBLE_MIN_REQUESTS requests ended on it), at the arm's
+        measured draft step: where it could not, no round a probe might measure would make
+        drafting pay there (at one request: a draft step of 0.2 s against 0.1 s to verify; or
+        requests that reached 0.3-0.75 where only ~1.0 pays). True while the step, off or V is
+        unknown."""
         off = self.off_rate(c)
-        d = self.arms[exit].draft_step_s.value
+        arm = self.arms[exit]
+        d = arm.draft_step_s.value
         if not off or d is None:
             return True
-        best = max(self._rate_at([1.0] * g, d, c) for g in range(1, self.max_draft_len + 1))
+        a = arm.plausible_acceptance()
+        best = max(self._rate_at([a] * g, d, c) for g in range(1, self.max_draft_len + 1))
         return not best or best > off * (1 + self.min_gain)  # 0.0: V unknown
 
     def best_draft_len(self, exit: int, concurrency: int = 1) -> tuple[int, float]:
@@ -463,6 +520,14 @@ class GoodputPolicy:
     def _off_needs_trial(self) -> bool:
         """Off is tried and explored as an option of its own only where no cost curve prices it."""
         return not self._points
+
+    def end_request(self, own: Mapping[int, RequestAcceptance]) -> None:
+        """A re-planned request ended: its own rounds per arm (RoundPlanner.own) tell what a
+        request may plausibly reach there (ArmStats.plausible_acceptance)."""
+        with self._lock:
+            for exit, mine in own.items():
+                if exit in self.arms:
+                    self.arms[exit].end_request(mine, self.prior)
 
     def end_trial(self, option: int | None) -> None:
         """The request trying `option` (an exit; None: off) ended. A trial that saw fewer than
@@ -532,7 +597,7 @@ class GoodputPolicy:
 
     def round_choice(
         self, exit: int, planned: int, concurrency: int = 1, *, standby: bool = False, move: bool = False,
-        own: Mapping[int, RequestAcceptance] | None = None, first: bool = False,
+        own: Mapping[int, RequestAcceptance] | None = None, first: bool = False, catch_up: int = 0,
     ) -> tuple[int, int]:
         """(exit, draft tokens) for the next round of a request planned onto `exit` with up to
         `planned` drafts (its KV was sized for that), re-planned at the load of this round
@@ -557,7 +622,9 @@ class GoodputPolicy:
         `own`: the request's own rounds per arm (RequestAcceptance, aged by its target-only
         steps since), which weigh in its arms' acceptance against their long-run estimates
         (OWN_PRIOR_ROUNDS); `first`: it has drafted no round yet, and then drafts one where
-        off wins too, at a load of at most PROBE_MAX_CONCURRENCY."""
+        off wins too, at a load of at most PROBE_MAX_CONCURRENCY. `catch_up`: the target-only
+        steps it ran since its last drafting round, whose tokens this round's draft feeds
+        first: a round that resumes drafting is priced with that feed (rate's catch_up)."""
         with self._lock:
             arm = self.arms.get(exit)
             if arm is None or arm.rounds < self.min_samples or (standby and not self.off_known()):
@@ -567,7 +634,7 @@ class GoodputPolicy:
             lengths = range(1, max(1, planned) + 1)
             arms = [e for e in self.exits if e == exit or self._trusted(e, than=exit)] if move else [exit]
             own = own or {}
-            rate, g, best = max((self.rate(e, g, c, own.get(e)), -g, e) for e in arms for g in lengths)
+            rate, g, best = max((self.rate(e, g, c, own.get(e), catch_up), -g, e) for e in arms for g in lengths)
             if not off or rate > off * (1 + self.min_gain):
                 self.arms[best].refresh_steps = REFRESH_STEPS
                 if -g < planned and self.arms[best].rounds % LENGTH_PROBE_EVERY == LENGTH_PROBE_EVERY - 1:
@@ -596,6 +663,8 @@ class GoodputPolicy:
                     e: {
                         "rounds": a.rounds,
                         "draft_step_s": a.draft_step_s.value,
+                        "feed_s": a.feed_s.value,
+                        "plausible_acceptance": round(a.plausible_acceptance(), 3),
                         "acceptance": [round(x.value, 3) for x in a.accept if x.value is not None],
                     }
                     for e, a in self.arms.items()

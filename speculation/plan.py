@@ -269,8 +269,11 @@ class RoundPlanner:
             if not policy.may_probe(self.exit, concurrency):
                 return RoundPlan(0)  # its trial waits for a load at which it may run
             return RoundPlan(max(1, min(spec.draft_len, choice.draft_len)))
+        # a round after target-only steps of its own first feeds their tokens to the draft
+        # (priced); a first round's feed of the prompt is what any drafting request pays
         exit, n = policy.round_choice(self.exit, spec.draft_len, concurrency, standby=self.plan.standby,
-                                      move=not self.moved, own=self._own_now(), first=self.trial_rounds == 0)
+                                      move=not self.moved, own=self._own_now(), first=self.trial_rounds == 0,
+                                      catch_up=self.idle if self.trial_rounds else 0)
         if n > 0 and exit != self.exit:
             self.exit, self.moved = exit, True
         return RoundPlan(n, ExitPolicy.single(self.exit) if self.exit != self.plan.observed_exit else None)
@@ -280,9 +283,12 @@ class RoundPlanner:
         return {e: a.aged(self.idle) for e, a in self.own.items()}
 
     def close(self) -> None:
-        """The request ended: an arm (or off) it was planned to try gets another trial where
-        this one saw too few rounds (GoodputPolicy.end_trial)."""
+        """The request ended: its own rounds per arm tell the policy what a request may reach
+        there (GoodputPolicy.end_request), and an arm (or off) it was planned to try gets
+        another trial where this one saw too few rounds (GoodputPolicy.end_trial)."""
         choice, policy = self.plan.choice, self.target.policy
+        if policy is not None and self.own:
+            policy.end_request(self.own)
         if policy is not None and choice is not None and choice.exploring:
             policy.end_trial(choice.exit)
 

@@ -804,3 +804,65 @@ def test_a_forward_of_many_requests_is_priced_from_their_own_target_only_step():
     old = policy()
     old._forward_time = lambda sequences, rows: old.verify_time(rows)  # the control: rows alone
     assert old.round_choice(8, planned=1, concurrency=8)[1] == 1
+
+
+# A forward's time per rows (1..5) of the 1.5B pack on ggml on the 2-core EPYC, seen through gRPC
+# with the draft on the same cores (stop 43's trace): 65 ms a step, 190 ms for 5 rows.
+EPYC_CURVE = [0.065, 0.110, 0.140, 0.165, 0.190]
+
+
+def test_a_probe_runs_only_where_a_plausible_acceptance_could_pay():
+    """PLAUSIBLE_MIN_REQUESTS, PLAUSIBLE_REQUESTS. In turn, one request, EPYC_CURVE, a 20 ms
+    draft step, the arm off (1 of 4 drafts accepted: 2 tokens in 130 ms, 15.4/s against off's
+    15.4, 16.9 with MIN_GAIN). Every draft accepted, 4 drafts commit 5 tokens in 270 ms, 18.5/s:
+    a probe could pay, so a request's first round probes while fewer than
+    PLAUSIBLE_MIN_REQUESTS requests ended on the arm. Three requests that reached 2 of 4 (each
+    (40 + 3 x 0.5) / 63 = 0.66 against the arm's long run) make 0.66 the plausible acceptance:
+    at best 12.8/s, so no probe, refresh or exploration runs. Control: three requests all
+    accepted (0.98: 4.8 tokens in 270 ms, 17.8/s) probe again."""
+    from tandem.speculation.goodput import PLAUSIBLE_MIN_REQUESTS, PLAUSIBLE_REQUESTS, REFRESH_LEN, RequestAcceptance
+
+    def policy(accepted_by_requests):
+        p = GoodputPolicy(exits=(12,), max_draft_len=4, overlapped=False, explore_every=0, block_costs=EPYC_CURVE)
+        feed(p, exit=12, acceptance=0.25, draft_step=0.020, verify=0.190, draft_len=4, rounds=10)
+        warm(p, verify=0.065)
+        p.arms[12].seen_at = p.ar_steps  # no refresh round due
+        for accepted in accepted_by_requests:
+            own = RequestAcceptance()
+            for _ in range(20):
+                own.add(drafted=4, accepted=accepted)
+            p.end_request({12: own, 99: own})  # an exit the policy does not serve is ignored
+        return p
+
+    few = policy([2] * (PLAUSIBLE_MIN_REQUESTS - 1))
+    assert few.arms[12].plausible_acceptance() == 1.0
+    assert few.round_choice(12, planned=4, standby=True) == (12, 0)  # off wins at the arm's estimate
+    assert few.may_probe(12, 1) and few.round_choice(12, planned=4, standby=True, first=True)[1] >= REFRESH_LEN
+    hard = policy([2] * PLAUSIBLE_MIN_REQUESTS)
+    assert hard.arms[12].plausible_acceptance() == pytest.approx((40 + 3 * 0.5) / 63)
+    assert not hard.may_probe(12, 1)
+    assert hard.round_choice(12, planned=4, standby=True, first=True) == (12, 0)
+    hard.arms[12].seen_at = hard.ar_steps - 10**6  # a refresh round due: it does not run either
+    assert hard.round_choice(12, planned=4, standby=True) == (12, 0)
+    easy = policy([4] * PLAUSIBLE_MIN_REQUESTS)  # control
+    assert easy.arms[12].plausible_acceptance() == pytest.approx((80 + 3 * 0.5) / 83)
+    assert easy.may_probe(12, 1) and easy.round_choice(12, planned=4, standby=True, first=True)[1] >= REFRESH_LEN
+    aged = policy([4] + [2] * PLAUSIBLE_REQUESTS)  # the easy request left the window
+    assert aged.arms[12].plausible_acceptance() == pytest.approx((40 + 3 * 0.5) / 63)
+    assert not aged.may_probe(12, 1)
+
+
+def test_a_round_that_resumes_drafting_is_priced_with_its_catch_up():
+    """A round whose draft first fed tokens it missed teaches the arm's feed time per token:
+    (0.1 s - 1 draft x 20 ms) / 40 tokens = 2 ms. A request that drafts 1 token a round (2
+    tokens in 20 ms + 80 ms, 20/s against off's 13.0, 14.3 with MIN_GAIN) resumes drafting after
+    n target-only steps only while 2 / (0.1 + 0.002 n) clears that: n <= 19. Controls: without
+    a catch-up it drafts; a round that fed 2 tokens teaches no feed time."""
+    p = settled(1.0, max_draft_len=1, draft_len=1)
+    p.observe_round(exit=24, drafted=1, accepted=1, draft_s=0.021, verify_s=0.08, caught_up=2)
+    assert p.arms[24].feed_s.value is None  # control: an ordinary round
+    p.observe_round(exit=24, drafted=1, accepted=1, draft_s=0.02 + 40 * 0.002, verify_s=0.08, caught_up=40)
+    assert p.arms[24].feed_s.value == pytest.approx(0.002, rel=0.03)
+    assert p.round_choice(24, planned=1) == (24, 1)
+    assert p.round_choice(24, planned=1, catch_up=19) == (24, 1)
+    assert p.round_choice(24, planned=1, catch_up=21) == (24, 0)

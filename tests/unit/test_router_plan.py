@@ -340,3 +340,38 @@ def test_a_trial_round_waits_for_a_load_at_which_it_may_run():
         rounds.observe({"drafted": r.draft_len, "accepted": r.draft_len, "draft_s": 0.016 * r.draft_len,
                         "verify_s": 0.099, "step_rows": 5, "exits": {16: r.draft_len}})
     assert policy.arms[16].rounds == policy.min_samples
+
+
+def test_a_requests_rounds_teach_what_requests_reach_and_a_resumed_round_prices_its_catch_up():
+    """RoundPlanner.close hands the policy the request's own rounds per arm
+    (GoodputPolicy.end_request: what a probe may plausibly reach there); a request that never
+    drafted hands nothing. Its re-plans pass the target-only steps it ran since its last
+    drafting round as that round's catch-up: none before its first round (the prompt's feed is
+    any drafting request's entry), then its idle steps. As in test_goodput's
+    test_a_round_that_resumes_drafting_is_priced_with_its_catch_up, at a feed of 3 ms a token:
+    it resumes while 2 / (0.1 + 0.003 n) clears 14.3/s, after at most 13 steps."""
+    from tandem.speculation.goodput import GoodputPolicy
+
+    policy = GoodputPolicy(exits=(4,), max_draft_len=1, overlapped=False, explore_every=0)
+    for _ in range(10):
+        policy.observe_round(exit=4, drafted=1, accepted=1, draft_s=0.02, verify_s=0.080)
+    for _ in range(3):
+        policy.observe_round(exit=None, drafted=0, accepted=0, draft_s=0.0, verify_s=0.077)
+    policy.observe_round(exit=4, drafted=1, accepted=1, draft_s=0.02 + 40 * 0.003, verify_s=0.08, caught_up=40)
+    policy.arms[4].seen_at = policy.ar_steps + 10**6  # no refresh round in this test
+    rt, plan = auto_plan(policy)
+    assert not plan.standby and plan.observed_exit == 4
+    idle = RoundPlanner(rt, plan)
+    idle.close()
+    assert len(policy.arms[4].requests) == 0  # it never drafted
+    rounds = RoundPlanner(rt, plan)
+    rounds.idle = 30  # steps before its first round: no catch-up priced
+    assert rounds.next(1).draft_len == 1
+    rounds.observe({"drafted": 1, "accepted": 1, "draft_s": 0.02, "verify_s": 0.08, "exits": {4: 1}})
+    steps = 0
+    while rounds.next(1).draft_len == 1 and steps < 100:
+        rounds.observe({"drafted": 0, "accepted": 0, "draft_s": 0.0, "verify_s": 0.077, "exits": {}})
+        steps += 1
+    assert steps == 14  # idle 0..13 resume; at 14 the feed of its idle steps outweighs a round's gain
+    rounds.close()
+    assert len(policy.arms[4].requests) == 1 and policy.arms[4].requests[0] > 0.5
