@@ -114,6 +114,7 @@ class ArmStats:
     rounds: int = 0
     seen_at: int = 0  # the policy's target-only steps (ar_steps) at this arm's last round
     refresh_steps: int = 0  # target-only steps between its refresh rounds now (0: REFRESH_STEPS)
+    unprobed: int = 0  # first rounds refused a probe only by plausible_acceptance since the last that ran
 
     def __post_init__(self) -> None:
         if self.draft_step_s is None:
@@ -225,7 +226,9 @@ MAX_REFRESH_STEPS = 1536
 # could pay at the acceptance a request may plausibly reach on its arm: the best of its last
 # PLAUSIBLE_REQUESTS requests' own (each weighed against the arm's long-run estimate as its
 # re-plans weighed it), once PLAUSIBLE_MIN_REQUESTS ended there; before that, every draft
-# accepted. Seen through gRPC on the 2-core EPYC (1.5B pack on ggml, 1 request at a time): a
+# accepted. Every PLAUSIBLE_REQUESTS-th request refused its first-round probe only by that
+# bound probes anyway (where every draft accepted could pay), so that the bound follows a
+# change of traffic (code requests after a run of chat ones) at ~1/16 of the probes' cost. Seen through gRPC on the 2-core EPYC (1.5B pack on ggml, 1 request at a time): a
 # round of exit 12 could pay only were ~all of its drafts accepted (3 drafts in 230 ms against a
 # 65 ms step), its requests reached 0.3-0.75, and each request's first-round probe, its draft
 # first fed the prompt, cost ~0.2 s: `auto` ran 0.78-0.93x of off.
@@ -483,20 +486,20 @@ class GoodputPolicy:
     def _may_probe(self, exit: int, c: int) -> bool:
         return (self.overlapped or c <= PROBE_MAX_CONCURRENCY) and self._could_pay(exit, c)
 
-    def _could_pay(self, exit: int, c: int) -> bool:
+    def _could_pay(self, exit: int, c: int, acceptance: float | None = None) -> bool:
         """Whether a round drafting from `exit` could pay (MIN_GAIN over off) at load c at the
         acceptance a request may plausibly reach there (ArmStats.plausible_acceptance: every
         draft accepted until PLAUSIBLE_MIN_REQUESTS requests ended on it), at the arm's
         measured draft step: where it could not, no round a probe might measure would make
         drafting pay there (at one request: a draft step of 0.2 s against 0.1 s to verify; or
-        requests that reached 0.3-0.75 where only ~1.0 pays). True while the step, off or V is
-        unknown."""
+        requests that reached 0.3-0.75 where only ~1.0 pays). `acceptance`: at that one instead.
+        True while the step, off or V is unknown."""
         off = self.off_rate(c)
         arm = self.arms[exit]
         d = arm.draft_step_s.value
         if not off or d is None:
             return True
-        a = arm.plausible_acceptance()
+        a = arm.plausible_acceptance() if acceptance is None else acceptance
         best = max(self._rate_at([a] * g, d, c) for g in range(1, self.max_draft_len + 1))
         return not best or best > off * (1 + self.min_gain)  # 0.0: V unknown
 
@@ -622,7 +625,9 @@ class GoodputPolicy:
         `own`: the request's own rounds per arm (RequestAcceptance, aged by its target-only
         steps since), which weigh in its arms' acceptance against their long-run estimates
         (OWN_PRIOR_ROUNDS); `first`: it has drafted no round yet, and then drafts one where
-        off wins too, at a load of at most PROBE_MAX_CONCURRENCY. `catch_up`: the target-only
+        off wins too, at a load of at most PROBE_MAX_CONCURRENCY, where a round could pay at the
+        acceptance its arm's requests plausibly reach (_could_pay; every PLAUSIBLE_REQUESTS-th
+        first round refused only by that probes anyway). `catch_up`: the target-only
         steps it ran since its last drafting round, whose tokens this round's draft feeds
         first: a round that resumes drafting is priced with that feed (rate's catch_up)."""
         with self._lock:
@@ -640,9 +645,16 @@ class GoodputPolicy:
                 if -g < planned and self.arms[best].rounds % LENGTH_PROBE_EVERY == LENGTH_PROBE_EVERY - 1:
                     return best, -g + 1  # one position past the best, to keep its estimate current
                 return best, -g
-            if not self._may_probe(exit, c):
-                return exit, 0  # no probe round at this load
             probe = min(planned, max(REFRESH_LEN, max(lengths, key=lambda n: self.rate(exit, n, c, own.get(exit)))))
+            if not self._may_probe(exit, c):
+                if first and c <= PROBE_MAX_CONCURRENCY and self._could_pay(exit, c, acceptance=1.0):
+                    # refused only for what recent requests reached: every PLAUSIBLE_REQUESTS-th
+                    # such first round probes anyway, so that a change of traffic is seen
+                    arm.unprobed += 1
+                    if arm.unprobed >= PLAUSIBLE_REQUESTS:
+                        arm.unprobed = 0
+                        return exit, probe
+                return exit, 0  # no probe round at this load
             if c <= PROBE_MAX_CONCURRENCY and first:
                 return exit, probe  # the request's own first round: its own acceptance decides the rest
             interval = arm.refresh_steps or REFRESH_STEPS

@@ -852,6 +852,37 @@ def test_a_probe_runs_only_where_a_plausible_acceptance_could_pay():
     assert not aged.may_probe(12, 1)
 
 
+def test_every_few_first_rounds_refused_by_the_plausible_bound_probe_anyway():
+    """PLAUSIBLE_REQUESTS: where only the plausible acceptance refuses a first-round probe
+    (every draft accepted could pay), every PLAUSIBLE_REQUESTS-th such first round probes, so
+    that a change of traffic (easier requests) reaches the bound. Controls: later rounds
+    (first=False) and a load above PROBE_MAX_CONCURRENCY never count or probe; nor does an arm
+    whose all-accepted round could not pay (a 0.2 s draft step)."""
+    from tandem.speculation.goodput import PLAUSIBLE_MIN_REQUESTS, PLAUSIBLE_REQUESTS, PROBE_MAX_CONCURRENCY, RequestAcceptance
+
+    def policy(step):
+        p = GoodputPolicy(exits=(12,), max_draft_len=4, overlapped=False, explore_every=0, block_costs=EPYC_CURVE)
+        feed(p, exit=12, acceptance=0.25, draft_step=step, verify=0.190, draft_len=4, rounds=10)
+        warm(p, verify=0.065)
+        p.arms[12].seen_at = p.ar_steps + 10**6  # no refresh round in this test
+        own = RequestAcceptance()
+        for _ in range(20):
+            own.add(drafted=4, accepted=2)
+        for _ in range(PLAUSIBLE_MIN_REQUESTS):
+            p.end_request({12: own})
+        return p
+
+    p = policy(0.020)
+    assert not p.may_probe(12, 1)
+    for _ in range(3 * PLAUSIBLE_REQUESTS):  # controls: never counted
+        assert p.round_choice(12, planned=4, standby=True) == (12, 0)
+        assert p.round_choice(12, 4, PROBE_MAX_CONCURRENCY + 1, standby=True, first=True) == (12, 0)
+    lens = [p.round_choice(12, planned=4, standby=True, first=True)[1] for _ in range(2 * PLAUSIBLE_REQUESTS)]
+    assert [i for i, n in enumerate(lens) if n] == [PLAUSIBLE_REQUESTS - 1, 2 * PLAUSIBLE_REQUESTS - 1]
+    slow = policy(0.2)  # control: no acceptance pays
+    assert all(slow.round_choice(12, planned=4, standby=True, first=True) == (12, 0) for _ in range(3 * PLAUSIBLE_REQUESTS))
+
+
 def test_a_round_that_resumes_drafting_is_priced_with_its_catch_up():
     """A round whose draft first fed tokens it missed teaches the arm's feed time per token:
     (0.1 s - 1 draft x 20 ms) / 40 tokens = 2 ms. A request that drafts 1 token a round (2
