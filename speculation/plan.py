@@ -273,7 +273,7 @@ class RoundPlanner:
         # (priced); a first round's feed of the prompt is what any drafting request pays
         exit, n = policy.round_choice(self.exit, spec.draft_len, concurrency, standby=self.plan.standby,
                                       move=not self.moved, own=self._own_now(), first=self.trial_rounds == 0,
-                                      catch_up=self.idle if self.trial_rounds else 0)
+                                      catch_up=self.idle)
         if n > 0 and exit != self.exit:
             self.exit, self.moved = exit, True
         return RoundPlan(n, ExitPolicy.single(self.exit) if self.exit != self.plan.observed_exit else None)

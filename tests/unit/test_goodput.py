@@ -565,8 +565,9 @@ def test_a_requests_own_rounds_weigh_in_its_replans():
 def test_a_requests_first_round_drafts_where_off_wins():
     """PROBE_MAX_CONCURRENCY: where its arm's estimate says off, a request's first round still
     drafts (at least REFRESH_LEN tokens), so that its own acceptance is known; later rounds
-    (first=False) and a first round under a heavier load stay off (the controls)."""
-    from tandem.speculation.goodput import PROBE_MAX_CONCURRENCY, REFRESH_LEN
+    (first=False), a first round under a heavier load, and one after more than
+    CAUGHT_UP_PRICED target-only steps of its own stay off (the controls)."""
+    from tandem.speculation.goodput import CAUGHT_UP_PRICED, PROBE_MAX_CONCURRENCY, REFRESH_LEN
 
     p = GoodputPolicy(exits=(24,), max_draft_len=8, overlapped=False, explore_every=0)
     feed(p, exit=24, acceptance=0.0, draft_step=0.020, verify=0.100, draft_len=4, rounds=10)
@@ -576,6 +577,9 @@ def test_a_requests_first_round_drafts_where_off_wins():
     assert p.round_choice(24, planned=8, standby=True, first=True)[1] >= REFRESH_LEN
     assert p.round_choice(24, planned=2, standby=True, first=True)[1] == 2  # never past the plan
     assert p.round_choice(24, 8, PROBE_MAX_CONCURRENCY + 1, standby=True, first=True)[1] == 0
+    # a first round after target-only steps of its own is no probe: its draft feeds them too
+    assert p.round_choice(24, planned=8, standby=True, first=True, catch_up=CAUGHT_UP_PRICED)[1] >= REFRESH_LEN
+    assert p.round_choice(24, planned=8, standby=True, first=True, catch_up=CAUGHT_UP_PRICED + 1)[1] == 0
 
 
 def test_a_shallower_arm_is_planned_and_moved_to_only_once_it_is_well_seen():

@@ -346,8 +346,8 @@ def test_a_requests_rounds_teach_what_requests_reach_and_a_resumed_round_prices_
     """RoundPlanner.close hands the policy the request's own rounds per arm
     (GoodputPolicy.end_request: what a probe may plausibly reach there); a request that never
     drafted hands nothing. Its re-plans pass the target-only steps it ran since its last
-    drafting round as that round's catch-up: none before its first round (the prompt's feed is
-    any drafting request's entry), then its idle steps. As in test_goodput's
+    drafting round as that round's catch-up (a first round's too: the prompt's feed is any
+    drafting request's entry, the steps it ran first are not). As in test_goodput's
     test_a_round_that_resumes_drafting_is_priced_with_its_catch_up, at a feed of 3 ms a token:
     it resumes while 2 / (0.1 + 0.003 n) clears 14.3/s, after at most 13 steps."""
     from tandem.speculation.goodput import GoodputPolicy
@@ -364,9 +364,11 @@ def test_a_requests_rounds_teach_what_requests_reach_and_a_resumed_round_prices_
     idle = RoundPlanner(rt, plan)
     idle.close()
     assert len(policy.arms[4].requests) == 0  # it never drafted
+    late = RoundPlanner(rt, plan)
+    late.idle = 30  # target-only steps before its first round: priced
+    assert late.next(1).draft_len == 0
     rounds = RoundPlanner(rt, plan)
-    rounds.idle = 30  # steps before its first round: no catch-up priced
-    assert rounds.next(1).draft_len == 1
+    assert rounds.next(1).draft_len == 1  # control: at its start
     rounds.observe({"drafted": 1, "accepted": 1, "draft_s": 0.02, "verify_s": 0.08, "exits": {4: 1}})
     steps = 0
     while rounds.next(1).draft_len == 1 and steps < 100:
