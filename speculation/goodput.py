@@ -226,12 +226,13 @@ MAX_REFRESH_STEPS = 1536
 # could pay at the acceptance a request may plausibly reach on its arm: the best of its last
 # PLAUSIBLE_REQUESTS requests' own (each weighed against the arm's long-run estimate as its
 # re-plans weighed it), once PLAUSIBLE_MIN_REQUESTS ended there; before that, every draft
-# accepted. Every PLAUSIBLE_REQUESTS-th request refused its first-round probe only by that
-# bound probes anyway (where every draft accepted could pay), so that the bound follows a
-# change of traffic (code requests after a run of chat ones) at ~1/16 of the probes' cost. Seen through gRPC on the 2-core EPYC (1.5B pack on ggml, 1 request at a time): a
+# accepted. Seen through gRPC on the 2-core EPYC (1.5B pack on ggml, 1 request at a time): a
 # round of exit 12 could pay only were ~all of its drafts accepted (3 drafts in 230 ms against a
 # 65 ms step), its requests reached 0.3-0.75, and each request's first-round probe, its draft
-# first fed the prompt, cost ~0.2 s: `auto` ran 0.78-0.93x of off.
+# first fed the prompt, cost ~0.2 s: `auto` ran 0.78-0.94x of off. Every PLAUSIBLE_REQUESTS-th
+# request refused its first-round probe only by that bound probes anyway (where every draft
+# accepted could pay), so that the bound follows a change of traffic (code requests after a
+# run of chat ones) at ~1/16 of the probes' cost.
 PLAUSIBLE_REQUESTS = 16
 PLAUSIBLE_MIN_REQUESTS = 3
 REFRESH_LEN = 4
@@ -471,8 +472,8 @@ class GoodputPolicy:
     def may_probe(self, exit: int, concurrency: int = 1) -> bool:
         """Whether a round that measures arm `exit` (a trial's, an exploration's, a refresh, a
         request's first-round probe) may run at this load: only where a round of it could pay
-        at the acceptance a request may plausibly reach there (_could_pay), and, drafting in turn with the target, only at
-        up to PROBE_MAX_CONCURRENCY in flight. Such a round at a higher load stalls every other
+        at the acceptance a request may plausibly reach there (_could_pay), and, drafting in
+        turn with the target, only at up to PROBE_MAX_CONCURRENCY in flight. Such a round at a higher load stalls every other
         request on the node, and its draft first feeds the tokens the request ran without it
         (its prompt, at a trial's first round), a cost the round model does not price (seen
         with `tandem batch --engine pools`, 8 records in flight on the 2-core AMX host: ~25
@@ -625,12 +626,12 @@ class GoodputPolicy:
         `own`: the request's own rounds per arm (RequestAcceptance, aged by its target-only
         steps since), which weigh in its arms' acceptance against their long-run estimates
         (OWN_PRIOR_ROUNDS); `first`: it has drafted no round yet, and then drafts one where
-        off wins too (unless target-only steps of its own came first), at a load of at most
-        PROBE_MAX_CONCURRENCY, where a round could pay at the
+        off wins too (unless more than CAUGHT_UP_PRICED target-only steps of its own came
+        first), at a load of at most PROBE_MAX_CONCURRENCY, where a round could pay at the
         acceptance its arm's requests plausibly reach (_could_pay; every PLAUSIBLE_REQUESTS-th
-        first round refused only by that probes anyway). `catch_up`: the target-only
-        steps it ran since its last drafting round, whose tokens this round's draft feeds
-        first: a round that resumes drafting is priced with that feed (rate's catch_up)."""
+        first round refused only by that probes anyway). `catch_up`: the target-only steps it
+        ran since its last drafting round (or its start), whose tokens this round's draft
+        feeds first: such a round is priced with that feed (rate's catch_up)."""
         # a first round that comes after target-only steps (it waited for its arm's trial or a
         # lighter load) is no probe: its draft would first feed them too (seen through gRPC on
         # chat prompts: 40 steps in, a first round fed 127 tokens in 1.1 s)
