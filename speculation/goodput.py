@@ -651,7 +651,9 @@ class GoodputPolicy:
                 if -g < planned and self.arms[best].rounds % LENGTH_PROBE_EVERY == LENGTH_PROBE_EVERY - 1:
                     return best, -g + 1  # one position past the best, to keep its estimate current
                 return best, -g
-            probe = min(planned, max(REFRESH_LEN, max(lengths, key=lambda n: self.rate(exit, n, c, own.get(exit)))))
+            def probe() -> int:  # a probe round's length, priced only where one runs
+                return min(planned, max(REFRESH_LEN, max(lengths, key=lambda n: self.rate(exit, n, c, own.get(exit)))))
+
             if not self._may_probe(exit, c):
                 if first and c <= PROBE_MAX_CONCURRENCY and self._could_pay(exit, c, acceptance=1.0):
                     # refused only for what recent requests reached: every PLAUSIBLE_REQUESTS-th
@@ -659,15 +661,15 @@ class GoodputPolicy:
                     arm.unprobed += 1
                     if arm.unprobed >= PLAUSIBLE_REQUESTS:
                         arm.unprobed = 0
-                        return exit, probe
+                        return exit, probe()
                 return exit, 0  # no probe round at this load
             if c <= PROBE_MAX_CONCURRENCY and first:
-                return exit, probe  # the request's own first round: its own acceptance decides the rest
+                return exit, probe()  # the request's own first round: its own acceptance decides the rest
             interval = arm.refresh_steps or REFRESH_STEPS
             if self.ar_steps - arm.seen_at >= interval:
                 arm.seen_at = self.ar_steps  # one refresh round per interval, whoever asks
                 arm.refresh_steps = min(MAX_REFRESH_STEPS, 2 * interval)
-                return exit, probe
+                return exit, probe()
             return exit, 0
 
     def snapshot(self) -> dict:
