@@ -15,6 +15,12 @@ Q6_K lost to torch's int8 kernel from 2 rows on without AMX and to Q8_0 with it 
 151936 x 1536 at 1 row: Q6_K 16.1 ms, Q8_0 7.9 on AMX), so a pack's Q6_K linears and its LM
 head are re-quantized to ggml's Q8_0 (a scale per 32 weights, finer than int8's one per row;
 actors/kernels.py make_linear).
+Without AMX ggml keeps Q8_0 in plain rows, where each further activation row costs nearly
+another pass (llamafile's tinyBLAS); there, on AVX-512 VNNI, those weights run on tandem's own
+Q8_0 tiles (layout "VNNI", actors/csrc/q8_rows.cpp: up to 4 rows a pass over the weights, each
+row bit for bit as it computes alone). On the 2-core AMD EPYC (2026-12-06) a 5-row
+verification block of the 1.5B pack took 139-177 ms against 184-216 in ggml's plain rows, one
+row 55-65 either way; TANDEM_GGML_Q8=ggml (Q8_SWITCH) keeps ggml's layout, for measuring.
 
 Threads: in a forward on ggml, torch's own ops run at one thread and ggml's matmuls on a ggml
 thread pool with the runner's threads (torch_at_one_thread; actors/csrc/ggml_linear.cpp has
@@ -72,7 +78,12 @@ _MODE_ALIASES = {"": "auto", "1": "on", "true": "on", "yes": "on", "0": "off", "
 GGML_TYPES = {"Q4_0": 2, "Q8_0": 8, "Q4_K": 12}
 # the extension deploy/ggml_build.py compiles: ggml's matmul, and the small per-layer ops of
 # the runner on ggml's kernels (actors/layer_ops.py)
-SOURCES = (Path(__file__).parent / "csrc" / "ggml_linear.cpp", Path(__file__).parent / "csrc" / "layer_ops.cpp")
+SOURCES = (Path(__file__).parent / "csrc" / "ggml_linear.cpp", Path(__file__).parent / "csrc" / "layer_ops.cpp",
+           Path(__file__).parent / "csrc" / "q8_rows.cpp")
+HEADERS = (Path(__file__).parent / "csrc" / "q8_rows.h",)  # part of build_key with SOURCES
+# TANDEM_GGML_Q8=ggml keeps Q8_0 weights in ggml's own layouts where tandem's Q8_0 kernel
+# would take them (actors/csrc/q8_rows.cpp): for measuring one against the other
+Q8_SWITCH = "TANDEM_GGML_Q8"
 # tandem's multi-row VNNI kernel, built into ggml itself (part of ggml_key)
 VNNI_ROWS = Path(__file__).parent / "csrc" / "ggml_vnni_rows.inc"
 # where ggml's AMX matmul sends those rows: the branch deploy/ggml_build.py inserts into it
@@ -110,7 +121,7 @@ def build_key() -> str:
     the extension's source and flags. A build is loaded only where its key matches (`make kernels`
     rebuilds otherwise)."""
     digest = hashlib.sha256()
-    for path in SOURCES:
+    for path in (*SOURCES, *HEADERS):
         digest.update(path.read_bytes() if path.is_file() else b"none")
     source = digest.hexdigest()[:12]
     text = "|".join([ggml_key(), torch.__version__, sys.version.split()[0], source, " ".join(CXX_FLAGS)])
@@ -238,7 +249,10 @@ class GgmlLinear:
     def __init__(self, rows: torch.Tensor, ggml_type: str, in_features: int):
         if ggml_type not in GGML_TYPES:
             raise ValueError(f"ggml_type must be one of {', '.join(GGML_TYPES)}, got {ggml_type!r}")
-        self.impl = _ext().Linear(rows.contiguous(), GGML_TYPES[ggml_type], int(in_features), True)
+        own_q8 = os.environ.get(Q8_SWITCH, "own").strip().lower() or "own"
+        if own_q8 not in ("own", "ggml"):
+            raise ValueError(f"{Q8_SWITCH} must be 'own' or 'ggml', got {own_q8!r}")
+        self.impl = _ext().Linear(rows.contiguous(), GGML_TYPES[ggml_type], int(in_features), True, own_q8 == "own")
         self.ggml_type = ggml_type
 
     @property
@@ -247,7 +261,8 @@ class GgmlLinear:
 
     @property
     def layout(self) -> str:
-        """ggml's buffer type for the weight: "AMX", "CPU_REPACK" (interleaved rows) or "CPU"."""
+        """Where the weight lives: ggml's buffer types "AMX", "CPU_REPACK" (interleaved rows)
+        or "CPU" (plain rows), or "VNNI", tandem's own Q8_0 tiles (actors/csrc/q8_rows.cpp)."""
         return self.impl.layout
 
     @property

@@ -6,7 +6,9 @@
 // A Linear owns one weight in ggml's CPU backend, in the first of ggml's own layouts that takes
 // it on this CPU: "AMX" (AMX-INT8 tiles for several rows, a VNNI kernel for one; needs
 // deploy/ggml_build.py's patch to ggml), "CPU_REPACK" (Q4_K: 8 rows interleaved, gemv for one
-// row and gemm for four) or a plain CPU buffer (vec_dot per row). forward() runs one ggml graph
+// row and gemm for four) or a plain CPU buffer (vec_dot per row); Q8_0 weights that the AMX
+// layout does not take go to tandem's own "VNNI" tiles instead (q8_rows.cpp), computed by a
+// custom op on the same thread pool. forward() runs one ggml graph
 // with a single MUL_MAT over the caller's activations (float32; ggml quantizes them to 8 bits
 // as llama.cpp does) on a ggml thread pool shared by the process (SharedPool). Threads: the runner computes
 // its other ops with torch at one thread while ggml's pool has its threads (actors/runner.py);
@@ -16,6 +18,7 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -25,6 +28,7 @@
 #include "ggml-backend.h"
 #include "ggml-cpu.h"
 #include "ggml.h"
+#include "q8_rows.h"
 
 // vectorised bf16 <-> float (actors/csrc/layer_ops.cpp)
 void bf16_to_float(const uint16_t* src, float* dst, int64_t n);
@@ -135,19 +139,40 @@ bool amx_takes(ggml_type type, int64_t rows) {
   }
 }
 
+// tandem's own Q8_0 kernel (q8_rows.cpp) takes Q8_0 weights with rows in multiples of 16,
+// where the extension was built with AVX-512 VNNI.
+bool own_q8_takes(ggml_type type, int64_t rows) {
+  return type == GGML_TYPE_Q8_0 && rows % tandem_q8::kTileN == 0 && tandem_q8::available();
+}
+
+struct FreeBytes {
+  void operator()(uint8_t* p) const { std::free(p); }
+};
+
 struct Weight {
   ggml_context* ctx = nullptr;
   ggml_tensor* w = nullptr;
   ggml_backend_buffer_t buf = nullptr;
-  std::string layout = "CPU";  // the buffer type: "AMX", "CPU_REPACK" or plain "CPU"
+  std::unique_ptr<uint8_t, FreeBytes> packed;  // the "VNNI" layout's tiles (no ggml tensor then)
+  std::string layout = "CPU";  // "AMX", "VNNI" (tandem_q8), "CPU_REPACK" or plain "CPU"
 };
 
-// `rows` rows of type `type` at `data` as one ggml weight, repacked where ggml can.
-Weight make_weight(const uint8_t* data, ggml_type type, int64_t in_f, int64_t rows, bool allow_repack) {
+// `rows` rows of type `type` at `data` as one weight: in ggml's AMX layout where ggml has it,
+// else tandem's own Q8_0 tiles where they take it (allow_own), else repacked where ggml can.
+Weight make_weight(const uint8_t* data, ggml_type type, int64_t in_f, int64_t rows, bool allow_repack, bool allow_own) {
   Weight c;
   ggml_backend_buffer_type_t plain = ggml_backend_cpu_buffer_type();
-  ggml_backend_buffer_type_t choices[3] = {allow_repack && amx_takes(type, rows) ? extra_buft("AMX") : nullptr,
-                                           allow_repack ? extra_buft("CPU_REPACK") : nullptr, plain};
+  ggml_backend_buffer_type_t amx = allow_repack && amx_takes(type, rows) ? extra_buft("AMX") : nullptr;
+  if (!amx && allow_repack && allow_own && own_q8_takes(type, rows)) {
+    const int64_t kb = in_f / tandem_q8::kBlock;
+    const size_t bytes = (tandem_q8::packed_bytes(rows, kb) + 63) / 64 * 64;  // aligned_alloc: a multiple of 64
+    c.packed.reset(static_cast<uint8_t*>(std::aligned_alloc(64, bytes)));
+    TORCH_CHECK(c.packed, "could not allocate ", bytes, " bytes for a ", rows, " x ", in_f, " weight");
+    tandem_q8::pack(data, rows, kb, c.packed.get());
+    c.layout = "VNNI";
+    return c;
+  }
+  ggml_backend_buffer_type_t choices[3] = {amx, allow_repack ? extra_buft("CPU_REPACK") : nullptr, plain};
   for (auto buft : choices) {
     if (!buft) continue;
     ggml_init_params p = {ggml_tensor_overhead() * 2, nullptr, true};
@@ -170,13 +195,18 @@ Weight make_weight(const uint8_t* data, ggml_type type, int64_t in_f, int64_t ro
 }
 }  // namespace
 
+void q8_task(ggml_tensor* dst, int ith, int nth, void* job) {
+  tandem_q8::run(*static_cast<const tandem_q8::Job*>(job), static_cast<float*>(dst->data), ith, nth);
+}
+
 struct Linear {
   Weight weight;
   int64_t in_features = 0, out_features = 0;
   std::string layout;
 
-  // raw: uint8 [out_features, row bytes], the GGUF's rows of ggml type `type`.
-  Linear(torch::Tensor raw, int64_t type, int64_t in_f, bool allow_repack) : in_features(in_f) {
+  // raw: uint8 [out_features, row bytes], the GGUF's rows of ggml type `type`; allow_own:
+  // tandem's own Q8_0 kernel may take it (make_weight).
+  Linear(torch::Tensor raw, int64_t type, int64_t in_f, bool allow_repack, bool allow_own) : in_features(in_f) {
     init_once();
     TORCH_CHECK(type >= 0 && type < GGML_TYPE_COUNT, "ggml type out of range: ", type);
     TORCH_CHECK(raw.dtype() == torch::kUInt8 && raw.dim() == 2 && raw.device().is_cpu(), "raw rows must be uint8 [out, row_bytes] on the CPU");
@@ -186,7 +216,7 @@ struct Linear {
     out_features = raw.size(0);
     TORCH_CHECK(out_features > 0, "no rows");
     auto rawc = raw.contiguous();
-    weight = make_weight(rawc.data_ptr<uint8_t>(), (ggml_type)type, in_f, out_features, allow_repack);
+    weight = make_weight(rawc.data_ptr<uint8_t>(), (ggml_type)type, in_f, out_features, allow_repack, allow_own);
     layout = weight.layout;
   }
   Linear(const Linear&) = delete;
@@ -241,7 +271,27 @@ struct Linear {
     ggml_context* c = ggml_init(p);
     ggml_tensor* xt = ggml_new_tensor_2d(c, GGML_TYPE_F32, in_features, n);
     xt->data = x_data;  // the graph reads and writes these buffers directly
-    ggml_tensor* yt = ggml_mul_mat(c, weight.w, xt);
+    ggml_tensor* yt;
+    tandem_q8::Job job{};
+    if (weight.packed) {  // tandem_q8 on ggml's pool; the activations quantized here, as ggml would
+      const int64_t kb = in_features / tandem_q8::kBlock;
+      const size_t row_bytes = ggml_row_size(GGML_TYPE_Q8_0, in_features);
+      thread_local std::vector<uint8_t> blocks;
+      thread_local std::vector<int8_t> aq;
+      thread_local std::vector<float> ad;
+      thread_local std::vector<int32_t> acomp;
+      blocks.resize(n * row_bytes);
+      aq.resize((size_t)(n * in_features));
+      ad.resize((size_t)(n * kb));
+      acomp.resize((size_t)(n * kb));
+      auto from_float = ggml_get_type_traits_cpu(GGML_TYPE_Q8_0)->from_float;
+      for (int64_t r = 0; r < n; ++r) from_float(x_data + r * in_features, blocks.data() + r * row_bytes, in_features);
+      tandem_q8::split_activations(blocks.data(), n, kb, aq.data(), ad.data(), acomp.data());
+      job = {weight.packed.get(), out_features, kb, aq.data(), ad.data(), acomp.data(), n};
+      yt = ggml_custom_4d(c, GGML_TYPE_F32, out_features, n, 1, 1, nullptr, 0, q8_task, GGML_N_TASKS_MAX, &job);
+    } else {
+      yt = ggml_mul_mat(c, weight.w, xt);
+    }
     yt->data = y_data;
     ggml_cgraph* gf = ggml_new_graph_custom(c, kGraphNodes, false);
     ggml_build_forward_expand(gf, yt);
@@ -283,7 +333,7 @@ void register_layer_ops(pybind11::module& m);  // actors/csrc/layer_ops.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<Linear>(m, "Linear")
-      .def(pybind11::init<torch::Tensor, int64_t, int64_t, bool>())
+      .def(pybind11::init<torch::Tensor, int64_t, int64_t, bool, bool>())
       .def("forward", &Linear::forward, pybind11::call_guard<pybind11::gil_scoped_release>())
       .def_readonly("layout", &Linear::layout)
       .def_readonly("in_features", &Linear::in_features)

@@ -178,6 +178,47 @@ def test_a_few_rows_compute_each_row_as_one_row_does(ggml_type, out_f, in_f):
         assert not torch.equal(y, alone.flip(0))
 
 
+VNNI_CPU = all(cpu_has(f) for f in ("avx512f", "avx512bw", "avx512_vnni"))
+
+
+@needs_ggml
+@pytest.mark.skipif(not VNNI_CPU, reason="no AVX-512 VNNI on this CPU")
+@pytest.mark.parametrize("out_f,in_f", [(48, 96), (80, 1536), (112, 256)])
+def test_q8_0_off_amx_runs_on_tandems_vnni_tiles_each_row_as_alone(monkeypatch, out_f, in_f):
+    """Q8_0 weights with outputs in multiples of 16 that ggml's AMX layout does not take (none
+    on this CPU, or not a multiple of 32) run on tandem's own VNNI tiles (actors/csrc/q8_rows.cpp;
+    48, 80 and 112 outputs: 3 tiles, a group of 4 and 1, a group and 3). For 1-9 and 13 rows
+    (chunks of 4 and a rest) every row equals, bit for bit, that row computed alone, stays within
+    the activation bound of the served weights, and agrees with ggml's own Q8_0 matmul to float
+    rounding (both sum the same exact block products). Controls: the rows alone in another order
+    differ; TANDEM_GGML_Q8=ggml and 40 outputs keep ggml's plain rows."""
+    g = torch.Generator().manual_seed(6)
+    rows = ggml_kernel.quantize_rows(torch.randn(out_f, in_f, generator=g) * 0.05, "Q8_0")
+    w = ggml_kernel.dequantize_rows(rows, "Q8_0", in_f)
+    lin = ggml_kernel.GgmlLinear(rows, "Q8_0", in_f)
+    assert lin.layout == "VNNI" and lin.repacked
+    monkeypatch.setenv(ggml_kernel.Q8_SWITCH, "ggml")
+    theirs = ggml_kernel.GgmlLinear(rows, "Q8_0", in_f)
+    assert theirs.layout == "CPU"
+    monkeypatch.setenv(ggml_kernel.Q8_SWITCH, "theirs")
+    with pytest.raises(ValueError, match="TANDEM_GGML_Q8 must be 'own' or 'ggml'"):
+        ggml_kernel.GgmlLinear(rows, "Q8_0", in_f)
+    monkeypatch.delenv(ggml_kernel.Q8_SWITCH)
+    assert ggml_kernel.GgmlLinear(ggml_kernel.quantize_rows(torch.randn(40, in_f, generator=g), "Q8_0"), "Q8_0", in_f).layout == "CPU"
+    for m in [*range(1, 10), 13]:
+        x = torch.randn(m, in_f, generator=g)
+        y = lin(x)
+        alone = torch.cat([lin(x[r:r + 1]) for r in range(m)])
+        assert torch.equal(y, alone), (m, (y - alone).abs().max().item())
+        assert check(y, x, w, BLOCK["Q8_0"])
+        assert (y - theirs(x)).abs().max() <= 1e-5 * y.abs().max()
+        if m > 1:
+            assert not torch.equal(y, alone.flip(0))
+    # bf16 in and out, as the runner calls it
+    xb = torch.randn(5, in_f, generator=g).bfloat16()
+    assert torch.equal(lin(xb), lin(xb.float()).bfloat16())
+
+
 @needs_ggml
 def test_an_int4_head_runs_on_ggml_only_in_the_amx_layout(monkeypatch):
     """The 0.5B draft's LM head measured faster on ggml's Q4_0 than torch's int4 only in the AMX
@@ -277,6 +318,18 @@ def test_a_build_for_another_cpu_is_not_loaded_and_the_mode_decides_where_packs_
     monkeypatch.setenv(ggml_kernel.ENV_SWITCH, "on")
     monkeypatch.setattr(ggml_kernel, "load", lambda: None)
     assert not ggml_kernel.available()  # switched on, not built: torch's kernels
+
+
+def test_the_extensions_header_is_part_of_its_key(monkeypatch, tmp_path):
+    """Changing the header the extension's sources share (actors/csrc/q8_rows.h: its tile and
+    row constants) rebuilds the extension; control: the same text gives the same key."""
+    key = ggml_kernel.build_key()
+    copy = tmp_path / "q8_rows.h"
+    copy.write_text(ggml_kernel.HEADERS[0].read_text())
+    monkeypatch.setattr(ggml_kernel, "HEADERS", (copy,))
+    assert ggml_kernel.build_key() == key
+    copy.write_text(copy.read_text().replace("kMaxRows = 4", "kMaxRows = 8"))
+    assert ggml_kernel.build_key() != key
 
 
 def test_each_file_patched_into_ggml_is_part_of_its_key(monkeypatch, tmp_path):

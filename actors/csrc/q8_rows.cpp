@@ -1,0 +1,145 @@
+// tandem's Q8_0 matmul on AVX-512 VNNI, for CPUs where ggml has no AMX layout (MIT, like ggml).
+//
+// ggml keeps a Q8_0 weight in plain rows there (no CPU_REPACK layout for Q8_0 on x86): one
+// activation row runs its vec_dot per weight row, two and more run llamafile's tinyBLAS,
+// 256 bits wide, on 4 x 4 tiles, and each further row costs nearly another whole pass.
+// A pack's Q6_K linears and LM head are Q8_0 on ggml (actors/kernels.py), so on a 2-core AMD
+// EPYC (AVX-512 VNNI, no AMX) a verification block of 5 rows cost 3.4 one-row steps (stop 42).
+// Measured there (2026-12-06, 2 threads, a CI run sharing the cores, two runs each, ms at 1 /
+// 2 / 4 / 5 / 8 rows), the 1.5B pack's Q8_0 LM head (151936 x 1536): ggml 9.2-10.2 / 21-27 /
+// 24-51 / 48-49 / 35-42, this kernel 10.1-12.3 / 12-13 / 15-16 / 16-20 / 21-28; a whole step
+// of the 1.5B pack (tandem's runner), 1 row 55-65 ms either way, 5 rows 184-216 -> 139-177.
+//
+// Here the weight is repacked once into tiles of 16 output columns (pack): per block of 32
+// weights, 16 x 32 bytes in VNNI order (4 consecutive weights of a column side by side) as
+// unsigned bytes (w + 128), then the 16 columns' fp16 scales: 544 bytes, as many as ggml's
+// 16 blocks. One vpdpbusd multiplies 4 weights of 16 columns by 4 activation bytes; the +128
+// is taken out by starting each block's sum at -128 * (the block's activation sum). Each
+// weight block is loaded once for up to 4 activation rows (kMaxRows), and 4 tiles advance
+// together so that several weight streams are in flight.
+//
+// Every output is computed with the same integer and float operations in the same order
+// whatever the rows of the call (each row's block sums are exact integers; each output adds
+// its blocks in order with one fma each), so a row of a verification block equals, bit for
+// bit, that row computed alone (tests/unit/test_ggml_kernel.py). Activations are quantized
+// by ggml's own Q8_0 quantizer, as ggml's matmul does.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "q8_rows.h"
+
+namespace tandem_q8 {
+
+namespace {
+struct BlockQ8 {  // ggml's block_q8_0 (ggml-common.h): an fp16 scale and 32 signed weights
+  uint16_t d;
+  int8_t qs[kBlock];
+};
+static_assert(sizeof(BlockQ8) == 2 + kBlock, "block_q8_0 is 34 bytes");
+}  // namespace
+
+bool available() {
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+size_t packed_bytes(int64_t n, int64_t kb) { return (size_t)(n / kTileN) * (size_t)kb * kTileBlockBytes; }
+
+void pack(const uint8_t* rows, int64_t n, int64_t kb, uint8_t* out) {
+  const BlockQ8* w = reinterpret_cast<const BlockQ8*>(rows);
+  for (int64_t t = 0; t < n / kTileN; ++t)
+    for (int64_t i = 0; i < kb; ++i) {
+      uint8_t* dst = out + (size_t)(t * kb + i) * kTileBlockBytes;
+      for (int c = 0; c < kTileN; ++c) {
+        const BlockQ8& b = w[(t * kTileN + c) * kb + i];
+        for (int k = 0; k < kBlock; ++k) dst[(k / 4) * (kTileN * 4) + c * 4 + k % 4] = (uint8_t)b.qs[k] ^ 0x80;
+        std::memcpy(dst + kTileN * kBlock + c * 2, &b.d, 2);
+      }
+    }
+}
+
+void split_activations(const uint8_t* blocks, int64_t m, int64_t kb, int8_t* aq, float* ad, int32_t* acomp) {
+  const BlockQ8* a = reinterpret_cast<const BlockQ8*>(blocks);
+  for (int64_t j = 0; j < m * kb; ++j) {
+    std::memcpy(aq + j * kBlock, a[j].qs, kBlock);
+    int32_t sum = 0;
+    for (int k = 0; k < kBlock; ++k) sum += a[j].qs[k];
+    acomp[j] = -128 * sum;
+#if defined(__F16C__)
+    ad[j] = _cvtsh_ss(a[j].d);
+#else
+    ad[j] = 0.0f;  // not reached: available() is false without AVX-512
+#endif
+  }
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+namespace {
+// MR activation rows x COLS tiles (16 columns each) over all kb blocks.
+template <int MR, int COLS>
+void tiles(const Job& j, int64_t r0, int64_t t0, float* y) {
+  const int64_t kb = j.kb;
+  __m512 vc[MR][COLS];
+  for (int m = 0; m < MR; ++m)
+    for (int col = 0; col < COLS; ++col) vc[m][col] = _mm512_setzero_ps();
+  const uint8_t* base = j.packed + (size_t)t0 * kb * kTileBlockBytes;
+  for (int64_t i = 0; i < kb; ++i) {
+    for (int col = 0; col < COLS; ++col) {
+      const uint8_t* b = base + (size_t)(col * kb + i) * kTileBlockBytes;
+      __m512i vb[8];
+      for (int k = 0; k < 8; ++k) vb[k] = _mm512_loadu_si512(reinterpret_cast<const void*>(b + k * 64));
+      const __m512 vd = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + kTileN * kBlock)));
+      for (int m = 0; m < MR; ++m) {
+        const int64_t at = (r0 + m) * kb + i;
+        const int32_t* a = reinterpret_cast<const int32_t*>(j.aq + at * kBlock);
+        __m512i s = _mm512_set1_epi32(j.acomp[at]);
+        for (int k = 0; k < 8; ++k) s = _mm512_dpbusd_epi32(s, vb[k], _mm512_set1_epi32(a[k]));
+        vc[m][col] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(vd, _mm512_set1_ps(j.ad[at])), vc[m][col]);
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int col = 0; col < COLS; ++col) _mm512_storeu_ps(y + (r0 + m) * j.n + (t0 + col) * kTileN, vc[m][col]);
+}
+
+template <int COLS>
+void rows_of(const Job& j, int64_t r0, int rows, int64_t t0, float* y) {
+  switch (rows) {
+    case 1: return tiles<1, COLS>(j, r0, t0, y);
+    case 2: return tiles<2, COLS>(j, r0, t0, y);
+    case 3: return tiles<3, COLS>(j, r0, t0, y);
+    default: return tiles<4, COLS>(j, r0, t0, y);
+  }
+}
+}  // namespace
+
+void run(const Job& j, float* y, int ith, int nth) {
+  const int64_t n_tiles = j.n / kTileN;
+  const int64_t groups = (n_tiles + kGroupTiles - 1) / kGroupTiles;
+  const int64_t per = (groups + nth - 1) / nth;
+  const int64_t begin = std::min<int64_t>(groups, per * ith), end = std::min<int64_t>(groups, begin + per);
+  for (int64_t g = begin; g < end; ++g) {
+    const int64_t t0 = g * kGroupTiles;
+    const int64_t tiles_here = std::min<int64_t>(kGroupTiles, n_tiles - t0);
+    // row chunks inside the group: its weights (4 tiles x kb blocks, 609 KB at k = 8960) stay
+    // in L2 across the chunks (8 rows of the LM head: 16-22 ms in two chunks of 4 at 4 tiles,
+    // 28-35 in one of 8 at one tile, 39-42 at two, where 8 x 2 accumulators spill)
+    for (int64_t r0 = 0; r0 < j.m; r0 += kMaxRows) {
+      const int rows = (int)std::min<int64_t>(kMaxRows, j.m - r0);
+      int64_t t = t0;
+      for (; t + 4 <= t0 + tiles_here; t += 4) rows_of<4>(j, r0, rows, t, y);
+      for (; t < t0 + tiles_here; ++t) rows_of<1>(j, r0, rows, t, y);
+    }
+  }
+}
+#else
+void run(const Job&, float*, int, int) {}  // not reached: available() is false
+#endif
+
+}  // namespace tandem_q8
