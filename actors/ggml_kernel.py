@@ -20,7 +20,7 @@ another pass (llamafile's tinyBLAS); there, on AVX-512 VNNI, those weights run o
 Q8_0 tiles (layout "VNNI", actors/csrc/q8_rows.cpp: up to 4 rows a pass over the weights, each
 row bit for bit as it computes alone). On the 2-core AMD EPYC (2026-12-06) a 5-row
 verification block of the 1.5B pack took 139-177 ms against 184-216 in ggml's plain rows, one
-row 55-65 either way; TANDEM_GGML_Q8=ggml (Q8_SWITCH) keeps ggml's layout, for measuring.
+row 55-65 either way; TANDEM_GGML_TILES=ggml (TILES_SWITCH) keeps ggml's layout, for measuring.
 
 Threads: in a forward on ggml, torch's own ops run at one thread and ggml's matmuls on a ggml
 thread pool with the runner's threads (torch_at_one_thread; actors/csrc/ggml_linear.cpp has
@@ -79,11 +79,12 @@ GGML_TYPES = {"Q4_0": 2, "Q8_0": 8, "Q4_K": 12}
 # the extension deploy/ggml_build.py compiles: ggml's matmul, and the small per-layer ops of
 # the runner on ggml's kernels (actors/layer_ops.py)
 SOURCES = (Path(__file__).parent / "csrc" / "ggml_linear.cpp", Path(__file__).parent / "csrc" / "layer_ops.cpp",
-           Path(__file__).parent / "csrc" / "q8_rows.cpp")
-HEADERS = (Path(__file__).parent / "csrc" / "q8_rows.h",)  # part of build_key with SOURCES
-# TANDEM_GGML_Q8=ggml keeps Q8_0 weights in ggml's own layouts where tandem's Q8_0 kernel
-# would take them (actors/csrc/q8_rows.cpp): for measuring one against the other
-Q8_SWITCH = "TANDEM_GGML_Q8"
+           Path(__file__).parent / "csrc" / "q8_rows.cpp", Path(__file__).parent / "csrc" / "q4k_rows.cpp")
+HEADERS = (Path(__file__).parent / "csrc" / "q8_rows.h", Path(__file__).parent / "csrc" / "q4k_rows.h")  # part of build_key with SOURCES
+# TANDEM_GGML_TILES=ggml keeps Q8_0 and Q4_K weights in ggml's own layouts where tandem's
+# own tiles would take them (actors/csrc/q8_rows.cpp, q4k_rows.cpp): for measuring one against
+# the other
+TILES_SWITCH = "TANDEM_GGML_TILES"
 # tandem's multi-row VNNI kernel, built into ggml itself (part of ggml_key)
 VNNI_ROWS = Path(__file__).parent / "csrc" / "ggml_vnni_rows.inc"
 # where ggml's AMX matmul sends those rows: the branch deploy/ggml_build.py inserts into it
@@ -249,10 +250,10 @@ class GgmlLinear:
     def __init__(self, rows: torch.Tensor, ggml_type: str, in_features: int):
         if ggml_type not in GGML_TYPES:
             raise ValueError(f"ggml_type must be one of {', '.join(GGML_TYPES)}, got {ggml_type!r}")
-        own_q8 = os.environ.get(Q8_SWITCH, "own").strip().lower() or "own"
-        if own_q8 not in ("own", "ggml"):
-            raise ValueError(f"{Q8_SWITCH} must be 'own' or 'ggml', got {own_q8!r}")
-        self.impl = _ext().Linear(rows.contiguous(), GGML_TYPES[ggml_type], int(in_features), True, own_q8 == "own")
+        own_tiles = os.environ.get(TILES_SWITCH, "own").strip().lower() or "own"
+        if own_tiles not in ("own", "ggml"):
+            raise ValueError(f"{TILES_SWITCH} must be 'own' or 'ggml', got {own_tiles!r}")
+        self.impl = _ext().Linear(rows.contiguous(), GGML_TYPES[ggml_type], int(in_features), True, own_tiles == "own")
         self.ggml_type = ggml_type
 
     @property

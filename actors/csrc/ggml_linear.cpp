@@ -6,9 +6,9 @@
 // A Linear owns one weight in ggml's CPU backend, in the first of ggml's own layouts that takes
 // it on this CPU: "AMX" (AMX-INT8 tiles for several rows, a VNNI kernel for one; needs
 // deploy/ggml_build.py's patch to ggml), "CPU_REPACK" (Q4_K: 8 rows interleaved, gemv for one
-// row and gemm for four) or a plain CPU buffer (vec_dot per row); Q8_0 weights that the AMX
-// layout does not take go to tandem's own "VNNI" tiles instead (q8_rows.cpp), computed by a
-// custom op on the same thread pool. forward() runs one ggml graph
+// row and gemm for four) or a plain CPU buffer (vec_dot per row); Q8_0 and Q4_K weights that
+// the AMX layout does not take go to tandem's own "VNNI" tiles instead (q8_rows.cpp,
+// q4k_rows.cpp), computed by a custom op on the same thread pool. forward() runs one ggml graph
 // with a single MUL_MAT over the caller's activations (float32; ggml quantizes them to 8 bits
 // as llama.cpp does) on a ggml thread pool shared by the process (SharedPool). Threads: the runner computes
 // its other ops with torch at one thread while ggml's pool has its threads (actors/runner.py);
@@ -28,6 +28,7 @@
 #include "ggml-backend.h"
 #include "ggml-cpu.h"
 #include "ggml.h"
+#include "q4k_rows.h"
 #include "q8_rows.h"
 
 // vectorised bf16 <-> float (actors/csrc/layer_ops.cpp)
@@ -139,10 +140,12 @@ bool amx_takes(ggml_type type, int64_t rows) {
   }
 }
 
-// tandem's own Q8_0 kernel (q8_rows.cpp) takes Q8_0 weights with rows in multiples of 16,
-// where the extension was built with AVX-512 VNNI.
-bool own_q8_takes(ggml_type type, int64_t rows) {
-  return type == GGML_TYPE_Q8_0 && rows % tandem_q8::kTileN == 0 && tandem_q8::available();
+// tandem's own kernels (q8_rows.cpp, q4k_rows.cpp) take Q8_0 and Q4_K weights with rows in
+// multiples of 16, where the extension was built with AVX-512 VNNI.
+bool own_takes(ggml_type type, int64_t rows) {
+  if (type == GGML_TYPE_Q8_0) return rows % tandem_q8::kTileN == 0 && tandem_q8::available();
+  if (type == GGML_TYPE_Q4_K) return rows % tandem_q4k::kTileN == 0 && tandem_q4k::available();
+  return false;
 }
 
 struct FreeBytes {
@@ -154,21 +157,27 @@ struct Weight {
   ggml_tensor* w = nullptr;
   ggml_backend_buffer_t buf = nullptr;
   std::unique_ptr<uint8_t, FreeBytes> packed;  // the "VNNI" layout's tiles (no ggml tensor then)
-  std::string layout = "CPU";  // "AMX", "VNNI" (tandem_q8), "CPU_REPACK" or plain "CPU"
+  ggml_type type = GGML_TYPE_COUNT;
+  std::string layout = "CPU";  // "AMX", "VNNI" (tandem_q8, tandem_q4k), "CPU_REPACK" or plain "CPU"
 };
 
 // `rows` rows of type `type` at `data` as one weight: in ggml's AMX layout where ggml has it,
-// else tandem's own Q8_0 tiles where they take it (allow_own), else repacked where ggml can.
+// else tandem's own tiles where they take it (allow_own), else repacked where ggml can.
 Weight make_weight(const uint8_t* data, ggml_type type, int64_t in_f, int64_t rows, bool allow_repack, bool allow_own) {
   Weight c;
+  c.type = type;
   ggml_backend_buffer_type_t plain = ggml_backend_cpu_buffer_type();
   ggml_backend_buffer_type_t amx = allow_repack && amx_takes(type, rows) ? extra_buft("AMX") : nullptr;
-  if (!amx && allow_repack && allow_own && own_q8_takes(type, rows)) {
-    const int64_t kb = in_f / tandem_q8::kBlock;
-    const size_t bytes = (tandem_q8::packed_bytes(rows, kb) + 63) / 64 * 64;  // aligned_alloc: a multiple of 64
+  if (!amx && allow_repack && allow_own && own_takes(type, rows)) {
+    const int64_t kb = in_f / ggml_blck_size(type);
+    const size_t need = type == GGML_TYPE_Q8_0 ? tandem_q8::packed_bytes(rows, kb) : tandem_q4k::packed_bytes(rows, kb);
+    const size_t bytes = (need + 63) / 64 * 64;  // aligned_alloc: a multiple of 64
     c.packed.reset(static_cast<uint8_t*>(std::aligned_alloc(64, bytes)));
     TORCH_CHECK(c.packed, "could not allocate ", bytes, " bytes for a ", rows, " x ", in_f, " weight");
-    tandem_q8::pack(data, rows, kb, c.packed.get());
+    if (type == GGML_TYPE_Q8_0)
+      tandem_q8::pack(data, rows, kb, c.packed.get());
+    else
+      tandem_q4k::pack(data, rows, kb, c.packed.get());
     c.layout = "VNNI";
     return c;
   }
@@ -197,6 +206,9 @@ Weight make_weight(const uint8_t* data, ggml_type type, int64_t in_f, int64_t ro
 
 void q8_task(ggml_tensor* dst, int ith, int nth, void* job) {
   tandem_q8::run(*static_cast<const tandem_q8::Job*>(job), static_cast<float*>(dst->data), ith, nth);
+}
+void q4k_task(ggml_tensor* dst, int ith, int nth, void* job) {
+  tandem_q4k::run(*static_cast<const tandem_q4k::Job*>(job), static_cast<float*>(dst->data), ith, nth);
 }
 
 struct Linear {
@@ -273,7 +285,20 @@ struct Linear {
     xt->data = x_data;  // the graph reads and writes these buffers directly
     ggml_tensor* yt;
     tandem_q8::Job job{};
-    if (weight.packed) {  // tandem_q8 on ggml's pool; the activations quantized here, as ggml would
+    tandem_q4k::Job job4{};
+    if (weight.packed && weight.type == GGML_TYPE_Q4_K) {  // tandem_q4k on ggml's pool, on ggml's Q8_K activations
+      const int64_t kb = in_features / tandem_q4k::kSuper;
+      const size_t row_bytes = ggml_row_size(GGML_TYPE_Q8_K, in_features);
+      thread_local std::vector<uint8_t> blocks;
+      thread_local std::vector<int32_t> pairs;
+      blocks.resize(n * row_bytes);
+      pairs.resize((size_t)(n * kb * 4));
+      auto from_float = ggml_get_type_traits_cpu(GGML_TYPE_Q8_K)->from_float;
+      for (int64_t r = 0; r < n; ++r) from_float(x_data + r * in_features, blocks.data() + r * row_bytes, in_features);
+      tandem_q4k::pair_sums(blocks.data(), n, kb, pairs.data());
+      job4 = {weight.packed.get(), out_features, kb, blocks.data(), pairs.data(), n};
+      yt = ggml_custom_4d(c, GGML_TYPE_F32, out_features, n, 1, 1, nullptr, 0, q4k_task, GGML_N_TASKS_MAX, &job4);
+    } else if (weight.packed) {  // tandem_q8 on ggml's pool; the activations quantized here, as ggml would
       const int64_t kb = in_features / tandem_q8::kBlock;
       const size_t row_bytes = ggml_row_size(GGML_TYPE_Q8_0, in_features);
       thread_local std::vector<uint8_t> blocks;

@@ -39,6 +39,10 @@ struct BlockQ8 {  // ggml's block_q8_0 (ggml-common.h): an fp16 scale and 32 sig
   int8_t qs[kBlock];
 };
 static_assert(sizeof(BlockQ8) == 2 + kBlock, "block_q8_0 is 34 bytes");
+// how far ahead of its loads a thread prefetches its stream (the hardware's prefetch stops at
+// each 4 KB page): the LM head at one row, in a step of the 1.5B pack (2-core EPYC), took
+// 17.4 ms without, 9.9-10.7 with, against ggml's 10.2
+constexpr int kPrefetch = 4096;
 }  // namespace
 
 bool available() {
@@ -55,7 +59,7 @@ void pack(const uint8_t* rows, int64_t n, int64_t kb, uint8_t* out) {
   const BlockQ8* w = reinterpret_cast<const BlockQ8*>(rows);
   for (int64_t t = 0; t < n / kTileN; ++t)
     for (int64_t i = 0; i < kb; ++i) {
-      uint8_t* dst = out + (size_t)(t * kb + i) * kTileBlockBytes;
+      uint8_t* dst = out + offset(n / kTileN, kb, t, i);
       for (int c = 0; c < kTileN; ++c) {
         const BlockQ8& b = w[(t * kTileN + c) * kb + i];
         for (int k = 0; k < kBlock; ++k) dst[(k / 4) * (kTileN * 4) + c * 4 + k % 4] = (uint8_t)b.qs[k] ^ 0x80;
@@ -88,11 +92,11 @@ void tiles(const Job& j, int64_t r0, int64_t t0, float* y) {
   __m512 vc[MR][COLS];
   for (int m = 0; m < MR; ++m)
     for (int col = 0; col < COLS; ++col) vc[m][col] = _mm512_setzero_ps();
-  const uint8_t* base = j.packed + (size_t)t0 * kb * kTileBlockBytes;
   for (int64_t i = 0; i < kb; ++i) {
     for (int col = 0; col < COLS; ++col) {
-      const uint8_t* b = base + (size_t)(col * kb + i) * kTileBlockBytes;
+      const uint8_t* b = j.packed + offset(j.n / kTileN, kb, t0 + col, i);
       __m512i vb[8];
+      for (int k = 0; k < 9; ++k) _mm_prefetch(reinterpret_cast<const char*>(b + k * 64 + kPrefetch), _MM_HINT_T0);
       for (int k = 0; k < 8; ++k) vb[k] = _mm512_loadu_si512(reinterpret_cast<const void*>(b + k * 64));
       const __m512 vd = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + kTileN * kBlock)));
       for (int m = 0; m < MR; ++m) {

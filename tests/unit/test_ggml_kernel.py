@@ -61,14 +61,19 @@ def cpu_has(flag: str) -> bool:
     return flag in Path("/proc/cpuinfo").read_text().split()
 
 
+VNNI_CPU = all(cpu_has(f) for f in ("avx512f", "avx512bw", "avx512_vnni"))  # tandem's own tiles (actors/csrc/q8_rows.cpp)
+
+
 @needs_ggml
 def test_each_weight_takes_the_first_layout_that_fits_this_cpu():
-    """AMX (AMX-INT8 hosts; rows in multiples of 32), else the 8-row interleave (AVX2), else
-    plain rows; every layout computes within the activation bound."""
+    """AMX (AMX-INT8 hosts; rows in multiples of 32), else tandem's own tiles (AVX-512 VNNI;
+    rows in multiples of 16), else the 8-row interleave (AVX2), else plain rows; every layout
+    computes within the activation bound."""
     amx, avx2 = cpu_has("amx_int8"), cpu_has("avx2")
     g = torch.Generator().manual_seed(5)
     interleaved = "CPU_REPACK" if avx2 else "CPU"
-    for out_f, want in ((64, "AMX" if amx else interleaved), (8, interleaved), (12, "CPU")):
+    tiles = "VNNI" if VNNI_CPU else interleaved
+    for out_f, want in ((64, "AMX" if amx else tiles), (48, tiles), (8, interleaved), (12, "CPU")):
         w0 = torch.randn(out_f, 256, generator=g) * 0.05
         rows = ggml_kernel.quantize_rows(w0, "Q4_K")
         lin = ggml_kernel.GgmlLinear(rows, "Q4_K", 256)
@@ -178,39 +183,38 @@ def test_a_few_rows_compute_each_row_as_one_row_does(ggml_type, out_f, in_f):
         assert not torch.equal(y, alone.flip(0))
 
 
-VNNI_CPU = all(cpu_has(f) for f in ("avx512f", "avx512bw", "avx512_vnni"))
-
-
 @needs_ggml
 @pytest.mark.skipif(not VNNI_CPU, reason="no AVX-512 VNNI on this CPU")
-@pytest.mark.parametrize("out_f,in_f", [(48, 96), (80, 1536), (112, 256)])
-def test_q8_0_off_amx_runs_on_tandems_vnni_tiles_each_row_as_alone(monkeypatch, out_f, in_f):
-    """Q8_0 weights with outputs in multiples of 16 that ggml's AMX layout does not take (none
-    on this CPU, or not a multiple of 32) run on tandem's own VNNI tiles (actors/csrc/q8_rows.cpp;
-    48, 80 and 112 outputs: 3 tiles, a group of 4 and 1, a group and 3). For 1-9 and 13 rows
-    (chunks of 4 and a rest) every row equals, bit for bit, that row computed alone, stays within
-    the activation bound of the served weights, and agrees with ggml's own Q8_0 matmul to float
-    rounding (both sum the same exact block products). Controls: the rows alone in another order
-    differ; TANDEM_GGML_Q8=ggml and 40 outputs keep ggml's plain rows."""
+@pytest.mark.parametrize("ggml_type,out_f,in_f", [("Q8_0", 48, 96), ("Q8_0", 80, 1536), ("Q8_0", 112, 256),
+                                                  ("Q4_K", 48, 256), ("Q4_K", 80, 1536), ("Q4_K", 112, 512)])
+def test_weights_off_amx_run_on_tandems_vnni_tiles_each_row_as_alone(monkeypatch, ggml_type, out_f, in_f):
+    """Q8_0 and Q4_K weights with outputs in multiples of 16 that ggml's AMX layout does not
+    take (none on this CPU, or not a multiple of 32) run on tandem's own VNNI tiles
+    (actors/csrc/q8_rows.cpp, q4k_rows.cpp; 48, 80 and 112 outputs: 3 tiles, a group of 4 and
+    1, a group and 3). For 1-9 and 13 rows (chunks of 4 and a rest) every row equals, bit for
+    bit, that row computed alone, stays within the activation bound of the served weights, and
+    agrees with ggml's own matmul to float rounding (both sum the same exact block products).
+    Controls: the rows alone in another order differ; TANDEM_GGML_TILES=ggml and 40 outputs
+    keep ggml's layouts, and another value is refused by name."""
     g = torch.Generator().manual_seed(6)
-    rows = ggml_kernel.quantize_rows(torch.randn(out_f, in_f, generator=g) * 0.05, "Q8_0")
-    w = ggml_kernel.dequantize_rows(rows, "Q8_0", in_f)
-    lin = ggml_kernel.GgmlLinear(rows, "Q8_0", in_f)
+    rows = ggml_kernel.quantize_rows(torch.randn(out_f, in_f, generator=g) * 0.05, ggml_type)
+    w = ggml_kernel.dequantize_rows(rows, ggml_type, in_f)
+    lin = ggml_kernel.GgmlLinear(rows, ggml_type, in_f)
     assert lin.layout == "VNNI" and lin.repacked
-    monkeypatch.setenv(ggml_kernel.Q8_SWITCH, "ggml")
-    theirs = ggml_kernel.GgmlLinear(rows, "Q8_0", in_f)
-    assert theirs.layout == "CPU"
-    monkeypatch.setenv(ggml_kernel.Q8_SWITCH, "theirs")
-    with pytest.raises(ValueError, match="TANDEM_GGML_Q8 must be 'own' or 'ggml'"):
-        ggml_kernel.GgmlLinear(rows, "Q8_0", in_f)
-    monkeypatch.delenv(ggml_kernel.Q8_SWITCH)
-    assert ggml_kernel.GgmlLinear(ggml_kernel.quantize_rows(torch.randn(40, in_f, generator=g), "Q8_0"), "Q8_0", in_f).layout == "CPU"
+    monkeypatch.setenv(ggml_kernel.TILES_SWITCH, "ggml")
+    theirs = ggml_kernel.GgmlLinear(rows, ggml_type, in_f)
+    assert theirs.layout != "VNNI"
+    monkeypatch.setenv(ggml_kernel.TILES_SWITCH, "theirs")
+    with pytest.raises(ValueError, match="TANDEM_GGML_TILES must be 'own' or 'ggml'"):
+        ggml_kernel.GgmlLinear(rows, ggml_type, in_f)
+    monkeypatch.delenv(ggml_kernel.TILES_SWITCH)
+    assert ggml_kernel.GgmlLinear(ggml_kernel.quantize_rows(torch.randn(40, in_f, generator=g), ggml_type), ggml_type, in_f).layout != "VNNI"
     for m in [*range(1, 10), 13]:
         x = torch.randn(m, in_f, generator=g)
         y = lin(x)
         alone = torch.cat([lin(x[r:r + 1]) for r in range(m)])
         assert torch.equal(y, alone), (m, (y - alone).abs().max().item())
-        assert check(y, x, w, BLOCK["Q8_0"])
+        assert check(y, x, w, BLOCK[ggml_type])
         assert (y - theirs(x)).abs().max() <= 1e-5 * y.abs().max()
         if m > 1:
             assert not torch.equal(y, alone.flip(0))
@@ -321,12 +325,12 @@ def test_a_build_for_another_cpu_is_not_loaded_and_the_mode_decides_where_packs_
 
 
 def test_the_extensions_header_is_part_of_its_key(monkeypatch, tmp_path):
-    """Changing the header the extension's sources share (actors/csrc/q8_rows.h: its tile and
+    """Changing a header of the extension's sources (actors/csrc/q8_rows.h: its tile and
     row constants) rebuilds the extension; control: the same text gives the same key."""
     key = ggml_kernel.build_key()
     copy = tmp_path / "q8_rows.h"
     copy.write_text(ggml_kernel.HEADERS[0].read_text())
-    monkeypatch.setattr(ggml_kernel, "HEADERS", (copy,))
+    monkeypatch.setattr(ggml_kernel, "HEADERS", (copy, *ggml_kernel.HEADERS[1:]))
     assert ggml_kernel.build_key() == key
     copy.write_text(copy.read_text().replace("kMaxRows = 4", "kMaxRows = 8"))
     assert ggml_kernel.build_key() != key

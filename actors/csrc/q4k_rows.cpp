@@ -1,0 +1,190 @@
+// tandem's Q4_K matmul on AVX-512 VNNI, for CPUs where ggml has no AMX layout (MIT, like ggml).
+//
+// Off AMX ggml interleaves Q4_K weights 8 rows at a time (CPU_REPACK): one activation row
+// runs its gemv, four its gemm, which on the 2-core AMD EPYC costs nearly four gemvs (the
+// 1.5B pack's Q4_K linears of a layer, 2 threads: 0.84 ms at 1 row, 1.50 at 2, 3.10 at 4 and
+// at 5, 5.19 at 8). Here, as for Q8_0 (q8_rows.cpp), the weight is repacked once into tiles of
+// 16 output columns, and each weight byte is loaded once for up to 4 activation rows.
+//
+// A tile's super-block (256 weights a column): the 16 columns' quant bytes in VNNI order,
+// 64 bytes per 4 weights of a sub-block pair (byte c*4+kk = column c's qs[32p + 4g + kk]: its
+// low nibble is weight 64p + 4g + kk of sub-block 2p, its high nibble the same of sub-block
+// 2p+1, as Q4_K stores them); the 8 sub-block scales and mins of each column (6-bit, decoded
+// once here); the columns' fp16 d and dmin: 2368 bytes against Q4_K's 2304. One vpdpbusd
+// multiplies 4 weights of 16 columns (nibbles, unsigned) by 4 activation bytes (ggml's Q8_K);
+// each sub-block's exact integer sum is scaled by its 6-bit scale in integers, as ggml's
+// vec_dot does, and the mins meet the activation's sub-block sums (vpdpwssd) once a
+// super-block. Every output takes the same operations in the same order whatever the rows of
+// the call, so a row of a verification block equals, bit for bit, that row computed alone.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "q4k_rows.h"
+
+namespace tandem_q4k {
+
+namespace {
+struct BlockQ4K {  // ggml's block_q4_K (ggml-common.h)
+  uint16_t d, dmin;
+  uint8_t scales[12];
+  uint8_t qs[kSuper / 2];
+};
+static_assert(sizeof(BlockQ4K) == 144, "block_q4_K is 144 bytes");
+struct BlockQ8K {  // ggml's block_q8_K
+  float d;
+  int8_t qs[kSuper];
+  int16_t bsums[kSuper / 16];
+};
+static_assert(sizeof(BlockQ8K) == 292, "block_q8_K is 292 bytes");
+
+// ggml's get_scale_min_k4: sub-block j's 6-bit scale and min
+void scale_min(int j, const uint8_t* q, uint8_t* d, uint8_t* m) {
+  if (j < 4) {
+    *d = q[j] & 63;
+    *m = q[j + 4] & 63;
+  } else {
+    *d = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+    *m = (q[j + 4] >> 4) | ((q[j - 0] >> 6) << 4);
+  }
+}
+constexpr int kScales = kQsBytes;                   // u8 [8 sub-blocks][16 columns]
+constexpr int kMins = kScales + 8 * kTileN;         // u8 [4 pairs][16 columns][2]
+constexpr int kD = kMins + 8 * kTileN;              // fp16 [16]
+constexpr int kDmin = kD + 2 * kTileN;              // fp16 [16]
+static_assert(kDmin + 2 * kTileN == kTileBlockBytes, "tile super-block layout");
+// how far ahead of its loads a thread prefetches its stream: the 1.5B's Q4_K linears of a
+// layer at one row (2-core EPYC, 2 threads, ms, three runs): none 0.99-1.69, 2048 bytes
+// 0.89-1.18, 4096 0.83-1.25, 8192 1.00-1.03; ggml's gemv 0.78-1.18 beside them
+constexpr int kPrefetch = 4096;
+}  // namespace
+
+bool available() {
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+size_t packed_bytes(int64_t n, int64_t kb) { return (size_t)(n / kTileN) * (size_t)kb * kTileBlockBytes; }
+
+void pack(const uint8_t* rows, int64_t n, int64_t kb, uint8_t* out) {
+  const BlockQ4K* w = reinterpret_cast<const BlockQ4K*>(rows);
+  for (int64_t t = 0; t < n / kTileN; ++t)
+    for (int64_t i = 0; i < kb; ++i) {
+      uint8_t* dst = out + offset(n / kTileN, kb, t, i);
+      for (int c = 0; c < kTileN; ++c) {
+        const BlockQ4K& b = w[(t * kTileN + c) * kb + i];
+        for (int p = 0; p < 4; ++p)
+          for (int g = 0; g < 8; ++g)
+            std::memcpy(dst + (p * 8 + g) * 64 + c * 4, b.qs + 32 * p + 4 * g, 4);
+        for (int j = 0; j < 8; ++j) {
+          uint8_t sc, m;
+          scale_min(j, b.scales, &sc, &m);
+          dst[kScales + j * kTileN + c] = sc;
+          dst[kMins + (j / 2) * 2 * kTileN + c * 2 + j % 2] = m;
+        }
+        std::memcpy(dst + kD + c * 2, &b.d, 2);
+        std::memcpy(dst + kDmin + c * 2, &b.dmin, 2);
+      }
+    }
+}
+
+void pair_sums(const uint8_t* blocks, int64_t m, int64_t kb, int32_t* pairs) {
+  const BlockQ8K* a = reinterpret_cast<const BlockQ8K*>(blocks);
+  for (int64_t j = 0; j < m * kb; ++j)
+    for (int p = 0; p < 4; ++p) {
+      const int32_t lo = a[j].bsums[4 * p] + a[j].bsums[4 * p + 1];  // sub-block 2p (<= 32 x 127)
+      const int32_t hi = a[j].bsums[4 * p + 2] + a[j].bsums[4 * p + 3];
+      pairs[j * 4 + p] = (int32_t)(((uint32_t)(uint16_t)(int16_t)hi << 16) | (uint16_t)(int16_t)lo);
+    }
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+namespace {
+template <int MR, int COLS>
+void tiles(const Job& j, int64_t r0, int64_t t0, float* y) {
+  const int64_t kb = j.kb;
+  const BlockQ8K* acts = reinterpret_cast<const BlockQ8K*>(j.blocks);
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  __m512 vc[MR][COLS];
+  for (int m = 0; m < MR; ++m)
+    for (int col = 0; col < COLS; ++col) vc[m][col] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < kb; ++i) {
+    const int32_t* a[MR];
+    for (int m = 0; m < MR; ++m) a[m] = reinterpret_cast<const int32_t*>(acts[(r0 + m) * kb + i].qs);
+    for (int col = 0; col < COLS; ++col) {
+      const uint8_t* b = j.packed + offset(j.n / kTileN, kb, t0 + col, i);
+      __m512i iacc[MR];
+      for (int m = 0; m < MR; ++m) iacc[m] = _mm512_setzero_si512();
+      for (int p = 0; p < 4; ++p) {
+        __m512i slo[MR], shi[MR];
+        for (int m = 0; m < MR; ++m) slo[m] = shi[m] = _mm512_setzero_si512();
+        for (int g = 0; g < 8; ++g) {
+          _mm_prefetch(reinterpret_cast<const char*>(b + (p * 8 + g) * 64 + kPrefetch), _MM_HINT_T0);
+          const __m512i v = _mm512_loadu_si512(reinterpret_cast<const void*>(b + (p * 8 + g) * 64));
+          const __m512i lo = _mm512_and_si512(v, low);
+          const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+          for (int m = 0; m < MR; ++m) {
+            slo[m] = _mm512_dpbusd_epi32(slo[m], lo, _mm512_set1_epi32(a[m][16 * p + g]));
+            shi[m] = _mm512_dpbusd_epi32(shi[m], hi, _mm512_set1_epi32(a[m][16 * p + 8 + g]));
+          }
+        }
+        const __m512i sc_lo = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + kScales + 2 * p * kTileN)));
+        const __m512i sc_hi = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + kScales + (2 * p + 1) * kTileN)));
+        for (int m = 0; m < MR; ++m)
+          iacc[m] = _mm512_add_epi32(iacc[m], _mm512_add_epi32(_mm512_mullo_epi32(slo[m], sc_lo), _mm512_mullo_epi32(shi[m], sc_hi)));
+      }
+      const __m512 vd = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + kD)));
+      const __m512 vdmin = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + kDmin)));
+      for (int m = 0; m < MR; ++m) {
+        const int32_t* pairs = j.pairs + ((r0 + m) * kb + i) * 4;
+        __m512i ms = _mm512_setzero_si512();
+        for (int p = 0; p < 4; ++p)
+          ms = _mm512_dpwssd_epi32(ms, _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + kMins + p * 2 * kTileN))),
+                                   _mm512_set1_epi32(pairs[p]));
+        const __m512 da = _mm512_set1_ps(acts[(r0 + m) * kb + i].d);
+        vc[m][col] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[m]), _mm512_mul_ps(vd, da), vc[m][col]);
+        vc[m][col] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(ms), _mm512_mul_ps(vdmin, da), vc[m][col]);
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int col = 0; col < COLS; ++col) _mm512_storeu_ps(y + (r0 + m) * j.n + (t0 + col) * kTileN, vc[m][col]);
+}
+
+template <int COLS>
+void rows_of(const Job& j, int64_t r0, int rows, int64_t t0, float* y) {
+  switch (rows) {
+    case 1: return tiles<1, COLS>(j, r0, t0, y);
+    case 2: return tiles<2, COLS>(j, r0, t0, y);
+    case 3: return tiles<3, COLS>(j, r0, t0, y);
+    default: return tiles<4, COLS>(j, r0, t0, y);
+  }
+}
+}  // namespace
+
+void run(const Job& j, float* y, int ith, int nth) {
+  const int64_t n_tiles = j.n / kTileN;
+  const int64_t groups = (n_tiles + kGroupTiles - 1) / kGroupTiles;
+  const int64_t per = (groups + nth - 1) / nth;
+  const int64_t begin = std::min<int64_t>(groups, per * ith), end = std::min<int64_t>(groups, begin + per);
+  for (int64_t g = begin; g < end; ++g) {
+    const int64_t t0 = g * kGroupTiles;
+    const int64_t tiles_here = std::min<int64_t>(kGroupTiles, n_tiles - t0);
+    for (int64_t r0 = 0; r0 < j.m; r0 += kMaxRows) {  // the group's weights stay in L2 across chunks
+      const int rows = (int)std::min<int64_t>(kMaxRows, j.m - r0);
+      int64_t t = t0;
+      for (; t + 4 <= t0 + tiles_here; t += 4) rows_of<4>(j, r0, rows, t, y);
+      for (; t < t0 + tiles_here; ++t) rows_of<1>(j, r0, rows, t, y);
+    }
+  }
+}
+#else
+void run(const Job&, float*, int, int) {}  // not reached: available() is false
+#endif
+
+}  // namespace tandem_q4k
