@@ -15,12 +15,14 @@ Q6_K lost to torch's int8 kernel from 2 rows on without AMX and to Q8_0 with it 
 151936 x 1536 at 1 row: Q6_K 16.1 ms, Q8_0 7.9 on AMX), so a pack's Q6_K linears and its LM
 head are re-quantized to ggml's Q8_0 (a scale per 32 weights, finer than int8's one per row;
 actors/kernels.py make_linear).
-Without AMX ggml keeps Q8_0 in plain rows, where each further activation row costs nearly
-another pass (llamafile's tinyBLAS); there, on AVX-512 VNNI, those weights run on tandem's own
-Q8_0 tiles (layout "VNNI", actors/csrc/q8_rows.cpp: up to 4 rows a pass over the weights, each
-row bit for bit as it computes alone). On the 2-core AMD EPYC (2026-12-06) a 5-row
-verification block of the 1.5B pack took 139-177 ms against 184-216 in ggml's plain rows, one
-row 55-65 either way; TANDEM_GGML_TILES=ggml (TILES_SWITCH) keeps ggml's layout, for measuring.
+Without AMX, each further activation row costs ggml nearly another pass over a weight (Q8_0
+in plain rows on llamafile's tinyBLAS; Q4_K's 8-row interleave, whose 4-row gemm costs ~3.7
+gemvs). There, on AVX-512 VNNI, Q8_0 and Q4_K weights with rows in multiples of 16 run on
+tandem's own tiles instead (layout "VNNI", actors/csrc/q8_rows.cpp and q4k_rows.cpp: up to 4
+rows a pass over the weights, each row bit for bit as it computes alone). A step of the 1.5B
+pack on the 2-core AMD EPYC (2026-12-06, two runs each): 1 row 46-59 ms against 54-57 on
+ggml's layouts, 5 rows 97-98 against 191-223, 8 requests of one row 135-144 against 199-276.
+TANDEM_GGML_TILES=ggml (TILES_SWITCH) keeps ggml's layouts, for measuring.
 
 Threads: in a forward on ggml, torch's own ops run at one thread and ggml's matmuls on a ggml
 thread pool with the runner's threads (torch_at_one_thread; actors/csrc/ggml_linear.cpp has

@@ -5,18 +5,18 @@
 // 256 bits wide, on 4 x 4 tiles, and each further row costs nearly another whole pass.
 // A pack's Q6_K linears and LM head are Q8_0 on ggml (actors/kernels.py), so on a 2-core AMD
 // EPYC (AVX-512 VNNI, no AMX) a verification block of 5 rows cost 3.4 one-row steps (stop 42).
-// Measured there (2026-12-06, 2 threads, a CI run sharing the cores, two runs each, ms at 1 /
-// 2 / 4 / 5 / 8 rows), the 1.5B pack's Q8_0 LM head (151936 x 1536): ggml 9.2-10.2 / 21-27 /
-// 24-51 / 48-49 / 35-42, this kernel 10.1-12.3 / 12-13 / 15-16 / 16-20 / 21-28; a whole step
-// of the 1.5B pack (tandem's runner), 1 row 55-65 ms either way, 5 rows 184-216 -> 139-177.
+// Measured there (2026-12-06, 2 threads, ms at 1 / 2 / 4 / 5 / 8 rows, two runs), the 1.5B
+// pack's Q8_0 LM head (151936 x 1536): ggml 8.7-10.4 / 19-20 / 23-24 / 41-43 / 33, this
+// kernel (before its prefetch) 15-17 / 8-11 / 8-16 / 11-15 / 11-17; in a step of the pack at
+// one row, with the prefetch, 9.9-10.7 against ggml's 10.2.
 //
 // Here the weight is repacked once into tiles of 16 output columns (pack): per block of 32
 // weights, 16 x 32 bytes in VNNI order (4 consecutive weights of a column side by side) as
 // unsigned bytes (w + 128), then the 16 columns' fp16 scales: 544 bytes, as many as ggml's
 // 16 blocks. One vpdpbusd multiplies 4 weights of 16 columns by 4 activation bytes; the +128
 // is taken out by starting each block's sum at -128 * (the block's activation sum). Each
-// weight block is loaded once for up to 4 activation rows (kMaxRows), and 4 tiles advance
-// together so that several weight streams are in flight.
+// weight block is loaded once for up to 4 activation rows (kMaxRows), for 4 tiles at a time
+// (a group, laid out block by block: q8_rows.h offset), so each thread reads one stream.
 //
 // Every output is computed with the same integer and float operations in the same order
 // whatever the rows of the call (each row's block sums are exact integers; each output adds
