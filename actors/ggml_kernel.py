@@ -82,7 +82,8 @@ GGML_TYPES = {"Q4_0": 2, "Q8_0": 8, "Q4_K": 12}
 # the runner on ggml's kernels (actors/layer_ops.py)
 SOURCES = (Path(__file__).parent / "csrc" / "ggml_linear.cpp", Path(__file__).parent / "csrc" / "layer_ops.cpp",
            Path(__file__).parent / "csrc" / "q8_rows.cpp", Path(__file__).parent / "csrc" / "q4k_rows.cpp")
-HEADERS = (Path(__file__).parent / "csrc" / "q8_rows.h", Path(__file__).parent / "csrc" / "q4k_rows.h")  # part of build_key with SOURCES
+HEADERS = (Path(__file__).parent / "csrc" / "vnni_tiles.h", Path(__file__).parent / "csrc" / "q8_rows.h",
+           Path(__file__).parent / "csrc" / "q4k_rows.h")  # part of build_key with SOURCES
 # TANDEM_GGML_TILES=ggml keeps Q8_0 and Q4_K weights in ggml's own layouts where tandem's
 # own tiles would take them (actors/csrc/q8_rows.cpp, q4k_rows.cpp): for measuring one against
 # the other

@@ -143,9 +143,7 @@ bool amx_takes(ggml_type type, int64_t rows) {
 // tandem's own kernels (q8_rows.cpp, q4k_rows.cpp) take Q8_0 and Q4_K weights with rows in
 // multiples of 16, where the extension was built with AVX-512 VNNI.
 bool own_takes(ggml_type type, int64_t rows) {
-  if (type == GGML_TYPE_Q8_0) return rows % tandem_q8::kTileN == 0 && tandem_q8::available();
-  if (type == GGML_TYPE_Q4_K) return rows % tandem_q4k::kTileN == 0 && tandem_q4k::available();
-  return false;
+  return tandem_tiles::kAvailable && (type == GGML_TYPE_Q8_0 || type == GGML_TYPE_Q4_K) && rows % tandem_tiles::kTileN == 0;
 }
 
 struct FreeBytes {

@@ -55,19 +55,7 @@ constexpr int kMins = kScales + 8 * kTileN;         // u8 [4 pairs][16 columns][
 constexpr int kD = kMins + 8 * kTileN;              // fp16 [16]
 constexpr int kDmin = kD + 2 * kTileN;              // fp16 [16]
 static_assert(kDmin + 2 * kTileN == kTileBlockBytes, "tile super-block layout");
-// how far ahead of its loads a thread prefetches its stream: the 1.5B's Q4_K linears of a
-// layer at one row (2-core EPYC, 2 threads, ms, three runs): none 0.99-1.69, 2048 bytes
-// 0.89-1.18, 4096 0.83-1.25, 8192 1.00-1.03; ggml's gemv 0.78-1.18 beside them
-constexpr int kPrefetch = 4096;
 }  // namespace
-
-bool available() {
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-  return true;
-#else
-  return false;
-#endif
-}
 
 size_t packed_bytes(int64_t n, int64_t kb) { return (size_t)(n / kTileN) * (size_t)kb * kTileBlockBytes; }
 
@@ -75,7 +63,7 @@ void pack(const uint8_t* rows, int64_t n, int64_t kb, uint8_t* out) {
   const BlockQ4K* w = reinterpret_cast<const BlockQ4K*>(rows);
   for (int64_t t = 0; t < n / kTileN; ++t)
     for (int64_t i = 0; i < kb; ++i) {
-      uint8_t* dst = out + offset(n / kTileN, kb, t, i);
+      uint8_t* dst = out + tandem_tiles::offset(n / kTileN, kb, t, i, kTileBlockBytes);
       for (int c = 0; c < kTileN; ++c) {
         const BlockQ4K& b = w[(t * kTileN + c) * kb + i];
         for (int p = 0; p < 4; ++p)
@@ -117,14 +105,14 @@ void tiles(const Job& j, int64_t r0, int64_t t0, float* y) {
     const int32_t* a[MR];
     for (int m = 0; m < MR; ++m) a[m] = reinterpret_cast<const int32_t*>(acts[(r0 + m) * kb + i].qs);
     for (int col = 0; col < COLS; ++col) {
-      const uint8_t* b = j.packed + offset(j.n / kTileN, kb, t0 + col, i);
+      const uint8_t* b = j.packed + tandem_tiles::offset(j.n / kTileN, kb, t0 + col, i, kTileBlockBytes);
       __m512i iacc[MR];
       for (int m = 0; m < MR; ++m) iacc[m] = _mm512_setzero_si512();
       for (int p = 0; p < 4; ++p) {
         __m512i slo[MR], shi[MR];
         for (int m = 0; m < MR; ++m) slo[m] = shi[m] = _mm512_setzero_si512();
         for (int g = 0; g < 8; ++g) {
-          _mm_prefetch(reinterpret_cast<const char*>(b + (p * 8 + g) * 64 + kPrefetch), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(b + (p * 8 + g) * 64 + tandem_tiles::kPrefetch), _MM_HINT_T0);
           const __m512i v = _mm512_loadu_si512(reinterpret_cast<const void*>(b + (p * 8 + g) * 64));
           const __m512i lo = _mm512_and_si512(v, low);
           const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
@@ -156,35 +144,15 @@ void tiles(const Job& j, int64_t r0, int64_t t0, float* y) {
     for (int col = 0; col < COLS; ++col) _mm512_storeu_ps(y + (r0 + m) * j.n + (t0 + col) * kTileN, vc[m][col]);
 }
 
-template <int COLS>
-void rows_of(const Job& j, int64_t r0, int rows, int64_t t0, float* y) {
-  switch (rows) {
-    case 1: return tiles<1, COLS>(j, r0, t0, y);
-    case 2: return tiles<2, COLS>(j, r0, t0, y);
-    case 3: return tiles<3, COLS>(j, r0, t0, y);
-    default: return tiles<4, COLS>(j, r0, t0, y);
-  }
-}
 }  // namespace
 
 void run(const Job& j, float* y, int ith, int nth) {
-  const int64_t n_tiles = j.n / kTileN;
-  const int64_t groups = (n_tiles + kGroupTiles - 1) / kGroupTiles;
-  const int64_t per = (groups + nth - 1) / nth;
-  const int64_t begin = std::min<int64_t>(groups, per * ith), end = std::min<int64_t>(groups, begin + per);
-  for (int64_t g = begin; g < end; ++g) {
-    const int64_t t0 = g * kGroupTiles;
-    const int64_t tiles_here = std::min<int64_t>(kGroupTiles, n_tiles - t0);
-    for (int64_t r0 = 0; r0 < j.m; r0 += kMaxRows) {  // the group's weights stay in L2 across chunks
-      const int rows = (int)std::min<int64_t>(kMaxRows, j.m - r0);
-      int64_t t = t0;
-      for (; t + 4 <= t0 + tiles_here; t += 4) rows_of<4>(j, r0, rows, t, y);
-      for (; t < t0 + tiles_here; ++t) rows_of<1>(j, r0, rows, t, y);
-    }
-  }
+  tandem_tiles::for_share(j.n, j.m, ith, nth, [&](auto mr, auto cols, int64_t r0, int64_t t) {
+    tiles<decltype(mr)::value, decltype(cols)::value>(j, r0, t, y);
+  });
 }
 #else
-void run(const Job&, float*, int, int) {}  // not reached: available() is false
+void run(const Job&, float*, int, int) {}  // not reached: tandem_tiles::kAvailable is false
 #endif
 
 }  // namespace tandem_q4k

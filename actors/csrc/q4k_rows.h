@@ -4,28 +4,16 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "vnni_tiles.h"
+
 namespace tandem_q4k {
 
-constexpr int kTileN = 16;   // output columns a tile holds: one zmm of int32 or float
+using tandem_tiles::kTileN;
 constexpr int kSuper = 256;  // weights a Q4_K super-block holds (ggml's QK_K)
 // a tile's super-block: 16 x 256 4-bit weights, 8 sub-block scales and mins a column (u8),
 // the columns' fp16 d and dmin
 constexpr int kQsBytes = kTileN * kSuper / 2;  // 2048
 constexpr int kTileBlockBytes = kQsBytes + 2 * 8 * kTileN + 2 * 2 * kTileN;  // 2368
-constexpr int kGroupTiles = 4;  // tiles a thread takes at a time
-constexpr int kMaxRows = 4;     // activation rows one pass over a tile group serves
-
-// Where tile t's block i starts: the tiles of a group of kGroupTiles (fewer in the last)
-// lie block by block side by side, so a thread reads its groups in one stream (4 streams,
-// one per tile, took 1.46-1.55 ms a layer of the 1.5B's Q4_K linears at one row, against
-// 0.75-0.99 in one, on the 2-core EPYC).
-inline size_t offset(int64_t n_tiles, int64_t kb, int64_t t, int64_t i) {
-  const int64_t g0 = t / kGroupTiles * kGroupTiles;
-  const int64_t in_group = n_tiles - g0 < kGroupTiles ? n_tiles - g0 : kGroupTiles;
-  return ((size_t)g0 * kb + (size_t)i * in_group + (size_t)(t - g0)) * kTileBlockBytes;
-}
-
-bool available();  // compiled with AVX-512 F, BW and VNNI
 
 // n weight rows (a multiple of kTileN) of kb Q4_K super-blocks -> packed_bytes(n, kb) at `out`.
 size_t packed_bytes(int64_t n, int64_t kb);

@@ -16,7 +16,7 @@
 // 16 blocks. One vpdpbusd multiplies 4 weights of 16 columns by 4 activation bytes; the +128
 // is taken out by starting each block's sum at -128 * (the block's activation sum). Each
 // weight block is loaded once for up to 4 activation rows (kMaxRows), for 4 tiles at a time
-// (a group, laid out block by block: q8_rows.h offset), so each thread reads one stream.
+// (a group, laid out block by block: vnni_tiles.h), so each thread reads one stream.
 //
 // Every output is computed with the same integer and float operations in the same order
 // whatever the rows of the call (each row's block sums are exact integers; each output adds
@@ -39,19 +39,7 @@ struct BlockQ8 {  // ggml's block_q8_0 (ggml-common.h): an fp16 scale and 32 sig
   int8_t qs[kBlock];
 };
 static_assert(sizeof(BlockQ8) == 2 + kBlock, "block_q8_0 is 34 bytes");
-// how far ahead of its loads a thread prefetches its stream (the hardware's prefetch stops at
-// each 4 KB page): the LM head at one row, in a step of the 1.5B pack (2-core EPYC), took
-// 17.4 ms without, 9.9-10.7 with, against ggml's 10.2
-constexpr int kPrefetch = 4096;
 }  // namespace
-
-bool available() {
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-  return true;
-#else
-  return false;
-#endif
-}
 
 size_t packed_bytes(int64_t n, int64_t kb) { return (size_t)(n / kTileN) * (size_t)kb * kTileBlockBytes; }
 
@@ -59,7 +47,7 @@ void pack(const uint8_t* rows, int64_t n, int64_t kb, uint8_t* out) {
   const BlockQ8* w = reinterpret_cast<const BlockQ8*>(rows);
   for (int64_t t = 0; t < n / kTileN; ++t)
     for (int64_t i = 0; i < kb; ++i) {
-      uint8_t* dst = out + offset(n / kTileN, kb, t, i);
+      uint8_t* dst = out + tandem_tiles::offset(n / kTileN, kb, t, i, kTileBlockBytes);
       for (int c = 0; c < kTileN; ++c) {
         const BlockQ8& b = w[(t * kTileN + c) * kb + i];
         for (int k = 0; k < kBlock; ++k) dst[(k / 4) * (kTileN * 4) + c * 4 + k % 4] = (uint8_t)b.qs[k] ^ 0x80;
@@ -78,7 +66,7 @@ void split_activations(const uint8_t* blocks, int64_t m, int64_t kb, int8_t* aq,
 #if defined(__F16C__)
     ad[j] = _cvtsh_ss(a[j].d);
 #else
-    ad[j] = 0.0f;  // not reached: available() is false without AVX-512
+    ad[j] = 0.0f;  // not reached: tandem_tiles::kAvailable is false without AVX-512
 #endif
   }
 }
@@ -94,9 +82,9 @@ void tiles(const Job& j, int64_t r0, int64_t t0, float* y) {
     for (int col = 0; col < COLS; ++col) vc[m][col] = _mm512_setzero_ps();
   for (int64_t i = 0; i < kb; ++i) {
     for (int col = 0; col < COLS; ++col) {
-      const uint8_t* b = j.packed + offset(j.n / kTileN, kb, t0 + col, i);
+      const uint8_t* b = j.packed + tandem_tiles::offset(j.n / kTileN, kb, t0 + col, i, kTileBlockBytes);
       __m512i vb[8];
-      for (int k = 0; k < 9; ++k) _mm_prefetch(reinterpret_cast<const char*>(b + k * 64 + kPrefetch), _MM_HINT_T0);
+      for (int k = 0; k < 9; ++k) _mm_prefetch(reinterpret_cast<const char*>(b + k * 64 + tandem_tiles::kPrefetch), _MM_HINT_T0);
       for (int k = 0; k < 8; ++k) vb[k] = _mm512_loadu_si512(reinterpret_cast<const void*>(b + k * 64));
       const __m512 vd = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + kTileN * kBlock)));
       for (int m = 0; m < MR; ++m) {
@@ -112,38 +100,15 @@ void tiles(const Job& j, int64_t r0, int64_t t0, float* y) {
     for (int col = 0; col < COLS; ++col) _mm512_storeu_ps(y + (r0 + m) * j.n + (t0 + col) * kTileN, vc[m][col]);
 }
 
-template <int COLS>
-void rows_of(const Job& j, int64_t r0, int rows, int64_t t0, float* y) {
-  switch (rows) {
-    case 1: return tiles<1, COLS>(j, r0, t0, y);
-    case 2: return tiles<2, COLS>(j, r0, t0, y);
-    case 3: return tiles<3, COLS>(j, r0, t0, y);
-    default: return tiles<4, COLS>(j, r0, t0, y);
-  }
-}
 }  // namespace
 
 void run(const Job& j, float* y, int ith, int nth) {
-  const int64_t n_tiles = j.n / kTileN;
-  const int64_t groups = (n_tiles + kGroupTiles - 1) / kGroupTiles;
-  const int64_t per = (groups + nth - 1) / nth;
-  const int64_t begin = std::min<int64_t>(groups, per * ith), end = std::min<int64_t>(groups, begin + per);
-  for (int64_t g = begin; g < end; ++g) {
-    const int64_t t0 = g * kGroupTiles;
-    const int64_t tiles_here = std::min<int64_t>(kGroupTiles, n_tiles - t0);
-    // row chunks inside the group: its weights (4 tiles x kb blocks, 609 KB at k = 8960) stay
-    // in L2 across the chunks (8 rows of the LM head: 16-22 ms in two chunks of 4 at 4 tiles,
-    // 28-35 in one of 8 at one tile, 39-42 at two, where 8 x 2 accumulators spill)
-    for (int64_t r0 = 0; r0 < j.m; r0 += kMaxRows) {
-      const int rows = (int)std::min<int64_t>(kMaxRows, j.m - r0);
-      int64_t t = t0;
-      for (; t + 4 <= t0 + tiles_here; t += 4) rows_of<4>(j, r0, rows, t, y);
-      for (; t < t0 + tiles_here; ++t) rows_of<1>(j, r0, rows, t, y);
-    }
-  }
+  tandem_tiles::for_share(j.n, j.m, ith, nth, [&](auto mr, auto cols, int64_t r0, int64_t t) {
+    tiles<decltype(mr)::value, decltype(cols)::value>(j, r0, t, y);
+  });
 }
 #else
-void run(const Job&, float*, int, int) {}  // not reached: available() is false
+void run(const Job&, float*, int, int) {}  // not reached: tandem_tiles::kAvailable is false
 #endif
 
 }  // namespace tandem_q8

@@ -4,26 +4,13 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "vnni_tiles.h"
+
 namespace tandem_q8 {
 
-constexpr int kTileN = 16;  // output columns a tile holds: one zmm of int32 or float
+using tandem_tiles::kTileN;
 constexpr int kBlock = 32;  // weights a Q8_0 block holds (ggml's QK8_0)
 constexpr int kTileBlockBytes = kTileN * kBlock + kTileN * 2;  // 16 x 32 weights, 16 fp16 scales: 544
-constexpr int kGroupTiles = 4;  // tiles a thread takes at a time
-constexpr int kMaxRows = 4;     // activation rows one pass over a tile group serves
-
-// Whether this build has the kernel (compiled with AVX-512 F, BW and VNNI).
-// Where tile t's block i starts: the tiles of a group of kGroupTiles (fewer in the last)
-// lie block by block side by side, so a thread reads its groups in one stream (4 streams,
-// one per tile, took 1.46-1.55 ms a layer of the 1.5B's Q4_K linears at one row, against
-// 0.75-0.99 in one, on the 2-core EPYC).
-inline size_t offset(int64_t n_tiles, int64_t kb, int64_t t, int64_t i) {
-  const int64_t g0 = t / kGroupTiles * kGroupTiles;
-  const int64_t in_group = n_tiles - g0 < kGroupTiles ? n_tiles - g0 : kGroupTiles;
-  return ((size_t)g0 * kb + (size_t)i * in_group + (size_t)(t - g0)) * kTileBlockBytes;
-}
-
-bool available();
 
 // n weight rows (a multiple of kTileN) of kb Q8_0 blocks each -> packed_bytes(n, kb) at `out`.
 size_t packed_bytes(int64_t n, int64_t kb);

@@ -325,10 +325,10 @@ def test_a_build_for_another_cpu_is_not_loaded_and_the_mode_decides_where_packs_
 
 
 def test_the_extensions_header_is_part_of_its_key(monkeypatch, tmp_path):
-    """Changing a header of the extension's sources (actors/csrc/q8_rows.h: its tile and
+    """Changing a header of the extension's sources (actors/csrc/vnni_tiles.h: its tile and
     row constants) rebuilds the extension; control: the same text gives the same key."""
     key = ggml_kernel.build_key()
-    copy = tmp_path / "q8_rows.h"
+    copy = tmp_path / "vnni_tiles.h"
     copy.write_text(ggml_kernel.HEADERS[0].read_text())
     monkeypatch.setattr(ggml_kernel, "HEADERS", (copy, *ggml_kernel.HEADERS[1:]))
     assert ggml_kernel.build_key() == key
