@@ -18,11 +18,12 @@ actors/kernels.py make_linear).
 Without AMX, each further activation row costs ggml nearly another pass over a weight (Q8_0
 in plain rows on llamafile's tinyBLAS; Q4_K's 8-row interleave, whose 4-row gemm costs ~3.7
 gemvs). There, on AVX-512 VNNI, Q8_0 and Q4_K weights with rows in multiples of 16 run on
-tandem's own tiles instead (layout "VNNI", actors/csrc/q8_rows.cpp and q4k_rows.cpp: up to 4
-rows a pass over the weights, each row bit for bit as it computes alone). A step of the 1.5B
-pack on the 2-core AMD EPYC (2026-12-06, two runs each): 1 row 46-59 ms against 54-57 on
-ggml's layouts, 5 rows 97-98 against 191-223, 8 requests of one row 135-144 against 199-276.
-TANDEM_GGML_TILES=ggml (TILES_SWITCH) keeps ggml's layouts, for measuring.
+tandem's own tiles instead (layout "VNNI", actors/csrc/vnni_tiles.h, q8_rows.cpp and
+q4k_rows.cpp: up to 4 rows a pass over the weights, each row bit for bit as it computes
+alone). A step of the 1.5B pack on the 2-core AMD EPYC (2026-12-07, bench/kernel_tiles.py):
+1 row 44.1 ms against 52.0 on ggml's layouts, 5 rows 82.8 against 160.0, 8 requests of one
+row 109.5 against 203.6. TANDEM_GGML_TILES=ggml (TILES_SWITCH) keeps ggml's layouts, for
+measuring.
 
 Threads: in a forward on ggml, torch's own ops run at one thread and ggml's matmuls on a ggml
 thread pool with the runner's threads (torch_at_one_thread; actors/csrc/ggml_linear.cpp has
@@ -266,7 +267,8 @@ class GgmlLinear:
     @property
     def layout(self) -> str:
         """Where the weight lives: ggml's buffer types "AMX", "CPU_REPACK" (interleaved rows)
-        or "CPU" (plain rows), or "VNNI", tandem's own Q8_0 tiles (actors/csrc/q8_rows.cpp)."""
+        or "CPU" (plain rows), or "VNNI", tandem's own Q8_0 and Q4_K tiles
+        (actors/csrc/vnni_tiles.h)."""
         return self.impl.layout
 
     @property

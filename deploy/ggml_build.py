@@ -140,7 +140,8 @@ def build_ggml(src: Path, key: str) -> Path:
 
 
 def build_extension(src: Path, libs: Path, dest: Path) -> Path:
-    """actors/csrc/ggml_linear.cpp, layer_ops.cpp and q8_rows.cpp compiled against torch and the ggml in `dest`."""
+    """The extension's SOURCES (actors/csrc: ggml_linear.cpp, layer_ops.cpp and tandem's own
+    tiles, q8_rows.cpp and q4k_rows.cpp) compiled against torch and the ggml in `dest`."""
     import torch
     from torch.utils import cpp_extension
 
