@@ -215,7 +215,7 @@ struct Linear {
   std::string layout;
 
   // raw: uint8 [out_features, row bytes], the GGUF's rows of ggml type `type`; allow_own:
-  // tandem's own Q8_0 kernel may take it (make_weight).
+  // tandem's own tiles may take it (Q8_0 and Q4_K; make_weight).
   Linear(torch::Tensor raw, int64_t type, int64_t in_f, bool allow_repack, bool allow_own) : in_features(in_f) {
     init_once();
     TORCH_CHECK(type >= 0 && type < GGML_TYPE_COUNT, "ggml type out of range: ", type);
