@@ -300,17 +300,15 @@ struct Linear {
       const int64_t kb = in_features / tandem_q8::kBlock;
       const size_t row_bytes = ggml_row_size(GGML_TYPE_Q8_0, in_features);
       thread_local std::vector<uint8_t> blocks;
-      thread_local std::vector<int8_t> aq;
       thread_local std::vector<float> ad;
       thread_local std::vector<int32_t> acomp;
       blocks.resize(n * row_bytes);
-      aq.resize((size_t)(n * in_features));
       ad.resize((size_t)(n * kb));
       acomp.resize((size_t)(n * kb));
       auto from_float = ggml_get_type_traits_cpu(GGML_TYPE_Q8_0)->from_float;
       for (int64_t r = 0; r < n; ++r) from_float(x_data + r * in_features, blocks.data() + r * row_bytes, in_features);
-      tandem_q8::split_activations(blocks.data(), n, kb, aq.data(), ad.data(), acomp.data());
-      job = {weight.packed.get(), out_features, kb, aq.data(), ad.data(), acomp.data(), n};
+      tandem_q8::block_terms(blocks.data(), n, kb, ad.data(), acomp.data());
+      job = {weight.packed.get(), out_features, kb, blocks.data(), ad.data(), acomp.data(), n};
       yt = ggml_custom_4d(c, GGML_TYPE_F32, out_features, n, 1, 1, nullptr, 0, q8_task, GGML_N_TASKS_MAX, &job);
     } else {
       yt = ggml_mul_mat(c, weight.w, xt);

@@ -56,10 +56,9 @@ void pack(const uint8_t* rows, int64_t n, int64_t kb, uint8_t* out) {
     }
 }
 
-void split_activations(const uint8_t* blocks, int64_t m, int64_t kb, int8_t* aq, float* ad, int32_t* acomp) {
+void block_terms(const uint8_t* blocks, int64_t m, int64_t kb, float* ad, int32_t* acomp) {
   const BlockQ8* a = reinterpret_cast<const BlockQ8*>(blocks);
   for (int64_t j = 0; j < m * kb; ++j) {
-    std::memcpy(aq + j * kBlock, a[j].qs, kBlock);
     int32_t sum = 0;
     for (int k = 0; k < kBlock; ++k) sum += a[j].qs[k];
     acomp[j] = -128 * sum;
@@ -89,9 +88,13 @@ void tiles(const Job& j, int64_t r0, int64_t t0, float* y) {
       const __m512 vd = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + kTileN * kBlock)));
       for (int m = 0; m < MR; ++m) {
         const int64_t at = (r0 + m) * kb + i;
-        const int32_t* a = reinterpret_cast<const int32_t*>(j.aq + at * kBlock);
+        const int8_t* a = reinterpret_cast<const BlockQ8*>(j.blocks)[at].qs;  // 4 bytes at a time, unaligned
         __m512i s = _mm512_set1_epi32(j.acomp[at]);
-        for (int k = 0; k < 8; ++k) s = _mm512_dpbusd_epi32(s, vb[k], _mm512_set1_epi32(a[k]));
+        for (int k = 0; k < 8; ++k) {
+          int32_t four;
+          std::memcpy(&four, a + 4 * k, 4);
+          s = _mm512_dpbusd_epi32(s, vb[k], _mm512_set1_epi32(four));
+        }
         vc[m][col] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(vd, _mm512_set1_ps(j.ad[at])), vc[m][col]);
       }
     }

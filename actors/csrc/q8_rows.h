@@ -16,14 +16,14 @@ constexpr int kTileBlockBytes = kTileN * kBlock + kTileN * 2;  // 16 x 32 weight
 size_t packed_bytes(int64_t n, int64_t kb);
 void pack(const uint8_t* rows, int64_t n, int64_t kb, uint8_t* out);
 
-// m activation rows quantized by ggml to Q8_0 (m * kb blocks) -> their bytes, float scales and
-// -128 x each block's sum, as run() reads them.
-void split_activations(const uint8_t* blocks, int64_t m, int64_t kb, int8_t* aq, float* ad, int32_t* acomp);
+// m activation rows quantized by ggml to Q8_0 (m * kb blocks) -> each block's float scale and
+// -128 x its sum, as run() reads them beside the blocks' bytes.
+void block_terms(const uint8_t* blocks, int64_t m, int64_t kb, float* ad, int32_t* acomp);
 
 struct Job {
   const uint8_t* packed;  // pack()'s output
   int64_t n, kb;          // weight rows (outputs) and blocks per row
-  const int8_t* aq;       // [m, kb * kBlock]
+  const uint8_t* blocks;  // the activations as ggml's Q8_0 blocks [m, kb]
   const float* ad;        // [m, kb]
   const int32_t* acomp;   // [m, kb]
   int64_t m;              // activation rows
