@@ -552,25 +552,33 @@ class ModelRunner:
         rope = self.ops.rope_tables(self.cos, self.sin, pos)
         for r, s, n in zip(rows, starts, ns):
             self._ensure_capacity(r.seq, min(s + n, self.max_context))
+        ops = self.ops
+        # rows of up to attend_max_rows attend in one C++ call (ops.attend: decode and
+        # verification blocks), longer ones (prefill chunks) one by one in torch
+        in_ops = [i for i, n in enumerate(ns) if n <= ops.attend_max_rows]
+        in_torch = [i for i, n in enumerate(ns) if n > ops.attend_max_rows]
         # per row with more than one query: [1, 1, g * n, s + n], query j sees keys <= s + j
-        masks: list[torch.Tensor | None] = []
-        for s, n in zip(starts, ns):
+        masks: dict[int, torch.Tensor | None] = {}
+        for i in in_torch:
+            s, n = starts[i], ns[i]
             if n == 1:
-                masks.append(None)  # a single query sees every cached key
+                masks[i] = None  # a single query sees every cached key
                 continue
             m = torch.arange(s + n, device=dev)[None, :] <= torch.arange(s, s + n, device=dev)[:, None]
-            masks.append((m.repeat(g, 1) if g > 1 else m)[None, None])
+            masks[i] = (m.repeat(g, 1) if g > 1 else m)[None, None]
         T = offs[-1]
-        ops = self.ops
         h = ops.rms(x, self.layers[lo].input_norm)
         for li in range(lo, hi):
             layer = self.layers[li]
-            qkv = layer.qkv(h)[0]  # [T, (H + 2 kvh) * hd]
+            qkv = layer.qkv(h)[0].contiguous()  # [T, (H + 2 kvh) * hd]
             q, k = ops.rope_qk(qkv, rope, H, kvh, hd)  # [T, H, hd], [T, kvh, hd]
             v = qkv[:, (H + kvh) * hd :].view(T, kvh, hd)
             att = torch.empty(T, H * hd, dtype=x.dtype, device=dev)
-            for i, r in enumerate(rows):
-                s, n, o = starts[i], ns[i], offs[i]
+            if in_ops:
+                ops.attend(qkv, H, kvh, hd, [rows[i].seq.keys[li] for i in in_ops], [rows[i].seq.values[li] for i in in_ops],
+                           [offs[i] for i in in_ops], [starts[i] for i in in_ops], [ns[i] for i in in_ops], att)
+            for i in in_torch:
+                r, s, n, o = rows[i], starts[i], ns[i], offs[i]
                 r.seq.keys[li][:, s : s + n] = k[o : o + n].transpose(0, 1)
                 r.seq.values[li][:, s : s + n] = v[o : o + n].transpose(0, 1)
                 keys = r.seq.keys[li][None, :, : s + n]  # [1, kvh, L, hd]
@@ -606,19 +614,28 @@ class ModelRunner:
         kv_len = min(max(s + nmax for s in starts), self.max_context)
         for r in rows:
             self._ensure_capacity(r.seq, kv_len)
+        ops = self.ops
+        # every row's attention in one C++ call (ops.attend: decode and verification blocks)
+        in_ops = nmax <= ops.attend_max_rows
         # Boolean mask [B, 1, g * nmax, kv_len]: query j of row i sees keys <= start_i + j.
         # Not needed for a single decode token (it sees every cached key).
         mask = None
-        if not (B == 1 and nmax == 1):
+        if not (B == 1 and nmax == 1) and not in_ops:
             key_pos = torch.arange(kv_len, device=dev)[None, None, :]  # [1, 1, kv_len]
             mask = key_pos <= pos[:, :, None]  # [B, nmax, kv_len]
             mask = mask[:, None].repeat(1, 1, g, 1) if g > 1 else mask[:, None]
-        ops = self.ops
         h = ops.rms(x, self.layers[lo].input_norm)
         for li in range(lo, hi):
             layer = self.layers[li]
-            qkv = layer.qkv(h)  # [B, n, (H + 2 kvh) * hd]
+            qkv = layer.qkv(h).contiguous()  # [B, n, (H + 2 kvh) * hd]
             q, k = ops.rope_qk(qkv, rope, H, kvh, hd)  # [B, n, H, hd], [B, n, kvh, hd]
+            if in_ops:  # padding rows (ns[i] < nmax) stay zero and are dropped below
+                att = (torch.empty if min(ns) == nmax else torch.zeros)(B * nmax, H * hd, dtype=x.dtype, device=dev)
+                ops.attend(qkv.view(B * nmax, -1), H, kvh, hd, [r.seq.keys[li] for r in rows],
+                           [r.seq.values[li] for r in rows], [i * nmax for i in range(B)], starts, ns, att)
+                x, h = ops.add_rms(x, layer.o(att.view(B, nmax, H * hd)), layer.post_norm)
+                x, h = self._add_down(x, layer, h, li, hi)
+                continue
             q, k = q.transpose(1, 2), k.transpose(1, 2)
             v = qkv[..., (H + kvh) * hd :].view(B, nmax, kvh, hd).transpose(1, 2)
             if B == 1:
