@@ -41,6 +41,11 @@ class TorchLayerOps:
     def __init__(self, eps: float):
         self.eps = eps
 
+    def attends(self, rows: int, head_dim: int) -> bool:
+        """Whether attend() takes a sequence's block of `rows` query rows of heads of
+        `head_dim` (the C++ call works 16 floats at a time: a multiple of 16)."""
+        return 0 < rows <= self.attend_max_rows and head_dim % 16 == 0
+
     def rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -115,11 +120,12 @@ class FusedLayerOps(TorchLayerOps):
         """Causal attention of sequence i's rows qkv[offsets[i] : offsets[i] + counts[i]] (q | k
         | v, as rope_qk left them: rotated in place) at positions starts[i]..., against its
         cache keys[i], values[i] [kv_heads, capacity, head_dim], after writing their k and v
-        there; into out [T, heads * head_dim]. Up to attend_max_rows rows a sequence; each
+        there; into out [T, heads * head_dim]. Blocks attends() takes; each
         output row is bit for bit the same whatever the other rows of the call
         (actors/csrc/layer_ops.cpp)."""
-        if max(counts, default=0) > self.attend_max_rows:
-            raise ValueError(f"attend takes up to {self.attend_max_rows} rows a sequence, got {max(counts)}")
+        if not all(self.attends(n, head_dim) for n in counts):
+            raise ValueError(f"attend takes 1 to {self.attend_max_rows} rows a sequence of heads of a multiple of 16, "
+                             f"got rows {list(counts)} of head_dim {head_dim}")
         self.ext.attend(qkv, heads, kv_heads, head_dim, list(keys), list(values), list(offsets), list(starts),
                         list(counts), out)
 

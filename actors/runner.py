@@ -553,10 +553,10 @@ class ModelRunner:
         for r, s, n in zip(rows, starts, ns):
             self._ensure_capacity(r.seq, min(s + n, self.max_context))
         ops = self.ops
-        # rows of up to attend_max_rows attend in one C++ call (ops.attend: decode and
-        # verification blocks), longer ones (prefill chunks) one by one in torch
-        in_ops = [i for i, n in enumerate(ns) if n <= ops.attend_max_rows]
-        in_torch = [i for i, n in enumerate(ns) if n > ops.attend_max_rows]
+        # blocks ops.attends() takes attend in one C++ call (decode and verification blocks),
+        # the rest (prefill chunks) one by one in torch
+        in_ops = [i for i, n in enumerate(ns) if ops.attends(n, hd)]
+        in_torch = [i for i, n in enumerate(ns) if not ops.attends(n, hd)]
         # per row with more than one query: [1, 1, g * n, s + n], query j sees keys <= s + j
         masks: dict[int, torch.Tensor | None] = {}
         for i in in_torch:
@@ -616,7 +616,7 @@ class ModelRunner:
             self._ensure_capacity(r.seq, kv_len)
         ops = self.ops
         # every row's attention in one C++ call (ops.attend: decode and verification blocks)
-        in_ops = nmax <= ops.attend_max_rows
+        in_ops = all(ops.attends(n, hd) for n in ns)
         # Boolean mask [B, 1, g * nmax, kv_len]: query j of row i sees keys <= start_i + j.
         # Not needed for a single decode token (it sees every cached key).
         mask = None

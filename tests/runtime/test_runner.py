@@ -495,3 +495,82 @@ def test_verification_reports_the_rows_of_the_forward_it_ran_in(ref, runner_devi
     v.runner.packed = False  # the padded layout computes 2 sequences x 3 rows
     outs = v.verify_batch(["a", "b"], [DraftBlock(tokens=[1, 2], q=None, exits=[0, 0]), None])
     assert [o.step_rows for o in outs] == [2 * 3] * 2
+
+
+@pytest.mark.parametrize("hidden", [64, 32], ids=["heads-of-16", "heads-of-8"])
+def test_blocks_attend_in_cpp_on_ggml_in_bf16(tmp_path, monkeypatch, runner_device, hidden):
+    """On ggml's kernels in bf16 (the fused ops), decode steps and verification blocks attend
+    in one C++ call a layer (actors/layer_ops.py attend); prefill-sized blocks and heads that
+    are not a multiple of 16 keep torch's attention. Cases: one sequence of 1 and of 5 rows,
+    3 sequences of one row each (the padded batch) and of 1, 5 and 70 rows (the packed one:
+    two blocks in C++, the 70 in torch). Each C++ call equals float32 attention over what it
+    was handed to rounding, with the rows' k and v in each cache; the logits agree with the
+    same runner's on torch's attention (ops.attend_max_rows = 0) to within 10% of their
+    largest (this random 2-layer model turns a bf16 ulp in an activation into up to ~3%
+    through ggml's 8-bit activations). Control: a sequence whose cache was cut one position
+    short is told apart (~150% there)."""
+    from tandem.actors import ggml_kernel
+    from tandem.bench.tiny_models import make_tiny_model
+    from tests.runtime.conftest import on_cpu
+    from tests.unit.test_layer_ops import rounded_from
+
+    if runner_device != "cpu":
+        pytest.skip("ggml's kernels and the fused ops are the CPU's")
+    if ggml_kernel.load() is None or not hasattr(ggml_kernel.load(), "attend"):
+        pytest.skip(f"ggml kernels: {ggml_kernel.build_status()[1]}")
+    monkeypatch.setenv(ggml_kernel.ENV_SWITCH, "on")
+    with on_cpu():
+        path = make_tiny_model(tmp_path / "m", seed=5, hidden=hidden, layers=2, vocab=256)
+    r = ModelRunner(str(path), dtype="bfloat16", quantize="int4", device="cpu")
+    assert r.kernel == "int4-ggml" and r.ops.name == "fused"
+    H, kvh, hd = r.num_heads, r.num_kv_heads, r.head_dim
+    assert hd == hidden // 4 and r.ops.attends(1, hd) == (hidden == 64)
+    cpp_rows = r.ops.attend_max_rows
+    calls = []
+    attend = r.ops.attend
+
+    def checked(qkv, heads, kv_heads, head_dim, keys, values, offsets, starts, counts, out):
+        calls.append(list(counts))
+        before = [(k.clone(), v.clone()) for k, v in zip(keys, values)]
+        attend(qkv, heads, kv_heads, head_dim, keys, values, offsets, starts, counts, out)
+        with on_cpu():
+            for (k0, v0), kc, vc, o, s, n in zip(before, keys, values, offsets, starts, counts):
+                rows = qkv[o : o + n]
+                k0[:, s : s + n] = rows[:, H * hd : (H + kvh) * hd].view(n, kvh, hd).transpose(0, 1)
+                v0[:, s : s + n] = rows[:, (H + kvh) * hd :].view(n, kvh, hd).transpose(0, 1)
+                assert torch.equal(kc[:, : s + n], k0[:, : s + n]) and torch.equal(vc[:, : s + n], v0[:, : s + n])
+                q = rows[:, : H * hd].view(n, H, hd).transpose(0, 1).float()
+                kk = k0[:, : s + n].float().repeat_interleave(H // kvh, dim=0)
+                vv = v0[:, : s + n].float().repeat_interleave(H // kvh, dim=0)
+                mask = torch.arange(s + n)[None, :] <= torch.arange(s, s + n)[:, None]
+                ref = torch.nn.functional.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
+                assert rounded_from(out[o : o + n], ref.transpose(0, 1).reshape(n, H * hd))
+
+    r.ops.attend = checked
+    prompt = [(3 * i + 1) % r.vocab_size for i in range(80)]  # prefills of 70+ rows: torch's attention
+
+    def logits(blocks, *, in_cpp: bool, cut: int = 0):
+        r.ops.attend_max_rows = cpp_rows if in_cpp else 0
+        seqs = []
+        for i in range(len(blocks)):
+            s = r.new_sequence(256)
+            r.prefill(s, prompt[: 70 + i])
+            r.rollback(s, s.length - cut)
+            seqs.append(s)
+        return torch.cat(r.extend_batch(seqs, blocks)).float()
+
+    def agree(a, b):
+        return float((a - b).abs().max()) <= 0.1 * float(b.abs().max())
+
+    cases = {"1x1": [[5]], "1x5": [[5, 6, 7, 8, 9]], "3x1": [[5], [6], [7]], "mixed": [[5], [5, 6, 7, 8, 9], list(range(1, 71))]}
+    try:
+        for name, blocks in cases.items():
+            calls.clear()
+            got = logits(blocks, in_cpp=True)
+            in_cpp = [len(b) for b in blocks if len(b) <= cpp_rows] if hidden == 64 else []
+            assert calls == ([in_cpp] * r.num_layers if in_cpp else []), (name, calls)  # one call a layer
+            assert agree(got, logits(blocks, in_cpp=False)), name
+        short = logits([[5, 6, 7, 8, 9]], in_cpp=True, cut=1)
+        assert not agree(short, logits([[5, 6, 7, 8, 9]], in_cpp=False))
+    finally:
+        r.ops.attend_max_rows = cpp_rows

@@ -199,9 +199,11 @@ def test_attend_refuses_blocks_past_its_rows_and_caches_it_cannot_fit():
     fused = layer_ops.FusedLayerOps(EPS, ext)
     n = fused.attend_max_rows + 1
     qkv, keys, values, offsets, starts, counts = attention_case(5, starts=(3,), counts=(n,))
-    with pytest.raises(ValueError, match="attend takes up to"):
+    with pytest.raises(ValueError, match="attend takes 1 to"):
         fused_attend(fused, qkv, keys, values, offsets, starts, counts)
     qkv, keys, values, offsets, starts, counts = attention_case(5, starts=(250,), counts=(9,))
     with pytest.raises(RuntimeError, match="do not fit"):
         fused_attend(fused, qkv, keys, values, offsets, starts, counts)
-    assert layer_ops.TorchLayerOps(EPS).attend_max_rows == 0  # torch's ops leave attention to the runner
+    assert not layer_ops.TorchLayerOps(EPS).attends(1, HD)  # torch's ops leave attention to the runner
+    assert fused.attends(1, HD) and fused.attends(fused.attend_max_rows, 64) and not fused.attends(1, 8)
+    assert not fused.attends(0, HD)
