@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from tandem.bench.kernel_tiles import cpu_model
+from tandem.bench.kernel_tiles import common_args, cpu_model, interleaved
 
 CASES = {"1x1": [1], "1x5": [5], "8x1": [1] * 8, "8x5": [5] * 8}
 WAYS = ("cpp", "torch")
@@ -54,12 +54,8 @@ def main(argv=None) -> None:
     from tandem.deploy.packs import resolve_model_path
 
     ap = argparse.ArgumentParser(prog="attend-rows", description=__doc__.splitlines()[0])
-    ap.add_argument("--target", default="qwen2.5-coder-1.5b-instruct")
-    ap.add_argument("--threads", type=int, default=2)
+    common_args(ap)
     ap.add_argument("--context", type=int, default=300, help="tokens each sequence holds before the forward")
-    ap.add_argument("--reps", type=int, default=5, help="forwards a round (their median counts)")
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of both ways")
-    ap.add_argument("--output", default=None)
     args = ap.parse_args(argv)
     if args.context < 1:
         raise SystemExit("--context must be at least 1")
@@ -77,17 +73,14 @@ def main(argv=None) -> None:
     out = {}
     try:
         for name, rows in CASES.items():
-            times: dict[str, list[float]] = {way: [] for way in WAYS}
-            for _ in range(args.rounds):
-                for way in WAYS:
-                    runner.ops.attend_max_rows = cpp_rows if way == "cpp" else 0
-                    times[way].append(batch.forward_s(rows, args.reps))
-            best = {way: min(t) for way, t in times.items()}
-            out[name] = {"sequences": len(rows), "rows": sum(rows), **{f"{way}_s": round(best[way], 4) for way in WAYS},
-                         "rounds_s": {way: [round(t, 4) for t in times[way]] for way in WAYS},
-                         "torch_over_cpp": round(best["torch"] / best["cpp"], 2)}
-            print(f"{name:4s} ({sum(rows)} rows): C++ {best['cpp'] * 1000:6.1f} ms  torch {best['torch'] * 1000:6.1f} ms  "
-                  f"x{best['torch'] / best['cpp']:.2f}", flush=True)
+            def time_way(way: str, rows=rows) -> float:
+                runner.ops.attend_max_rows = cpp_rows if way == "cpp" else 0
+                return batch.forward_s(rows, args.reps)
+
+            c = out[name] = interleaved(rows, WAYS, args.rounds, time_way)
+            c["torch_over_cpp"] = c.pop("ratio")
+            print(f"{name:4s} ({sum(rows)} rows): C++ {c['cpp_s'] * 1000:6.1f} ms  torch {c['torch_s'] * 1000:6.1f} ms  "
+                  f"x{c['torch_over_cpp']:.2f}", flush=True)
     finally:
         runner.ops.attend_max_rows = cpp_rows
     res = {"target": args.target, "threads": args.threads, "cpu": cpu_model(), "context": args.context, "reps": args.reps,

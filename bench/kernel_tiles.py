@@ -60,17 +60,35 @@ def cpu_model() -> str:
     return platform.processor()
 
 
+def common_args(ap: argparse.ArgumentParser) -> None:
+    """The arguments every two-ways forward bench here takes."""
+    ap.add_argument("--target", default="qwen2.5-coder-1.5b-instruct")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=5, help="forwards a round (their median counts)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of both ways")
+    ap.add_argument("--output", default=None)
+
+
+def interleaved(rows: list[int], ways: tuple[str, str], rounds: int, time_way) -> dict:
+    """One case: time_way(way) for each way in turn, `rounds` times over; its record, with each
+    way's best round ("<way>_s") and the second way's best over the first's ("ratio")."""
+    times: dict[str, list[float]] = {way: [] for way in ways}
+    for _ in range(rounds):
+        for way in ways:
+            times[way].append(time_way(way))
+    best = {way: min(t) for way, t in times.items()}
+    return {"sequences": len(rows), "rows": sum(rows), **{f"{way}_s": round(best[way], 4) for way in ways},
+            "rounds_s": {way: [round(t, 4) for t in times[way]] for way in ways},
+            "ratio": round(best[ways[1]] / best[ways[0]], 2)}
+
+
 def main(argv=None) -> None:
     from tandem.actors import ggml_kernel
     from tandem.actors.runner import ModelRunner
     from tandem.deploy.packs import resolve_model_path
 
     ap = argparse.ArgumentParser(prog="kernel-tiles", description=__doc__.splitlines()[0])
-    ap.add_argument("--target", default="qwen2.5-coder-1.5b-instruct")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=5, help="forwards a round (their median counts)")
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of both ways")
-    ap.add_argument("--output", default=None)
+    common_args(ap)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     runners, batches, found = {}, {}, {}
@@ -96,16 +114,10 @@ def main(argv=None) -> None:
         forward_s(batches[way], [1, 1], reps=1)  # warm-up
     out = {}
     for name, rows in CASES.items():
-        times: dict[str, list[float]] = {way: [] for way in WAYS}
-        for _ in range(args.rounds):
-            for way in WAYS:
-                times[way].append(forward_s(batches[way], rows, args.reps))
-        best = {way: min(t) for way, t in times.items()}
-        out[name] = {"sequences": len(rows), "rows": sum(rows), **{f"{way}_s": round(best[way], 4) for way in WAYS},
-                     "rounds_s": {way: [round(t, 4) for t in times[way]] for way in WAYS},
-                     "ggml_over_tiles": round(best["ggml"] / best["tiles"], 2)}
-        print(f"{name:4s} ({sum(rows)} rows): tiles {best['tiles'] * 1000:6.1f} ms  ggml's layouts {best['ggml'] * 1000:6.1f} ms  "
-              f"x{best['ggml'] / best['tiles']:.2f}", flush=True)
+        c = out[name] = interleaved(rows, WAYS, args.rounds, lambda way: forward_s(batches[way], rows, args.reps))
+        c["ggml_over_tiles"] = c.pop("ratio")
+        print(f"{name:4s} ({sum(rows)} rows): tiles {c['tiles_s'] * 1000:6.1f} ms  ggml's layouts {c['ggml_s'] * 1000:6.1f} ms  "
+              f"x{c['ggml_over_tiles']:.2f}", flush=True)
     one = {way: out["1x1"][f"{way}_s"] for way in WAYS}
     for name in CASES:
         out[name]["one_row_steps"] = {way: round(out[name][f"{way}_s"] / one[way], 2) for way in WAYS}
