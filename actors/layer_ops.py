@@ -8,7 +8,13 @@ forward is ggml's matmuls plus these, each a dozen torch ops dispatched from Pyt
 AMX). They round to bf16 where torch's ops do, so both give the same values except where a
 float sum runs in another order (the RMS mean) or exp differs by an ulp (SiLU); every method
 of a runner uses the same ops, so its greedy output still equals its own `ar`. Other runners
-(bf16 or float32 torch kernels, CUDA) keep torch's ops unchanged."""
+(bf16 or float32 torch kernels, CUDA) keep torch's ops unchanged.
+
+The fused ops also attend: decode steps and verification blocks (`attends`: up to
+ATTEND_MAX_ROWS rows a sequence) go through one C++ call a layer for every sequence of the
+forward, which writes their keys and values into each cache and attends against it in float,
+each row bit for bit as it computes alone; the runner runs torch's scaled_dot_product_attention
+for the rest (prefill chunks) and on torch's ops."""
 
 from __future__ import annotations
 
