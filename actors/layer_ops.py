@@ -28,8 +28,8 @@ from tandem.speculation.plan import MAX_DRAFT_LEN
 # FusedLayerOps.attend: query rows a sequence, up to the longest verification block (a draft
 # and its bonus row), so that every block attends as the target's one-token steps do.
 # Measured (1.5B pack's heads, 2-core AVX-512 EPYC, torch at one thread as on ggml's
-# kernels): one row against 150 keys 17 us against scaled_dot_product_attention's 34 (and
-# the copies around it gone: 2.4 -> 1.0 ms of attention a step); 9 rows 161 against 198 us;
+# kernels): one row against 150 keys 17 us against scaled_dot_product_attention's 34 (with
+# the copies around it, 2.6-3.1 ms a step of the 1.5B pack -> 1.0); 9 rows 161 against 198 us;
 # 65 rows against 300 keys 2.2 ms against 2.1. Prefill chunks (128 rows) keep torch's flash
 # attention, which takes every thread.
 ATTEND_MAX_ROWS = MAX_DRAFT_LEN + 1
@@ -126,9 +126,8 @@ class FusedLayerOps(TorchLayerOps):
         """Causal attention of sequence i's rows qkv[offsets[i] : offsets[i] + counts[i]] (q | k
         | v, as rope_qk left them: rotated in place) at positions starts[i]..., against its
         cache keys[i], values[i] [kv_heads, capacity, head_dim], after writing their k and v
-        there; into out [T, heads * head_dim]. Blocks attends() takes; each
-        output row is bit for bit the same whatever the other rows of the call
-        (actors/csrc/layer_ops.cpp)."""
+        there; into out [T, heads * head_dim]. Only blocks attends() takes; each output row is
+        bit for bit the same whatever the other rows of the call (actors/csrc/layer_ops.cpp)."""
         if not all(self.attends(n, head_dim) for n in counts):
             raise ValueError(f"attend takes 1 to {self.attend_max_rows} rows a sequence of heads of a multiple of 16, "
                              f"got rows {list(counts)} of head_dim {head_dim}")

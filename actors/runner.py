@@ -633,30 +633,29 @@ class ModelRunner:
                 att = (torch.empty if min(ns) == nmax else torch.zeros)(B * nmax, H * hd, dtype=x.dtype, device=dev)
                 ops.attend(qkv.view(B * nmax, -1), H, kvh, hd, [r.seq.keys[li] for r in rows],
                            [r.seq.values[li] for r in rows], [i * nmax for i in range(B)], starts, ns, att)
-                x, h = ops.add_rms(x, layer.o(att.view(B, nmax, H * hd)), layer.post_norm)
-                x, h = self._add_down(x, layer, h, li, hi)
-                continue
-            q, k = q.transpose(1, 2), k.transpose(1, 2)
-            v = qkv[..., (H + kvh) * hd :].view(B, nmax, kvh, hd).transpose(1, 2)
-            if B == 1:
-                seq, s, n = rows[0].seq, starts[0], ns[0]
-                seq.keys[li][:, s : s + n] = k[0, :, :n]
-                seq.values[li][:, s : s + n] = v[0, :, :n]
-                keys = seq.keys[li][None, :, : s + n]  # [1, kvh, L, hd]
-                vals = seq.values[li][None, :, : s + n]
-                m = mask[..., : s + n] if mask is not None else None
+                att = att.view(B, nmax, H * hd)
             else:
-                for i, r in enumerate(rows):
-                    s, n = starts[i], ns[i]
-                    r.seq.keys[li][:, s : s + n] = k[i, :, :n]
-                    r.seq.values[li][:, s : s + n] = v[i, :, :n]
-                keys = torch.stack([r.seq.keys[li][:, :kv_len] for r in rows])
-                vals = torch.stack([r.seq.values[li][:, :kv_len] for r in rows])
-                m = mask
-            # GQA packed into the query dimension: [B, kvh, g * n, hd] (no repeat of K/V)
-            qp = q.reshape(B, kvh, g * nmax, hd)
-            att = F.scaled_dot_product_attention(qp, keys, vals, attn_mask=m)
-            att = att.reshape(B, H, nmax, hd).transpose(1, 2).reshape(B, nmax, H * hd)
+                q, k = q.transpose(1, 2), k.transpose(1, 2)
+                v = qkv[..., (H + kvh) * hd :].view(B, nmax, kvh, hd).transpose(1, 2)
+                if B == 1:
+                    seq, s, n = rows[0].seq, starts[0], ns[0]
+                    seq.keys[li][:, s : s + n] = k[0, :, :n]
+                    seq.values[li][:, s : s + n] = v[0, :, :n]
+                    keys = seq.keys[li][None, :, : s + n]  # [1, kvh, L, hd]
+                    vals = seq.values[li][None, :, : s + n]
+                    m = mask[..., : s + n] if mask is not None else None
+                else:
+                    for i, r in enumerate(rows):
+                        s, n = starts[i], ns[i]
+                        r.seq.keys[li][:, s : s + n] = k[i, :, :n]
+                        r.seq.values[li][:, s : s + n] = v[i, :, :n]
+                    keys = torch.stack([r.seq.keys[li][:, :kv_len] for r in rows])
+                    vals = torch.stack([r.seq.values[li][:, :kv_len] for r in rows])
+                    m = mask
+                # GQA packed into the query dimension: [B, kvh, g * n, hd] (no repeat of K/V)
+                qp = q.reshape(B, kvh, g * nmax, hd)
+                att = F.scaled_dot_product_attention(qp, keys, vals, attn_mask=m)
+                att = att.reshape(B, H, nmax, hd).transpose(1, 2).reshape(B, nmax, H * hd)
             x, h = ops.add_rms(x, layer.o(att), layer.post_norm)
             x, h = self._add_down(x, layer, h, li, hi)
         for i, r in enumerate(rows):
