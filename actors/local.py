@@ -22,6 +22,7 @@ from tandem.actors.drafter import Drafter
 from tandem.actors.runner import ModelRunner
 from tandem.actors.speculative import GenerationResult, LocalSide, request_steps
 from tandem.actors.steps import Steps, drive, drive_async
+from tandem.actors.prefix_cache import PREFIX_CACHE_BYTES, PrefixCache
 from tandem.actors.verifier import Verifier
 from tandem.speculation.goodput import PRIOR_ACCEPTANCE, GoodputPolicy, planned_draft_len, round_rate
 from tandem.speculation.plan import DEFAULT_DRAFT_LEN, DEFAULT_MAX_DRAFT_LEN, Plan, RoundPlan, RoundPlanner, SpecConfig, check_context
@@ -63,11 +64,13 @@ class LocalEngine:
         *,
         threads: int | None = None,
         split: ThreadSplit | None = None,
+        prefix_cache_bytes: int = PREFIX_CACHE_BYTES,
     ):
         self.target = target
         self.draft = draft
         self.threads = threads or available_threads()
-        self.verifier = Verifier(target)
+        # prompt prefixes other prompts shared, as on a TargetWorker (actors/prefix_cache.py)
+        self.verifier = Verifier(target, prefix_cache=PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None)
         self.drafter = Drafter(draft) if draft is not None else None
         self._split = split
         self._planned_len = DEFAULT_DRAFT_LEN["sd"]

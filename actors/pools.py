@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from tandem.actors.directory import Shareable, SharedPool, attach_or_create
+from tandem.actors.prefix_cache import PREFIX_CACHE_BYTES
 from tandem.actors.remote import actor_class
 from tandem.actors.workers import DraftWorker, ModelLoad, TargetWorker
 
@@ -88,6 +89,7 @@ class TargetSpec:
     placement: Placement = field(default_factory=lambda: Placement(resources={"target_pool": 1}))
     max_restarts: int = -1  # Ray restarts a dead target actor (its requests are lost)
     kv_budget_bytes: int | None = None  # KV cache per actor (each shard); None: from its free memory
+    prefix_cache_bytes: int = PREFIX_CACHE_BYTES  # shared prompt prefixes' KV per actor (unsharded); 0: none
 
 
 # ---------------------------------------------------------------------------------------
@@ -418,7 +420,8 @@ class TargetPool(_Pool):
         pg = _placement_group(spec.placement, spec.shards, timeout_s=timeout_s, what=self.what, name=pg_name)
         if spec.shards == 1:
             cls = _remote(TargetWorker, placement=spec.placement, pg=pg, index=0, restarts=spec.max_restarts, name=name)
-            return _Member(handle=cls.remote(spec.load, threads=spec.threads, kv_budget_bytes=spec.kv_budget_bytes), pg=pg,
+            return _Member(handle=cls.remote(spec.load, threads=spec.threads, kv_budget_bytes=spec.kv_budget_bytes,
+                                             prefix_cache_bytes=spec.prefix_cache_bytes), pg=pg,
                            name=name, pg_name=pg_name)
         stages = []
         shard_names = tuple(f"{name}-s{i}" for i in range(spec.shards)) if name else ()

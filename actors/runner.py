@@ -328,6 +328,18 @@ class ModelRunner:
         """An independent copy of a sequence (SpecTr branches share the prefix this way)."""
         return self.kv.fork(seq)
 
+    def rows_kind(self, rows: int) -> tuple:
+        """What decides a row's bits in a forward of one sequence's `rows` rows: two forwards
+        of the same kind compute a row at the same position over the same cache alike, bit
+        for bit (a reused prompt prefix relies on it, actors/prefix_cache.py). Measured on
+        the 1.5B pack: the linears and the C++ attend compute each row alone, so the kind is
+        the side of quant_max_rows (dense matmuls past it); torch's attention gives rows
+        that depend on the block's size (a 128-row chunk against its last 85 rows: keys
+        differ from layer 1 on), so there the size itself is the kind."""
+        if not self.ops.attends(rows, self.head_dim):
+            return ("torch attention", rows)
+        return ("dense" if self.quant_max_rows is not None and rows > self.quant_max_rows else "quantized",)
+
     def release(self, seq: SequenceState) -> None:
         """Free a sequence's KV (local memory is freed with the last reference)."""
 

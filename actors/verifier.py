@@ -25,6 +25,7 @@ import torch
 from tandem.actors.batching import PREFILL_CHUNK, Cancellations
 from tandem.actors.drafter import DraftBlock, DraftBranches
 from tandem.actors.kv_cache import ContextLengthError, SequenceState
+from tandem.actors.prefix_cache import MIN_REUSE, PrefixCache
 from tandem.actors.runner import ModelRunner
 from tandem.actors.speculative import RequestAlreadyOpenError, RequestStateLostError
 from tandem.speculation.sampling import (
@@ -73,11 +74,16 @@ class _TargetRequest:
 class Verifier:
     """Verifies draft blocks (sd, sorted, pearl) and branches (spectr) for many requests."""
 
-    def __init__(self, runner: ModelRunner, *, cancelled: Cancellations | None = None, prefill_chunk: int = PREFILL_CHUNK):
+    def __init__(
+        self, runner: ModelRunner, *, cancelled: Cancellations | None = None, prefill_chunk: int = PREFILL_CHUNK,
+        prefix_cache: PrefixCache | None = None,
+    ):
         self.runner = runner
         self.requests: dict[str, _TargetRequest] = {}
         self.cancelled = cancelled if cancelled is not None else Cancellations()
         self.prefill_chunk = prefill_chunk
+        # prompts' KV kept for later prompts that open the same way (None: none kept)
+        self.prefix_cache = prefix_cache
 
     # ------------------------------------------------------------------ lifecycle
     def begin(
@@ -99,6 +105,11 @@ class Verifier:
                 f"a prompt of {len(prompt)} tokens exceeds the target's context of {self.runner.max_context} tokens"
             )
         seq = self.runner.new_sequence(max(int(capacity), len(prompt) + 1) if capacity else len(prompt) + 128)
+        if self.prefix_cache is not None:
+            entry, shared = self.prefix_cache.longest(prompt)
+            reuse = self._reusable(len(prompt), shared, entry.prompt_len) if entry is not None else 0
+            if reuse:
+                self.prefix_cache.fill(seq, entry, reuse)
         self.requests[request_id] = _TargetRequest(
             seq=seq,
             sampling=sampling,
@@ -126,6 +137,28 @@ class Verifier:
             self.drop(request_id)
             raise
         return time.perf_counter() - t0
+
+    def _reusable(self, prompt_len: int, shared: int, entry_len: int) -> int:
+        """Positions of a prefix shared with a cached prompt of entry_len tokens that this
+        prompt may take: not its last token (its logits are needed), and only what every
+        row computes alike either way. Chunks keep their boundaries (multiples of
+        prefill_chunk), so positions before the chunk holding the cut were computed in whole
+        chunks both ways; inside it, the cached prompt's chunk, this prompt's whole chunk and
+        the rows still to compute must be of one runner.rows_kind(), else the cut moves back
+        until they are (at worst to the chunk's start). 0: none."""
+        n = min(shared, prompt_len - 1)
+        start = n - n % self.prefill_chunk
+        if n > start:
+            kind = self.runner.rows_kind
+            whole = min(self.prefill_chunk, prompt_len - start)
+            if kind(whole) != kind(min(self.prefill_chunk, entry_len - start)):
+                n = start
+            else:
+                rest = whole - (n - start)
+                while rest < whole and kind(rest) != kind(whole):
+                    rest += 1
+                n = start + whole - rest
+        return n if n >= MIN_REUSE else 0
 
     def close(self, request_id: str) -> bool:
         self.cancelled.discard(request_id)
@@ -236,8 +269,8 @@ class Verifier:
             except Exception as exc:  # noqa: BLE001 - this request only
                 lefts[j] = exc
                 continue
-            start = req.seq.length
-            chunks.append((j, req, req.committed[start : start + self.prefill_chunk]))
+            start = req.seq.length  # a multiple of prefill_chunk unless a prefix was reused
+            chunks.append((j, req, req.committed[start : start - start % self.prefill_chunk + self.prefill_chunk]))
         fed = [(i, b) for i in range(n) if reqs[i] is not None for b, f in enumerate(feeds[i]) if f]
         outs: list[list[torch.Tensor | None]] = [[None] * len(f) for f in feeds]
         if fed or chunks:
@@ -251,6 +284,8 @@ class Verifier:
                 left = len(req.committed) - req.seq.length
                 if left == 0:
                     req.prefilling, req.pending = False, lg[-1]
+                    if self.prefix_cache is not None:
+                        self.prefix_cache.keep(req.seq, req.committed, self.runner.kv_bytes_per_token)
                 lefts[j] = left
         dt = time.perf_counter() - t0
         step_rows = self.runner.forward_rows([len(r) for r in ([feeds[i][b] for i, b in fed] + [c for _, _, c in chunks])])

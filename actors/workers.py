@@ -22,6 +22,7 @@ from tandem.actors.block_costs import measure_batch_costs, measure_block_costs
 from tandem.actors.core_turns import node_turns
 from tandem.actors.devices import apply_default_device_env, assigned_resources, default_kv_budget, node_placement, return_freed_host_memory, use_threads
 from tandem.actors.drafter import DraftBlock, DraftBranches, Drafter
+from tandem.actors.prefix_cache import PREFIX_CACHE_BYTES, PrefixCache
 from tandem.actors.runner import ModelRunner
 from tandem.actors.tracing import Traced, call_record
 from tandem.actors.verifier import Verifier, VerifyOutcome
@@ -232,6 +233,7 @@ class TargetWorker(_Worker):
         max_batch: int = 16,
         kv_budget_bytes: int | None = None,
         prefill_chunk: int = PREFILL_CHUNK,
+        prefix_cache_bytes: int = PREFIX_CACHE_BYTES,
     ):
         apply_default_device_env()
         threads = use_threads(threads)  # None: every core of this node it may use
@@ -259,7 +261,10 @@ class TargetWorker(_Worker):
             self.kv_budget_bytes = int(kv_budget_bytes) if kv_budget_bytes else default_kv_budget(runner.device)
         self.runner = runner
         self.cancelled = Cancellations()
-        self.verifier = Verifier(runner, cancelled=self.cancelled, prefill_chunk=prefill_chunk)
+        # prompt prefixes other prompts shared (actors/prefix_cache.py); not on a pipeline,
+        # whose stages hold the KV
+        cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes and not stages else None
+        self.verifier = Verifier(runner, cancelled=self.cancelled, prefill_chunk=prefill_chunk, prefix_cache=cache)
         # one batch kind, "step": verification blocks and prefill chunks queued meanwhile
         # share a forward (chunked prefill: a long prompt never stalls the others' steps)
         self.batcher = MicroBatcher(
@@ -455,4 +460,5 @@ class TargetWorker(_Worker):
             "verify_groups": self.verify_groups,
             "calls": self.stats.calls,  # verify calls, grouped or not
             "forward_s": timings.forward_s if timings else None,
+            **(self.verifier.prefix_cache.stats() if self.verifier.prefix_cache is not None else {}),
         }

@@ -175,7 +175,7 @@ def run_llama(method, *, binary, pack, draft, prompts_ids, max_new_tokens, sampl
         raise ValueError(f"methods: {method} runs greedy only (temperature 0)")
     run = MethodRun(method=method)
     with LlamaServer(binary, pack, threads=threads, draft=draft if method == "llamacpp-spec" else None) as server:
-        server.generate(prompts_ids[0], max_new_tokens=16)  # warm-up
+        server.generate(prompts_ids[0][:1], max_new_tokens=16)  # warm-up, on no prompt's prefix
         for ids in prompts_ids:
             t0 = time.perf_counter()
             run.outputs.append(server.generate(ids, max_new_tokens=max_new_tokens))
@@ -185,7 +185,7 @@ def run_llama(method, *, binary, pack, draft, prompts_ids, max_new_tokens, sampl
     if concurrency > 1:
         with LlamaServer(binary, pack, threads=threads, parallel=concurrency,
                          draft=draft if method == "llamacpp-spec" else None) as server:
-            server.generate(prompts_ids[0], max_new_tokens=16)  # warm-up
+            server.generate(prompts_ids[0][:1], max_new_tokens=16)  # warm-up, on no prompt's prefix
             run.extra["concurrent"] = in_flight(lambda ids: server.generate(ids, max_new_tokens=max_new_tokens),
                                                 prompts_ids=prompts_ids, concurrency=concurrency)
     return run
@@ -334,10 +334,18 @@ class LocalBackend:
         )
 
     def describe(self, method: str) -> dict:
+        cache = self.engine.verifier.prefix_cache
+        reused = {"prefix_tokens_reused": cache.tokens_reused} if cache is not None else {}
         if method != "pearl":
-            return {"threads": self.engine.threads}
+            return {"threads": self.engine.threads, **reused}
         split = self.engine.split
-        return {"thread_split": {"target": split.target, "draft": split.draft, "window": split.window}}
+        return {"thread_split": {"target": split.target, "draft": split.draft, "window": split.window}, **reused}
+
+    def forget_prompts(self) -> None:
+        """Each method starts with no prompt prefixes kept (actors/prefix_cache.py), as the
+        first did: the prompts are the same for every method."""
+        if self.engine.verifier.prefix_cache is not None:
+            self.engine.verifier.prefix_cache.clear()
 
     def close(self) -> None:
         self.engine.close()
@@ -504,6 +512,8 @@ def main(args) -> int:
                 )
             else:
                 kw = call_kwargs(method)
+                if hasattr(backend, "forget_prompts"):  # in this process; an actor's target keeps its own
+                    backend.forget_prompts()
                 run = run_tandem(
                     method,
                     generate=lambda ids, m, n, sp, kw=kw: backend.generate(ids, m, n, sp, **kw),

@@ -143,7 +143,7 @@ def llamacpp_series(target: str, model: str, *, prompts: list, concurrency: int,
     tokenizer = tokenizer_for(model)
     ids = [encode_prompt(tokenizer, messages=p["messages"]) for p in prompts]
     with LlamaServer(binary, model, threads=threads, parallel=concurrency) as server:
-        server.generate(ids[0], max_new_tokens=8)  # warm-up
+        server.generate(ids[0][:1], max_new_tokens=8)  # warm-up, on no prompt's prefix
         return timed_series(target, "llamacpp-ar", lambda x: server.generate_stream(x, max_new_tokens=max_new_tokens), ids,
                             concurrency=concurrency)
 

@@ -84,9 +84,11 @@ class LlamaServer:
         raise RuntimeError(f"llama-server did not become healthy in {start_timeout_s:.0f} s")
 
     def _completion(self, prompt_ids: list[int], *, max_new_tokens: int, stream: bool):
-        """POST /completion: greedy, the token ids back; the open response."""
+        """POST /completion: greedy, the token ids back; the open response. With cache_prompt,
+        its server's default: a slot reuses the KV of what the prompt shares with the slot's
+        last one, as tandem's targets reuse prefixes that prompts shared (actors/prefix_cache.py)."""
         body = {"prompt": list(prompt_ids), "n_predict": max_new_tokens, "temperature": 0.0, "top_k": 1,
-                "cache_prompt": False, "return_tokens": True, "stream": stream}
+                "cache_prompt": True, "return_tokens": True, "stream": stream}
         req = urllib.request.Request(f"http://127.0.0.1:{self.port}/completion", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
         return urllib.request.urlopen(req, timeout=600)

@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 from tandem.actors.devices import check_device_spec
+from tandem.actors.prefix_cache import PREFIX_CACHE_BYTES
 from tandem.deploy.packs import DEFAULT_DRAFT, DEFAULT_TARGET
 from tandem.speculation.plan import DEFAULT_MAX_DRAFT_LEN, MAX_DRAFT_LEN, METHODS
 
@@ -199,6 +200,12 @@ class TargetConfig(_Strict):
         None, ge=1,
         description="KV cache bytes per target actor (each shard); requests wait for room past it. "
         "null: half the actor's free device memory once its weights are loaded",
+    )
+    prefix_cache_bytes: int = Field(
+        PREFIX_CACHE_BYTES, ge=0,
+        description="KV bytes per target actor for prompt prefixes that different prompts shared (a chat template's "
+        "system turn), reused instead of prefilled again, output unchanged; beside kv_budget_bytes. "
+        "0: off (reuse is a timing signal across clients). Unsharded targets only",
     )
     method: Method = Field("auto", description="Default speculation method for this target")
     max_draft_len: int = Field(DEFAULT_MAX_DRAFT_LEN, ge=1, le=MAX_DRAFT_LEN, description="Upper bound of the draft length the router may pick")

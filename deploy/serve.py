@@ -60,6 +60,7 @@ def pool_specs(cfg: TandemConfig, *, resolve=resolve_model_path) -> tuple[DraftP
             threads=t.threads,
             placement=t.placement.to_placement(),
             kv_budget_bytes=t.kv_budget_bytes,
+            prefix_cache_bytes=t.prefix_cache_bytes,
         )
         for t in cfg.targets
     ]

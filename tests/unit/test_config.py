@@ -128,3 +128,16 @@ def test_shared_pools_need_a_cluster_to_join(clean_env, tmp_path):
     out = subprocess.run([sys.executable, "-m", "tandem.deploy.cli", "pools-down"], capture_output=True, text=True,
                          env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, timeout=120)
     assert out.returncode == 2 and "tandem pools-down: error: address:" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_prefix_cache_bytes_reach_the_target_pool(clean_env, tmp_path):
+    """targets[].prefix_cache_bytes: the default kept per target actor, 0 turns reuse off, a
+    negative count is refused naming the field; it reaches the pool's TargetSpec."""
+    from tandem.actors.prefix_cache import PREFIX_CACHE_BYTES
+    from tandem.deploy.serve import pool_specs
+
+    cfg = load_config(write(tmp_path, "targets:\n  - name: a\n    model: /m/a\n  - name: b\n    model: /m/b\n    prefix_cache_bytes: 0\n"))
+    _, specs = pool_specs(cfg, resolve=lambda ref: ref)
+    assert [s.prefix_cache_bytes for s in specs] == [PREFIX_CACHE_BYTES, 0]
+    with pytest.raises(ConfigError, match=r"targets\.0\.prefix_cache_bytes"):
+        load_config(write(tmp_path, "targets:\n  - name: a\n    prefix_cache_bytes: -1\n"))
