@@ -69,6 +69,7 @@ class _TargetRequest:
     prompt_len: int = 0  # committed[:prompt_len] is the prompt, the rest output (penalties)
     prompt_counts: torch.Tensor | None = None  # token_counts of the prompt, made at first use
     prefilling: bool = False  # opened, prompt not yet all fed (chunked prefill, Verifier.step)
+    reused: int = 0  # prompt positions taken from the prefix cache at open
 
 
 class Verifier:
@@ -105,6 +106,7 @@ class Verifier:
                 f"a prompt of {len(prompt)} tokens exceeds the target's context of {self.runner.max_context} tokens"
             )
         seq = self.runner.new_sequence(max(int(capacity), len(prompt) + 1) if capacity else len(prompt) + 128)
+        reuse = 0
         if self.prefix_cache is not None:
             entry, shared = self.prefix_cache.longest(prompt)
             reuse = self._reusable(len(prompt), shared, entry.prompt_len) if entry is not None else 0
@@ -117,6 +119,7 @@ class Verifier:
             committed=[int(t) for t in prompt],
             prompt_len=len(prompt) if prompt_len is None else max(0, min(int(prompt_len), len(prompt))),
             prefilling=True,
+            reused=reuse,
         )
 
     def open(

@@ -344,7 +344,9 @@ class TargetWorker(_Worker):
             return value
         # one span for the whole prefill: from the first chunk's start to the last one's end
         span = {**(first or {}), "finished_ns": (timing or {}).get("finished_ns")} if first else None
-        attrs = {"tandem.prefill.tokens": len(prompt), "tandem.prefill.chunks": chunks}
+        req = self.verifier.requests.get(request_id)
+        attrs = {"tandem.prefill.tokens": len(prompt), "tandem.prefill.chunks": chunks,
+                 "tandem.prefill.reused_tokens": req.reused if req is not None else 0}
         return Traced(value, [call_record("tandem.actor.prefill", role="target", arrived_ns=arrived, timing=span, attributes=attrs)])
 
     def verify(self, request_id: str, block: DraftBlock | None, *, bonus: bool = True, trace: dict | None = None) -> VerifyOutcome:

@@ -142,3 +142,21 @@ def test_part_of_a_chunk_is_reused_on_ggml_with_the_cpp_attention(tmp_path, monk
         _same_run(blind, plain2, key, prompt, steps=0)
     assert not _same_run(blind, plain2, "d", tail, steps=0)
     assert blind.prefix_cache.tokens_reused == 30
+
+
+def test_a_target_worker_reports_what_it_reused(tiny_paths):
+    """On a TargetWorker (its default cache): the third prompt's prefill span says how many
+    positions it reused, and info() counts them; with prefix_cache_bytes=0 nothing is."""
+    from tandem.actors.workers import ModelLoad, TargetWorker
+
+    for size, want in ((None, 8), (0, 0)):
+        kw = {} if size is None else {"prefix_cache_bytes": size}
+        w = TargetWorker(ModelLoad(path=tiny_paths[0], dtype="float32"), prefill_chunk=4, **kw)
+        try:
+            spans = [w.open(key, prompt, sampling=GREEDY, trace={}).spans[0] for key, prompt in zip("abc", PROMPTS)]
+            assert [s.attributes["tandem.prefill.reused_tokens"] for s in spans] == [0, 0, want]
+            assert [s.attributes["tandem.prefill.chunks"] for s in spans] == [4, 4, 4 - want // 4]
+            info = w.info()
+            assert info.get("prefix_tokens_reused", 0) == want and ("prefix_hits" in info) == (size is None)
+        finally:
+            w.batcher.close()
