@@ -19,10 +19,10 @@ import torch
 from tandem.actors.block_costs import measure_block_costs
 from tandem.actors.devices import available_threads
 from tandem.actors.drafter import Drafter
+from tandem.actors.prefix_cache import PREFIX_CACHE_BYTES, PrefixCache
 from tandem.actors.runner import ModelRunner
 from tandem.actors.speculative import GenerationResult, LocalSide, request_steps
 from tandem.actors.steps import Steps, drive, drive_async
-from tandem.actors.prefix_cache import PREFIX_CACHE_BYTES, PrefixCache
 from tandem.actors.verifier import Verifier
 from tandem.speculation.goodput import PRIOR_ACCEPTANCE, GoodputPolicy, planned_draft_len, round_rate
 from tandem.speculation.plan import DEFAULT_DRAFT_LEN, DEFAULT_MAX_DRAFT_LEN, Plan, RoundPlan, RoundPlanner, SpecConfig, check_context

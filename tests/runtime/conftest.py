@@ -50,6 +50,25 @@ def on_cpu():
         yield
 
 
+def ggml_bf16_runner(tmp_path, monkeypatch, runner_device: str, hidden: int = 64):
+    """A tiny random 2-layer model (vocab 256) on ggml's int4 kernels in bf16 with the fused
+    C++ ops and their attention; skips where those are not (a GPU, the extension not built)."""
+    from tandem.actors import ggml_kernel
+    from tandem.actors.runner import ModelRunner
+    from tandem.bench.tiny_models import make_tiny_model
+
+    if runner_device != "cpu":
+        pytest.skip("ggml's kernels and the fused ops are the CPU's")
+    if ggml_kernel.load() is None or not hasattr(ggml_kernel.load(), "attend"):
+        pytest.skip(f"ggml kernels: {ggml_kernel.build_status()[1]}")
+    monkeypatch.setenv(ggml_kernel.ENV_SWITCH, "on")
+    with on_cpu():
+        path = make_tiny_model(tmp_path / "m", seed=5, hidden=hidden, layers=2, vocab=256)
+    runner = ModelRunner(str(path), dtype="bfloat16", quantize="int4", device="cpu")
+    assert runner.kernel == "int4-ggml" and runner.ops.name == "fused"
+    return runner
+
+
 @pytest.fixture(autouse=True)
 def _device_discipline(runner_device):
     with device_discipline(runner_device):

@@ -108,18 +108,9 @@ def test_part_of_a_chunk_is_reused_on_ggml_with_the_cpp_attention(tmp_path, monk
     chunk) is cut back to rows of the whole chunk's kind. Control: with that cut switched off
     (every block one kind), the 1-row rest runs on the quantized kernels and the logits
     differ."""
-    from tandem.actors import ggml_kernel
-    from tandem.bench.tiny_models import make_tiny_model
-    from tests.runtime.conftest import on_cpu
+    from tests.runtime.conftest import ggml_bf16_runner
 
-    if runner_device != "cpu":
-        pytest.skip("ggml's kernels and the fused ops are the CPU's")
-    if ggml_kernel.load() is None or not hasattr(ggml_kernel.load(), "attend"):
-        pytest.skip(f"ggml kernels: {ggml_kernel.build_status()[1]}")
-    monkeypatch.setenv(ggml_kernel.ENV_SWITCH, "on")
-    with on_cpu():
-        path = make_tiny_model(tmp_path / "m", seed=5, hidden=64, layers=2, vocab=256)
-    runner = ModelRunner(str(path), dtype="bfloat16", quantize="int4", device="cpu")
+    runner = ggml_bf16_runner(tmp_path, monkeypatch, runner_device)
     assert runner.ops.attends(48, runner.head_dim)
     runner.quant_max_rows = 16  # as the 1.5B pack measured its own; dense linears past it
     for lin in runner._quant_linears():

@@ -509,20 +509,10 @@ def test_blocks_attend_in_cpp_on_ggml_in_bf16(tmp_path, monkeypatch, runner_devi
     largest (this random 2-layer model turns a bf16 ulp in an activation into up to ~3%
     through ggml's 8-bit activations). Control: a sequence whose cache was cut one position
     short is told apart (~150% there)."""
-    from tandem.actors import ggml_kernel
-    from tandem.bench.tiny_models import make_tiny_model
-    from tests.runtime.conftest import on_cpu
+    from tests.runtime.conftest import ggml_bf16_runner, on_cpu
     from tests.unit.test_layer_ops import rounded_from
 
-    if runner_device != "cpu":
-        pytest.skip("ggml's kernels and the fused ops are the CPU's")
-    if ggml_kernel.load() is None or not hasattr(ggml_kernel.load(), "attend"):
-        pytest.skip(f"ggml kernels: {ggml_kernel.build_status()[1]}")
-    monkeypatch.setenv(ggml_kernel.ENV_SWITCH, "on")
-    with on_cpu():
-        path = make_tiny_model(tmp_path / "m", seed=5, hidden=hidden, layers=2, vocab=256)
-    r = ModelRunner(str(path), dtype="bfloat16", quantize="int4", device="cpu")
-    assert r.kernel == "int4-ggml" and r.ops.name == "fused"
+    r = ggml_bf16_runner(tmp_path, monkeypatch, runner_device, hidden)
     H, kvh, hd = r.num_heads, r.num_kv_heads, r.head_dim
     assert hd == hidden // 4 and r.ops.attends(1, hd) == (hidden == 64)
     cpp_rows = r.ops.attend_max_rows
