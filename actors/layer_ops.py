@@ -10,11 +10,12 @@ float sum runs in another order (the RMS mean) or exp differs by an ulp (SiLU); 
 of a runner uses the same ops, so its greedy output still equals its own `ar`. Other runners
 (bf16 or float32 torch kernels, CUDA) keep torch's ops unchanged.
 
-The fused ops also attend: decode steps and verification blocks (`attends`: up to
-ATTEND_MAX_ROWS rows a sequence) go through one C++ call a layer for every sequence of the
-forward, which writes their keys and values into each cache and attends against it in float,
-each row bit for bit as it computes alone; the runner runs torch's scaled_dot_product_attention
-for the rest (prefill chunks) and on torch's ops."""
+The fused ops also attend: decode steps, verification blocks and prefill chunks (`attends`:
+up to ATTEND_MAX_ROWS rows a sequence) go through one C++ call a layer for every sequence of
+the forward, which writes their keys and values into each cache and attends against it in
+float, each row bit for bit as it computes alone; the runner runs torch's
+scaled_dot_product_attention for longer blocks (a prompt fed to the runner whole) and on
+torch's ops."""
 
 from __future__ import annotations
 
@@ -23,16 +24,20 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from tandem.actors.batching import PREFILL_CHUNK
 from tandem.speculation.plan import MAX_DRAFT_LEN
 
 # FusedLayerOps.attend: query rows a sequence, up to the longest verification block (a draft
-# and its bonus row), so that every block attends as the target's one-token steps do.
-# Measured (1.5B pack's heads, 2-core AVX-512 EPYC, torch at one thread as on ggml's
-# kernels): one row against 150 keys 17 us against scaled_dot_product_attention's 34 (with
-# the copies around it, 2.6-3.1 ms a step of the 1.5B pack -> 1.0); 9 rows 161 against 198 us;
-# 65 rows against 300 keys 2.2 ms against 2.1. Prefill chunks (128 rows) keep torch's flash
-# attention, which takes every thread.
-ATTEND_MAX_ROWS = MAX_DRAFT_LEN + 1
+# and its bonus row) and a prefill chunk, so that every block attends as the target's
+# one-token steps do, and a row's bits never depend on its block's size (a reused prompt
+# prefix relies on it, actors/prefix_cache.py). Measured (1.5B pack's heads, 2-core AVX-512
+# EPYC, torch at one thread as on ggml's kernels): one row against 150 keys 17 us against
+# scaled_dot_product_attention's 34 (with the copies around it, 2.6-3.1 ms a step of the 1.5B
+# pack -> 1.0); 9 rows 161 against 198 us; 65 rows against 300 keys 2.2 ms against 2.1. A
+# whole forward of the pack, interleaved, best of 4: 128-row prefill chunks at positions 0,
+# 128 and 256 took 0.98, 1.02 and 1.05 s in C++ (one thread) against 1.00, 1.03 and 1.05 s
+# on torch's flash attention at every thread; 100 rows 0.82 against 0.82.
+ATTEND_MAX_ROWS = max(MAX_DRAFT_LEN + 1, PREFILL_CHUNK)
 
 
 class TorchLayerOps:

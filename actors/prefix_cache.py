@@ -13,11 +13,11 @@ reuse off), beside the KV budget that admission counts.
 Reuse changes no output: the verifier keeps the prompt's chunk boundaries and cuts a reused
 prefix back until every row, reused or still to compute, comes from the kind of forward
 (`runner.rows_kind`, actors/runner.py) it would have come from without reuse; then it is bit
-for bit the same (tests/runtime/test_prefix_cache.py). On the packs' CPU runners that is all a
-prompt of up to 65 tokens shares, as long as the rest stays on the same side of the runner's
-quant_max_rows; past 65 tokens, whole chunks of 128 (torch's attention gives rows that depend
-on the chunk's size). Forwards that mix several requests' rows were never bit for bit the
-same as alone; reuse adds nothing to that.
+for bit the same (tests/runtime/test_prefix_cache.py). On the packs' CPU runners every prefill
+chunk attends in C++ (actors/layer_ops.py), so that is all a prompt shares as long as the rest
+of its chunk stays on the same side of the runner's quant_max_rows; on torch's attention
+(other runners), whole chunks only (its rows depend on the block's size). Forwards that mix
+several requests' rows were never bit for bit the same as alone; reuse adds nothing to that.
 
 Reuse is by tokens alone, whoever sent them: a client's first token comes sooner when other
 prompts shared its opening before, a timing signal across clients; set `prefix_cache_bytes: 0`

@@ -502,8 +502,8 @@ def test_blocks_attend_in_cpp_on_ggml_in_bf16(tmp_path, monkeypatch, runner_devi
     """On ggml's kernels in bf16 (the fused ops), decode steps and verification blocks attend
     in one C++ call a layer (actors/layer_ops.py attend); prefill-sized blocks and heads that
     are not a multiple of 16 keep torch's attention. Cases: one sequence of 1 and of 5 rows,
-    3 sequences of one row each (the padded batch) and of 1, 5 and 70 rows (the packed one:
-    two blocks in C++, the 70 in torch). Each C++ call equals float32 attention over what it
+    3 sequences of one row each (the padded batch) and of 1, 5 and 130 rows (the packed one:
+    two blocks in C++, the 130 past a prefill chunk in torch). Each C++ call equals float32 attention over what it
     was handed to rounding, with the rows' k and v in each cache; the logits agree with the
     same runner's on torch's attention (ops.attend_max_rows = 0) to within 10% of their
     largest (this random 2-layer model turns a bf16 ulp in an activation into up to ~3%
@@ -537,14 +537,14 @@ def test_blocks_attend_in_cpp_on_ggml_in_bf16(tmp_path, monkeypatch, runner_devi
                 assert rounded_from(out[o : o + n], ref.transpose(0, 1).reshape(n, H * hd))
 
     r.ops.attend = checked
-    prompt = [(3 * i + 1) % r.vocab_size for i in range(80)]  # prefills of 70+ rows: torch's attention
+    prompt = [(3 * i + 1) % r.vocab_size for i in range(140)]  # prefills of 130+ rows: torch's attention
 
     def logits(blocks, *, in_cpp: bool, cut: int = 0):
         r.ops.attend_max_rows = cpp_rows if in_cpp else 0
         seqs = []
         for i in range(len(blocks)):
-            s = r.new_sequence(256)
-            r.prefill(s, prompt[: 70 + i])
+            s = r.new_sequence(300)
+            r.prefill(s, prompt[: 130 + i])
             r.rollback(s, s.length - cut)
             seqs.append(s)
         return torch.cat(r.extend_batch(seqs, blocks)).float()
@@ -552,7 +552,7 @@ def test_blocks_attend_in_cpp_on_ggml_in_bf16(tmp_path, monkeypatch, runner_devi
     def agree(a, b):
         return float((a - b).abs().max()) <= 0.1 * float(b.abs().max())
 
-    cases = {"1x1": [[5]], "1x5": [[5, 6, 7, 8, 9]], "3x1": [[5], [6], [7]], "mixed": [[5], [5, 6, 7, 8, 9], list(range(1, 71))]}
+    cases = {"1x1": [[5]], "1x5": [[5, 6, 7, 8, 9]], "3x1": [[5], [6], [7]], "mixed": [[5], [5, 6, 7, 8, 9], list(range(1, 131))]}
     try:
         for name, blocks in cases.items():
             calls.clear()
