@@ -74,11 +74,11 @@ class PrefixCache:
     def longest(self, prompt: Sequence[int]) -> tuple[_Entry | None, int]:
         """The entry sharing the longest prefix with `prompt`, and that prefix's length."""
         best, best_n = None, 0
-        prompt = list(prompt)
+        prompt = tuple(int(t) for t in prompt)  # entries' tokens are tuples: compared as they are
         with self._lock:
             entries = list(self._entries.values())
         for entry in entries:
-            n = len(commonprefix([list(entry.tokens), prompt]))
+            n = len(commonprefix([entry.tokens, prompt]))
             if n > best_n:
                 best, best_n = entry, n
         return best, best_n
