@@ -363,13 +363,14 @@ class ActorBackend:
         from tandem.actors.remote import ensure_ray
         from tandem.actors.workers import ModelLoad
         from tandem.deploy.models import trained_exits_for
+        from tandem.deploy.pack_grid import resolver_for, target_quantize
         from tandem.deploy.packs import resolve_model_path
 
         self.draft_threads = args.draft_threads
         self.target_threads = args.target_threads
         dspec = DraftPoolSpec(
             load=ModelLoad(
-                path=resolve_model_path(args.draft),
+                path=resolver_for(resolve_model_path, _quant(args))(args.draft),
                 dtype=dtype,
                 quantize=_quant(args),
                 exits=exits,
@@ -377,12 +378,10 @@ class ActorBackend:
             ),
             threads=args.draft_threads,
         )
-        from tandem.deploy.pack_grid import target_quantize, with_pack_grid
-
         tq = target_quantize(args.target, args.target_quantize) if args.shards == 1 else None
         tspec = TargetSpec(
             name="target",
-            load=ModelLoad(path=(with_pack_grid(resolve_model_path) if tq == "pack" else resolve_model_path)(args.target), dtype=dtype, quantize=tq),
+            load=ModelLoad(path=resolver_for(resolve_model_path, tq)(args.target), dtype=dtype, quantize=tq),
             shards=args.shards,
             threads=args.target_threads,
         )
@@ -404,7 +403,9 @@ class ActorBackend:
 
 
 def _quant(args) -> str | None:
-    return None if args.draft_quantize == "none" else args.draft_quantize
+    from tandem.deploy.pack_grid import draft_quantize
+
+    return draft_quantize(args.draft, args.draft_quantize)
 
 
 def in_flight(generate: Callable[[list[int]], Sequence[int]], *, prompts_ids, concurrency: int) -> dict:

@@ -31,15 +31,15 @@ DRAFT_LEN = 4  # the decoders' draft calls (--role draft)
 
 def _worker(role: str, model: str, quantize: str, threads: int):
     from tandem.actors.workers import DraftWorker, ModelLoad, TargetWorker
-    from tandem.deploy.pack_grid import target_quantize, with_pack_grid
+    from tandem.deploy.pack_grid import draft_quantize, resolver_for, target_quantize
     from tandem.deploy.packs import resolve_model_path
 
-    if role == "draft":  # as tandem serve's draft pool: int4 unless told
-        q = None if quantize == "none" else ("int4" if quantize == "auto" else quantize)
-        return DraftWorker(ModelLoad(path=model, dtype="bfloat16", device="cpu", quantize=q, resolve=resolve_model_path), threads=threads)
+    if role == "draft":  # as tandem serve's draft pool
+        q = draft_quantize(model, quantize)
+        return DraftWorker(ModelLoad(path=model, dtype="bfloat16", device="cpu", quantize=q,
+                                     resolve=resolver_for(resolve_model_path, q)), threads=threads)
     q = target_quantize(model, quantize)
-    load = ModelLoad(path=model, dtype="bfloat16", device="cpu", quantize=q,
-                     resolve=with_pack_grid(resolve_model_path) if q == "pack" else resolve_model_path)
+    load = ModelLoad(path=model, dtype="bfloat16", device="cpu", quantize=q, resolve=resolver_for(resolve_model_path, q))
     return TargetWorker(load, threads=threads)
 
 
@@ -114,7 +114,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="chunked-prefill", description=__doc__.splitlines()[0])
     ap.add_argument("--role", choices=sorted(MODELS), default="target")
     ap.add_argument("--model", default=None, help="default: the role's pack (" + ", ".join(f"{k}: {v}" for k, v in MODELS.items()) + ")")
-    ap.add_argument("--quantize", default="auto", help="as tandem serve: auto = the pack's 4-bit grid (target), int4 (draft)")
+    ap.add_argument("--quantize", default="auto", help="as tandem serve: auto = the pack's 4-bit grid (target and draft)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--decoders", type=int, default=4)
     ap.add_argument("--prompt-tokens", type=int, default=256)

@@ -1,7 +1,7 @@
 """Sorted (S2D) drafting for concurrent requests on one draft: batched in lockstep against
 one call after another (what a draft actor did with sorted calls before, issue 12).
 
-The 0.5B pack draft at int4 with the shipped exit adapters, as `tandem serve`'s draft pool,
+The 0.5B pack draft (on its own 4-bit grid) with the shipped exit adapters, as `tandem serve`'s draft pool,
 and the thresholds every entry point uses (the adapters' calibration). `--requests` requests,
 each on its own code prompt (bench/eval/code_dev.jsonl, chat template), draft `--draft-len`
 tokens from that prompt; each measurement rolls their caches back to the prompt, so every
@@ -28,13 +28,15 @@ def _drafter(model: str, quantize: str):
     from tandem.actors.drafter import Drafter
     from tandem.actors.workers import ModelLoad
     from tandem.deploy.exits import find_trained_exits
+    from tandem.deploy.pack_grid import draft_quantize, resolver_for
     from tandem.deploy.packs import resolve_model_path
 
     adapters = find_trained_exits(model)
     if adapters is None:
         raise SystemExit(f"no exit adapters for {model} (shipped or trained): sorted drafting needs them")
-    load = ModelLoad(path=model, dtype="bfloat16", device="cpu", quantize=None if quantize == "none" else quantize,
-                     exit_adapters=str(adapters), resolve=resolve_model_path)
+    q = draft_quantize(model, quantize)
+    load = ModelLoad(path=model, dtype="bfloat16", device="cpu", quantize=q,
+                     exit_adapters=str(adapters), resolve=resolver_for(resolve_model_path, q))
     return Drafter(load.build()), str(adapters), load.local_path()
 
 
@@ -91,7 +93,7 @@ def main(argv=None) -> None:
 
     ap = argparse.ArgumentParser(prog="sorted-batch", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=DRAFT)
-    ap.add_argument("--quantize", default="int4", help="as tandem serve's draft pool (int4); none for bf16")
+    ap.add_argument("--quantize", default="auto", help="as tandem serve's draft pool (auto: the pack's grid); none for bf16")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--requests", type=int, default=4)
     ap.add_argument("--draft-len", type=int, default=4)

@@ -268,21 +268,22 @@ class GenerateRecords:
         from tandem.deploy.models import trained_exits_for
 
         t = next(t for t in self.cfg.targets if t.name == target)
-        from tandem.deploy.pack_grid import target_quantize, with_pack_grid
+        from tandem.deploy.pack_grid import draft_quantize, resolver_for, target_quantize
 
         quantize = target_quantize(t.model_ref, t.quantize) if t.shards == 1 else None
-        resolve = with_pack_grid(self.resolve) if quantize == "pack" else self.resolve
+        resolve = resolver_for(self.resolve, quantize)
         path = resolve(t.model_ref) if resolve else t.model_ref
         runner = ModelRunner(path, dtype=t.dtype, device=t.device, quantize=quantize)
         if self._draft is None:
             d = self.cfg.draft_pool
+            dq = draft_quantize(d.model, d.quantize)
             self._draft = ModelLoad(
                 path=d.model,
                 dtype=d.dtype,
-                quantize=None if d.quantize == "none" else d.quantize,
+                quantize=dq,
                 exits=tuple(d.exits),
                 exit_adapters=trained_exits_for(d.model, d.exit_adapters),
-                resolve=self.resolve,
+                resolve=resolver_for(self.resolve, dq),
             ).build()
         from tandem.deploy.local import LocalServer
         from tandem.deploy.models import default_thresholds

@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Sequence
 
-from tandem.deploy.packs import DEFAULT_DRAFT, DEFAULT_TARGET
+from tandem.deploy.packs import DEFAULT_DRAFT, DEFAULT_TARGET, DRAFT_QUANTIZE_DEFAULT
 
 from tandem.speculation.plan import METHODS
 
@@ -27,7 +27,10 @@ def _add_models(p: argparse.ArgumentParser) -> None:
     g.add_argument("--target", default=DEFAULT_TARGET, help="pack name, local folder or hub id")
     g.add_argument("--draft", default=DEFAULT_DRAFT, help="pack name, local folder or hub id")
     g.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    g.add_argument("--draft-quantize", default="int4", choices=["none", "int8", "int4"], help="weight-only draft quantization (CPU kernels)")
+    g.add_argument(
+        "--draft-quantize", default=DRAFT_QUANTIZE_DEFAULT, choices=["auto", "none", "int8", "int4", "pack"],
+        help="draft weights: pack = a model pack at 4 bits from its own GGUF grid; auto = pack for packs, int4 otherwise (default)",
+    )
     g.add_argument(
         "--target-quantize", default="auto", choices=["auto", "none", "int8", "int4", "pack"],
         help="target weights: pack = a model pack at 4 bits from its own GGUF grid; auto = pack for packs (default)",
@@ -198,7 +201,7 @@ def cmd_generate(args) -> int:
     from tandem.actors.local import LocalEngine
     from tandem.deploy.local import LocalServer
     from tandem.deploy.models import ModelSpec, build_runner, stop_ids_for, tokenizer_for
-    from tandem.deploy.pack_grid import target_quantize
+    from tandem.deploy.pack_grid import draft_quantize, target_quantize
     from tandem.deploy.packs import resolve_model_path
 
     tokenizer = tokenizer_for(args.target)
@@ -206,7 +209,7 @@ def cmd_generate(args) -> int:
     draft = None
     if args.method != "off":
         exits = tuple(int(e) for e in args.exits.split(",")) if args.exits else ()
-        quant = None if args.draft_quantize == "none" else args.draft_quantize
+        quant = draft_quantize(args.draft, args.draft_quantize)
         draft = build_runner(
             ModelSpec(ref=args.draft, dtype=args.dtype, device=args.device, quantize=quant, exits=exits, exit_adapters=args.exit_adapters)
         )

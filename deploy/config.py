@@ -14,7 +14,7 @@ Example (every field is optional):
     draft_pool:
       model: qwen2.5-coder-0.5b-instruct
       replicas: 1
-      quantize: int4
+      quantize: auto           # pack for packs (their own GGUF grid), int4 otherwise
     targets:
       - name: qwen2.5-coder-1.5b-instruct
       - name: qwen2.5-coder-0.5b-instruct
@@ -36,7 +36,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from tandem.actors.devices import check_device_spec
 from tandem.actors.prefix_cache import PREFIX_CACHE_BYTES
-from tandem.deploy.packs import DEFAULT_DRAFT, DEFAULT_TARGET
+from tandem.deploy.packs import DEFAULT_DRAFT, DEFAULT_TARGET, DRAFT_QUANTIZE_DEFAULT
 from tandem.speculation.plan import DEFAULT_MAX_DRAFT_LEN, MAX_DRAFT_LEN, METHODS
 
 Method = Literal[METHODS]  # the planner's names (speculation/plan.py)
@@ -157,8 +157,10 @@ class DraftPoolConfig(_Strict):
     )
     threads: int | None = Field(None, ge=1, description=THREADS_DOC.format(actor="draft actor"))
     dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
-    quantize: Literal["none", "int8", "int4"] = Field(
-        "int4", description="Weight-only quantization of the draft (CPU kernels; on a GPU the draft runs dense)"
+    quantize: Literal["auto", "none", "int8", "int4", "pack"] = Field(
+        DRAFT_QUANTIZE_DEFAULT,
+        description='Draft weights: "pack" serves a model pack at 4 bits from its own GGUF grid; "auto": pack for '
+        "packs, int4 otherwise; int8/int4 re-quantize (CPU kernels; on a GPU the draft runs dense)",
     )
     device: str = Field(DEVICE_DOC_DEFAULT, description=DEVICE_DOC)
     exits: list[int] = Field(default_factory=list, description="Extra exit depths (the full depth is always one)")

@@ -9,9 +9,7 @@ from typing import Sequence
 
 from tandem.actors.loading import load_causal_lm, load_tokenizer, parse_dtype
 from tandem.actors.runner import ModelRunner
-from tandem.deploy.packs import DEFAULT_DRAFT, DEFAULT_TARGET, resolve_model_path
-
-DRAFT_QUANTIZE_DEFAULT = "int4"
+from tandem.deploy.packs import DEFAULT_DRAFT, DEFAULT_TARGET, DRAFT_QUANTIZE_DEFAULT, resolve_model_path
 
 
 @dataclass(frozen=True)
@@ -66,11 +64,9 @@ def build_runner(spec: ModelSpec, *, model=None) -> ModelRunner:
     from tandem.actors.workers import ModelLoad
 
     parse_dtype(spec.dtype)  # clear error before any loading
-    resolve = resolve_model_path
-    if spec.quantize == "pack":
-        from tandem.deploy.pack_grid import with_pack_grid
+    from tandem.deploy.pack_grid import resolver_for
 
-        resolve = with_pack_grid(resolve_model_path)
+    resolve = resolver_for(resolve_model_path, spec.quantize)
     load = ModelLoad(
         path=resolve(spec.ref),
         dtype=spec.dtype,

@@ -75,6 +75,8 @@ PACKS: dict[str, PackSpec] = {
 
 DEFAULT_TARGET = "qwen2.5-coder-1.5b-instruct"
 DEFAULT_DRAFT = "qwen2.5-coder-0.5b-instruct"
+# draft weights: "auto" is pack for packs, int4 otherwise (deploy/pack_grid.draft_quantize)
+DRAFT_QUANTIZE_DEFAULT = "auto"
 
 
 class PackNotInstalledError(RuntimeError):

@@ -35,16 +35,19 @@ def say(msg: str) -> None:
 
 
 def pool_specs(cfg: TandemConfig, *, resolve=resolve_model_path) -> tuple[DraftPoolSpec, list[TargetSpec]]:
+    from tandem.deploy.pack_grid import draft_quantize, resolver_for
+
     d = cfg.draft_pool
+    dq = draft_quantize(d.model, d.quantize)
     draft = DraftPoolSpec(
         load=ModelLoad(
             path=d.model,
             dtype=d.dtype,
             device=d.device,
-            quantize=None if d.quantize == "none" else d.quantize,
+            quantize=dq,
             exits=tuple(d.exits),
             exit_adapters=trained_exits_for(d.model, d.exit_adapters),
-            resolve=resolve,
+            resolve=resolver_for(resolve, dq),
         ),
         replicas=d.replicas,
         threads=d.threads,
@@ -68,12 +71,11 @@ def pool_specs(cfg: TandemConfig, *, resolve=resolve_model_path) -> tuple[DraftP
 
 
 def _target_load(t, resolve) -> ModelLoad:
-    from tandem.deploy.pack_grid import target_quantize, with_pack_grid
+    from tandem.deploy.pack_grid import resolver_for, target_quantize
 
     quantize = target_quantize(t.model_ref, t.quantize) if t.shards == 1 else None
     return ModelLoad(
-        path=t.model_ref, dtype=t.dtype, device=t.device, quantize=quantize,
-        resolve=with_pack_grid(resolve) if quantize == "pack" else resolve,
+        path=t.model_ref, dtype=t.dtype, device=t.device, quantize=quantize, resolve=resolver_for(resolve, quantize),
     )
 
 

@@ -45,6 +45,7 @@ from typing import Any, Sequence
 
 import torch
 
+from tandem.deploy.packs import DRAFT_QUANTIZE_DEFAULT
 from tandem.deploy.paths import EVAL_DIR
 from tandem.deploy.exits import default_exits_dir
 
@@ -295,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft-len", type=int, default=4, help="draft tokens per round for the per-exit table")
     p.add_argument("--sd-draft-len", type=int, default=6, help="draft tokens per round of the sd-full baseline (tandem's default)")
     p.add_argument("--policy", action="append", default=[], help="TARGET=EXITS:THRESHOLDS@GAMMA: use this sorted policy instead of tuning (repeatable)")
-    p.add_argument("--draft-quantize", choices=("none", "int8", "int4"), default="int4")
+    p.add_argument("--draft-quantize", choices=("auto", "none", "int8", "int4", "pack"), default=DRAFT_QUANTIZE_DEFAULT,
+                   help="as tandem serve's draft pool; auto: the pack's own grid for packs, int4 otherwise")
     p.add_argument("--target-dtype", choices=("bfloat16", "float32"), default="bfloat16")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--output", required=True, help="output folder for report.json, report.md, exit_report.png")
@@ -314,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     from tandem.actors.loading import load_causal_lm
     from tandem.actors.runner import ModelRunner
     from tandem.deploy.models import encode_prompt, stop_ids_for, tokenizer_for
+    from tandem.deploy.pack_grid import draft_quantize, resolver_for
     from tandem.deploy.packs import resolve_model_path
     from tandem.speculation.sampling import SamplingParams
     from tandem.speculation.sorted_policy import ExitPolicy
@@ -335,10 +338,10 @@ def main(argv: list[str] | None = None) -> int:
         parse_policy(pol)  # a clear error before any loading
         given[t] = (pol, int(g or args.sd_draft_len))
     adapters, trained, head_ids = load_exit_adapters(adapters_dir, "bfloat16")
-    draft_path = resolve_model_path(args.draft)
-    quant = None if args.draft_quantize == "none" else args.draft_quantize
+    quant = draft_quantize(args.draft, args.draft_quantize)
+    draft_path = resolver_for(resolve_model_path, quant)(args.draft)
 
-    _log(f"loading draft {args.draft} ({args.draft_quantize}): bare exits and trained exits")
+    _log(f"loading draft {args.draft} ({quant or 'none'}): bare exits and trained exits")
     hf = load_causal_lm(draft_path, torch.bfloat16)
     full = int(hf.config.num_hidden_layers)
     exits = tuple(sorted(set(trained) | {full}))
@@ -358,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = tokenizer_for(args.draft)
     greedy = SamplingParams(temperature=0.0)
     report: dict[str, Any] = {
-        "draft": args.draft, "adapters": str(adapters_dir), "draft_quantize": args.draft_quantize,
+        "draft": args.draft, "adapters": str(adapters_dir), "draft_quantize": quant or "none",
         "head_size": None if head_ids is None else int(head_ids.numel()), "threads": threads,
         "limit": args.limit, "tune_limit": args.tune_limit, "max_new_tokens": args.max_new_tokens, "draft_len": args.draft_len,
         "sd_draft_len": args.sd_draft_len, "exits": list(exits),

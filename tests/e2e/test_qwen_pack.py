@@ -18,7 +18,7 @@ import torch
 from tandem.actors.local import LocalEngine, ThreadSplit
 from tandem.actors.loading import generation_eos_ids
 from tandem.actors.runner import ModelRunner
-from tests.e2e.conftest import TARGET, code_prompts
+from tests.e2e.conftest import DRAFT, TARGET, code_prompts
 
 pytestmark = pytest.mark.slow
 
@@ -51,7 +51,9 @@ def test_grid_equals_the_converted_weights(pack_paths):
 @pytest.mark.parametrize("use_ggml", [False, True], ids=["torch-kernels", "ggml"])
 def test_speculation_over_a_pack_target_equals_its_target_only_output(pack_paths, qwen_tokenizer, use_ggml, monkeypatch):
     from tandem.actors import ggml_kernel
-    from tandem.deploy.pack_grid import pack_grid_file
+    from tandem.deploy.models import ModelSpec, build_runner
+    from tandem.deploy.pack_grid import draft_quantize, pack_grid_file
+    from tandem.deploy.packs import DRAFT_QUANTIZE_DEFAULT
 
     if use_ggml and ggml_kernel.load() is None:
         pytest.skip(f"ggml kernels: {ggml_kernel.build_status()[1]}")
@@ -59,8 +61,11 @@ def test_speculation_over_a_pack_target_equals_its_target_only_output(pack_paths
 
     pack_grid_file(TARGET)
     target = ModelRunner(pack_paths["target"], dtype="float32", quantize="pack")
-    draft = ModelRunner(pack_paths["draft"], dtype="float32", quantize="int4")
+    # the draft as the server's default config builds it: its own grid and the shipped exits
+    quantize = draft_quantize(DRAFT, DRAFT_QUANTIZE_DEFAULT)
+    draft = build_runner(ModelSpec(ref=DRAFT, dtype="float32", device="cpu", quantize=quantize, exit_adapters="auto"))
     assert target.kernel == ("pack-ggml" if use_ggml else "pack")
+    assert quantize == "pack" and draft.kernel == target.kernel and len(draft.exits) > 1
     prompt = qwen_tokenizer.apply_chat_template(code_prompts(1)[0], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
     eos = generation_eos_ids(pack_paths["target"])
     with LocalEngine(target, draft, threads=2, split=ThreadSplit(target=1, draft=1)) as engine:

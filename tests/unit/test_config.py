@@ -141,3 +141,22 @@ def test_prefix_cache_bytes_reach_the_target_pool(clean_env, tmp_path):
     assert [s.prefix_cache_bytes for s in specs] == [PREFIX_CACHE_BYTES, 0]
     with pytest.raises(ConfigError, match=r"targets\.0\.prefix_cache_bytes"):
         load_config(write(tmp_path, "targets:\n  - name: a\n    prefix_cache_bytes: -1\n"))
+
+
+def test_draft_quantize_reaches_the_draft_pool(clean_env, tmp_path):
+    """draft_pool.quantize: "auto" by default, the pack's own grid for a pack (with a resolver
+    that prepares the grid) and int4 for a folder; an unknown value is refused naming the field."""
+    from tandem.deploy.pack_grid import _GridResolver
+    from tandem.deploy.serve import pool_specs
+
+    def plain(ref):
+        return ref
+
+    draft, _ = pool_specs(load_config(write(tmp_path, "draft_pool: {model: qwen2.5-coder-0.5b-instruct}\n")), resolve=plain)
+    assert draft.load.quantize == "pack" and isinstance(draft.load.resolve, _GridResolver)
+    draft, _ = pool_specs(load_config(write(tmp_path, "draft_pool: {model: /m/d}\n")), resolve=plain)
+    assert draft.load.quantize == "int4" and draft.load.resolve is plain
+    draft, _ = pool_specs(load_config(write(tmp_path, "draft_pool: {model: /m/d, quantize: none}\n")), resolve=plain)
+    assert draft.load.quantize is None
+    with pytest.raises(ConfigError, match=r"draft_pool\.quantize"):
+        load_config(write(tmp_path, "draft_pool: {quantize: int3}\n"))

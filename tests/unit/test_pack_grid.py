@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tandem.deploy.pack_grid import hf_linear_name, pack_nibbles, q4k_grid, target_quantize, unpack_nibbles
+from tandem.deploy.pack_grid import draft_quantize, hf_linear_name, pack_nibbles, q4k_grid, target_quantize, unpack_nibbles
 
 
 def random_q4k_rows(rng, out_f: int, in_f: int) -> np.ndarray:
@@ -53,6 +53,11 @@ def test_names_and_quantize_setting():
     assert target_quantize("/models/my-model", "auto") is None
     assert target_quantize("qwen2.5-coder-1.5b-instruct", "none") is None
     assert target_quantize("x", "int8") == "int8"
+    # a draft: its own grid for a pack, int4 re-quantized for anything else
+    assert draft_quantize("qwen2.5-coder-0.5b-instruct", "auto") == "pack"
+    assert draft_quantize("/models/my-draft", "auto") == "int4"
+    assert draft_quantize("qwen2.5-coder-0.5b-instruct", "none") is None
+    assert draft_quantize("qwen2.5-coder-0.5b-instruct", "int4") == "int4"
 
 
 def test_config_refuses_quantized_sharded_targets():
