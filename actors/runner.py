@@ -50,9 +50,14 @@ from tandem.actors.kernels import (
 )
 from tandem.actors.loading import SUPPORTED_MODEL_TYPES, load_causal_lm, parse_dtype
 
-# layers a runner times its quantized kernels' row bound on at load (_calibrate_quant_rows):
-# enough for the ops between linears to count, a small part of a model's load
-CALIBRATION_LAYERS = 2
+# layers a runner times its quantized kernels' row bound on at load (_calibrate_quant_rows).
+# Two were too few: on the 1.5B pack (ggml, 2-core AVX-512 EPYC, 2 threads, best of 3) a
+# 16-row block through 2 layers took 17.9 ms quantized against 16.2 dense, so the bound fell
+# to 8 in most loads, while through all 28 layers it took 126 against 214 ms (dense 1.70x);
+# through 8 layers 40 against 63 (1.57x), and 64 / 128 rows 1.11x / 1.03x there against
+# 1.14x / 1.04x through all 28. Few layers' weights stay in the caches between the reps,
+# which flatters the dense side. Eight cost ~10 s more at the 1.5B pack's load.
+CALIBRATION_LAYERS = 8
 
 
 @dataclass
