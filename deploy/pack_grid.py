@@ -153,16 +153,22 @@ def pack_grid_file(name: str) -> Path:
     return dest
 
 
-def target_quantize(ref: str, setting: str | None) -> str | None:
-    """The runner's `quantize` for a target: "auto" is "pack" for a model pack (served at 4
-    bits from its own grid; on a GPU the runner keeps it dense) and none for anything else."""
+def _quantize(ref: str, setting: str | None, *, otherwise: str | None) -> str | None:
+    """A runner's `quantize` from a user's setting: "auto" is "pack" for a model pack and
+    `otherwise` for anything else; "none" (or nothing) is None."""
     from tandem.deploy.packs import PACKS
 
     if setting in (None, "", "none"):
         return None
     if setting == "auto":
-        return "pack" if ref in PACKS else None
+        return "pack" if ref in PACKS else otherwise
     return setting
+
+
+def target_quantize(ref: str, setting: str | None) -> str | None:
+    """The runner's `quantize` for a target: "auto" is "pack" for a model pack (served at 4
+    bits from its own grid; on a GPU the runner keeps it dense) and none for anything else."""
+    return _quantize(ref, setting, otherwise=None)
 
 
 def draft_quantize(ref: str, setting: str | None) -> str | None:
@@ -171,13 +177,7 @@ def draft_quantize(ref: str, setting: str | None) -> str | None:
     weights: on the 0.5B draft (2-core EPYC, stop 47) 17.6 ms a step against 20.5 on int4
     (re-quantized from the dequantized weights), and it agreed more with the 1.5B target
     (accepted 2.7-3.1 tokens a round on code_dev against 2.3)."""
-    from tandem.deploy.packs import PACKS
-
-    if setting in (None, "", "none"):
-        return None
-    if setting == "auto":
-        return "pack" if ref in PACKS else "int4"
-    return setting
+    return _quantize(ref, setting, otherwise="int4")
 
 
 def resolver_for(resolve, quantize: str | None):
