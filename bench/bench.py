@@ -368,11 +368,12 @@ class ActorBackend:
 
         self.draft_threads = args.draft_threads
         self.target_threads = args.target_threads
+        dq = _quant(args)
         dspec = DraftPoolSpec(
             load=ModelLoad(
-                path=resolver_for(resolve_model_path, _quant(args))(args.draft),
+                path=resolver_for(resolve_model_path, dq)(args.draft),
                 dtype=dtype,
-                quantize=_quant(args),
+                quantize=dq,
                 exits=exits,
                 exit_adapters=trained_exits_for(args.draft, args.exit_adapters),
             ),

@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Sequence
 
-from tandem.deploy.packs import DEFAULT_DRAFT, DEFAULT_TARGET, DRAFT_QUANTIZE_DEFAULT
+from tandem.deploy.packs import DEFAULT_DRAFT, DEFAULT_TARGET, DRAFT_QUANTIZE_DEFAULT, QUANTIZE_SETTINGS
 
 from tandem.speculation.plan import METHODS
 
@@ -28,11 +28,11 @@ def _add_models(p: argparse.ArgumentParser) -> None:
     g.add_argument("--draft", default=DEFAULT_DRAFT, help="pack name, local folder or hub id")
     g.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     g.add_argument(
-        "--draft-quantize", default=DRAFT_QUANTIZE_DEFAULT, choices=["auto", "none", "int8", "int4", "pack"],
+        "--draft-quantize", default=DRAFT_QUANTIZE_DEFAULT, choices=QUANTIZE_SETTINGS,
         help="draft weights: pack = a model pack at 4 bits from its own GGUF grid; auto = pack for packs, int4 otherwise (default)",
     )
     g.add_argument(
-        "--target-quantize", default="auto", choices=["auto", "none", "int8", "int4", "pack"],
+        "--target-quantize", default="auto", choices=QUANTIZE_SETTINGS,
         help="target weights: pack = a model pack at 4 bits from its own GGUF grid; auto = pack for packs (default)",
     )
     g.add_argument(

@@ -36,7 +36,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from tandem.actors.devices import check_device_spec
 from tandem.actors.prefix_cache import PREFIX_CACHE_BYTES
-from tandem.deploy.packs import DEFAULT_DRAFT, DEFAULT_TARGET, DRAFT_QUANTIZE_DEFAULT
+from tandem.deploy.packs import DEFAULT_DRAFT, DEFAULT_TARGET, DRAFT_QUANTIZE_DEFAULT, QUANTIZE_SETTINGS
 from tandem.speculation.plan import DEFAULT_MAX_DRAFT_LEN, MAX_DRAFT_LEN, METHODS
 
 Method = Literal[METHODS]  # the planner's names (speculation/plan.py)
@@ -157,7 +157,7 @@ class DraftPoolConfig(_Strict):
     )
     threads: int | None = Field(None, ge=1, description=THREADS_DOC.format(actor="draft actor"))
     dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
-    quantize: Literal["auto", "none", "int8", "int4", "pack"] = Field(
+    quantize: Literal[QUANTIZE_SETTINGS] = Field(
         DRAFT_QUANTIZE_DEFAULT,
         description='Draft weights: "pack" serves a model pack at 4 bits from its own GGUF grid; "auto": pack for '
         "packs, int4 otherwise; int8/int4 re-quantize (CPU kernels; on a GPU the draft runs dense)",
@@ -193,7 +193,7 @@ class TargetConfig(_Strict):
     threads: int | None = Field(None, ge=1, description=THREADS_DOC.format(actor="target actor (each shard)"))
     dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
     device: str = Field(DEVICE_DOC_DEFAULT, description=DEVICE_DOC)
-    quantize: Literal["auto", "none", "int8", "int4", "pack"] = Field(
+    quantize: Literal[QUANTIZE_SETTINGS] = Field(
         "auto",
         description='Target weights: "pack" serves a model pack at 4 bits from its own GGUF grid (CPU); '
         '"auto": pack for packs, none otherwise; int8/int4 re-quantize; unsharded targets only',

@@ -181,14 +181,9 @@ def draft_quantize(ref: str, setting: str | None) -> str | None:
 
 
 def resolver_for(resolve, quantize: str | None):
-    """`resolve`, or for quantize "pack" one that also prepares the pack's grid."""
-    return with_pack_grid(resolve) if quantize == "pack" else resolve
-
-
-def with_pack_grid(resolve):
-    """A resolver that also makes sure a pack's grid file exists (quantize "pack"); picklable
-    for Ray, so the grid is prepared on the node that loads the model."""
-    return _GridResolver(resolve)
+    """`resolve`, or for quantize "pack" a resolver that also makes sure a pack's grid file
+    exists; picklable for Ray, so the grid is prepared on the node that loads the model."""
+    return _GridResolver(resolve) if quantize == "pack" else resolve
 
 
 class _GridResolver:

@@ -75,7 +75,10 @@ PACKS: dict[str, PackSpec] = {
 
 DEFAULT_TARGET = "qwen2.5-coder-1.5b-instruct"
 DEFAULT_DRAFT = "qwen2.5-coder-0.5b-instruct"
-# draft weights: "auto" is pack for packs, int4 otherwise (deploy/pack_grid.draft_quantize)
+# a model's weights as the user sets them, for targets and drafts alike (deploy/pack_grid.py
+# turns a setting into the runner's quantize); "auto" is pack for packs, else dense for a
+# target and int4 for a draft
+QUANTIZE_SETTINGS: tuple[str, ...] = ("auto", "none", "int8", "int4", "pack")
 DRAFT_QUANTIZE_DEFAULT = "auto"
 
 

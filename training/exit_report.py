@@ -45,7 +45,7 @@ from typing import Any, Sequence
 
 import torch
 
-from tandem.deploy.packs import DRAFT_QUANTIZE_DEFAULT
+from tandem.deploy.packs import DRAFT_QUANTIZE_DEFAULT, QUANTIZE_SETTINGS
 from tandem.deploy.paths import EVAL_DIR
 from tandem.deploy.exits import default_exits_dir
 
@@ -296,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft-len", type=int, default=4, help="draft tokens per round for the per-exit table")
     p.add_argument("--sd-draft-len", type=int, default=6, help="draft tokens per round of the sd-full baseline (tandem's default)")
     p.add_argument("--policy", action="append", default=[], help="TARGET=EXITS:THRESHOLDS@GAMMA: use this sorted policy instead of tuning (repeatable)")
-    p.add_argument("--draft-quantize", choices=("auto", "none", "int8", "int4", "pack"), default=DRAFT_QUANTIZE_DEFAULT,
+    p.add_argument("--draft-quantize", choices=QUANTIZE_SETTINGS, default=DRAFT_QUANTIZE_DEFAULT,
                    help="as tandem serve's draft pool; auto: the pack's own grid for packs, int4 otherwise")
     p.add_argument("--target-dtype", choices=("bfloat16", "float32"), default="bfloat16")
     p.add_argument("--threads", type=int, default=None)
