@@ -246,6 +246,12 @@ def torch_at_one_thread():
             ext.pause_pools()  # no ggml worker spins past the forward (actors/csrc/ggml_linear.cpp)
 
 
+def matmul_threads() -> int:
+    """The threads a ggml matmul runs on now: torch's, or inside torch_at_one_thread the
+    ones torch had before it."""
+    return getattr(_calls, "threads", None) or torch.get_num_threads()
+
+
 class GgmlLinear:
     """One linear's rows in a GGUF format (uint8 [out, row bytes] of `ggml_type`) on ggml's
     kernel: x [..., in] in any float dtype -> y [..., out] in x's dtype, no bias (the caller
@@ -277,7 +283,7 @@ class GgmlLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        threads = getattr(_calls, "threads", None) or torch.get_num_threads()
+        threads = matmul_threads()
         y = self.impl.forward(x.reshape(-1, shape[-1]), threads)  # bf16 in, bf16 out; else float32
         if y.dtype != x.dtype:
             y = y.to(x.dtype)

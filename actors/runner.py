@@ -48,6 +48,7 @@ from tandem.actors.kernels import (
     measure_quant_max_rows,
     open_pack_grid,
 )
+from tandem.actors.lean_layers import LeanLayers
 from tandem.actors.loading import SUPPORTED_MODEL_TYPES, load_causal_lm, parse_dtype
 
 # layers a runner times its quantized kernels' row bound on at load (_calibrate_quant_rows).
@@ -221,6 +222,8 @@ class ModelRunner:
             self.kernel += "-ggml"  # "pack-ggml", "int4-ggml": on ggml's kernels (actors/ggml_kernel.py)
         # norms, rotary and the SiLU gate: one C++ call each on ggml's kernels in bf16, else torch
         self.ops = layer_ops.for_runner(self.kernel, self.dtype, self.device, self.eps)
+        # one sequence's blocks through the layers as bound C++ calls, where all are (actors/lean_layers.py)
+        self._lean = LeanLayers.of(self)
         # set by each timed side while it is measured (set_bound), then the crossover found
         self.quant_max_rows: int | None = self._calibrate_quant_rows()
 
@@ -548,9 +551,28 @@ class ModelRunner:
         run packed (_run_layers_packed): none is padded to the longest. Rows of one length
         (nothing to pad: a batch of decode steps) run as one padded batch, whose single
         attention call beat the packed path's call per row there (bench/packed_rows.py)."""
+        if len(rows) == 1 and self._lean is not None:
+            n = rows[0].hidden.shape[0]
+            if self._lean.takes(n, self.ops.attends(n, self.head_dim)):
+                return self._run_layers_lean(rows[0], lo, hi)
         if len(rows) > 1 and self.packed and len({r.hidden.shape[0] for r in rows}) > 1:
             return self._run_layers_packed(rows, lo, hi)
         return self._run_layers_padded(rows, lo, hi)
+
+    def _run_layers_lean(self, row: _Row, lo: int, hi: int) -> None:
+        """_run_layers_padded for one sequence's block, on the layers bound at load
+        (actors/lean_layers.py): the same calls, the same values, less Python between them."""
+        from tandem.actors.ggml_kernel import matmul_threads
+
+        s, n = row.start, row.hidden.shape[0]
+        pos = torch.arange(s, s + n, device=self.device).clamp(max=self.max_context)
+        self._ensure_capacity(row.seq, min(s + n, self.max_context))
+        row.hidden = self._lean.run(
+            row.hidden.contiguous(), lo, hi, keys=row.seq.keys, values=row.seq.values, start=s,
+            rope=self.ops.rope_tables(self.cos, self.sin, pos), heads=self.num_heads, kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim, threads=matmul_threads(),
+        )
+        row.seq.filled[lo:hi] = [s + n] * (hi - lo)
 
     def _run_layers_packed(self, rows: list[_Row], lo: int, hi: int) -> None:
         """Every row's tokens concatenated into one [1, T, hidden] batch for the linear layers

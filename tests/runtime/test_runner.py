@@ -537,6 +537,7 @@ def test_blocks_attend_in_cpp_on_ggml_in_bf16(tmp_path, monkeypatch, runner_devi
                 assert rounded_from(out[o : o + n], ref.transpose(0, 1).reshape(n, H * hd))
 
     r.ops.attend = checked
+    r._lean = None  # the general forward's calls are checked here; test_lean_layers.py checks the lean one equals it
     prompt = [(3 * i + 1) % r.vocab_size for i in range(140)]  # prefills of 130+ rows: torch's attention
 
     def logits(blocks, *, in_cpp: bool, cut: int = 0):
