@@ -9,9 +9,10 @@ wrappers, lists built per call for batches of many sequences). Here each layer's
 bound once at load and called directly, in the same order on the same operands, so every
 value is bit for bit the general forward's (tests/runtime/test_lean_layers.py).
 
-Measured on the 1.5B pack, one row against 150 cached keys, 2 threads, 2-core AMD EPYC
-(AVX-512 VNNI, no AMX), 8 interleaved rounds of 20 steps: 41.6 against 44.2 ms a step
-(median; 2.1-2.6 ms saved in most pairs), with the same logits.
+Measured on a 2-core AMD EPYC (AVX-512 VNNI, no AMX), 2 threads, one row against 150 cached
+keys, 10 interleaved rounds of 20 steps: the 1.5B pack 34.5 against 37.9 ms a step, the 0.5B
+21.1 against 22.4 (medians); in-process `ar` 1.005-1.025x and `sd` 1.06x, with the same output
+(bench/results/stop48, lean_*).
 
 Blocks of several sequences (a batch of requests) keep the general forward: there the
 per-call overhead is shared by every sequence's rows.
@@ -51,15 +52,10 @@ class LeanLayers:
     """A runner's layers bound for one-sequence blocks. `of(runner)` is None where some
     linear or op is not a C++ call (the general forward then serves every block)."""
 
-    def __init__(self, ext: Any, layers: Sequence[Any], quant: Sequence[QuantLinear], eps: float):
+    def __init__(self, ext: Any, layers: list[tuple], quant: Sequence[QuantLinear], eps: float):
         self.ext = ext
         self.eps = eps
-        self.layers = []
-        for layer in layers:
-            qkv, o, gate_up, down = (_bound(m) for m in (layer.qkv, layer.o, layer.gate_up, layer.down))
-            if qkv is None or o is None or gate_up is None or down is None:
-                raise ValueError("every linear of a lean layer must run on ggml's kernel")
-            self.layers.append((qkv, o, gate_up, down, layer.input_norm, layer.post_norm))
+        self.layers = layers  # per layer: bound qkv, o, gate_up, down, then input and post norm weights
         self._quant = list(quant)  # their max_rows: the dense weights serve longer blocks
 
     @classmethod
@@ -67,11 +63,15 @@ class LeanLayers:
         ops = runner.ops
         if getattr(ops, "name", "") != "fused" or not getattr(ops, "attend_max_rows", 0):
             return None
-        if any(_bound(m) is None for layer in runner.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)):
-            return None
-        quant = [p for layer in runner.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)
-                 for p in getattr(m, "parts", [m])]
-        return cls(ops.ext, runner.layers, quant, runner.eps)
+        layers, quant = [], []
+        for layer in runner.layers:
+            linears = (layer.qkv, layer.o, layer.gate_up, layer.down)
+            bound = [_bound(m) for m in linears]
+            if any(b is None for b in bound):
+                return None
+            layers.append((*bound, layer.input_norm, layer.post_norm))
+            quant += [p for m in linears for p in getattr(m, "parts", [m])]
+        return cls(ops.ext, layers, quant, runner.eps)
 
     def takes(self, rows: int, attends: bool) -> bool:
         """Whether a block of `rows` rows runs here: every linear on its quantized kernel at

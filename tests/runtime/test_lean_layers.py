@@ -86,7 +86,8 @@ def test_lean_blocks_stop_at_the_quantized_row_bound_and_skip_batches(tmp_path, 
             lin.max_rows = bound
     # several sequences in one forward: the general (batched) forward
     a, b = r.new_sequence(64), r.new_sequence(64)
-    r.prefill(a, [1, 2, 3]), r.prefill(b, [4, 5, 6])
+    r.prefill(a, [1, 2, 3])
+    r.prefill(b, [4, 5, 6])
     calls.clear()
     r.extend_batch([a, b], [[7], [8]])
     assert calls == []
