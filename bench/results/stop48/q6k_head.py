@@ -5,7 +5,7 @@ from tandem.deploy.pack_grid import join_pack_gguf
 from tandem.actors import ggml_kernel as G
 torch.set_num_threads(2)
 name = sys.argv[1] if len(sys.argv) > 1 else "qwen2.5-coder-1.5b-instruct"
-tmp = Path(tempfile.mkdtemp(dir="/tmp/probe"))
+tmp = Path(tempfile.mkdtemp())
 p = join_pack_gguf(name, tmp / "m.gguf")
 rd = gguf.GGUFReader(str(p))
 want = {"output.weight", "token_embd.weight", "blk.0.ffn_down.weight", "blk.0.attn_v.weight", "blk.1.ffn_down.weight"}
