@@ -73,11 +73,10 @@ class LeanLayers:
             quant += [p for m in linears for p in getattr(m, "parts", [m])]
         return cls(ops.ext, layers, quant, runner.eps)
 
-    def takes(self, rows: int, attends: bool) -> bool:
-        """Whether a block of `rows` rows runs here: every linear on its quantized kernel at
-        that size (the general forward hands longer blocks to the dense weights) and the
-        fused attention taking it."""
-        return attends and all(rows <= q.max_rows for q in self._quant)
+    def takes(self, rows: int) -> bool:
+        """Whether every linear runs a block of `rows` rows on its quantized kernel (the
+        general forward hands longer blocks to the dense weights)."""
+        return all(rows <= q.max_rows for q in self._quant)
 
     def run(
         self, x: torch.Tensor, lo: int, hi: int, *, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],

@@ -553,7 +553,7 @@ class ModelRunner:
         attention call beat the packed path's call per row there (bench/packed_rows.py)."""
         if len(rows) == 1 and self._lean is not None:
             n = rows[0].hidden.shape[0]
-            if self._lean.takes(n, self.ops.attends(n, self.head_dim)):
+            if self.ops.attends(n, self.head_dim) and self._lean.takes(n):
                 return self._run_layers_lean(rows[0], lo, hi)
         if len(rows) > 1 and self.packed and len({r.hidden.shape[0] for r in rows}) > 1:
             return self._run_layers_packed(rows, lo, hi)
