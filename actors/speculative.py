@@ -34,7 +34,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 from tandem.actors.devices import thread_initializer
 from tandem.actors.steps import Steps, drive
-from tandem.speculation.plan import RoundPlan, SpecConfig, context_reserve
+from tandem.speculation.plan import TARGET_STEPS_PER_CALL, RoundPlan, SpecConfig, context_reserve
 from tandem.speculation.sampling import SamplingParams, TokenLogprob
 from tandem.speculation.stats import SpecStats
 
@@ -335,16 +335,20 @@ def _draft_or_none(fut: CallFuture | None, result: GenerationResult) -> Steps:
 
 
 def _record(
-    stats: SpecStats, result: GenerationResult, outcome, block, t_round: float, *, critical_s: float, progress: _Progress, draft_s: float = 0.0
+    stats: SpecStats, result: GenerationResult, outcome, block, t_round: float, *, critical_s: float, progress: _Progress, draft_s: float = 0.0,
+    t_end: float | None = None,
 ) -> None:
+    """One round from t_round to t_end (perf_counter; None: now) into stats, result and on_round."""
     result.critical_s += critical_s
     exits = list(getattr(block, "exits", None) or ())
     stats.record_round(drafted=outcome.drafted, accepted=outcome.accepted_len, emitted=len(outcome.tokens), exits=exits)
     result.target_s += outcome.target_s
-    elapsed = time.perf_counter() - t_round
+    now = time.perf_counter()
+    t_end = now if t_end is None else t_end
+    elapsed = t_end - t_round
     result.per_round_s.append(elapsed)
     if progress.on_round is not None:
-        end_ns = time.time_ns()
+        end_ns = time.time_ns() - int((now - t_end) * 1e9)
         used: dict[int, int] = {}
         for e in exits:
             used[e] = used.get(e, 0) + 1
@@ -366,6 +370,26 @@ def _record(
         )
 
 
+def _target_steps(*, target, request_id, progress, stats, result, t_start, t_round) -> Steps:
+    """A round planned without drafts: up to TARGET_STEPS_PER_CALL target-only steps in one
+    call (Verifier.steps), each committed and recorded as a round of its own, over its share
+    of the call's wall time, so stats, telemetry and the goodput policy see what one call
+    per step would have shown them."""
+    n = max(1, min(TARGET_STEPS_PER_CALL, progress.remaining))
+    outcomes = yield target.call("steps", request_id, n, stop_ids=sorted(progress.stop_ids))
+    t_end = time.perf_counter()
+    total = sum(o.target_s for o in outcomes)
+    t = t_round
+    for o in outcomes:
+        if progress.finish_reason is not None:  # the target stops at these too; never past them
+            break
+        t_next = t + (t_end - t_round) * (o.target_s / total if total > 0 else 1 / len(outcomes))
+        progress.commit(o.tokens, o.logprobs)
+        _first_token_time(result, progress, t_start)
+        _record(stats, result, o, None, t, critical_s=o.target_s, progress=progress, t_end=t_next)
+        t = t_next
+
+
 def _loop_sd(*, draft, target, request_id, spec, progress, stats, result, should_stop, t_start, want) -> None:
     """ar / sd / sorted: draft a block, then verify it; strictly one after the other. A
     round re-planned to 0 drafts is a target-only step; the draft catches up on the tokens
@@ -383,6 +407,11 @@ def _loop_sd(*, draft, target, request_id, spec, progress, stats, result, should
                 draft = None  # the draft died: target-only from here, nothing lost
             else:
                 result.draft_s += block.draft_s
+        if block is None:
+            yield from _target_steps(
+                target=target, request_id=request_id, progress=progress, stats=stats, result=result, t_start=t_start, t_round=t_round
+            )
+            continue
         outcome = yield target.call("verify", request_id, block, bonus=True)
         progress.commit(outcome.tokens, outcome.logprobs)
         _first_token_time(result, progress, t_start)
@@ -405,9 +434,11 @@ def _loop_spectr(*, draft, target, request_id, spec, progress, stats, result, sh
             else:
                 result.draft_s += branches.draft_s
         if branches is None:
-            outcome = yield target.call("verify", request_id, None, bonus=True)
-        else:
-            outcome = yield target.call("verify_branches", request_id, branches)
+            yield from _target_steps(
+                target=target, request_id=request_id, progress=progress, stats=stats, result=result, t_start=t_start, t_round=t_round
+            )
+            continue
+        outcome = yield target.call("verify_branches", request_id, branches)
         progress.commit(outcome.tokens, outcome.logprobs)
         _first_token_time(result, progress, t_start)
         draft_s = branches.draft_s if branches else 0.0
@@ -425,10 +456,9 @@ def _loop_pearl(*, draft, target, request_id, spec, progress, stats, result, sho
         rp = want() if draft is not None else RoundPlan(0)
         wanted = rp.draft_len if block is None else 1
         if draft is None or wanted == 0:
-            outcome = yield target.call("verify", request_id, None, bonus=True)
-            progress.commit(outcome.tokens, outcome.logprobs)
-            _first_token_time(result, progress, t_start)
-            _record(stats, result, outcome, None, t_round, critical_s=outcome.target_s, progress=progress)
+            yield from _target_steps(
+                target=target, request_id=request_id, progress=progress, stats=stats, result=result, t_start=t_start, t_round=t_round
+            )
             continue
         sequential_draft_s = 0.0
         if block is None:  # nothing in flight: draft the first block of a run

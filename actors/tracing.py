@@ -1,6 +1,6 @@
 """Spans from inside the actors, carried back to the router.
 
-A traced request's actor calls (open, draft, draft_branches, verify, verify_branches) carry
+A traced request's actor calls (open, draft, draft_branches, verify, verify_branches, steps) carry
 `trace=`: the request's W3C trace context as a small carrier dict (what
 `opentelemetry.propagate.inject` writes: {"traceparent": ...}). The actor then times its
 work and answers `Traced(value, spans)` instead of the bare value; the router's side of the
@@ -30,7 +30,7 @@ from typing import Any
 __all__ = ["TRACED_METHODS", "SpanRecord", "Traced", "call_record"]
 
 # The actor methods that accept `trace=` (the SideHandle methods of a round and the prefill)
-TRACED_METHODS = frozenset({"open", "draft", "draft_branches", "verify", "verify_branches"})
+TRACED_METHODS = frozenset({"open", "draft", "draft_branches", "verify", "verify_branches", "steps"})
 
 QUEUE_WAIT_SPAN = "tandem.actor.queue_wait"
 FORWARD_SPAN = "tandem.actor.forward"

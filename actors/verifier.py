@@ -208,6 +208,24 @@ class Verifier:
             raise out
         return out
 
+    def steps(self, request_id: str, n: int, *, stop_ids: Sequence[int] = ()) -> list[VerifyOutcome]:
+        """Up to n target-only steps in one call (speculation/plan.py TARGET_STEPS_PER_CALL),
+        one outcome each, exactly as n verify(None) calls would give them; it stops after a
+        token in stop_ids. A failure after the first step ends the run early with the steps
+        already committed (the next call meets the failure again)."""
+        stops = frozenset(int(s) for s in stop_ids)
+        outcomes: list[VerifyOutcome] = []
+        for _ in range(max(1, int(n))):
+            try:
+                outcomes.append(self.verify(request_id, None))
+            except Exception:
+                if not outcomes:
+                    raise
+                break
+            if stops.intersection(outcomes[-1].tokens):
+                break
+        return outcomes
+
     def verify_batch(
         self,
         request_ids: Sequence[str],

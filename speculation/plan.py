@@ -15,6 +15,7 @@ Pure Python on purpose (no torch): the client imports its names and bounds.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Mapping, Protocol
 
@@ -33,6 +34,12 @@ DEFAULT_MAX_DRAFT_LEN = 8  # a target's bound when its config names none
 # The draft length of a request that names none, before anything about the target is known
 # (a target that measured its costs plans its own: LocalEngine, the router's goodput policy).
 DEFAULT_DRAFT_LEN: Mapping[str, int] = {"ar": 1, "sd": 6, "sorted": 6, "pearl": 8, "spectr": 4}
+# Target-only steps (off, and the rounds the goodput policy plans without drafts) one call
+# to the target runs back to back (Verifier.steps, TargetWorker.steps): each call costs the
+# router and Ray a few ms on the cores the forward runs on, paid once per this many tokens.
+# The price: such tokens stream in bursts of up to this many, and a re-plan waits for them.
+# TANDEM_TARGET_STEPS sets it (1: one call a step, as before; for comparisons).
+TARGET_STEPS_PER_CALL = max(1, int(os.environ.get("TANDEM_TARGET_STEPS", "4")))
 SPECTR_BRANCHES = 2  # SpecTr's k: draft branches verified together
 MAX_BRANCHES = 16
 
