@@ -13,6 +13,7 @@ tensors says device="cpu" (or runs under `on_cpu()`).
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from contextlib import contextmanager
 
 import pytest
@@ -94,3 +95,19 @@ def count_forwards(runner) -> list[int]:
 
         setattr(runner, name, counted)
     return calls
+
+
+class Inline:
+    """A side whose calls run at once in the caller's thread (a done Future): the loop of
+    actors/speculative.py drives a real Verifier or Drafter with no thread between."""
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def call(self, method: str, /, *args, **kwargs) -> Future:
+        fut: Future = Future()
+        try:
+            fut.set_result(getattr(self.obj, method)(*args, **kwargs))
+        except Exception as exc:  # noqa: BLE001 - handed to the loop like a real side's
+            fut.set_exception(exc)
+        return fut

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from concurrent.futures import Future
 from dataclasses import replace
 
 import numpy as np
@@ -34,6 +33,7 @@ from tandem.actors.speculative import SpecConfig, run_request
 from tandem.actors.verifier import Verifier
 from tandem.speculation.sampling import SamplingParams, logits_to_probs
 from tandem.speculation.sorted_policy import ExitPolicy
+from tests.runtime.conftest import Inline
 
 PROMPT = [0, 1, 2]
 METHODS = ["ar", "sd", "sorted", "pearl", "spectr"]
@@ -107,21 +107,6 @@ def exact_joint(runner: ModelRunner, params: SamplingParams, n_tokens: int = 3) 
             p *= logits_to_probs(naive_scores(rows[i], params, PROMPT, list(seq[:i])), params)[t].item()
         probs[idx] = p
     return probs / probs.sum()
-
-
-class Inline:
-    """A side whose calls run at once in the caller's thread (a done Future)."""
-
-    def __init__(self, obj):
-        self.obj = obj
-
-    def call(self, method: str, /, *args, **kwargs) -> Future:
-        fut: Future = Future()
-        try:
-            fut.set_result(getattr(self.obj, method)(*args, **kwargs))
-        except Exception as exc:  # noqa: BLE001 - handed to the loop like a real side's
-            fut.set_exception(exc)
-        return fut
 
 
 def sample_counts(runners, method: str, params: SamplingParams, n: int) -> np.ndarray:

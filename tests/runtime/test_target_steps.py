@@ -9,8 +9,6 @@ loop makes one call per TARGET_STEPS_PER_CALL tokens and still reports one round
 
 from __future__ import annotations
 
-from concurrent.futures import Future
-
 import pytest
 
 from tandem.actors.speculative import RequestCancelledError, run_request
@@ -19,6 +17,7 @@ from tandem.actors.verifier import Verifier
 from tandem.actors.workers import ModelLoad, TargetWorker
 from tandem.speculation.plan import TARGET_STEPS_PER_CALL, RoundPlan, SpecConfig
 from tandem.speculation.sampling import SamplingParams
+from tests.runtime.conftest import Inline
 
 PROMPT = [0, 1, 2, 3]
 SAMPLED = SamplingParams(temperature=1.0, seed=7, logprobs=2)
@@ -91,21 +90,16 @@ def test_worker_steps_stop_at_a_cancel(tiny_paths):
         worker.batcher.close()
 
 
-class _Counting:
-    """A side whose calls run at once on this thread, counted by method."""
+class _Counting(Inline):
+    """An Inline side that counts its calls by method."""
 
     def __init__(self, obj):
-        self.obj = obj
+        super().__init__(obj)
         self.calls: dict[str, int] = {}
 
-    def call(self, method: str, /, *args, **kwargs) -> Future:
+    def call(self, method: str, /, *args, **kwargs):
         self.calls[method] = self.calls.get(method, 0) + 1
-        fut: Future = Future()
-        try:
-            fut.set_result(getattr(self.obj, method)(*args, **kwargs))
-        except Exception as exc:  # noqa: BLE001 - handed to the loop like a real side's
-            fut.set_exception(exc)
-        return fut
+        return super().call(method, *args, **kwargs)
 
 
 @pytest.mark.parametrize("method", ["ar", "sd", "pearl", "spectr"])
