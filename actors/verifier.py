@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -56,6 +56,25 @@ class VerifyOutcome:
     branch: int | None = None  # SpecTr: the branch whose prefix was accepted
     # sampling.logprobs set: one per token, from the raw logits of the row it was chosen at
     logprobs: list[TokenLogprob] | None = None
+
+
+def run_steps(step: Callable[[], VerifyOutcome], n: int, stop_ids: Sequence[int]) -> list[VerifyOutcome]:
+    """step() up to n times (at least once), stopping after an outcome that holds a token in
+    stop_ids. A failure after the first step ends the run early with the steps already
+    committed (the next call meets the failure again: a cancel, a lost request); a failure
+    of the first is raised."""
+    stops = frozenset(int(s) for s in stop_ids)
+    outcomes: list[VerifyOutcome] = []
+    for _ in range(max(1, int(n))):
+        try:
+            outcomes.append(step())
+        except Exception:
+            if not outcomes:
+                raise
+            break
+        if stops.intersection(outcomes[-1].tokens):
+            break
+    return outcomes
 
 
 @dataclass
@@ -210,21 +229,8 @@ class Verifier:
 
     def steps(self, request_id: str, n: int, *, stop_ids: Sequence[int] = ()) -> list[VerifyOutcome]:
         """Up to n target-only steps in one call (speculation/plan.py TARGET_STEPS_PER_CALL),
-        one outcome each, exactly as n verify(None) calls would give them; it stops after a
-        token in stop_ids. A failure after the first step ends the run early with the steps
-        already committed (the next call meets the failure again)."""
-        stops = frozenset(int(s) for s in stop_ids)
-        outcomes: list[VerifyOutcome] = []
-        for _ in range(max(1, int(n))):
-            try:
-                outcomes.append(self.verify(request_id, None))
-            except Exception:
-                if not outcomes:
-                    raise
-                break
-            if stops.intersection(outcomes[-1].tokens):
-                break
-        return outcomes
+        one outcome each, exactly as n verify(None) calls would give them (run_steps)."""
+        return run_steps(lambda: self.verify(request_id, None), n, stop_ids)
 
     def verify_batch(
         self,

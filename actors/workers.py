@@ -25,7 +25,7 @@ from tandem.actors.drafter import DraftBlock, DraftBranches, Drafter
 from tandem.actors.prefix_cache import PREFIX_CACHE_BYTES, PrefixCache
 from tandem.actors.runner import ModelRunner
 from tandem.actors.tracing import Traced, call_record
-from tandem.actors.verifier import Verifier, VerifyOutcome
+from tandem.actors.verifier import Verifier, VerifyOutcome, run_steps
 from tandem.speculation.sampling import SamplingParams
 from tandem.speculation.sorted_policy import ExitPolicy
 
@@ -366,24 +366,19 @@ class TargetWorker(_Worker):
         2-core host, stop 48), paid once per n steps here. A failure after the first step
         ends the run early with the steps already committed; the next call meets it again."""
         arrived = time.time_ns()
-        stops = frozenset(int(s) for s in stop_ids)
-        outcomes: list[VerifyOutcome] = []
         records = []
-        for _ in range(max(1, int(n))):
+
+        def step() -> VerifyOutcome:
+            nonlocal arrived
             self.stats.calls += 1
             timing = {} if trace is not None else None
-            try:
-                outcome = self.batcher.submit("step", ("verify", request_id, None, True), request_id=request_id, timing=timing).result()
-            except Exception:
-                if not outcomes:
-                    raise
-                break
-            outcomes.append(outcome)
+            outcome = self.batcher.submit("step", ("verify", request_id, None, True), request_id=request_id, timing=timing).result()
             if trace is not None:
                 records.append(self._verify_record(arrived, timing, outcome, None))
                 arrived = time.time_ns()
-            if stops.intersection(outcome.tokens):
-                break
+            return outcome
+
+        outcomes = run_steps(step, n, stop_ids)
         return outcomes if trace is None else Traced(outcomes, records)
 
     def verify_many(self, calls: Sequence[tuple]) -> list[VerifyOutcome | Traced | Exception]:
