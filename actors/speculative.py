@@ -415,7 +415,7 @@ def _loop_sd(*, draft, target, request_id, spec, progress, stats, result, should
         outcome = yield target.call("verify", request_id, block, bonus=True)
         progress.commit(outcome.tokens, outcome.logprobs)
         _first_token_time(result, progress, t_start)
-        draft_s = block.draft_s if block else 0.0
+        draft_s = block.draft_s
         _record(stats, result, outcome, block, t_round, critical_s=outcome.target_s + draft_s, progress=progress, draft_s=draft_s)
 
 
@@ -441,7 +441,7 @@ def _loop_spectr(*, draft, target, request_id, spec, progress, stats, result, sh
         outcome = yield target.call("verify_branches", request_id, branches)
         progress.commit(outcome.tokens, outcome.logprobs)
         _first_token_time(result, progress, t_start)
-        draft_s = branches.draft_s if branches else 0.0
+        draft_s = branches.draft_s
         _record(stats, result, outcome, None, t_round, critical_s=outcome.target_s + draft_s, progress=progress, draft_s=draft_s)
 
 
