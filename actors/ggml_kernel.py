@@ -22,8 +22,13 @@ tandem's own tiles instead (layout "VNNI", actors/csrc/vnni_tiles.h, q8_rows.cpp
 q4k_rows.cpp: up to 4 rows a pass over the weights, each row bit for bit as it computes
 alone). A step of the 1.5B pack on the 2-core AMD EPYC (2026-12-07, bench/kernel_tiles.py):
 1 row 44.1 ms against 52.0 on ggml's layouts, 5 rows 82.8 against 160.0, 8 requests of one
-row 109.5 against 203.6. TANDEM_GGML_TILES=ggml (TILES_SWITCH) keeps ggml's layouts, for
-measuring.
+row 109.5 against 203.6. Elsewhere (AVX2 alone) the weights stay in plain rows, one vec_dot
+per row and activation row, with ggml's "tiled" K-quant matmul switched off
+(actors/csrc/ggml_linear.cpp init_once): ggml's 8-row interleave and its tiled matmul both sum
+a block of rows in another order than one row (up to 1e-5 apart, stop 50), which can flip a
+greedy near-tie between a verification block and the target's own step; plain rows compute
+every row of a block bit for bit as alone. TANDEM_GGML_TILES=ggml (TILES_SWITCH) keeps
+ggml's layouts, interleave included, for measuring.
 
 Threads: in a forward on ggml, torch's own ops run at one thread and ggml's matmuls on a ggml
 thread pool with the runner's threads (torch_at_one_thread; actors/csrc/ggml_linear.cpp has
@@ -33,8 +38,9 @@ wants. A step of the 1.5B pack (2 threads, Intel Xeon host): 67 ms in the AMX la
 in the interleave, 91-97 on torch's kernels; 7 rows 124 against 211 in the interleave.
 
 TANDEM_GGML (mode()): "auto", the default, serves packs and `int4` drafts on ggml where ggml
-has its AMX layout, and packs (not drafts) where the CPU has AVX-512 with VNNI
-(PACK_WITHOUT_AMX); "on" wherever ggml is built, "off" never. On the AMX host every method
+has its AMX layout, and packs (not `int4` drafts) wherever the CPU has AVX2
+(PACK_WITHOUT_AMX; until stop 50 only with AVX-512 VNNI); "on" wherever ggml is built, "off"
+never. On the AMX host every method
 gained (`tandem bench`, code_dev 5 x 96, 2 threads; bench/results/code_dev_pack_ggml_amx*.json):
 llama.cpp 15.54 tok/s, `ar` 14.35 (0.92x), `sd` 21.10 (1.36x), `pearl` 15.77 (1.01x), where
 torch's kernels gave `ar` 0.67x, `sd` 0.93x, `pearl` 0.81x. In the interleave alone (no AMX),
@@ -156,8 +162,8 @@ def build_status() -> tuple[bool, str]:
 
 
 def mode() -> str:
-    """TANDEM_GGML, read at each call: "auto" (the default) serves packs on ggml where ggml has
-    its AMX layout on this CPU, where every method measured faster on it; "on" wherever ggml is
+    """TANDEM_GGML, read at each call: "auto" (the default) serves packs on ggml where the CPU
+    has AVX2 and int4 drafts where ggml has its AMX layout (available()); "on" wherever ggml is
     built; "off" never (see the module docstring for the measurements)."""
     raw = os.environ.get(ENV_SWITCH, "").strip().lower()
     value = _MODE_ALIASES.get(raw, raw)
@@ -181,11 +187,15 @@ def load():
     return module
 
 
-# where "auto" serves a pack's Q4_K target on ggml without AMX: its CPU_REPACK layout on
-# AVX-512 with VNNI (2-core AMD EPYC, 1.5B pack, 2 threads: one-row step 45 against torch's
-# int4 73 ms, 8 rows 189 against 235; at 1 thread 68 against 112 ms). An int4 draft gains
-# nothing there (0.5B, 23 ms either way at one row, 37 against 26 at two), so it waits for AMX.
-PACK_WITHOUT_AMX = ("avx512f", "avx512_vnni")
+# where "auto" serves a pack on ggml without AMX. On AVX-512 with VNNI, in tandem's own tiles
+# (2-core AMD EPYC, 1.5B pack, 2 threads: one-row step 45 against torch's int4 73 ms, 8 rows
+# 189 against 235; at 1 thread 68 against 112 ms). On AVX2 alone, in plain rows (2-core AMD
+# EPYC Zen 3, 2026-12-07, code_dev 2 x 48 in-process, bench/results/stop50: `ar` 7.76 tok/s
+# against 4.69 on torch's int4, `sd` 8.35 against 4.30). ggml's AVX2 interleave ran `ar` at
+# 8.34 (stop 49) but does not compute a block's rows as one-row steps do, so it is left out
+# (GgmlLinear). An int4-requantized draft gains nothing without AMX (0.5B, 23 ms either way at
+# one row, 37 against 26 at two), so it waits for AMX.
+PACK_WITHOUT_AMX = ("avx2",)
 
 
 def available(kernel: str = "pack") -> bool:
@@ -263,7 +273,10 @@ class GgmlLinear:
         own_tiles = os.environ.get(TILES_SWITCH, "own").strip().lower() or "own"
         if own_tiles not in ("own", "ggml"):
             raise ValueError(f"{TILES_SWITCH} must be 'own' or 'ggml', got {own_tiles!r}")
-        self.impl = _ext().Linear(rows.contiguous(), GGML_TYPES[ggml_type], int(in_features), True, own_tiles == "own")
+        # "own": only layouts that compute each row of a block as that row alone (AMX as
+        # patched, tandem's VNNI tiles, plain rows); "ggml" adds ggml's interleave, which does not
+        self.impl = _ext().Linear(rows.contiguous(), GGML_TYPES[ggml_type], int(in_features), True, own_tiles == "own",
+                                  own_tiles == "ggml")
         self.ggml_type = ggml_type
 
     @property

@@ -46,6 +46,13 @@ void quiet_log(ggml_log_level level, const char* text, void*) {
 void init_once() {
   std::call_once(g_init, [] {
     ggml_log_set(quiet_log, nullptr);
+    // ggml's "tiled" K-quant matmul takes plain-row Q4_K weights from 8 activation rows on
+    // and sums in another order than its one-row vec_dot: a verification block of 8 rows
+    // differed from its rows computed alone by up to 1e-5 (Q4_K 512 x 8960, AVX2 EPYC,
+    // 2026-12-07), enough to flip a greedy near-tie. Without it every plain-row matmul
+    // computes each row as alone (tests/unit/test_ggml_kernel.py). ggml reads the switch once
+    // per process; a value the user set is kept.
+    setenv("GGML_CPU_TILED_MM", "0", 0);
     ggml_cpu_init();
   });
 }
@@ -160,8 +167,13 @@ struct Weight {
 };
 
 // `rows` rows of type `type` at `data` as one weight: in ggml's AMX layout where ggml has it,
-// else tandem's own tiles where they take it (allow_own), else repacked where ggml can.
-Weight make_weight(const uint8_t* data, ggml_type type, int64_t in_f, int64_t rows, bool allow_repack, bool allow_own) {
+// else tandem's own tiles where they take it (allow_own), else ggml's interleave where ggml
+// has one and allow_interleave, else plain rows. The interleave (CPU_REPACK: Q4_K in 8-row
+// groups on AVX2) runs one row on a gemv and 4 on a gemm that sum in different orders, so a
+// row of a verification block is not computed as the target's own one-row step computes it;
+// plain rows are (with the tiled matmul off, init_once).
+Weight make_weight(const uint8_t* data, ggml_type type, int64_t in_f, int64_t rows, bool allow_repack, bool allow_own,
+                   bool allow_interleave) {
   Weight c;
   c.type = type;
   ggml_backend_buffer_type_t plain = ggml_backend_cpu_buffer_type();
@@ -179,7 +191,7 @@ Weight make_weight(const uint8_t* data, ggml_type type, int64_t in_f, int64_t ro
     c.layout = "VNNI";
     return c;
   }
-  ggml_backend_buffer_type_t choices[3] = {amx, allow_repack ? extra_buft("CPU_REPACK") : nullptr, plain};
+  ggml_backend_buffer_type_t choices[3] = {amx, allow_repack && allow_interleave ? extra_buft("CPU_REPACK") : nullptr, plain};
   for (auto buft : choices) {
     if (!buft) continue;
     ggml_init_params p = {ggml_tensor_overhead() * 2, nullptr, true};
@@ -215,8 +227,10 @@ struct Linear {
   std::string layout;
 
   // raw: uint8 [out_features, row bytes], the GGUF's rows of ggml type `type`; allow_own:
-  // tandem's own tiles may take it (Q8_0 and Q4_K; make_weight).
-  Linear(torch::Tensor raw, int64_t type, int64_t in_f, bool allow_repack, bool allow_own) : in_features(in_f) {
+  // tandem's own tiles may take it (Q8_0 and Q4_K); allow_interleave: ggml's CPU_REPACK
+  // may (make_weight).
+  Linear(torch::Tensor raw, int64_t type, int64_t in_f, bool allow_repack, bool allow_own, bool allow_interleave)
+      : in_features(in_f) {
     init_once();
     TORCH_CHECK(type >= 0 && type < GGML_TYPE_COUNT, "ggml type out of range: ", type);
     TORCH_CHECK(raw.dtype() == torch::kUInt8 && raw.dim() == 2 && raw.device().is_cpu(), "raw rows must be uint8 [out, row_bytes] on the CPU");
@@ -226,7 +240,8 @@ struct Linear {
     out_features = raw.size(0);
     TORCH_CHECK(out_features > 0, "no rows");
     auto rawc = raw.contiguous();
-    weight = make_weight(rawc.data_ptr<uint8_t>(), (ggml_type)type, in_f, out_features, allow_repack, allow_own);
+    weight = make_weight(rawc.data_ptr<uint8_t>(), (ggml_type)type, in_f, out_features, allow_repack, allow_own,
+                         allow_interleave);
     layout = weight.layout;
   }
   Linear(const Linear&) = delete;
@@ -354,7 +369,7 @@ void register_layer_ops(pybind11::module& m);  // actors/csrc/layer_ops.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<Linear>(m, "Linear")
-      .def(pybind11::init<torch::Tensor, int64_t, int64_t, bool, bool>())
+      .def(pybind11::init<torch::Tensor, int64_t, int64_t, bool, bool, bool>())
       .def("forward", &Linear::forward, pybind11::call_guard<pybind11::gil_scoped_release>())
       .def_readonly("layout", &Linear::layout)
       .def_readonly("in_features", &Linear::in_features)
