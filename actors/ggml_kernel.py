@@ -22,13 +22,18 @@ tandem's own tiles instead (layout "VNNI", actors/csrc/vnni_tiles.h, q8_rows.cpp
 q4k_rows.cpp: up to 4 rows a pass over the weights, each row bit for bit as it computes
 alone). A step of the 1.5B pack on the 2-core AMD EPYC (2026-12-07, bench/kernel_tiles.py):
 1 row 44.1 ms against 52.0 on ggml's layouts, 5 rows 82.8 against 160.0, 8 requests of one
-row 109.5 against 203.6. Elsewhere (AVX2 alone) the weights stay in plain rows, one vec_dot
-per row and activation row, with ggml's "tiled" K-quant matmul switched off
-(actors/csrc/ggml_linear.cpp init_once): ggml's 8-row interleave and its tiled matmul both sum
-a block of rows in another order than one row (up to 1e-5 apart, stop 50), which can flip a
-greedy near-tie between a verification block and the target's own step; plain rows compute
-every row of a block bit for bit as alone. TANDEM_GGML_TILES=ggml (TILES_SWITCH) keeps
-ggml's layouts, interleave included, for measuring.
+row 109.5 against 203.6. On AVX2 alone the same tiles run as two halves of 8 columns (layout
+"AVX2", since stop 51; maddubs where VNNI has vpdpbusd, every integer sum exact): a step of
+the 1.5B pack on a 2-core AMD EPYC Zen 3 (AVX2 only, 2026-12-07, bench/kernel_tiles.py) 1 row
+64.2 ms against 68.8 on ggml's interleave, 5 rows 112 against 196, 8 requests of one row 180
+against 307. ggml's own AVX2 layouts are left out by default: its 8-row interleave and its
+"tiled" K-quant matmul (switched off for the process: actors/csrc/ggml_linear.cpp init_once)
+both sum a block of rows in another order than one row (up to 1e-5 apart, stop 50), which can
+flip a greedy near-tie between a verification block and the target's own step; weights the
+tiles do not take (outputs not a multiple of 16) stay in plain rows, one vec_dot per row and
+activation row, which compute every row of a block bit for bit as alone.
+TANDEM_GGML_TILES=ggml (TILES_SWITCH) keeps ggml's layouts, interleave included, for
+measuring.
 
 Threads: in a forward on ggml, torch's own ops run at one thread and ggml's matmuls on a ggml
 thread pool with the runner's threads (torch_at_one_thread; actors/csrc/ggml_linear.cpp has
@@ -191,7 +196,7 @@ def load():
 # (2-core AMD EPYC, 1.5B pack, 2 threads: one-row step 45 against torch's int4 73 ms, 8 rows
 # 189 against 235; at 1 thread 68 against 112 ms). On AVX2 alone, in plain rows (2-core AMD
 # EPYC Zen 3, 2026-12-07, code_dev 2 x 48 in-process, bench/results/stop50: `ar` 7.76 tok/s
-# against 4.69 on torch's int4, `sd` 8.35 against 4.30). ggml's AVX2 interleave ran `ar` at
+# against 4.69 on torch's int4, `sd` 8.35 against 4.30), since stop 51 in tandem's AVX2 tiles. ggml's AVX2 interleave ran `ar` at
 # 8.34 (stop 49) but does not compute a block's rows as one-row steps do, so it is left out
 # (GgmlLinear). An int4-requantized draft gains nothing without AMX (0.5B, 23 ms either way at
 # one row, 37 against 26 at two), so it waits for AMX.
@@ -286,8 +291,8 @@ class GgmlLinear:
     @property
     def layout(self) -> str:
         """Where the weight lives: ggml's buffer types "AMX", "CPU_REPACK" (interleaved rows)
-        or "CPU" (plain rows), or "VNNI", tandem's own Q8_0 and Q4_K tiles
-        (actors/csrc/vnni_tiles.h)."""
+        or "CPU" (plain rows), or tandem's own Q8_0 and Q4_K tiles, "VNNI" (AVX-512 VNNI) or
+        "AVX2" (actors/csrc/vnni_tiles.h)."""
         return self.impl.layout
 
     @property

@@ -17,7 +17,7 @@ Which kernel, and why (`linear_kernel`):
   crossover at load (`measure_quant_max_rows`) instead of assuming it; it only ever raises
   the bound above QUANT_MAX_ROWS (see choose_quant_max_rows).
 - CPU, with ggml built (`make kernels`) and serving (TANDEM_GGML: by default where ggml has
-  its AMX layout, and for pack targets on AVX-512 VNNI; see actors/ggml_kernel.py): quantize pack runs the pack's Q4_K linears on
+  its AMX layout, and for packs wherever the CPU has AVX2; see actors/ggml_kernel.py): quantize pack runs the pack's Q4_K linears on
   ggml's own kernel straight from the GGUF's rows (8-bit activations) and its other linears as
   ggml Q8_0 ("pack-ggml"); int4 runs the layers as ggml Q4_0, and the LM head too in the AMX
   layout ("int4-ggml"). Otherwise the grid runs on torch's int4 kernel and the rest int8 ("pack").

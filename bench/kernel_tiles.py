@@ -1,12 +1,12 @@
 """Forwards of a pack target on tandem's own VNNI tiles against ggml's own layouts, on this machine.
 
-Off AMX on AVX-512 VNNI, a pack's Q8_0 and Q4_K linears run on tandem's tiles
+Off AMX on AVX-512 VNNI or AVX2, a pack's Q8_0 and Q4_K linears run on tandem's tiles
 (actors/csrc/vnni_tiles.h); TANDEM_GGML_TILES=ggml keeps them in ggml's layouts. This loads the
 target twice in one process, once each way, and times the same forwards on both, interleaved
 round by round (median of `reps` a round, best round): one request of 1 row (a decoding step)
 and of 5 (a verification block), and 4 and 8 requests of one row each (a step under load).
 Writes JSON; prints one line per case. Where the tiles take nothing (an AMX host, a CPU without
-AVX-512 VNNI, ggml not built) both runners are the same and it says so.
+AVX-512 VNNI nor AVX2, ggml not built) both runners are the same and it says so.
 """
 
 from __future__ import annotations
@@ -106,8 +106,8 @@ def main(argv=None) -> None:
             os.environ.pop(ggml_kernel.TILES_SWITCH, None)
         else:
             os.environ[ggml_kernel.TILES_SWITCH] = before
-    if "VNNI" not in found["tiles"]:
-        print("tandem's tiles take no linear here (AMX host, no AVX-512 VNNI, or ggml not built): both ways are ggml's")
+    if not {"VNNI", "AVX2"} & set(found["tiles"]):
+        print("tandem's tiles take no linear here (AMX host, neither AVX-512 VNNI nor AVX2, or ggml not built): both ways are ggml's")
     longest = max(max(r) for r in CASES.values())
     for way in WAYS:
         batches[way] = Batch(runners[way], max(len(r) for r in CASES.values()), longest)

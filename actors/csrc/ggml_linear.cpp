@@ -7,8 +7,9 @@
 // it on this CPU: "AMX" (AMX-INT8 tiles for several rows, a VNNI kernel for one; needs
 // deploy/ggml_build.py's patch to ggml), "CPU_REPACK" (Q4_K: 8 rows interleaved, gemv for one
 // row and gemm for four) or a plain CPU buffer (vec_dot per row); Q8_0 and Q4_K weights that
-// the AMX layout does not take go to tandem's own "VNNI" tiles instead (q8_rows.cpp,
-// q4k_rows.cpp), computed by a custom op on the same thread pool. forward() runs one ggml graph
+// the AMX layout does not take go to tandem's own tiles instead ("VNNI" on AVX-512 VNNI,
+// "AVX2" on AVX2 alone: q8_rows.cpp, q4k_rows.cpp), computed by a custom op on the same
+// thread pool. forward() runs one ggml graph
 // with a single MUL_MAT over the caller's activations (float32; ggml quantizes them to 8 bits
 // as llama.cpp does) on a ggml thread pool shared by the process (SharedPool). Threads: the runner computes
 // its other ops with torch at one thread while ggml's pool has its threads (actors/runner.py);
@@ -148,7 +149,7 @@ bool amx_takes(ggml_type type, int64_t rows) {
 }
 
 // tandem's own kernels (q8_rows.cpp, q4k_rows.cpp) take Q8_0 and Q4_K weights with rows in
-// multiples of 16, where the extension was built with AVX-512 VNNI.
+// multiples of 16, where the extension was built with AVX-512 VNNI or with AVX2.
 bool own_takes(ggml_type type, int64_t rows) {
   return tandem_tiles::kAvailable && (type == GGML_TYPE_Q8_0 || type == GGML_TYPE_Q4_K) && rows % tandem_tiles::kTileN == 0;
 }
@@ -188,7 +189,7 @@ Weight make_weight(const uint8_t* data, ggml_type type, int64_t in_f, int64_t ro
       tandem_q8::pack(data, rows, kb, c.packed.get());
     else
       tandem_q4k::pack(data, rows, kb, c.packed.get());
-    c.layout = "VNNI";
+    c.layout = tandem_tiles::kIsa;  // "VNNI" or "AVX2"
     return c;
   }
   ggml_backend_buffer_type_t choices[3] = {amx, allow_repack && allow_interleave ? extra_buft("CPU_REPACK") : nullptr, plain};

@@ -1,4 +1,4 @@
-// tandem's Q4_K matmul on AVX-512 VNNI (q4k_rows.cpp says why and how); MIT, like ggml.
+// tandem's Q4_K matmul on AVX-512 VNNI or AVX2 (q4k_rows.cpp says why and how); MIT, like ggml.
 #pragma once
 
 #include <cstddef>

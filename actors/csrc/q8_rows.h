@@ -1,4 +1,4 @@
-// tandem's Q8_0 matmul on AVX-512 VNNI (q8_rows.cpp says why and how); MIT, like ggml.
+// tandem's Q8_0 matmul on AVX-512 VNNI or AVX2 (q8_rows.cpp says why and how); MIT, like ggml.
 #pragma once
 
 #include <cstddef>

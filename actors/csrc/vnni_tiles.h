@@ -1,7 +1,7 @@
-// The tile scheme tandem's own AVX-512 VNNI kernels share (q8_rows.cpp for Q8_0, q4k_rows.cpp
-// for Q4_K; MIT, like ggml): a weight repacked into tiles of 16 output columns, 4 tiles a
-// group, each group's tiles laid out block by block, and each thread's share of the groups
-// computed for up to 4 activation rows a pass.
+// The tile scheme tandem's own kernels share (q8_rows.cpp for Q8_0, q4k_rows.cpp for Q4_K, on
+// AVX-512 VNNI or on AVX2; MIT, like ggml): a weight repacked into tiles of 16 output columns,
+// 4 tiles a group, each group's tiles laid out block by block, and each thread's share of the
+// groups computed for up to 4 activation rows a pass.
 #pragma once
 
 #include <algorithm>
@@ -11,7 +11,7 @@
 
 namespace tandem_tiles {
 
-constexpr int kTileN = 16;      // output columns a tile holds: one zmm of int32 or float
+constexpr int kTileN = 16;      // output columns a tile holds: one zmm of int32 or float (two ymm)
 constexpr int kGroupTiles = 4;  // tiles a thread takes at a time
 // activation rows one pass over a group serves: 8 rows of the 1.5B's LM head took 16-22 ms in
 // two passes of 4 rows at 4 tiles, 28-35 in one of 8 at one tile, 39-42 at two tiles, where
@@ -23,13 +23,16 @@ constexpr int kMaxRows = 4;
 // 2048 bytes 0.89-1.18, 4096 0.83-1.25, 8192 1.00-1.03 (ggml's 0.78-1.18)
 constexpr int kPrefetch = 4096;
 
-// whether this build has the kernels (compiled with AVX-512 F, BW and VNNI)
-constexpr bool kAvailable =
+// which kernels this build has: AVX-512 F, BW and VNNI ("VNNI"), else AVX2 with FMA and
+// F16C ("AVX2": the same tiles, each 16 columns as two halves of 8), else none
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-    true;
+constexpr const char* kIsa = "VNNI";
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+constexpr const char* kIsa = "AVX2";
 #else
-    false;
+constexpr const char* kIsa = nullptr;
 #endif
+constexpr bool kAvailable = kIsa != nullptr;
 
 // Where tile t's block i starts, blocks of block_bytes: the tiles of a group (fewer in the
 // last) lie block by block side by side, so a thread reads its groups in one stream (4

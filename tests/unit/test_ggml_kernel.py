@@ -62,17 +62,19 @@ def cpu_has(flag: str) -> bool:
 
 
 VNNI_CPU = all(cpu_has(f) for f in ("avx512f", "avx512bw", "avx512_vnni"))  # tandem's own tiles (actors/csrc/q8_rows.cpp)
+# the layout tandem's own tiles take on this CPU (actors/csrc/vnni_tiles.h kIsa), or None
+TILES = "VNNI" if VNNI_CPU else "AVX2" if all(cpu_has(f) for f in ("avx2", "fma", "f16c")) else None
 
 
 @needs_ggml
 def test_each_weight_takes_the_first_layout_that_fits_this_cpu(monkeypatch):
-    """AMX (AMX-INT8 hosts; rows in multiples of 32), else tandem's own tiles (AVX-512 VNNI;
-    rows in multiples of 16), else plain rows; ggml's 8-row interleave (AVX2) only with
+    """AMX (AMX-INT8 hosts; rows in multiples of 32), else tandem's own tiles (AVX-512 VNNI or
+    AVX2; rows in multiples of 16), else plain rows; ggml's 8-row interleave (AVX2) only with
     TANDEM_GGML_TILES=ggml, since its rows do not compute as alone (next tests). Every layout
     computes within the activation bound."""
     amx, avx2 = cpu_has("amx_int8"), cpu_has("avx2")
     g = torch.Generator().manual_seed(5)
-    tiles = "VNNI" if VNNI_CPU else "CPU"
+    tiles = TILES or "CPU"
     interleaved = "CPU_REPACK" if avx2 else "CPU"
     for tiles_switch, out_f, want in (("own", 64, "AMX" if amx else tiles), ("own", 48, tiles), ("own", 8, "CPU"),
                                       ("own", 12, "CPU"), ("ggml", 48, interleaved), ("ggml", 8, interleaved)):
@@ -187,12 +189,12 @@ def test_a_few_rows_compute_each_row_as_one_row_does(ggml_type, out_f, in_f):
 
 
 @needs_ggml
-@pytest.mark.skipif(not VNNI_CPU, reason="no AVX-512 VNNI on this CPU")
+@pytest.mark.skipif(TILES is None, reason="neither AVX-512 VNNI nor AVX2 on this CPU")
 @pytest.mark.parametrize("ggml_type,out_f,in_f", [("Q8_0", 48, 96), ("Q8_0", 80, 1536), ("Q8_0", 112, 256),
                                                   ("Q4_K", 48, 256), ("Q4_K", 80, 1536), ("Q4_K", 112, 512)])
-def test_weights_off_amx_run_on_tandems_vnni_tiles_each_row_as_alone(monkeypatch, ggml_type, out_f, in_f):
+def test_weights_off_amx_run_on_tandems_own_tiles_each_row_as_alone(monkeypatch, ggml_type, out_f, in_f):
     """Q8_0 and Q4_K weights with outputs in multiples of 16 that ggml's AMX layout does not
-    take (none on this CPU, or not a multiple of 32) run on tandem's own VNNI tiles
+    take (none on this CPU, or not a multiple of 32) run on tandem's own tiles, VNNI or AVX2
     (actors/csrc/q8_rows.cpp, q4k_rows.cpp; 48, 80 and 112 outputs: 3 tiles, a group of 4 and
     1, a group and 3). For 1-9 and 13 rows (chunks of 4 and a rest) every row equals, bit for
     bit, that row computed alone, stays within the activation bound of the served weights, and
@@ -203,15 +205,15 @@ def test_weights_off_amx_run_on_tandems_vnni_tiles_each_row_as_alone(monkeypatch
     rows = ggml_kernel.quantize_rows(torch.randn(out_f, in_f, generator=g) * 0.05, ggml_type)
     w = ggml_kernel.dequantize_rows(rows, ggml_type, in_f)
     lin = ggml_kernel.GgmlLinear(rows, ggml_type, in_f)
-    assert lin.layout == "VNNI" and lin.repacked
+    assert lin.layout == TILES and lin.repacked
     monkeypatch.setenv(ggml_kernel.TILES_SWITCH, "ggml")
     theirs = ggml_kernel.GgmlLinear(rows, ggml_type, in_f)
-    assert theirs.layout != "VNNI"
+    assert theirs.layout not in ("VNNI", "AVX2")
     monkeypatch.setenv(ggml_kernel.TILES_SWITCH, "theirs")
     with pytest.raises(ValueError, match="TANDEM_GGML_TILES must be 'own' or 'ggml'"):
         ggml_kernel.GgmlLinear(rows, ggml_type, in_f)
     monkeypatch.delenv(ggml_kernel.TILES_SWITCH)
-    assert ggml_kernel.GgmlLinear(ggml_kernel.quantize_rows(torch.randn(40, in_f, generator=g), ggml_type), ggml_type, in_f).layout != "VNNI"
+    assert ggml_kernel.GgmlLinear(ggml_kernel.quantize_rows(torch.randn(40, in_f, generator=g), ggml_type), ggml_type, in_f).layout not in ("VNNI", "AVX2")
     for m in [*range(1, 10), 13]:
         x = torch.randn(m, in_f, generator=g)
         y = lin(x)
@@ -281,8 +283,8 @@ def rows_alone(ggml_type: str, out_f: int, **env) -> tuple[str, float]:
 @pytest.mark.parametrize("ggml_type,out_f", [("Q4_K", 256), ("Q4_K", 250), ("Q8_0", 256), ("Q8_0", 250)])
 def test_a_row_computes_alike_in_any_block(ggml_type, out_f):
     """A verification block of n rows computes each row bit for bit as the target's one-row
-    step does, in whichever layout this CPU gives the weight (AMX as patched, tandem's VNNI
-    tiles, or plain rows: 250 outputs fit no tile), so greedy verification cannot flip a
+    step does, in whichever layout this CPU gives the weight (AMX as patched, tandem's VNNI or
+    AVX2 tiles, or plain rows: 250 outputs fit no tile), so greedy verification cannot flip a
     near-tie that the target alone would not (tests/e2e/test_qwen_pack.py)."""
     layout, worst = rows_alone(ggml_type, out_f)
     assert worst == 0.0, (layout, worst)
