@@ -194,11 +194,11 @@ def load():
 
 # where "auto" serves a pack on ggml without AMX. On AVX-512 with VNNI, in tandem's own tiles
 # (2-core AMD EPYC, 1.5B pack, 2 threads: one-row step 45 against torch's int4 73 ms, 8 rows
-# 189 against 235; at 1 thread 68 against 112 ms). On AVX2 alone, in plain rows (2-core AMD
-# EPYC Zen 3, 2026-12-07, code_dev 2 x 48 in-process, bench/results/stop50: `ar` 7.76 tok/s
-# against 4.69 on torch's int4, `sd` 8.35 against 4.30), since stop 51 in tandem's AVX2 tiles. ggml's AVX2 interleave ran `ar` at
-# 8.34 (stop 49) but does not compute a block's rows as one-row steps do, so it is left out
-# (GgmlLinear). An int4-requantized draft gains nothing without AMX (0.5B, 23 ms either way at
+# 189 against 235; at 1 thread 68 against 112 ms). On AVX2 alone, in plain rows at first
+# (2-core AMD EPYC Zen 3, 2026-12-07, code_dev 2 x 48 in-process, bench/results/stop50: `ar`
+# 7.76 tok/s against 4.69 on torch's int4, `sd` 8.35 against 4.30), since stop 51 in
+# tandem's AVX2 tiles (module docstring). ggml's AVX2 interleave ran `ar` at 8.34 (stop 49)
+# but does not compute a block's rows as one-row steps do, so it is left out (GgmlLinear). An int4-requantized draft gains nothing without AMX (0.5B, 23 ms either way at
 # one row, 37 against 26 at two), so it waits for AMX.
 PACK_WITHOUT_AMX = ("avx2",)
 

@@ -1,4 +1,4 @@
-"""Forwards of a pack target on tandem's own VNNI tiles against ggml's own layouts, on this machine.
+"""Forwards of a pack target on tandem's own tiles (VNNI or AVX2) against ggml's own layouts, on this machine.
 
 Off AMX on AVX-512 VNNI or AVX2, a pack's Q8_0 and Q4_K linears run on tandem's tiles
 (actors/csrc/vnni_tiles.h); TANDEM_GGML_TILES=ggml keeps them in ggml's layouts. This loads the
