@@ -154,12 +154,6 @@ void tiles(const Job& j, int64_t r0, int64_t t0, float* y) {
 }
 
 }  // namespace
-
-void run(const Job& j, float* y, int ith, int nth) {
-  tandem_tiles::for_share(j.n, j.m, ith, nth, [&](auto mr, auto cols, int64_t r0, int64_t t) {
-    tiles<decltype(mr)::value, decltype(cols)::value>(j, r0, t, y);
-  });
-}
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 namespace {
 // The same on AVX2 alone (no vpdpbusd): a tile's 16 columns as two halves of 8 (one ymm of
@@ -226,7 +220,9 @@ void tiles(const Job& j, int64_t r0, int64_t t0, float* y) {
 }
 
 }  // namespace
+#endif
 
+#if defined(TANDEM_TILES_ISA)  // either kernel above (vnni_tiles.h)
 void run(const Job& j, float* y, int ith, int nth) {
   tandem_tiles::for_share(j.n, j.m, ith, nth, [&](auto mr, auto cols, int64_t r0, int64_t t) {
     tiles<decltype(mr)::value, decltype(cols)::value>(j, r0, t, y);

@@ -26,8 +26,10 @@ constexpr int kPrefetch = 4096;
 // which kernels this build has: AVX-512 F, BW and VNNI ("VNNI"), else AVX2 with FMA and
 // F16C ("AVX2": the same tiles, each 16 columns as two halves of 8), else none
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define TANDEM_TILES_ISA 1  // for the kernels' own #if
 constexpr const char* kIsa = "VNNI";
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define TANDEM_TILES_ISA 1
 constexpr const char* kIsa = "AVX2";
 #else
 constexpr const char* kIsa = nullptr;
